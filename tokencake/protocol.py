@@ -1,0 +1,651 @@
+"""The wire protocol between tokencaked and its peers (connectors, clients, tokencake-ctl).
+
+Every message is one ZMQ frame holding one msgpack map:
+
+    request  {"v": 1, "op": "lookup", "id": 7, "body": {...}}
+    reply    {"v": 1, "op": "lookup", "id": 7, "ok": true,  "body": {...}}
+    error    {"v": 1, "op": "lookup", "id": 7, "ok": false, "error": {"code": "...", "message": "..."}}
+    push     {"v": 1, "op": "decision", "id": 0, "ok": true, "body": {...}}
+
+The daemon binds a ROUTER socket; peers connect DEALER sockets. Bodies are typed structs
+below; ``docs/protocol.md`` documents them for clients written without this module.
+KV bytes never travel in these frames: they move through the shared-memory arena and the
+frames carry slot numbers and chain hashes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Final, Literal, TypeVar
+
+import msgspec
+
+from tokencake import PROTOCOL_VERSION
+from tokencake.layout import KvLayout
+
+MAX_HASHES_PER_REQUEST: Final = 65536
+MAX_HASH_BYTES: Final = 64
+MAX_DAG_NODES: Final = 4096
+MAX_NAME_CHARS: Final = 256
+
+
+class ErrorCode:
+    """Typed error codes. Every failed request gets exactly one of these."""
+
+    BAD_FRAME: Final = "bad_frame"  # not msgpack, not a map, or missing envelope keys
+    BAD_VERSION: Final = "bad_version"
+    UNKNOWN_OP: Final = "unknown_op"
+    BAD_REQUEST: Final = "bad_request"  # wrong types or values in the body
+    FRAME_TOO_LARGE: Final = "frame_too_large"
+    UNKNOWN_ENGINE: Final = "unknown_engine"
+    UNKNOWN_APP: Final = "unknown_app"
+    UNKNOWN_AGENT: Final = "unknown_agent"
+    NOT_OWNER: Final = "not_owner"  # slots the sender does not own, or in the wrong state
+    NO_SPACE: Final = "no_space"
+    LAYOUT_REJECTED: Final = "layout_rejected"
+    CONFLICT: Final = "conflict"  # a duplicate registration that does not match the first
+    INTERNAL: Final = "internal"
+
+    ALL: ClassVar[tuple[str, ...]] = (
+        BAD_FRAME,
+        BAD_VERSION,
+        UNKNOWN_OP,
+        BAD_REQUEST,
+        FRAME_TOO_LARGE,
+        UNKNOWN_ENGINE,
+        UNKNOWN_APP,
+        UNKNOWN_AGENT,
+        NOT_OWNER,
+        NO_SPACE,
+        LAYOUT_REJECTED,
+        CONFLICT,
+        INTERNAL,
+    )
+
+
+class ProtocolError(Exception):
+    """An error with a wire code. Raised by handlers, turned into an error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RemoteError(ProtocolError):
+    """An error reply, raised on the client side."""
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+class Envelope(msgspec.Struct):
+    v: int
+    op: str
+    id: int
+    body: msgspec.Raw = msgspec.Raw(b"\x80")
+
+
+class ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+
+
+class ReplyEnvelope(msgspec.Struct):
+    v: int
+    op: str
+    id: int
+    ok: bool
+    body: msgspec.Raw = msgspec.Raw(b"\x80")
+    error: ErrorBody | None = None
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=False):
+    """Base of every request body. ``op`` names it on the wire; ``reply`` is its answer."""
+
+    op: ClassVar[str]
+    reply: ClassVar[type[msgspec.Struct]]
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class PingReply(msgspec.Struct):
+    daemon_version: str
+    protocol_version: int
+    uptime_s: float
+
+
+class Ping(Request):
+    op = "ping"
+    reply = PingReply
+
+
+class RegisterEngineReply(msgspec.Struct):
+    engine_id: str
+    fingerprint: str
+    arena_name: str
+    arena_bytes: int
+    slot_bytes: int
+    num_slots: int
+    lease_s: float
+    heartbeat_s: float
+
+
+class RegisterEngine(Request):
+    """An engine (one TP rank of one model) announces its KV layout.
+
+    ``name`` is the engine's stable name; registering the same name again (after a
+    restart) replaces the earlier registration and releases its leases.
+    """
+
+    op = "register_engine"
+    reply = RegisterEngineReply
+    name: str
+    layout: KvLayout
+    num_gpu_blocks: int = 0
+
+
+class EngineHeartbeatReply(msgspec.Struct):
+    leases_renewed: int
+
+
+class EngineHeartbeat(Request):
+    """Keeps the engine's leases alive and reports its GPU KV state to the scheduler."""
+
+    op = "engine_heartbeat"
+    reply = EngineHeartbeatReply
+    engine_id: str
+    num_gpu_blocks_free: int = -1
+    num_waiting: int = 0
+    num_running: int = 0
+
+
+class UnregisterEngineReply(msgspec.Struct):
+    released_slots: int
+
+
+class UnregisterEngine(Request):
+    op = "unregister_engine"
+    reply = UnregisterEngineReply
+    engine_id: str
+
+
+# --------------------------------------------------------------------------- agent events
+
+
+class DagNode(msgspec.Struct, forbid_unknown_fields=True):
+    """One agent of an application's DAG.
+
+    ``expected_llm_s`` and ``expected_tool_s`` feed the critical-path computation; zeros
+    are allowed and then the daemon's measured history decides.
+    """
+
+    id: str
+    agent_type: str = ""
+    importance: float = 1.0
+    expected_llm_s: float = 0.0
+    expected_tool_s: float = 0.0
+    tool_kind: str = ""
+
+
+class AppDag(msgspec.Struct, forbid_unknown_fields=True):
+    nodes: list[DagNode]
+    edges: list[tuple[str, str]] = []
+
+
+class EventAck(msgspec.Struct):
+    accepted: bool = True
+    decisions: int = 0
+
+
+class RegisterApp(Request):
+    op = "register_app"
+    reply = EventAck
+    app_id: str
+    dag: AppDag
+    tenant: str = ""
+
+
+class LlmCallStart(Request):
+    op = "llm_call_start"
+    reply = EventAck
+    app_id: str
+    agent_id: str
+    engine_id: str = ""
+    request_id: str = ""
+    prompt_tokens: int = 0
+
+
+class LlmCallFinish(Request):
+    op = "llm_call_finish"
+    reply = EventAck
+    app_id: str
+    agent_id: str
+    request_id: str = ""
+    output_tokens: int = 0
+    kv_blocks: int = 0
+
+
+class ToolCallStart(Request):
+    op = "tool_call_start"
+    reply = EventAck
+    app_id: str
+    agent_id: str
+    tool_kind: str
+    predicted_s: float | None = None
+    call_id: str = ""
+
+
+class ToolCallEnd(Request):
+    op = "tool_call_end"
+    reply = EventAck
+    app_id: str
+    agent_id: str
+    call_id: str = ""
+    ok: bool = True
+
+
+class AppEnd(Request):
+    op = "app_end"
+    reply = EventAck
+    app_id: str
+
+
+# --------------------------------------------------------------------------- KV ops
+
+
+class LookupReply(msgspec.Struct):
+    hit_blocks: int
+    slots: list[int]
+
+
+class Lookup(Request):
+    """Longest ready prefix of ``hashes``. Informational: it pins nothing."""
+
+    op = "lookup"
+    reply = LookupReply
+    engine_id: str
+    hashes: list[bytes]
+    salt: str = ""
+
+
+class ReserveReply(msgspec.Struct):
+    """``slots[i]`` is the slot to write ``hashes[i]`` into, or -1 when it is stored already.
+
+    Only a prefix of the hashes may be reserved when the pool is short: ``len(slots)``
+    may be below ``len(hashes)``.
+    """
+
+    slots: list[int]
+
+
+class Reserve(Request):
+    op = "reserve"
+    reply = ReserveReply
+    engine_id: str
+    hashes: list[bytes]
+    salt: str = ""
+    app_id: str = ""
+    agent_id: str = ""
+
+
+class CommitReply(msgspec.Struct):
+    committed: int
+
+
+class Commit(Request):
+    """The sender has written these reserved slots completely; make them servable."""
+
+    op = "commit"
+    reply = CommitReply
+    engine_id: str
+    slots: list[int]
+
+
+class AbortReply(msgspec.Struct):
+    aborted: int
+
+
+class Abort(Request):
+    """Give back reserved slots that will not be written."""
+
+    op = "abort"
+    reply = AbortReply
+    engine_id: str
+    slots: list[int]
+
+
+class LoadBeginReply(msgspec.Struct):
+    slots: list[int]
+
+
+class LoadBegin(Request):
+    """Pin the longest ready prefix of ``hashes`` for reading; it cannot be evicted."""
+
+    op = "load_begin"
+    reply = LoadBeginReply
+    engine_id: str
+    hashes: list[bytes]
+    salt: str = ""
+
+
+class LoadEndReply(msgspec.Struct):
+    released: int
+
+
+class LoadEnd(Request):
+    op = "load_end"
+    reply = LoadEndReply
+    engine_id: str
+    slots: list[int]
+
+
+class DropReply(msgspec.Struct):
+    dropped: int
+
+
+class Drop(Request):
+    """Forget stored blocks. Blocks being read are freed when their readers finish."""
+
+    op = "drop"
+    reply = DropReply
+    engine_id: str
+    hashes: list[bytes]
+    salt: str = ""
+
+
+# --------------------------------------------------------------------------- introspection
+
+
+class PoolStats(msgspec.Struct):
+    arena_name: str
+    arena_bytes: int
+    slot_bytes: int
+    num_slots: int
+    free: int
+    writing: int
+    ready: int
+    reading: int
+    evictions: int
+    hits: int
+    misses: int
+
+
+class StatsReply(msgspec.Struct):
+    uptime_s: float
+    pool: PoolStats
+    engines: int
+    apps: int
+    agents: int
+    bytes_offloaded: int
+    bytes_uploaded: int
+    events: dict[str, int]
+    errors: dict[str, int]
+    decisions: int
+
+
+class Stats(Request):
+    op = "stats"
+    reply = StatsReply
+
+
+class EngineInfo(msgspec.Struct):
+    engine_id: str
+    name: str
+    fingerprint: str
+    layout: KvLayout
+    num_gpu_blocks: int
+    num_gpu_blocks_free: int
+    num_waiting: int
+    num_running: int
+    leased_slots: int
+    last_seen_s_ago: float
+
+
+class ListEnginesReply(msgspec.Struct):
+    engines: list[EngineInfo]
+
+
+class ListEngines(Request):
+    op = "list_engines"
+    reply = ListEnginesReply
+
+
+class AgentInfo(msgspec.Struct):
+    app_id: str
+    agent_id: str
+    agent_type: str
+    state: str
+    importance: float
+    priority: float
+    on_critical_path: bool
+    kv_blocks: int
+    host_blocks: int
+    tool_kind: str
+    tool_predicted_s: float | None
+    state_for_s: float
+
+
+class ListAgentsReply(msgspec.Struct):
+    agents: list[AgentInfo]
+
+
+class ListAgents(Request):
+    op = "list_agents"
+    reply = ListAgentsReply
+    app_id: str = ""
+
+
+class AppInfo(msgspec.Struct):
+    app_id: str
+    tenant: str
+    state: str
+    nodes: int
+    edges: list[tuple[str, str]]
+    node_states: dict[str, str]
+    critical_path: list[str]
+    age_s: float
+
+
+class ListAppsReply(msgspec.Struct):
+    apps: list[AppInfo]
+
+
+class ListApps(Request):
+    op = "list_apps"
+    reply = ListAppsReply
+
+
+class PoolReply(msgspec.Struct):
+    pool: PoolStats
+    by_engine: dict[str, int]
+    by_tenant: dict[str, int]
+
+
+class Pool(Request):
+    op = "pool"
+    reply = PoolReply
+
+
+class ConfigReply(msgspec.Struct):
+    config: dict[str, Any]
+
+
+class GetConfig(Request):
+    op = "get_config"
+    reply = ConfigReply
+
+
+class DecisionRecord(msgspec.Struct):
+    """One scheduler decision and why it was taken.
+
+    ``reason`` holds the inputs and the terms that decided it (for example the predicted
+    stall, the transfer estimate and the margin of an offload).
+    """
+
+    seq: int
+    at_s: float
+    kind: str
+    app_id: str
+    agent_id: str
+    engine_id: str
+    blocks: int
+    due_in_s: float
+    policy: str
+    reason: dict[str, Any]
+
+
+class ListDecisionsReply(msgspec.Struct):
+    decisions: list[DecisionRecord]
+
+
+class ListDecisions(Request):
+    op = "list_decisions"
+    reply = ListDecisionsReply
+    limit: int = 50
+    agent_id: str = ""
+
+
+# --------------------------------------------------------------------------- registry
+
+REQUEST_TYPES: Final[dict[str, type[Request]]] = {
+    cls.op: cls
+    for cls in (
+        Ping,
+        RegisterEngine,
+        EngineHeartbeat,
+        UnregisterEngine,
+        RegisterApp,
+        LlmCallStart,
+        LlmCallFinish,
+        ToolCallStart,
+        ToolCallEnd,
+        AppEnd,
+        Lookup,
+        Reserve,
+        Commit,
+        Abort,
+        LoadBegin,
+        LoadEnd,
+        Drop,
+        Stats,
+        ListEngines,
+        ListAgents,
+        ListApps,
+        Pool,
+        GetConfig,
+        ListDecisions,
+    )
+}
+
+AGENT_EVENT_OPS: Final = frozenset(
+    {"register_app", "llm_call_start", "llm_call_finish", "tool_call_start", "tool_call_end", "app_end"}
+)
+
+DECISION_PUSH_OP: Final = "decision"
+
+PushKind = Literal["decision"]
+
+
+# --------------------------------------------------------------------------- codec
+
+_encoder = msgspec.msgpack.Encoder()
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+_reply_decoder = msgspec.msgpack.Decoder(ReplyEnvelope)
+_body_decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {
+    op: msgspec.msgpack.Decoder(cls) for op, cls in REQUEST_TYPES.items()
+}
+T = TypeVar("T", bound=msgspec.Struct)
+
+_reply_body_decoders: dict[type[msgspec.Struct], msgspec.msgpack.Decoder[Any]] = {}
+
+
+def encode_request(req: Request, request_id: int) -> bytes:
+    return _encoder.encode(
+        {"v": PROTOCOL_VERSION, "op": req.op, "id": request_id, "body": req}
+    )
+
+
+def decode_request(frame: bytes) -> tuple[int, str, Request]:
+    """Decode one request frame. Raises ProtocolError with the right code.
+
+    The request id and op are returned even on some failures (through the exception's
+    ``request_id`` and ``op`` attributes) so the error reply can name them.
+    """
+    try:
+        env = _envelope_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise _with_ids(ProtocolError(ErrorCode.BAD_FRAME, str(exc)), 0, "?") from None
+    if env.v != PROTOCOL_VERSION:
+        raise _with_ids(
+            ProtocolError(
+                ErrorCode.BAD_VERSION,
+                f"protocol version {env.v} not supported; this daemon speaks {PROTOCOL_VERSION}",
+            ),
+            env.id,
+            env.op,
+        )
+    decoder = _body_decoders.get(env.op)
+    if decoder is None:
+        raise _with_ids(
+            ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {env.op[:64]!r}"), env.id, env.op
+        )
+    try:
+        body = decoder.decode(env.body)
+    except msgspec.DecodeError as exc:
+        raise _with_ids(ProtocolError(ErrorCode.BAD_REQUEST, str(exc)), env.id, env.op) from None
+    return env.id, env.op, body
+
+
+def _with_ids(exc: ProtocolError, request_id: int, op: str) -> ProtocolError:
+    exc.request_id = request_id  # type: ignore[attr-defined]
+    exc.op = op  # type: ignore[attr-defined]
+    return exc
+
+
+def encode_reply(op: str, request_id: int, body: msgspec.Struct) -> bytes:
+    return _encoder.encode(
+        {"v": PROTOCOL_VERSION, "op": op, "id": request_id, "ok": True, "body": body}
+    )
+
+
+def encode_error(op: str, request_id: int, code: str, message: str) -> bytes:
+    return _encoder.encode(
+        {
+            "v": PROTOCOL_VERSION,
+            "op": op,
+            "id": request_id,
+            "ok": False,
+            "error": {"code": code, "message": message[:1024]},
+        }
+    )
+
+
+def encode_push(op: str, body: msgspec.Struct) -> bytes:
+    return _encoder.encode({"v": PROTOCOL_VERSION, "op": op, "id": 0, "ok": True, "body": body})
+
+
+def decode_reply_envelope(frame: bytes) -> ReplyEnvelope:
+    try:
+        return _reply_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise RemoteError(ErrorCode.BAD_FRAME, f"undecodable reply: {exc}") from None
+
+
+def decode_reply_body(env: ReplyEnvelope, reply_type: type[T]) -> T:
+    if not env.ok:
+        err = env.error or ErrorBody(ErrorCode.INTERNAL, "error reply without error body")
+        raise RemoteError(err.code, err.message)
+    decoder = _reply_body_decoders.get(reply_type)
+    if decoder is None:
+        decoder = _reply_body_decoders[reply_type] = msgspec.msgpack.Decoder(reply_type)
+    try:
+        result: T = decoder.decode(env.body)
+    except msgspec.DecodeError as exc:
+        raise RemoteError(ErrorCode.BAD_FRAME, f"reply body for {env.op}: {exc}") from None
+    return result
+
+
+def to_builtins(obj: Any) -> Any:
+    """Plain dicts and lists for JSON output (bytes become hex)."""
+    return msgspec.to_builtins(obj, enc_hook=None, builtin_types=None, str_keys=True)
