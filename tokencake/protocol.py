@@ -4,7 +4,8 @@ Every message is one ZMQ frame holding one msgpack map:
 
     request  {"v": 1, "op": "lookup", "id": 7, "body": {...}}
     reply    {"v": 1, "op": "lookup", "id": 7, "ok": true,  "body": {...}}
-    error    {"v": 1, "op": "lookup", "id": 7, "ok": false, "error": {"code": "...", "message": "..."}}
+    error    {"v": 1, "op": "lookup", "id": 7, "ok": false,
+              "error": {"code": "...", "message": "..."}}
     push     {"v": 1, "op": "decision", "id": 0, "ok": true, "body": {...}}
 
 The daemon binds a ROUTER socket; peers connect DEALER sockets. Bodies are typed structs
@@ -539,7 +540,14 @@ REQUEST_TYPES: Final[dict[str, type[Request]]] = {
 }
 
 AGENT_EVENT_OPS: Final = frozenset(
-    {"register_app", "llm_call_start", "llm_call_finish", "tool_call_start", "tool_call_end", "app_end"}
+    {
+        "register_app",
+        "llm_call_start",
+        "llm_call_finish",
+        "tool_call_start",
+        "tool_call_end",
+        "app_end",
+    }
 )
 
 DECISION_PUSH_OP: Final = "decision"
@@ -561,9 +569,7 @@ _reply_body_decoders: dict[type[msgspec.Struct], msgspec.msgpack.Decoder[Any]] =
 
 
 def encode_request(req: Request, request_id: int) -> bytes:
-    return _encoder.encode(
-        {"v": PROTOCOL_VERSION, "op": req.op, "id": request_id, "body": req}
-    )
+    return _encoder.encode({"v": PROTOCOL_VERSION, "op": req.op, "id": request_id, "body": req})
 
 
 def decode_request(frame: bytes) -> tuple[int, str, Request]:

@@ -1,0 +1,492 @@
+"""Python clients for tokencaked: ``TokenCakeClient`` (blocking) and ``AsyncTokenCakeClient``.
+
+Both speak the protocol in ``tokencake.protocol`` over a ZMQ DEALER socket and have one
+typed method per op. Failure is fast and typed:
+
+- ``DaemonUnavailable`` when no daemon is connected (``IMMEDIATE``: nothing is queued for
+  a daemon that is not there) or when a reply does not come within ``timeout_s``;
+- ``RemoteError`` (with ``.code``) when the daemon answers with an error.
+
+ZMQ reconnects in the background with exponential backoff (``RECONNECT_IVL`` ..
+``RECONNECT_IVL_MAX``), so a client outlives daemon restarts. Decisions the daemon pushes to
+a registered engine arrive on the same socket and are queued in ``pushes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from tokencake import protocol as p
+from tokencake.layout import KvLayout
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=msgspec.Struct)
+
+DEFAULT_TIMEOUT_S = 2.0
+RECONNECT_IVL_MS = 50
+RECONNECT_IVL_MAX_MS = 2000
+
+
+class DaemonUnavailable(ConnectionError):
+    """No daemon answered (not running, not reachable, or too slow)."""
+
+    def __init__(self, endpoint: str, why: str) -> None:
+        super().__init__(f"tokencaked at {endpoint} unavailable: {why}")
+        self.endpoint = endpoint
+
+
+def resolve_endpoint(endpoint: str | None) -> str:
+    """Explicit endpoint, else ``$TOKENCAKE_ENDPOINT``, else the daemon's default socket."""
+    if endpoint:
+        return endpoint
+    if os.environ.get("TOKENCAKE_ENDPOINT"):
+        return os.environ["TOKENCAKE_ENDPOINT"]
+    from tokencake.daemon.config import default_endpoint
+
+    return default_endpoint()
+
+
+_push_decoder = msgspec.msgpack.Decoder(p.DecisionRecord)
+
+
+def _configure(sock: zmq.Socket[Any], server_public_key: bytes | None) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    if server_public_key is not None:
+        from tokencake.daemon.auth import configure_curve_client
+
+        configure_curve_client(sock, server_public_key)
+
+
+class _Base:
+    def __init__(self, endpoint: str | None, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        self.endpoint = resolve_endpoint(endpoint)
+        self.timeout_s = timeout_s
+        self.pushes: deque[p.DecisionRecord] = deque(maxlen=100_000)
+        self._ids = itertools.count(1)
+
+    def _take_push(self, env: p.ReplyEnvelope) -> bool:
+        """Queue a pushed decision; True when ``env`` was a push, not a reply."""
+        if env.id != 0:
+            return False
+        if env.op == p.DECISION_PUSH_OP and env.ok:
+            try:
+                self.pushes.append(_push_decoder.decode(env.body))
+            except msgspec.DecodeError as exc:
+                logger.warning("undecodable decision push: %s", exc)
+        return True
+
+
+class TokenCakeClient(_Base):
+    """Blocking client. Not thread-safe: use one per thread."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        server_public_key: bytes | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        super().__init__(endpoint, timeout_s)
+        self._server_public_key = server_public_key
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket[Any] | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        _configure(sock, self._server_public_key)
+        sock.connect(self.endpoint)
+        self._sock = sock
+
+    def reset(self) -> None:
+        """Drop the socket (and any late replies) and connect afresh."""
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._connect()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> TokenCakeClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def call(self, req: p.Request, reply_type: type[R], timeout_s: float | None = None) -> R:
+        """Send one request and wait for its reply (pushes that arrive meanwhile are queued)."""
+        if self._sock is None:
+            raise DaemonUnavailable(self.endpoint, "client closed")
+        request_id = next(self._ids)
+        timeout_ms = int((timeout_s or self.timeout_s) * 1000)
+        frame = p.encode_request(req, request_id)
+        try:
+            self._sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            # IMMEDIATE: nothing is queued until a connection is up; wait for one, briefly.
+            start = _now_ms()
+            if not self._sock.poll(timeout_ms, zmq.POLLOUT):
+                raise DaemonUnavailable(self.endpoint, "not connected") from None
+            timeout_ms -= _now_ms() - start
+            self._sock.send(frame, zmq.NOBLOCK)
+        deadline_ms = timeout_ms
+        while deadline_ms > 0:
+            loop_start = _now_ms()
+            if not self._sock.poll(deadline_ms, zmq.POLLIN):
+                break
+            env = p.decode_reply_envelope(self._sock.recv())
+            if not self._take_push(env) and env.id == request_id:
+                return p.decode_reply_body(env, reply_type)
+            deadline_ms -= _now_ms() - loop_start
+        # The reply may still come; a fresh socket makes sure it is never taken for another.
+        self.reset()
+        raise DaemonUnavailable(self.endpoint, f"no reply to {req.op} within {timeout_ms} ms")
+
+    def poll_pushes(self, timeout_s: float = 0.0) -> list[p.DecisionRecord]:
+        """Read pushed decisions without sending anything; returns and clears the queue."""
+        if self._sock is not None and self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            while True:
+                try:
+                    frame = self._sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._take_push(p.decode_reply_envelope(frame))
+        out = list(self.pushes)
+        self.pushes.clear()
+        return out
+
+    # ------------------------------------------------------------------ typed ops
+
+    def ping(self) -> p.PingReply:
+        return self.call(p.Ping(), p.PingReply)
+
+    def register_engine(
+        self, name: str, layout: KvLayout, num_gpu_blocks: int = 0
+    ) -> p.RegisterEngineReply:
+        req = p.RegisterEngine(name=name, layout=layout, num_gpu_blocks=num_gpu_blocks)
+        return self.call(req, p.RegisterEngineReply)
+
+    def engine_heartbeat(
+        self,
+        engine_id: str,
+        num_gpu_blocks_free: int = -1,
+        num_waiting: int = 0,
+        num_running: int = 0,
+    ) -> p.EngineHeartbeatReply:
+        req = p.EngineHeartbeat(engine_id, num_gpu_blocks_free, num_waiting, num_running)
+        return self.call(req, p.EngineHeartbeatReply)
+
+    def unregister_engine(self, engine_id: str) -> p.UnregisterEngineReply:
+        return self.call(p.UnregisterEngine(engine_id), p.UnregisterEngineReply)
+
+    def register_app(self, app_id: str, dag: p.AppDag, tenant: str = "") -> p.EventAck:
+        return self.call(p.RegisterApp(app_id=app_id, dag=dag, tenant=tenant), p.EventAck)
+
+    def llm_call_start(
+        self,
+        app_id: str,
+        agent_id: str,
+        engine_id: str = "",
+        request_id: str = "",
+        prompt_tokens: int = 0,
+    ) -> p.EventAck:
+        req = p.LlmCallStart(app_id, agent_id, engine_id, request_id, prompt_tokens)
+        return self.call(req, p.EventAck)
+
+    def llm_call_finish(
+        self,
+        app_id: str,
+        agent_id: str,
+        request_id: str = "",
+        output_tokens: int = 0,
+        kv_blocks: int = 0,
+    ) -> p.EventAck:
+        req = p.LlmCallFinish(app_id, agent_id, request_id, output_tokens, kv_blocks)
+        return self.call(req, p.EventAck)
+
+    def tool_call_start(
+        self,
+        app_id: str,
+        agent_id: str,
+        tool_kind: str,
+        predicted_s: float | None = None,
+        call_id: str = "",
+    ) -> p.EventAck:
+        req = p.ToolCallStart(app_id, agent_id, tool_kind, predicted_s, call_id)
+        return self.call(req, p.EventAck)
+
+    def tool_call_end(
+        self, app_id: str, agent_id: str, call_id: str = "", ok: bool = True
+    ) -> p.EventAck:
+        return self.call(p.ToolCallEnd(app_id, agent_id, call_id, ok), p.EventAck)
+
+    def app_end(self, app_id: str) -> p.EventAck:
+        return self.call(p.AppEnd(app_id), p.EventAck)
+
+    def lookup(self, engine_id: str, hashes: Sequence[bytes], salt: str = "") -> p.LookupReply:
+        return self.call(p.Lookup(engine_id, list(hashes), salt), p.LookupReply)
+
+    def reserve(
+        self,
+        engine_id: str,
+        hashes: Sequence[bytes],
+        salt: str = "",
+        app_id: str = "",
+        agent_id: str = "",
+    ) -> p.ReserveReply:
+        req = p.Reserve(engine_id, list(hashes), salt, app_id, agent_id)
+        return self.call(req, p.ReserveReply)
+
+    def commit(self, engine_id: str, slots: Sequence[int]) -> p.CommitReply:
+        return self.call(p.Commit(engine_id, list(slots)), p.CommitReply)
+
+    def abort(self, engine_id: str, slots: Sequence[int]) -> p.AbortReply:
+        return self.call(p.Abort(engine_id, list(slots)), p.AbortReply)
+
+    def load_begin(
+        self, engine_id: str, hashes: Sequence[bytes], salt: str = ""
+    ) -> p.LoadBeginReply:
+        return self.call(p.LoadBegin(engine_id, list(hashes), salt), p.LoadBeginReply)
+
+    def load_end(self, engine_id: str, slots: Sequence[int]) -> p.LoadEndReply:
+        return self.call(p.LoadEnd(engine_id, list(slots)), p.LoadEndReply)
+
+    def drop(self, engine_id: str, hashes: Sequence[bytes], salt: str = "") -> p.DropReply:
+        return self.call(p.Drop(engine_id, list(hashes), salt), p.DropReply)
+
+    def stats(self) -> p.StatsReply:
+        return self.call(p.Stats(), p.StatsReply)
+
+    def list_engines(self) -> p.ListEnginesReply:
+        return self.call(p.ListEngines(), p.ListEnginesReply)
+
+    def list_agents(self, app_id: str = "") -> p.ListAgentsReply:
+        return self.call(p.ListAgents(app_id), p.ListAgentsReply)
+
+    def list_apps(self) -> p.ListAppsReply:
+        return self.call(p.ListApps(), p.ListAppsReply)
+
+    def pool(self) -> p.PoolReply:
+        return self.call(p.Pool(), p.PoolReply)
+
+    def get_config(self) -> p.ConfigReply:
+        return self.call(p.GetConfig(), p.ConfigReply)
+
+    def list_decisions(self, limit: int = 50, agent_id: str = "") -> p.ListDecisionsReply:
+        return self.call(p.ListDecisions(limit, agent_id), p.ListDecisionsReply)
+
+
+class AsyncTokenCakeClient(_Base):
+    """asyncio client: many requests may be in flight; replies are matched by id."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        server_public_key: bytes | None = None,
+    ) -> None:
+        super().__init__(endpoint, timeout_s)
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        _configure(self._sock, server_public_key)
+        self._sock.connect(self.endpoint)
+        self._pending: dict[int, asyncio.Future[p.ReplyEnvelope]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        self._sock.close(linger=0)
+
+    async def __aenter__(self) -> AsyncTokenCakeClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def _read_loop(self) -> None:
+        while True:
+            frame = await self._sock.recv()
+            try:
+                env = p.decode_reply_envelope(frame)
+            except p.RemoteError as exc:
+                logger.warning("dropping undecodable frame: %s", exc)
+                continue
+            if self._take_push(env):
+                continue
+            future = self._pending.pop(env.id, None)
+            if future is not None and not future.done():
+                future.set_result(env)
+
+    async def call(self, req: p.Request, reply_type: type[R], timeout_s: float | None = None) -> R:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        request_id = next(self._ids)
+        future: asyncio.Future[p.ReplyEnvelope] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            frame = p.encode_request(req, request_id)
+            try:
+                await self._sock.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                if not await self._sock.poll(int((timeout_s or self.timeout_s) * 1000), zmq.POLLOUT):
+                    raise DaemonUnavailable(self.endpoint, "not connected") from None
+                await self._sock.send(frame, zmq.NOBLOCK)
+            try:
+                env = await asyncio.wait_for(future, timeout_s or self.timeout_s)
+            except TimeoutError:
+                raise DaemonUnavailable(self.endpoint, f"no reply to {req.op} in time") from None
+        finally:
+            self._pending.pop(request_id, None)
+        return p.decode_reply_body(env, reply_type)
+
+    # ------------------------------------------------------------------ typed ops
+
+    async def ping(self) -> p.PingReply:
+        return await self.call(p.Ping(), p.PingReply)
+
+    async def register_engine(
+        self, name: str, layout: KvLayout, num_gpu_blocks: int = 0
+    ) -> p.RegisterEngineReply:
+        req = p.RegisterEngine(name=name, layout=layout, num_gpu_blocks=num_gpu_blocks)
+        return await self.call(req, p.RegisterEngineReply)
+
+    async def engine_heartbeat(
+        self,
+        engine_id: str,
+        num_gpu_blocks_free: int = -1,
+        num_waiting: int = 0,
+        num_running: int = 0,
+    ) -> p.EngineHeartbeatReply:
+        req = p.EngineHeartbeat(engine_id, num_gpu_blocks_free, num_waiting, num_running)
+        return await self.call(req, p.EngineHeartbeatReply)
+
+    async def unregister_engine(self, engine_id: str) -> p.UnregisterEngineReply:
+        return await self.call(p.UnregisterEngine(engine_id), p.UnregisterEngineReply)
+
+    async def register_app(self, app_id: str, dag: p.AppDag, tenant: str = "") -> p.EventAck:
+        return await self.call(p.RegisterApp(app_id=app_id, dag=dag, tenant=tenant), p.EventAck)
+
+    async def llm_call_start(
+        self,
+        app_id: str,
+        agent_id: str,
+        engine_id: str = "",
+        request_id: str = "",
+        prompt_tokens: int = 0,
+    ) -> p.EventAck:
+        req = p.LlmCallStart(app_id, agent_id, engine_id, request_id, prompt_tokens)
+        return await self.call(req, p.EventAck)
+
+    async def llm_call_finish(
+        self,
+        app_id: str,
+        agent_id: str,
+        request_id: str = "",
+        output_tokens: int = 0,
+        kv_blocks: int = 0,
+    ) -> p.EventAck:
+        req = p.LlmCallFinish(app_id, agent_id, request_id, output_tokens, kv_blocks)
+        return await self.call(req, p.EventAck)
+
+    async def tool_call_start(
+        self,
+        app_id: str,
+        agent_id: str,
+        tool_kind: str,
+        predicted_s: float | None = None,
+        call_id: str = "",
+    ) -> p.EventAck:
+        req = p.ToolCallStart(app_id, agent_id, tool_kind, predicted_s, call_id)
+        return await self.call(req, p.EventAck)
+
+    async def tool_call_end(
+        self, app_id: str, agent_id: str, call_id: str = "", ok: bool = True
+    ) -> p.EventAck:
+        return await self.call(p.ToolCallEnd(app_id, agent_id, call_id, ok), p.EventAck)
+
+    async def app_end(self, app_id: str) -> p.EventAck:
+        return await self.call(p.AppEnd(app_id), p.EventAck)
+
+    async def lookup(
+        self, engine_id: str, hashes: Sequence[bytes], salt: str = ""
+    ) -> p.LookupReply:
+        return await self.call(p.Lookup(engine_id, list(hashes), salt), p.LookupReply)
+
+    async def reserve(
+        self,
+        engine_id: str,
+        hashes: Sequence[bytes],
+        salt: str = "",
+        app_id: str = "",
+        agent_id: str = "",
+    ) -> p.ReserveReply:
+        req = p.Reserve(engine_id, list(hashes), salt, app_id, agent_id)
+        return await self.call(req, p.ReserveReply)
+
+    async def commit(self, engine_id: str, slots: Sequence[int]) -> p.CommitReply:
+        return await self.call(p.Commit(engine_id, list(slots)), p.CommitReply)
+
+    async def abort(self, engine_id: str, slots: Sequence[int]) -> p.AbortReply:
+        return await self.call(p.Abort(engine_id, list(slots)), p.AbortReply)
+
+    async def load_begin(
+        self, engine_id: str, hashes: Sequence[bytes], salt: str = ""
+    ) -> p.LoadBeginReply:
+        return await self.call(p.LoadBegin(engine_id, list(hashes), salt), p.LoadBeginReply)
+
+    async def load_end(self, engine_id: str, slots: Sequence[int]) -> p.LoadEndReply:
+        return await self.call(p.LoadEnd(engine_id, list(slots)), p.LoadEndReply)
+
+    async def drop(self, engine_id: str, hashes: Sequence[bytes], salt: str = "") -> p.DropReply:
+        return await self.call(p.Drop(engine_id, list(hashes), salt), p.DropReply)
+
+    async def stats(self) -> p.StatsReply:
+        return await self.call(p.Stats(), p.StatsReply)
+
+    async def list_engines(self) -> p.ListEnginesReply:
+        return await self.call(p.ListEngines(), p.ListEnginesReply)
+
+    async def list_agents(self, app_id: str = "") -> p.ListAgentsReply:
+        return await self.call(p.ListAgents(app_id), p.ListAgentsReply)
+
+    async def list_apps(self) -> p.ListAppsReply:
+        return await self.call(p.ListApps(), p.ListAppsReply)
+
+    async def pool(self) -> p.PoolReply:
+        return await self.call(p.Pool(), p.PoolReply)
+
+    async def get_config(self) -> p.ConfigReply:
+        return await self.call(p.GetConfig(), p.ConfigReply)
+
+    async def list_decisions(self, limit: int = 50, agent_id: str = "") -> p.ListDecisionsReply:
+        return await self.call(p.ListDecisions(limit, agent_id), p.ListDecisionsReply)
+
+
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)

@@ -1,0 +1,308 @@
+"""``tokencake-ctl``: look inside a running tokencaked.
+
+Every command takes ``--json``. When the daemon is down the command prints one line naming
+the socket it tried and exits with status 3.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+import msgspec
+
+from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
+from tokencake.protocol import RemoteError
+
+EXIT_UNAVAILABLE = 3
+EXIT_REMOTE_ERROR = 4
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+class Ctx:
+    def __init__(self, endpoint: str | None, timeout_s: float, as_json: bool) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.as_json = as_json
+
+    def run(self, fetch: Callable[[TokenCakeClient], Any], render: Callable[[Any], str]) -> None:
+        try:
+            with TokenCakeClient(self.endpoint, timeout_s=self.timeout_s) as client:
+                result = fetch(client)
+        except DaemonUnavailable as exc:
+            click.echo(f"tokencake-ctl: daemon not reachable at {exc.endpoint}", err=True)
+            sys.exit(EXIT_UNAVAILABLE)
+        except RemoteError as exc:
+            click.echo(f"tokencake-ctl: daemon refused: {exc.code}: {exc.message}", err=True)
+            sys.exit(EXIT_REMOTE_ERROR)
+        if self.as_json:
+            click.echo(json.dumps(msgspec.to_builtins(result), indent=2, sort_keys=True))
+        else:
+            click.echo(render(result))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--endpoint",
+    envvar="TOKENCAKE_ENDPOINT",
+    default=None,
+    help="Daemon endpoint (default: the daemon's default ipc socket).",
+)
+@click.option("--timeout", "timeout_s", type=float, default=2.0, show_default=True)
+@click.pass_context
+def main(ctx: click.Context, endpoint: str | None, timeout_s: float) -> None:
+    """Inspect a running tokencaked."""
+    ctx.obj = {"endpoint": endpoint, "timeout_s": timeout_s}
+
+
+def _ctx(click_ctx: click.Context, as_json: bool) -> Ctx:
+    return Ctx(click_ctx.obj["endpoint"], click_ctx.obj["timeout_s"], as_json)
+
+
+def _render_status(s: Any) -> str:
+    pool = s.pool
+    used = pool.num_slots - pool.free
+    pct = 100.0 * used / pool.num_slots if pool.num_slots else 0.0
+    lines = [
+        f"uptime        {s.uptime_s:.0f} s",
+        f"arena         {pool.arena_name} ({_human_bytes(pool.arena_bytes)})",
+        f"pool          {used}/{pool.num_slots} slots used ({pct:.1f} %), "
+        f"ready {pool.ready}, writing {pool.writing}, reading {pool.reading}",
+        f"hits/misses   {pool.hits}/{pool.misses}   evictions {pool.evictions}",
+        f"engines       {s.engines}",
+        f"apps/agents   {s.apps}/{s.agents}",
+        f"offloaded     {_human_bytes(s.bytes_offloaded)}",
+        f"uploaded      {_human_bytes(s.bytes_uploaded)}",
+        f"decisions     {s.decisions}",
+    ]
+    if s.errors:
+        lines.append("errors        " + ", ".join(f"{k}={v}" for k, v in sorted(s.errors.items())))
+    return "\n".join(lines)
+
+
+@main.command()
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Pool use, engines, agents, bytes offloaded and uploaded."""
+    _ctx(ctx, as_json).run(lambda c: c.stats(), _render_status)
+
+
+@main.command()
+@json_option
+@click.pass_context
+def engines(ctx: click.Context, as_json: bool) -> None:
+    """Registered engines and their KV layouts."""
+
+    def render(r: Any) -> str:
+        return _table(
+            [
+                [
+                    e.engine_id,
+                    e.layout.model_id,
+                    e.fingerprint[:12],
+                    str(e.layout.block_size),
+                    f"{e.num_gpu_blocks_free}/{e.num_gpu_blocks}",
+                    str(e.leased_slots),
+                    f"{e.last_seen_s_ago:.1f}s",
+                ]
+                for e in r.engines
+            ],
+            ["ENGINE", "MODEL", "LAYOUT", "BLOCK", "GPU FREE", "LEASED", "SEEN"],
+        )
+
+    _ctx(ctx, as_json).run(lambda c: c.list_engines(), render)
+
+
+@main.command()
+@click.option("--app", "app_id", default="", help="Only this app's agents.")
+@json_option
+@click.pass_context
+def agents(ctx: click.Context, app_id: str, as_json: bool) -> None:
+    """Agents, their state, priority and KV placement."""
+
+    def render(r: Any) -> str:
+        return _table(
+            [
+                [
+                    a.app_id,
+                    a.agent_id,
+                    a.agent_type,
+                    a.state,
+                    f"{a.state_for_s:.1f}s",
+                    f"{a.priority:.2f}",
+                    "*" if a.on_critical_path else "",
+                    str(a.kv_blocks),
+                    str(a.host_blocks),
+                    a.tool_kind,
+                ]
+                for a in r.agents
+            ],
+            ["APP", "AGENT", "TYPE", "STATE", "FOR", "PRIO", "CRIT", "GPU", "HOST", "TOOL"],
+        )
+
+    _ctx(ctx, as_json).run(lambda c: c.list_agents(app_id), render)
+
+
+@main.command()
+@json_option
+@click.pass_context
+def apps(ctx: click.Context, as_json: bool) -> None:
+    """Applications, their DAGs and node states."""
+
+    def render(r: Any) -> str:
+        out = []
+        for a in r.apps:
+            states = ", ".join(f"{n}={s}" for n, s in a.node_states.items())
+            out.append(
+                f"{a.app_id} [{a.state}] tenant={a.tenant or '-'} nodes={a.nodes} "
+                f"age={a.age_s:.0f}s"
+            )
+            out.append(f"  edges: {', '.join(f'{s}->{d}' for s, d in a.edges) or '-'}")
+            out.append(f"  critical path: {' -> '.join(a.critical_path) or '-'}")
+            out.append(f"  states: {states}")
+        return "\n".join(out) or "(none)"
+
+    _ctx(ctx, as_json).run(lambda c: c.list_apps(), render)
+
+
+@main.command()
+@json_option
+@click.pass_context
+def pool(ctx: click.Context, as_json: bool) -> None:
+    """The host KV pool, by state, engine and tenant."""
+
+    def render(r: Any) -> str:
+        pl = r.pool
+        lines = [
+            f"arena {pl.arena_name}: {_human_bytes(pl.arena_bytes)}, {pl.num_slots} slots of "
+            f"{_human_bytes(pl.slot_bytes)}",
+            f"free {pl.free}  writing {pl.writing}  ready {pl.ready}  reading {pl.reading}",
+            f"hits {pl.hits}  misses {pl.misses}  evictions {pl.evictions}",
+        ]
+        lines += [f"engine {k}: {v} slots" for k, v in sorted(r.by_engine.items())]
+        lines += [f"tenant {k or '(default)'}: {v} slots" for k, v in sorted(r.by_tenant.items())]
+        return "\n".join(lines)
+
+    _ctx(ctx, as_json).run(lambda c: c.pool(), render)
+
+
+@main.command()
+@json_option
+@click.pass_context
+def config(ctx: click.Context, as_json: bool) -> None:
+    """The daemon's running configuration."""
+    _ctx(ctx, as_json).run(
+        lambda c: c.get_config(),
+        lambda r: "\n".join(f"{k} = {v!r}" for k, v in sorted(r.config.items())),
+    )
+
+
+@main.command()
+@click.option("--limit", default=20, show_default=True)
+@click.option("--agent", "agent_id", default="", help="Only decisions about this agent.")
+@json_option
+@click.pass_context
+def decisions(ctx: click.Context, limit: int, agent_id: str, as_json: bool) -> None:
+    """Recent scheduler decisions and the reasons behind them."""
+
+    def render(r: Any) -> str:
+        out = []
+        for d in r.decisions:
+            terms = d.reason.get("terms", {})
+            why = ", ".join(f"{k}={_fmt(v)}" for k, v in terms.items())
+            out.append(
+                f"#{d.seq} {d.kind:<8} {d.app_id}/{d.agent_id} blocks={d.blocks} "
+                f"engine={d.engine_id or '-'} rule={d.reason.get('rule', '?')}"
+            )
+            if why:
+                out.append(f"    {why}")
+        return "\n".join(out) or "(none)"
+
+    _ctx(ctx, as_json).run(lambda c: c.list_decisions(limit, agent_id), render)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@main.command()
+@json_option
+def policies(as_json: bool) -> None:
+    """Registered scheduler policies (works without a daemon)."""
+    from tokencake.daemon.scheduler.policy import list_policies
+
+    infos = list_policies()
+    if as_json:
+        click.echo(json.dumps([i.to_dict() for i in infos], indent=2))
+    else:
+        click.echo(_table([[i.name, i.summary] for i in infos], ["POLICY", "SUMMARY"]))
+
+
+@main.command()
+@click.option("--interval", type=float, default=1.0, show_default=True)
+@click.option("--iterations", type=int, default=0, help="Stop after N refreshes (0: forever).")
+@json_option
+@click.pass_context
+def top(ctx: click.Context, interval: float, iterations: int, as_json: bool) -> None:
+    """A live view: status and agents, refreshed every --interval seconds."""
+    c = _ctx(ctx, as_json)
+    n = 0
+    try:
+        while True:
+            n += 1
+            if not as_json:
+                click.clear()
+                click.echo(time.strftime("tokencake-ctl top  %H:%M:%S"))
+            c.run(lambda cl: cl.stats(), _render_status)
+            if not as_json:
+                click.echo("")
+            c.run(
+                lambda cl: cl.list_agents(),
+                lambda r: _table(
+                    [
+                        [
+                            a.app_id,
+                            a.agent_id,
+                            a.state,
+                            f"{a.priority:.2f}",
+                            str(a.kv_blocks),
+                            str(a.host_blocks),
+                        ]
+                        for a in r.agents[:40]
+                    ],
+                    ["APP", "AGENT", "STATE", "PRIO", "GPU", "HOST"],
+                ),
+            )
+            if iterations and n >= iterations:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""``python -m tokencake.daemon`` is ``tokencaked``."""
+
+from tokencake.daemon.cli import main
+
+main()

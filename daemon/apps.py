@@ -1,0 +1,160 @@
+"""Applications and their agents as the daemon knows them: the DAG and each node's state.
+
+The registry validates what peers report (unknown apps and agents are typed errors, DAGs
+must be acyclic) so the scheduler only ever sees consistent events. It holds no scheduling
+logic; priorities and critical paths come from the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokencake.protocol import MAX_DAG_NODES, MAX_NAME_CHARS, AppDag, ErrorCode, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+
+class AgentState:
+    PENDING = "pending"  # registered, no LLM call yet
+    LLM = "llm"  # an LLM call is running
+    IDLE = "idle"  # between an LLM call and the next event
+    TOOL = "tool"  # waiting on a tool call
+    DONE = "done"  # the app ended
+
+
+@dataclass(slots=True)
+class AgentRecord:
+    app_id: str
+    agent_id: str
+    agent_type: str
+    importance: float
+    state: str = AgentState.PENDING
+    state_since: float = 0.0
+    engine_id: str = ""
+    kv_blocks: int = 0
+    llm_calls: int = 0
+    tool_calls: int = 0
+    tool_kind: str = ""
+    tool_call_id: str = ""
+    tool_predicted_s: float | None = None
+
+
+@dataclass(slots=True)
+class AppRecord:
+    app_id: str
+    tenant: str
+    dag: AppDag
+    registered_at: float
+    agents: dict[str, AgentRecord] = field(default_factory=dict)
+    ended: bool = False
+
+
+def validate_dag(app_id: str, dag: AppDag) -> None:
+    """Reject DAGs a scheduler cannot reason about: duplicates, dangling edges, cycles."""
+    if not app_id or len(app_id) > MAX_NAME_CHARS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"app_id must be 1..{MAX_NAME_CHARS} chars")
+    if not dag.nodes:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a DAG needs at least one node")
+    if len(dag.nodes) > MAX_DAG_NODES:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"a DAG may have at most {MAX_DAG_NODES} nodes")
+    ids: set[str] = set()
+    for node in dag.nodes:
+        if not node.id or len(node.id) > MAX_NAME_CHARS:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "node ids must be 1..256 chars")
+        if node.id in ids:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"duplicate node id {node.id!r}")
+        if node.importance < 0 or node.expected_llm_s < 0 or node.expected_tool_s < 0:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"node {node.id!r}: importance and durations must be >= 0"
+            )
+        ids.add(node.id)
+    indegree = dict.fromkeys(ids, 0)
+    succ: dict[str, list[str]] = {i: [] for i in ids}
+    for src, dst in dag.edges:
+        if src not in ids or dst not in ids:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"edge {src!r}->{dst!r} names no node")
+        if src == dst:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"self-loop on {src!r}")
+        succ[src].append(dst)
+        indegree[dst] += 1
+    ready = deque(i for i, d in indegree.items() if d == 0)
+    seen = 0
+    while ready:
+        node_id = ready.popleft()
+        seen += 1
+        for nxt in succ[node_id]:
+            indegree[nxt] -= 1
+            if indegree[nxt] == 0:
+                ready.append(nxt)
+    if seen != len(ids):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "the DAG has a cycle")
+
+
+class AppRegistry:
+    """All live applications. Ended apps are kept briefly for introspection, then pruned."""
+
+    def __init__(self, keep_ended: int = 256) -> None:
+        self._apps: dict[str, AppRecord] = {}
+        self._ended: deque[str] = deque()
+        self._keep_ended = keep_ended
+
+    def __len__(self) -> int:
+        return len(self._apps)
+
+    def apps(self) -> list[AppRecord]:
+        return list(self._apps.values())
+
+    def num_agents(self) -> int:
+        return sum(len(app.agents) for app in self._apps.values() if not app.ended)
+
+    def register(self, app_id: str, dag: AppDag, tenant: str, now: float) -> tuple[AppRecord, bool]:
+        """Returns (record, created). Re-registering an identical live app is a no-op."""
+        validate_dag(app_id, dag)
+        existing = self._apps.get(app_id)
+        if existing is not None and not existing.ended:
+            if existing.dag == dag and existing.tenant == tenant:
+                return existing, False
+            raise ProtocolError(
+                ErrorCode.CONFLICT, f"app {app_id!r} is live with a different DAG or tenant"
+            )
+        record = AppRecord(app_id=app_id, tenant=tenant, dag=dag, registered_at=now)
+        for node in dag.nodes:
+            record.agents[node.id] = AgentRecord(
+                app_id=app_id,
+                agent_id=node.id,
+                agent_type=node.agent_type or node.id,
+                importance=node.importance,
+                state_since=now,
+            )
+        if existing is not None:
+            self._ended.remove(app_id)
+        self._apps[app_id] = record
+        return record, True
+
+    def app(self, app_id: str) -> AppRecord:
+        record = self._apps.get(app_id)
+        if record is None or record.ended:
+            raise ProtocolError(ErrorCode.UNKNOWN_APP, f"no live app {app_id[:MAX_NAME_CHARS]!r}")
+        return record
+
+    def agent(self, app_id: str, agent_id: str) -> AgentRecord:
+        agent = self.app(app_id).agents.get(agent_id)
+        if agent is None:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_AGENT,
+                f"app {app_id!r} has no agent {agent_id[:MAX_NAME_CHARS]!r}",
+            )
+        return agent
+
+    def end(self, app_id: str, now: float) -> AppRecord:
+        record = self.app(app_id)
+        record.ended = True
+        for agent in record.agents.values():
+            agent.state = AgentState.DONE
+            agent.state_since = now
+        self._ended.append(app_id)
+        while len(self._ended) > self._keep_ended:
+            self._apps.pop(self._ended.popleft(), None)
+        return record

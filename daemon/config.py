@@ -1,0 +1,227 @@
+"""Daemon configuration: one validated dataclass, built from TOML, then env, then flags.
+
+Precedence, lowest first: the built-in default, the TOML file (``--config``), the
+``TOKENCAKE_<KEY>`` environment variables, the command-line flags. ``tokencaked
+--print-config`` prints the result as TOML-compatible JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TOKENCAKE_"
+
+# Keys that SIGHUP may change in a running daemon. Everything else (the socket, the arena's
+# size and slot size) would invalidate what peers have already mapped or connected to.
+RELOADABLE_KEYS = frozenset(
+    {
+        "log_level",
+        "lease_s",
+        "engine_timeout_s",
+        "policy",
+        "max_frame_bytes",
+        "decision_history",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value that the daemon cannot run with."""
+
+
+def default_runtime_dir() -> Path:
+    """``$XDG_RUNTIME_DIR/tokencake``, else ``/run/tokencake`` for root, else a per-user /tmp."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "tokencake"
+    if os.geteuid() == 0:
+        return Path("/run/tokencake")
+    return Path(f"/tmp/tokencake-{os.geteuid()}")
+
+
+def default_endpoint() -> str:
+    return f"ipc://{default_runtime_dir() / 'tokencaked.sock'}"
+
+
+def _parse_size(value: str | int) -> int:
+    """``1073741824``, ``"1GiB"``, ``"512MiB"``, ``"64KiB"`` to bytes."""
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "B": 1}
+    upper = text.upper()
+    for suffix, mult in units.items():
+        if upper.endswith(suffix):
+            number = upper[: -len(suffix)].strip()
+            try:
+                return int(float(number) * mult)
+            except ValueError:
+                break
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"not a size: {value!r} (use bytes or e.g. 512MiB, 1GiB)") from None
+
+
+@dataclass(slots=True)
+class DaemonConfig:
+    """Every setting of tokencaked, with its default (the embedded default needs no file)."""
+
+    endpoint: str = field(default_factory=default_endpoint)
+    """ZMQ endpoint the ROUTER binds. ``ipc://`` (default, socket file 0600) or ``tcp://``;
+    TCP requires ``curve_secret_key_file``."""
+    arena_bytes: int = 1 << 30
+    """Size of the shared-memory KV arena, pre-faulted at start."""
+    slot_bytes: int = 0
+    """Bytes per slot (one engine block). 0: taken from the first engine that registers."""
+    arena_dir: str = "/dev/shm"
+    """Where POSIX shared memory lives on this host."""
+    instance: str = "default"
+    """Names this daemon's arena and metrics; run two daemons with two instances."""
+    lease_s: float = 30.0
+    """A writer or reader that holds a slot longer than this without renewing loses it."""
+    engine_timeout_s: float = 60.0
+    """An engine silent for this long is unregistered and its leases released."""
+    policy: str = "tokencake"
+    """Scheduler policy name (see ``tokencake-ctl policies``)."""
+    max_frame_bytes: int = 4 << 20
+    """Requests larger than this get a ``frame_too_large`` error reply."""
+    decision_history: int = 10000
+    """How many recent decisions ``tokencake-ctl decisions`` can show."""
+    metrics_port: int = 9477
+    """Prometheus metrics on 127.0.0.1:PORT/metrics. 0 disables."""
+    curve_secret_key_file: str = ""
+    """ZMQ CURVE secret key file (zmq.auth format) for TCP endpoints."""
+    log_level: str = "INFO"
+    log_json: bool = True
+    """Structured (JSON lines) logs; false gives plain text for a terminal."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
+            raise ConfigError(f"endpoint must be ipc:// or tcp://, got {self.endpoint!r}")
+        if self.endpoint.startswith("tcp://") and not self.curve_secret_key_file:
+            raise ConfigError(
+                "a tcp:// endpoint needs curve_secret_key_file: TCP is authenticated only"
+            )
+        if self.arena_bytes < 1 << 20:
+            raise ConfigError(f"arena_bytes must be at least 1 MiB, got {self.arena_bytes}")
+        if self.slot_bytes < 0 or (self.slot_bytes and self.slot_bytes > self.arena_bytes):
+            raise ConfigError(f"slot_bytes must be 0 or in 1..arena_bytes, got {self.slot_bytes}")
+        if not self.instance.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"instance must be alphanumeric (with - _), got {self.instance!r}")
+        if self.lease_s <= 0 or self.engine_timeout_s <= 0:
+            raise ConfigError("lease_s and engine_timeout_s must be positive")
+        if not 1024 <= self.max_frame_bytes <= 256 << 20:
+            raise ConfigError("max_frame_bytes must be within 1 KiB..256 MiB")
+        if self.decision_history < 0:
+            raise ConfigError("decision_history must be >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port out of range: {self.metrics_port}")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError(
+                f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level}"
+            )
+        self.log_level = self.log_level.upper()
+
+    @property
+    def socket_path(self) -> Path | None:
+        return Path(self.endpoint[len("ipc://") :]) if self.endpoint.startswith("ipc://") else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> DaemonConfig:
+        merged = self.to_dict()
+        merged.update(_coerce_all(overrides))
+        return DaemonConfig(**merged)
+
+
+_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(DaemonConfig)}
+_SIZE_KEYS = frozenset({"arena_bytes", "slot_bytes", "max_frame_bytes"})
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kind = _FIELD_TYPES.get(key)
+    if kind is None:
+        raise ConfigError(f"unknown config key {key!r}; known: {sorted(_FIELD_TYPES)}")
+    if key in _SIZE_KEYS:
+        return _parse_size(value)
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(value)
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
+
+
+def _coerce_all(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: _coerce(key, value) for key, value in values.items()}
+
+
+def from_toml(path: Path) -> dict[str, Any]:
+    """Keys of a TOML file: top level or under a ``[tokencaked]`` table."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    section = data.get("tokencaked", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [tokencaked] must be a table")
+    return _coerce_all(section)
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``TOKENCAKE_ARENA_BYTES=2GiB`` and friends. Unknown TOKENCAKE_ keys are an error."""
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in _ENV_IGNORED:
+            continue
+        out[name[len(ENV_PREFIX) :].lower()] = value
+    return _coerce_all(out)
+
+
+# Variables with the prefix that are not config keys (read by other parts).
+_ENV_IGNORED = frozenset({"TOKENCAKE_CONFIG", "TOKENCAKE_ENDPOINT_CLIENT"})
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> DaemonConfig:
+    """Default, then file, then environment, then flags; validated once at the end."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get("TOKENCAKE_CONFIG"):
+        path = Path(environ["TOKENCAKE_CONFIG"])
+    merged: dict[str, Any] = {}
+    if path is not None:
+        merged.update(from_toml(path))
+    merged.update(from_env(environ))
+    merged.update(_coerce_all({k: v for k, v in (flags or {}).items() if v is not None}))
+    return DaemonConfig(**merged)

@@ -1,0 +1,205 @@
+"""The daemon's side of the scheduler brain: protocol events in, decision records out.
+
+One policy instance schedules one engine's GPU KV pool, so the bridge keeps a policy per
+registered engine, tells every one of them about every application, and routes an agent's
+events to the engine that serves it (the engine named in its last ``llm_call_start``; to all
+engines while it has none). It owns no scheduling logic of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tokencake import protocol as p
+from tokencake.daemon.apps import AgentRecord, AppRecord
+from tokencake.daemon.eviction import EvictionPolicy, make_policy
+from tokencake.daemon.scheduler import events as ev
+from tokencake.daemon.scheduler.decisions import Decision
+from tokencake.daemon.scheduler.policy import Policy, PolicyConfig, create_policy, policy_class
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class AgentSummary:
+    priority: float = 0.0
+    on_critical_path: bool = False
+    host_blocks: int = 0
+
+
+class SchedulerBridge:
+    """Feeds protocol events to per-engine policies; turns decisions into records."""
+
+    # Decisions an engine connector acts on; ``keep`` and ``partition`` are kept for
+    # operators only (partition is applied through admission queries, not pushes).
+    PUSHED_KINDS = frozenset({"offload", "upload", "drop", "pin", "unpin"})
+
+    def __init__(self, policy_name: str, *, clock: Callable[[], float]) -> None:
+        policy_class(policy_name)  # fail at start, with the registry's message, on a bad name
+        self.policy_name = policy_name
+        self._clock = clock
+        self._policies: dict[str, Policy] = {}
+        self._configs: dict[str, PolicyConfig] = {}
+        self._apps: dict[str, AppRecord] = {}
+        self._tags: dict[tuple[str, str], int] = {}
+        self._next_tag = 1
+
+    # ------------------------------------------------------------------ engines
+
+    def engine_registered(
+        self, engine_id: str, num_gpu_blocks: int, bytes_per_block: int, host_blocks: int = 0
+    ) -> None:
+        config = PolicyConfig(bytes_per_block=bytes_per_block, host_blocks=host_blocks)
+        self._configs[engine_id] = config
+        policy = create_policy(self.policy_name, config)
+        self._policies[engine_id] = policy
+        now = self._clock()
+        for app in self._apps.values():
+            policy.on_event(ev.AppRegistered(now, app.app_id, app.dag, app.tenant))
+
+    def engine_gone(self, engine_id: str) -> None:
+        self._policies.pop(engine_id, None)
+        self._configs.pop(engine_id, None)
+
+    def switch_policy(self, name: str) -> None:
+        """SIGHUP to another policy: fresh instances, live apps replayed into them."""
+        policy_class(name)
+        self.policy_name = name
+        for engine_id, config in self._configs.items():
+            self._policies[engine_id] = create_policy(name, config)
+            now = self._clock()
+            for app in self._apps.values():
+                self._policies[engine_id].on_event(
+                    ev.AppRegistered(now, app.app_id, app.dag, app.tenant)
+                )
+
+    def engine_state(
+        self,
+        engine_id: str,
+        total: int,
+        free: int,
+        waiting: int,
+        running: int,
+        host_total: int = -1,
+        host_free: int = -1,
+    ) -> list[p.DecisionRecord]:
+        if free < 0:
+            return []  # the engine did not report its pool
+        event = ev.EngineState(
+            self._clock(), total, free, waiting, running, 0, host_total, host_free
+        )
+        return self._to_engine(engine_id, event)
+
+    def transfer_measured(
+        self, engine_id: str, direction: ev.Direction, nbytes: int, seconds: float, blocks: int
+    ) -> None:
+        if seconds > 0 and nbytes > 0:
+            event = ev.TransferMeasured(self._clock(), direction, nbytes, seconds, blocks)
+            self._to_engine(engine_id, event)
+
+    def eviction_policy(self) -> EvictionPolicy:
+        return make_policy("lru")
+
+    # ------------------------------------------------------------------ agent events
+
+    def app_registered(self, app: AppRecord) -> list[p.DecisionRecord]:
+        self._apps[app.app_id] = app
+        return self._to_all(ev.AppRegistered(self._clock(), app.app_id, app.dag, app.tenant))
+
+    def llm_call_start(
+        self, agent: AgentRecord, request_id: str, prompt_tokens: int
+    ) -> list[p.DecisionRecord]:
+        event = ev.LlmCallStart(
+            self._clock(), agent.app_id, agent.agent_id, request_id, prompt_tokens
+        )
+        return self._to_agent(agent, event)
+
+    def llm_call_finish(
+        self, agent: AgentRecord, request_id: str, output_tokens: int, kv_blocks: int
+    ) -> list[p.DecisionRecord]:
+        now = self._clock()
+        if agent.engine_id in self._policies:
+            # Without a connector reporting admission, the finish implies it happened.
+            self._policies[agent.engine_id].on_event(
+                ev.LlmCallAdmitted(now, agent.app_id, agent.agent_id, request_id, kv_blocks)
+            )
+        event = ev.LlmCallFinish(
+            now, agent.app_id, agent.agent_id, request_id, output_tokens, kv_blocks
+        )
+        return self._to_agent(agent, event)
+
+    def tool_call_start(
+        self, agent: AgentRecord, tool_kind: str, predicted_s: float | None, call_id: str
+    ) -> list[p.DecisionRecord]:
+        event = ev.ToolCallStart(
+            self._clock(), agent.app_id, agent.agent_id, tool_kind, predicted_s, call_id
+        )
+        return self._to_agent(agent, event)
+
+    def tool_call_end(self, agent: AgentRecord, call_id: str, ok: bool) -> list[p.DecisionRecord]:
+        event = ev.ToolCallEnd(self._clock(), agent.app_id, agent.agent_id, call_id, ok)
+        return self._to_agent(agent, event)
+
+    def app_end(self, app: AppRecord) -> list[p.DecisionRecord]:
+        self._apps.pop(app.app_id, None)
+        for agent_id in app.agents:
+            self._tags.pop((app.app_id, agent_id), None)
+        return self._to_all(ev.AppEnd(self._clock(), app.app_id))
+
+    def tick(self, now: float) -> list[p.DecisionRecord]:
+        out: list[p.DecisionRecord] = []
+        for engine_id, policy in self._policies.items():
+            out.extend(self._records(engine_id, policy.tick(now)))
+        return out
+
+    # ------------------------------------------------------------------ views
+
+    def agent_tag(self, app_id: str, agent_id: str) -> int:
+        """A small int naming an agent in the host store's slot table (0: none)."""
+        if not app_id:
+            return 0
+        key = (app_id, agent_id)
+        tag = self._tags.get(key)
+        if tag is None:
+            tag = self._tags[key] = self._next_tag
+            self._next_tag = self._next_tag % 0x7FFFFFFF + 1
+        return tag
+
+    def agent_view(self, agent: AgentRecord) -> AgentSummary:
+        policy = self._policies.get(agent.engine_id)
+        candidates = [policy] if policy is not None else list(self._policies.values())
+        for candidate in candidates:
+            view = candidate.agent_view(agent.app_id, agent.agent_id)
+            if view is not None:
+                return AgentSummary(view.priority, view.on_critical_path, view.host_blocks)
+        return AgentSummary()
+
+    def critical_path(self, app_id: str) -> list[str]:
+        for policy in self._policies.values():
+            path = policy.critical_path(app_id)
+            if path:
+                return path
+        return []
+
+    # ------------------------------------------------------------------ routing
+
+    def _to_agent(self, agent: AgentRecord, event: ev.Event) -> list[p.DecisionRecord]:
+        policy = self._policies.get(agent.engine_id)
+        if policy is None:
+            return self._to_all(event)
+        return self._records(agent.engine_id, policy.on_event(event))
+
+    def _to_engine(self, engine_id: str, event: ev.Event) -> list[p.DecisionRecord]:
+        policy = self._policies.get(engine_id)
+        return [] if policy is None else self._records(engine_id, policy.on_event(event))
+
+    def _to_all(self, event: ev.Event) -> list[p.DecisionRecord]:
+        out: list[p.DecisionRecord] = []
+        for engine_id, policy in self._policies.items():
+            out.extend(self._records(engine_id, policy.on_event(event)))
+        return out
+
+    def _records(self, engine_id: str, decisions: list[Decision]) -> list[p.DecisionRecord]:
+        return [d.to_record(0, engine_id, self.policy_name) for d in decisions]
