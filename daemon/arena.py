@@ -1,0 +1,270 @@
+"""The daemon's KV arena: one POSIX shared-memory segment holding every host KV slot.
+
+The segment is created by opening ``/dev/shm/<name>`` directly (``O_CREAT | O_EXCL``, mode
+0600) rather than through ``multiprocessing.shared_memory``, whose resource tracker unlinks
+segments it did not create and warns about ones it thinks leaked. Pages are faulted in once
+at start: the first write into a fresh shm page costs a kernel zero-fill, an order of
+magnitude slower than a later write, and that cost must not land on an offload.
+
+Names follow ``tokencake-<uid>-<instance>-<pid>`` so a restarted daemon can find segments a
+dead predecessor left behind (:meth:`Arena.remove_stale`) without touching live ones or other
+users' segments.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import re
+import stat
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SHM_DIR: Final = "/dev/shm"
+NAME_PREFIX: Final = "tokencake"
+SEGMENT_MODE: Final = 0o600
+# Linux >= 5.14; the mmap module only names it from Python 3.13 on.
+MADV_POPULATE_WRITE: Final = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+PAGE_SIZE: Final = mmap.PAGESIZE
+
+_INSTANCE_RE: Final = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
+_NAME_RE: Final = re.compile(r"^tokencake-(\d+)-([A-Za-z0-9_.]{1,64})-(\d+)$")
+_SEGMENT_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+
+
+class ArenaError(OSError):
+    """A segment that cannot be created, mapped or trusted."""
+
+
+def segment_name(instance: str, pid: int | None = None, uid: int | None = None) -> str:
+    """The segment name a daemon instance uses: ``tokencake-<uid>-<instance>-<pid>``."""
+    if not _INSTANCE_RE.match(instance):
+        raise ArenaError(f"instance name {instance!r} must match {_INSTANCE_RE.pattern}")
+    uid = os.getuid() if uid is None else uid
+    pid = os.getpid() if pid is None else pid
+    return f"{NAME_PREFIX}-{uid}-{instance}-{pid}"
+
+
+def segment_path(name: str, shm_dir: str = SHM_DIR) -> str:
+    if not _SEGMENT_NAME_RE.match(name):
+        raise ArenaError(f"bad segment name {name!r}")
+    return os.path.join(shm_dir, name)
+
+
+def verify_segment(fd: int, path: str, min_bytes: int = 0) -> int:
+    """Check that an open segment is a regular file we own with mode 0600; return its size.
+
+    A segment owned by someone else or readable by others could leak or corrupt another
+    tenant's KV bytes, so it is refused rather than used.
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ArenaError(f"{path} is not a regular file")
+    if st.st_uid != os.getuid():
+        raise ArenaError(f"{path} is owned by uid {st.st_uid}, not by us ({os.getuid()})")
+    if stat.S_IMODE(st.st_mode) != SEGMENT_MODE:
+        raise ArenaError(f"{path} has mode {stat.S_IMODE(st.st_mode):o}, expected 600")
+    if st.st_size < min_bytes:
+        raise ArenaError(f"{path} holds {st.st_size} bytes, expected at least {min_bytes}")
+    return st.st_size
+
+
+def prefault(mm: mmap.mmap, size: int) -> str:
+    """Fault every page of a shared mapping in for writing; returns the method used.
+
+    ``MADV_POPULATE_WRITE`` does it in the kernel in one call; older kernels get one
+    written byte per page (the byte is rewritten with its own value, so contents survive).
+    """
+    if size == 0:
+        return "none"
+    try:
+        mm.madvise(MADV_POPULATE_WRITE, 0, size)
+        return "madvise"
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+    view = np.frombuffer(mm, dtype=np.uint8, count=size)
+    try:
+        pages = view[::PAGE_SIZE]
+        pages[...] = pages
+    finally:
+        del view
+    return "touch"
+
+
+@dataclass(slots=True)
+class StaleSegment:
+    name: str
+    pid: int
+    size: int
+
+
+class Arena:
+    """The daemon-owned shared-memory segment. Create with :meth:`create`.
+
+    The arena is allocated once and never returned to the OS while the daemon runs; the
+    host store hands out fixed-size slots inside it.
+    """
+
+    def __init__(self, name: str, path: str, fd: int, mm: mmap.mmap, size: int) -> None:
+        self._name = name
+        self._path = path
+        self._fd = fd
+        self._mm: mmap.mmap | None = mm
+        self._size = size
+        self._unlinked = False
+        self.prefault_method = "none"
+
+    @classmethod
+    def create(
+        cls,
+        size: int,
+        *,
+        instance: str = "default",
+        directory: str = SHM_DIR,
+        prefault_pages: bool = True,
+    ) -> Arena:
+        """Create, size, map and pre-fault a fresh segment; fails if the name exists."""
+        if size <= 0:
+            raise ArenaError(f"arena size must be positive, got {size}")
+        name = segment_name(instance)
+        path = segment_path(name, directory)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, SEGMENT_MODE)
+        except FileExistsError:
+            raise ArenaError(f"segment {path} exists; is another daemon running?") from None
+        try:
+            # The umask may have stripped bits from the create mode: pin it exactly.
+            os.fchmod(fd, SEGMENT_MODE)
+            os.ftruncate(fd, size)
+            verify_segment(fd, path, size)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        arena = cls(name, path, fd, mm, size)
+        if prefault_pages:
+            try:
+                arena.prefault_method = prefault(mm, size)
+            except BaseException:
+                arena.close()
+                raise
+        logger.info("arena %s: %d bytes, prefault=%s", name, size, arena.prefault_method)
+        return arena
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return self._mm is None
+
+    def view(self) -> np.ndarray:
+        """A uint8 numpy view of the whole segment. Drop it before :meth:`close`."""
+        if self._mm is None:
+            raise ArenaError(f"arena {self._name} is closed")
+        return np.frombuffer(self._mm, dtype=np.uint8, count=self._size)
+
+    def slots(self, slot_bytes: int) -> np.ndarray:
+        """A ``(num_slots, slot_bytes)`` view: row ``i`` is slot ``i``."""
+        if slot_bytes <= 0 or slot_bytes > self._size:
+            raise ArenaError(f"slot_bytes {slot_bytes} does not fit arena of {self._size}")
+        num = self._size // slot_bytes
+        return self.view()[: num * slot_bytes].reshape(num, slot_bytes)
+
+    def close(self) -> None:
+        """Unlink the name, then unmap. Idempotent.
+
+        The name goes first so no new mapping can open it even if unmapping fails because
+        numpy views are still alive (that raises :class:`ArenaError`; drop the views and
+        call again).
+        """
+        if not self._unlinked:
+            self._unlinked = True
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                logger.warning("arena %s was already unlinked", self._name)
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                raise ArenaError(f"arena {self._name}: views still exported, drop them") from None
+            self._mm = None
+            os.close(self._fd)
+
+    def __enter__(self) -> Arena:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def find_stale(directory: str = SHM_DIR) -> list[StaleSegment]:
+        """Segments named by a daemon of our uid whose pid is no longer alive."""
+        uid = os.getuid()
+        found: list[StaleSegment] = []
+        try:
+            entries = os.listdir(directory)
+        except FileNotFoundError:
+            return found
+        for entry in entries:
+            m = _NAME_RE.match(entry)
+            if m is None or int(m.group(1)) != uid:
+                continue
+            pid = int(m.group(3))
+            if _pid_alive(pid):
+                continue
+            try:
+                st = os.lstat(os.path.join(directory, entry))
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+                continue
+            found.append(StaleSegment(entry, pid, st.st_size))
+        return found
+
+    @classmethod
+    def remove_stale(cls, directory: str = SHM_DIR) -> list[str]:
+        """Unlink the segments :meth:`find_stale` reports; returns the removed names.
+
+        A pid reused by an unrelated process keeps its segment alive: that errs on the side
+        of never deleting a live daemon's arena.
+        """
+        removed: list[str] = []
+        for seg in cls.find_stale(directory):
+            try:
+                os.unlink(os.path.join(directory, seg.name))
+            except FileNotFoundError:
+                continue
+            logger.warning("removed stale arena %s (%d bytes, pid %d)", seg.name, seg.size, seg.pid)
+            removed.append(seg.name)
+        return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

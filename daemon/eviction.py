@@ -1,0 +1,105 @@
+"""Which ready host blocks to evict when the store runs short of free slots.
+
+A policy sees only evictable slots: ready (committed) and not pinned by a reader. The store
+calls the hooks as slots enter and leave that set, so a policy can keep its own O(1)
+structures (for example one LRU list per agent priority class, keyed by the slot's ``tag``,
+which the scheduler sets to an agent handle). The store validates every victim a policy
+returns, so a buggy policy can skip an eviction but never corrupt the store.
+
+Policies are named in a registry (name -> ``"module:Class"``) and imported lazily, so the
+scheduler can plug its own in without the store importing it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Collection
+from typing import ClassVar
+
+from tokencake.daemon.slot_table import NO_SLOT, READY, SlotTable
+
+logger = logging.getLogger(__name__)
+
+
+class EvictionPolicy(ABC):
+    """Picks victims among evictable (READY, unpinned) slots.
+
+    Hooks receive the slot id and its ``tag``; ``table`` gives read access to every other
+    field (``table.tag``, ``table.owner``, ``table.tenant`` ...). Hooks must not mutate it.
+    """
+
+    name: ClassVar[str] = ""
+
+    def bind(self, table: SlotTable) -> None:
+        """Called once by the store before any other hook."""
+        self.table = table
+
+    def on_evictable(self, slot: int, tag: int) -> None:  # noqa: B027 - optional hook
+        """``slot`` became ready and unpinned (committed, or its last reader left)."""
+
+    def on_unevictable(self, slot: int, tag: int) -> None:  # noqa: B027 - optional hook
+        """``slot`` left the evictable set (pinned by a reader, dropped, or evicted)."""
+
+    def on_access(self, slot: int, tag: int) -> None:  # noqa: B027 - optional hook
+        """``slot`` was hit by a lookup or a load."""
+
+    @abstractmethod
+    def victims(self, count: int, protected: Collection[int]) -> list[int]:
+        """Up to ``count`` distinct evictable slots, best victim first, none in ``protected``.
+
+        Returning fewer is allowed (the reservation then covers a shorter prefix).
+        """
+
+
+class LruPolicy(EvictionPolicy):
+    """Least recently used first, using the store's ready list, which is already LRU-ordered.
+
+    O(1) per victim plus one step per protected slot met on the way.
+    """
+
+    name = "lru"
+
+    def victims(self, count: int, protected: Collection[int]) -> list[int]:
+        table = self.table
+        out: list[int] = []
+        s = table.first(READY)
+        while s != NO_SLOT and len(out) < count:
+            if s not in protected:
+                out.append(s)
+            s = table.after(s)
+        return out
+
+
+_REGISTRY: dict[str, str] = {
+    "lru": "tokencake.daemon.eviction:LruPolicy",
+}
+
+
+class UnknownPolicyError(KeyError):
+    """No eviction policy registered under that name."""
+
+
+def register_policy(name: str, target: str) -> None:
+    """Register ``"package.module:Class"`` under ``name``; replaces an earlier entry."""
+    if ":" not in target:
+        raise ValueError(f"policy target must be 'module:Class', got {target!r}")
+    _REGISTRY[name] = target
+
+
+def available_policies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    """Import and instantiate the policy registered as ``name``."""
+    target = _REGISTRY.get(name)
+    if target is None:
+        raise UnknownPolicyError(f"unknown eviction policy {name!r}; known: {available_policies()}")
+    module_name, _, class_name = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, EvictionPolicy)):
+        raise TypeError(f"{target} is not an EvictionPolicy")
+    policy: EvictionPolicy = cls()
+    return policy

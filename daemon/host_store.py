@@ -1,0 +1,735 @@
+"""The host KV store: which arena slot holds which block, who may write or read it, and when.
+
+Pure logic: no sockets, no threads, no wall clock (a monotonic clock is injected), no KV
+bytes (those live in the arena; the store only hands out slot numbers). The server calls it
+from one thread.
+
+A block's key is (layout id, tenant id, chain hash). The same hash under another salt or
+another layout is another key, so a tenant can never see another tenant's blocks and an
+engine is never served bytes laid out for another model. A slot's life:
+
+    FREE --reserve--> WRITING --commit--> READY <--begin_load / end_load--> READING
+      ^                  |                  |                                 |
+      +------abort, lease expiry, owner released                              |
+      +------drop (holders reach 0) or eviction ----------+  (drop deferred until readers leave)
+
+WRITING slots are indexed at reserve time so a second writer of the same block is told it is
+stored already (-1), but only READY/READING slots are ever served. Every public method
+validates all of its input before it changes anything: a failed call leaves the store exactly
+as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+from tokencake.daemon.eviction import EvictionPolicy, LruPolicy
+from tokencake.daemon.slot_table import (
+    FREE,
+    INT32_MAX,
+    INT32_MIN,
+    KEY_BYTES,
+    MAX_LAYOUTS,
+    NO_SLOT,
+    READING,
+    READY,
+    WRITING,
+    SlotTable,
+    int_view,
+)
+from tokencake.protocol import (
+    MAX_HASH_BYTES,
+    MAX_HASHES_PER_REQUEST,
+    MAX_NAME_CHARS,
+    ErrorCode,
+    ProtocolError,
+)
+
+logger = logging.getLogger(__name__)
+
+_DIGEST_MASK: Final = 0xFFFFFFFF
+_EMPTY: Final = -1
+
+assert MAX_HASH_BYTES <= KEY_BYTES
+
+
+class StoreError(ProtocolError):
+    """A refused store operation; ``code`` is one of :class:`tokencake.protocol.ErrorCode`."""
+
+
+@dataclass(slots=True)
+class StoreStats:
+    num_slots: int
+    slot_bytes: int
+    free: int
+    writing: int
+    ready: int
+    reading: int
+    evictions: int
+    hits: int
+    misses: int
+
+
+@dataclass(slots=True)
+class _Pin:
+    """One owner's read pins on one slot."""
+
+    count: int
+    deadline: float
+
+
+def key_digest(layout: int, tenant: int, key: bytes) -> int:
+    """32-bit digest of a block key. Collisions are fine: the index compares full keys."""
+    return hash((layout, tenant, key)) & _DIGEST_MASK
+
+
+class KeyIndex:
+    """Key -> slot, as an open-addressing table of int32 slot ids (linear probing).
+
+    Four bytes per table entry and no Python object per key: a dict of a million int keys
+    costs about 100 bytes per entry, this costs 8. The table never holds more than
+    ``num_slots`` entries and has at least twice that capacity, so probes stay short.
+    Deletion shifts the following entries back (no tombstones to accumulate).
+    """
+
+    def __init__(self, table: SlotTable) -> None:
+        cap = 1
+        while cap < 2 * table.num_slots:
+            cap *= 2
+        self._table = table
+        self._mask = cap - 1
+        self.entries = np.full(cap, _EMPTY, dtype=np.int32)
+        self._m = int_view(self.entries)
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def nbytes(self) -> int:
+        return self.entries.nbytes
+
+    def find(self, layout: int, tenant: int, key: bytes, digest: int) -> int:
+        """The slot indexed under this key, or NO_SLOT."""
+        m = self._m
+        dig = self._table.m_digest
+        mask = self._mask
+        i = digest & mask
+        while True:
+            s: int = m[i]
+            if s == _EMPTY:
+                return NO_SLOT
+            if dig[s] == digest and self._table.key_equals(s, layout, tenant, key):
+                return s
+            i = (i + 1) & mask
+
+    def insert(self, slot: int) -> None:
+        """Index ``slot`` under the key already written into the slot table."""
+        m = self._m
+        mask = self._mask
+        i = self._table.m_digest[slot] & mask
+        while m[i] != _EMPTY:
+            i = (i + 1) & mask
+        m[i] = slot
+        self._len += 1
+
+    def remove(self, slot: int) -> None:
+        m = self._m
+        dig = self._table.m_digest
+        mask = self._mask
+        i = dig[slot] & mask
+        while m[i] != slot:
+            if m[i] == _EMPTY:
+                raise KeyError(f"slot {slot} is not indexed")
+            i = (i + 1) & mask
+        # Backward-shift: pull later entries of the probe run into the hole when their home
+        # position does not lie cyclically in (hole, entry].
+        j = i
+        while True:
+            j = (j + 1) & mask
+            s = m[j]
+            if s == _EMPTY:
+                break
+            home = dig[s] & mask
+            if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+                m[i] = s
+                i = j
+        m[i] = _EMPTY
+        self._len -= 1
+
+
+class HostStore:
+    """Slots of the CPU block buffer and the index over them. See the module docstring."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        slot_bytes: int,
+        *,
+        clock: Callable[[], float],
+        lease_s: float = 30.0,
+        eviction: EvictionPolicy | None = None,
+    ) -> None:
+        if slot_bytes <= 0:
+            raise ValueError(f"slot_bytes must be positive, got {slot_bytes}")
+        if not lease_s > 0:
+            raise ValueError(f"lease_s must be positive, got {lease_s}")
+        self._t = SlotTable(num_slots)
+        self._index = KeyIndex(self._t)
+        self._slot_bytes = slot_bytes
+        self._clock = clock
+        self._lease_s = float(lease_s)
+        self._policy = eviction if eviction is not None else LruPolicy()
+        self._policy.bind(self._t)
+        self._layouts: dict[str, int] = {}
+        self._layout_bytes: list[int] = []
+        self._tenants: dict[str, int] = {}
+        self._tenant_names: list[str] = []
+        self._pins: dict[int, dict[int, _Pin]] = {}
+        self._evictions = 0
+        self._hits = 0
+        self._misses = 0
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_slots(self) -> int:
+        return self._t.num_slots
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._slot_bytes
+
+    @property
+    def lease_s(self) -> float:
+        return self._lease_s
+
+    @property
+    def policy(self) -> EvictionPolicy:
+        return self._policy
+
+    def metadata_nbytes(self) -> int:
+        """Bytes of per-slot metadata: the slot arrays plus the index table."""
+        return self._t.nbytes() + self._index.nbytes
+
+    # ------------------------------------------------------------------ registration
+
+    def register_layout(self, fingerprint: str, bytes_per_block: int) -> int:
+        """Small layout id for a layout fingerprint; the same fingerprint gets the same id."""
+        if not isinstance(fingerprint, str) or not 0 < len(fingerprint) <= MAX_NAME_CHARS:
+            raise StoreError(ErrorCode.BAD_REQUEST, "fingerprint must be 1..256 characters")
+        if not _is_int(bytes_per_block) or bytes_per_block <= 0:
+            raise StoreError(ErrorCode.BAD_REQUEST, f"bad bytes_per_block {bytes_per_block!r}")
+        known = self._layouts.get(fingerprint)
+        if known is not None:
+            if self._layout_bytes[known] != bytes_per_block:
+                raise StoreError(
+                    ErrorCode.CONFLICT,
+                    f"layout {fingerprint} registered with {self._layout_bytes[known]} bytes "
+                    f"per block, not {bytes_per_block}",
+                )
+            return known
+        if bytes_per_block > self._slot_bytes:
+            raise StoreError(
+                ErrorCode.LAYOUT_REJECTED,
+                f"{bytes_per_block} bytes per block do not fit {self._slot_bytes}-byte slots",
+            )
+        if len(self._layout_bytes) >= MAX_LAYOUTS:
+            raise StoreError(ErrorCode.LAYOUT_REJECTED, "too many layouts")
+        layout = len(self._layout_bytes)
+        self._layouts[fingerprint] = layout
+        self._layout_bytes.append(bytes_per_block)
+        logger.info("layout %d = %s (%d bytes per block)", layout, fingerprint, bytes_per_block)
+        return layout
+
+    def layout_bytes(self, layout: int) -> int:
+        self._check_layout(layout)
+        return self._layout_bytes[layout]
+
+    def tenant_id(self, salt: str) -> int:
+        """Intern a tenant salt as a small int."""
+        self._check_salt(salt)
+        return self._intern(salt)
+
+    # ------------------------------------------------------------------ reads
+
+    def lookup(self, layout: int, salt: str, hashes: Sequence[bytes]) -> list[int]:
+        """Slots of the longest stored prefix of ``hashes``. Pins nothing."""
+        self._check_layout(layout)
+        self._check_salt(salt)
+        self._check_hashes(hashes)
+        tenant = self._tenants.get(salt)
+        found = [] if tenant is None else self._ready_prefix(layout, tenant, hashes, False)
+        self._touch(found)
+        self._hits += len(found)
+        self._misses += len(hashes) - len(found)
+        return found
+
+    def begin_load(self, owner: int, layout: int, salt: str, hashes: Sequence[bytes]) -> list[int]:
+        """Pin the longest stored prefix for reading; pinned slots are never evicted."""
+        self._check_owner(owner)
+        self._check_layout(layout)
+        self._check_salt(salt)
+        self._check_hashes(hashes)
+        tenant = self._tenants.get(salt)
+        if tenant is None:
+            return []
+        found = self._ready_prefix(layout, tenant, hashes, True)
+        if not found:
+            return found
+        t = self._t
+        deadline = self._clock() + self._lease_s
+        pins = self._pins.setdefault(owner, {})
+        for s in reversed(found):
+            if t.m_state[s] == READY:
+                self._policy.on_unevictable(s, t.m_tag[s])
+                t.move(s, READING)
+            t.m_readers[s] += 1
+            self._policy.on_access(s, t.m_tag[s])
+            pin = pins.get(s)
+            if pin is None:
+                pins[s] = _Pin(1, deadline)
+            else:
+                pin.count += 1
+                pin.deadline = deadline
+        return found
+
+    def end_load(self, owner: int, slots: Sequence[int]) -> int:
+        """Release one read pin of ``owner`` per listed slot."""
+        self._check_owner(owner)
+        checked = self._check_slots(slots)
+        pins = self._pins.get(owner, {})
+        for s in checked:
+            if s not in pins:
+                raise StoreError(ErrorCode.NOT_OWNER, f"owner {owner} holds no pin on slot {s}")
+        for s in reversed(checked):
+            self._unpin(owner, s, 1)
+        return len(checked)
+
+    # ------------------------------------------------------------------ writes
+
+    def reserve(
+        self, owner: int, layout: int, salt: str, hashes: Sequence[bytes], tag: int = 0
+    ) -> list[int]:
+        """``slots[i]`` to write ``hashes[i]`` into, -1 where the block is stored already.
+
+        A block already stored (or being written) gains a holder reference instead. When
+        free and evictable slots run out, only a prefix is reserved; when not even the first
+        block can be placed, NO_SPACE.
+        """
+        self._check_owner(owner)
+        self._check_layout(layout)
+        self._check_salt(salt)
+        self._check_hashes(hashes)
+        if not _is_int(tag) or not INT32_MIN <= tag <= INT32_MAX:
+            raise StoreError(ErrorCode.BAD_REQUEST, f"tag {tag!r} is not an int32")
+        if not hashes:
+            return []
+        t = self._t
+        tenant = self._tenants.get(salt)
+        new_tenant = tenant is None
+        tid = len(self._tenant_names) if tenant is None else tenant
+        if tid > INT32_MAX:
+            raise StoreError(ErrorCode.BAD_REQUEST, "too many tenants")
+
+        # Plan without touching anything: existing slot or NO_SLOT (needs a new one) per hash.
+        digests = [key_digest(layout, tid, h) for h in hashes]
+        plan: list[int] = []
+        for h, d in zip(hashes, digests, strict=True):
+            plan.append(NO_SLOT if new_tenant else self._index.find(layout, tid, h, d))
+        needed = plan.count(NO_SLOT)
+        free = t.count(FREE)
+        victims: list[int] = []
+        if needed > free:
+            protected = {s for s in plan if s != NO_SLOT}
+            victims = self._valid_victims(needed - free, protected)
+        budget = free + len(victims)
+        prefix = 0
+        used = 0
+        for s in plan:
+            if s == NO_SLOT:
+                if used == budget:
+                    break
+                used += 1
+            prefix += 1
+        if prefix == 0:
+            raise StoreError(
+                ErrorCode.NO_SPACE,
+                f"no free or evictable slot ({t.count(WRITING)} writing, "
+                f"{t.count(READING)} pinned)",
+            )
+
+        # Mutate.
+        if new_tenant:
+            self._intern(salt)
+        for v in victims[: max(0, used - free)]:
+            self._evict(v)
+        deadline = self._clock() + self._lease_s
+        out: list[int] = []
+        for i in range(prefix):
+            s = plan[i]
+            if s != NO_SLOT:
+                if t.m_holders[s] < INT32_MAX:
+                    t.m_holders[s] += 1
+                out.append(-1)
+                continue
+            s = t.first(FREE)
+            t.move(s, WRITING)
+            t.m_owner[s] = owner
+            t.m_deadline[s] = deadline
+            t.m_holders[s] = 1
+            t.m_tag[s] = tag
+            t.set_key(s, layout, tid, hashes[i], digests[i])
+            self._index.insert(s)
+            out.append(s)
+        return out
+
+    def commit(self, owner: int, slots: Sequence[int]) -> int:
+        """The owner wrote these slots completely: make them servable."""
+        checked = self._check_writes(owner, slots)
+        t = self._t
+        for s in reversed(checked):
+            t.move(s, READY)
+            t.m_deadline[s] = 0.0
+            self._policy.on_evictable(s, t.m_tag[s])
+        return len(slots)
+
+    def abort(self, owner: int, slots: Sequence[int]) -> int:
+        """Give reserved slots back unwritten."""
+        checked = self._check_writes(owner, slots)
+        for s in checked:
+            self._free_writing(s)
+        return len(checked)
+
+    def drop(self, layout: int, salt: str, hashes: Sequence[bytes]) -> int:
+        """Release one holder reference per stored block; returns how many were released.
+
+        A block whose last holder leaves is unindexed at once and freed when its last reader
+        finishes. Blocks still being written and unknown hashes are skipped.
+        """
+        self._check_layout(layout)
+        self._check_salt(salt)
+        self._check_hashes(hashes)
+        tenant = self._tenants.get(salt)
+        if tenant is None:
+            return 0
+        t = self._t
+        hit: list[int] = []
+        for h in hashes:
+            s = self._index.find(layout, tenant, h, key_digest(layout, tenant, h))
+            if s != NO_SLOT and t.m_state[s] != WRITING:
+                hit.append(s)
+        for s in hit:
+            t.m_holders[s] -= 1
+            if t.m_holders[s] > 0:
+                continue
+            self._index.remove(s)
+            if t.m_state[s] == READY:
+                self._policy.on_unevictable(s, t.m_tag[s])
+                t.clear(s)
+                t.move(s, FREE)
+            # READING with no holder left: freed by the last end_load.
+        return len(hit)
+
+    # ------------------------------------------------------------------ leases
+
+    def renew_leases(self, owner: int) -> int:
+        """Push every write lease and read pin of ``owner`` to now + lease_s."""
+        self._check_owner(owner)
+        t = self._t
+        deadline = self._clock() + self._lease_s
+        renewed = 0
+        for s in t.iter_state(WRITING):
+            if t.m_owner[s] == owner:
+                t.m_deadline[s] = deadline
+                renewed += 1
+        for pin in self._pins.get(owner, {}).values():
+            pin.deadline = deadline
+            renewed += 1
+        return renewed
+
+    def release_owner(self, owner: int) -> int:
+        """Free the owner's unfinished writes and release its read pins (crash, unregister)."""
+        self._check_owner(owner)
+        t = self._t
+        writes = [s for s in t.iter_state(WRITING) if t.m_owner[s] == owner]
+        for s in writes:
+            self._free_writing(s)
+        pins = self._pins.get(owner, {})
+        pinned = list(pins.items())
+        for s, pin in pinned:
+            self._unpin(owner, s, pin.count)
+        if writes or pinned:
+            logger.info("owner %d released: %d writes, %d pins", owner, len(writes), len(pinned))
+        return len(writes) + len(pinned)
+
+    def expire_leases(self) -> int:
+        """Reclaim writes and read pins whose lease deadline has passed."""
+        t = self._t
+        now = self._clock()
+        writes = [s for s in t.iter_state(WRITING) if t.m_deadline[s] < now]
+        for s in writes:
+            self._free_writing(s)
+        expired = [
+            (owner, s, pin.count)
+            for owner, pins in self._pins.items()
+            for s, pin in pins.items()
+            if pin.deadline < now
+        ]
+        for owner, s, count in expired:
+            self._unpin(owner, s, count)
+        if writes or expired:
+            logger.warning("leases expired: %d writes, %d pins", len(writes), len(expired))
+        return len(writes) + len(expired)
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> StoreStats:
+        t = self._t
+        return StoreStats(
+            num_slots=t.num_slots,
+            slot_bytes=self._slot_bytes,
+            free=t.count(FREE),
+            writing=t.count(WRITING),
+            ready=t.count(READY),
+            reading=t.count(READING),
+            evictions=self._evictions,
+            hits=self._hits,
+            misses=self._misses,
+        )
+
+    def usage_by_owner(self) -> dict[int, int]:
+        """Occupied slots per owner that stored them (writing, ready or being read)."""
+        t = self._t
+        owners = t.owner[t.state != FREE]
+        ids, counts = np.unique(owners, return_counts=True)
+        return {int(i): int(c) for i, c in zip(ids, counts, strict=True)}
+
+    def usage_by_tenant(self) -> dict[str, int]:
+        """Occupied slots per tenant salt."""
+        t = self._t
+        if not self._tenant_names:
+            return {}
+        counts = np.bincount(t.tenant[t.state != FREE], minlength=len(self._tenant_names))
+        return {name: int(counts[i]) for i, name in enumerate(self._tenant_names) if counts[i] > 0}
+
+    def leases_by_owner(self) -> dict[int, int]:
+        """Slots each owner holds a lease on: its unfinished writes plus its pinned slots."""
+        t = self._t
+        out: dict[int, int] = {}
+        for s in t.iter_state(WRITING):
+            o = t.m_owner[s]
+            out[o] = out.get(o, 0) + 1
+        for owner, pins in self._pins.items():
+            if pins:
+                out[owner] = out.get(owner, 0) + len(pins)
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every bit of mutable state, as comparable values. O(n): for tests and debugging."""
+        t = self._t
+        arrays = {
+            name: getattr(t, name).tobytes()
+            for name in (
+                "state",
+                "prev",
+                "next",
+                "owner",
+                "deadline",
+                "readers",
+                "holders",
+                "layout",
+                "tenant",
+                "tag",
+                "digest",
+                "key_len",
+                "keys",
+            )
+        }
+        return {
+            **arrays,
+            "counts": list(t.counts),
+            "index": self._index.entries.tobytes(),
+            "index_len": len(self._index),
+            "layouts": dict(self._layouts),
+            "layout_bytes": list(self._layout_bytes),
+            "tenants": dict(self._tenants),
+            "pins": {
+                o: {s: (p.count, p.deadline) for s, p in pins.items()}
+                for o, pins in self._pins.items()
+            },
+            "counters": (self._evictions, self._hits, self._misses),
+        }
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError when any internal invariant is broken. O(n)."""
+        t = self._t
+        t.check()
+        indexed: set[int] = set()
+        for s in self._index.entries[self._index.entries >= 0].tolist():
+            if s in indexed:
+                raise AssertionError(f"slot {s} indexed twice")
+            indexed.add(s)
+            key = t.key_of(s)
+            layout, tenant = t.m_layout[s], t.m_tenant[s]
+            if self._index.find(layout, tenant, key, key_digest(layout, tenant, key)) != s:
+                raise AssertionError(f"slot {s} is indexed but not found by its key")
+        if len(indexed) != len(self._index):
+            raise AssertionError("index length is off")
+        readers: dict[int, int] = {}
+        for pins in self._pins.values():
+            for s, pin in pins.items():
+                if pin.count <= 0:
+                    raise AssertionError(f"empty pin on slot {s}")
+                readers[s] = readers.get(s, 0) + pin.count
+        for s in range(t.num_slots):
+            st = t.m_state[s]
+            if t.m_readers[s] != readers.get(s, 0):
+                raise AssertionError(f"slot {s}: readers {t.m_readers[s]} != pins")
+            doomed = st == READING and t.m_holders[s] == 0
+            should_index = st != FREE and not doomed
+            if (s in indexed) != should_index:
+                raise AssertionError(f"slot {s} state {st} indexed={s in indexed}")
+            if should_index and t.m_holders[s] <= 0:
+                raise AssertionError(f"indexed slot {s} has no holder")
+            if st == FREE and (t.m_holders[s] or t.m_key_len[s] or t.m_owner[s] != -1):
+                raise AssertionError(f"free slot {s} was not cleared")
+
+    # ------------------------------------------------------------------ internals
+
+    def _ready_prefix(
+        self, layout: int, tenant: int, hashes: Sequence[bytes], for_pin: bool
+    ) -> list[int]:
+        t = self._t
+        st = t.m_state
+        found: list[int] = []
+        for h in hashes:
+            s = self._index.find(layout, tenant, h, key_digest(layout, tenant, h))
+            if s == NO_SLOT or st[s] == WRITING:
+                break
+            if for_pin and t.m_readers[s] == INT32_MAX:
+                break
+            found.append(s)
+        return found
+
+    def _touch(self, slots: list[int]) -> None:
+        """Mark hits as recent; the prefix's first block ends up most recent."""
+        t = self._t
+        for s in reversed(slots):
+            if t.m_state[s] == READY:
+                t.touch(s)
+            self._policy.on_access(s, t.m_tag[s])
+
+    def _valid_victims(self, count: int, protected: set[int]) -> list[int]:
+        picked = self._policy.victims(count, protected)
+        t = self._t
+        seen: set[int] = set()
+        out: list[int] = []
+        for v in picked[:count]:
+            ok = (
+                _is_int(v)
+                and 0 <= v < t.num_slots
+                and v not in seen
+                and v not in protected
+                and t.m_state[v] == READY
+            )
+            if not ok:
+                logger.warning("eviction policy %s offered bad victim %r", self._policy.name, v)
+                continue
+            seen.add(v)
+            out.append(v)
+        return out
+
+    def _evict(self, s: int) -> None:
+        t = self._t
+        self._policy.on_unevictable(s, t.m_tag[s])
+        self._index.remove(s)
+        t.clear(s)
+        t.move(s, FREE)
+        self._evictions += 1
+
+    def _free_writing(self, s: int) -> None:
+        t = self._t
+        self._index.remove(s)
+        t.clear(s)
+        t.move(s, FREE)
+
+    def _unpin(self, owner: int, s: int, count: int) -> None:
+        t = self._t
+        pins = self._pins[owner]
+        pin = pins[s]
+        pin.count -= count
+        if pin.count == 0:
+            del pins[s]
+            if not pins:
+                del self._pins[owner]
+        t.m_readers[s] -= count
+        if t.m_readers[s] > 0:
+            return
+        if t.m_holders[s] == 0:
+            t.clear(s)
+            t.move(s, FREE)
+        else:
+            t.move(s, READY)
+            self._policy.on_evictable(s, t.m_tag[s])
+
+    def _intern(self, salt: str) -> int:
+        tenant = self._tenants.get(salt)
+        if tenant is None:
+            tenant = len(self._tenant_names)
+            self._tenants[salt] = tenant
+            self._tenant_names.append(salt)
+        return tenant
+
+    def _check_writes(self, owner: int, slots: Sequence[int]) -> list[int]:
+        self._check_owner(owner)
+        checked = self._check_slots(slots)
+        t = self._t
+        for s in checked:
+            if t.m_state[s] != WRITING or t.m_owner[s] != owner:
+                raise StoreError(
+                    ErrorCode.NOT_OWNER, f"slot {s} is not being written by owner {owner}"
+                )
+        return checked
+
+    def _check_owner(self, owner: int) -> None:
+        if not _is_int(owner) or not 0 <= owner <= INT32_MAX:
+            raise StoreError(ErrorCode.BAD_REQUEST, f"bad owner id {owner!r}")
+
+    def _check_layout(self, layout: int) -> None:
+        if not _is_int(layout) or not 0 <= layout < len(self._layout_bytes):
+            raise StoreError(ErrorCode.BAD_REQUEST, f"unknown layout id {layout!r}")
+
+    def _check_salt(self, salt: str) -> None:
+        if not isinstance(salt, str) or len(salt) > MAX_NAME_CHARS:
+            raise StoreError(ErrorCode.BAD_REQUEST, "salt must be a string of <= 256 chars")
+
+    def _check_hashes(self, hashes: Sequence[bytes]) -> None:
+        if len(hashes) > MAX_HASHES_PER_REQUEST:
+            raise StoreError(ErrorCode.BAD_REQUEST, f"more than {MAX_HASHES_PER_REQUEST} hashes")
+        for h in hashes:
+            if not isinstance(h, bytes) or not 0 < len(h) <= MAX_HASH_BYTES:
+                raise StoreError(
+                    ErrorCode.BAD_REQUEST, f"hashes must be 1..{MAX_HASH_BYTES} bytes each"
+                )
+        if len(set(hashes)) != len(hashes):
+            raise StoreError(ErrorCode.BAD_REQUEST, "duplicate hashes in one request")
+
+    def _check_slots(self, slots: Sequence[int]) -> list[int]:
+        n = self._t.num_slots
+        for s in slots:
+            if not _is_int(s) or not 0 <= s < n:
+                raise StoreError(ErrorCode.BAD_REQUEST, f"bad slot id {s!r}")
+        out = [int(s) for s in slots]
+        if len(set(out)) != len(out):
+            raise StoreError(ErrorCode.BAD_REQUEST, "duplicate slot ids in one request")
+        return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
