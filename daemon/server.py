@@ -140,13 +140,15 @@ class Daemon:
     def start(self) -> None:
         """Create the arena, bind the socket, start metrics. Raises DaemonError."""
         cfg = self.config
-        removed = [seg.name for seg in Arena.remove_stale(cfg.arena_dir)]
+        removed = Arena.remove_stale(cfg.arena_dir)
         if removed:
             logger.warning(
                 "removed stale shared memory from dead daemons", extra={"names": removed}
             )
         try:
-            self.arena = Arena.create(cfg.instance, cfg.arena_bytes, shm_dir=cfg.arena_dir)
+            self.arena = Arena.create(
+                cfg.arena_bytes, instance=cfg.instance, directory=cfg.arena_dir
+            )
         except OSError as exc:
             raise DaemonError(f"cannot create the {cfg.arena_bytes}-byte arena: {exc}") from exc
         if cfg.slot_bytes:
@@ -317,7 +319,7 @@ class Daemon:
         for engine in list(self.engines.values()):
             if now - engine.last_seen > self.config.engine_timeout_s:
                 logger.warning(
-                    "engine timed out", extra={"engine_id": engine.engine_id, "name": engine.name}
+                    "engine timed out", extra={"engine_id": engine.engine_id, "engine_name": engine.name}
                 )
                 self._drop_engine(engine)
         self._apply_decisions(self.scheduler.tick(now))
@@ -446,7 +448,7 @@ class Daemon:
         layout_id = self.store.register_layout(fingerprint, req.layout.bytes_per_block)
         previous = self._engines_by_name.get(req.name)
         if previous is not None:
-            logger.info("engine re-registered; releasing its old leases", extra={"name": req.name})
+            logger.info("engine re-registered; releasing its old leases", extra={"engine_name": req.name})
             self._drop_engine(previous)
         owner = self._next_owner
         self._next_owner += 1
