@@ -109,6 +109,9 @@ class PolicyConfig:
     """The partition is recomputed at most this often (and on large load changes)."""
     continuum_ttl_max_s: float = 30.0
     """Continuum: pin for the predicted tool time, at most this long."""
+    offload_usage_floor: float = 0.6
+    """With no waiting demand, offload only when GPU usage is at least this (the fork's
+    60 %): below it the freed blocks would sit unused and the copies cost bandwidth."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -140,6 +143,8 @@ class PolicyConfig:
                 raise PolicyConfigError(f"{key} must be >= 0, got {value!r}")
         if self.deadline_max_s < self.deadline_min_s:
             raise PolicyConfigError("deadline_max_s must be >= deadline_min_s")
+        if not 0.0 <= self.offload_usage_floor <= 1.0:
+            raise PolicyConfigError("offload_usage_floor must be in [0, 1]")
         if not 0.0 <= self.max_reserve_fraction <= 1.0:
             raise PolicyConfigError("max_reserve_fraction must be in [0, 1]")
 

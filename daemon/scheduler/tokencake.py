@@ -1,0 +1,347 @@
+"""TokenCake's policy: temporal offload/predictive upload and DAG-aware spatial scheduling.
+
+Temporal (``temporal=True``)
+    At tool start, offload the agent's GPU KV only when it pays: a low quantile of the
+    predicted stall (q20, q10 on the critical path: the risk of a wrong offload is paid in
+    app latency there) must exceed the out-and-back transfer time (online-measured
+    bandwidth and per-copy overhead, one copy per upload piece) by ``min_margin_s``; some
+    waiting request must want the blocks, or GPU usage be above ``offload_usage_floor``;
+    the host must have room. The upload is planned to land by the same low quantile of the
+    return time, so the slack (median - quantile) grows and shrinks with the spread of
+    past errors. An early return raises the upload to urgent; a call past its q95 keeps
+    any KV still on the host there until it returns (late return), and its GPU-resident
+    KV is re-examined with the elapsed time as the remaining-stall estimate (a tool that
+    has run long tends to run long). Deadlines: see ``state``.
+
+Spatial (``spatial=True``)
+    Priority = importance x (1 + sum of dimensionless terms): criticality (1 - slack /
+    critical length), remaining share (tail / critical length), fan-out (normalised by the
+    app's widest node), join lag (share of the join group's siblings already through),
+    waiting (ln(1 + wait / the node's own expected LLM time)), preemptions (ln(1 + n)) and
+    app progress. No term has a tuned weight; each contribution is reported.
+    Partition: each class (agent type) gets a reservation that follows its critical
+    agents' demand (blocks held + blocks waited for), smoothed, and capped at
+    ``max_reserve_fraction`` of the pool; the rest is shared. ``may_allocate`` lets a
+    non-critical agent take blocks only from its own class's unused reservation or from
+    what is left after protecting waiting critical agents (their blocks, or the unused
+    reservations of their classes): no critical inversion. Critical agents are never
+    refused. Eviction: the KV whose next use is furthest away (predicted remaining tool
+    time; DAG gap to the successors; ended apps first), divided by priority.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from tokencake.daemon.scheduler import decisions as d
+from tokencake.daemon.scheduler.policy import CachedKv, PolicyConfig, WaitingRequest
+from tokencake.daemon.scheduler.predictor import Z_Q10, Z_Q20, Z_Q95
+from tokencake.daemon.scheduler.state import (
+    DONE,
+    IDLE,
+    T_LATE,
+    T_UPLOAD,
+    TOOL,
+    WAITING,
+    AgentState,
+    TrackingPolicy,
+)
+
+PARTITION_SMOOTHING = 0.5
+"""Weight of the newest demand sample in the per-class reservation."""
+NEVER = 1e12
+
+
+class TokenCakePolicy(TrackingPolicy):
+    name = "tokencake"
+    temporal = True
+    spatial = True
+
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        super().__init__(config)
+        self.reservations: dict[str, int] = {}
+        self._reserve_ema: dict[str, float] = {}
+        self._last_partition_s = -math.inf
+
+    # ------------------------------------------------------------------ temporal
+
+    def _on_tool_start(self, agent: AgentState, out: list[d.Decision]) -> None:
+        if not self.temporal:
+            return
+        pred = agent.prediction
+        assert pred is not None
+        z = Z_Q10 if agent.critical else Z_Q20
+        stall_low = pred.quantile_s(z)
+        planned = self._consider_offload(agent, stall_low, "tool_start", out, z)
+        if planned:
+            cfg = self.config
+            blocks = agent.offloading + agent.host_blocks
+            pieces = -(-blocks // cfg.upload_piece_blocks)
+            t_back = self.cost.seconds("h2d", blocks, pieces)
+            upload_at = agent.tool_start + stall_low - t_back
+            self._push_timer(max(upload_at, self.now), T_UPLOAD, agent, agent.tool_token)
+        self._push_timer(agent.tool_start + pred.quantile_s(Z_Q95), T_LATE, agent, agent.tool_token)
+
+    def _consider_offload(
+        self, agent: AgentState, stall_s: float, trigger: str, out: list[d.Decision], z: float
+    ) -> bool:
+        """Offload the agent's idle GPU KV if it pays; otherwise record why not."""
+        cfg = self.config
+        blocks = agent.gpu_blocks - (agent.offloading if agent.offload_moves else 0)
+        if blocks <= 0:
+            return False
+        pieces = -(-blocks // cfg.upload_piece_blocks)
+        t_out = self.cost.seconds("d2h", blocks, 1)
+        t_back = self.cost.seconds("h2d", blocks, pieces)
+        margin = stall_s - (t_out + t_back)
+        terms: dict[str, d.Term] = {
+            "trigger": trigger,
+            "blocks": blocks,
+            "stall_quantile_s": round(stall_s, 6),
+            "quantile_z": z,
+            "t_d2h_s": round(t_out, 6),
+            "t_h2d_s": round(t_back, 6),
+            "margin_s": round(margin, 6),
+            "min_margin_s": cfg.min_margin_s,
+            "d2h_gbps": round(self.cost.bandwidth("d2h") / 1e9, 3),
+            "h2d_gbps": round(self.cost.bandwidth("h2d") / 1e9, 3),
+            "on_critical_path": agent.critical,
+        }
+        if agent.prediction is not None:
+            terms.update(agent.prediction.terms())
+        terms.update(self.pressure_terms())
+        usage = terms["gpu_usage"]
+        assert isinstance(usage, float)
+        if margin < cfg.min_margin_s:
+            rule = "keep:margin_below_min"
+        elif self.waiting_blocks() <= 0 and usage < cfg.offload_usage_floor:
+            rule = "keep:no_pressure"
+        elif self.host_free() < blocks:
+            rule = "keep:host_full"
+        else:
+            self._offload(agent, blocks, True, "offload:stall_exceeds_round_trip", terms, out)
+            return True
+        self._keep(agent, rule, terms, out)
+        return False
+
+    def _on_timer(self, kind: int, agent: AgentState, out: list[d.Decision]) -> None:
+        if agent.phase != TOOL:
+            return
+        pred = agent.prediction
+        if kind == T_UPLOAD:
+            if agent.host_blocks + agent.offloading > 0 and agent.upload_left == 0:
+                terms: dict[str, d.Term] = {
+                    "elapsed_s": round(self.now - agent.tool_start, 6),
+                    "predicted_median_s": round(pred.median_s, 6) if pred else None,
+                }
+                blocks = agent.host_blocks + agent.offloading - agent.uploading
+                self._start_upload(agent, blocks, d.PREDICTIVE, "predictive_upload", terms, out)
+        elif kind == T_LATE:
+            elapsed = self.now - agent.tool_start
+            if agent.upload_left > 0 and agent.upload_priority != d.URGENT:
+                kept = self._cancel_upload(agent)
+                self._keep(
+                    agent,
+                    "keep:late_return_stays_on_host",
+                    {"elapsed_s": round(elapsed, 6), "kept_on_host_blocks": kept},
+                    out,
+                )
+            if agent.gpu_blocks > 0 and agent.offloading == 0:
+                self._consider_offload(agent, elapsed, "overrun", out, 0.0)
+
+    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[d.Decision]) -> None:
+        pending = agent.host_blocks + agent.offloading
+        if pending <= 0:
+            return
+        pred = agent.prediction
+        early = pred is not None and actual_s < pred.quantile_s(Z_Q10 if agent.critical else Z_Q20)
+        self._reload(
+            agent, d.URGENT, "urgent_upload:early_return" if early else "urgent_upload:return", out
+        )
+        agent.upload_reason["actual_s"] = round(actual_s, 6)
+        if pred is not None:
+            agent.upload_reason["predicted_median_s"] = round(pred.median_s, 6)
+
+    def _on_deadline(self, agent: AgentState, out: list[d.Decision]) -> None:
+        if agent.gpu_blocks <= 0:
+            return
+        terms: dict[str, d.Term] = {"deadline_s": round(agent.deadline_s, 6)}
+        if self.temporal and self.host_free() >= agent.gpu_blocks and agent.offloading == 0:
+            self._offload(agent, agent.gpu_blocks, True, "offload:safety_deadline", terms, out)
+        else:
+            self._drop(agent, "gpu", agent.gpu_blocks, "drop:safety_deadline", terms, out)
+
+    # ------------------------------------------------------------------ spatial
+
+    def priority(self, agent: AgentState, now: float) -> tuple[float, dict[str, d.Term]]:
+        if not self.spatial:
+            return super().priority(agent, now)
+        node = agent.node
+        app = agent.app
+        length = app.info.critical_length_s
+        crit = 1.0 - node.slack_s / length if length > 0 else 1.0
+        remaining = node.tail_s / length if length > 0 else 0.0
+        max_out = app.info.max_fan_out
+        fanout = math.log1p(node.fan_out) / math.log1p(max_out) if max_out > 0 else 0.0
+        join = 0.0
+        if node.join_group:
+            size = app.info.join_sizes.get(node.join_group, 1)
+            done = app.join_done.get(node.join_group, 0)
+            mine = 1 if agent.llm_calls > 0 else 0
+            join = (done - mine) / max(size - 1, 1) if size > 1 else 0.0
+        wait_s = now - agent.wait_since if agent.phase == WAITING else 0.0
+        wait = math.log1p(max(wait_s, 0.0) / max(node.expected_llm_s, 1e-3))
+        preempt = math.log1p(agent.preemptions)
+        n_nodes = len(app.info.nodes)
+        progress = app.done_nodes / n_nodes if n_nodes else 0.0
+        terms: dict[str, d.Term] = {
+            "crit": round(crit, 4),
+            "remaining": round(remaining, 4),
+            "fanout": round(fanout, 4),
+            "join": round(join, 4),
+            "wait": round(wait, 4),
+            "preempt": round(preempt, 4),
+            "progress": round(min(progress, 1.0), 4),
+        }
+        total = crit + remaining + fanout + join + wait + preempt + min(progress, 1.0)
+        score = node.importance * (1.0 + total)
+        terms["importance"] = node.importance
+        return score, terms
+
+    def admission_order(
+        self, waiting: Sequence[WaitingRequest], now: float
+    ) -> list[WaitingRequest]:
+        if not self.spatial:
+            return super().admission_order(waiting, now)
+        keyed = []
+        for w in waiting:
+            agent = self._agent(w.app_id, w.agent_id, create=False)
+            score = self.priority(agent, now)[0] if agent is not None else 1.0
+            keyed.append((-score, w.arrival_s, w.request_id, w))
+        keyed.sort(key=lambda k: (k[0], k[1], k[2]))
+        return [k[3] for k in keyed]
+
+    def next_use_s(self, agent: AgentState | None, now: float) -> float:
+        """Expected seconds until this agent's KV is read again (for eviction)."""
+        if agent is None or agent.phase == DONE or agent.app.ended:
+            return NEVER
+        if agent.phase == TOOL:
+            predicted = agent.predicted_s or 0.0
+            remaining = agent.tool_start + predicted - now
+            if remaining <= 0:  # overrun: the elapsed time is the best guess of what is left
+                remaining = now - agent.tool_start
+            return remaining
+        if agent.phase == IDLE:
+            return agent.node.next_gap_s if agent.node.succ else NEVER
+        return 0.0
+
+    def eviction_order(self, candidates: Sequence[CachedKv], now: float) -> list[CachedKv]:
+        if not self.spatial:
+            return super().eviction_order(candidates, now)
+        keyed = []
+        for c in candidates:
+            agent = self._agent(c.app_id, c.agent_id, create=False)
+            if agent is not None and agent.pinned_until > now:
+                continue
+            score = self.priority(agent, now)[0] if agent is not None else 1.0
+            keyed.append((-self.next_use_s(agent, now) / max(score, 1e-9), c.last_used_s, c))
+        keyed.sort(key=lambda k: (k[0], k[1]))
+        return [k[2] for k in keyed]
+
+    def allocation_verdict(
+        self, app_id: str, agent_id: str, n_blocks: int, now: float
+    ) -> tuple[bool, d.Reason]:
+        """``may_allocate`` with its reason (for logs and ``tokencake-ctl``)."""
+        if not self.spatial or self.gpu_total <= 0:
+            return True, d.Reason("allow:unconstrained", {})
+        agent = self._agent(app_id, agent_id, create=False)
+        if agent is not None and agent.critical:
+            return True, d.Reason("allow:critical", {})
+        klass = agent.klass if agent is not None else agent_id
+        protect_reserved = 0
+        for c in self.crit_waiting_by_class:
+            if c != klass:
+                protect_reserved += max(0, self.reservations.get(c, 0) - self.class_usage.get(c, 0))
+        protect = max(self.crit_waiting_blocks, protect_reserved)
+        own_unused = max(0, self.reservations.get(klass, 0) - self.class_usage.get(klass, 0))
+        terms: dict[str, d.Term] = {
+            "n_blocks": n_blocks,
+            "gpu_free": self.gpu_free,
+            "protected_for_critical": protect,
+            "own_reservation_unused": own_unused,
+        }
+        if n_blocks <= own_unused:
+            return True, d.Reason("allow:own_reservation", terms)
+        if self.gpu_free - n_blocks >= protect:
+            return True, d.Reason("allow:shared_pool", terms)
+        return False, d.Reason("deny:critical_inversion", terms)
+
+    def may_allocate(self, app_id: str, agent_id: str, n_blocks: int, now: float) -> bool:
+        return self.allocation_verdict(app_id, agent_id, n_blocks, now)[0]
+
+    def _on_engine_state(self, out: list[d.Decision]) -> None:
+        if not self.spatial or self.gpu_total <= 0:
+            return
+        if self.now - self._last_partition_s < self.config.partition_interval_s:
+            return
+        self._last_partition_s = self.now
+        self._repartition(out)
+
+    def _repartition(self, out: list[d.Decision]) -> None:
+        """Per-class reservations from critical demand; O(number of classes)."""
+        demand: dict[str, int] = {}
+        for c, used in self.class_crit_usage.items():
+            if used > 0:
+                demand[c] = used
+        for c, waiting in self.crit_waiting_blocks_by_class.items():
+            demand[c] = demand.get(c, 0) + waiting
+        ema = self._reserve_ema
+        for c in list(ema):
+            if c not in demand:
+                ema[c] *= 1.0 - PARTITION_SMOOTHING
+                if ema[c] < 1.0:
+                    del ema[c]
+        for c, blocks in demand.items():
+            ema[c] = ema.get(c, float(blocks)) + PARTITION_SMOOTHING * (blocks - ema.get(c, blocks))
+        cap = int(self.config.max_reserve_fraction * self.gpu_total)
+        want = sum(ema.values())
+        scale = min(1.0, cap / want) if want > 0 else 0.0
+        new = {c: int(v * scale) for c, v in sorted(ema.items()) if int(v * scale) > 0}
+        step = self.config.upload_piece_blocks
+        changed = new.keys() != self.reservations.keys() or any(
+            abs(new[c] - self.reservations[c]) >= step for c in new
+        )
+        if not changed:
+            return
+        self.reservations = new
+        reserved = sum(new.values())
+        terms: dict[str, d.Term] = {
+            "cap_blocks": cap,
+            "critical_demand_blocks": want,
+            "scale": round(scale, 4),
+            "gpu_total": self.gpu_total,
+        }
+        out.append(
+            d.Partition(
+                at_s=self.now,
+                blocks=reserved,
+                reservations=dict(new),
+                shared_blocks=self.gpu_total - reserved,
+                reason=d.Reason("partition:critical_demand", terms),
+            )
+        )
+
+
+class TokenCakeTemporalPolicy(TokenCakePolicy):
+    """Ablation: offload and predictive upload only."""
+
+    name = "tokencake-temporal"
+    spatial = False
+
+
+class TokenCakeSpatialPolicy(TokenCakePolicy):
+    """Ablation: priority, partition and inversion guard only; KV never leaves the GPU."""
+
+    name = "tokencake-spatial"
+    temporal = False

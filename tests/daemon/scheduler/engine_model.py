@@ -1,0 +1,409 @@
+"""A small continuous-batching engine used to drive policies in tests.
+
+It owns the ground truth (GPU blocks per agent, host blocks, copies in flight), carries out
+every decision, reports back with events, and checks the invariants the issue asks for
+after every step. It is deliberately simpler than ``tokencake.sim`` (one step = ``dt``
+seconds, every copy completes in one step, every LLM call runs ``run_steps`` steps).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from tokencake.daemon.scheduler import (
+    AppEnd,
+    AppRegistered,
+    CachedKv,
+    Decision,
+    Drop,
+    EngineState,
+    KvEvicted,
+    LlmCallAdmitted,
+    LlmCallFinish,
+    LlmCallStart,
+    Offload,
+    Pin,
+    Policy,
+    ToolCallEnd,
+    ToolCallStart,
+    TransferDone,
+    Unpin,
+    Upload,
+    WaitingRequest,
+)
+from tokencake.protocol import AppDag, DagNode
+
+
+class InvariantError(AssertionError):
+    pass
+
+
+@dataclass(slots=True)
+class Call:
+    prompt_blocks: int
+    out_blocks: int
+    tool_s: float | None  # tool call after this LLM call
+    tool_hint: float | None = None
+
+
+@dataclass(slots=True)
+class NodeSpec:
+    node_id: str
+    calls: list[Call]
+    importance: float = 1.0
+
+
+@dataclass(slots=True)
+class AppSpec:
+    app_id: str
+    arrival_s: float
+    nodes: list[NodeSpec]
+    edges: list[tuple[str, str]]
+
+
+@dataclass(slots=True)
+class Agent:
+    app_id: str
+    agent_id: str
+    spec: NodeSpec
+    call: int = 0
+    phase: str = "pending"  # pending, waiting, running, tool, done
+    cached: int = 0
+    running_blocks: int = 0
+    host: int = 0
+    d2h: int = 0
+    d2h_move: bool = True
+    h2d: int = 0
+    pinned_until: float = -math.inf
+    need: int = 0
+    wait_start: float = 0.0
+    wait_start_step: int = 0
+    run_left: int = 0
+    tool_end_s: float = 0.0
+    last_used: float = 0.0
+
+
+@dataclass(slots=True)
+class Stats:
+    offloaded: int = 0
+    uploaded: int = 0
+    dropped_host: int = 0
+    max_wait_steps: int = 0
+    max_wait_steps_critical: int = 0
+    admitted: int = 0
+    decisions: list[dict[str, object]] = field(default_factory=list)
+
+
+class ToyEngine:
+    def __init__(
+        self,
+        policy: Policy,
+        apps: list[AppSpec],
+        gpu_blocks: int,
+        host_blocks: int,
+        dt: float = 0.1,
+        run_steps: int = 2,
+    ) -> None:
+        self.policy = policy
+        self.apps = sorted(apps, key=lambda a: (a.arrival_s, a.app_id))
+        self.gpu_total = gpu_blocks
+        self.host_total = host_blocks
+        self.dt = dt
+        self.run_steps = run_steps
+        self.now = 0.0
+        self.step_no = 0
+        self.agents: dict[tuple[str, str], Agent] = {}
+        self.preds: dict[tuple[str, str], list[str]] = {}
+        self.succs: dict[tuple[str, str], list[str]] = {}
+        self.waiting: list[Agent] = []
+        self.pending_copies: list[tuple[Agent, str, int]] = []
+        self.next_app = 0
+        self.live_apps: dict[str, list[Agent]] = {}
+        self.done_apps = 0
+        self.stats = Stats()
+        self.keep_host_copy = bool(getattr(policy, "keep_host_copy", False))
+
+    # ------------------------------------------------------------------ accounting
+
+    def gpu_used(self) -> int:
+        return sum(a.cached + a.running_blocks + a.h2d for a in self.agents.values())
+
+    def host_used(self) -> int:
+        return sum(a.host + a.d2h for a in self.agents.values())
+
+    def check(self) -> None:
+        used = self.gpu_used()
+        if used > self.gpu_total:
+            raise InvariantError(f"GPU over capacity: {used} > {self.gpu_total} at {self.now}")
+        host = self.host_used()
+        if host > self.host_total:
+            raise InvariantError(f"host over capacity: {host} > {self.host_total} at {self.now}")
+
+    # ------------------------------------------------------------------ events
+
+    def feed(self, event: object) -> None:
+        out = self.policy.on_event(event)  # type: ignore[arg-type]
+        for dec in out:
+            self.apply(dec)
+
+    def apply(self, dec: Decision) -> None:
+        self.stats.decisions.append(dec.to_dict())
+        agent = self.agents.get((dec.app_id, dec.agent_id))
+        if isinstance(dec, Offload):
+            assert agent is not None
+            if agent.phase == "running":
+                raise InvariantError(f"offload of running agent {dec.agent_id} at {self.now}")
+            if dec.blocks > agent.cached - agent.d2h:
+                raise InvariantError(f"offload of {dec.blocks} > cached {agent.cached}")
+            if self.host_used() + dec.blocks > self.host_total:
+                raise InvariantError("offload beyond host capacity")
+            agent.d2h += dec.blocks
+            agent.d2h_move = dec.free_gpu
+            self.pending_copies.append((agent, "d2h", dec.blocks))
+            self.stats.offloaded += dec.blocks
+        elif isinstance(dec, Upload):
+            assert agent is not None
+            free = self.gpu_total - self.gpu_used()
+            if dec.blocks > free:
+                raise InvariantError(f"upload of {dec.blocks} with {free} free at {self.now}")
+            if dec.blocks > agent.host - (0 if self.keep_host_copy else agent.h2d):
+                raise InvariantError("upload of blocks that are not on the host")
+            agent.h2d += dec.blocks
+            self.pending_copies.append((agent, "h2d", dec.blocks))
+            self.stats.uploaded += dec.blocks
+        elif isinstance(dec, Drop):
+            assert agent is not None
+            if dec.where == "gpu":
+                if agent.phase == "running":
+                    raise InvariantError("drop of a running agent's KV")
+                agent.cached -= min(dec.blocks, agent.cached)
+            else:
+                if dec.blocks > agent.host - agent.h2d:
+                    raise InvariantError("drop of host blocks being uploaded or absent")
+                agent.host -= dec.blocks
+                self.stats.dropped_host += dec.blocks
+        elif isinstance(dec, Pin):
+            assert agent is not None
+            agent.pinned_until = self.now + dec.ttl_s
+        elif isinstance(dec, Unpin):
+            assert agent is not None
+            agent.pinned_until = -math.inf
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, max_steps: int = 5000) -> Stats:
+        while self.step_no < max_steps:
+            if self.next_app >= len(self.apps) and not self.live_apps:
+                break
+            self.step()
+        else:
+            raise InvariantError(
+                f"not done after {max_steps} steps: {len(self.live_apps)} apps live, "
+                f"{len(self.waiting)} waiting"
+            )
+        for _ in range(3):
+            self.step()
+        return self.stats
+
+    def step(self) -> None:
+        self.step_no += 1
+        self.now = round(self.step_no * self.dt, 9)
+        copies, self.pending_copies = self.pending_copies, []
+        for agent, direction, blocks in copies:
+            if direction == "d2h":
+                agent.d2h -= blocks
+                agent.host += blocks
+                if agent.d2h_move:
+                    agent.cached -= blocks
+            else:
+                agent.h2d -= blocks
+                if agent.phase == "running":
+                    agent.running_blocks += blocks
+                else:
+                    agent.cached += blocks
+                if not self.keep_host_copy:
+                    agent.host -= blocks
+            self.feed(TransferDone(self.now, agent.app_id, agent.agent_id, direction, blocks))  # type: ignore[arg-type]
+        while self.next_app < len(self.apps) and self.apps[self.next_app].arrival_s <= self.now:
+            self.start_app(self.apps[self.next_app])
+            self.next_app += 1
+        for agent in list(self.agents.values()):
+            if agent.phase == "tool" and agent.tool_end_s <= self.now:
+                self.feed(ToolCallEnd(self.now, agent.app_id, agent.agent_id))
+                self.begin_call(agent)
+            elif agent.phase == "running":
+                agent.run_left -= 1
+                if agent.run_left <= 0:
+                    self.finish_call(agent)
+        waiting_blocks = sum(a.need for a in self.waiting)
+        self.feed(
+            EngineState(
+                self.now,
+                self.gpu_total,
+                self.gpu_total - self.gpu_used(),
+                num_waiting=len(self.waiting),
+                num_running=sum(a.phase == "running" for a in self.agents.values()),
+                waiting_blocks=waiting_blocks,
+                host_blocks_total=self.host_total,
+                host_blocks_free=self.host_total - self.host_used(),
+            )
+        )
+        self.feed_tick()
+        self.admit()
+        self.check()
+
+    def feed_tick(self) -> None:
+        for dec in self.policy.tick(self.now):
+            self.apply(dec)
+
+    def start_app(self, spec: AppSpec) -> None:
+        dag = AppDag(
+            nodes=[
+                DagNode(
+                    id=n.node_id,
+                    agent_type=n.node_id.rstrip("0123456789") or n.node_id,
+                    importance=n.importance,
+                    expected_llm_s=self.run_steps * self.dt,
+                    expected_tool_s=sum(c.tool_s or 0.0 for c in n.calls),
+                    tool_kind="tool" if any(c.tool_s is not None for c in n.calls) else "",
+                )
+                for n in spec.nodes
+            ],
+            edges=spec.edges,
+        )
+        self.feed(AppRegistered(self.now, spec.app_id, dag))
+        agents = []
+        for n in spec.nodes:
+            key = (spec.app_id, n.node_id)
+            self.agents[key] = Agent(spec.app_id, n.node_id, n)
+            self.preds[key] = [s for s, t in spec.edges if t == n.node_id]
+            self.succs[key] = [t for s, t in spec.edges if s == n.node_id]
+            agents.append(self.agents[key])
+        self.live_apps[spec.app_id] = agents
+        for agent in agents:
+            if not self.preds[(agent.app_id, agent.agent_id)]:
+                self.begin_call(agent)
+
+    def begin_call(self, agent: Agent) -> None:
+        call = agent.spec.calls[agent.call]
+        agent.phase = "waiting"
+        agent.need = call.prompt_blocks
+        agent.wait_start = self.now
+        agent.wait_start_step = self.step_no
+        self.waiting.append(agent)
+        self.feed(
+            LlmCallStart(
+                self.now,
+                agent.app_id,
+                agent.agent_id,
+                f"{agent.agent_id}#{agent.call}",
+                blocks=call.prompt_blocks,
+            )
+        )
+
+    def finish_call(self, agent: Agent) -> None:
+        call = agent.spec.calls[agent.call]
+        agent.phase = "idle"
+        agent.cached += agent.running_blocks
+        agent.running_blocks = 0
+        agent.last_used = self.now
+        self.feed(LlmCallFinish(self.now, agent.app_id, agent.agent_id, kv_blocks=agent.cached))
+        agent.call += 1
+        if call.tool_s is not None and agent.call < len(agent.spec.calls):
+            agent.phase = "tool"
+            agent.tool_end_s = self.now + call.tool_s
+            self.feed(ToolCallStart(self.now, agent.app_id, agent.agent_id, "tool", call.tool_hint))
+            return
+        if agent.call < len(agent.spec.calls):
+            self.begin_call(agent)
+            return
+        agent.phase = "done"
+        app_agents = self.live_apps[agent.app_id]
+        for succ_id in self.succs[(agent.app_id, agent.agent_id)]:
+            succ = self.agents[(agent.app_id, succ_id)]
+            if succ.phase == "pending" and all(
+                self.agents[(agent.app_id, p)].phase == "done"
+                for p in self.preds[(agent.app_id, succ_id)]
+            ):
+                self.begin_call(succ)
+        if all(a.phase == "done" for a in app_agents):
+            self.feed(AppEnd(self.now, agent.app_id))
+            del self.live_apps[agent.app_id]
+            self.done_apps += 1
+            for a in app_agents:
+                # the engine's prefix cache forgets the app; host copies were dropped by policy
+                a.cached = 0
+
+    def evictable(self) -> list[CachedKv]:
+        return [
+            CachedKv(a.app_id, a.agent_id, a.cached - a.d2h, a.last_used)
+            for a in self.agents.values()
+            if a.phase not in ("running",) and a.cached - a.d2h > 0
+        ]
+
+    def admit(self) -> None:
+        order = self.policy.admission_order(
+            [
+                WaitingRequest(f"{a.agent_id}#{a.call}", a.app_id, a.agent_id, a.need, a.wait_start)
+                for a in self.waiting
+            ],
+            self.now,
+        )
+        by_key = {(a.app_id, a.agent_id): a for a in self.waiting}
+        for req in order:
+            agent = by_key[(req.app_id, req.agent_id)]
+            if not self.policy.may_allocate(agent.app_id, agent.agent_id, agent.need, self.now):
+                continue
+            free = self.gpu_total - self.gpu_used()
+            if free < agent.need:
+                for victim in self.policy.eviction_order(self.evictable(), self.now):
+                    if free >= agent.need:
+                        break
+                    v = self.agents[(victim.app_id, victim.agent_id)]
+                    if v is agent:
+                        continue
+                    take = min(v.cached - v.d2h, agent.need - free)
+                    v.cached -= take
+                    free += take
+                    self.feed(KvEvicted(self.now, v.app_id, v.agent_id, take, "gpu"))
+                    free = self.gpu_total - self.gpu_used()  # decisions may have taken some
+            if free < agent.need:
+                break
+            self.waiting.remove(agent)
+            agent.phase = "running"
+            agent.running_blocks = agent.cached + agent.need
+            agent.cached = 0
+            agent.run_left = self.run_steps
+            waited = self.step_no - agent.wait_start_step
+            self.stats.max_wait_steps = max(self.stats.max_wait_steps, waited)
+            self.stats.admitted += 1
+            self.feed(
+                LlmCallAdmitted(self.now, agent.app_id, agent.agent_id, blocks=agent.running_blocks)
+            )
+
+
+def random_apps(
+    rng: random.Random, n_apps: int, max_nodes: int, max_prompt: int, rate_s: float
+) -> list[AppSpec]:
+    """Random DAG applications (layered, with forks and joins) and random tool calls."""
+    apps = []
+    t = 0.0
+    for i in range(n_apps):
+        t += rng.expovariate(1.0 / rate_s)
+        n_nodes = rng.randint(1, max_nodes)
+        nodes = []
+        for j in range(n_nodes):
+            calls = []
+            for _ in range(rng.randint(1, 3)):
+                tool = rng.choice([None, rng.uniform(0.05, 3.0), rng.uniform(0.05, 0.5)])
+                hint = None if tool is None or rng.random() < 0.3 else tool * rng.uniform(0.5, 2.0)
+                calls.append(Call(rng.randint(1, max_prompt), rng.randint(0, 3), tool, hint))
+            nodes.append(NodeSpec(f"n{j}", calls, importance=rng.choice([1.0, 1.0, 2.0])))
+        edges = []
+        for j in range(1, n_nodes):
+            for p in rng.sample(range(j), k=min(j, rng.randint(1, 2))):
+                edges.append((f"n{p}", f"n{j}"))
+        apps.append(AppSpec(f"app{i}", round(t, 3), nodes, edges))
+    return apps
