@@ -187,10 +187,19 @@ class Daemon:
         sock.setsockopt(zmq.MAXMSGSIZE, max(cfg.max_frame_bytes * 4, 16 << 20))
         sock.setsockopt(zmq.SNDHWM, 10000)
         sock.setsockopt(zmq.RCVHWM, 10000)
-        if cfg.endpoint.startswith("tcp://"):
-            from tokencake.daemon.auth import configure_curve_server
+        try:
+            if cfg.endpoint.startswith("tcp://"):
+                from tokencake.daemon.auth import configure_curve_server
 
-            configure_curve_server(sock, Path(cfg.curve_secret_key_file))
+                configure_curve_server(sock, Path(cfg.curve_secret_key_file))
+            self._bind_socket(sock)
+        except BaseException:
+            sock.close(linger=0)  # else the context's term() would wait on it forever
+            raise
+        self._sock = sock
+
+    def _bind_socket(self, sock: zmq.Socket[Any]) -> None:
+        cfg = self.config
         path = cfg.socket_path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -206,7 +215,6 @@ class Daemon:
             os.chmod(path, 0o600)
         else:
             sock.bind(cfg.endpoint)
-        self._sock = sock
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = socket.socketpair()

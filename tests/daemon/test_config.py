@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tokencake.daemon.config import ConfigError, DaemonConfig, load_config
+
+
+def test_embedded_default_needs_no_file() -> None:
+    cfg = load_config(environ={"XDG_RUNTIME_DIR": "/run/user/1000"})
+    assert cfg.arena_bytes == 1 << 30
+    assert cfg.endpoint.startswith("ipc://") and cfg.endpoint.endswith("tokencaked.sock")
+
+
+def test_precedence_file_env_flags(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[tokencaked]\narena_bytes = "256MiB"\nlease_s = 5\nlog_json = false\n')
+    cfg = load_config(path, environ={"TOKENCAKE_LEASE_S": "6"}, flags={"policy": "vllm"})
+    assert (cfg.arena_bytes, cfg.lease_s, cfg.policy, cfg.log_json) == (256 << 20, 6.0, "vllm", False)
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"TOKENCAKE_ARENA_BYTES": "12 parsecs"}, "not a size"),
+        ({"TOKENCAKE_NO_SUCH_KEY": "1"}, "unknown config key"),
+        ({"TOKENCAKE_LOG_JSON": "maybe"}, "log_json"),
+        ({"TOKENCAKE_ENDPOINT": "tcp://127.0.0.1:5555"}, "curve"),
+        ({"TOKENCAKE_ENDPOINT": "http://x"}, "ipc:// or tcp://"),
+        ({"TOKENCAKE_ARENA_BYTES": "1KiB"}, "at least 1 MiB"),
+        ({"TOKENCAKE_INSTANCE": "a/b"}, "instance"),
+    ],
+)
+def test_bad_values_are_refused(env: dict[str, str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(environ=env)
+
+
+def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("lease_s = = 3")
+    with pytest.raises(ConfigError):
+        load_config(path, environ={})
+
+
+def test_with_overrides_validates() -> None:
+    with pytest.raises(ConfigError):
+        DaemonConfig().with_overrides({"lease_s": -1})
