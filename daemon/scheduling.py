@@ -99,6 +99,12 @@ class SchedulerBridge:
             event = ev.TransferMeasured(self._clock(), direction, nbytes, seconds, blocks)
             self._to_engine(engine_id, event)
 
+    def transfer_done(
+        self, engine_id: str, app_id: str, agent_id: str, direction: ev.Direction, blocks: int
+    ) -> list[p.DecisionRecord]:
+        event = ev.TransferDone(self._clock(), app_id, agent_id, direction, blocks)
+        return self._to_engine(engine_id, event)
+
     def eviction_policy(self) -> EvictionPolicy:
         return make_policy("lru")
 

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import zmq
@@ -59,8 +59,9 @@ class EngineRecord:
     num_gpu_blocks_free: int = -1
     num_waiting: int = 0
     num_running: int = 0
-    reserve_times: dict[int, float] = field(default_factory=dict)
-    load_times: dict[int, float] = field(default_factory=dict)
+    # slot -> (start time, app id, agent id) of this engine's unfinished stores and loads
+    stores: dict[int, tuple[float, str, str]] = field(default_factory=dict)
+    loads: dict[int, tuple[float, str, str]] = field(default_factory=dict)
 
 
 class DaemonError(RuntimeError):
@@ -327,7 +328,8 @@ class Daemon:
         for engine in list(self.engines.values()):
             if now - engine.last_seen > self.config.engine_timeout_s:
                 logger.warning(
-                    "engine timed out", extra={"engine_id": engine.engine_id, "engine_name": engine.name}
+                    "engine timed out",
+                    extra={"engine_id": engine.engine_id, "engine_name": engine.name},
                 )
                 self._drop_engine(engine)
         self._apply_decisions(self.scheduler.tick(now))
@@ -456,7 +458,9 @@ class Daemon:
         layout_id = self.store.register_layout(fingerprint, req.layout.bytes_per_block)
         previous = self._engines_by_name.get(req.name)
         if previous is not None:
-            logger.info("engine re-registered; releasing its old leases", extra={"engine_name": req.name})
+            logger.info(
+                "engine re-registered; releasing its old leases", extra={"engine_name": req.name}
+            )
             self._drop_engine(previous)
         owner = self._next_owner
         self._next_owner += 1
@@ -632,64 +636,89 @@ class Daemon:
 
     def _reserve(self, _identity: bytes, req: p.Reserve) -> p.ReserveReply:
         engine, store = self._store_for(req.engine_id)
-        tag = self.scheduler.agent_tag(req.app_id, req.agent_id)
-        slots = store.reserve(
-            engine.owner, engine.layout_id, _salt(req.salt), _hashes(req.hashes), tag
-        )
-        now = self._clock()
+        app_id, agent_id = self._attribution(req.app_id, req.agent_id)
+        tag = self.scheduler.agent_tag(app_id, agent_id)
+        hashes = _hashes(req.hashes)
+        slots = store.reserve(engine.owner, engine.layout_id, _salt(req.salt), hashes, tag)
+        started = (self._clock(), app_id, agent_id)
         for slot in slots:
             if slot >= 0:
-                engine.reserve_times[slot] = now
+                engine.stores[slot] = started
         return p.ReserveReply(slots=slots)
 
     def _commit(self, _identity: bytes, req: p.Commit) -> p.CommitReply:
         engine, store = self._store_for(req.engine_id)
         committed = store.commit(engine.owner, req.slots)
-        now = self._clock()
-        nbytes = committed * engine.layout.bytes_per_block
-        self.bytes_offloaded += nbytes
-        self.metrics.bytes_moved.labels("offload").inc(nbytes)
-        started = [engine.reserve_times.pop(s, now) for s in req.slots]
-        if started:
-            elapsed = now - min(started)
-            self.metrics.transfer_seconds.labels("offload").observe(elapsed)
-            self.scheduler.transfer_measured(
-                engine.engine_id, "d2h", nbytes, elapsed, len(req.slots)
-            )
+        self._transfer_finished(engine, engine.stores, req.slots, committed, "d2h")
         return p.CommitReply(committed=committed)
 
     def _abort(self, _identity: bytes, req: p.Abort) -> p.AbortReply:
         engine, store = self._store_for(req.engine_id)
         aborted = store.abort(engine.owner, req.slots)
         for slot in req.slots:
-            engine.reserve_times.pop(slot, None)
+            engine.stores.pop(slot, None)
         return p.AbortReply(aborted=aborted)
 
     def _load_begin(self, _identity: bytes, req: p.LoadBegin) -> p.LoadBeginReply:
         engine, store = self._store_for(req.engine_id)
-        slots = store.begin_load(
-            engine.owner, engine.layout_id, _salt(req.salt), _hashes(req.hashes)
-        )
-        now = self._clock()
+        app_id, agent_id = self._attribution(req.app_id, req.agent_id)
+        hashes = _hashes(req.hashes)
+        slots = store.begin_load(engine.owner, engine.layout_id, _salt(req.salt), hashes)
+        started = (self._clock(), app_id, agent_id)
         for slot in slots:
-            engine.load_times.setdefault(slot, now)
+            engine.loads.setdefault(slot, started)
         return p.LoadBeginReply(slots=slots)
 
     def _load_end(self, _identity: bytes, req: p.LoadEnd) -> p.LoadEndReply:
         engine, store = self._store_for(req.engine_id)
         released = store.end_load(engine.owner, req.slots)
-        now = self._clock()
-        nbytes = released * engine.layout.bytes_per_block
-        self.bytes_uploaded += nbytes
-        self.metrics.bytes_moved.labels("upload").inc(nbytes)
-        started = [engine.load_times.pop(s, now) for s in req.slots]
-        if started:
-            elapsed = now - min(started)
-            self.metrics.transfer_seconds.labels("upload").observe(elapsed)
-            self.scheduler.transfer_measured(
-                engine.engine_id, "h2d", nbytes, elapsed, len(req.slots)
-            )
+        self._transfer_finished(engine, engine.loads, req.slots, released, "h2d")
         return p.LoadEndReply(released=released)
+
+    def _attribution(self, app_id: str, agent_id: str) -> tuple[str, str]:
+        """The agent a KV op names, if it is live. Attribution is optional: blocks of an app
+        that just ended are still stored, only not accounted to an agent."""
+        if not app_id:
+            return "", ""
+        try:
+            self.apps.agent(app_id, agent_id)
+        except ProtocolError:
+            return "", ""
+        return app_id, agent_id
+
+    def _transfer_finished(
+        self,
+        engine: EngineRecord,
+        pending: dict[int, tuple[float, str, str]],
+        slots: list[int],
+        done: int,
+        direction: Literal["d2h", "h2d"],
+    ) -> None:
+        """Account bytes, measure the copy, and tell the scheduler whose KV moved."""
+        now = self._clock()
+        nbytes = done * engine.layout.bytes_per_block
+        label = "offload" if direction == "d2h" else "upload"
+        if direction == "d2h":
+            self.bytes_offloaded += nbytes
+        else:
+            self.bytes_uploaded += nbytes
+        self.metrics.bytes_moved.labels(label).inc(nbytes)
+        per_agent: dict[tuple[str, str], int] = {}
+        first = now
+        for slot in slots:
+            started_at, app_id, agent_id = pending.pop(slot, (now, "", ""))
+            first = min(first, started_at)
+            if app_id:
+                per_agent[(app_id, agent_id)] = per_agent.get((app_id, agent_id), 0) + 1
+        if not slots:
+            return
+        elapsed = now - first
+        self.metrics.transfer_seconds.labels(label).observe(elapsed)
+        self.scheduler.transfer_measured(engine.engine_id, direction, nbytes, elapsed, len(slots))
+        for (app_id, agent_id), blocks in per_agent.items():
+            self._apply_decisions(
+                self.scheduler.transfer_done(engine.engine_id, app_id, agent_id, direction, blocks)
+            )
 
     def _drop(self, _identity: bytes, req: p.Drop) -> p.DropReply:
         engine, store = self._store_for(req.engine_id)

@@ -281,6 +281,9 @@ class ReserveReply(msgspec.Struct):
 
 
 class Reserve(Request):
+    """Slots to store ``hashes`` into. Naming the agent lets the scheduler account for its
+    offload when the slots are committed."""
+
     op = "reserve"
     reply = ReserveReply
     engine_id: str
@@ -321,13 +324,17 @@ class LoadBeginReply(msgspec.Struct):
 
 
 class LoadBegin(Request):
-    """Pin the longest ready prefix of ``hashes`` for reading; it cannot be evicted."""
+    """Pin the longest ready prefix of ``hashes`` for reading; it cannot be evicted.
+
+    Naming the agent lets the scheduler account for its upload at ``load_end``."""
 
     op = "load_begin"
     reply = LoadBeginReply
     engine_id: str
     hashes: list[bytes]
     salt: str = ""
+    app_id: str = ""
+    agent_id: str = ""
 
 
 class LoadEndReply(msgspec.Struct):
