@@ -265,9 +265,11 @@ class TokenCakeClient(_Base):
         return self.call(p.Abort(engine_id, list(slots)), p.AbortReply)
 
     def load_begin(
-        self, engine_id: str, hashes: Sequence[bytes], salt: str = ""
+        self, engine_id: str, hashes: Sequence[bytes], salt: str = "", app_id: str = "",
+        agent_id: str = "",
     ) -> p.LoadBeginReply:
-        return self.call(p.LoadBegin(engine_id, list(hashes), salt), p.LoadBeginReply)
+        req = p.LoadBegin(engine_id, list(hashes), salt, app_id, agent_id)
+        return self.call(req, p.LoadBeginReply)
 
     def load_end(self, engine_id: str, slots: Sequence[int]) -> p.LoadEndReply:
         return self.call(p.LoadEnd(engine_id, list(slots)), p.LoadEndReply)
@@ -456,9 +458,11 @@ class AsyncTokenCakeClient(_Base):
         return await self.call(p.Abort(engine_id, list(slots)), p.AbortReply)
 
     async def load_begin(
-        self, engine_id: str, hashes: Sequence[bytes], salt: str = ""
+        self, engine_id: str, hashes: Sequence[bytes], salt: str = "", app_id: str = "",
+        agent_id: str = "",
     ) -> p.LoadBeginReply:
-        return await self.call(p.LoadBegin(engine_id, list(hashes), salt), p.LoadBeginReply)
+        req = p.LoadBegin(engine_id, list(hashes), salt, app_id, agent_id)
+        return await self.call(req, p.LoadBeginReply)
 
     async def load_end(self, engine_id: str, slots: Sequence[int]) -> p.LoadEndReply:
         return await self.call(p.LoadEnd(engine_id, list(slots)), p.LoadEndReply)
