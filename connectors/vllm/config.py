@@ -1,0 +1,53 @@
+"""Connector settings, read from ``kv_connector_extra_config``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+SAVE_MODES = ("finished", "tool", "never")
+TOOL_OFFLOAD_MODES = ("daemon", "always", "never")
+
+
+@dataclass(slots=True)
+class ConnectorConfig:
+    """Every key of ``kv_connector_extra_config`` the connector reads, with its default."""
+
+    endpoint: str = ""
+    """tokencaked's ZMQ endpoint; empty: ``$TOKENCAKE_ENDPOINT``, else the daemon default."""
+    engine_name: str = ""
+    """Stable engine name; empty: ``vllm:<model>``. Re-registering a name replaces it."""
+    timeout_ms: float = 20.0
+    """Per-request reply timeout. The scheduler thread waits at most this long per call."""
+    reconnect_s: float = 1.0
+    """How often a down daemon is retried (a non-blocking ZMQ connect plus one register)."""
+    save: str = "finished"
+    """Which finished requests write their full blocks through to the host store:
+    ``finished`` (all), ``tool`` (only those with a tool hint), ``never`` (only on an
+    offload decision)."""
+    tool_offload: str = "daemon"
+    """When a request ends in a tool call: ``daemon`` waits for the daemon's offload/keep
+    decision, ``always`` stores and frees the agent's GPU blocks at once, ``never`` keeps them."""
+    salt: str = ""
+    """Tenant salt passed with every hash (vLLM's ``cache_salt`` is already in its hashes)."""
+
+    def __post_init__(self) -> None:
+        if self.save not in SAVE_MODES:
+            raise ValueError(f"save must be one of {SAVE_MODES}, got {self.save!r}")
+        if self.tool_offload not in TOOL_OFFLOAD_MODES:
+            raise ValueError(
+                f"tool_offload must be one of {TOOL_OFFLOAD_MODES}, got {self.tool_offload!r}"
+            )
+        if not 0 < self.timeout_ms <= 10_000:
+            raise ValueError("timeout_ms must be in (0, 10000]")
+        if self.reconnect_s <= 0:
+            raise ValueError("reconnect_s must be positive")
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
+        extra = dict(extra or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ValueError(f"unknown TokenCake connector keys {unknown}; known: {sorted(known)}")
+        return cls(**extra)

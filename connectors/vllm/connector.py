@@ -1,0 +1,752 @@
+"""``TokenCakeConnector``: vLLM's KV connector API (``KVConnectorBase_V1``) backed by tokencaked.
+
+One instance lives in vLLM's scheduler (role SCHEDULER) and one in each worker (role WORKER).
+
+Scheduler side (control plane, talks to the daemon over ZMQ with millisecond timeouts):
+- ``get_num_new_matched_tokens`` pins the longest host-resident prefix of the request's
+  chain hashes beyond vLLM's own prefix-cache hit (``load_begin``) and reports it as an
+  asynchronous load. The keys are vLLM's own request block hashes (``request.block_hashes``,
+  SHA-256 chain hashes with a fixed seed, so they agree across processes and restarts and
+  already include ``cache_salt`` and LoRA).
+- ``update_state_after_alloc`` turns the pin into a copy job into the blocks vLLM allocated;
+  ``build_connector_meta`` ships this step's jobs to the workers.
+- ``request_finished`` reserves host slots for the request's full blocks not yet stored and
+  keeps the blocks (returns True) until the worker has copied them; then they are committed.
+- Daemon decisions (pushes) are applied once per step: ``offload`` (store the agent's
+  cached GPU blocks; with ``free_gpu`` drop them from the GPU prefix cache and put them first
+  in line for reuse), ``drop`` (gpu), ``pin``/``unpin`` (hold the agent's cached blocks with a
+  reference so vLLM cannot evict them). ``upload`` needs nothing: the KV is already staged on
+  the host, and the agent's next request loads it asynchronously.
+
+Worker side (data plane, no sockets): plain block copies between vLLM's KV tensors and the
+daemon's shared-memory arena, completions reported through ``get_finished``.
+
+Failure: a daemon that is down or slow costs at most ``timeout_ms`` once; the link is then
+marked down, nothing is loaded or saved, vLLM computes everything itself, and the daemon is
+retried every ``reconnect_s`` (ZMQ reconnects in its I/O thread; we re-register).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.core.kv_cache_utils import get_block_hash
+
+from tokencake import protocol as p
+from tokencake.connectors.vllm.config import ConnectorConfig
+from tokencake.connectors.vllm.metadata import CopyJob, TokenCakeMetadata, TokenCakeWorkerMetadata
+from tokencake.connectors.vllm.params import NAMESPACE, AgentParams, agent_params
+from tokencake.connectors.vllm.worker import ArenaMap, BlockCopier
+from tokencake.layout import KvLayout
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+# The in-block byte order of the copied pages; part of the registered layout's identity.
+KV_FORMAT = "vllm-blockmajor-v1"
+
+
+@dataclass(slots=True)
+class ConnectorStats:
+    """Counters a test, a benchmark or an operator reads from the scheduler-side connector."""
+
+    lookups: int = 0
+    hit_tokens: int = 0
+    loaded_blocks: int = 0
+    load_failures: int = 0
+    stored_blocks: int = 0
+    already_stored_blocks: int = 0
+    gpu_blocks_freed: int = 0
+    decisions_applied: int = 0
+    events_sent: int = 0
+    daemon_failures: int = 0
+    reconnects: int = 0
+
+
+@dataclass(slots=True)
+class _Hit:
+    epoch: int
+    start_block: int
+    slots: list[int]
+
+
+@dataclass(slots=True)
+class _Job:
+    """A copy in flight. ``prefix``/``hashes`` are the whole block prefix it concerns (some
+    of it may be stored already); ``slots`` are the slots the worker writes or reads."""
+
+    epoch: int
+    is_load: bool
+    slots: list[int]
+    req_id: str = ""
+    prefix: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
+    release_refs: bool = False  # the connector holds a reference on ``prefix``
+    free_gpu: bool = False  # drop ``prefix`` from the GPU prefix cache once committed
+
+
+@dataclass(slots=True)
+class _AgentKv:
+    """The engine blocks of an agent's last finished call, in prefix order."""
+
+    blocks: list[int]
+    hashes: list[bytes]
+    open_tool: str = ""
+    pinned: list[int] = field(default_factory=list)
+    pin_until: float = 0.0
+
+
+class DaemonLink:
+    """The scheduler's connection to tokencaked: registered or down, never blocking long."""
+
+    def __init__(self, cfg: ConnectorConfig, layout: KvLayout, name: str, num_gpu_blocks: int):
+        self.cfg = cfg
+        self.layout = layout
+        self.name = name
+        self.num_gpu_blocks = num_gpu_blocks
+        self.client: Any = None
+        self.reg: p.RegisterEngineReply | None = None
+        self.epoch = 0
+        self.next_try = 0.0
+        self.next_heartbeat = 0.0
+
+    @property
+    def up(self) -> bool:
+        return self.reg is not None
+
+    @property
+    def engine_id(self) -> str:
+        assert self.reg is not None
+        return self.reg.engine_id
+
+    def maybe_connect(self, now: float) -> bool:
+        """Register if down and due; True when this call brought the link up."""
+        if self.up or now < self.next_try:
+            return False
+        self.next_try = now + self.cfg.reconnect_s
+        from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
+
+        try:
+            if self.client is None:
+                self.client = TokenCakeClient(
+                    self.cfg.endpoint or None, timeout_s=self.cfg.timeout_ms / 1000.0
+                )
+            reg = self.client.call(
+                p.RegisterEngine(self.name, self.layout, self.num_gpu_blocks),
+                p.RegisterEngineReply,
+                timeout_s=max(self.cfg.timeout_ms / 1000.0, 0.25),
+            )
+        except (DaemonUnavailable, p.RemoteError, OSError) as exc:
+            logger.debug("tokencaked not reachable: %s", exc)
+            return False
+        if reg.slot_bytes < self.layout.bytes_per_block:
+            logger.error(
+                "tokencaked slots hold %d B but a block needs %d B; connector stays off",
+                reg.slot_bytes,
+                self.layout.bytes_per_block,
+            )
+            return False
+        self.reg = reg
+        self.epoch += 1
+        self.next_heartbeat = now + reg.heartbeat_s
+        logger.info(
+            "registered with tokencaked as %s (arena %s, %d slots)",
+            reg.engine_id,
+            reg.arena_name,
+            reg.num_slots,
+        )
+        return True
+
+    def down(self, why: object) -> None:
+        if self.reg is not None:
+            logger.warning("tokencaked link down (%s); serving without it", why)
+        self.reg = None
+        self.next_try = time.monotonic() + self.cfg.reconnect_s
+
+    def call(self, req: p.Request, reply_type: type[Any]) -> Any:
+        """One request; None when the daemon is down, slow, or refuses it."""
+        if self.reg is None:
+            return None
+        from tokencake.clients.client import DaemonUnavailable
+
+        try:
+            return self.client.call(req, reply_type)
+        except DaemonUnavailable as exc:
+            self.down(exc)
+        except p.RemoteError as exc:
+            if exc.code == p.ErrorCode.UNKNOWN_ENGINE:
+                self.down(exc)  # the daemon restarted: register again
+            else:
+                logger.debug("tokencaked refused %s: %s", req.op, exc)
+        return None
+
+    def pushes(self) -> list[p.DecisionRecord]:
+        if self.reg is None or self.client is None:
+            return []
+        out: list[p.DecisionRecord] = self.client.poll_pushes()
+        return out
+
+    def close(self) -> None:
+        if self.client is not None:
+            if self.reg is not None:
+                self.call(p.UnregisterEngine(self.engine_id), p.UnregisterEngineReply)
+            self.client.close()
+            self.client = None
+        self.reg = None
+
+
+def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> KvLayout:
+    """The ``KvLayout`` of one engine block as this connector copies it."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"TokenCakeConnector supports one KV cache group (full attention), got {len(groups)}"
+        )
+    spec: Any = groups[0].kv_cache_spec
+    num_layers = len(groups[0].layer_names)
+    dtype = str(spec.dtype).removeprefix("torch.")
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
+        raise ValueError("TokenCakeConnector supports tensor/pipeline parallel size 1 only")
+    from vllm.platforms import current_platform
+
+    model = vllm_config.model_config.served_model_name or vllm_config.model_config.model
+    if isinstance(model, list):
+        model = model[0]
+    return KvLayout(
+        model_id=f"{model}|{KV_FORMAT}|{current_platform.device_type}"[:256],
+        num_layers=num_layers,
+        block_size=spec.block_size,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_size,
+        dtype=dtype,
+        bytes_per_block=spec.page_size_bytes * num_layers,
+        device=current_platform.device_type,
+    )
+
+
+class TokenCakeConnector(KVConnectorBase_V1):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig,
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self.cfg = ConnectorConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
+        self.block_size = vllm_config.cache_config.block_size
+        self.layout = engine_layout(vllm_config, kv_cache_config)
+        self.stats = ConnectorStats()
+        # scheduler side
+        self._link: DaemonLink | None = None
+        self._pool: BlockPool | None = None
+        self._hash_stride = 1
+        self._job_ids = 0
+        self._hits: dict[str, _Hit] = {}
+        self._jobs: dict[int, _Job] = {}
+        self._loads: list[CopyJob] = []
+        self._stores: list[CopyJob] = []
+        self._params: dict[str, AgentParams] = {}
+        self._req_loaded: dict[str, int] = {}
+        self._agents: dict[tuple[str, str], _AgentKv] = {}
+        self._to_free: list[tuple[list[int], list[bytes]]] = []
+        # worker side
+        self._layer_names: list[str] = list(kv_cache_config.kv_cache_groups[0].layer_names)
+        self._copier: BlockCopier | None = None
+        self._arena: ArenaMap | None = None
+        self._done_loads: list[int] = []
+        self._done_stores: list[int] = []
+        self._failed: list[int] = []
+        self._recving: set[str] = set()
+        self._sending: set[str] = set()
+        self._bad_blocks: set[int] = set()
+
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            logger.warning(
+                "kv_load_failure_policy=%r: a failed TokenCake load fails the request; set "
+                "'recompute' so the engine recomputes instead",
+                self._kv_transfer_config.kv_load_failure_policy,
+            )
+        if role == KVConnectorRole.SCHEDULER:
+            from vllm.v1.core.kv_cache_utils import resolve_kv_cache_block_sizes
+
+            scheduler_bs, hash_bs = resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)
+            if scheduler_bs != self.block_size or self.block_size % hash_bs:
+                raise ValueError(f"block size {scheduler_bs} vs hash block size {hash_bs}")
+            self._hash_stride = self.block_size // hash_bs
+            name = self.cfg.engine_name or f"vllm:{self.layout.model_id.split('|')[0]}"[:256]
+            self._link = DaemonLink(self.cfg, self.layout, name, kv_cache_config.num_blocks)
+            self._link.maybe_connect(time.monotonic())
+
+    # ------------------------------------------------------------------ helpers
+
+    def _next_job(self) -> int:
+        self._job_ids += 1
+        return self._job_ids
+
+    def _chain(self, request: Request) -> list[bytes]:
+        """One chain hash per full engine block (the hash at the block's last hash unit)."""
+        hashes = request.block_hashes
+        k = self._hash_stride
+        if k == 1:
+            return [bytes(h) for h in hashes]
+        return [bytes(hashes[i]) for i in range(k - 1, len(hashes), k)]
+
+    def _release_hit(self, req_id: str) -> None:
+        hit = self._hits.pop(req_id, None)
+        link = self._link
+        if hit is not None and link is not None and link.up and hit.epoch == link.epoch:
+            link.call(p.LoadEnd(link.engine_id, hit.slots), p.LoadEndReply)
+
+    def _event(self, req: p.Request) -> None:
+        assert self._link is not None
+        if self._link.call(req, p.EventAck) is not None:
+            self.stats.events_sent += 1
+
+    def _cached(self, blocks: list[int], hashes: list[bytes]) -> int:
+        """How many leading blocks still hold these hashes in vLLM's prefix cache."""
+        pool = self._pool
+        if pool is None:
+            return 0
+        n = 0
+        for block_id, expected in zip(blocks, hashes, strict=False):
+            key = pool.blocks[block_id].block_hash
+            if key is None or get_block_hash(key) != expected:
+                break
+            n += 1
+        return n
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
+        self._pool = gpu_block_pool
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        req_id = request.request_id
+        self._release_hit(req_id)  # a retry after a failed allocation re-pins
+        link = self._link
+        if link is None or not link.up or num_computed_tokens % self.block_size:
+            return 0, False
+        start = num_computed_tokens // self.block_size
+        # vLLM must compute at least the last prompt token itself.
+        end = min((request.num_tokens - 1) // self.block_size, len(request.block_hashes))
+        hashes = self._chain(request)[start:end]
+        if not hashes:
+            return 0, False
+        self.stats.lookups += 1
+        reply = link.call(p.LoadBegin(link.engine_id, hashes, self.cfg.salt), p.LoadBeginReply)
+        if reply is None or not reply.slots:
+            return 0, False
+        self._hits[req_id] = _Hit(link.epoch, start, list(reply.slots))
+        return len(reply.slots) * self.block_size, True
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        req_id = request.request_id
+        hit = self._hits.pop(req_id, None)
+        if hit is None:
+            return
+        link = self._link
+        assert link is not None
+        n = num_external_tokens // self.block_size
+        use, rest = hit.slots[:n], hit.slots[n:]
+        if not link.up or hit.epoch != link.epoch:
+            return  # the daemon restarted: those pins are gone with it
+        if rest:
+            link.call(p.LoadEnd(link.engine_id, rest), p.LoadEndReply)
+        if not use:
+            return
+        block_ids = list(blocks.get_block_ids()[0][hit.start_block : hit.start_block + n])
+        job_id = self._next_job()
+        self._jobs[job_id] = _Job(link.epoch, True, use, req_id=req_id)
+        self._loads.append(CopyJob(job_id, use, block_ids, req_id))
+        self._req_loaded[req_id] = n * self.block_size
+        self.stats.hit_tokens += n * self.block_size
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        link = self._link
+        assert link is not None
+        now = time.monotonic()
+        if link.maybe_connect(now):
+            self.stats.reconnects += 1
+            self._hits.clear()
+            # Queued jobs name slots of the previous daemon's arena: never copy them into
+            # the new one. vLLM still waits on their requests, so they go out as no-ops
+            # (a load reports failure, and the engine recomputes those blocks).
+            for job in self._loads:
+                job.slots, job.fail = [], True
+            self._stores = [CopyJob(j.job_id, [], [], j.req_id) for j in self._stores if j.req_id]
+        if link.up:
+            if now >= link.next_heartbeat and link.reg is not None:
+                link.next_heartbeat = now + link.reg.heartbeat_s
+                free = self._pool.get_num_free_blocks() if self._pool is not None else -1
+                link.call(p.EngineHeartbeat(link.engine_id, free), p.EngineHeartbeatReply)
+            for decision in link.pushes():
+                self._apply(decision)
+            self._expire_pins(now)
+        self._free_pending()
+        reg = link.reg
+        meta = TokenCakeMetadata(
+            arena_name=reg.arena_name if reg else "",
+            arena_bytes=reg.arena_bytes if reg else 0,
+            slot_bytes=reg.slot_bytes if reg else 0,
+            loads=self._loads,
+            stores=self._stores,
+        )
+        self._loads, self._stores = [], []
+        return meta
+
+    def on_new_request(self, request: Request) -> None:
+        params = agent_params(request.kv_transfer_params)
+        link = self._link
+        if params is None or link is None:
+            return
+        self._params[request.request_id] = params
+        agent = self._agents.get(params.key)
+        if not link.up:
+            return
+        if agent is not None and agent.open_tool:
+            self._event(p.ToolCallEnd(params.app_id, params.agent_id, call_id=agent.open_tool))
+            agent.open_tool = ""
+        self._event(
+            p.LlmCallStart(
+                params.app_id,
+                params.agent_id,
+                engine_id=link.engine_id,
+                request_id=request.request_id,
+                prompt_tokens=request.num_prompt_tokens,
+            )
+        )
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        req_id = request.request_id
+        self._release_hit(req_id)
+        params = self._params.pop(req_id, None)
+        loaded = self._req_loaded.pop(req_id, 0)
+        link = self._link
+        assert link is not None
+        hashes = self._chain(request)
+        n_full = min(len(block_ids), request.num_computed_tokens // self.block_size, len(hashes))
+        blocks, hashes = list(block_ids[:n_full]), hashes[:n_full]
+        free_gpu = False
+        if params is not None:
+            agent = self._agents.setdefault(params.key, _AgentKv([], []))
+            agent.blocks, agent.hashes = blocks, hashes
+            if link.up:
+                self._event(
+                    p.LlmCallFinish(
+                        params.app_id,
+                        params.agent_id,
+                        request_id=req_id,
+                        output_tokens=request.num_output_tokens,
+                        kv_blocks=n_full,
+                    )
+                )
+                if params.tool is not None:
+                    agent.open_tool = req_id
+                    self._event(
+                        p.ToolCallStart(
+                            params.app_id,
+                            params.agent_id,
+                            params.tool.kind,
+                            predicted_s=params.tool.predicted_s,
+                            call_id=req_id,
+                        )
+                    )
+            free_gpu = params.tool is not None and self.cfg.tool_offload == "always"
+        out = {NAMESPACE: {"loaded_tokens": loaded}}
+        save = self.cfg.save == "finished" or (
+            self.cfg.save == "tool" and params is not None and params.tool is not None
+        )
+        if not n_full or not link.up or not (save or free_gpu):
+            return False, out
+        job = self._reserve(blocks, hashes, params, req_id=req_id, free_gpu=free_gpu)
+        return job is not None, out
+
+    def _reserve(
+        self,
+        blocks: list[int],
+        hashes: list[bytes],
+        params: AgentParams | None,
+        *,
+        req_id: str = "",
+        free_gpu: bool = False,
+    ) -> _Job | None:
+        """Reserve host slots for the blocks not stored yet and queue their copy.
+
+        Returns the job, or None when nothing needs copying (then ``free_gpu`` is applied
+        at once to the blocks already stored).
+        """
+        link = self._link
+        assert link is not None
+        reply = link.call(
+            p.Reserve(
+                link.engine_id,
+                hashes,
+                self.cfg.salt,
+                app_id=params.app_id if params else "",
+                agent_id=params.agent_id if params else "",
+            ),
+            p.ReserveReply,
+        )
+        if reply is None:
+            return None
+        pairs = [(s, b) for s, b in zip(reply.slots, blocks, strict=False) if s >= 0]
+        stored = len(reply.slots)
+        self.stats.already_stored_blocks += stored - len(pairs)
+        if not pairs:
+            if free_gpu:
+                self._to_free.append((blocks[:stored], hashes[:stored]))
+            return None
+        job_id = self._next_job()
+        job = _Job(
+            link.epoch,
+            False,
+            [s for s, _ in pairs],
+            req_id=req_id,
+            prefix=blocks[:stored],
+            hashes=hashes[:stored],
+            free_gpu=free_gpu,
+        )
+        self._jobs[job_id] = job
+        self._stores.append(CopyJob(job_id, job.slots, [b for _, b in pairs], req_id))
+        return job
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if not isinstance(meta, TokenCakeWorkerMetadata):
+            return
+        link = self._link
+        assert link is not None
+        for job_id in meta.loaded:
+            job = self._jobs.pop(job_id, None)
+            if job is None:
+                continue
+            self.stats.loaded_blocks += len(job.slots)
+            if link.up and job.epoch == link.epoch:
+                link.call(p.LoadEnd(link.engine_id, job.slots), p.LoadEndReply)
+        for job_id in meta.stored:
+            job = self._jobs.pop(job_id, None)
+            if job is None:
+                continue
+            committed = None
+            if link.up and job.epoch == link.epoch:
+                committed = link.call(p.Commit(link.engine_id, job.slots), p.CommitReply)
+            if committed is not None:
+                self.stats.stored_blocks += committed.committed
+            self._finish_store(job, ok=committed is not None)
+        for job_id in meta.failed:
+            job = self._jobs.pop(job_id, None)
+            if job is None:
+                continue
+            logger.warning("TokenCake copy job %d failed; the engine recomputes", job_id)
+            self.stats.load_failures += int(job.is_load)
+            if link.up and job.epoch == link.epoch:
+                if job.is_load:
+                    link.call(p.LoadEnd(link.engine_id, job.slots), p.LoadEndReply)
+                else:
+                    link.call(p.Abort(link.engine_id, job.slots), p.AbortReply)
+            if not job.is_load:
+                self._finish_store(job, ok=False)
+
+    def _finish_store(self, job: _Job, *, ok: bool) -> None:
+        if job.release_refs and self._pool is not None:
+            self._pool.free_blocks(self._pool.blocks[b] for b in job.prefix)
+        if ok and job.free_gpu:
+            self._to_free.append((job.prefix, job.hashes))
+
+    def _free_pending(self) -> None:
+        """Drop committed blocks from vLLM's prefix cache and queue them for reuse first.
+
+        Only blocks nobody references (``ref_cnt == 0``) that still hold the expected hash
+        are touched: a block another request shares, or one already reused, stays as is.
+        """
+        pool = self._pool
+        if pool is None or not self._to_free:
+            self._to_free.clear()
+            return
+        for blocks, hashes in self._to_free:
+            n = self._cached(blocks, hashes)
+            for block_id in blocks[:n]:
+                block = pool.blocks[block_id]
+                if block.ref_cnt != 0:
+                    continue
+                pool.evict_blocks({block_id})
+                pool.free_block_queue.remove(block)
+                pool.free_block_queue.prepend_n([block])
+                self.stats.gpu_blocks_freed += 1
+        self._to_free.clear()
+
+    def _apply(self, decision: p.DecisionRecord) -> None:
+        """Apply one pushed decision to the agent's blocks in this engine."""
+        key = (decision.app_id, decision.agent_id)
+        agent = self._agents.get(key)
+        if agent is None or self._pool is None:
+            return
+        kind = decision.kind
+        params = decision.reason.get("params", {}) if isinstance(decision.reason, dict) else {}
+        self.stats.decisions_applied += 1
+        if kind == "offload":
+            self._offload(key, agent, free_gpu=bool(params.get("free_gpu", True)))
+        elif kind == "drop" and params.get("where", "gpu") == "gpu":
+            self._to_free.append((agent.blocks, agent.hashes))
+        elif kind == "pin":
+            self._unpin(agent)
+            n = self._cached(agent.blocks, agent.hashes)
+            agent.pinned = agent.blocks[:n]
+            self._pool.touch([self._pool.blocks[b] for b in agent.pinned])
+            agent.pin_until = time.monotonic() + max(decision.due_in_s, 0.0)
+        elif kind == "unpin":
+            self._unpin(agent)
+        # "upload": the agent's KV is staged in the host store already; its next request
+        # finds it in get_num_new_matched_tokens and loads it asynchronously.
+
+    def _offload(self, key: tuple[str, str], agent: _AgentKv, *, free_gpu: bool) -> None:
+        assert self._pool is not None
+        n = self._cached(agent.blocks, agent.hashes)
+        if n == 0:
+            return
+        blocks, hashes = agent.blocks[:n], agent.hashes[:n]
+        # Hold a reference so the blocks cannot be reused while the worker copies them.
+        self._pool.touch([self._pool.blocks[b] for b in blocks])
+        params = AgentParams(app_id=key[0], agent_id=key[1])
+        job = self._reserve(blocks, hashes, params, free_gpu=free_gpu)
+        if job is None:
+            self._pool.free_blocks(self._pool.blocks[b] for b in blocks)
+            return
+        job.release_refs = True
+
+    def _unpin(self, agent: _AgentKv) -> None:
+        if agent.pinned and self._pool is not None:
+            self._pool.free_blocks(self._pool.blocks[b] for b in agent.pinned)
+        agent.pinned = []
+
+    def _expire_pins(self, now: float) -> None:
+        for agent in self._agents.values():
+            if agent.pinned and now >= agent.pin_until:
+                self._unpin(agent)
+
+    def get_stats(self) -> dict[str, int]:
+        return asdict(self.stats)
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = [n for n in self._layer_names if n in kv_caches]
+        self._copier = BlockCopier([kv_caches[n] for n in names])
+        if self._copier.bytes_per_block != self.layout.bytes_per_block:
+            raise ValueError(
+                f"KV tensors hold {self._copier.bytes_per_block} B per block, "
+                f"the registered layout says {self.layout.bytes_per_block} B"
+            )
+
+    def _arena_for(self, meta: TokenCakeMetadata) -> ArenaMap | None:
+        if not meta.arena_name:
+            return None
+        if self._arena is None or self._arena.name != meta.arena_name:
+            if self._arena is not None:
+                self._arena.close()
+            self._arena = ArenaMap(meta.arena_name, meta.arena_bytes, meta.slot_bytes)
+        return self._arena
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, TokenCakeMetadata)
+        if not meta.loads:
+            return
+        for job in meta.loads:
+            try:
+                if job.fail:
+                    raise ConnectionError("the daemon that held these blocks is gone")
+                arena = self._arena_for(meta)
+                assert arena is not None and self._copier is not None
+                self._copier.from_arena(arena, job.slots, job.blocks)
+                self._done_loads.append(job.job_id)
+            except Exception as exc:
+                logger.warning("TokenCake load job %d failed (%s); recomputing", job.job_id, exc)
+                self._failed.append(job.job_id)
+                self._bad_blocks.update(job.blocks)
+            if job.req_id:
+                self._recving.add(job.req_id)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are whole-request and asynchronous: nothing waits per layer
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        return  # saves copy whole blocks in wait_for_save, after the forward wrote them
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, TokenCakeMetadata)
+        for job in meta.stores:
+            try:
+                if not job.slots:
+                    self._done_stores.append(job.job_id)
+                    continue
+                arena = self._arena_for(meta)
+                assert arena is not None and self._copier is not None
+                self._copier.to_arena(arena, job.blocks, job.slots)
+                self._done_stores.append(job.job_id)
+            except Exception:
+                logger.exception("TokenCake store job %d failed", job.job_id)
+                self._failed.append(job.job_id)
+            finally:
+                if job.req_id:
+                    self._sending.add(job.req_id)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sending, recving = self._sending, self._recving
+        self._sending, self._recving = set(), set()
+        return (sending or None), (recving or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        bad, self._bad_blocks = self._bad_blocks, set()
+        return bad
+
+    def build_connector_worker_meta(self) -> TokenCakeWorkerMetadata | None:
+        if not (self._done_loads or self._done_stores or self._failed):
+            return None
+        meta = TokenCakeWorkerMetadata(self._done_loads, self._done_stores, self._failed)
+        self._done_loads, self._done_stores, self._failed = [], [], []
+        return meta
+
+    def shutdown(self) -> None:
+        if self._link is not None:
+            self._link.close()
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None

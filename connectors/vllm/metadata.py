@@ -1,0 +1,48 @@
+"""What the scheduler-side connector tells the worker each step, and what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+
+@dataclass(slots=True)
+class CopyJob:
+    """Copy ``blocks[i]`` <-> ``slots[i]``. ``req_id`` is set when vLLM waits on the job
+    (an async load, or a save that holds a finished request's blocks)."""
+
+    job_id: int
+    slots: list[int]
+    blocks: list[int]
+    req_id: str = ""
+    fail: bool = False  # report the load as failed without copying (its daemon is gone)
+
+
+@dataclass
+class TokenCakeMetadata(KVConnectorMetadata):
+    arena_name: str = ""
+    arena_bytes: int = 0
+    slot_bytes: int = 0
+    loads: list[CopyJob] = field(default_factory=list)
+    stores: list[CopyJob] = field(default_factory=list)
+
+
+@dataclass
+class TokenCakeWorkerMetadata(KVConnectorWorkerMetadata):
+    """Job ids the worker finished this step (``ok`` or ``failed``)."""
+
+    loaded: list[int] = field(default_factory=list)
+    stored: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, TokenCakeWorkerMetadata)
+        return TokenCakeWorkerMetadata(
+            loaded=self.loaded + other.loaded,
+            stored=self.stored + other.stored,
+            failed=self.failed + other.failed,
+        )

