@@ -265,7 +265,11 @@ class TokenCakeClient(_Base):
         return self.call(p.Abort(engine_id, list(slots)), p.AbortReply)
 
     def load_begin(
-        self, engine_id: str, hashes: Sequence[bytes], salt: str = "", app_id: str = "",
+        self,
+        engine_id: str,
+        hashes: Sequence[bytes],
+        salt: str = "",
+        app_id: str = "",
         agent_id: str = "",
     ) -> p.LoadBeginReply:
         req = p.LoadBegin(engine_id, list(hashes), salt, app_id, agent_id)
@@ -356,7 +360,8 @@ class AsyncTokenCakeClient(_Base):
             try:
                 await self._sock.send(frame, zmq.NOBLOCK)
             except zmq.Again:
-                if not await self._sock.poll(int((timeout_s or self.timeout_s) * 1000), zmq.POLLOUT):
+                wait_ms = int((timeout_s or self.timeout_s) * 1000)
+                if not await self._sock.poll(wait_ms, zmq.POLLOUT):  # type: ignore[call-arg]
                     raise DaemonUnavailable(self.endpoint, "not connected") from None
                 await self._sock.send(frame, zmq.NOBLOCK)
             try:
@@ -458,7 +463,11 @@ class AsyncTokenCakeClient(_Base):
         return await self.call(p.Abort(engine_id, list(slots)), p.AbortReply)
 
     async def load_begin(
-        self, engine_id: str, hashes: Sequence[bytes], salt: str = "", app_id: str = "",
+        self,
+        engine_id: str,
+        hashes: Sequence[bytes],
+        salt: str = "",
+        app_id: str = "",
         agent_id: str = "",
     ) -> p.LoadBeginReply:
         req = p.LoadBegin(engine_id, list(hashes), salt, app_id, agent_id)

@@ -15,6 +15,7 @@ verified. It is a demonstration of the daemon, not a benchmark (see ``bench/``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import os
@@ -254,7 +255,7 @@ class DemoRun:
         self.apps_left = apps
         self.start = time.monotonic()
         for i in range(apps):
-            self.at(i * 1.2, lambda i=i: self.start_app(f"app{i}"))
+            self.at(i * 1.2, functools.partial(self.start_app, f"app{i}"))
 
     def at(self, delay_s: float, fn: Callable[[], None]) -> None:
         self.seq += 1

@@ -52,6 +52,14 @@ class DaemonMetrics:
         self.engines = Gauge("tokencake_engines", "Registered engines", registry=r)
         self.apps = Gauge("tokencake_apps", "Live applications", registry=r)
         self._server: Any = None
+        self._event_children: dict[str, Any] = {}
+
+    def event(self, op: str) -> None:
+        """Count one request; the labelled child is cached (``labels()`` costs a lock)."""
+        child = self._event_children.get(op)
+        if child is None:
+            child = self._event_children[op] = self.events.labels(op)
+        child.inc()
 
     def serve(self, port: int) -> None:
         """Bind 127.0.0.1:port. Raises OSError when the port is taken."""

@@ -389,7 +389,7 @@ class Daemon:
                 op = getattr(exc, "op", "?")
                 raise
             self.event_counts[op] = self.event_counts.get(op, 0) + 1
-            self.metrics.events.labels(op).inc()
+            self.metrics.event(op)
             reply = self._handlers[op](identity, body)
             return p.encode_reply(op, request_id, reply)
         except ProtocolError as exc:

@@ -41,17 +41,25 @@ class DaemonProcess:
         return self.proc.returncode
 
 
-def start_daemon(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
+def start_daemon(
+    tmp_path: Path, *extra: str, env: dict[str, str] | None = None, endpoint: str = ""
+) -> DaemonProcess:
     instance = f"t{uuid.uuid4().hex[:10]}"
-    sock = tmp_path / f"{instance}.sock"
+    sock = Path(endpoint[len("ipc://") :]) if endpoint else tmp_path / f"{instance}.sock"
     endpoint = f"ipc://{sock}"
     log_path = tmp_path / f"{instance}.log"
     cmd = [
-        sys.executable, "-m", "tokencake.daemon",
-        "--endpoint", endpoint,
-        "--instance", instance,
-        "--arena-bytes", "16MiB",
-        "--metrics-port", "0",
+        sys.executable,
+        "-m",
+        "tokencake.daemon",
+        "--endpoint",
+        endpoint,
+        "--instance",
+        instance,
+        "--arena-bytes",
+        "16MiB",
+        "--metrics-port",
+        "0",
         *extra,
     ]
     full_env = dict(os.environ)

@@ -18,7 +18,7 @@ from tests.conftest import DaemonProcess
 
 class DocClient:
     def __init__(self, endpoint: str) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self.ids = itertools.count(1)
@@ -47,8 +47,13 @@ def test_client_from_the_protocol_page(daemon: DaemonProcess) -> None:
     c = DocClient(daemon.endpoint)
     assert c.ok("ping")["protocol_version"] == 1
     layout = {
-        "model_id": "doc-model", "num_layers": 1, "block_size": 32, "num_kv_heads": 1,
-        "head_dim": 32, "dtype": "float16", "bytes_per_block": 4096,
+        "model_id": "doc-model",
+        "num_layers": 1,
+        "block_size": 32,
+        "num_kv_heads": 1,
+        "head_dim": 32,
+        "dtype": "float16",
+        "bytes_per_block": 4096,
     }
     reg = c.ok("register_engine", name="doc-engine", layout=layout, num_gpu_blocks=8)
     eid, slot_bytes = reg["engine_id"], reg["slot_bytes"]
@@ -67,7 +72,7 @@ def test_client_from_the_protocol_page(daemon: DaemonProcess) -> None:
     assert c.ok("commit", engine_id=eid, slots=slots)["committed"] == 2
 
     # Load them back: load_begin pins, copy out, load_end.
-    assert c.ok("lookup", engine_id=eid, hashes=hashes + [b"\x03"])["hit_blocks"] == 2
+    assert c.ok("lookup", engine_id=eid, hashes=[*hashes, b"\x03"])["hit_blocks"] == 2
     pinned = c.ok("load_begin", engine_id=eid, hashes=hashes)["slots"]
     got = [arena[s * slot_bytes : s * slot_bytes + 4096] for s in pinned]
     assert got == [bytes([7]) * 4096, bytes([8]) * 4096]
@@ -79,8 +84,9 @@ def test_client_from_the_protocol_page(daemon: DaemonProcess) -> None:
     assert c.ok("register_app", app_id="doc-app", dag=dag)["accepted"]
     assert c.ok("llm_call_start", app_id="doc-app", agent_id="a", engine_id=eid)["accepted"]
     assert c.ok("llm_call_finish", app_id="doc-app", agent_id="a", kv_blocks=2)["accepted"]
-    assert c.ok("tool_call_start", app_id="doc-app", agent_id="a", tool_kind="t",
-                predicted_s=2)["accepted"]
+    assert c.ok("tool_call_start", app_id="doc-app", agent_id="a", tool_kind="t", predicted_s=2)[
+        "accepted"
+    ]
     assert c.ok("tool_call_end", app_id="doc-app", agent_id="a")["accepted"]
     assert c.ok("app_end", app_id="doc-app")["accepted"]
 

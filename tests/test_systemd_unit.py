@@ -14,8 +14,14 @@ UNIT = Path(__file__).resolve().parents[1] / "systemd" / "tokencaked.service"
 
 def test_unit_has_notify_watchdog_and_sandboxing() -> None:
     text = UNIT.read_text()
-    for line in ("Type=notify", "WatchdogSec=", "RuntimeDirectory=tokencake", "ProtectSystem=strict",
-                 "NoNewPrivileges=yes", "ExecReload=/bin/kill -HUP $MAINPID"):
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "RuntimeDirectory=tokencake",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+    ):
         assert line in text
 
 

@@ -17,7 +17,12 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[tokencaked]\narena_bytes = "256MiB"\nlease_s = 5\nlog_json = false\n')
     cfg = load_config(path, environ={"TOKENCAKE_LEASE_S": "6"}, flags={"policy": "vllm"})
-    assert (cfg.arena_bytes, cfg.lease_s, cfg.policy, cfg.log_json) == (256 << 20, 6.0, "vllm", False)
+    assert (cfg.arena_bytes, cfg.lease_s, cfg.policy, cfg.log_json) == (
+        256 << 20,
+        6.0,
+        "vllm",
+        False,
+    )
 
 
 @pytest.mark.parametrize(

@@ -106,16 +106,31 @@ def test_second_daemon_on_same_socket_refuses_to_start(tmp_path: Path) -> None:
     d = start_daemon(tmp_path)
     try:
         second = subprocess.run(
-            [sys.executable, "-m", "tokencake.daemon", "--endpoint", d.endpoint,
-             "--instance", "second", "--arena-bytes", "2MiB", "--metrics-port", "0"],
-            capture_output=True, text=True, timeout=30,
+            [
+                sys.executable,
+                "-m",
+                "tokencake.daemon",
+                "--endpoint",
+                d.endpoint,
+                "--instance",
+                "second",
+                "--arena-bytes",
+                "2MiB",
+                "--metrics-port",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert second.returncode == 1
         assert "another daemon" in second.stderr
         with d.client() as c:  # the first one is untouched
             assert c.ping().uptime_s > 0
-        assert not any(p.name.startswith("tokencake-") and "-second-" in p.name
-                       for p in Path("/dev/shm").iterdir())
+        assert not any(
+            p.name.startswith("tokencake-") and "-second-" in p.name
+            for p in Path("/dev/shm").iterdir()
+        )
     finally:
         d.stop()
 
@@ -128,9 +143,20 @@ def test_print_config_merges_file_env_and_flags(tmp_path: Path) -> None:
     config.write_text('lease_s = 9.0\npolicy = "vllm"\narena_bytes = "2GiB"\n')
     env = dict(os.environ, TOKENCAKE_POLICY="kvflow", TOKENCAKE_LEASE_S="11")
     out = subprocess.run(
-        [sys.executable, "-m", "tokencake.daemon", "--config", str(config),
-         "--lease-s", "12", "--print-config"],
-        env=env, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "tokencake.daemon",
+            "--config",
+            str(config),
+            "--lease-s",
+            "12",
+            "--print-config",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     merged = json.loads(out.stdout)
     assert merged["arena_bytes"] == 2 << 30  # file
@@ -138,6 +164,8 @@ def test_print_config_merges_file_env_and_flags(tmp_path: Path) -> None:
     assert merged["lease_s"] == 12.0  # flag over env
     bad = subprocess.run(
         [sys.executable, "-m", "tokencake.daemon", "--print-config"],
-        env=dict(os.environ, TOKENCAKE_LEASE_S="soon"), capture_output=True, text=True,
+        env=dict(os.environ, TOKENCAKE_LEASE_S="soon"),
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and "lease_s" in bad.stderr

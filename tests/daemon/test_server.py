@@ -119,7 +119,7 @@ def test_store_then_load_round_trip(client: TokenCakeClient, engine_id: str) -> 
     # Writing blocks are never served.
     assert client.lookup(engine_id, hashes).hit_blocks == 0
     assert client.commit(engine_id, slots).committed == 3
-    hit = client.lookup(engine_id, hashes + [b"h3"])
+    hit = client.lookup(engine_id, [*hashes, b"h3"])
     assert hit.hit_blocks == 3 and hit.slots == slots
     # Already stored: -1, nothing to write.
     assert client.reserve(engine_id, hashes[:1]).slots == [-1]
@@ -246,7 +246,7 @@ def test_config_and_decisions_limits(client: TokenCakeClient) -> None:
 
 
 def raw_call(daemon: DaemonProcess, *frames: bytes) -> dict[str, Any]:
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(daemon.endpoint)
@@ -264,7 +264,10 @@ def raw_call(daemon: DaemonProcess, *frames: bytes) -> dict[str, Any]:
     [
         (b"\xc1garbage", ErrorCode.BAD_FRAME),
         (msgspec.msgpack.encode([1, 2, 3]), ErrorCode.BAD_FRAME),
-        (msgspec.msgpack.encode({"v": 99, "op": "ping", "id": 4, "body": {}}), ErrorCode.BAD_VERSION),
+        (
+            msgspec.msgpack.encode({"v": 99, "op": "ping", "id": 4, "body": {}}),
+            ErrorCode.BAD_VERSION,
+        ),
         (msgspec.msgpack.encode({"v": 1, "op": "nope", "id": 5, "body": {}}), ErrorCode.UNKNOWN_OP),
         (
             msgspec.msgpack.encode({"v": 1, "op": "lookup", "id": 6, "body": {"engine_id": 3}}),
@@ -292,9 +295,7 @@ def test_error_reply_names_request_id(daemon: DaemonProcess) -> None:
 
 
 def test_oversized_frame_is_refused(daemon: DaemonProcess) -> None:
-    big = msgspec.msgpack.encode(
-        {"v": 1, "op": "ping", "id": 9, "body": {"pad": b"x" * (5 << 20)}}
-    )
+    big = msgspec.msgpack.encode({"v": 1, "op": "ping", "id": 9, "body": {"pad": b"x" * (5 << 20)}})
     reply = raw_call(daemon, big)
     assert reply["error"]["code"] == ErrorCode.FRAME_TOO_LARGE
     assert reply["id"] == 9
