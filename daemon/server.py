@@ -96,6 +96,7 @@ class Daemon:
         self.decisions: deque[p.DecisionRecord] = deque(maxlen=max(1, config.decision_history))
         self._decision_seq = 0
         self.bytes_offloaded = 0
+        self._evictions_reported = 0
         self.bytes_uploaded = 0
         self.event_counts: dict[str, int] = {}
         self.error_counts: dict[str, int] = {}
@@ -753,6 +754,8 @@ class Daemon:
         pool = self._pool_stats()
         for state in ("free", "writing", "ready", "reading"):
             self.metrics.pool_slots.labels(state).set(getattr(pool, state))
+        self.metrics.evictions.inc(pool.evictions - self._evictions_reported)
+        self._evictions_reported = pool.evictions
 
     def _stats(self, _identity: bytes, _req: p.Stats) -> p.StatsReply:
         return p.StatsReply(
