@@ -76,12 +76,12 @@ class Prediction:
 
     def terms(self) -> dict[str, float | int | str]:
         return {
-            "pred_median_s": round(self.median_s, 6),
-            "pred_sigma": round(self.sigma, 4),
+            "pred_median_s": self.median_s,
+            "pred_sigma": self.sigma,
             "pred_n": self.n,
             "pred_source": self.source,
-            "pred_err_mean_log": round(self.err_mean, 4),
-            "pred_err_abs_log": round(self.err_abs, 4),
+            "pred_err_mean_log": self.err_mean,
+            "pred_err_abs_log": self.err_abs,
         }
 
 

@@ -78,6 +78,9 @@ T_DEADLINE = 2
 T_HOST_TTL = 3
 T_UNPIN = 4
 
+_POOL_EVENTS = frozenset({Tick, EngineState, TransferDone, KvEvicted, LlmCallPreempted, AppEnd})
+"""Events after which queued uploads may find GPU room (others cannot free blocks)."""
+
 MAX_UPLOAD_FAILURES = 3
 """After this many failed pieces the host copy is dropped and the next call recomputes."""
 
@@ -229,6 +232,7 @@ class TrackingPolicy(Policy):
         self._timers: list[tuple[float, int, int, AgentState, int]] = []
         self._uploads: list[tuple[int, int, AgentState, int]] = []
         self._seq = 0
+        self._upload_queued = False
         self._handlers: dict[type, Callable[[Any, list[d.Decision]], None]] = {
             AppRegistered: self._ev_app_registered,
             LlmCallStart: self._ev_llm_start,
@@ -261,7 +265,8 @@ class TrackingPolicy(Policy):
         handler(event, out)
         if self._timers and self._timers[0][0] <= now:
             self._run_timers(out)
-        if self._uploads:
+        if self._uploads and (self._upload_queued or type(event) in _POOL_EVENTS):
+            self._upload_queued = False
             self._pump_uploads(out)
         return out
 
@@ -343,7 +348,7 @@ class TrackingPolicy(Policy):
         return {
             "gpu_total": total,
             "gpu_free": self.gpu_free,
-            "gpu_usage": round(usage, 4),
+            "gpu_usage": usage,
             "waiting_blocks": self.waiting_blocks(),
             "num_waiting": max(self.reported_waiting, len(self.waiting)),
             "host_free": self.host_free(),
@@ -493,6 +498,7 @@ class TrackingPolicy(Policy):
         agent.upload_parked = False
         self._seq += 1
         heapq.heappush(self._uploads, (agent.upload_priority, self._seq, agent, agent.upload_token))
+        self._upload_queued = True
 
     def _cancel_upload(self, agent: AgentState) -> int:
         left = agent.upload_left

@@ -98,14 +98,14 @@ class TokenCakePolicy(TrackingPolicy):
         terms: dict[str, d.Term] = {
             "trigger": trigger,
             "blocks": blocks,
-            "stall_quantile_s": round(stall_s, 6),
+            "stall_quantile_s": stall_s,
             "quantile_z": z,
-            "t_d2h_s": round(t_out, 6),
-            "t_h2d_s": round(t_back, 6),
-            "margin_s": round(margin, 6),
+            "t_d2h_s": t_out,
+            "t_h2d_s": t_back,
+            "margin_s": margin,
             "min_margin_s": cfg.min_margin_s,
-            "d2h_gbps": round(self.cost.bandwidth("d2h") / 1e9, 3),
-            "h2d_gbps": round(self.cost.bandwidth("h2d") / 1e9, 3),
+            "d2h_gbps": self.cost.bandwidth("d2h") / 1e9,
+            "h2d_gbps": self.cost.bandwidth("h2d") / 1e9,
             "on_critical_path": agent.critical,
         }
         if agent.prediction is not None:
@@ -273,7 +273,8 @@ class TokenCakePolicy(TrackingPolicy):
         }
         if n_blocks <= own_unused:
             return True, d.Reason("allow:own_reservation", terms)
-        if self.gpu_free - n_blocks >= protect:
+        if protect == 0 or self.gpu_free - n_blocks >= protect:
+            # nothing critical to protect: the engine may evict to make room as usual
             return True, d.Reason("allow:shared_pool", terms)
         return False, d.Reason("deny:critical_inversion", terms)
 

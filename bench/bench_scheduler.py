@@ -1,0 +1,150 @@
+"""Pure scheduler throughput: events per second and cost per event vs number of agents.
+
+Usage: ``python bench/bench_scheduler.py [--events 100000] [--agents 1000,10000,100000]
+[--policies tokencake,vllm] [--seed 0]``
+
+Agents live in 10-node apps (a chain with one fork/join) and cycle through
+LLM call start -> admitted -> finish -> tool start -> (copy done) -> tool end, with an engine
+report and a tick every 64 events. The GPU pool is kept under pressure so TokenCake really
+decides offloads and uploads. The event script is generated (seeded) before timing; only
+``policy.on_event`` is timed, on one core, after the apps were registered and every agent
+was put in a random phase of its cycle. Simulated time per event is 1/n_agents seconds, so
+each agent sees the same event rate and the timers fire at the same rate per event. One
+caveat: 100k timed events give each of 100k agents about one event, so that row leans to
+first-touch work (more decisions per event) than the 1k row (about 100 events per agent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import random
+import time
+
+from tokencake.daemon.scheduler import (
+    AppRegistered,
+    EngineState,
+    Event,
+    LlmCallAdmitted,
+    LlmCallFinish,
+    LlmCallStart,
+    PolicyConfig,
+    Tick,
+    ToolCallEnd,
+    ToolCallStart,
+    TransferDone,
+    create_policy,
+)
+from tokencake.protocol import AppDag, DagNode
+
+NODES_PER_APP = 10
+KINDS = ("search", "test", "file_write", "judge")
+
+
+def make_dag() -> AppDag:
+    nodes = [
+        DagNode(
+            id=f"n{i}", agent_type=f"t{i % 4}", expected_tool_s=1.0 + i % 3, tool_kind=KINDS[i % 4]
+        )
+        for i in range(NODES_PER_APP)
+    ]
+    edges = [(f"n{i}", f"n{i + 1}") for i in range(NODES_PER_APP - 1)]
+    edges += [("n2", "n5"), ("n3", "n7")]
+    return AppDag(nodes=nodes, edges=edges)
+
+
+def script(n_agents: int, n_events: int, seed: int) -> tuple[list[Event], list[Event]]:
+    """(setup events, timed events)."""
+    rng = random.Random(seed)
+    n_apps = max(1, n_agents // NODES_PER_APP)
+    dag = make_dag()
+    setup: list[Event] = [AppRegistered(0.0, f"a{i}", dag) for i in range(n_apps)]
+    total = 40 * n_agents
+    setup.append(EngineState(0.0, total, total // 20, num_waiting=10, waiting_blocks=400))
+    n = n_apps * NODES_PER_APP
+    phase = [0] * n
+    dt = 1.0 / n  # the same event rate per agent (and so the same mix) at every size
+    now = 0.0
+
+    def step(k: int, out: list[Event]) -> None:
+        app, agent = f"a{k // NODES_PER_APP}", f"n{k % NODES_PER_APP}"
+        p = phase[k]
+        if p == 0:
+            out.append(LlmCallStart(now, app, agent, "r", blocks=rng.randint(8, 64)))
+        elif p == 1:
+            out.append(LlmCallAdmitted(now, app, agent, "r", blocks=rng.randint(8, 64)))
+        elif p == 2:
+            out.append(LlmCallFinish(now, app, agent, "r", kv_blocks=rng.randint(16, 96)))
+        elif p == 3:
+            out.append(ToolCallStart(now, app, agent, KINDS[k % 4], rng.choice([None, 2.0, 5.0])))
+        elif p == 4:
+            out.append(TransferDone(now, app, agent, "d2h", 96))
+        else:
+            out.append(ToolCallEnd(now, app, agent))
+        phase[k] = (p + 1) % 6
+
+    # untimed warm-up: every agent is put in a random phase of its cycle, so the timed mix
+    # of events is the same whatever the number of agents
+    for k in range(n):
+        for _ in range(rng.randrange(6)):
+            now += dt / 100
+            step(k, setup)
+    events: list[Event] = []
+    while len(events) < n_events:
+        now += dt
+        if len(events) % 64 == 0:
+            events.append(EngineState(now, total, total // 20, num_waiting=10, waiting_blocks=400))
+            events.append(Tick(now))
+            continue
+        step(rng.randrange(n), events)
+    return setup, events
+
+
+def run(policy_name: str, n_agents: int, n_events: int, seed: int) -> tuple[float, float, int]:
+    setup, events = script(n_agents, n_events, seed)
+    policy = create_policy(policy_name, PolicyConfig(host_blocks=20 * n_agents))
+    for ev in setup:
+        policy.on_event(ev)
+    on_event = policy.on_event
+    decisions = 0
+    gc.collect()
+    gc.disable()
+    try:
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        for ev in events:
+            decisions += len(on_event(ev))
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+    finally:
+        gc.enable()
+    return cpu, wall, decisions
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--agents", default="1000,10000,100000")
+    ap.add_argument("--policies", default="tokencake,tokencake-temporal,vllm,lru-offload,kvflow")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.agents.split(",")]
+    print("events/s and us/event use this process's CPU time (the host is shared); wall in ()")
+    print(f"events per run: {args.events}, seed {args.seed}")
+    print(
+        f"{'policy':<20}{'agents':>8}{'events/s':>10}{'(wall)':>10}{'us/event':>10}"
+        f"{'us/log2n':>10}{'decisions':>11}"
+    )
+    for name in args.policies.split(","):
+        for n in sizes:
+            cpu, wall, decisions = run(name, n, args.events, args.seed)
+            per = cpu / args.events * 1e6
+            print(
+                f"{name:<20}{n:>8}{args.events / cpu:>10.0f}{f'({args.events / wall:.0f})':>10}"
+                f"{per:>10.2f}{per / math.log2(n):>10.3f}{decisions:>11}"
+            )
+
+
+if __name__ == "__main__":
+    main()

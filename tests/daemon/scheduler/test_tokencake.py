@@ -1,0 +1,220 @@
+"""Unit tests of TokenCake's temporal and spatial decisions, with their reasons."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokencake.daemon.scheduler import (
+    AppEnd,
+    AppRegistered,
+    CachedKv,
+    Decision,
+    EngineState,
+    LlmCallAdmitted,
+    LlmCallFinish,
+    LlmCallStart,
+    PolicyConfig,
+    ToolCallEnd,
+    ToolCallStart,
+    TransferDone,
+    WaitingRequest,
+    create_policy,
+)
+from tokencake.daemon.scheduler.decisions import PREDICTIVE, URGENT
+from tokencake.daemon.scheduler.policy import EventOrderError
+from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
+from tokencake.protocol import AppDag, DagNode, DecisionRecord
+
+MB = 1 << 20
+
+
+def make(name: str = "tokencake", **cfg: float) -> TokenCakePolicy:
+    conf = PolicyConfig(bytes_per_block=MB, d2h_bytes_per_s=1e9, h2d_bytes_per_s=1e9, **cfg)  # type: ignore[arg-type]
+    policy = create_policy(name, conf)
+    assert isinstance(policy, TokenCakePolicy)
+    return policy
+
+
+def dag() -> AppDag:
+    return AppDag(
+        nodes=[
+            DagNode(id="a", agent_type="coder", expected_tool_s=5, tool_kind="test"),
+            DagNode(id="b", agent_type="helper"),
+            DagNode(id="c", agent_type="coder"),
+        ],
+        edges=[("a", "c"), ("b", "c")],
+    )
+
+
+def to_tool(p: TokenCakePolicy, blocks: int, hint: float | None, t: float = 1.0) -> list[Decision]:
+    p.on_event(AppRegistered(0.0, "app", dag()))
+    p.on_event(LlmCallStart(0.0, "app", "a", "r", blocks=blocks))
+    p.on_event(LlmCallAdmitted(0.1, "app", "a", "r", blocks=blocks))
+    p.on_event(LlmCallFinish(t, "app", "a", "r", kv_blocks=blocks))
+    return p.on_event(ToolCallStart(t, "app", "a", "test", hint))
+
+
+def kinds(ds: list[Decision]) -> list[str]:
+    return [d.kind for d in ds]
+
+
+def test_offloads_when_stall_beats_round_trip_under_pressure() -> None:
+    p = make()
+    p.on_event(EngineState(0.0, 1000, 50, num_waiting=3, waiting_blocks=200))
+    out = to_tool(p, 100, hint=5.0)
+    assert kinds(out) == ["offload"]
+    r = out[0].reason
+    assert r.rule == "offload:stall_exceeds_round_trip"
+    assert r.terms["t_d2h_s"] == pytest.approx(100 * MB / 1e9 + 0.002, rel=1e-3)
+    margin = r.terms["margin_s"]
+    assert isinstance(margin, float) and margin > 1.0
+    rec = out[0].to_record(7, "eng", p.name)
+    assert isinstance(rec, DecisionRecord) and rec.reason["terms"]["margin_s"] == margin
+
+
+def test_keeps_when_margin_too_small_and_says_why() -> None:
+    p = make()
+    p.on_event(EngineState(0.0, 1000, 50, num_waiting=3, waiting_blocks=200))
+    out = to_tool(p, 100, hint=0.15)  # round trip ~0.2 s
+    assert kinds(out) == ["keep"]
+    assert out[0].reason.rule == "keep:margin_below_min"
+
+
+def test_keeps_without_pressure_and_with_full_host() -> None:
+    p = make()
+    p.on_event(EngineState(0.0, 1000, 900))
+    assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == ["keep:no_pressure"]
+    p = make(host_blocks=10)
+    p.on_event(EngineState(0.0, 1000, 50, num_waiting=3, waiting_blocks=200))
+    assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == ["keep:host_full"]
+
+
+def test_predictive_upload_lands_before_predicted_return() -> None:
+    p = make()
+    p.on_event(EngineState(0.0, 1000, 50, num_waiting=1, waiting_blocks=10))
+    to_tool(p, 100, hint=5.0)
+    p.on_event(TransferDone(1.2, "app", "a", "d2h", 100))
+    p.on_event(EngineState(1.3, 1000, 400, num_waiting=0))
+    # a is critical (q10 of a 5 s hint with sigma 0.5 is about 2.6 s): nothing before that
+    t = 1.3
+    first = None
+    while t < 6.0 and first is None:
+        t = round(t + 0.05, 3)
+        ups = [d for d in p.tick(t) if d.kind == "upload"]
+        if ups:
+            first = (t, ups)
+    assert first is not None
+    t_up, ups = first
+    assert 1.0 + 2.0 < t_up < 1.0 + 5.0  # after the stall starts, before the median return
+    assert all(getattr(u, "priority", None) == PREDICTIVE for u in ups)
+    assert ups[0].reason.rule == "predictive_upload"
+    # uploads come in pieces of at most upload_piece_blocks
+    assert all(u.blocks <= p.config.upload_piece_blocks for u in ups)
+
+
+def test_early_return_uploads_urgently_and_late_return_stays_on_host() -> None:
+    p = make()
+    p.on_event(EngineState(0.0, 1000, 50, num_waiting=1, waiting_blocks=10))
+    to_tool(p, 100, hint=20.0)
+    p.on_event(TransferDone(1.2, "app", "a", "d2h", 100))
+    out = p.on_event(ToolCallEnd(1.5, "app", "a"))
+    assert out and all(d.kind == "upload" and getattr(d, "priority", None) == URGENT for d in out)
+    assert out[0].reason.rule == "urgent_upload:early_return"
+
+    p = make()
+    p.on_event(EngineState(0.0, 1000, 50, num_waiting=5, waiting_blocks=5000))  # no room
+    to_tool(p, 100, hint=2.0)
+    p.on_event(TransferDone(1.2, "app", "a", "d2h", 100))
+    rules = [d.reason.rule for t in range(2, 12) for d in p.tick(float(t))]
+    assert "keep:late_return_stays_on_host" in rules
+    assert p.agent_view("app", "a") is not None
+    view = p.agent_view("app", "a")
+    assert view is not None and view.host_blocks == 100 and view.state == "tool"
+
+
+def test_forgotten_tool_call_releases_memory() -> None:
+    p = make(deadline_min_s=10, deadline_max_s=10, host_ttl_s=5)
+    p.on_event(EngineState(0.0, 1000, 900))  # no pressure: KV stays on the GPU at start
+    to_tool(p, 100, hint=1.0)
+    rules = []
+    for t in range(2, 20):
+        for d in p.tick(float(t)):
+            rules.append(d.reason.rule)
+            if d.kind == "offload":
+                p.on_event(TransferDone(float(t), "app", "a", "d2h", d.blocks))
+    assert "offload:safety_deadline" in rules
+    assert "host_ttl_expired" in rules
+    view = p.agent_view("app", "a")
+    assert view is not None and view.gpu_blocks == 0 and view.host_blocks == 0
+
+
+def test_app_end_drops_host_copies() -> None:
+    p = make()
+    p.on_event(EngineState(0.0, 1000, 50, num_waiting=1, waiting_blocks=10))
+    to_tool(p, 100, hint=5.0)
+    p.on_event(TransferDone(1.2, "app", "a", "d2h", 100))
+    out = p.on_event(AppEnd(2.0, "app"))
+    assert [(d.kind, d.blocks) for d in out] == [("drop", 100)]
+    assert p.host_used == 0 and "app" not in p.apps
+
+
+def test_events_must_not_go_back_in_time() -> None:
+    p = make()
+    p.tick(5.0)
+    with pytest.raises(EventOrderError):
+        p.tick(4.0)
+
+
+def test_admission_puts_critical_agents_first_and_guard_blocks_inversion() -> None:
+    p = make()
+    p.on_event(AppRegistered(0.0, "app", dag()))
+    p.on_event(EngineState(0.0, 100, 30, num_waiting=2))
+    p.on_event(LlmCallStart(0.0, "app", "b", "rb", blocks=20))  # off the critical path
+    p.on_event(LlmCallStart(0.1, "app", "a", "ra", blocks=25))  # critical
+    waiting = [WaitingRequest("rb", "app", "b", 20, 0.0), WaitingRequest("ra", "app", "a", 25, 0.1)]
+    assert [w.request_id for w in p.admission_order(waiting, 0.2)] == ["ra", "rb"]
+    ok, why = p.allocation_verdict("app", "b", 20, 0.2)
+    assert not ok and why.rule == "deny:critical_inversion"
+    assert p.may_allocate("app", "a", 25, 0.2)
+    p.on_event(LlmCallAdmitted(0.3, "app", "a", "ra", blocks=25))
+    assert p.may_allocate("app", "b", 5, 0.3)  # nothing critical waits any more
+    # the ablation without the spatial scheduler is FCFS and never refuses
+    t = make("tokencake-temporal")
+    t.on_event(AppRegistered(0.0, "app", dag()))
+    assert [w.request_id for w in t.admission_order(waiting, 0.2)] == ["rb", "ra"]
+
+
+def test_priority_terms_are_reported() -> None:
+    p = make()
+    p.on_event(AppRegistered(0.0, "app", dag()))
+    p.on_event(LlmCallStart(0.0, "app", "b", "rb", blocks=1))
+    agent = p._agent("app", "b", create=False)
+    assert agent is not None
+    score, terms = p.priority(agent, 10.0)
+    assert set(terms) >= {"crit", "remaining", "fanout", "join", "wait", "preempt", "progress"}
+    wait = terms["wait"]
+    assert isinstance(wait, float) and wait > 0 and score > 1.0
+
+
+def test_eviction_prefers_kv_whose_next_use_is_far() -> None:
+    p = make()
+    p.on_event(EngineState(0.0, 1000, 900))  # no pressure: no offload, KV stays cached
+    to_tool(p, 100, hint=30.0)
+    p.on_event(LlmCallStart(1.0, "app", "b", "rb", blocks=10))
+    p.on_event(LlmCallAdmitted(1.0, "app", "b", "rb", blocks=10))
+    p.on_event(LlmCallFinish(2.0, "app", "b", "rb", kv_blocks=10))  # b feeds c soon
+    cands = [CachedKv("app", "b", 10, 2.0), CachedKv("app", "a", 100, 1.0)]
+    order = p.eviction_order(cands, 2.5)
+    assert [c.agent_id for c in order] == ["a", "b"]
+
+
+def test_partition_follows_critical_demand() -> None:
+    p = make(partition_interval_s=0.5)
+    p.on_event(AppRegistered(0.0, "app", dag()))
+    p.on_event(LlmCallStart(0.0, "app", "a", "ra", blocks=300))
+    out = p.on_event(EngineState(1.0, 1000, 100, num_waiting=1))
+    parts = [d for d in out if d.kind == "partition"]
+    assert len(parts) == 1
+    params = parts[0].params()
+    assert params["reservations"] == {"coder": 300}
+    assert params["shared_blocks"] == 700
