@@ -79,8 +79,11 @@ class TokenCakePolicy(TrackingPolicy):
             blocks = agent.offloading + agent.host_blocks
             pieces = -(-blocks // cfg.upload_piece_blocks)
             t_back = self.cost.seconds("h2d", blocks, pieces)
-            upload_at = agent.tool_start + stall_low - t_back
-            self._push_timer(max(upload_at, self.now), T_UPLOAD, agent, agent.tool_token)
+            upload_at = max(agent.tool_start + stall_low - t_back, self.now)
+            self._push_timer(upload_at, T_UPLOAD, agent, agent.tool_token)
+            terms = out[-1].reason.terms  # the Offload just decided: say when it comes back
+            terms["upload_at_s"] = upload_at
+            terms["upload_slack_s"] = pred.median_s - stall_low
         self._push_timer(agent.tool_start + pred.quantile_s(Z_Q95), T_LATE, agent, agent.tool_token)
 
     def _consider_offload(

@@ -68,6 +68,8 @@ def test_offloads_when_stall_beats_round_trip_under_pressure() -> None:
     assert r.terms["t_d2h_s"] == pytest.approx(100 * MB / 1e9 + 0.002, rel=1e-3)
     margin = r.terms["margin_s"]
     assert isinstance(margin, float) and margin > 1.0
+    upload_at = r.terms["upload_at_s"]
+    assert isinstance(upload_at, float) and 1.0 < upload_at < 1.0 + 5.0
     rec = out[0].to_record(7, "eng", p.name)
     assert isinstance(rec, DecisionRecord) and rec.reason["terms"]["margin_s"] == margin
 
