@@ -12,11 +12,63 @@ import json
 from pathlib import Path
 
 WORDS = (
-    "the a an agent tool call search read write file code test plan result error ok "
-    "python function class return value list dict key user system assistant step next "
-    "done fail retry think answer question data query index page web fetch parse run "
-    "build deploy check log trace memory cache block token layer head model engine"
-).split()
+    "the",
+    "a",
+    "an",
+    "agent",
+    "tool",
+    "call",
+    "search",
+    "read",
+    "write",
+    "file",
+    "code",
+    "test",
+    "plan",
+    "result",
+    "error",
+    "ok",
+    "python",
+    "function",
+    "class",
+    "return",
+    "value",
+    "list",
+    "dict",
+    "key",
+    "user",
+    "system",
+    "assistant",
+    "step",
+    "next",
+    "done",
+    "fail",
+    "retry",
+    "think",
+    "answer",
+    "question",
+    "data",
+    "query",
+    "index",
+    "page",
+    "web",
+    "fetch",
+    "parse",
+    "run",
+    "build",
+    "deploy",
+    "check",
+    "log",
+    "trace",
+    "memory",
+    "cache",
+    "block",
+    "token",
+    "layer",
+    "head",
+    "model",
+    "engine",
+)
 
 
 def build_tokenizer(path: Path, vocab_size: int = 512) -> int:
@@ -66,7 +118,6 @@ def build_tiny_llama(path: Path, *, layers: int = 2, seed: int = 0) -> Path:
         eos_token_id=2,
         pad_token_id=3,
         tie_word_embeddings=False,
-        torch_dtype="float32",
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -1,17 +1,12 @@
-"""A small multi-agent workload: LLM call, tool call, continuation LLM call, per agent.
+"""Engine settings and a generate helper shared by the e2e tests and ``bench/bench_vllm.py``.
 
-Shared by the end-to-end tests and ``bench/bench_vllm.py``. Prompts are word sequences of
-the tiny tokenizer's vocabulary, so every token id is known and prompts are long enough to
-span several 32-token blocks.
+Prompts are given as token ids, so their block boundaries are known exactly.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-from tests.connectors.vllm.fixtures import WORDS
 
 
 @dataclass(slots=True)
@@ -20,22 +15,6 @@ class Turn:
     logprobs: list[float]
     cached_tokens: int
     loaded_tokens: int
-
-
-@dataclass(slots=True)
-class AgentRun:
-    agent_id: str
-    turns: list[Turn] = field(default_factory=list)
-
-
-def agent_prompt(seed: int, words: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(words))
-
-
-def tool_result(seed: int, words: int) -> str:
-    rng = random.Random(10_000 + seed)
-    return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
 def engine_kwargs(model: str, *, kv_bytes: int, connector: dict[str, Any] | None) -> dict[str, Any]:
@@ -67,7 +46,8 @@ def engine_kwargs(model: str, *, kv_bytes: int, connector: dict[str, Any] | None
 def to_turn(output: Any) -> Turn:
     completion = output.outputs[0]
     logprobs = [
-        float(step[tok].logprob) for step, tok in zip(completion.logprobs, completion.token_ids)
+        float(step[tok].logprob)
+        for step, tok in zip(completion.logprobs, completion.token_ids, strict=True)
     ]
     params = output.kv_transfer_params or {}
     loaded = int(params.get("tokencake", {}).get("loaded_tokens", 0))
@@ -89,7 +69,5 @@ def generate(
         )
         for p in params
     ]
-    outs = llm.generate(
-        [{"prompt_token_ids": ids} for ids in prompts], sps, use_tqdm=False
-    )
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sps, use_tqdm=False)
     return [to_turn(o) for o in outs]
