@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from tokencake.daemon.arena import SHM_DIR, ArenaError, prefault, segment_path, verify_segment
+from tokencake.daemon.arena import (
+    SHM_DIR,
+    ArenaError,
+    advise_huge_pages,
+    prefault,
+    segment_path,
+    verify_segment,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +82,7 @@ class ArenaMapping:
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        advise_huge_pages(mm)
         if populate:
             prefault(mm, size)
         return cls(name, mm, size, slot_bytes)

@@ -99,6 +99,25 @@ def prefault(mm: mmap.mmap, size: int) -> str:
     return "touch"
 
 
+def advise_huge_pages(mm: mmap.mmap) -> bool:
+    """Ask for transparent huge pages on a shared mapping; True when the kernel accepted.
+
+    Reads out of 4 KiB pages run at about half the speed of reads out of huge pages on the
+    machines we measured, so this matters for uploads (arena -> engine). It only takes
+    effect where ``/sys/kernel/mm/transparent_hugepage/shmem_enabled`` is ``advise``,
+    ``within_size`` or ``always``; with ``never`` (a common default) the arena stays on
+    4 KiB pages. Must be called before the pages are faulted in.
+    """
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None:
+        return False
+    try:
+        mm.madvise(advice)
+    except OSError:
+        return False
+    return True
+
+
 @dataclass(slots=True)
 class StaleSegment:
     name: str
@@ -151,6 +170,7 @@ class Arena:
             os.unlink(path)
             raise
         arena = cls(name, path, fd, mm, size)
+        advise_huge_pages(mm)
         if prefault_pages:
             try:
                 arena.prefault_method = prefault(mm, size)
