@@ -22,6 +22,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -62,7 +63,9 @@ def resolve_endpoint(endpoint: str | None) -> str:
 _push_decoder = msgspec.msgpack.Decoder(p.DecisionRecord)
 
 
-def _configure(sock: zmq.Socket[Any], server_public_key: bytes | None) -> None:
+def _configure(
+    sock: zmq.Socket[Any], server_public_key: bytes | None, client_key_file: str | None = None
+) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
@@ -70,7 +73,9 @@ def _configure(sock: zmq.Socket[Any], server_public_key: bytes | None) -> None:
     if server_public_key is not None:
         from tokencake.daemon.auth import configure_curve_client
 
-        configure_curve_client(sock, server_public_key)
+        configure_curve_client(
+            sock, server_public_key, Path(client_key_file) if client_key_file else None
+        )
 
 
 class _Base:
@@ -103,17 +108,19 @@ class TokenCakeClient(_Base):
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         server_public_key: bytes | None = None,
+        client_key_file: str | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         super().__init__(endpoint, timeout_s)
         self._server_public_key = server_public_key
+        self._client_key_file = client_key_file
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket[Any] | None = None
         self._connect()
 
     def _connect(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
-        _configure(sock, self._server_public_key)
+        _configure(sock, self._server_public_key, self._client_key_file)
         sock.connect(self.endpoint)
         self._sock = sock
 
@@ -312,11 +319,12 @@ class AsyncTokenCakeClient(_Base):
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         server_public_key: bytes | None = None,
+        client_key_file: str | None = None,
     ) -> None:
         super().__init__(endpoint, timeout_s)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
-        _configure(self._sock, server_public_key)
+        _configure(self._sock, server_public_key, client_key_file)
         self._sock.connect(self.endpoint)
         self._pending: dict[int, asyncio.Future[p.ReplyEnvelope]] = {}
         self._reader: asyncio.Task[None] | None = None

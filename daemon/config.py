@@ -98,6 +98,9 @@ class DaemonConfig:
     """Prometheus metrics on 127.0.0.1:PORT/metrics. 0 disables."""
     curve_secret_key_file: str = ""
     """ZMQ CURVE secret key file (zmq.auth format) for TCP endpoints."""
+    curve_authorized_keys_dir: str = ""
+    """Directory of the client public-key certificates (zmq.auth format) allowed over TCP;
+    a tcp:// endpoint needs it, and a client whose key is not there gets no service."""
     log_level: str = "INFO"
     log_json: bool = True
     """Structured (JSON lines) logs; false gives plain text for a terminal."""
@@ -111,6 +114,11 @@ class DaemonConfig:
         if self.endpoint.startswith("tcp://") and not self.curve_secret_key_file:
             raise ConfigError(
                 "a tcp:// endpoint needs curve_secret_key_file: TCP is authenticated only"
+            )
+        if self.endpoint.startswith("tcp://") and not self.curve_authorized_keys_dir:
+            raise ConfigError(
+                "a tcp:// endpoint needs curve_authorized_keys_dir: the public keys of the "
+                "clients allowed to connect"
             )
         if self.arena_bytes < 1 << 20:
             raise ConfigError(f"arena_bytes must be at least 1 MiB, got {self.arena_bytes}")

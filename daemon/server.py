@@ -29,6 +29,7 @@ from tokencake import PROTOCOL_VERSION, __version__
 from tokencake import protocol as p
 from tokencake.daemon.apps import AgentState, AppRegistry
 from tokencake.daemon.arena import Arena
+from tokencake.daemon.auth import AuthError
 from tokencake.daemon.config import RELOADABLE_KEYS, ConfigError, DaemonConfig, load_config
 from tokencake.daemon.host_store import HostStore
 from tokencake.daemon.metrics import DaemonMetrics
@@ -106,6 +107,7 @@ class Daemon:
         self._timer_seq = 0
         self._ctx: zmq.Context[Any] | None = None
         self._sock: zmq.Socket[Any] | None = None
+        self._auth: Any = None  # the ZAP handler (a ThreadAuthenticator) of a TCP endpoint
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._handlers: dict[str, Handler] = {
@@ -158,7 +160,7 @@ class Daemon:
         try:
             self._bind()
             self.metrics.serve(cfg.metrics_port)
-        except (OSError, zmq.ZMQError, DaemonError) as exc:
+        except (OSError, zmq.ZMQError, DaemonError, AuthError) as exc:
             self.close()
             raise DaemonError(str(exc)) from exc
         self.metrics.pool_bytes.set(cfg.arena_bytes)
@@ -191,9 +193,10 @@ class Daemon:
         sock.setsockopt(zmq.RCVHWM, 10000)
         try:
             if cfg.endpoint.startswith("tcp://"):
-                from tokencake.daemon.auth import configure_curve_server
+                from tokencake.daemon.auth import configure_curve_server, start_authenticator
 
                 configure_curve_server(sock, Path(cfg.curve_secret_key_file))
+                self._auth = start_authenticator(self._ctx, Path(cfg.curve_authorized_keys_dir))
             self._bind_socket(sock)
         except BaseException:
             sock.close(linger=0)  # else the context's term() would wait on it forever
@@ -266,6 +269,9 @@ class Daemon:
             path = self.config.socket_path
             if path is not None:
                 path.unlink(missing_ok=True)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
