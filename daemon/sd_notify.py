@@ -19,6 +19,8 @@ class SystemdNotifier:
         self._sock: socket.socket | None = None
         if self._address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # The event loop sends these: a full receiver queue must never block it.
+            self._sock.setblocking(False)
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         self.watchdog_interval_s: float | None = None
@@ -36,6 +38,9 @@ class SystemdNotifier:
         try:
             self._sock.sendto(state.encode(), self._address)
             return True
+        except BlockingIOError:
+            logger.debug("sd_notify %s dropped: the receiver's queue is full", state)
+            return False
         except OSError as exc:
             logger.warning("sd_notify %s failed: %s", state, exc)
             return False

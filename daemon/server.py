@@ -395,6 +395,11 @@ class Daemon:
                 request_id = getattr(exc, "request_id", 0)
                 op = getattr(exc, "op", "?")
                 raise
+            except UnicodeDecodeError as exc:
+                # msgspec raises this, not DecodeError, for a str that is not UTF-8.
+                request_id, op = _peek_ids(frame)
+                code = ErrorCode.BAD_FRAME if op == "?" else ErrorCode.BAD_REQUEST
+                raise ProtocolError(code, f"invalid UTF-8: {exc.reason}") from None
             self.event_counts[op] = self.event_counts.get(op, 0) + 1
             self.metrics.event(op)
             reply = self._handlers[op](identity, body)
@@ -779,7 +784,7 @@ class Daemon:
 
     def _list_engines(self, _identity: bytes, _req: p.ListEngines) -> p.ListEnginesReply:
         now = self._clock()
-        usage = self.store.usage_by_owner() if self.store is not None else {}
+        usage = self.store.leases_by_owner() if self.store is not None else {}
         return p.ListEnginesReply(
             engines=[
                 p.EngineInfo(
@@ -893,7 +898,7 @@ def _peek_ids(frame: bytes) -> tuple[int, str]:
     try:
         env = msgspec.msgpack.decode(frame, type=p.Envelope)
         return env.id, env.op
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return 0, "?"
 
 
