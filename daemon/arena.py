@@ -155,6 +155,7 @@ class Arena:
             raise ArenaError(f"arena size must be positive, got {size}")
         name = segment_name(instance)
         path = segment_path(name, directory)
+        _check_room(directory, size)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, SEGMENT_MODE)
         except FileExistsError:
@@ -277,6 +278,21 @@ class Arena:
             logger.warning("removed stale arena %s (%d bytes, pid %d)", seg.name, seg.size, seg.pid)
             removed.append(seg.name)
         return removed
+
+
+def _check_room(directory: str, size: int) -> None:
+    """Refuse an arena the filesystem cannot hold. A sparse ``ftruncate`` succeeds at any
+    size on tmpfs, and pre-faulting then fills shared memory (host RAM) until the kernel
+    gives up, taking other processes' memory with it; fail fast with a clear message."""
+    try:
+        st = os.statvfs(directory)
+    except OSError as exc:
+        raise ArenaError(f"cannot use {directory} for shared memory: {exc}") from None
+    free = st.f_bavail * st.f_frsize
+    if size > free:
+        raise ArenaError(
+            f"an arena of {size} bytes does not fit in {directory}: {free} bytes free"
+        )
 
 
 def _pid_alive(pid: int) -> bool:
