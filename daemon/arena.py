@@ -244,7 +244,7 @@ class Arena:
         found: list[StaleSegment] = []
         try:
             entries = os.listdir(directory)
-        except FileNotFoundError:
+        except OSError:  # missing, not a directory, not readable: Arena.create will say so
             return found
         for entry in entries:
             m = _NAME_RE.match(entry)
