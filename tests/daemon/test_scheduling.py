@@ -1,0 +1,87 @@
+"""Every registered policy runs inside the daemon: protocol events in, decision records out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+
+from tokencake import protocol as p
+from tokencake.daemon.arena import Arena
+from tokencake.daemon.config import DaemonConfig
+from tokencake.daemon.scheduler.policy import list_policies
+from tokencake.daemon.server import Daemon
+from tokencake.layout import KvLayout
+
+LAYOUT = KvLayout("m", 1, 32, 1, 32, "float16", 4096)
+DAG = p.AppDag(
+    nodes=[
+        p.DagNode("plan", agent_type="planner", expected_tool_s=8.0, tool_kind="search"),
+        p.DagNode("code", agent_type="coder", expected_tool_s=5.0, tool_kind="tests"),
+        p.DagNode("side", agent_type="helper"),
+    ],
+    edges=[("plan", "code"), ("plan", "side")],
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_daemon(policy: str, clock: Clock) -> Iterator[Daemon]:
+    cfg = DaemonConfig(
+        endpoint="ipc:///tmp/unused.sock",
+        arena_bytes=4 << 20,
+        metrics_port=0,
+        instance=f"sched{policy.replace('-', '')}",
+        policy=policy,
+    )
+    daemon = Daemon(cfg, clock=clock)
+    daemon.arena = Arena.create(cfg.arena_bytes, instance=cfg.instance)
+    try:
+        yield daemon
+    finally:
+        daemon.arena.close()
+
+
+def call(daemon: Daemon, req: p.Request, reply_type: type[msgspec.Struct]) -> msgspec.Struct:
+    frame = daemon.handle_frame(b"engine", p.encode_request(req, 1))
+    return p.decode_reply_body(p.decode_reply_envelope(frame), reply_type)
+
+
+@pytest.mark.parametrize("policy", [info.name for info in list_policies()])
+def test_policy_runs_in_the_daemon(policy: str) -> None:
+    clock = Clock()
+    for daemon in make_daemon(policy, clock):
+        reg = call(daemon, p.RegisterEngine("e", LAYOUT, num_gpu_blocks=200), p.RegisterEngineReply)
+        assert isinstance(reg, p.RegisterEngineReply)
+        eid = reg.engine_id
+        call(daemon, p.RegisterApp("app", DAG), p.EventAck)
+        for agent in ("plan", "code"):
+            call(daemon, p.LlmCallStart("app", agent, eid, f"{agent}-1", 2000), p.EventAck)
+            clock.now += 0.5
+            call(daemon, p.LlmCallFinish("app", agent, f"{agent}-1", 50, 60), p.EventAck)
+            call(daemon, p.EngineHeartbeat(eid, 10, 3, 1), p.EngineHeartbeatReply)
+            call(daemon, p.ToolCallStart("app", agent, "search", 8.0, "c"), p.EventAck)
+            for _ in range(20):
+                clock.now += 0.5
+                daemon._housekeeping()
+            call(daemon, p.ToolCallEnd("app", agent, "c"), p.EventAck)
+        call(daemon, p.AppEnd("app"), p.EventAck)
+        clock.now += 1
+        daemon._housekeeping()
+        records = call(daemon, p.ListDecisions(limit=1000), p.ListDecisionsReply)
+        assert isinstance(records, p.ListDecisionsReply)
+        for record in records.decisions:
+            assert record.policy == policy
+            assert record.reason["rule"]
+            msgspec.msgpack.encode(record)  # every reason is wire-safe
+        if policy in {"tokencake", "tokencake-temporal"}:
+            kinds = {d.kind for d in records.decisions if d.agent_id == "plan"}
+            assert "offload" in kinds, records.decisions
+        assert daemon.error_counts == {}
