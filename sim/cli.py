@@ -1,0 +1,270 @@
+"""``tokencake-sim``: replay workloads against every policy and report what each one costs.
+
+``tokencake-sim run`` sweeps (workload x qps x policy) on one engine profile, prints a table,
+and writes ``results.json``, ``table.md`` and the PNG figures into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tokencake.sim.generators import BUILTIN, get_generator
+from tokencake.sim.metrics import target_ratios
+from tokencake.sim.profiles import DEFAULT_PROFILE, PROFILES, get_profile
+from tokencake.sim.runner import all_policies, resolve_policies, sweep
+from tokencake.sim.workload import NoiseConfig
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = (
+    ("workload", "workload", "{}"),
+    ("qps", "qps", "{:g}"),
+    ("policy", "policy", "{}"),
+    ("mean_latency_s", "mean s", "{:.1f}"),
+    ("p95_latency_s", "p95 s", "{:.1f}"),
+    ("critical_path_latency_s", "crit s", "{:.1f}"),
+    ("gpu_kv_util", "kv util", "{:.3f}"),
+    ("recompute_tokens", "recompute tok", "{:,}"),
+    ("offload_bytes", "offload GB", "bytes"),
+    ("upload_bytes", "upload GB", "bytes"),
+    ("preemptions", "preempt", "{}"),
+    ("queueing_s", "queue s", "{:.1f}"),
+)
+
+
+def _cell(rec: dict[str, Any], key: str, fmt: str) -> str:
+    v = rec.get(key)
+    if v is None:
+        return "-" if rec.get("error") is None else "FAIL"
+    if fmt == "bytes":
+        return f"{v / 1e9:.1f}"
+    return fmt.format(v)
+
+
+def format_table(records: list[dict[str, Any]], markdown: bool = False) -> str:
+    head = [h for _, h, _ in COLUMNS]
+    rows = [[_cell(r, k, f) for k, _, f in COLUMNS] for r in records]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def format_targets(t: dict[str, Any]) -> str:
+    def ok(k: str) -> str:
+        return "met" if t["met"][k] else "NOT met"
+
+    util = "n/a" if t["util_gain"] is None else f"{t['util_gain']:+.1%}"
+    peer = "n/a" if t["vs_best_peer"] is None else f"{t['vs_best_peer']:.3f}"
+    orc = "n/a" if t["vs_oracle"] is None else f"{t['vs_oracle']:.3f}"
+    return "\n".join(
+        [
+            f"targets at {t['qps']:g} app/s (measured in this run):",
+            f"  tokencake / vllm mean latency      = {t['vs_vllm']:.3f}  (<= 0.53: "
+            f"{ok('vs_vllm<=0.53')})",
+            f"  tokencake / best peer ({t['best_peer']}) = {peer}  (<= 0.85: "
+            f"{ok('vs_best_peer<=0.85')})",
+            f"  tokencake / oracle                 = {orc}  (<= 1.25: {ok('vs_oracle<=1.25')})",
+            f"  GPU KV utilisation vs vllm         = {util}  (>= +16.9%: "
+            f"{ok('util_gain>=+16.9%')})",
+        ]
+    )
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
+def main(verbose: bool) -> None:
+    """TokenCake's trace-driven simulator: the real scheduler policies on a modelled engine."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command("list")
+def list_cmd() -> None:
+    """Built-in workloads, engine profiles and policies."""
+    click.echo("workloads:")
+    for name, cls in BUILTIN.items():
+        click.echo(f"  {name:18s} {cls.description}")
+    click.echo("profiles:")
+    for name, p in PROFILES.items():
+        default = " (default)" if name == DEFAULT_PROFILE else ""
+        click.echo(f"  {name:18s} {p.gpu_blocks} blocks of {p.block_tokens} tokens{default}")
+    click.echo("policies: " + ", ".join(all_policies()))
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError as e:
+        raise click.BadParameter(f"not a comma-separated list of numbers: {s!r}") from e
+
+
+@main.command("run")
+@click.option(
+    "--workload",
+    "workload",
+    default="code-writer",
+    show_default=True,
+    help="Built-in name(s), comma-separated, or a workload JSON file.",
+)
+@click.option(
+    "--qps",
+    default="0.05,0.1,0.2,0.5,1",
+    show_default=True,
+    help="Application arrival rates (Poisson), comma-separated.",
+)
+@click.option(
+    "--policies",
+    default="all",
+    show_default=True,
+    help="'all' or comma-separated policy names (oracle included in all).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for results.json, table.md and PNGs.",
+)
+@click.option(
+    "--profile", default=DEFAULT_PROFILE, show_default=True, type=click.Choice(sorted(PROFILES))
+)
+@click.option("--gpu-mem-util", type=float, default=None, help="Override the profile's.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--apps", type=int, default=None, help="Applications per run (default: workload's).")
+@click.option(
+    "--tool-noise",
+    type=click.Choice(["none", "gaussian", "uniform"]),
+    default="none",
+    show_default=True,
+)
+@click.option(
+    "--noise-scale",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Relative scale of the tool-duration noise.",
+)
+@click.option(
+    "--predict-error",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Sigma of the log-normal error on predicted tool durations.",
+)
+@click.option("--no-hints", is_flag=True, help="Send no tool-duration hints to the scheduler.")
+@click.option(
+    "--focus-qps",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Rate whose runs feed the targets, timeline, CDF and breakdown.",
+)
+@click.option("--no-plots", is_flag=True)
+def run_cmd(
+    workload: str,
+    qps: str,
+    policies: str,
+    out_dir: Path,
+    profile: str,
+    gpu_mem_util: float | None,
+    seed: int,
+    apps: int | None,
+    tool_noise: str,
+    noise_scale: float,
+    predict_error: float,
+    no_hints: bool,
+    focus_qps: float,
+    no_plots: bool,
+) -> None:
+    """Sweep workloads x rates x policies; print the table and the targets."""
+    try:
+        prof = get_profile(profile).with_overrides(gpu_mem_util)
+        pols = resolve_policies(policies)
+        workloads = [w.strip() for w in workload.split(",") if w.strip()]
+        for w in workloads:
+            get_generator(w)
+        noise = NoiseConfig(tool_noise, noise_scale, predict_error, not no_hints)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    rates = _floats(qps)
+    click.echo(
+        f"profile {prof.name}: {prof.gpu_blocks} GPU blocks x {prof.block_tokens} tokens, "
+        f"{prof.host_blocks} host blocks; seed {seed}; policies {', '.join(pols)}",
+    )
+    t0 = time.perf_counter()
+
+    def progress(rec: dict[str, Any]) -> None:
+        status = (
+            "FAILED " + rec["error"]
+            if rec.get("error")
+            else (f"mean {rec['mean_latency_s']:.1f}s, {rec.get('events_per_s', 0):,.0f} events/s")
+        )
+        click.echo(
+            f"  {rec['workload']} {rec['qps']:g} app/s {rec['policy']:18s} "
+            f"{rec['wall_s']:.1f}s wall: {status}",
+            err=True,
+        )
+
+    records, series = sweep(
+        workloads, rates, pols, prof, seed=seed, n_apps=apps, noise=noise, progress=progress
+    )
+    wall = time.perf_counter() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = {
+        w: target_ratios([r for r in records if r["workload"] == w], focus_qps)
+        for w in dict.fromkeys(r["workload"] for r in records)
+    }
+    events = sum(r.get("events", 0) for r in records)
+    sim_wall = sum(r["wall_s"] for r in records)
+    doc = {
+        "profile": prof.name,
+        "seed": seed,
+        "noise": {
+            "tool_noise": tool_noise,
+            "noise_scale": noise_scale,
+            "predict_error": predict_error,
+            "hints": not no_hints,
+        },
+        "events_per_s": events / sim_wall if sim_wall > 0 else None,
+        "wall_s": wall,
+        "targets": targets,
+        "records": records,
+    }
+    (out_dir / "results.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    table_md = format_table(records, markdown=True)
+    (out_dir / "table.md").write_text(table_md + "\n", encoding="utf-8")
+    click.echo(format_table(records))
+    for _w, t in targets.items():
+        if t is not None:
+            click.echo(f"[{_w}] " + format_targets(t))
+    click.echo(
+        f"{len(records)} runs in {wall:.1f}s; {events:,} events, "
+        f"{events / sim_wall if sim_wall else 0:,.0f} events/s"
+    )
+    if not no_plots:
+        from tokencake.sim.plots import plot_all
+
+        paths = plot_all(records, series, out_dir, focus_qps)
+        click.echo(f"wrote {out_dir / 'results.json'} and {len(paths)} figures")
+    failed = [r for r in records if r.get("error")]
+    if failed:
+        click.echo(f"{len(failed)} run(s) did not finish; see 'error' in results.json", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

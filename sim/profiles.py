@@ -1,0 +1,202 @@
+"""Model x GPU profiles: where every cost the engine model charges comes from.
+
+Formulas (all documented in docs/benchmarks.md, section Simulator):
+
+* KV bytes per token = 2 (K and V) x layers x kv_heads x head_dim x dtype bytes;
+  a block holds ``block_tokens`` tokens.
+* GPU blocks = floor((gpu_mem x gpu_mem_util - weight bytes - reserve) / block bytes), as
+  vLLM sizes its pool; ``reserve`` (peak activations, CUDA graphs, non-torch memory) is the
+  one fitted term, chosen so the A800 profile gives the 3,050 blocks the authors' fork
+  reported.
+* Step time (roofline): max(FLOPs / (peak x MFU), bytes / (HBM bandwidth x MBU)) plus a
+  fixed per-step CPU overhead. FLOPs = 2 x params per token (linear layers) + attention
+  4 x layers x q_heads x head_dim per (query, key) pair; bytes = the weights once per step +
+  the KV each token attends to.
+* Host link: a transfer of ``n`` bytes takes ``copy_overhead_s + n / bandwidth`` and each
+  direction serves one transfer at a time (FIFO), so concurrent copies queue (contention).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+class ProfileError(ValueError):
+    """An unknown profile or an impossible setting (no room for a single block)."""
+
+
+@dataclass(slots=True, frozen=True)
+class ModelSpec:
+    name: str
+    params: float
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.params * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def attn_flops_per_pair(self) -> float:
+        """QK^T and PV: 2 matmuls x 2 FLOPs per multiply-add, over all query heads and layers."""
+        return 4.0 * self.layers * self.q_heads * self.head_dim
+
+
+@dataclass(slots=True, frozen=True)
+class GpuSpec:
+    name: str
+    mem_bytes: float
+    peak_flops: float
+    hbm_bytes_per_s: float
+    host_bytes_per_s: float
+    """Effective DMA bandwidth each way between GPU and pinned host memory."""
+
+
+@dataclass(slots=True, frozen=True)
+class Profile:
+    """Everything the engine model needs; derived numbers are properties, not inputs."""
+
+    name: str
+    model: ModelSpec
+    gpu: GpuSpec
+    gpu_mem_util: float
+    reserve_bytes: float
+    block_tokens: int = 16
+    mfu: float = 0.55
+    mbu: float = 0.80
+    step_overhead_s: float = 0.002
+    max_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    copy_overhead_s: float = 0.001
+    host_kv_bytes: float = 100 * GIB
+    source: str = ""
+
+    @property
+    def block_bytes(self) -> int:
+        return self.model.kv_bytes_per_token * self.block_tokens
+
+    @property
+    def gpu_blocks(self) -> int:
+        free = self.gpu.mem_bytes * self.gpu_mem_util - self.model.weight_bytes
+        n = math.floor((free - self.reserve_bytes) / self.block_bytes)
+        if n <= 0:
+            raise ProfileError(f"{self.name}: no KV blocks fit at gpu_mem_util={self.gpu_mem_util}")
+        return n
+
+    @property
+    def host_blocks(self) -> int:
+        return int(self.host_kv_bytes // self.block_bytes)
+
+    def transfer_s(self, nbytes: int) -> float:
+        return self.copy_overhead_s + nbytes / self.gpu.host_bytes_per_s
+
+    def step_s(self, tokens: int, attn_pairs: float, kv_tokens_read: float) -> float:
+        """Duration of one engine step.
+
+        ``tokens``: tokens processed (prefill chunk tokens + one per decoding request);
+        ``attn_pairs``: (query, key) pairs attended; ``kv_tokens_read``: KV tokens read.
+        """
+        if tokens <= 0:
+            return 0.0
+        flops = 2.0 * self.model.params * tokens + self.model.attn_flops_per_pair * attn_pairs
+        nbytes = self.model.weight_bytes + kv_tokens_read * self.model.kv_bytes_per_token
+        compute = flops / (self.gpu.peak_flops * self.mfu)
+        memory = nbytes / (self.gpu.hbm_bytes_per_s * self.mbu)
+        return max(compute, memory) + self.step_overhead_s
+
+    def with_overrides(self, gpu_mem_util: float | None = None) -> Profile:
+        if gpu_mem_util is None:
+            return self
+        if not 0 < gpu_mem_util <= 1:
+            raise ProfileError("gpu_mem_util must be in (0, 1]")
+        return replace(self, gpu_mem_util=gpu_mem_util)
+
+
+QWEN25_14B = ModelSpec(
+    # Hugging Face config of Qwen/Qwen2.5-14B-Instruct: 48 layers, 40 query heads, 8 KV
+    # heads (GQA), head_dim 128, 14.77B parameters.
+    name="Qwen2.5-14B",
+    params=14.77e9,
+    layers=48,
+    q_heads=40,
+    kv_heads=8,
+    head_dim=128,
+)
+
+LLAMA31_8B = ModelSpec(
+    # meta-llama/Llama-3.1-8B-Instruct: 32 layers, 32 query heads, 8 KV heads, head_dim 128,
+    # 8.03B parameters.
+    name="Llama-3.1-8B",
+    params=8.03e9,
+    layers=32,
+    q_heads=32,
+    kv_heads=8,
+    head_dim=128,
+)
+
+A800_80GB = GpuSpec(
+    # A800 80GB = A100 80GB silicon: 312 TFLOPS dense BF16, 2.039 TB/s HBM2e, 80 GiB.
+    # Host link: the authors' fork measured ~25 GB/s effective D2H/H2D.
+    name="A800-80GB",
+    mem_bytes=80 * GIB,
+    peak_flops=312e12,
+    hbm_bytes_per_s=2.039e12,
+    host_bytes_per_s=25e9,
+)
+
+H100_80GB = GpuSpec(
+    # H100 SXM5: 989 TFLOPS dense BF16, 3.35 TB/s HBM3, 80 GiB; PCIe Gen5 DMA ~50 GB/s
+    # (LMCache's measured figure on H100).
+    name="H100-80GB",
+    mem_bytes=80 * GIB,
+    peak_flops=989e12,
+    hbm_bytes_per_s=3.35e12,
+    host_bytes_per_s=50e9,
+)
+
+PROFILES: dict[str, Profile] = {
+    "qwen2.5-14b-a800": Profile(
+        name="qwen2.5-14b-a800",
+        model=QWEN25_14B,
+        gpu=A800_80GB,
+        gpu_mem_util=0.5,
+        # Fitted: the fork's run reported 3,050 blocks of 16 tokens at gpu-mem-util 0.5.
+        reserve_bytes=3.553 * GIB,
+        source="TokenCake fork rerun: Qwen2.5-14B, one A800 80GB, gpu-mem-util 0.5, 3,050 blocks",
+    ),
+    "llama3.1-8b-h100": Profile(
+        name="llama3.1-8b-h100",
+        model=LLAMA31_8B,
+        gpu=H100_80GB,
+        gpu_mem_util=0.9,
+        # vLLM's profiled activation + graph memory for an 8B model at 8,192 batched tokens
+        # is about 2 GiB; an assumption, not a measurement.
+        reserve_bytes=2.0 * GIB,
+        copy_overhead_s=0.001,
+        source="vLLM defaults (gpu-mem-util 0.9) on one H100 SXM 80GB",
+    ),
+}
+
+DEFAULT_PROFILE = "qwen2.5-14b-a800"
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ProfileError(
+            f"unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}"
+        ) from None
