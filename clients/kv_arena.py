@@ -23,10 +23,12 @@ import numpy as np
 
 from tokencake.daemon.arena import (
     SHM_DIR,
+    SLOT_BASE_OFFSET,
     ArenaError,
     advise_huge_pages,
     prefault,
     segment_path,
+    slot_count,
     verify_segment,
 )
 
@@ -48,11 +50,12 @@ class ArenaMapping:
         self._mm: mmap.mmap | None = mm
         self._size = size
         self._slot_bytes = slot_bytes
-        self._num_slots = size // slot_bytes
+        self._num_slots = slot_count(size, slot_bytes)
         self._flat: np.ndarray | None = np.frombuffer(mm, dtype=np.uint8, count=size)
-        self._slots: np.ndarray | None = self._flat[: self._num_slots * slot_bytes].reshape(
-            self._num_slots, slot_bytes
-        )
+        start = SLOT_BASE_OFFSET
+        self._slots: np.ndarray | None = self._flat[
+            start : start + self._num_slots * slot_bytes
+        ].reshape(self._num_slots, slot_bytes)
         self._pinned_by: str | None = None
 
     @classmethod

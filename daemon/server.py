@@ -28,7 +28,7 @@ import zmq
 from tokencake import PROTOCOL_VERSION, __version__
 from tokencake import protocol as p
 from tokencake.daemon.apps import AgentState, AppRegistry
-from tokencake.daemon.arena import Arena
+from tokencake.daemon.arena import SLOT_BASE_OFFSET, Arena, slot_count
 from tokencake.daemon.auth import AuthError
 from tokencake.daemon.config import RELOADABLE_KEYS, ConfigError, DaemonConfig, load_config
 from tokencake.daemon.host_store import HostStore
@@ -431,7 +431,7 @@ class Daemon:
 
     def _format_store(self, slot_bytes: int) -> None:
         assert self.arena is not None
-        num_slots = self.arena.size // slot_bytes
+        num_slots = slot_count(self.arena.size, slot_bytes)
         if num_slots < 1:
             raise ProtocolError(ErrorCode.LAYOUT_REJECTED, "a block is larger than the arena")
         self.store = HostStore(
@@ -510,6 +510,7 @@ class Daemon:
             arena_name=self.arena.name,
             arena_bytes=self.arena.size,
             slot_bytes=self.store.slot_bytes,
+            slot_offset=SLOT_BASE_OFFSET,
             num_slots=self.store.num_slots,
             lease_s=self.config.lease_s,
             heartbeat_s=min(self.config.lease_s, self.config.engine_timeout_s) / 3,

@@ -56,7 +56,7 @@ def test_client_from_the_protocol_page(daemon: DaemonProcess) -> None:
         "bytes_per_block": 4096,
     }
     reg = c.ok("register_engine", name="doc-engine", layout=layout, num_gpu_blocks=8)
-    eid, slot_bytes = reg["engine_id"], reg["slot_bytes"]
+    eid, slot_bytes, base = reg["engine_id"], reg["slot_bytes"], reg["slot_offset"]
     assert slot_bytes == 4096
 
     # Store two blocks: reserve, write into the arena, commit.
@@ -68,13 +68,14 @@ def test_client_from_the_protocol_page(daemon: DaemonProcess) -> None:
     finally:
         os.close(fd)
     for i, slot in enumerate(slots):
-        arena[slot * slot_bytes : slot * slot_bytes + 4096] = bytes([i + 7]) * 4096
+        start = base + slot * slot_bytes
+        arena[start : start + 4096] = bytes([i + 7]) * 4096
     assert c.ok("commit", engine_id=eid, slots=slots)["committed"] == 2
 
     # Load them back: load_begin pins, copy out, load_end.
     assert c.ok("lookup", engine_id=eid, hashes=[*hashes, b"\x03"])["hit_blocks"] == 2
     pinned = c.ok("load_begin", engine_id=eid, hashes=hashes)["slots"]
-    got = [arena[s * slot_bytes : s * slot_bytes + 4096] for s in pinned]
+    got = [arena[base + s * slot_bytes : base + s * slot_bytes + 4096] for s in pinned]
     assert got == [bytes([7]) * 4096, bytes([8]) * 4096]
     assert c.ok("load_end", engine_id=eid, slots=pinned)["released"] == 2
     arena.close()

@@ -127,6 +127,7 @@ class RegisterEngineReply(msgspec.Struct):
     arena_name: str
     arena_bytes: int
     slot_bytes: int
+    slot_offset: int
     num_slots: int
     lease_s: float
     heartbeat_s: float

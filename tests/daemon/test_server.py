@@ -76,7 +76,8 @@ def test_register_engine_returns_arena_and_fingerprint(client: TokenCakeClient) 
     reply = client.register_engine("eng", LAYOUT, num_gpu_blocks=64)
     assert reply.fingerprint == LAYOUT.fingerprint()
     assert reply.slot_bytes == LAYOUT.bytes_per_block
-    assert reply.num_slots == (16 << 20) // LAYOUT.bytes_per_block
+    assert reply.slot_offset == 2048
+    assert reply.num_slots == ((16 << 20) - 2048) // LAYOUT.bytes_per_block
     assert reply.arena_bytes == 16 << 20
     # Re-registering the same name replaces the old registration.
     again = client.register_engine("eng", LAYOUT, num_gpu_blocks=64)
