@@ -39,7 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.v1.core.kv_cache_utils import get_block_hash
+from vllm.v1.core.kv_cache_utils import BlockHash, get_block_hash
 
 from tokencake import protocol as p
 from tokencake.connectors.vllm.config import ConnectorConfig
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
@@ -63,6 +64,12 @@ logger = logging.getLogger(__name__)
 
 # The in-block byte order of the copied pages; part of the registered layout's identity.
 KV_FORMAT = "vllm-blockmajor-v1"
+
+
+def _holds(block: KVCacheBlock, expected: bytes) -> bool:
+    """True when vLLM's pool says ``block`` holds the KV of chain hash ``expected``."""
+    key = block.block_hash
+    return key is not None and not block.is_null and bytes(get_block_hash(key)) == expected
 
 
 @dataclass(slots=True)
@@ -324,18 +331,30 @@ class TokenCakeConnector(KVConnectorBase_V1):
         if self._link.call(req, p.EventAck) is not None:
             self.stats.events_sent += 1
 
-    def _cached(self, blocks: list[int], hashes: list[bytes]) -> int:
-        """How many leading blocks still hold these hashes in vLLM's prefix cache."""
+    def _resident(self, blocks: list[int], hashes: list[bytes]) -> list[int]:
+        """The engine blocks that hold ``hashes`` now: the longest prefix still in vLLM's
+        prefix cache, one block id per hash.
+
+        A recorded block id is only a hint. Once vLLM freed the request, the id may have been
+        handed to another request (its KV is then another request's), or the agent's KV may
+        have been recomputed into other blocks. Identity is the chain hash: a block is the
+        agent's only while vLLM's block pool says that block holds that hash; otherwise the
+        pool's hash index says where the hash lives now, if anywhere.
+        """
         pool = self._pool
         if pool is None:
-            return 0
-        n = 0
-        for block_id, expected in zip(blocks, hashes, strict=False):
-            key = pool.blocks[block_id].block_hash
-            if key is None or get_block_hash(key) != expected:
+            return []
+        out: list[int] = []
+        for i, expected in enumerate(hashes):
+            block_id = blocks[i] if i < len(blocks) else -1
+            if 0 <= block_id < len(pool.blocks) and _holds(pool.blocks[block_id], expected):
+                out.append(block_id)
+                continue
+            found = pool.get_cached_block(BlockHash(expected), [0])
+            if not found or not _holds(found[0], expected):
                 break
-            n += 1
-        return n
+            out.append(found[0].block_id)
+        return out
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -584,16 +603,15 @@ class TokenCakeConnector(KVConnectorBase_V1):
     def _free_pending(self) -> None:
         """Drop committed blocks from vLLM's prefix cache and queue them for reuse first.
 
-        Only blocks nobody references (``ref_cnt == 0``) that still hold the expected hash
-        are touched: a block another request shares, or one already reused, stays as is.
+        Only blocks nobody references (``ref_cnt == 0``) that hold the expected hash now are
+        touched: a block another request shares, or one already reused, stays as is.
         """
         pool = self._pool
         if pool is None or not self._to_free:
             self._to_free.clear()
             return
         for blocks, hashes in self._to_free:
-            n = self._cached(blocks, hashes)
-            for block_id in blocks[:n]:
+            for block_id in self._resident(blocks, hashes):
                 block = pool.blocks[block_id]
                 if block.ref_cnt != 0:
                     continue
@@ -618,8 +636,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
             self._to_free.append((agent.blocks, agent.hashes))
         elif kind == "pin":
             self._unpin(agent)
-            n = self._cached(agent.blocks, agent.hashes)
-            agent.pinned = agent.blocks[:n]
+            agent.pinned = self._resident(agent.blocks, agent.hashes)
             self._pool.touch([self._pool.blocks[b] for b in agent.pinned])
             agent.pin_until = time.monotonic() + max(decision.due_in_s, 0.0)
         elif kind == "unpin":
@@ -629,10 +646,10 @@ class TokenCakeConnector(KVConnectorBase_V1):
 
     def _offload(self, key: tuple[str, str], agent: _AgentKv, *, free_gpu: bool) -> None:
         assert self._pool is not None
-        n = self._cached(agent.blocks, agent.hashes)
-        if n == 0:
+        blocks = self._resident(agent.blocks, agent.hashes)
+        if not blocks:
             return
-        blocks, hashes = agent.blocks[:n], agent.hashes[:n]
+        hashes = agent.hashes[: len(blocks)]
         # Hold a reference so the blocks cannot be reused while the worker copies them.
         self._pool.touch([self._pool.blocks[b] for b in blocks])
         params = AgentParams(app_id=key[0], agent_id=key[1])

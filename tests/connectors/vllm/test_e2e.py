@@ -204,6 +204,51 @@ def test_loaded_bytes_are_the_stored_bytes(engine: Any) -> None:
     assert bad.token_ids != good.token_ids or bad.logprobs != pytest.approx(good.logprobs)
 
 
+def _decision(kind: str, agent_id: str, **params: Any) -> Any:
+    """A decision record as tokencaked pushes it (``reason.params`` holds the kind's fields)."""
+    from tokencake import protocol as p
+
+    reason: dict[str, Any] = {"rule": "test", "terms": {}, "params": params}
+    return p.DecisionRecord(0, 0.0, kind, "app-e2e", agent_id, "", 0, 0.0, "test", reason)
+
+
+def test_decision_after_block_reuse_leaves_other_requests_kv_alone(engine: Any) -> None:
+    """vLLM gives a finished agent's freed block ids to the next request. A pin or offload
+    that arrives later must find the agent's KV by hash, never act on whatever now sits in
+    the recorded ids: pinning them would hold another request's blocks, and offloading them
+    would store another request's KV under the agent's hashes."""
+    from vllm.v1.core.kv_cache_utils import get_block_hash
+
+    from tokencake.clients.client import TokenCakeClient
+    from tokencake.connectors.vllm.params import kv_transfer_params
+
+    conn = scheduler_connector(engine)
+    pool = conn._pool
+    tool = kv_transfer_params("app-e2e", "reuse", tool_kind="search", tool_predicted_s=5.0)
+    generate(engine, [_ids(8100, PROMPT)], [tool], OUT)
+    generate(engine, [_ids(8101, 40)], [None], 2)  # the store commits; the blocks are freed
+    agent = conn._agents[("app-e2e", "reuse")]
+    ids, hashes = list(agent.blocks), list(agent.hashes)
+    engine_id = conn._link.engine_id
+    with TokenCakeClient(conn._link.client.endpoint, timeout_s=1.0) as client:
+        client.drop(engine_id, hashes)  # forget the host copy: a wrong offload would store
+        assert client.lookup(engine_id, hashes).hit_blocks == 0
+        # The freed ids sit at the front of vLLM's free queue: the next request takes them.
+        generate(engine, [_ids(8102, PROMPT)], [None], OUT)
+        now = [pool.blocks[b].block_hash for b in ids]
+        assert all(h is None or bytes(get_block_hash(h)) not in hashes for h in now)
+        assert sum(h is not None for h in now) >= len(ids) - 1  # another request's KV
+        refs = [pool.blocks[b].ref_cnt for b in ids]
+        conn._apply(_decision("pin", "reuse", ttl_s=30.0))
+        assert agent.pinned == []
+        assert [pool.blocks[b].ref_cnt for b in ids] == refs
+        conn._apply(_decision("offload", "reuse", free_gpu=True))
+        assert not [j for j in conn._stores if not j.req_id]  # no offload copy queued
+        generate(engine, [_ids(8103, 40)], [None], 2)  # a step for any store to run in
+        assert client.lookup(engine_id, hashes).hit_blocks == 0
+        assert [pool.blocks[b].block_hash for b in ids] == now  # nothing evicted either
+
+
 def test_daemon_killed_mid_run(baseline: Any, engine: Any, daemon: DaemonProcess) -> None:
     """Kill the daemon between the first calls and the continuations: vLLM keeps answering,
     with the same outputs, without multi-second stalls; after a restart it reconnects."""
