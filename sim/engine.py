@@ -51,7 +51,7 @@ from tokencake.daemon.scheduler import (
 )
 from tokencake.daemon.scheduler.events import Event
 from tokencake.protocol import AppDag, DagNode
-from tokencake.sim.kvpool import AgentKv, GpuPool, HostStore, chain_keys
+from tokencake.sim.kvpool import CACHED, GHOST, LOCKED, AgentKv, GpuPool, HostStore, chain_keys
 from tokencake.sim.profiles import Profile
 from tokencake.sim.workload import AppSpec, NodeSpec, Trace, prompt_tokens
 
@@ -139,6 +139,7 @@ class Counters:
     offload_blocks: int = 0
     upload_blocks: int = 0
     host_evicted_blocks: int = 0
+    host_dropped_blocks: int = 0
     gpu_evicted_blocks: int = 0
     failed_uploads: int = 0
     unknown_agent_decisions: int = 0
@@ -193,6 +194,7 @@ class Simulator:
         tick_s: float = 0.01,
         check_invariants: bool = False,
         timeline_every_s: float = 0.5,
+        stall_s: float = 600.0,
     ) -> None:
         self.trace = trace
         self.policy = policy
@@ -206,6 +208,8 @@ class Simulator:
         self.tick_s = tick_s
         self.check_invariants = check_invariants
         self.timeline_every_s = timeline_every_s
+        self.stall_s = stall_s
+        """Idle time with requests waiting and nothing scheduled, after which we give up."""
 
         self.now = 0.0
         self.heap: list[tuple[float, int, int, Any]] = []
@@ -267,7 +271,7 @@ class Simulator:
                 if agent is None:
                     self.c.unknown_agent_decisions += 1
                 elif d.where == "host":
-                    self.host.drop_agent(agent.seq_keys)
+                    self.c.host_dropped_blocks += self.host.drop_agent(agent.seq_keys)
                 else:
                     self.pool.discard(agent)
             # Pin/Unpin/Partition/Keep change nothing the engine owns: pins act through
@@ -337,6 +341,13 @@ class Simulator:
             cached = (chain_keys(seq, self.bt), prompt_tokens(prompt))
             self.key_cache[ck] = cached
         keys, ptoks = cached
+        if not self.pool.unbounded:
+            largest = -(-(ptoks + node.output_tokens) // self.bt)
+            if largest > self.pool.total:
+                raise SimulationError(
+                    f"{spec.app_id}/{node.id} needs {largest} blocks; the pool has "
+                    f"{self.pool.total}: it can never run"
+                )
         self._rid += 1
         rid = f"r{self._rid}"
         agent = self._agent(spec.app_id, node.id)
@@ -485,8 +496,12 @@ class Simulator:
         need = len(host_keys) + new_blocks
         if not self.policy.may_allocate(req.view.app_id, req.view.agent_id, need, self.now):
             return None
-        if not pool.unbounded and need > pool.free + pool.n_cached:
-            return False  # even evicting every idle block would not do
+        if not pool.unbounded and need > pool.free:
+            # Upper bound without touching anything: every idle cached block but our own hits.
+            where = pool.where
+            own = sum(1 for b in hits if where[b] == CACHED)
+            if need > pool.free + pool.n_cached - own:
+                return False
         # Hold the prefix so that our own allocation cannot evict it, then allocate.
         prev = [(b, pool.where[b], pool.owner[b]) for b in hits]
         for b in hits:
@@ -610,7 +625,7 @@ class Simulator:
         if self.link.queue[d]:
             _, _, nxt = heapq.heappop(self.link.queue[d])
             self._start(nxt)
-        n = len(tr.blocks)
+        n = len(tr.keys)
         self._emit(
             TransferMeasured(self.now, d, tr.nbytes, self.now - tr.start_s, n)  # type: ignore[arg-type]
         )
@@ -861,6 +876,7 @@ class Simulator:
         first = self.trace.apps[0].arrival_s if self.trace.apps else 0.0
         self.now = first
         self.util_integral = 0.0
+        stalled_since = -1.0
         while True:
             self._advance_to(self.now)
             self._engine_state()
@@ -874,8 +890,16 @@ class Simulator:
                 self._finish_step(batch, dt)
                 self._flush()
                 if self.check_invariants:
-                    self._check()
+                    self._check(full=self.c.steps % 25 == 0)
                 continue
+            if not self.heap and not self.loading and self.waiting:
+                # Only policy ticks can still change anything (a pin running out, say).
+                if stalled_since < 0:
+                    stalled_since = self.now
+                elif self.now - stalled_since > self.stall_s:
+                    break
+            else:
+                stalled_since = -1.0
             if self.heap or (self.apps_in_flight and (self.waiting or self.loading)):
                 t_next = self.heap[0][0] if self.heap else math.inf
                 if self.apps_in_flight:
@@ -906,8 +930,10 @@ class Simulator:
             block_bytes=self.profile.block_bytes,
         )
 
-    def _check(self) -> None:
-        self.pool.check()
+    def _check(self, full: bool) -> None:
+        """Budget checks every step; the full recount of the pool every ``full`` step."""
+        if full:
+            self.pool.check()
         if not self.pool.unbounded and self.pool.used > self.pool.total:
             raise AssertionError("more blocks in use than the pool holds")
         if len(self.host.lru) + len(self.host.writing) > self.host.capacity:
@@ -919,20 +945,18 @@ _ARRIVAL, _TOOL_END, _TRANSFER_DONE, _UPLOAD_DUE = range(4)
 
 def _untouch(pool: GpuPool, b: int, where: int, owner: AgentKv | None) -> None:
     """Undo ``pool.touch`` for a block whose admission failed, restoring its old state."""
-    from tokencake.sim import kvpool
-
     pool.ref[b] -= 1
     if pool.ref[b]:
         return
     pool.used -= 1
-    if where == kvpool.CACHED and owner is not None:
+    if where == CACHED and owner is not None:
         pool._cache(b, owner)
-    elif where == kvpool.GHOST:
-        pool.where[b] = kvpool.GHOST
+    elif where == GHOST:
+        pool.where[b] = GHOST
         pool.owner[b] = None
         pool.ghost[b] = None
-    elif where == kvpool.LOCKED:
-        pool.where[b] = kvpool.LOCKED
+    elif where == LOCKED:
+        pool.where[b] = LOCKED
     else:  # pragma: no cover - hits are CACHED, GHOST or already USED
         raise AssertionError(f"unexpected prior state {where} for block {b}")
 

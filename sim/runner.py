@@ -16,6 +16,7 @@ from typing import Any
 from tokencake.daemon.scheduler import PolicyConfig, create_policy, list_policies
 from tokencake.sim.engine import KeyCache, SimulationError, Simulator
 from tokencake.sim.generators import get_generator, make_trace
+from tokencake.sim.kvpool import PoolInvariantError
 from tokencake.sim.metrics import RunMeta, summarise
 from tokencake.sim.profiles import Profile
 from tokencake.sim.workload import NoiseConfig
@@ -108,7 +109,7 @@ def run_one(
     series = Series(gen.name, policy, qps)
     try:
         res = sim.run()
-    except SimulationError as e:
+    except (SimulationError, PoolInvariantError) as e:
         meta.wall_s = time.perf_counter() - t0
         logger.warning("%s/%s at %.3g app/s did not finish: %s", workload, policy, qps, e)
         rec: dict[str, Any] = {
