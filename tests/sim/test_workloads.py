@@ -9,7 +9,7 @@ import pytest
 
 from tokencake.sim.generators import BUILTIN, CodeWriter, get_generator, make_trace
 from tokencake.sim.kvpool import chain_keys
-from tokencake.sim.workload import NoiseConfig, WorkloadError, prompt_tokens
+from tokencake.sim.workload import NoiseConfig, Trace, WorkloadError, prompt_tokens
 
 SHARED_JSON = Path(__file__).resolve().parents[3] / "shared" / "workloads" / "code_writer_dag.json"
 
@@ -65,7 +65,7 @@ def test_same_seed_same_trace_other_seed_differs(name: str) -> None:
     b = make_trace(gen, qps=0.5, seed=7, n_apps=6, noise=noise)
     c = make_trace(gen, qps=0.5, seed=8, n_apps=6, noise=noise)
 
-    def sig(t):  # type: ignore[no-untyped-def]
+    def sig(t: Trace) -> list[object]:
         return [
             (
                 x.arrival_s,
