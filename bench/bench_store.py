@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokencake.clients.kv_arena import ArenaMapping
-from tokencake.daemon.arena import Arena
+from tokencake.daemon.arena import SLOT_BASE_OFFSET, Arena
 from tokencake.daemon.host_store import HostStore
 
 MiB = 1 << 20
@@ -72,7 +72,7 @@ def bench_copy(gib: float, slot_kib: int, layers: int, repeats: int) -> list[Row
     rows: list[Row] = []
 
     t0 = time.perf_counter()
-    arena = Arena.create(total, instance=f"bench{os.getpid()}")
+    arena = Arena.create(total + SLOT_BASE_OFFSET, instance=f"bench{os.getpid()}")
     prefault_s = time.perf_counter() - t0
     rows.append(
         Row(
