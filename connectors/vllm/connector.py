@@ -45,7 +45,7 @@ from tokencake import protocol as p
 from tokencake.connectors.vllm.config import ConnectorConfig
 from tokencake.connectors.vllm.metadata import CopyJob, TokenCakeMetadata, TokenCakeWorkerMetadata
 from tokencake.connectors.vllm.params import NAMESPACE, AgentParams, agent_params
-from tokencake.connectors.vllm.worker import ArenaMap, BlockCopier
+from tokencake.connectors.vllm.worker import BlockCopier, close_arena, open_arena
 from tokencake.layout import KvLayout
 
 if TYPE_CHECKING:
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+    from tokencake.clients.kv_arena import ArenaMapping
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +283,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
         # worker side
         self._layer_names: list[str] = list(kv_cache_config.kv_cache_groups[0].layer_names)
         self._copier: BlockCopier | None = None
-        self._arena: ArenaMap | None = None
+        self._arena: ArenaMapping | None = None
         self._done_loads: list[int] = []
         self._done_stores: list[int] = []
         self._failed: list[int] = []
@@ -683,13 +685,13 @@ class TokenCakeConnector(KVConnectorBase_V1):
                 f"the registered layout says {self.layout.bytes_per_block} B"
             )
 
-    def _arena_for(self, meta: TokenCakeMetadata) -> ArenaMap | None:
+    def _arena_for(self, meta: TokenCakeMetadata) -> ArenaMapping | None:
         if not meta.arena_name:
             return None
         if self._arena is None or self._arena.name != meta.arena_name:
             if self._arena is not None:
-                self._arena.close()
-            self._arena = ArenaMap(meta.arena_name, meta.arena_bytes, meta.slot_bytes)
+                close_arena(self._arena)
+            self._arena = open_arena(meta.arena_name, meta.arena_bytes, meta.slot_bytes)
         return self._arena
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -765,5 +767,5 @@ class TokenCakeConnector(KVConnectorBase_V1):
         if self._link is not None:
             self._link.close()
         if self._arena is not None:
-            self._arena.close()
+            close_arena(self._arena)
             self._arena = None
