@@ -76,8 +76,7 @@ def start_authenticator(ctx: zmq.Context[Any], authorized_keys_dir: Path) -> Thr
         )
     if stat.S_IMODE(st.st_mode) & 0o022:
         raise AuthError(
-            f"curve_authorized_keys_dir {authorized_keys_dir} is writable by others; "
-            "chmod go-w it"
+            f"curve_authorized_keys_dir {authorized_keys_dir} is writable by others; chmod go-w it"
         )
     try:
         keys = zmq.auth.load_certificates(authorized_keys_dir)
