@@ -22,9 +22,9 @@ import msgspec
 
 from tokencake import PROTOCOL_VERSION
 from tokencake import protocol as p
+from tokencake.daemon.apps import AgentRecord
 from tokencake.daemon.arena import Arena
 from tokencake.daemon.config import DaemonConfig
-from tokencake.daemon.apps import AgentRecord
 from tokencake.daemon.server import Daemon, EngineRecord
 from tokencake.layout import KvLayout
 
@@ -245,7 +245,8 @@ _OP_FIELDS = {
     op: [f.name for f in msgspec.structs.fields(cls)] for op, cls in p.REQUEST_TYPES.items()
 }
 _FLOATS = [0.0, -0.0, 1.5, -1.0, math.nan, math.inf, -math.inf, 1e308, 7 * 86400.0, 1e-300]
-_INTS = [0, 1, -1, 2, 63, 64, 255, 1023, 1024, 65536, 2**31 - 1, 2**31, -(2**31), 2**63 - 1, -(2**63)]
+_INTS = [0, 1, -1, 2, 63, 64, 255, 1023, 1024, 65536, 2**31 - 1, 2**31, -(2**31)]
+_INTS += [2**63 - 1, -(2**63)]
 
 
 class FrameGen:
