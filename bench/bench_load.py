@@ -149,6 +149,7 @@ def _drive(
     end_at = t_start + seconds if seconds else None
     sent_total = 0
     last_progress = time.monotonic()
+    turn = 0
 
     def quota_left(c: _Client) -> bool:
         if end_at is not None:
@@ -158,9 +159,15 @@ def _drive(
     while True:
         now = time.monotonic()
         allowed = sys.maxsize if rate <= 0 else int((now - t_start) * rate) + 1
-        for c in clients:
+        # Rotate who goes first, and under a rate limit let each client send at most one
+        # request per pass: otherwise the first clients take the whole budget and the last
+        # ones starve past their slot leases.
+        turn = (turn + 1) % len(clients)
+        for c in clients[turn:] + clients[:turn]:
+            burst = 1 if rate > 0 else window
             while (
-                c.next is not None
+                burst > 0
+                and c.next is not None
                 and c.waiting_for is None
                 and len(c.inflight) < window
                 and sent_total < allowed
@@ -172,6 +179,7 @@ def _drive(
                 c.inflight[rid] = time.perf_counter_ns()
                 c.stats.sent += 1
                 sent_total += 1
+                burst -= 1
                 if needs_reply:
                     c.waiting_for = rid
                     c.next = None
