@@ -86,6 +86,8 @@ class ConnectorStats:
     already_stored_blocks: int = 0
     gpu_blocks_freed: int = 0
     decisions_applied: int = 0
+    offloads_started: int = 0
+    uploads_staged: int = 0
     events_sent: int = 0
     daemon_failures: int = 0
     reconnects: int = 0
@@ -328,10 +330,14 @@ class TokenCakeConnector(KVConnectorBase_V1):
         if hit is not None and link is not None and link.up and hit.epoch == link.epoch:
             link.call(p.LoadEnd(link.engine_id, hit.slots), p.LoadEndReply)
 
-    def _event(self, req: p.Request) -> None:
+    def _event(self, req: p.Request) -> bool:
+        """Report an agent event; True when the daemon accepted it (it knows the agent)."""
         assert self._link is not None
-        if self._link.call(req, p.EventAck) is not None:
-            self.stats.events_sent += 1
+        ack = self._link.call(req, p.EventAck)
+        if ack is None:
+            return False
+        self.stats.events_sent += 1
+        return bool(ack.accepted)
 
     def _resident(self, blocks: list[int], hashes: list[bytes]) -> list[int]:
         """The engine blocks that hold ``hashes`` now: the longest prefix still in vLLM's
@@ -378,7 +384,16 @@ class TokenCakeConnector(KVConnectorBase_V1):
         if not hashes:
             return 0, False
         self.stats.lookups += 1
-        reply = link.call(p.LoadBegin(link.engine_id, hashes, self.cfg.salt), p.LoadBeginReply)
+        params = self._params.get(req_id)
+        # Naming the agent lets the daemon account the load as the agent's upload (load_end).
+        req = p.LoadBegin(
+            link.engine_id,
+            hashes,
+            self.cfg.salt,
+            app_id=params.app_id if params else "",
+            agent_id=params.agent_id if params else "",
+        )
+        reply = link.call(req, p.LoadBeginReply)
         if reply is None or not reply.slots:
             return 0, False
         self._hits[req_id] = _Hit(link.epoch, start, list(reply.slots))
@@ -475,12 +490,12 @@ class TokenCakeConnector(KVConnectorBase_V1):
         hashes = self._chain(request)
         n_full = min(len(block_ids), request.num_computed_tokens // self.block_size, len(hashes))
         blocks, hashes = list(block_ids[:n_full]), hashes[:n_full]
-        free_gpu = False
+        free_gpu = daemon_moves = False
         if params is not None:
             agent = self._agents.setdefault(params.key, _AgentKv([], []))
             agent.blocks, agent.hashes = blocks, hashes
             if link.up:
-                self._event(
+                tracked = self._event(
                     p.LlmCallFinish(
                         params.app_id,
                         params.agent_id,
@@ -500,10 +515,16 @@ class TokenCakeConnector(KVConnectorBase_V1):
                             call_id=req_id,
                         )
                     )
+                # The daemon tracks this agent: its offload decision moves the KV, and the
+                # d2h copy it commits is what the daemon's scheduler counts. A write-through
+                # save now would commit first, uncounted, and leave that decision nothing
+                # to copy (so the scheduler would never see the offload complete).
+                daemon_moves = tracked and self.cfg.tool_offload == "daemon"
             free_gpu = params.tool is not None and self.cfg.tool_offload == "always"
         out = {NAMESPACE: {"loaded_tokens": loaded}}
-        save = self.cfg.save == "finished" or (
-            self.cfg.save == "tool" and params is not None and params.tool is not None
+        save = not daemon_moves and (
+            self.cfg.save == "finished"
+            or (self.cfg.save == "tool" and params is not None and params.tool is not None)
         )
         if not n_full or not link.up or not (save or free_gpu):
             return False, out
@@ -634,6 +655,12 @@ class TokenCakeConnector(KVConnectorBase_V1):
         self.stats.decisions_applied += 1
         if kind == "offload":
             self._offload(key, agent, free_gpu=bool(params.get("free_gpu", True)))
+        elif kind == "upload":
+            # The agent's KV is staged in the host store already (the form of predictive
+            # upload built here): its next request finds it in get_num_new_matched_tokens
+            # and loads it asynchronously. vLLM has no way to place KV into GPU blocks for a
+            # request that does not exist yet without a fork.
+            self.stats.uploads_staged += 1
         elif kind == "drop" and params.get("where", "gpu") == "gpu":
             self._to_free.append((agent.blocks, agent.hashes))
         elif kind == "pin":
@@ -643,8 +670,6 @@ class TokenCakeConnector(KVConnectorBase_V1):
             agent.pin_until = time.monotonic() + max(decision.due_in_s, 0.0)
         elif kind == "unpin":
             self._unpin(agent)
-        # "upload": the agent's KV is staged in the host store already; its next request
-        # finds it in get_num_new_matched_tokens and loads it asynchronously.
 
     def _offload(self, key: tuple[str, str], agent: _AgentKv, *, free_gpu: bool) -> None:
         assert self._pool is not None
@@ -652,6 +677,13 @@ class TokenCakeConnector(KVConnectorBase_V1):
         if not blocks:
             return
         hashes = agent.hashes[: len(blocks)]
+        self.stats.offloads_started += 1
+        for inflight in self._jobs.values():
+            if not inflight.is_load and inflight.hashes[: len(hashes)] == hashes:
+                # A save of these blocks is in flight (the request's own, at its finish):
+                # it is the offload's copy; free the blocks when it commits.
+                inflight.free_gpu = inflight.free_gpu or free_gpu
+                return
         # Hold a reference so the blocks cannot be reused while the worker copies them.
         self._pool.touch([self._pool.blocks[b] for b in blocks])
         params = AgentParams(app_id=key[0], agent_id=key[1])

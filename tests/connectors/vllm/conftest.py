@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,6 +81,15 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Shut an in-process engine down, including vLLM's process-wide worker connector, so a
+    later engine in the same process builds its own instead of inheriting this one."""
+    from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
+
+    llm.llm_engine.engine_core.shutdown()
+    ensure_kv_transfer_shutdown()
 
 
 @pytest.fixture(scope="session")

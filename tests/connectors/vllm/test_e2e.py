@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.connectors.vllm.conftest import DaemonProcess
+from tests.connectors.vllm.conftest import DaemonProcess, shutdown_engine
 from tests.connectors.vllm.workload import Turn, engine_kwargs, generate
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -104,6 +104,7 @@ def engine(tiny_model: Any, daemon: DaemonProcess, baseline: Any) -> Any:
         )
     )
     yield llm
+    shutdown_engine(llm)
     del llm
     gc.collect()
 
