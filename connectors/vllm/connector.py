@@ -45,7 +45,7 @@ from tokencake import protocol as p
 from tokencake.connectors.vllm.config import ConnectorConfig
 from tokencake.connectors.vllm.metadata import CopyJob, TokenCakeMetadata, TokenCakeWorkerMetadata
 from tokencake.connectors.vllm.params import NAMESPACE, AgentParams, agent_params
-from tokencake.connectors.vllm.worker import BlockCopier, close_arena, open_arena
+from tokencake.connectors.vllm.worker import Copier, close_arena, make_copier, open_arena
 from tokencake.layout import KvLayout
 
 if TYPE_CHECKING:
@@ -284,7 +284,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
         self._to_free: list[tuple[list[int], list[bytes]]] = []
         # worker side
         self._layer_names: list[str] = list(kv_cache_config.kv_cache_groups[0].layer_names)
-        self._copier: BlockCopier | None = None
+        self._copier: Copier | None = None
         self._arena: ArenaMapping | None = None
         self._done_loads: list[int] = []
         self._done_stores: list[int] = []
@@ -292,6 +292,8 @@ class TokenCakeConnector(KVConnectorBase_V1):
         self._recving: set[str] = set()
         self._sending: set[str] = set()
         self._bad_blocks: set[int] = set()
+        # CUDA copies in flight: (completion event, job, is_load); polled in get_finished.
+        self._inflight: list[tuple[Any, CopyJob, bool]] = []
 
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             logger.warning(
@@ -710,7 +712,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = [n for n in self._layer_names if n in kv_caches]
-        self._copier = BlockCopier([kv_caches[n] for n in names])
+        self._copier = make_copier([kv_caches[n] for n in names])
         if self._copier.bytes_per_block != self.layout.bytes_per_block:
             raise ValueError(
                 f"KV tensors hold {self._copier.bytes_per_block} B per block, "
@@ -729,22 +731,8 @@ class TokenCakeConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, TokenCakeMetadata)
-        if not meta.loads:
-            return
         for job in meta.loads:
-            try:
-                if job.fail:
-                    raise ConnectionError("the daemon that held these blocks is gone")
-                arena = self._arena_for(meta)
-                assert arena is not None and self._copier is not None
-                self._copier.from_arena(arena, job.slots, job.blocks)
-                self._done_loads.append(job.job_id)
-            except Exception as exc:
-                logger.warning("TokenCake load job %d failed (%s); recomputing", job.job_id, exc)
-                self._failed.append(job.job_id)
-                self._bad_blocks.update(job.blocks)
-            if job.req_id:
-                self._recving.add(job.req_id)
+            self._copy(meta, job, is_load=True)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are whole-request and asynchronous: nothing waits per layer
@@ -764,22 +752,58 @@ class TokenCakeConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, TokenCakeMetadata)
         for job in meta.stores:
-            try:
-                if not job.slots:
-                    self._done_stores.append(job.job_id)
-                    continue
+            self._copy(meta, job, is_load=False)
+
+    def _copy(self, meta: TokenCakeMetadata, job: CopyJob, *, is_load: bool) -> None:
+        """Run (CPU) or start (CUDA) one job; a failure is reported, never raised."""
+        try:
+            if job.fail:
+                raise ConnectionError("the daemon that held these blocks is gone")
+            done = None
+            if job.slots:
                 arena = self._arena_for(meta)
                 assert arena is not None and self._copier is not None
-                self._copier.to_arena(arena, job.blocks, job.slots)
-                self._done_stores.append(job.job_id)
-            except Exception:
-                logger.exception("TokenCake store job %d failed", job.job_id)
-                self._failed.append(job.job_id)
-            finally:
-                if job.req_id:
-                    self._sending.add(job.req_id)
+                if is_load:
+                    done = self._copier.from_arena(arena, job.slots, job.blocks)
+                else:
+                    done = self._copier.to_arena(arena, job.blocks, job.slots)
+        except Exception as exc:
+            logger.warning("TokenCake copy job %d failed (%s)", job.job_id, exc)
+            self._copy_done(job, is_load, ok=False)
+            return
+        if done is None:
+            self._copy_done(job, is_load, ok=True)
+        else:
+            self._inflight.append((done, job, is_load))
+
+    def _copy_done(self, job: CopyJob, is_load: bool, *, ok: bool) -> None:
+        if ok:
+            (self._done_loads if is_load else self._done_stores).append(job.job_id)
+        else:
+            self._failed.append(job.job_id)
+            if is_load:
+                self._bad_blocks.update(job.blocks)  # vLLM recomputes them
+        if job.req_id:
+            (self._recving if is_load else self._sending).add(job.req_id)
+
+    def _poll_inflight(self) -> None:
+        pending = []
+        for done, job, is_load in self._inflight:
+            try:
+                finished = bool(done.query())
+            except Exception as exc:
+                logger.warning("TokenCake copy job %d failed on the device (%s)", job.job_id, exc)
+                self._copy_done(job, is_load, ok=False)
+                continue
+            if finished:
+                self._copy_done(job, is_load, ok=True)
+            else:
+                pending.append((done, job, is_load))
+        self._inflight = pending
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._inflight:
+            self._poll_inflight()
         sending, recving = self._sending, self._recving
         self._sending, self._recving = set(), set()
         return (sending or None), (recving or None)
@@ -798,6 +822,9 @@ class TokenCakeConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._link is not None:
             self._link.close()
+        if self._inflight:  # never unmap (and unpin) memory a DMA is still writing
+            torch.cuda.synchronize()
+            self._inflight = []
         if self._arena is not None:
             close_arena(self._arena)
             self._arena = None
