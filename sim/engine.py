@@ -271,9 +271,10 @@ class Simulator:
                 if agent is None:
                     self.c.unknown_agent_decisions += 1
                 elif d.where == "host":
-                    self.c.host_dropped_blocks += self.host.drop_agent(agent.seq_keys)
+                    dropped = self.host.drop_agent(agent.seq_keys, d.blocks)
+                    self.c.host_dropped_blocks += dropped
                 else:
-                    self.pool.discard(agent)
+                    self.pool.discard(agent, d.blocks)
             # Pin/Unpin/Partition/Keep change nothing the engine owns: pins act through
             # eviction_order, partitions through may_allocate.
 

@@ -241,10 +241,13 @@ class GpuPool:
         else:
             self._cache(b, self.owner[b] or agent)
 
-    def discard(self, agent: AgentKv) -> int:
-        """Free the agent's cached blocks outright (a ``Drop``): content forgotten."""
+    def discard(self, agent: AgentKv, limit: int = 0) -> int:
+        """Free up to ``limit`` (0: all) of the agent's cached blocks, tail first (a ``Drop``)."""
         n = 0
-        for b in list(agent.cached):
+        victims = list(reversed(agent.cached))
+        if limit > 0:
+            victims = victims[:limit]
+        for b in victims:
             self._detach(b)
             self._drop_content(b)
             self.where[b] = FREE
@@ -309,9 +312,12 @@ class HostStore:
             self.lru[k] = owner
             self.lru.move_to_end(k)
 
-    def drop_agent(self, keys: Iterable[int]) -> int:
+    def drop_agent(self, keys: Iterable[int], limit: int = 0) -> int:
+        """Forget up to ``limit`` (0: all) of these keys, last first."""
         n = 0
-        for k in keys:
+        for k in reversed(list(keys)):
+            if limit and n >= limit:
+                break
             if self.lru.pop(k, None) is not None:
                 n += 1
         self.epoch += 1
