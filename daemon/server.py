@@ -658,6 +658,13 @@ class Daemon:
         for slot in slots:
             if slot >= 0:
                 engine.stores[slot] = started
+        present = sum(1 for slot in slots if slot < 0)
+        if app_id and present:
+            # Already on the host (an earlier save): for this agent's offload those blocks
+            # arrived at once. Without this the scheduler would wait for them forever.
+            self._apply_decisions(
+                self.scheduler.transfer_done(engine.engine_id, app_id, agent_id, "d2h", present)
+            )
         return p.ReserveReply(slots=slots)
 
     def _commit(self, _identity: bytes, req: p.Commit) -> p.CommitReply:

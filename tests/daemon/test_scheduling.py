@@ -85,3 +85,30 @@ def test_policy_runs_in_the_daemon(policy: str) -> None:
             kinds = {d.kind for d in records.decisions if d.agent_id == "plan"}
             assert "offload" in kinds, records.decisions
         assert daemon.error_counts == {}
+
+
+def test_offload_of_blocks_already_on_the_host_completes() -> None:
+    """A finish-time save stored the agent's blocks; the later offload reserves them again
+    (all -1). The scheduler must learn they are on the host, or it waits for them forever."""
+    clock = Clock()
+    for daemon in make_daemon("tokencake", clock):
+        reg = call(daemon, p.RegisterEngine("e", LAYOUT, num_gpu_blocks=200), p.RegisterEngineReply)
+        assert isinstance(reg, p.RegisterEngineReply)
+        eid = reg.engine_id
+        call(daemon, p.RegisterApp("app", DAG), p.EventAck)
+        hashes = [i.to_bytes(8, "little") for i in range(60)]
+        saved = call(daemon, p.Reserve(eid, hashes), p.ReserveReply)
+        assert isinstance(saved, p.ReserveReply)
+        call(daemon, p.Commit(eid, saved.slots), p.CommitReply)
+        call(daemon, p.LlmCallStart("app", "plan", eid, "r", 2000), p.EventAck)
+        clock.now += 0.5
+        call(daemon, p.LlmCallFinish("app", "plan", "r", 50, 60), p.EventAck)
+        call(daemon, p.EngineHeartbeat(eid, 10, 3, 1), p.EngineHeartbeatReply)
+        call(daemon, p.ToolCallStart("app", "plan", "search", 8.0, "c"), p.EventAck)
+        offloads = [d for d in daemon.decisions if d.kind == "offload" and d.agent_id == "plan"]
+        assert offloads and offloads[-1].blocks == 60
+        again = call(daemon, p.Reserve(eid, hashes, app_id="app", agent_id="plan"), p.ReserveReply)
+        assert isinstance(again, p.ReserveReply) and again.slots == [-1] * 60
+        agents = call(daemon, p.ListAgents("app"), p.ListAgentsReply)
+        assert isinstance(agents, p.ListAgentsReply)
+        assert {a.agent_id: a.host_blocks for a in agents.agents}["plan"] == 60
