@@ -1,16 +1,21 @@
 """Prometheus metrics, served on a loopback HTTP port from prometheus-client's own thread.
 
 The event loop only increments counters and sets gauges; scraping reads them. Pool gauges
-are refreshed by the loop on its housekeeping timer, not by the scrape thread, so the
-scrape never touches daemon state.
+are refreshed by the loop on its housekeeping timer, not by the scrape thread. Requests and
+errors, counted on every message, are plain dict counters the loop keeps anyway; the scrape
+thread copies them (one atomic ``dict`` copy under the GIL) instead of the loop paying for a
+locked prometheus counter per message.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +46,9 @@ class DaemonMetrics:
             buckets=_TRANSFER_BUCKETS,
             registry=r,
         )
-        self.events = Counter("tokencake_events_total", "Requests by op", ["op"], registry=r)
-        self.errors = Counter(
-            "tokencake_errors_total", "Error replies by code", ["code"], registry=r
-        )
+        self.event_counts: dict[str, int] = {}
+        self.error_counts: dict[str, int] = {}
+        r.register(_CountsCollector(self))
         self.decisions = Counter(
             "tokencake_decisions_total", "Scheduler decisions by kind", ["kind"], registry=r
         )
@@ -52,14 +56,6 @@ class DaemonMetrics:
         self.engines = Gauge("tokencake_engines", "Registered engines", registry=r)
         self.apps = Gauge("tokencake_apps", "Live applications", registry=r)
         self._server: Any = None
-        self._event_children: dict[str, Any] = {}
-
-    def event(self, op: str) -> None:
-        """Count one request; the labelled child is cached (``labels()`` costs a lock)."""
-        child = self._event_children.get(op)
-        if child is None:
-            child = self._event_children[op] = self.events.labels(op)
-        child.inc()
 
     def serve(self, port: int) -> None:
         """Bind 127.0.0.1:port. Raises OSError when the port is taken."""
@@ -74,3 +70,18 @@ class DaemonMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _CountsCollector(Collector):
+    def __init__(self, metrics: DaemonMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        events = CounterMetricFamily("tokencake_events", "Requests by op", labels=["op"])
+        for op, n in dict(self._metrics.event_counts).items():
+            events.add_metric([op], n)
+        yield events
+        errors = CounterMetricFamily("tokencake_errors", "Error replies by code", labels=["code"])
+        for code, n in dict(self._metrics.error_counts).items():
+            errors.add_metric([code], n)
+        yield errors

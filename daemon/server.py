@@ -99,8 +99,8 @@ class Daemon:
         self.bytes_offloaded = 0
         self._evictions_reported = 0
         self.bytes_uploaded = 0
-        self.event_counts: dict[str, int] = {}
-        self.error_counts: dict[str, int] = {}
+        self.event_counts = self.metrics.event_counts
+        self.error_counts = self.metrics.error_counts
         self._stop = False
         self._reload = False
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -400,8 +400,8 @@ class Daemon:
                 request_id, op = _peek_ids(frame)
                 code = ErrorCode.BAD_FRAME if op == "?" else ErrorCode.BAD_REQUEST
                 raise ProtocolError(code, f"invalid UTF-8: {exc.reason}") from None
-            self.event_counts[op] = self.event_counts.get(op, 0) + 1
-            self.metrics.event(op)
+            counts = self.event_counts
+            counts[op] = counts.get(op, 0) + 1
             reply = self._handlers[op](identity, body)
             return p.encode_reply(op, request_id, reply)
         except ProtocolError as exc:
@@ -414,7 +414,6 @@ class Daemon:
 
     def _count_error(self, code: str) -> None:
         self.error_counts[code] = self.error_counts.get(code, 0) + 1
-        self.metrics.errors.labels(code).inc()
 
     def _send(self, identity: bytes, frame: bytes) -> bool:
         if self._sock is None:  # not serving (in-process use by tests and tools)
