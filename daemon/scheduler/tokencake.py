@@ -19,13 +19,17 @@ Spatial (``spatial=True``)
     app's widest node), join lag (share of the join group's siblings already through),
     waiting (ln(1 + wait / the node's own expected LLM time)), preemptions (ln(1 + n)) and
     app progress. No term has a tuned weight; each contribution is reported.
-    Partition: each class (agent type) gets a reservation that follows its critical
-    agents' demand (blocks held + blocks waited for), smoothed, and capped at
-    ``max_reserve_fraction`` of the pool; the rest is shared. ``may_allocate`` lets a
-    non-critical agent take blocks only from its own class's unused reservation or from
-    what is left after protecting waiting critical agents (their blocks, or the unused
-    reservations of their classes): no critical inversion. Critical agents are never
-    refused. Eviction: the KV whose next use is furthest away (predicted remaining tool
+    Admission: applications in registration order (program-level FCFS, ``app_rank``),
+    the node priority within an application: interleaving applications under memory
+    contention makes every app's context compete for the pool (evicted, recomputed, and
+    every app finishing near the end). Partition: each class (agent type) gets a
+    reservation that follows its critical agents' demand (blocks held + blocks waited
+    for), smoothed, and capped at ``max_reserve_fraction`` of the pool; the rest is
+    shared. ``may_allocate`` lets a non-critical agent take blocks from its own class's
+    unused reservation, or from what is left after the blocks wanted by waiting critical
+    agents that rank ahead of it (its own app or an older one): no critical inversion,
+    and no memory held idle for a newer app's agent while an older app waits. Critical
+    agents are never refused. Eviction: the KV whose next use is furthest away (predicted remaining tool
     time; DAG gap to the successors; ended apps first), divided by priority.
 """
 
@@ -212,6 +216,19 @@ class TokenCakePolicy(TrackingPolicy):
         terms["importance"] = node.importance
         return score, terms
 
+    @staticmethod
+    def app_rank(agent: AgentState) -> tuple[float, str]:
+        """Order of applications: the one registered first goes first (program-level FCFS).
+
+        Under memory contention, interleaving applications multiplies the working set that
+        must be resident at once (every app keeps its context warm), so every app's KV is
+        evicted and recomputed and every app finishes near the end. Serving the oldest app's
+        ready nodes first bounds the working set to the apps in progress and is what
+        minimises mean app latency among equal-sized jobs; it cannot starve anyone (a newer
+        app never overtakes an older one). Within an application, the node priority decides.
+        """
+        return agent.app.registered_s, agent.app.app_id
+
     def admission_order(
         self, waiting: Sequence[WaitingRequest], now: float
     ) -> list[WaitingRequest]:
@@ -220,10 +237,14 @@ class TokenCakePolicy(TrackingPolicy):
         keyed = []
         for w in waiting:
             agent = self._agent(w.app_id, w.agent_id, create=False)
-            score = self.priority(agent, now)[0] if agent is not None else 1.0
-            keyed.append((-score, w.arrival_s, w.request_id, w))
-        keyed.sort(key=lambda k: (k[0], k[1], k[2]))
-        return [k[3] for k in keyed]
+            if agent is not None:
+                rank = self.app_rank(agent)
+                score = self.priority(agent, now)[0]
+            else:
+                rank, score = (w.arrival_s, w.app_id), 1.0
+            keyed.append((rank, -score, w.arrival_s, w.request_id, w))
+        keyed.sort(key=lambda k: (k[0], k[1], k[2], k[3]))
+        return [k[4] for k in keyed]
 
     def next_use_s(self, agent: AgentState | None, now: float) -> float:
         """Expected seconds until this agent's KV is read again (for eviction)."""
@@ -262,11 +283,14 @@ class TokenCakePolicy(TrackingPolicy):
         if agent is not None and agent.critical:
             return True, d.Reason("allow:critical", {})
         klass = agent.klass if agent is not None else agent_id
-        protect_reserved = 0
-        for c in self.crit_waiting_by_class:
-            if c != klass:
-                protect_reserved += max(0, self.reservations.get(c, 0) - self.class_usage.get(c, 0))
-        protect = max(self.crit_waiting_blocks, protect_reserved)
+        # Only critical agents that rank ahead of this one (an older app, or its own app)
+        # are protected: memory kept for a critical agent of a newer app would idle while
+        # the older app, which the admission order serves first, waits for it.
+        rank = self.app_rank(agent) if agent is not None else (math.inf, app_id)
+        protect = 0
+        for other in self.waiting.values():
+            if other.critical and other is not agent and self.app_rank(other) <= rank:
+                protect += other.wait_blocks
         own_unused = max(0, self.reservations.get(klass, 0) - self.class_usage.get(klass, 0))
         terms: dict[str, d.Term] = {
             "n_blocks": n_blocks,

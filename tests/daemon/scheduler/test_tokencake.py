@@ -186,6 +186,23 @@ def test_admission_puts_critical_agents_first_and_guard_blocks_inversion() -> No
     assert [w.request_id for w in t.admission_order(waiting, 0.2)] == ["rb", "ra"]
 
 
+def test_older_app_goes_first_and_newer_critical_agents_do_not_block_it() -> None:
+    p = make()
+    p.on_event(AppRegistered(0.0, "old", dag()))
+    p.on_event(AppRegistered(1.0, "new", dag()))
+    p.on_event(EngineState(1.0, 100, 30, num_waiting=2))
+    p.on_event(LlmCallStart(1.0, "new", "a", "rn", blocks=25))  # critical, newer app
+    p.on_event(LlmCallStart(1.1, "old", "b", "ro", blocks=20))  # off the path, older app
+    waiting = [WaitingRequest("rn", "new", "a", 25, 1.0), WaitingRequest("ro", "old", "b", 20, 1.1)]
+    assert [w.request_id for w in p.admission_order(waiting, 1.2)] == ["ro", "rn"]
+    ok, why = p.allocation_verdict("old", "b", 20, 1.2)
+    assert ok and why.rule == "allow:shared_pool"
+    # the newer app's own non-critical agent still yields to its critical one
+    p.on_event(LlmCallStart(1.2, "new", "b", "rb", blocks=20))
+    ok, why = p.allocation_verdict("new", "b", 20, 1.3)
+    assert not ok and why.rule == "deny:critical_inversion"
+
+
 def test_priority_terms_are_reported() -> None:
     p = make()
     p.on_event(AppRegistered(0.0, "app", dag()))
