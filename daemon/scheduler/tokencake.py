@@ -29,8 +29,11 @@ Spatial (``spatial=True``)
     unused reservation, or from what is left after the blocks wanted by waiting critical
     agents that rank ahead of it (its own app or an older one): no critical inversion,
     and no memory held idle for a newer app's agent while an older app waits. Critical
-    agents are never refused. Eviction: the KV whose next use is furthest away (predicted remaining tool
-    time; DAG gap to the successors; ended apps first), divided by priority.
+    agents are never refused. Eviction: KV nobody will read first (ended apps, agents
+    whose DAG successors all ran), then newer applications' KV before older ones (the
+    admission order reads older apps' KV first), then the KV whose next use is furthest
+    away (remaining predicted tool time; its successors' start: a waiting successor reads
+    the predecessor's KV, contexts being append-only), divided by priority.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from tokencake.daemon.scheduler.predictor import Z_Q10, Z_Q20, Z_Q95
 from tokencake.daemon.scheduler.state import (
     DONE,
     IDLE,
+    RUNNING,
     T_LATE,
     T_UPLOAD,
     TOOL,
@@ -257,8 +261,29 @@ class TokenCakePolicy(TrackingPolicy):
                 remaining = now - agent.tool_start
             return remaining
         if agent.phase == IDLE:
-            return agent.node.next_gap_s if agent.node.succ else NEVER
+            return self._consumer_gap_s(agent)
         return 0.0
+
+    def _consumer_gap_s(self, agent: AgentState) -> float:
+        """Seconds until an idle agent's KV is read by its consumers, the DAG successors.
+
+        Contexts are append-only along edges: a successor's prompt starts with this
+        agent's prompt and output, so the successor is who reads this KV next (after a
+        tool call too). A successor already waiting reads it now; once every successor has
+        run, what is left under this agent's name is read by nobody.
+        """
+        node = agent.node
+        if not node.succ:
+            return NEVER
+        app = agent.app
+        pending = False
+        for j in node.succ:
+            succ = app.agents.get(app.info.nodes[j].node_id)
+            if succ is None or succ.llm_calls == 0:
+                if succ is not None and succ.phase in (WAITING, RUNNING):
+                    return 0.0
+                pending = True
+        return node.next_gap_s if pending else NEVER
 
     def eviction_order(self, candidates: Sequence[CachedKv], now: float) -> list[CachedKv]:
         if not self.spatial:
@@ -268,10 +293,16 @@ class TokenCakePolicy(TrackingPolicy):
             agent = self._agent(c.app_id, c.agent_id, create=False)
             if agent is not None and agent.pinned_until > now:
                 continue
-            score = self.priority(agent, now)[0] if agent is not None else 1.0
-            keyed.append((-self.next_use_s(agent, now) / max(score, 1e-9), c.last_used_s, c))
-        keyed.sort(key=lambda k: (k[0], k[1]))
-        return [k[2] for k in keyed]
+            nxt = self.next_use_s(agent, now)
+            if agent is None or nxt >= NEVER:
+                keyed.append((0, 0.0, 0.0, c.last_used_s, c))  # read by nobody: first
+                continue
+            # Admission serves older apps first, so a newer app's KV is read later.
+            reg = agent.app.registered_s
+            score = self.priority(agent, now)[0]
+            keyed.append((1, -reg, -nxt / max(score, 1e-9), c.last_used_s, c))
+        keyed.sort(key=lambda k: k[:4])
+        return [k[4] for k in keyed]
 
     def allocation_verdict(
         self, app_id: str, agent_id: str, n_blocks: int, now: float

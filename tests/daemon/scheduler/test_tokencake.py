@@ -227,6 +227,25 @@ def test_eviction_prefers_kv_whose_next_use_is_far() -> None:
     assert [c.agent_id for c in order] == ["a", "b"]
 
 
+def test_eviction_follows_the_consumer_and_the_app_order() -> None:
+    p = make()
+    p.on_event(EngineState(0.0, 1000, 900))
+    p.on_event(AppRegistered(0.0, "old", dag()))
+    p.on_event(AppRegistered(1.0, "new", dag()))
+    for app in ("old", "new"):
+        p.on_event(LlmCallStart(1.0, app, "b", f"{app}b", blocks=10))
+        p.on_event(LlmCallAdmitted(1.0, app, "b", f"{app}b", blocks=10))
+    for app in ("old", "new"):
+        p.on_event(LlmCallFinish(2.0, app, "b", f"{app}b", kv_blocks=10))
+    cands = [CachedKv("old", "b", 10, 2.0), CachedKv("new", "b", 10, 2.0)]
+    assert [c.app_id for c in p.eviction_order(cands, 2.5)] == ["new", "old"]
+    # old/b's consumer c ran: nobody reads what is left under b's name, it goes first
+    p.on_event(LlmCallStart(3.0, "old", "c", "oldc", blocks=12))
+    p.on_event(LlmCallAdmitted(3.0, "old", "c", "oldc", blocks=12))
+    p.on_event(LlmCallFinish(4.0, "old", "c", "oldc", kv_blocks=12))
+    assert [c.app_id for c in p.eviction_order(cands, 4.5)] == ["old", "new"]
+
+
 def test_partition_follows_critical_demand() -> None:
     p = make(partition_interval_s=0.5)
     p.on_event(AppRegistered(0.0, "app", dag()))
