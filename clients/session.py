@@ -9,8 +9,9 @@
 
 Events are hints to the scheduler, so a daemon that is down must not break the agent app:
 ``DaemonUnavailable`` is logged and counted (``missed_events``), never raised, unless the
-session is ``strict``. Error replies (an unknown agent, a bad DAG) are always raised: they
-are bugs in the caller.
+session is ``strict``. A daemon that restarted has forgotten the app: the session declares
+its DAG again and resends the event. Other error replies (an unknown agent, a bad DAG) are
+raised: they are bugs in the caller.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ class AppSession:
         self.client = client
         self.app_id = app_id
         self.dag = dag
+        self.tenant = tenant
         self.strict = strict
         self.missed_events = 0
+        self.reregistrations = 0
         self._send(client.register_app, app_id, dag, tenant)
 
     def agent(self, agent_id: str, engine_id: str = "") -> AgentSession:
@@ -69,7 +72,16 @@ class AppSession:
 
     def _send(self, fn: Callable[..., p.EventAck], *args: Any, **kwargs: Any) -> bool:
         try:
-            return fn(*args, **kwargs).accepted
+            try:
+                return fn(*args, **kwargs).accepted
+            except p.RemoteError as exc:
+                # A restarted daemon has forgotten the app (its state is a cache): declare
+                # the DAG again and resend, once.
+                if exc.code != p.ErrorCode.UNKNOWN_APP or fn == self.client.register_app:
+                    raise
+                self.client.register_app(self.app_id, self.dag, self.tenant)
+                self.reregistrations += 1
+                return fn(*args, **kwargs).accepted
         except DaemonUnavailable as exc:
             self.missed_events += 1
             if self.strict:

@@ -8,12 +8,16 @@ logic; priorities and critical paths come from the scheduler.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
 from tokencake.protocol import MAX_DAG_NODES, MAX_NAME_CHARS, AppDag, ErrorCode, ProtocolError
 
 logger = logging.getLogger(__name__)
+
+MAX_NODE_SECONDS = 7 * 86400.0
+"""Upper bound of a node's expected durations (and of its importance): a week."""
 
 
 class AgentState:
@@ -65,9 +69,12 @@ def validate_dag(app_id: str, dag: AppDag) -> None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "node ids must be 1..256 chars")
         if node.id in ids:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"duplicate node id {node.id!r}")
-        if node.importance < 0 or node.expected_llm_s < 0 or node.expected_tool_s < 0:
+        numbers = (node.importance, node.expected_llm_s, node.expected_tool_s)
+        if not all(math.isfinite(x) and 0 <= x <= MAX_NODE_SECONDS for x in numbers):
             raise ProtocolError(
-                ErrorCode.BAD_REQUEST, f"node {node.id!r}: importance and durations must be >= 0"
+                ErrorCode.BAD_REQUEST,
+                f"node {node.id!r}: importance and durations must be finite, "
+                f"within 0..{MAX_NODE_SECONDS:.0f}",
             )
         ids.add(node.id)
     indegree = dict.fromkeys(ids, 0)

@@ -642,7 +642,7 @@ def encode_push(op: str, body: msgspec.Struct) -> bytes:
 def decode_reply_envelope(frame: bytes) -> ReplyEnvelope:
     try:
         return _reply_decoder.decode(frame)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RemoteError(ErrorCode.BAD_FRAME, f"undecodable reply: {exc}") from None
 
 
@@ -655,7 +655,7 @@ def decode_reply_body(env: ReplyEnvelope, reply_type: type[T]) -> T:
         decoder = _reply_body_decoders[reply_type] = msgspec.msgpack.Decoder(reply_type)
     try:
         result: T = decoder.decode(env.body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RemoteError(ErrorCode.BAD_FRAME, f"reply body for {env.op}: {exc}") from None
     return result
 

@@ -46,3 +46,20 @@ def test_session_raises_daemon_refusals(daemon: DaemonProcess) -> None:
     bad = p.AppDag(nodes=[p.DagNode("a"), p.DagNode("a")])
     with daemon.client() as c, pytest.raises(p.RemoteError):
         AppSession(c, "s4", bad)
+
+
+def test_session_re_registers_after_a_daemon_restart(tmp_path: Path) -> None:
+    from tests.conftest import start_daemon
+
+    d = start_daemon(tmp_path)
+    with TokenCakeClient(d.endpoint, timeout_s=2.0) as c:
+        app = AppSession(c, "s5", DAG, strict=True)
+        d.stop()
+        d2 = start_daemon(tmp_path, endpoint=d.endpoint)
+        try:
+            with app.agent("planner").tool_call("search", predicted_s=1.0):
+                pass
+            assert app.reregistrations == 1
+            assert [a.app_id for a in c.list_apps().apps] == ["s5"]
+        finally:
+            d2.stop()

@@ -306,3 +306,10 @@ def test_multipart_message_is_refused(daemon: DaemonProcess) -> None:
     ping = p.encode_request(p.Ping(), 3)
     reply = raw_call(daemon, ping, ping)
     assert reply["error"]["code"] == ErrorCode.BAD_FRAME
+
+
+@pytest.mark.parametrize("field", ["importance", "expected_llm_s", "expected_tool_s"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_dag_numbers_must_be_finite(client: TokenCakeClient, field: str, value: float) -> None:
+    node = msgspec.structs.replace(p.DagNode("a"), **{field: value})
+    expect_error(ErrorCode.BAD_REQUEST, client.register_app, "bad", p.AppDag(nodes=[node]))
