@@ -80,8 +80,8 @@ def _phase_real(frames: int, seed: int, tmp: Path) -> tuple[int, int, int]:
     """Returns (frames sent, replies, mismatches or internal errors)."""
     import zmq
 
+    from tests.procs import start
     from tests.reliability.harness import FrameGen, InProcessDaemon, check_case
-    from tests.reliability.procs import start
     from tokencake import protocol as p
     from tokencake.clients.client import TokenCakeClient
 

@@ -22,13 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.daemon.test_server import snapshot
+from tests.procs import start
 from tests.reliability.harness import (
     IDENTITY,
     FrameGen,
     InProcessDaemon,
     check_case,
 )
-from tests.reliability.procs import start
 from tokencake import protocol as p
 from tokencake.clients.client import TokenCakeClient
 from tokencake.protocol import ErrorCode

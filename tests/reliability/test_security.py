@@ -16,7 +16,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from tests.reliability.procs import Proc, free_port, spawn_daemon, start, wait_exit, wait_ready
+from tests.procs import Proc, free_port, spawn_daemon, start, wait_exit, wait_ready
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
 from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.daemon.arena import Arena, ArenaError

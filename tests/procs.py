@@ -1,5 +1,5 @@
-"""Real processes for the fault and security tests: daemons on any endpoint, and clients
-that can be killed in the middle of what they do."""
+"""Real tokencaked processes for the tests: daemons on any endpoint, that tests can stop
+cleanly, kill -9, and restart on the same socket."""
 
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ class Proc:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.endpoint.removeprefix("ipc://"))
+
+    def client(self, timeout_s: float = 5.0) -> TokenCakeClient:
+        return TokenCakeClient(self.endpoint, timeout_s=timeout_s)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
