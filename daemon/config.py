@@ -8,12 +8,15 @@ Precedence, lowest first: the built-in default, the TOML file (``--config``), th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "TOKENCAKE_"
 
@@ -205,17 +208,29 @@ def from_toml(path: Path) -> dict[str, Any]:
 
 
 def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """``TOKENCAKE_ARENA_BYTES=2GiB`` and friends. Unknown TOKENCAKE_ keys are an error."""
+    """``TOKENCAKE_ARENA_BYTES=2GiB`` and friends.
+
+    The environment is shared with other tools (the scripts' ``TOKENCAKE_VENV``, a
+    connector's settings), so a ``TOKENCAKE_`` name that is no config key is ignored with a
+    warning that names it, rather than stopping the daemon. Bad values of real keys are
+    errors.
+    """
     out: dict[str, Any] = {}
+    unknown: list[str] = []
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in _ENV_IGNORED:
+        if not name.startswith(ENV_PREFIX) or name == "TOKENCAKE_CONFIG":
             continue
-        out[name[len(ENV_PREFIX) :].lower()] = value
+        key = name[len(ENV_PREFIX) :].lower()
+        if key in _FIELD_TYPES:
+            out[key] = value
+        else:
+            unknown.append(name)
+    if unknown:
+        logger.warning(
+            "ignoring environment variables that are not tokencaked settings: %s",
+            ", ".join(sorted(unknown)),
+        )
     return _coerce_all(out)
-
-
-# Variables with the prefix that are not config keys (read by other parts).
-_ENV_IGNORED = frozenset({"TOKENCAKE_CONFIG", "TOKENCAKE_ENDPOINT_CLIENT"})
 
 
 def load_config(

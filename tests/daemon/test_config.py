@@ -29,7 +29,6 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
     ("env", "match"),
     [
         ({"TOKENCAKE_ARENA_BYTES": "12 parsecs"}, "not a size"),
-        ({"TOKENCAKE_NO_SUCH_KEY": "1"}, "unknown config key"),
         ({"TOKENCAKE_LOG_JSON": "maybe"}, "log_json"),
         ({"TOKENCAKE_ENDPOINT": "tcp://127.0.0.1:5555"}, "curve"),
         ({"TOKENCAKE_ENDPOINT": "http://x"}, "ipc:// or tcp://"),
@@ -52,3 +51,15 @@ def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
 def test_with_overrides_validates() -> None:
     with pytest.raises(ConfigError):
         DaemonConfig().with_overrides({"lease_s": -1})
+
+
+def test_unknown_env_names_are_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(environ={"TOKENCAKE_VENV": "/x", "TOKENCAKE_LEASE_S": "4"})
+    assert cfg.lease_s == 4.0
+    assert "TOKENCAKE_VENV" in caplog.text
+    path = tmp_path / "c.toml"
+    path.write_text("venv = 1\n")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(path, environ={})
