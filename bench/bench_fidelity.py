@@ -135,6 +135,17 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
             tool_predicted_s=tool_s if tool else None,
         )
 
+    if phase == "daemon":
+        # The daemon only schedules agents of apps that declared their DAG (as an agent app
+        # does through AppSession); without this every agent event is refused.
+        from tokencake.clients.client import TokenCakeClient
+        from tokencake.protocol import AppDag, DagNode
+
+        dag = AppDag(nodes=[DagNode("agent", expected_tool_s=tool_s, tool_kind="search")])
+        with TokenCakeClient(endpoint, timeout_s=2.0) as client:
+            for a in range(agents):
+                client.register_app(f"{phase}-app-{a}", dag)
+
     # (due time, request id, prompt, params, max_tokens); continuations are added on finish
     due: list[tuple[float, str, list[int], dict[str, Any] | None, int]] = []
     for f, at in enumerate(FILLER_AT):
