@@ -103,7 +103,8 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
     generate(llm, [_ids(1, 100)], [None], 4)  # warm-up: CPU kernels are built on first use
     llm.reset_prefix_cache()
     engine = llm.llm_engine
-    core: Any = engine.engine_core.engine_core
+    engine_client: Any = engine.engine_core  # in-process (no multiprocessing)
+    core: Any = engine_client.engine_core
     sched = core.scheduler
     conn = sched.connector
     free_blocks = sched.kv_cache_manager.block_pool.get_num_free_blocks()
@@ -160,7 +161,8 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
             due.remove(item)
             add(item[1], item[2], item[3], item[4])
         if engine.has_unfinished_requests():
-            for out in engine.step():
+            step_outputs: list[Any] = list(engine.step())
+            for out in step_outputs:
                 if not out.finished:
                     continue
                 rid = out.request_id
