@@ -88,16 +88,7 @@ def _phase_real(frames: int, seed: int, tmp: Path) -> tuple[int, int, int]:
     # The same arena size as the shadow's, so slot numbers mean the same on both sides.
     d = start(tmp, "--lease-s", "3600", env={"TOKENCAKE_ENGINE_TIMEOUT_S": "3600"}, arena="1MiB")
     shadow = InProcessDaemon(tmp)
-    recorded: list[bytes] = []
-    original = shadow.daemon.handle_frame
-
-    def recording(identity: bytes, frame: bytes) -> bytes:
-        recorded.append(frame)
-        return original(identity, frame)
-
-    shadow.daemon.handle_frame = recording  # type: ignore[method-assign]
-    shadow.seed()
-    shadow.daemon.handle_frame = original  # type: ignore[method-assign]
+    recorded = shadow.seed_recorded()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

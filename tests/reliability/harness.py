@@ -103,6 +103,22 @@ class InProcessDaemon:
         env = self.call(req, identity)
         return p.decode_reply_body(env, req.reply)
 
+    def seed_recorded(self) -> list[bytes]:
+        """``seed`` this daemon and return the frames that did it, to replay elsewhere."""
+        recorded: list[bytes] = []
+        original = self.daemon.handle_frame
+
+        def recording(identity: bytes, frame: bytes) -> bytes:
+            recorded.append(frame)
+            return original(identity, frame)
+
+        self.daemon.handle_frame = recording  # type: ignore[method-assign]
+        try:
+            self.seed()
+        finally:
+            self.daemon.handle_frame = original  # type: ignore[method-assign]
+        return recorded
+
     def seed(self) -> None:
         """Engines, an app, and slots in every state, so ops have something to hit."""
         d = self.daemon

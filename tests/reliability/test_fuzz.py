@@ -138,16 +138,7 @@ def test_fuzz_frames_against_a_real_daemon(tmp_path: Path) -> None:
         arena="1MiB",
     )
     shadow = InProcessDaemon(tmp_path)
-    recorded: list[bytes] = []
-    original = shadow.daemon.handle_frame
-
-    def recording(identity: bytes, frame: bytes) -> bytes:
-        recorded.append(frame)
-        return original(identity, frame)
-
-    shadow.daemon.handle_frame = recording  # type: ignore[method-assign]
-    shadow.seed()
-    shadow.daemon.handle_frame = original  # type: ignore[method-assign]
+    recorded = shadow.seed_recorded()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
