@@ -1,10 +1,11 @@
 """tokencaked's event loop: one thread owns the store, the registry and the scheduler.
 
 The loop blocks in ``recv`` on a ZMQ ROUTER socket, with a timeout set by its timers; signal
-handlers only set flags that the loop reads between messages. Each request is decoded, validated and handled to completion before the next; handlers either succeed or
-raise ``ProtocolError`` before changing anything, so a bad request leaves the daemon as it
-was. Nothing here copies KV bytes: engines copy through the shared-memory arena, and the
-frames carry slot numbers.
+handlers only set flags that the loop reads between messages. Each request is decoded,
+validated and handled to completion before the next; handlers either succeed or raise
+``ProtocolError`` before changing anything, so a bad request leaves the daemon as it was.
+Nothing here copies KV bytes: engines copy through the shared-memory arena, and the frames
+carry slot numbers.
 """
 
 from __future__ import annotations
