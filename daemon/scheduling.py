@@ -27,6 +27,9 @@ class AgentSummary:
     priority: float = 0.0
     on_critical_path: bool = False
     host_blocks: int = 0
+    protect_blocks: int = 0
+    app_registered_s: float | None = None
+    """None when no policy tracks the agent."""
 
 
 class SchedulerBridge:
@@ -42,6 +45,7 @@ class SchedulerBridge:
         self._clock = clock
         self._policies: dict[str, Policy] = {}
         self._configs: dict[str, PolicyConfig] = {}
+        self._pool_sizes: dict[str, int] = {}
         self._apps: dict[str, AppRecord] = {}
         self._tags: dict[tuple[str, str], int] = {}
         self._next_tag = 1
@@ -56,24 +60,31 @@ class SchedulerBridge:
         policy = create_policy(self.policy_name, config)
         self._policies[engine_id] = policy
         now = self._clock()
+        self._pool_sizes[engine_id] = num_gpu_blocks
+        self._prime(policy, num_gpu_blocks, now)
+
+    def _prime(self, policy: Policy, num_gpu_blocks: int, now: float) -> None:
+        """Bring a fresh policy up to date: the engine's pool and the live applications."""
+        if num_gpu_blocks > 0:
+            # An engine's pool is taken as empty until its next report says otherwise:
+            # without this the policy reads "0 free" (a full GPU) and offloads under no
+            # pressure (found by bench/bench_fidelity.py).
+            policy.on_event(ev.EngineState(now, num_gpu_blocks, num_gpu_blocks, 0, 0))
         for app in self._apps.values():
             policy.on_event(ev.AppRegistered(now, app.app_id, app.dag, app.tenant))
 
     def engine_gone(self, engine_id: str) -> None:
         self._policies.pop(engine_id, None)
         self._configs.pop(engine_id, None)
+        self._pool_sizes.pop(engine_id, None)
 
     def switch_policy(self, name: str) -> None:
         """SIGHUP to another policy: fresh instances, live apps replayed into them."""
         policy_class(name)
         self.policy_name = name
         for engine_id, config in self._configs.items():
-            self._policies[engine_id] = create_policy(name, config)
-            now = self._clock()
-            for app in self._apps.values():
-                self._policies[engine_id].on_event(
-                    ev.AppRegistered(now, app.app_id, app.dag, app.tenant)
-                )
+            self._policies[engine_id] = policy = create_policy(name, config)
+            self._prime(policy, self._pool_sizes.get(engine_id, 0), self._clock())
 
     def engine_state(
         self,
@@ -179,7 +190,13 @@ class SchedulerBridge:
         for candidate in candidates:
             view = candidate.agent_view(agent.app_id, agent.agent_id)
             if view is not None:
-                return AgentSummary(view.priority, view.on_critical_path, view.host_blocks)
+                return AgentSummary(
+                    view.priority,
+                    view.on_critical_path,
+                    view.host_blocks,
+                    view.protect_blocks,
+                    view.app_registered_s,
+                )
         return AgentSummary()
 
     def critical_path(self, app_id: str) -> list[str]:

@@ -821,6 +821,12 @@ class Daemon:
                         tool_kind=agent.tool_kind,
                         tool_predicted_s=agent.tool_predicted_s,
                         state_for_s=now - agent.state_since,
+                        protect_blocks=view.protect_blocks,
+                        app_age_s=(
+                            max(0.0, now - view.app_registered_s)
+                            if view.app_registered_s is not None
+                            else 0.0
+                        ),
                     )
                 )
         return p.ListAgentsReply(agents=out)

@@ -433,6 +433,10 @@ class AgentInfo(msgspec.Struct):
     tool_kind: str
     tool_predicted_s: float | None
     state_for_s: float
+    protect_blocks: int = 0
+    """GPU blocks the critical-inversion guard keeps free for this agent."""
+    app_age_s: float = 0.0
+    """Seconds since the agent's application registered: older applications rank ahead."""
 
 
 class ListAgentsReply(msgspec.Struct):

@@ -186,6 +186,10 @@ class AgentView:
     tool_kind: str
     tool_predicted_s: float | None
     state_since_s: float
+    protect_blocks: int = 0
+    """Blocks the critical-inversion guard keeps free for this agent (``guard``)."""
+    app_registered_s: float = 0.0
+    """When the agent's application registered (policy clock): the guard's rank."""
 
 
 class Policy(ABC):

@@ -14,8 +14,10 @@ Accounting model (what "blocks" mean to the policy):
   flight; ``upload_left``: blocks of an accepted upload not yet released as pieces;
 * ``host_used`` counts host blocks plus offloads in flight, and never exceeds the host
   capacity: an offload is only decided when it fits;
-* ``gpu_free`` is the engine's last report, minus upload pieces released since, plus the
-  blocks the policy knows were freed since. Uploads never take blocks the head of the
+* ``gpu_free`` is the engine's last report, minus upload pieces released and blocks
+  admitted since, plus the blocks the policy knows were freed since. Like vLLM's free block
+  queue, it counts idle cached blocks as free: a finished call's blocks return to it, and
+  offloading or evicting idle blocks does not change it. Uploads never take blocks the head of the
   waiting queue needs (urgent) or that any waiting request needs (predictive, prefetch):
   this is what keeps the head of the queue from starving behind asynchronous reloads.
 """
@@ -214,6 +216,8 @@ class TrackingPolicy(Policy):
         )
         self.apps: dict[str, AppState] = {}
         self.waiting: OrderedDict[tuple[str, str], AgentState] = OrderedDict()
+        self.guarded: dict[tuple[str, str], AgentState] = {}
+        """Critical agents waiting or in a tool call: those ``guard.protected_blocks`` covers."""
         self.own_waiting_blocks = 0
         self.crit_waiting_blocks = 0
         self.crit_waiting_by_class: dict[str, int] = {}
@@ -321,6 +325,10 @@ class TrackingPolicy(Policy):
         if agent.phase != phase:
             agent.phase = phase
             agent.phase_since = self.now
+        if agent.critical and phase in (WAITING, TOOL):
+            self.guarded[agent.key] = agent
+        else:
+            self.guarded.pop(agent.key, None)
 
     def _set_gpu(self, agent: AgentState, blocks: int) -> None:
         blocks = max(0, blocks)
@@ -581,9 +589,10 @@ class TrackingPolicy(Policy):
         self._remove_waiting(agent)
         self._set_phase(agent, RUNNING)
         if ev.blocks > 0:
-            grown = ev.blocks - agent.gpu_blocks
+            # Every block the request holds leaves the free count, its own cached prefix
+            # too: idle cached blocks were counted free.
             self._set_gpu(agent, ev.blocks)
-            self.gpu_free -= max(0, grown)
+            self.gpu_free -= ev.blocks
         agent.last_used_s = ev.now
         self._unpin(agent, "running", out)
 
@@ -602,6 +611,10 @@ class TrackingPolicy(Policy):
         if agent is None:
             return
         self._remove_waiting(agent)
+        if agent.phase == RUNNING:
+            # The request's blocks are now idle cached KV, which the engine counts as free
+            # (a new request may evict them): vLLM's free block queue, the simulator's too.
+            self.gpu_free += agent.gpu_blocks
         self._set_phase(agent, IDLE)
         if ev.kv_blocks > 0:
             self._set_gpu(agent, ev.kv_blocks)
@@ -711,9 +724,9 @@ class TrackingPolicy(Policy):
             else:
                 agent.host_blocks += blocks
                 if agent.offload_moves:
+                    # Idle blocks: already counted free by the engine, now empty.
                     moved = min(blocks, agent.gpu_blocks)
                     self._set_gpu(agent, agent.gpu_blocks - moved)
-                    self.gpu_free += moved
                 if agent.drop_on_arrival or agent.phase == DONE:
                     self._drop(agent, "host", agent.host_blocks, "dropped_on_arrival", {}, out)
                 elif agent.upload_parked and agent.upload_left > 0:
@@ -766,9 +779,9 @@ class TrackingPolicy(Policy):
         if agent is None:
             return
         if ev.where == "gpu":
+            # Only idle blocks are evicted, and the engine counted them free already.
             freed = min(max(ev.blocks, 0), agent.gpu_blocks)
             self._set_gpu(agent, agent.gpu_blocks - freed)
-            self.gpu_free += freed
         else:
             freed = min(max(ev.blocks, 0), agent.host_blocks - agent.uploading)
             agent.host_blocks -= freed
@@ -917,7 +930,14 @@ class TrackingPolicy(Policy):
             tool_kind=agent.tool_kind if agent.phase == TOOL else "",
             tool_predicted_s=agent.predicted_s if agent.phase == TOOL else None,
             state_since_s=agent.phase_since,
+            protect_blocks=self.protected_blocks(agent),
+            app_registered_s=agent.app.registered_s,
         )
+
+    def protected_blocks(self, agent: AgentState) -> int:
+        """Blocks the critical-inversion guard keeps free for ``agent``: none unless a
+        policy applies the guard (``TokenCakePolicy``)."""
+        return 0
 
     def agent_views(self, app_id: str = "") -> list[AgentView]:
         apps = (

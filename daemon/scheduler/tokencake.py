@@ -42,6 +42,7 @@ import math
 from collections.abc import Sequence
 
 from tokencake.daemon.scheduler import decisions as d
+from tokencake.daemon.scheduler import guard
 from tokencake.daemon.scheduler.policy import CachedKv, PolicyConfig, WaitingRequest
 from tokencake.daemon.scheduler.predictor import Z_Q10, Z_Q20, Z_Q95
 from tokencake.daemon.scheduler.state import (
@@ -304,37 +305,48 @@ class TokenCakePolicy(TrackingPolicy):
         keyed.sort(key=lambda k: k[:4])
         return [k[4] for k in keyed]
 
+    def protected_blocks(self, agent: AgentState) -> int:
+        if not self.spatial:
+            return 0
+        return guard.protected_blocks(
+            critical=agent.critical,
+            phase=agent.phase,
+            wait_blocks=agent.wait_blocks,
+            gpu_blocks=agent.gpu_blocks,
+            host_blocks=agent.host_blocks,
+        )
+
     def allocation_verdict(
         self, app_id: str, agent_id: str, n_blocks: int, now: float
     ) -> tuple[bool, d.Reason]:
-        """``may_allocate`` with its reason (for logs and ``tokencake-ctl``)."""
+        """``may_allocate`` with its reason (for logs and ``tokencake-ctl``): the shared
+        critical-inversion guard (``guard``), which vLLM's ``TokenCakeScheduler`` applies
+        with the same figures."""
         if not self.spatial or self.gpu_total <= 0:
             return True, d.Reason("allow:unconstrained", {})
         agent = self._agent(app_id, agent_id, create=False)
         if agent is not None and agent.critical:
             return True, d.Reason("allow:critical", {})
-        klass = agent.klass if agent is not None else agent_id
         # Only critical agents that rank ahead of this one (an older app, or its own app)
         # are protected: memory kept for a critical agent of a newer app would idle while
-        # the older app, which the admission order serves first, waits for it.
+        # the older app, which the admission order serves first, waits for it. A request
+        # of no known agent ranks behind every application.
         rank = self.app_rank(agent) if agent is not None else (math.inf, app_id)
-        protect = 0
-        for other in self.waiting.values():
-            if other.critical and other is not agent and self.app_rank(other) <= rank:
-                protect += other.wait_blocks
-        own_unused = max(0, self.reservations.get(klass, 0) - self.class_usage.get(klass, 0))
+        ahead = (
+            self.protected_blocks(other)
+            for other in self.guarded.values()
+            if other is not agent and self.app_rank(other) <= rank
+        )
+        cap = guard.protect_cap(self.gpu_total, self.config.max_reserve_fraction)
+        protect = guard.total_protected(ahead, cap)
+        v = guard.verdict(critical=False, need=n_blocks, free=self.gpu_free, protect=protect)
         terms: dict[str, d.Term] = {
             "n_blocks": n_blocks,
             "gpu_free": self.gpu_free,
             "protected_for_critical": protect,
-            "own_reservation_unused": own_unused,
+            "protect_cap": cap,
         }
-        if n_blocks <= own_unused:
-            return True, d.Reason("allow:own_reservation", terms)
-        if protect == 0 or self.gpu_free - n_blocks >= protect:
-            # nothing critical to protect: the engine may evict to make room as usual
-            return True, d.Reason("allow:shared_pool", terms)
-        return False, d.Reason("deny:critical_inversion", terms)
+        return v.allowed, d.Reason(v.rule, terms)
 
     def may_allocate(self, app_id: str, agent_id: str, n_blocks: int, now: float) -> bool:
         return self.allocation_verdict(app_id, agent_id, n_blocks, now)[0]

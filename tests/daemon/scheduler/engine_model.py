@@ -165,9 +165,12 @@ class ToyEngine:
             self.stats.offloaded += dec.blocks
         elif isinstance(dec, Upload):
             assert agent is not None
-            free = self.gpu_total - self.gpu_used()
-            if dec.blocks > free:
-                raise InvariantError(f"upload of {dec.blocks} with {free} free at {self.now}")
+            # As in vLLM, blocks for an upload may come from idle cached KV (evicted).
+            room = self.gpu_total - self.gpu_used() + self.evictable_blocks(agent)
+            if dec.blocks > room:
+                raise InvariantError(f"upload of {dec.blocks} with {room} free at {self.now}")
+            if self.make_room(agent, dec.blocks) < dec.blocks:
+                raise InvariantError(f"upload of {dec.blocks}: eviction could not make room")
             if dec.blocks > agent.host - (0 if self.keep_host_copy else agent.h2d):
                 raise InvariantError("upload of blocks that are not on the host")
             agent.h2d += dec.blocks
@@ -242,7 +245,8 @@ class ToyEngine:
             EngineState(
                 self.now,
                 self.gpu_total,
-                self.gpu_total - self.gpu_used(),
+                # vLLM's count: empty blocks plus idle cached ones a new request may evict
+                self.gpu_total - self.gpu_used() + self.evictable_blocks(None),
                 num_waiting=len(self.waiting),
                 num_running=sum(a.phase == "running" for a in self.agents.values()),
                 waiting_blocks=waiting_blocks,
@@ -336,6 +340,31 @@ class ToyEngine:
                 # the engine's prefix cache forgets the app; host copies were dropped by policy
                 a.cached = 0
 
+    def evictable_blocks(self, exclude: Agent | None) -> int:
+        """Idle cached blocks a new allocation may evict (not pinned, not ``exclude``'s)."""
+        return sum(
+            a.cached - a.d2h
+            for a in self.agents.values()
+            if a is not exclude and a.phase != "running" and a.pinned_until <= self.now
+        )
+
+    def make_room(self, agent: Agent, need: int) -> int:
+        """Evict idle KV in the policy's order until ``need`` blocks are empty; the result."""
+        free = self.gpu_total - self.gpu_used()
+        if free >= need:
+            return free
+        for victim in self.policy.eviction_order(self.evictable(), self.now):
+            if free >= need:
+                break
+            v = self.agents[(victim.app_id, victim.agent_id)]
+            if v is agent:
+                continue
+            take = min(v.cached - v.d2h, need - free)
+            v.cached -= take
+            self.feed(KvEvicted(self.now, v.app_id, v.agent_id, take, "gpu"))
+            free = self.gpu_total - self.gpu_used()  # decisions may have taken some
+        return free
+
     def evictable(self) -> list[CachedKv]:
         return [
             CachedKv(a.app_id, a.agent_id, a.cached - a.d2h, a.last_used)
@@ -356,19 +385,7 @@ class ToyEngine:
             agent = by_key[(req.app_id, req.agent_id)]
             if not self.policy.may_allocate(agent.app_id, agent.agent_id, agent.need, self.now):
                 continue
-            free = self.gpu_total - self.gpu_used()
-            if free < agent.need:
-                for victim in self.policy.eviction_order(self.evictable(), self.now):
-                    if free >= agent.need:
-                        break
-                    v = self.agents[(victim.app_id, victim.agent_id)]
-                    if v is agent:
-                        continue
-                    take = min(v.cached - v.d2h, agent.need - free)
-                    v.cached -= take
-                    free += take
-                    self.feed(KvEvicted(self.now, v.app_id, v.agent_id, take, "gpu"))
-                    free = self.gpu_total - self.gpu_used()  # decisions may have taken some
+            free = self.make_room(agent, agent.need)
             if free < agent.need:
                 break
             self.waiting.remove(agent)

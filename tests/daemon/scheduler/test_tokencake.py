@@ -196,11 +196,37 @@ def test_older_app_goes_first_and_newer_critical_agents_do_not_block_it() -> Non
     waiting = [WaitingRequest("rn", "new", "a", 25, 1.0), WaitingRequest("ro", "old", "b", 20, 1.1)]
     assert [w.request_id for w in p.admission_order(waiting, 1.2)] == ["ro", "rn"]
     ok, why = p.allocation_verdict("old", "b", 20, 1.2)
-    assert ok and why.rule == "allow:shared_pool"
+    assert ok and why.rule == "allow:nothing_protected"
     # the newer app's own non-critical agent still yields to its critical one
     p.on_event(LlmCallStart(1.2, "new", "b", "rb", blocks=20))
     ok, why = p.allocation_verdict("new", "b", 20, 1.3)
     assert not ok and why.rule == "deny:critical_inversion"
+
+
+def test_guard_keeps_a_critical_agents_kv_through_its_tool_call() -> None:
+    p = make()
+    to_tool(p, blocks=12, hint=60.0)  # critical "a" leaves 12 blocks cached, calls a tool
+    p.on_event(EngineState(1.0, 100, 30))
+    view = p.agent_view("app", "a")
+    assert view is not None and view.state == "tool" and view.protect_blocks == 12
+    assert view.app_registered_s == 0.0
+    ok, why = p.allocation_verdict("app", "b", 19, 1.1)  # 30 - 19 = 11 < 12
+    assert not ok and why.rule == "deny:critical_inversion"
+    assert why.terms["protected_for_critical"] == 12
+    assert p.may_allocate("app", "b", 18, 1.1)
+    assert p.may_allocate("", "", 18, 1.1) and not p.may_allocate("", "", 19, 1.1)  # no agent
+    p.on_event(ToolCallEnd(2.0, "app", "a"))
+    assert p.agent_view("app", "a").protect_blocks == 0  # type: ignore[union-attr]
+    assert p.may_allocate("app", "b", 30, 2.0)
+
+
+def test_guard_never_holds_back_more_than_the_cap() -> None:
+    p = make(max_reserve_fraction=0.1)
+    to_tool(p, blocks=40, hint=60.0)
+    p.on_event(EngineState(1.0, 100, 30))
+    ok, why = p.allocation_verdict("app", "b", 20, 1.1)  # 30 - 20 >= 10 (the cap)
+    assert ok and why.terms["protected_for_critical"] == 10
+    assert not p.may_allocate("app", "b", 21, 1.1)
 
 
 def test_priority_terms_are_reported() -> None:

@@ -1,0 +1,71 @@
+"""The critical-inversion guard: one admission rule for every engine that applies it.
+
+A request of an agent off the critical path may take GPU blocks only while the blocks that
+critical-path agents ranking ahead of it need stay free. Two things decide the rule, and
+both live here so that the daemon's policy (which the simulator's engine asks through
+``may_allocate``) and vLLM's ``TokenCakeScheduler`` (which reads the daemon's per-agent
+figures from ``list_agents``) take the same decision from the same inputs:
+
+* what one critical agent asks to be kept free (``protected_blocks``): while it waits for
+  admission, the blocks its request needs; while it is in a tool call, the KV it will need
+  back on return (its blocks still on the GPU plus those parked on the host). Nothing when
+  it runs (it holds its blocks), is idle or done, or is off the critical path;
+* whether one request may go ahead (``verdict``): critical requests always; others when
+  ``free - need >= protect``, with ``protect`` the sum over the critical agents that rank
+  ahead (an older application, or the requester's own), capped at a fraction of the pool so
+  that a burst of critical demand cannot freeze everything else.
+
+"Free" is the engine's count of blocks a new request may take without preempting anyone:
+vLLM's free block queue (idle cached blocks included) and the simulator's the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+WAITING_PHASE = "waiting"
+TOOL_PHASE = "tool"
+
+
+def protected_blocks(
+    *, critical: bool, phase: str, wait_blocks: int, gpu_blocks: int, host_blocks: int
+) -> int:
+    """Blocks one agent asks the guard to keep free for it (see the module docstring)."""
+    if not critical:
+        return 0
+    if phase == WAITING_PHASE:
+        return max(0, wait_blocks)
+    if phase == TOOL_PHASE:
+        return max(0, gpu_blocks) + max(0, host_blocks)
+    return 0
+
+
+def protect_cap(pool_blocks: int, max_fraction: float) -> int:
+    """The most blocks the guard ever holds back: ``max_fraction`` of the pool."""
+    return max(0, int(max_fraction * max(0, pool_blocks)))
+
+
+def total_protected(ahead: Iterable[int], cap: int) -> int:
+    """Blocks protected for a requester: the sum over the agents ranking ahead, capped."""
+    return min(sum(ahead), max(0, cap))
+
+
+@dataclass(frozen=True, slots=True)
+class GuardVerdict:
+    allowed: bool
+    rule: str
+    """``allow:critical``, ``allow:nothing_protected``, ``allow:shared_pool`` or
+    ``deny:critical_inversion``."""
+    protect: int
+
+
+def verdict(*, critical: bool, need: int, free: int, protect: int) -> GuardVerdict:
+    """May a request needing ``need`` blocks be admitted with ``free`` blocks free?"""
+    if critical:
+        return GuardVerdict(True, "allow:critical", protect)
+    if protect <= 0:
+        return GuardVerdict(True, "allow:nothing_protected", 0)
+    if free - need >= protect:
+        return GuardVerdict(True, "allow:shared_pool", protect)
+    return GuardVerdict(False, "deny:critical_inversion", protect)
