@@ -279,7 +279,8 @@ def run_sim(policy: str, agents: int, tool_s: float) -> dict[str, Any]:
         apps.append(AppSpec(f"app-{a}", "fidelity", nodes, PROMPT, arrival_s=0.0))
     for f, at in enumerate(FILLER_AT):
         nodes = [NodeSpec("f", "filler", output_tokens=FILLER_OUT)]
-        apps.append(AppSpec(f"filler-{f}", "fidelity", nodes, FILLER, arrival_s=at))
+        # Plain traffic, as on the engine: no agent metadata, the daemon never hears of it.
+        apps.append(AppSpec(f"filler-{f}", "fidelity", nodes, FILLER, arrival_s=at, plain=True))
     for app in apps:
         compose(app, ids)
     trace = Trace("fidelity", 0, 0.0, apps)

@@ -26,7 +26,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tokencake.daemon.scheduler import (
     AppEnd,
@@ -168,6 +168,18 @@ class EngineResult:
     block_bytes: int
 
 
+class CopyObserver(Protocol):
+    """Sees every host-link copy as the engine submits and completes it (live mode reports
+    them to a real daemon as host-slot ops). ``kind`` is ``offload``, ``upload`` or ``load``;
+    ``keys`` are the chain keys of the blocks copied."""
+
+    def copy_submitted(
+        self, seq: int, kind: str, app_id: str, agent_id: str, keys: list[int]
+    ) -> None: ...
+
+    def copy_done(self, seq: int) -> None: ...
+
+
 class HostLink:
     """One DMA engine per direction; queued copies start in priority order (contention)."""
 
@@ -195,6 +207,7 @@ class Simulator:
         check_invariants: bool = False,
         timeline_every_s: float = 0.5,
         stall_s: float = 600.0,
+        copies: CopyObserver | None = None,
     ) -> None:
         self.trace = trace
         self.policy = policy
@@ -210,11 +223,13 @@ class Simulator:
         self.timeline_every_s = timeline_every_s
         self.stall_s = stall_s
         """Idle time with requests waiting and nothing scheduled, after which we give up."""
+        self.copies = copies
 
         self.now = 0.0
         self.heap: list[tuple[float, int, int, Any]] = []
         self._seq = 0
         self.pending_events: deque[Event] = deque()
+        self._plain_apps: set[str] = {a.app_id for a in trace.apps if a.plain}
         self.agents: dict[tuple[str, str], AgentKv] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -242,6 +257,8 @@ class Simulator:
         heapq.heappush(self.heap, (t, self._seq, kind, payload))
 
     def _emit(self, ev: Event) -> None:
+        if self._plain_apps and getattr(ev, "app_id", None) in self._plain_apps:
+            return  # plain traffic carries no agent metadata: the daemon never hears of it
         self.pending_events.append(ev)
 
     def _flush(self) -> None:
@@ -609,6 +626,9 @@ class Simulator:
         tr.submit_s = self.now
         self._seq += 1
         tr.seq = self._seq
+        if self.copies is not None:
+            a = tr.agent
+            self.copies.copy_submitted(tr.seq, tr.kind, a.app_id, a.agent_id, tr.keys)
         d = tr.direction
         if self.link.active[d] is None:
             self._start(tr)
@@ -623,6 +643,8 @@ class Simulator:
     def _transfer_done(self, tr: Transfer) -> None:
         d = tr.direction
         self.link.active[d] = None
+        if self.copies is not None:
+            self.copies.copy_done(tr.seq)
         if self.link.queue[d]:
             _, _, nxt = heapq.heappop(self.link.queue[d])
             self._start(nxt)
@@ -861,7 +883,10 @@ class Simulator:
             EngineState(
                 self.now,
                 self.nominal_blocks if not self.pool.unbounded else self.pool.total + 1,
-                self.pool.free if not self.pool.unbounded else self.pool.total + 1,
+                # vLLM's figure: free blocks plus idle cached ones (a new request may take them)
+                self.pool.free + self.pool.n_cached
+                if not self.pool.unbounded
+                else self.pool.total + 1,
                 len(self.waiting),
                 len(self.running) + len(self.loading),
                 waiting_blocks,

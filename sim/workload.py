@@ -80,6 +80,9 @@ class AppSpec:
     nodes: list[NodeSpec]
     initial_tokens: int
     arrival_s: float = 0.0
+    plain: bool = False
+    """Plain traffic: requests with no agent metadata (a vLLM request without TokenCake's
+    ``kv_transfer_params``). The engine serves them; the policy hears nothing about them."""
     prompts: dict[str, tuple[Segment, ...]] = field(default_factory=dict)
     outputs: dict[str, Segment] = field(default_factory=dict)
 

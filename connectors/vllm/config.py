@@ -33,6 +33,10 @@ class ConnectorConfig:
     priority_refresh_s: float = 0.1
     """``TokenCakeScheduler`` only: how often it asks the daemon for agent priorities
     (``list_agents``) while requests wait; a new agent request triggers one sooner."""
+    state_report_s: float = 0.05
+    """How often, at most, the engine's pool state (free GPU blocks, waiting and running
+    requests) is reported to the daemon when it changed. The daemon's policy decides
+    offloads from it (pressure, waiting demand); leases are renewed every heartbeat anyway."""
     reserve_fraction: float = 0.5
     """``TokenCakeScheduler`` only: at most this share of the GPU pool is held back for
     critical-path agents in a tool call; 0 turns the admission guard off."""
@@ -50,6 +54,8 @@ class ConnectorConfig:
             raise ValueError("reconnect_s must be positive")
         if not 0 <= self.priority_refresh_s <= 3600:
             raise ValueError("priority_refresh_s must be in [0, 3600]")
+        if not 0 < self.state_report_s <= 3600:
+            raise ValueError("state_report_s must be in (0, 3600]")
         if not 0 <= self.reserve_fraction <= 1:
             raise ValueError("reserve_fraction must be in [0, 1]")
 

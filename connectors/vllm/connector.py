@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -139,6 +140,8 @@ class DaemonLink:
         self.epoch = 0
         self.next_try = 0.0
         self.next_heartbeat = 0.0
+        self.next_state_report = 0.0
+        self.last_state: tuple[int, int, int] | None = None
 
     @property
     def up(self) -> bool:
@@ -179,6 +182,8 @@ class DaemonLink:
         self.reg = reg
         self.epoch += 1
         self.next_heartbeat = now + reg.heartbeat_s
+        self.next_state_report = now  # the pool's state goes out with the first step
+        self.last_state = None
         logger.info(
             "registered with tokencaked as %s (arena %s, %d slots)",
             reg.engine_id,
@@ -282,6 +287,9 @@ class TokenCakeConnector(KVConnectorBase_V1):
         self._req_loaded: dict[str, int] = {}
         self._agents: dict[tuple[str, str], _AgentKv] = {}
         self._to_free: list[tuple[list[int], list[bytes]]] = []
+        self.queue_probe: Callable[[], tuple[int, int]] | None = None
+        """Set by ``TokenCakeScheduler``: (waiting, running) request counts for the pool
+        state reported to the daemon; without it both are reported as 0."""
         # worker side
         self._layer_names: list[str] = list(kv_cache_config.kv_cache_groups[0].layer_names)
         self._copier: Copier | None = None
@@ -439,10 +447,14 @@ class TokenCakeConnector(KVConnectorBase_V1):
                 job.slots, job.fail = [], True
             self._stores = [CopyJob(j.job_id, [], [], j.req_id) for j in self._stores if j.req_id]
         if link.up:
-            if now >= link.next_heartbeat and link.reg is not None:
-                link.next_heartbeat = now + link.reg.heartbeat_s
-                free = self._pool.get_num_free_blocks() if self._pool is not None else -1
-                link.call(p.EngineHeartbeat(link.engine_id, free), p.EngineHeartbeatReply)
+            if link.reg is not None:
+                state = self._engine_state()
+                changed = state != link.last_state and now >= link.next_state_report
+                if changed or now >= link.next_heartbeat:
+                    link.next_heartbeat = now + link.reg.heartbeat_s
+                    link.next_state_report = now + self.cfg.state_report_s
+                    link.last_state = state
+                    link.call(p.EngineHeartbeat(link.engine_id, *state), p.EngineHeartbeatReply)
             for decision in link.pushes():
                 self._apply(decision)
             self._expire_pins(now)
@@ -707,6 +719,13 @@ class TokenCakeConnector(KVConnectorBase_V1):
 
     def get_stats(self) -> dict[str, int]:
         return asdict(self.stats)
+
+    def _engine_state(self) -> tuple[int, int, int]:
+        """(free GPU blocks, waiting requests, running requests) as the daemon wants them:
+        free counts idle cached blocks, as vLLM's free block queue does (-1: unknown)."""
+        free = self._pool.get_num_free_blocks() if self._pool is not None else -1
+        waiting, running = self.queue_probe() if self.queue_probe is not None else (0, 0)
+        return free, waiting, running
 
     # ------------------------------------------------------------------ worker side
 

@@ -12,16 +12,19 @@ down, it behaves exactly like vLLM's FCFS (or priority) scheduler.
 What it applies, each through a documented seam of vLLM 0.32's scheduler:
 
 - **Admission order** (the daemon's ``admission_order``): ``self.waiting`` is replaced by
-  an ``AgentRankedQueue``: requests are ordered by the daemon's priority score of their
-  agent (highest first; 1.0 for requests of agents the daemon does not track, as in the
-  daemon), ties in vLLM's own order. The scores are refreshed every ``priority_refresh_s``
+  an ``AgentRankedQueue``: applications in registration order (older first), then the
+  daemon's priority score of the request's agent (highest first); a request of no agent
+  the daemon tracks ranks by its own arrival time, with the neutral score 1.0, as in the
+  daemon; ties in vLLM's own order. The ranks are refreshed every ``priority_refresh_s``
   while requests wait, and the queue is re-sorted.
-- **Critical-inversion guard** (the daemon's ``may_allocate``): a request of an agent off
-  the critical path is deferred when admitting it would leave fewer free GPU blocks than
-  the critical-path agents of this engine that are in a tool call will need on return
-  (their last call's blocks, at most ``reserve_fraction`` of the pool). Critical agents are
-  never deferred. Hooked into ``_handle_blocked_waiting_request``, the scheduler's per
-  request "skip this step" test (a private method: checked at import).
+- **Critical-inversion guard** (the daemon's ``may_allocate``): the shared rule of
+  ``tokencake.daemon.scheduler.guard``, with the daemon's per-agent ``protect_blocks``
+  (what a critical agent waiting, or in a tool call, needs kept free) summed over this
+  engine's agents that rank ahead of the request (an older application or its own; a
+  request of no tracked agent ranks behind all), capped at ``reserve_fraction`` of the
+  pool, against vLLM's exact free block count. Critical agents are never deferred. Hooked
+  into ``_handle_blocked_waiting_request``, the scheduler's per request "skip this step"
+  test (a private method: checked at import).
 - **Preemption victim**: vLLM's FCFS scheduler preempts the last request of
   ``self.running``; before each step ``self.running`` is stably sorted by priority, so the
   victim is the lowest-priority agent's most recent request.
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -43,24 +45,26 @@ from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-from tokencake import protocol as p
+# The daemon's per-agent ranks need no vLLM: they live in ``tokencake.clients.priorities``
+# (the simulator's live mode applies them too) and are re-exported here.
+from tokencake.clients.priorities import NEUTRAL_SCORE as NEUTRAL_SCORE
+from tokencake.clients.priorities import AgentPriorities
+from tokencake.clients.priorities import AgentRank as AgentRank
 from tokencake.connectors.vllm.params import AgentParams, agent_params
+from tokencake.daemon.scheduler import guard
 
 logger = logging.getLogger(__name__)
 
-NEUTRAL_SCORE = 1.0
-"""The daemon's score for a request whose agent it does not track (``admission_order``)."""
-MAX_APP_QUERIES = 8
-"""Above this many active apps, one unfiltered ``list_agents`` replaces the per-app calls."""
 APP_IDLE_S = 300.0
 """An app with no request for this long is no longer asked about."""
-TOOL_STATE = "tool"
 
 # The private scheduler methods the guard and the running sort rely on.
 _HOOKS = ("_handle_blocked_waiting_request", "_holds_kv_blocks")
 _HOOKS_PRESENT = all(hasattr(Scheduler, name) for name in _HOOKS)
 
 Key = tuple[Any, ...]
+Rank = float | tuple[Any, ...]
+"""A queue's sort key for one request: smaller first; all of one queue's ranks compare."""
 
 
 class AgentRankedQueue(RequestQueue):
@@ -74,7 +78,7 @@ class AgentRankedQueue(RequestQueue):
     daemon's scores change).
     """
 
-    def __init__(self, policy: SchedulingPolicy, rank: Callable[[Request], float]) -> None:
+    def __init__(self, policy: SchedulingPolicy, rank: Callable[[Request], Rank]) -> None:
         self._priority = policy == SchedulingPolicy.PRIORITY
         self._rank = rank
         self._items: list[Request] = []
@@ -161,77 +165,6 @@ class AgentRankedQueue(RequestQueue):
         return iter(list(self._items))
 
 
-@dataclass(frozen=True, slots=True)
-class AgentRank:
-    """What the daemon said about one agent at the last refresh."""
-
-    priority: float
-    critical: bool
-    state: str
-    kv_blocks: int
-
-
-def may_admit(*, critical: bool, need: int, free: int, protect: int) -> bool:
-    """The daemon's shared-pool rule of ``may_allocate``: critical agents always; others
-    only while the blocks protected for critical agents stay free."""
-    return critical or protect <= 0 or free - need >= protect
-
-
-class AgentPriorities:
-    """The daemon's per-agent priorities, as last fetched through the connector's link."""
-
-    def __init__(self) -> None:
-        self.ranks: dict[tuple[str, str], AgentRank] = {}
-        self.refreshes = 0
-        self.failures = 0
-
-    def score(self, params: AgentParams | None) -> float:
-        rank = self.ranks.get(params.key) if params is not None else None
-        return rank.priority if rank is not None else NEUTRAL_SCORE
-
-    def critical(self, params: AgentParams | None) -> bool:
-        rank = self.ranks.get(params.key) if params is not None else None
-        return rank is not None and rank.critical
-
-    def protected_blocks(self, agents: Iterable[tuple[str, str]]) -> int:
-        """Blocks the critical-path agents among ``agents`` need back after their tool call."""
-        total = 0
-        for key in agents:
-            rank = self.ranks.get(key)
-            if rank is not None and rank.critical and rank.state == TOOL_STATE:
-                total += rank.kv_blocks
-        return total
-
-    def refresh(self, link: Any, apps: list[str]) -> bool:
-        """Fetch the ranks of ``apps``' agents; on failure forget every rank (stock order).
-
-        Returns True when the ranks changed.
-        """
-        if link is None or not link.up:
-            return self._clear()
-        queries = apps if len(apps) <= MAX_APP_QUERIES else [""]
-        fresh: dict[tuple[str, str], AgentRank] = {}
-        for app_id in queries:
-            reply = link.call(p.ListAgents(app_id), p.ListAgentsReply)
-            if reply is None:
-                self.failures += 1
-                return self._clear()
-            for a in reply.agents:
-                priority = a.priority if math.isfinite(a.priority) else NEUTRAL_SCORE
-                fresh[(a.app_id, a.agent_id)] = AgentRank(
-                    priority, a.on_critical_path, a.state, a.kv_blocks
-                )
-        self.refreshes += 1
-        changed = fresh != self.ranks
-        self.ranks = fresh
-        return changed
-
-    def _clear(self) -> bool:
-        changed = bool(self.ranks)
-        self.ranks = {}
-        return changed
-
-
 @dataclass(slots=True)
 class SchedulerStats:
     """Counters a test or an operator reads from ``TokenCakeScheduler``."""
@@ -265,13 +198,19 @@ class TokenCakeScheduler(Scheduler):
             )
             return
         self._tc_refresh_s = self._tc_conn.cfg.priority_refresh_s
-        self._tc_reserve_cap = int(self._tc_conn.cfg.reserve_fraction * self._num_blocks())
+        self._tc_reserve_cap = guard.protect_cap(
+            self._num_blocks(), self._tc_conn.cfg.reserve_fraction
+        )
         if not _HOOKS_PRESENT:
             logger.warning("vLLM's Scheduler lacks %s: the admission guard is off", _HOOKS)
             self._tc_reserve_cap = 0
+        self._tc_conn.queue_probe = self._tc_queue_sizes
         # Both queues are empty here; vLLM only reaches them through RequestQueue's methods.
         self.waiting = AgentRankedQueue(self.policy, self._tc_rank)
         self.kv_holding_waiting = AgentRankedQueue(self.policy, self._tc_rank)
+
+    def _tc_queue_sizes(self) -> tuple[int, int]:
+        return len(self.waiting) + len(self.kv_holding_waiting), len(self.running)
 
     def _num_blocks(self) -> int:
         return int(self.kv_cache_config.num_blocks)
@@ -284,9 +223,9 @@ class TokenCakeScheduler(Scheduler):
             self._tc_params[req_id] = agent_params(request.kv_transfer_params)
         return self._tc_params[req_id]
 
-    def _tc_rank(self, request: Request) -> float:
-        """Sort key of a request: the negated daemon score (ascending sort, best first)."""
-        return -self.tc_priorities.score(self._tc_agent(request))
+    def _tc_rank(self, request: Request) -> Rank:
+        """Sort key of a request: the daemon's admission key (ascending sort, best first)."""
+        return self.tc_priorities.order(self._tc_agent(request), request.arrival_time)
 
     def _tc_refresh(self, now: float) -> None:
         conn = self._tc_conn
@@ -339,13 +278,13 @@ class TokenCakeScheduler(Scheduler):
         prio = self.tc_priorities
         if prio.critical(params):
             return True
-        others = self._tc_agents - ({params.key} if params is not None else set())
-        protect = min(prio.protected_blocks(others), self._tc_reserve_cap)
+        ahead = prio.protected_blocks(params, self._tc_agents)
+        protect = guard.total_protected((ahead,), self._tc_reserve_cap)
         if protect <= 0:
             return True
         need = -(-(request.num_tokens - request.num_computed_tokens) // self.block_size)
         free = self.kv_cache_manager.block_pool.get_num_free_blocks()
-        if may_admit(critical=False, need=need, free=free, protect=protect):
+        if guard.verdict(critical=False, need=need, free=free, protect=protect).allowed:
             return True
         self.tc_stats.deferred += 1
         logger.debug(

@@ -6,6 +6,7 @@ No engine: the queue only reads ``request_id``, ``priority`` and ``arrival_time`
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,6 @@ from tokencake.connectors.vllm.scheduler import (
     NEUTRAL_SCORE,
     AgentPriorities,
     AgentRankedQueue,
-    may_admit,
 )
 
 pytestmark = pytest.mark.vllm
@@ -118,13 +118,6 @@ def test_rank_first_then_fcfs_and_resort_restores_fcfs() -> None:
         AgentRankedQueue(SchedulingPolicy.FCFS, lambda r: 0.0).pop_request()
 
 
-def test_may_admit_mirrors_the_daemons_shared_pool_rule() -> None:
-    assert may_admit(critical=True, need=30, free=10, protect=8)
-    assert may_admit(critical=False, need=30, free=10, protect=0)
-    assert may_admit(critical=False, need=2, free=10, protect=8)
-    assert not may_admit(critical=False, need=3, free=10, protect=8)
-
-
 class FakeLink:
     def __init__(self, agents: list[p.AgentInfo] | None) -> None:
         self.agents = agents
@@ -141,31 +134,51 @@ class FakeLink:
         return p.ListAgentsReply([a for a in self.agents if a.app_id == req.app_id])
 
 
-def _info(agent: str, priority: float, critical: bool, state: str, blocks: int) -> p.AgentInfo:
-    return p.AgentInfo("app", agent, agent, state, 1.0, priority, critical, blocks, 0, "", None, 0)
+def _info(
+    agent: str, priority: float, critical: bool, protect: int, app: str = "app", age: float = 5.0
+) -> p.AgentInfo:
+    return p.AgentInfo(
+        app, agent, agent, "tool", 1.0, priority, critical, 0, 0, "", None, 0.0, protect, age
+    )
 
 
 def test_priorities_refresh_and_protected_blocks() -> None:
     prio = AgentPriorities()
     link = FakeLink(
         [
-            _info("crit", 3.5, True, "tool", 4),
-            _info("busy", 3.0, True, "llm", 7),
-            _info("side", 2.0, False, "tool", 9),
+            _info("crit", 3.5, True, 4),
+            _info("busy", 3.0, True, 0),  # running: the daemon protects nothing for it
+            _info("side", 2.0, False, 0),
+            _info("crit", 9.0, True, 6, app="newer", age=1.0),
+            _info("side", 1.0, False, 0, app="newer", age=1.0),
         ]
     )
-    assert prio.refresh(link, ["app"])
-    assert not prio.refresh(link, ["app"])  # unchanged
+    assert prio.refresh(link, ["app", "newer"])
+    assert not prio.refresh(link, ["app", "newer"])  # unchanged, whatever the call's latency
     crit, side = AgentParams("app", "crit"), AgentParams("app", "side")
     assert prio.score(crit) == 3.5 and prio.critical(crit)
     assert prio.score(side) == 2.0 and not prio.critical(side)
     assert prio.score(AgentParams("app", "unknown")) == NEUTRAL_SCORE
     assert prio.score(None) == NEUTRAL_SCORE
-    # only critical agents in a tool call hold blocks back
-    assert prio.protected_blocks([("app", "crit"), ("app", "busy"), ("app", "side")]) == 4
-    link.agents = None  # daemon down: every rank is forgotten
+    everyone = [("app", "crit"), ("app", "busy"), ("app", "side"), ("newer", "crit")]
+    # a side agent of the older app is held back by its own app's critical agent only
+    assert prio.protected_blocks(side, everyone) == 4
+    # a newer app's agent yields to both; a request of no tracked agent ranks behind all
+    assert prio.protected_blocks(AgentParams("newer", "side"), everyone) == 10
+    assert prio.protected_blocks(AgentParams("newer", "untracked"), everyone) == 10
+    assert prio.protected_blocks(None, everyone) == 10
+    # an agent never protects blocks against itself
+    assert prio.protected_blocks(crit, [("app", "crit")]) == 0
+    # admission order: the older app first, then the score; untracked requests by arrival
+    now = time.time()
+    assert prio.order(side, now) < prio.order(AgentParams("newer", "crit"), now)
+    assert prio.order(crit, now) < prio.order(side, now)
+    assert prio.order(AgentParams("newer", "crit"), now) < prio.order(None, now)
+    assert prio.order(None, now - 60) < prio.order(crit, now)
+    link.agents = None  # daemon down: every rank is forgotten, vLLM's order comes back
     assert prio.refresh(link, ["app"])
-    assert prio.score(crit) == NEUTRAL_SCORE and prio.protected_blocks([("app", "crit")]) == 0
+    assert prio.score(crit) == NEUTRAL_SCORE and prio.protected_blocks(None, everyone) == 0
+    assert prio.order(crit, now) == prio.order(None, now - 60)
 
 
 def test_scheduler_config_keys_are_validated() -> None:
