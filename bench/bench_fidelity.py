@@ -8,9 +8,11 @@ The workload (both sides, times from the start of the run):
   call on a unique 150-token prompt (8 output tokens) followed by a ``search`` tool of
   ``--tool-s`` seconds (the same hint is sent); ``b`` continues the context (prompt + output
   + 40 tool-result tokens, 8 output tokens).
-* Two filler requests (unique 900-token prompts, 4 output tokens, no tool) arrive at 0.7 s
-  and 1.2 s, while the tools run: they need 29 of the 39 KV blocks each, so the agents'
-  cached prefixes are evicted unless they were moved to the host.
+* Two filler requests (unique 900-token prompts, 4 output tokens, no tool, no agent
+  metadata) arrive 0.7 s and 1.2 s after the first tool call starts (in the simulator, where
+  the first calls end within 0.05 s, at 0.7 s and 1.2 s), while the tools run: they need 29
+  of the 39 KV blocks each, so the agents' cached prefixes are evicted unless they were
+  moved to the host or the fillers wait.
 
 Real side: the tiny random-weight Llama of the connector tests (block 32 tokens,
 ``kv_cache_memory_bytes`` = 40 blocks: 39 usable, block 0 is vLLM's null block), driven step
@@ -149,8 +151,6 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
 
     # (due time, request id, prompt, params, max_tokens); continuations are added on finish
     due: list[tuple[float, str, list[int], dict[str, Any] | None, int]] = []
-    for f, at in enumerate(FILLER_AT):
-        due.append((at, f"filler-{f}", _ids(3000 + f, FILLER), None, FILLER_OUT))
     t0 = time.monotonic()
     for a in range(agents):
         add(f"a{a}-a", _ids(1000 + a, PROMPT), agent_params(a, True), OUTPUT)
@@ -173,6 +173,12 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
                     a = int(rid[1:].split("-")[0])
                     cont = prompts[rid] + list(out.outputs[0].token_ids) + _ids(2000 + a, RESULT)
                     due.append((now + tool_s, f"a{a}-b", cont, agent_params(a, False), OUTPUT))
+                    if rid == "a0-a":
+                        # The fillers' times count from the first tool call's start, so that a
+                        # slow first step on a loaded machine does not move them out of it.
+                        for f, at in enumerate(FILLER_AT):
+                            filler = _ids(3000 + f, FILLER)
+                            due.append((now + at, f"filler-{f}", filler, None, FILLER_OUT))
         else:
             time.sleep(0.002)
         if now > 60:

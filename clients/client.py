@@ -221,6 +221,12 @@ class TokenCakeClient(_Base):
         req = p.LlmCallStart(app_id, agent_id, engine_id, request_id, prompt_tokens)
         return self.call(req, p.EventAck)
 
+    def llm_call_admitted(
+        self, app_id: str, agent_id: str, request_id: str = "", kv_blocks: int = 0
+    ) -> p.EventAck:
+        """Engines: the agent's request was scheduled and holds ``kv_blocks`` GPU blocks."""
+        return self.call(p.LlmCallAdmitted(app_id, agent_id, request_id, kv_blocks), p.EventAck)
+
     def llm_call_finish(
         self,
         app_id: str,
@@ -416,6 +422,13 @@ class AsyncTokenCakeClient(_Base):
         prompt_tokens: int = 0,
     ) -> p.EventAck:
         req = p.LlmCallStart(app_id, agent_id, engine_id, request_id, prompt_tokens)
+        return await self.call(req, p.EventAck)
+
+    async def llm_call_admitted(
+        self, app_id: str, agent_id: str, request_id: str = "", kv_blocks: int = 0
+    ) -> p.EventAck:
+        """Engines: the agent's request was scheduled and holds ``kv_blocks`` GPU blocks."""
+        req = p.LlmCallAdmitted(app_id, agent_id, request_id, kv_blocks)
         return await self.call(req, p.EventAck)
 
     async def llm_call_finish(

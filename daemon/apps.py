@@ -38,6 +38,8 @@ class AgentRecord:
     state_since: float = 0.0
     engine_id: str = ""
     kv_blocks: int = 0
+    admitted: bool = False
+    """The engine reported the current LLM call's admission (``llm_call_admitted``)."""
     llm_calls: int = 0
     tool_calls: int = 0
     tool_kind: str = ""

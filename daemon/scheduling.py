@@ -133,14 +133,25 @@ class SchedulerBridge:
         )
         return self._to_agent(agent, event)
 
+    def llm_call_admitted(
+        self, agent: AgentRecord, request_id: str, kv_blocks: int
+    ) -> list[p.DecisionRecord]:
+        event = ev.LlmCallAdmitted(
+            self._clock(), agent.app_id, agent.agent_id, request_id, kv_blocks
+        )
+        return self._to_agent(agent, event)
+
     def llm_call_finish(
         self, agent: AgentRecord, request_id: str, output_tokens: int, kv_blocks: int
     ) -> list[p.DecisionRecord]:
         now = self._clock()
-        if agent.engine_id in self._policies:
-            # Without a connector reporting admission, the finish implies it happened.
+        if agent.engine_id in self._policies and not agent.admitted:
+            # No llm_call_admitted came: the finish implies the admission, and the engine's
+            # pool reports since then counted the request's blocks as taken.
             self._policies[agent.engine_id].on_event(
-                ev.LlmCallAdmitted(now, agent.app_id, agent.agent_id, request_id, kv_blocks)
+                ev.LlmCallAdmitted(
+                    now, agent.app_id, agent.agent_id, request_id, kv_blocks, reported=True
+                )
             )
         event = ev.LlmCallFinish(
             now, agent.app_id, agent.agent_id, request_id, output_tokens, kv_blocks

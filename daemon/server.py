@@ -117,6 +117,7 @@ class Daemon:
             "unregister_engine": self._unregister_engine,
             "register_app": self._register_app,
             "llm_call_start": self._llm_call_start,
+            "llm_call_admitted": self._llm_call_admitted,
             "llm_call_finish": self._llm_call_finish,
             "tool_call_start": self._tool_call_start,
             "tool_call_end": self._tool_call_end,
@@ -563,9 +564,20 @@ class Daemon:
             return p.EventAck(accepted=False)
         agent.state, agent.state_since = AgentState.LLM, self._clock()
         agent.llm_calls += 1
+        agent.admitted = False
         if req.engine_id:
             agent.engine_id = req.engine_id
         return self._ack(self.scheduler.llm_call_start(agent, req.request_id, req.prompt_tokens))
+
+    def _llm_call_admitted(self, _identity: bytes, req: p.LlmCallAdmitted) -> p.EventAck:
+        agent = self.apps.agent(req.app_id, req.agent_id)
+        if req.kv_blocks < 0:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "kv_blocks must be >= 0")
+        if agent.state != AgentState.LLM or agent.admitted:
+            return p.EventAck(accepted=False)
+        agent.admitted = True
+        agent.kv_blocks = req.kv_blocks
+        return self._ack(self.scheduler.llm_call_admitted(agent, req.request_id, req.kv_blocks))
 
     def _llm_call_finish(self, _identity: bytes, req: p.LlmCallFinish) -> p.EventAck:
         agent = self.apps.agent(req.app_id, req.agent_id)

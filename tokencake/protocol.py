@@ -218,6 +218,20 @@ class LlmCallStart(Request):
     prompt_tokens: int = 0
 
 
+class LlmCallAdmitted(Request):
+    """The engine scheduled the agent's request: it now holds ``kv_blocks`` GPU blocks.
+
+    Optional: without it the daemon infers the admission when the call finishes.
+    """
+
+    op = "llm_call_admitted"
+    reply = EventAck
+    app_id: str
+    agent_id: str
+    request_id: str = ""
+    kv_blocks: int = 0
+
+
 class LlmCallFinish(Request):
     op = "llm_call_finish"
     reply = EventAck
@@ -530,6 +544,7 @@ REQUEST_TYPES: Final[dict[str, type[Request]]] = {
         UnregisterEngine,
         RegisterApp,
         LlmCallStart,
+        LlmCallAdmitted,
         LlmCallFinish,
         ToolCallStart,
         ToolCallEnd,

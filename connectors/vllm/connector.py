@@ -413,11 +413,16 @@ class TokenCakeConnector(KVConnectorBase_V1):
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         req_id = request.request_id
+        link = self._link
+        assert link is not None
+        params = self._params.get(req_id)
+        if params is not None and link.up:
+            # Admission: the daemon's policy counts these blocks as taken from now on.
+            kv_blocks = len(blocks.get_block_ids()[0])
+            self._event(p.LlmCallAdmitted(params.app_id, params.agent_id, req_id, kv_blocks))
         hit = self._hits.pop(req_id, None)
         if hit is None:
             return
-        link = self._link
-        assert link is not None
         n = num_external_tokens // self.block_size
         use, rest = hit.slots[:n], hit.slots[n:]
         if not link.up or hit.epoch != link.epoch:

@@ -61,13 +61,19 @@ class LlmCallStart:
 
 @dataclass(slots=True, frozen=True)
 class LlmCallAdmitted:
-    """The engine scheduled the request: it now holds ``blocks`` GPU blocks (running)."""
+    """The engine scheduled the request: it now holds ``blocks`` GPU blocks (running).
+
+    ``reported``: the engine's pool reports already count these blocks as taken (an
+    admission inferred when the call finishes, after reports taken while it ran), so the
+    policy's free count must not take them again.
+    """
 
     now: float
     app_id: str
     agent_id: str
     request_id: str = ""
     blocks: int = 0
+    reported: bool = False
 
 
 @dataclass(slots=True, frozen=True)

@@ -592,7 +592,8 @@ class TrackingPolicy(Policy):
             # Every block the request holds leaves the free count, its own cached prefix
             # too: idle cached blocks were counted free.
             self._set_gpu(agent, ev.blocks)
-            self.gpu_free -= ev.blocks
+            if not ev.reported:
+                self.gpu_free -= ev.blocks
         agent.last_used_s = ev.now
         self._unpin(agent, "running", out)
 
@@ -614,7 +615,7 @@ class TrackingPolicy(Policy):
         if agent.phase == RUNNING:
             # The request's blocks are now idle cached KV, which the engine counts as free
             # (a new request may evict them): vLLM's free block queue, the simulator's too.
-            self.gpu_free += agent.gpu_blocks
+            self.gpu_free = min(self.gpu_free + agent.gpu_blocks, max(self.gpu_total, 0))
         self._set_phase(agent, IDLE)
         if ev.kv_blocks > 0:
             self._set_gpu(agent, ev.kv_blocks)
