@@ -184,7 +184,11 @@ def test_agent_events_and_introspection(client: TokenCakeClient, engine_id: str)
     assert client.register_app("app-1", DAG, tenant="t").accepted
     other = p.AppDag(nodes=[p.DagNode("solo")])
     expect_error(ErrorCode.CONFLICT, client.register_app, "app-1", other, tenant="t")
+    assert not client.llm_call_admitted("app-1", "plan", "r1", kv_blocks=16).accepted  # no call
     assert client.llm_call_start("app-1", "plan", engine_id, "r1", prompt_tokens=512).accepted
+    assert client.llm_call_admitted("app-1", "plan", "r1", kv_blocks=16).accepted
+    assert not client.llm_call_admitted("app-1", "plan", "r1", kv_blocks=16).accepted  # once
+    assert client.list_agents("app-1").agents[0].kv_blocks == 16
     assert client.llm_call_finish("app-1", "plan", "r1", output_tokens=40, kv_blocks=18).accepted
     assert client.tool_call_start("app-1", "plan", "search", predicted_s=4.0, call_id="c1").accepted
     agents = {a.agent_id: a for a in client.list_agents("app-1").agents}
@@ -211,6 +215,8 @@ def test_bad_agent_events_leave_state_unchanged(client: TokenCakeClient, engine_
     expect_error(ErrorCode.UNKNOWN_AGENT, client.llm_call_start, "app-2", "ghost")
     expect_error(ErrorCode.UNKNOWN_ENGINE, client.llm_call_start, "app-2", "plan", "ghost#1")
     expect_error(ErrorCode.BAD_REQUEST, client.llm_call_start, "app-2", "plan", "", "", -1)
+    expect_error(ErrorCode.BAD_REQUEST, client.llm_call_admitted, "app-2", "plan", "", -1)
+    expect_error(ErrorCode.UNKNOWN_AGENT, client.llm_call_admitted, "app-2", "ghost")
     expect_error(ErrorCode.BAD_REQUEST, client.tool_call_start, "app-2", "plan", "s", -3.0)
     expect_error(ErrorCode.BAD_REQUEST, client.tool_call_start, "app-2", "plan", "")
     cyclic = p.AppDag(nodes=[p.DagNode("a"), p.DagNode("b")], edges=[("a", "b"), ("b", "a")])
