@@ -1,7 +1,9 @@
 """``tokencake-sim``: replay workloads against every policy and report what each one costs.
 
 ``tokencake-sim run`` sweeps (workload x qps x policy) on one engine profile, prints a table,
-and writes ``results.json``, ``table.md`` and the PNG figures into ``--out``.
+and writes ``results.json``, ``table.md`` and the PNG figures into ``--out``. With ``--live
+ENDPOINT`` (or ``--live-embedded``) and ``--time-scale S`` each run is replayed against a real
+``tokencaked`` instead (``tokencake.sim.live``): the daemon's one policy decides.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import click
 
 from tokencake.sim.generators import BUILTIN, get_generator
 from tokencake.sim.metrics import target_ratios
-from tokencake.sim.profiles import DEFAULT_PROFILE, PROFILES, get_profile
-from tokencake.sim.runner import all_policies, resolve_policies, sweep
+from tokencake.sim.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile
+from tokencake.sim.runner import ORACLE, Series, all_policies, resolve_policies, sweep
 from tokencake.sim.workload import NoiseConfig
 
 logger = logging.getLogger(__name__)
@@ -128,9 +130,11 @@ def _floats(s: str) -> list[float]:
 )
 @click.option(
     "--policies",
-    default="all",
-    show_default=True,
-    help="'all' or comma-separated policy names (oracle included in all).",
+    default=None,
+    show_default="all",
+    help="'all' or comma-separated policy names (oracle included in all). Live mode runs "
+    "the daemon's one policy: at most one name, the daemon's (--live-embedded: the policy "
+    "to start it with, default tokencake).",
 )
 @click.option(
     "--out",
@@ -174,6 +178,27 @@ def _floats(s: str) -> list[float]:
     help="Rate whose runs feed the targets, timeline, CDF and breakdown.",
 )
 @click.option("--no-plots", is_flag=True)
+@click.option(
+    "--live",
+    "live_endpoint",
+    default=None,
+    metavar="ENDPOINT",
+    help="Live mode: replay each run against the tokencaked at ENDPOINT (its policy "
+    "decides, over its socket) on a compressed clock; see docs/benchmarks.md.",
+)
+@click.option(
+    "--live-embedded",
+    is_flag=True,
+    help="Live mode against a tokencaked started for this command on a temporary ipc "
+    "socket, and stopped after.",
+)
+@click.option(
+    "--time-scale",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Live mode: wall seconds per simulated second.",
+)
 def run_cmd(
     workload: str,
     qps: str,
@@ -189,11 +214,22 @@ def run_cmd(
     no_hints: bool,
     focus_qps: float,
     no_plots: bool,
+    live_endpoint: str | None,
+    live_embedded: bool,
+    time_scale: float,
 ) -> None:
-    """Sweep workloads x rates x policies; print the table and the targets."""
+    """Sweep workloads x rates x policies; print the table and the targets.
+
+    With --live ENDPOINT or --live-embedded, each (workload, rate) is replayed against a
+    real tokencaked instead (live mode: one policy, the daemon's; --time-scale wall seconds
+    per simulated second).
+    """
+    live = live_endpoint is not None or live_embedded
     try:
         prof = get_profile(profile).with_overrides(gpu_mem_util)
-        pols = resolve_policies(policies)
+        pols = resolve_policies(policies or "all")
+        if live:
+            pols = _live_policies(policies, live_endpoint, live_embedded, time_scale)
         workloads = [w.strip() for w in workload.split(",") if w.strip()]
         for w in workloads:
             get_generator(w)
@@ -219,9 +255,23 @@ def run_cmd(
             err=True,
         )
 
-    records, series = sweep(
-        workloads, rates, pols, prof, seed=seed, n_apps=apps, noise=noise, progress=progress
-    )
+    if live:
+        records, series = _sweep_live(
+            workloads,
+            rates,
+            pols,
+            prof,
+            live_endpoint,
+            time_scale,
+            seed=seed,
+            n_apps=apps,
+            noise=noise,
+            progress=progress,
+        )
+    else:
+        records, series = sweep(
+            workloads, rates, pols, prof, seed=seed, n_apps=apps, noise=noise, progress=progress
+        )
     wall = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = {
@@ -264,6 +314,56 @@ def run_cmd(
     if failed:
         click.echo(f"{len(failed)} run(s) did not finish; see 'error' in results.json", err=True)
         sys.exit(2)
+
+
+def _live_policies(
+    policies: str | None, endpoint: str | None, embedded: bool, scale: float
+) -> list[str]:
+    """The one policy of a live run: the daemon's (checked when --policies names one)."""
+    if endpoint is not None and embedded:
+        raise ValueError("--live and --live-embedded exclude each other")
+    if not 0 < scale <= 1000:
+        raise ValueError(f"--time-scale must be in (0, 1000], got {scale}")
+    names = resolve_policies(policies) if policies else []
+    if len(names) > 1 or ORACLE in names:
+        raise ValueError(
+            f"live mode runs one policy, the daemon's; --policies names {', '.join(names)}"
+        )
+    if embedded:
+        return names or ["tokencake"]
+    assert endpoint is not None
+    from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
+    from tokencake.protocol import RemoteError
+
+    try:
+        with TokenCakeClient(endpoint) as client:
+            running = str(client.get_config().config.get("policy", ""))
+    except (DaemonUnavailable, RemoteError) as e:
+        raise ValueError(f"--live {endpoint}: {e}") from e
+    if names and names[0] != running:
+        raise ValueError(f"the daemon at {endpoint} runs policy {running!r}, not {names[0]!r}")
+    return [running]
+
+
+def _sweep_live(
+    workloads: list[str],
+    rates: list[float],
+    pols: list[str],
+    prof: Profile,
+    endpoint: str | None,
+    scale: float,
+    **kwargs: Any,
+) -> tuple[list[dict[str, Any]], list[Series]]:
+    from tokencake.sim.live import DaemonLost, LiveError, embedded_daemon, sweep_live
+
+    try:
+        if endpoint is not None:
+            return sweep_live(workloads, rates, prof, endpoint, scale=scale, **kwargs)
+        with embedded_daemon(pols[0], prof) as daemon:
+            click.echo(f"live: tokencaked (policy {pols[0]}) on {daemon.endpoint}", err=True)
+            return sweep_live(workloads, rates, prof, daemon.endpoint, scale=scale, **kwargs)
+    except (DaemonLost, LiveError) as e:
+        raise click.ClickException(f"live mode: {type(e).__name__}: {e}") from e
 
 
 if __name__ == "__main__":  # pragma: no cover
