@@ -200,8 +200,11 @@ class TokenCakeClient(_Base):
         num_gpu_blocks_free: int = -1,
         num_waiting: int = 0,
         num_running: int = 0,
+        waiting_blocks: int = 0,
     ) -> p.EngineHeartbeatReply:
-        req = p.EngineHeartbeat(engine_id, num_gpu_blocks_free, num_waiting, num_running)
+        req = p.EngineHeartbeat(
+            engine_id, num_gpu_blocks_free, num_waiting, num_running, waiting_blocks
+        )
         return self.call(req, p.EngineHeartbeatReply)
 
     def unregister_engine(self, engine_id: str) -> p.UnregisterEngineReply:
@@ -403,8 +406,11 @@ class AsyncTokenCakeClient(_Base):
         num_gpu_blocks_free: int = -1,
         num_waiting: int = 0,
         num_running: int = 0,
+        waiting_blocks: int = 0,
     ) -> p.EngineHeartbeatReply:
-        req = p.EngineHeartbeat(engine_id, num_gpu_blocks_free, num_waiting, num_running)
+        req = p.EngineHeartbeat(
+            engine_id, num_gpu_blocks_free, num_waiting, num_running, waiting_blocks
+        )
         return await self.call(req, p.EngineHeartbeatReply)
 
     async def unregister_engine(self, engine_id: str) -> p.UnregisterEngineReply:

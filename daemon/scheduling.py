@@ -95,11 +95,12 @@ class SchedulerBridge:
         running: int,
         host_total: int = -1,
         host_free: int = -1,
+        waiting_blocks: int = 0,
     ) -> list[p.DecisionRecord]:
         if free < 0:
             return []  # the engine did not report its pool
         event = ev.EngineState(
-            self._clock(), total, free, waiting, running, 0, host_total, host_free
+            self._clock(), total, free, waiting, running, waiting_blocks, host_total, host_free
         )
         return self._to_engine(engine_id, event)
 

@@ -517,7 +517,12 @@ class Daemon:
 
     def _engine_heartbeat(self, _identity: bytes, req: p.EngineHeartbeat) -> p.EngineHeartbeatReply:
         engine = self._engine(req.engine_id)
-        if req.num_waiting < 0 or req.num_running < 0 or req.num_gpu_blocks_free < -1:
+        if (
+            req.num_waiting < 0
+            or req.num_running < 0
+            or req.num_gpu_blocks_free < -1
+            or req.waiting_blocks < 0
+        ):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "negative engine state")
         engine.num_gpu_blocks_free = req.num_gpu_blocks_free
         engine.num_waiting = req.num_waiting
@@ -533,6 +538,7 @@ class Daemon:
                 req.num_running,
                 self.store.num_slots,
                 self.store.stats().free,
+                req.waiting_blocks,
             )
         )
         return p.EngineHeartbeatReply(leases_renewed=renewed)

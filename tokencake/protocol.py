@@ -160,6 +160,8 @@ class EngineHeartbeat(Request):
     num_gpu_blocks_free: int = -1
     num_waiting: int = 0
     num_running: int = 0
+    waiting_blocks: int = 0
+    """GPU blocks the waiting requests need in all (0: not reported)."""
 
 
 class UnregisterEngineReply(msgspec.Struct):

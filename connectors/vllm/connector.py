@@ -141,7 +141,7 @@ class DaemonLink:
         self.next_try = 0.0
         self.next_heartbeat = 0.0
         self.next_state_report = 0.0
-        self.last_state: tuple[int, int, int] | None = None
+        self.last_state: tuple[int, int, int, int] | None = None
 
     @property
     def up(self) -> bool:
@@ -287,9 +287,10 @@ class TokenCakeConnector(KVConnectorBase_V1):
         self._req_loaded: dict[str, int] = {}
         self._agents: dict[tuple[str, str], _AgentKv] = {}
         self._to_free: list[tuple[list[int], list[bytes]]] = []
-        self.queue_probe: Callable[[], tuple[int, int]] | None = None
-        """Set by ``TokenCakeScheduler``: (waiting, running) request counts for the pool
-        state reported to the daemon; without it both are reported as 0."""
+        self.queue_probe: Callable[[], tuple[int, int, int]] | None = None
+        """Set by ``TokenCakeScheduler``: (waiting requests, running requests, blocks the
+        waiting requests need) for the pool state reported to the daemon; without it all
+        three are reported as 0."""
         # worker side
         self._layer_names: list[str] = list(kv_cache_config.kv_cache_groups[0].layer_names)
         self._copier: Copier | None = None
@@ -725,12 +726,13 @@ class TokenCakeConnector(KVConnectorBase_V1):
     def get_stats(self) -> dict[str, int]:
         return asdict(self.stats)
 
-    def _engine_state(self) -> tuple[int, int, int]:
-        """(free GPU blocks, waiting requests, running requests) as the daemon wants them:
-        free counts idle cached blocks, as vLLM's free block queue does (-1: unknown)."""
+    def _engine_state(self) -> tuple[int, int, int, int]:
+        """(free GPU blocks, waiting requests, running requests, waiting blocks) as the
+        daemon wants them: free counts idle cached blocks, as vLLM's free block queue does
+        (-1: unknown)."""
         free = self._pool.get_num_free_blocks() if self._pool is not None else -1
-        waiting, running = self.queue_probe() if self.queue_probe is not None else (0, 0)
-        return free, waiting, running
+        probe = self.queue_probe() if self.queue_probe is not None else (0, 0, 0)
+        return free, *probe
 
     # ------------------------------------------------------------------ worker side
 

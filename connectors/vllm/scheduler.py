@@ -209,8 +209,15 @@ class TokenCakeScheduler(Scheduler):
         self.waiting = AgentRankedQueue(self.policy, self._tc_rank)
         self.kv_holding_waiting = AgentRankedQueue(self.policy, self._tc_rank)
 
-    def _tc_queue_sizes(self) -> tuple[int, int]:
-        return len(self.waiting) + len(self.kv_holding_waiting), len(self.running)
+    def _tc_queue_sizes(self) -> tuple[int, int, int]:
+        """(waiting, running, blocks the waiting requests still need): the pool state the
+        connector reports; O(waiting), at most once per ``state_report_s``."""
+        bs = self.block_size
+        need = 0
+        for queue in (self.waiting, self.kv_holding_waiting):
+            for r in queue:
+                need += -(-(r.num_tokens - r.num_computed_tokens) // bs)
+        return len(self.waiting) + len(self.kv_holding_waiting), len(self.running), need
 
     def _num_blocks(self) -> int:
         return int(self.kv_cache_config.num_blocks)

@@ -7,9 +7,12 @@ both live here so that the daemon's policy (which the simulator's engine asks th
 figures from ``list_agents``) take the same decision from the same inputs:
 
 * what one critical agent asks to be kept free (``protected_blocks``): while it waits for
-  admission, the blocks its request needs; while it is in a tool call, the KV it will need
-  back on return (its blocks still on the GPU plus those parked on the host). Nothing when
-  it runs (it holds its blocks), is idle or done, or is off the critical path;
+  admission, the blocks its request needs; while it is in a tool call, its KV still on the
+  GPU (kept there, or not yet offloaded) and the blocks of an upload bringing it back that
+  have not taken GPU memory yet. KV the temporal scheduler parked on the host is not
+  protected until its upload is due: freeing that memory for others during the tool call is
+  the point of the offload. Nothing when the agent runs (it holds its blocks), is idle or
+  done, or is off the critical path;
 * whether one request may go ahead (``verdict``): critical requests always; others when
   ``free - need >= protect``, with ``protect`` the sum over the critical agents that rank
   ahead (an older application, or the requester's own), capped at a fraction of the pool so
@@ -29,7 +32,7 @@ TOOL_PHASE = "tool"
 
 
 def protected_blocks(
-    *, critical: bool, phase: str, wait_blocks: int, gpu_blocks: int, host_blocks: int
+    *, critical: bool, phase: str, wait_blocks: int, gpu_blocks: int, returning_blocks: int
 ) -> int:
     """Blocks one agent asks the guard to keep free for it (see the module docstring)."""
     if not critical:
@@ -37,7 +40,7 @@ def protected_blocks(
     if phase == WAITING_PHASE:
         return max(0, wait_blocks)
     if phase == TOOL_PHASE:
-        return max(0, gpu_blocks) + max(0, host_blocks)
+        return max(0, gpu_blocks) + max(0, returning_blocks)
     return 0
 
 

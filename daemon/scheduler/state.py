@@ -16,8 +16,9 @@ Accounting model (what "blocks" mean to the policy):
   capacity: an offload is only decided when it fits;
 * ``gpu_free`` is the engine's last report, minus upload pieces released and blocks
   admitted since, plus the blocks the policy knows were freed since. Like vLLM's free block
-  queue, it counts idle cached blocks as free: a finished call's blocks return to it, and
-  offloading or evicting idle blocks does not change it. Uploads never take blocks the head of the
+  queue, it counts idle cached blocks as free: a finished call's blocks return to it, an
+  offload holds its blocks until the copy ends, and evicting or dropping idle blocks does
+  not change it. Uploads never take blocks the head of the
   waiting queue needs (urgent) or that any waiting request needs (predictive, prefetch):
   this is what keeps the head of the queue from starving behind asynchronous reloads.
 """
@@ -378,6 +379,7 @@ class TrackingPolicy(Policy):
         agent.offloading += blocks
         agent.offload_moves = moves
         self.host_used += blocks
+        self.gpu_free -= blocks  # idle blocks, counted free, are held while they are copied
         out.append(
             d.Offload(
                 at_s=self.now,
@@ -402,8 +404,7 @@ class TrackingPolicy(Policy):
             return
         if where == "gpu":
             blocks = min(blocks, agent.gpu_blocks)
-            self._set_gpu(agent, agent.gpu_blocks - blocks)
-            self.gpu_free += blocks
+            self._set_gpu(agent, agent.gpu_blocks - blocks)  # idle: counted free already
         else:
             blocks = min(blocks, agent.host_blocks - agent.uploading)
             if blocks <= 0:
@@ -719,13 +720,13 @@ class TrackingPolicy(Policy):
         if ev.direction == "d2h":
             blocks = min(max(ev.blocks, 0), agent.offloading)
             agent.offloading -= blocks
+            self.gpu_free += blocks  # the copy let go of them: empty, or idle cached again
             if not ev.ok:
                 self.host_used -= blocks
                 agent.upload_left = min(agent.upload_left, agent.host_blocks + agent.offloading)
             else:
                 agent.host_blocks += blocks
                 if agent.offload_moves:
-                    # Idle blocks: already counted free by the engine, now empty.
                     moved = min(blocks, agent.gpu_blocks)
                     self._set_gpu(agent, agent.gpu_blocks - moved)
                 if agent.drop_on_arrival or agent.phase == DONE:

@@ -72,6 +72,9 @@ class TokenCakePolicy(TrackingPolicy):
         self.reservations: dict[str, int] = {}
         self._reserve_ema: dict[str, float] = {}
         self._last_partition_s = -math.inf
+        self._kept_idle: dict[tuple[str, str], tuple[AgentState, int]] = {}
+        """Agents in a tool call whose GPU KV was kept for want of pressure (with the
+        call's token): re-examined once when waiting demand or pressure appears."""
 
     # ------------------------------------------------------------------ temporal
 
@@ -80,20 +83,41 @@ class TokenCakePolicy(TrackingPolicy):
             return
         pred = agent.prediction
         assert pred is not None
+        self._offload_for_call(agent, "tool_start", out)
+        self._push_timer(agent.tool_start + pred.quantile_s(Z_Q95), T_LATE, agent, agent.tool_token)
+
+    def _offload_for_call(self, agent: AgentState, trigger: str, out: list[d.Decision]) -> None:
+        """Offload an agent's idle KV for the rest of its tool call if that pays, and plan
+        the upload to land by the low quantile of the return time."""
+        pred = agent.prediction
+        assert pred is not None
         z = Z_Q10 if agent.critical else Z_Q20
-        stall_low = pred.quantile_s(z)
-        planned = self._consider_offload(agent, stall_low, "tool_start", out, z)
+        back_by = agent.tool_start + pred.quantile_s(z)
+        planned = self._consider_offload(agent, back_by - self.now, trigger, out, z)
         if planned:
             cfg = self.config
             blocks = agent.offloading + agent.host_blocks
             pieces = -(-blocks // cfg.upload_piece_blocks)
             t_back = self.cost.seconds("h2d", blocks, pieces)
-            upload_at = max(agent.tool_start + stall_low - t_back, self.now)
+            upload_at = max(back_by - t_back, self.now)
             self._push_timer(upload_at, T_UPLOAD, agent, agent.tool_token)
             terms = out[-1].reason.terms  # the Offload just decided: say when it comes back
             terms["upload_at_s"] = upload_at
-            terms["upload_slack_s"] = pred.median_s - stall_low
-        self._push_timer(agent.tool_start + pred.quantile_s(Z_Q95), T_LATE, agent, agent.tool_token)
+            terms["upload_slack_s"] = pred.median_s - pred.quantile_s(z)
+        elif out and out[-1].reason.rule == "keep:no_pressure":
+            self._kept_idle[agent.key] = (agent, agent.tool_token)
+
+    def _reexamine_kept(self, out: list[d.Decision]) -> None:
+        """Waiting demand or pressure appeared: the KV kept for want of it is examined again,
+        once, with what is left of each stall (the tool-start rule, not a new one)."""
+        usage = 1.0 - self.gpu_free / self.gpu_total if self.gpu_total > 0 else 0.0
+        if self.waiting_blocks() <= 0 and usage < self.config.offload_usage_floor:
+            return
+        kept, self._kept_idle = self._kept_idle, {}
+        for agent, token in kept.values():
+            if agent.phase != TOOL or agent.tool_token != token or agent.offloading:
+                continue
+            self._offload_for_call(agent, "waiting_demand", out)
 
     def _consider_offload(
         self, agent: AgentState, stall_s: float, trigger: str, out: list[d.Decision], z: float
@@ -163,6 +187,7 @@ class TokenCakePolicy(TrackingPolicy):
                 self._consider_offload(agent, elapsed, "overrun", out, 0.0)
 
     def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[d.Decision]) -> None:
+        self._kept_idle.pop(agent.key, None)
         pending = agent.host_blocks + agent.offloading
         if pending <= 0:
             return
@@ -313,7 +338,7 @@ class TokenCakePolicy(TrackingPolicy):
             phase=agent.phase,
             wait_blocks=agent.wait_blocks,
             gpu_blocks=agent.gpu_blocks,
-            host_blocks=agent.host_blocks,
+            returning_blocks=agent.upload_left,
         )
 
     def allocation_verdict(
@@ -352,6 +377,8 @@ class TokenCakePolicy(TrackingPolicy):
         return self.allocation_verdict(app_id, agent_id, n_blocks, now)[0]
 
     def _on_engine_state(self, out: list[d.Decision]) -> None:
+        if self.temporal and self._kept_idle:
+            self._reexamine_kept(out)
         if not self.spatial or self.gpu_total <= 0:
             return
         if self.now - self._last_partition_s < self.config.partition_interval_s:

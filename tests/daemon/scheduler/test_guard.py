@@ -22,7 +22,7 @@ def test_verdict() -> None:
     ("critical", "phase", "expected"),
     [
         (True, "waiting", 5),  # the request it waits to run
-        (True, "tool", 7 + 3),  # everything it needs back on return, GPU and host
+        (True, "tool", 7 + 3),  # its KV on the GPU, and an upload's blocks still to come
         (True, "running", 0),  # it holds its blocks
         (True, "idle", 0),
         (True, "done", 0),
@@ -32,7 +32,7 @@ def test_verdict() -> None:
 )
 def test_protected_blocks(critical: bool, phase: str, expected: int) -> None:
     got = guard.protected_blocks(
-        critical=critical, phase=phase, wait_blocks=5, gpu_blocks=7, host_blocks=3
+        critical=critical, phase=phase, wait_blocks=5, gpu_blocks=7, returning_blocks=3
     )
     assert got == expected
 

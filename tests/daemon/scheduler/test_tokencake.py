@@ -203,8 +203,31 @@ def test_older_app_goes_first_and_newer_critical_agents_do_not_block_it() -> Non
     assert not ok and why.rule == "deny:critical_inversion"
 
 
-def test_guard_keeps_a_critical_agents_kv_through_its_tool_call() -> None:
+def test_kept_kv_is_offloaded_once_waiting_demand_appears() -> None:
     p = make()
+    p.on_event(EngineState(0.0, 1000, 900))
+    assert [d.reason.rule for d in to_tool(p, 100, hint=30.0)] == ["keep:no_pressure"]
+    view = p.agent_view("app", "a")
+    assert view is not None and view.protect_blocks == 100  # kept on the GPU: protected
+    # a request arrives that the pool cannot serve without this KV's memory
+    out = p.on_event(EngineState(3.0, 1000, 150, num_waiting=1, waiting_blocks=200))
+    offload = [d for d in out if d.kind == "offload"]
+    assert len(offload) == 1 and offload[0].blocks == 100
+    assert offload[0].reason.terms["trigger"] == "waiting_demand"
+    # the stall left (q10 of 30 s, less the 2 s gone) is what was weighed
+    stall = offload[0].reason.terms["stall_quantile_s"]
+    assert isinstance(stall, float) and stall < 30.0 - 2.0
+    assert not [
+        d for d in p.on_event(EngineState(3.1, 1000, 40, 1, 0, 200)) if d.kind != "partition"
+    ]
+    p.on_event(TransferDone(3.5, "app", "a", "d2h", 100))
+    view = p.agent_view("app", "a")
+    assert view is not None and view.protect_blocks == 0  # parked on the host: not protected
+    assert p.gpu_free >= 140
+
+
+def test_guard_keeps_a_critical_agents_kv_through_its_tool_call() -> None:
+    p = make("tokencake-spatial")  # KV stays on the GPU: the guard alone
     to_tool(p, blocks=12, hint=60.0)  # critical "a" leaves 12 blocks cached, calls a tool
     p.on_event(EngineState(1.0, 100, 30))
     view = p.agent_view("app", "a")
@@ -221,7 +244,7 @@ def test_guard_keeps_a_critical_agents_kv_through_its_tool_call() -> None:
 
 
 def test_guard_never_holds_back_more_than_the_cap() -> None:
-    p = make(max_reserve_fraction=0.1)
+    p = make("tokencake-spatial", max_reserve_fraction=0.1)
     to_tool(p, blocks=40, hint=60.0)
     p.on_event(EngineState(1.0, 100, 30))
     ok, why = p.allocation_verdict("app", "b", 20, 1.1)  # 30 - 20 >= 10 (the cap)
