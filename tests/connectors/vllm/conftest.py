@@ -20,7 +20,9 @@ import pytest
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def daemon_argv(endpoint: str, instance: str, arena_bytes: str = "64MiB") -> list[str]:
+def daemon_argv(
+    endpoint: str, instance: str, arena_bytes: str = "64MiB", policy: str = "tokencake"
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -34,13 +36,16 @@ def daemon_argv(endpoint: str, instance: str, arena_bytes: str = "64MiB") -> lis
         "--metrics-port",
         "0",
         "--log-text",
+        "--policy",
+        policy,
     ]
 
 
 class DaemonProcess:
     """tokencaked as a child process that a test can kill and start again."""
 
-    def __init__(self, workdir: Path, instance: str) -> None:
+    def __init__(self, workdir: Path, instance: str, policy: str = "tokencake") -> None:
+        self.policy = policy
         self.sock = workdir / "tokencaked.sock"
         self.endpoint = f"ipc://{self.sock}"
         self.instance = instance
@@ -52,7 +57,9 @@ class DaemonProcess:
 
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                daemon_argv(self.endpoint, self.instance), stdout=log, stderr=log
+                daemon_argv(self.endpoint, self.instance, policy=self.policy),
+                stdout=log,
+                stderr=log,
             )
         deadline = time.monotonic() + timeout_s
         with TokenCakeClient(self.endpoint, timeout_s=0.2) as client:

@@ -2,7 +2,8 @@
 
 An agent app registers its DAG and reports its tool call through the client library's
 ``AppSession``; the connector reports the LLM calls. While the coder's tool runs, another
-agent's call is in flight, so the engine is under KV pressure. The daemon's policy decides to
+agent's call is in flight and holds most of the pool, so the engine is under KV pressure
+(usage above the policy's floor). The daemon's policy decides to
 offload the coder's KV (the predicted stall exceeds the round trip), the connector stores the
 blocks with the agent named (so the daemon's scheduler gets ``TransferDone``) and frees them
 on the GPU; the policy's predictive upload comes before the predicted return; the
@@ -136,8 +137,9 @@ def test_daemon_policy_offloads_uploads_and_the_continuation_hits(
         coder = app.agent("coder", engine_id)
         prompt = _ids(1, PROMPT)
         first = steps.add(prompt, kv_transfer_params(APP, "coder"), 2)
-        # The reviewer's call is in flight when the coder's tool starts: KV pressure.
-        other = steps.add(_ids(2, 200), kv_transfer_params(APP, "reviewer"), 400)
+        # The reviewer's call is in flight when the coder's tool starts, holding 25 of the
+        # 39 blocks and growing: KV pressure (usage above the policy's 0.6 floor).
+        other = steps.add(_ids(2, 800), kv_transfer_params(APP, "reviewer"), 300)
         steps.until(lambda: first in steps.done)
         hashes = list(conn._agents[(APP, "coder")].hashes)
         assert len(hashes) == PROMPT // 32

@@ -127,7 +127,10 @@ def stock(tiny_model: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def own_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(tmp_path_factory.mktemp("tcs"), f"vs{os.getpid()}")
+    # The spatial half only: KV never leaves the GPU, so the guard's effect is deterministic
+    # (with the temporal half, a pool report that lands during the wait can make the policy
+    # offload the critical agent's KV, and then nothing is protected: see test_daemon_policy).
+    d = DaemonProcess(tmp_path_factory.mktemp("tcs"), f"vs{os.getpid()}", "tokencake-spatial")
     d.start()
     yield d
     d.stop()
