@@ -220,7 +220,7 @@ class DaemonPolicy(Policy):
         self._agents: set[tuple[str, str]] = set()
         self._pins: dict[tuple[str, str], float] = {}  # (app, agent) -> pinned until (sim)
         self._copies: dict[int, tuple[str, list[int]]] = {}
-        self._state: tuple[int, int, int] | None = None
+        self._state: tuple[int, int, int, int] | None = None
         self._next_report = 0.0
         self._next_refresh = 0.0
         self._arrivals = False
@@ -287,9 +287,10 @@ class DaemonPolicy(Policy):
         if not ack.accepted:
             self.stats.events_not_accepted += 1
 
-    def _heartbeat(self, free: int, waiting: int, running: int) -> None:
+    def _heartbeat(self, free: int, waiting: int, running: int, waiting_blocks: int) -> None:
         self._call(
-            p.EngineHeartbeat(self.engine_id, free, waiting, running), p.EngineHeartbeatReply
+            p.EngineHeartbeat(self.engine_id, free, waiting, running, waiting_blocks),
+            p.EngineHeartbeatReply,
         )
         self.stats.heartbeats += 1
         self._last_heartbeat = time.monotonic()
@@ -328,7 +329,12 @@ class DaemonPolicy(Policy):
         wire = self.app_prefix + str(getattr(event, "app_id", ""))
         s = self.scale
         if isinstance(event, EngineState):
-            self._state = (event.gpu_blocks_free, event.num_waiting, event.num_running)
+            self._state = (
+                event.gpu_blocks_free,
+                event.num_waiting,
+                event.num_running,
+                event.waiting_blocks,
+            )
             self._report_state(event.now)
         elif isinstance(event, AppRegistered):
             nodes = [
@@ -375,8 +381,7 @@ class DaemonPolicy(Policy):
         self._pace(now)
         self._report_state(now)
         if time.monotonic() - self._last_heartbeat >= self._heartbeat_s:
-            free, waiting, running = self._state or (-1, 0, 0)
-            self._heartbeat(free, waiting, running)
+            self._heartbeat(*(self._state or (-1, 0, 0, 0)))
         self._inbox.extend(self.client.poll_pushes())
         return self._decisions(now)
 
