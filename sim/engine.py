@@ -41,11 +41,13 @@ from tokencake.daemon.scheduler import (
     LlmCallPreempted,
     LlmCallStart,
     Offload,
+    Pin,
     Policy,
     ToolCallEnd,
     ToolCallStart,
     TransferDone,
     TransferMeasured,
+    Unpin,
     Upload,
     WaitingRequest,
 )
@@ -230,6 +232,8 @@ class Simulator:
         self._seq = 0
         self.pending_events: deque[Event] = deque()
         self._plain_apps: set[str] = {a.app_id for a in trace.apps if a.plain}
+        self.pins: dict[tuple[str, str], float] = {}
+        """Live pins the policy decided: agent -> until (simulated time)."""
         self.agents: dict[tuple[str, str], AgentKv] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -292,8 +296,13 @@ class Simulator:
                     self.c.host_dropped_blocks += dropped
                 else:
                     self.pool.discard(agent, d.blocks)
-            # Pin/Unpin/Partition/Keep change nothing the engine owns: pins act through
-            # eviction_order, partitions through may_allocate.
+            elif isinstance(d, Pin):
+                if agent is not None:
+                    self.pins[(d.app_id, d.agent_id)] = d.at_s + d.ttl_s
+            elif isinstance(d, Unpin):
+                self.pins.pop((d.app_id, d.agent_id), None)
+            # Pins act through eviction_order and the free count; partitions and keeps
+            # change nothing the engine owns.
 
     def _agent(self, app_id: str, agent_id: str) -> AgentKv:
         key = (app_id, agent_id)
@@ -877,6 +886,21 @@ class Simulator:
             self._last_sample = t
             self.timeline.append((t, used / self.nominal_blocks))
 
+    def _pinned_cached(self) -> int:
+        """Idle cached blocks under a live pin: held, so not free (as in vLLM, where the
+        connector holds a pinned agent's blocks)."""
+        if not self.pins:
+            return 0
+        held = 0
+        for key, until in list(self.pins.items()):
+            if until <= self.now:
+                del self.pins[key]
+                continue
+            a = self.agents.get(key)
+            if a is not None:
+                held += len(a.cached)
+        return held
+
     def _engine_state(self) -> None:
         waiting_blocks = sum(r.view.blocks for r in self.waiting)
         self._emit(
@@ -884,7 +908,7 @@ class Simulator:
                 self.now,
                 self.nominal_blocks if not self.pool.unbounded else self.pool.total + 1,
                 # vLLM's figure: free blocks plus idle cached ones (a new request may take them)
-                self.pool.free + self.pool.n_cached
+                self.pool.free + self.pool.n_cached - self._pinned_cached()
                 if not self.pool.unbounded
                 else self.pool.total + 1,
                 len(self.waiting),

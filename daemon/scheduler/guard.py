@@ -8,8 +8,9 @@ figures from ``list_agents``) take the same decision from the same inputs:
 
 * what one critical agent asks to be kept free (``protected_blocks``): while it waits for
   admission, the blocks its request needs; while it is in a tool call, its KV still on the
-  GPU (kept there, or not yet offloaded) and the blocks of an upload bringing it back that
-  have not taken GPU memory yet. KV the temporal scheduler parked on the host is not
+  GPU (kept there, or not yet offloaded; unless pinned: a pinned block is held, no longer
+  counted free, so it needs no protection) and the blocks of an upload bringing it back
+  that have not taken GPU memory yet. KV the temporal scheduler parked on the host is not
   protected until its upload is due: freeing that memory for others during the tool call is
   the point of the offload. Nothing when the agent runs (it holds its blocks), is idle or
   done, or is off the critical path;
@@ -32,7 +33,13 @@ TOOL_PHASE = "tool"
 
 
 def protected_blocks(
-    *, critical: bool, phase: str, wait_blocks: int, gpu_blocks: int, returning_blocks: int
+    *,
+    critical: bool,
+    phase: str,
+    wait_blocks: int,
+    gpu_blocks: int,
+    returning_blocks: int,
+    pinned: bool = False,
 ) -> int:
     """Blocks one agent asks the guard to keep free for it (see the module docstring)."""
     if not critical:
@@ -40,7 +47,7 @@ def protected_blocks(
     if phase == WAITING_PHASE:
         return max(0, wait_blocks)
     if phase == TOOL_PHASE:
-        return max(0, gpu_blocks) + max(0, returning_blocks)
+        return (0 if pinned else max(0, gpu_blocks)) + max(0, returning_blocks)
     return 0
 
 

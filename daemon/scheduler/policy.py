@@ -109,6 +109,9 @@ class PolicyConfig:
     """The partition is recomputed at most this often (and on large load changes)."""
     continuum_ttl_max_s: float = 30.0
     """Continuum: pin for the predicted tool time, at most this long."""
+    tool_pin_max_s: float = 30.0
+    """TokenCake: KV kept on the GPU through a tool call is pinned until the call's q95,
+    if that is at most this long (a longer call leaves it to the eviction order)."""
     offload_usage_floor: float = 0.6
     """With no waiting demand, offload only when GPU usage is at least this (the fork's
     60 %): below it the freed blocks would sit unused and the copies cost bandwidth."""
@@ -143,6 +146,8 @@ class PolicyConfig:
                 raise PolicyConfigError(f"{key} must be >= 0, got {value!r}")
         if self.deadline_max_s < self.deadline_min_s:
             raise PolicyConfigError("deadline_max_s must be >= deadline_min_s")
+        if not 0.0 <= self.tool_pin_max_s <= 86400.0:
+            raise PolicyConfigError("tool_pin_max_s must be in [0, 86400]")
         if not 0.0 <= self.offload_usage_floor <= 1.0:
             raise PolicyConfigError("offload_usage_floor must be in [0, 1]")
         if not 0.0 <= self.max_reserve_fraction <= 1.0:

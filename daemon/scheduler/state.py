@@ -444,6 +444,8 @@ class TrackingPolicy(Policy):
         terms: dict[str, d.Term],
         out: list[d.Decision],
     ) -> None:
+        if agent.pinned_until == -math.inf and agent.phase != RUNNING:
+            self.gpu_free -= agent.gpu_blocks  # held: a pinned block is no longer evictable
         agent.pinned_until = self.now + ttl_s
         self._push_timer(agent.pinned_until, T_UNPIN, agent, agent.tool_token)
         out.append(
@@ -461,6 +463,8 @@ class TrackingPolicy(Policy):
         if agent.pinned_until == -math.inf:
             return
         agent.pinned_until = -math.inf
+        if agent.phase != RUNNING:
+            self.gpu_free += agent.gpu_blocks  # idle cached blocks, evictable again
         out.append(
             d.Unpin(
                 at_s=self.now,
@@ -850,13 +854,20 @@ class TrackingPolicy(Policy):
                 else:
                     agent.upload_left = 0
                 continue
+            # The agent's own idle cached blocks count as free, but not for its own upload
+            # (they hold the part of its KV already back, and nothing evicts them for it).
+            own = (
+                agent.gpu_blocks
+                if agent.phase != RUNNING and agent.pinned_until == -math.inf
+                else 0
+            )
             if unknown_pool:
                 budget = piece
             elif prio == d.URGENT:
                 protect = head.wait_blocks if head is not None and head is not agent else 0
-                budget = self.gpu_free - protect
+                budget = self.gpu_free - own - protect
             else:
-                budget = self.gpu_free - self.waiting_blocks()
+                budget = self.gpu_free - own - self.waiting_blocks()
             if budget < piece:
                 if prio != d.URGENT or budget <= 0:
                     break

@@ -83,12 +83,24 @@ class TokenCakePolicy(TrackingPolicy):
             return
         pred = agent.prediction
         assert pred is not None
-        self._offload_for_call(agent, "tool_start", out)
-        self._push_timer(agent.tool_start + pred.quantile_s(Z_Q95), T_LATE, agent, agent.tool_token)
+        late_at = agent.tool_start + pred.quantile_s(Z_Q95)
+        if not self._offload_for_call(agent, "tool_start", out) and agent.gpu_blocks > 0:
+            # Kept on the GPU: the returning call should find it there. Pin it until the
+            # call's q95 (as Continuum pins across tool calls), unless that is too long to
+            # hold memory idle; the eviction order decides after that.
+            ttl = late_at - self.now
+            terms: dict[str, d.Term] = {
+                "ttl_s": ttl,
+                "tool_pin_max_s": self.config.tool_pin_max_s,
+                "kept_because": out[-1].reason.rule if out else "",
+            }
+            if ttl <= self.config.tool_pin_max_s:
+                self._pin(agent, ttl, "pin:kept_through_tool_call", terms, out)
+        self._push_timer(late_at, T_LATE, agent, agent.tool_token)
 
-    def _offload_for_call(self, agent: AgentState, trigger: str, out: list[d.Decision]) -> None:
+    def _offload_for_call(self, agent: AgentState, trigger: str, out: list[d.Decision]) -> bool:
         """Offload an agent's idle KV for the rest of its tool call if that pays, and plan
-        the upload to land by the low quantile of the return time."""
+        the upload to land by the low quantile of the return time. True when offloaded."""
         pred = agent.prediction
         assert pred is not None
         z = Z_Q10 if agent.critical else Z_Q20
@@ -106,6 +118,7 @@ class TokenCakePolicy(TrackingPolicy):
             terms["upload_slack_s"] = pred.median_s - pred.quantile_s(z)
         elif out and out[-1].reason.rule == "keep:no_pressure":
             self._kept_idle[agent.key] = (agent, agent.tool_token)
+        return planned
 
     def _reexamine_kept(self, out: list[d.Decision]) -> None:
         """Waiting demand or pressure appeared: the KV kept for want of it is examined again,
@@ -117,7 +130,15 @@ class TokenCakePolicy(TrackingPolicy):
         for agent, token in kept.values():
             if agent.phase != TOOL or agent.tool_token != token or agent.offloading:
                 continue
-            self._offload_for_call(agent, "waiting_demand", out)
+            pinned_until = agent.pinned_until
+            if pinned_until > self.now:
+                self._unpin(agent, "unpin:reexamined", out)
+            if not self._offload_for_call(agent, "waiting_demand", out) and (
+                pinned_until > self.now
+            ):
+                # kept again: the pin it had stands, to the same end
+                ttl = pinned_until - self.now
+                self._pin(agent, ttl, "pin:kept_through_tool_call", {"ttl_s": ttl}, out)
 
     def _consider_offload(
         self, agent: AgentState, stall_s: float, trigger: str, out: list[d.Decision], z: float
@@ -339,6 +360,7 @@ class TokenCakePolicy(TrackingPolicy):
             wait_blocks=agent.wait_blocks,
             gpu_blocks=agent.gpu_blocks,
             returning_blocks=agent.upload_left,
+            pinned=agent.pinned_until > self.now,
         )
 
     def allocation_verdict(

@@ -37,6 +37,14 @@ def test_protected_blocks(critical: bool, phase: str, expected: int) -> None:
     assert got == expected
 
 
+def test_pinned_kv_needs_no_protection() -> None:
+    # a pin holds the blocks (they are not counted free): only the upload's are protected
+    got = guard.protected_blocks(
+        critical=True, phase="tool", wait_blocks=0, gpu_blocks=7, returning_blocks=3, pinned=True
+    )
+    assert got == 3
+
+
 def test_cap() -> None:
     assert guard.protect_cap(100, 0.5) == 50
     assert guard.protect_cap(-1, 0.5) == 0

@@ -78,17 +78,28 @@ def test_keeps_when_margin_too_small_and_says_why() -> None:
     p = make()
     p.on_event(EngineState(0.0, 1000, 50, num_waiting=3, waiting_blocks=200))
     out = to_tool(p, 100, hint=0.15)  # round trip ~0.2 s
-    assert kinds(out) == ["keep"]
+    assert kinds(out) == ["keep", "pin"]
     assert out[0].reason.rule == "keep:margin_below_min"
+    # kept on the GPU: pinned until the call's q95, so that the return finds it there
+    pin = out[1]
+    assert pin.reason.rule == "pin:kept_through_tool_call"
+    assert pin.reason.terms["kept_because"] == "keep:margin_below_min"
+    assert 0.15 < pin.ttl_s < 0.5  # type: ignore[attr-defined]
+    assert p.gpu_free == 50 - 100  # the pinned blocks are held, not free
 
 
 def test_keeps_without_pressure_and_with_full_host() -> None:
     p = make()
     p.on_event(EngineState(0.0, 1000, 900))
-    assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == ["keep:no_pressure"]
+    pin = "pin:kept_through_tool_call"
+    assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == ["keep:no_pressure", pin]
     p = make(host_blocks=10)
     p.on_event(EngineState(0.0, 1000, 50, num_waiting=3, waiting_blocks=200))
-    assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == ["keep:host_full"]
+    assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == ["keep:host_full", pin]
+    # a call predicted to outlast tool_pin_max_s is not pinned: the eviction order decides
+    p = make(tool_pin_max_s=3.0)
+    p.on_event(EngineState(0.0, 1000, 900))
+    assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == ["keep:no_pressure"]
 
 
 def test_predictive_upload_lands_before_predicted_return() -> None:
@@ -206,17 +217,19 @@ def test_older_app_goes_first_and_newer_critical_agents_do_not_block_it() -> Non
 def test_kept_kv_is_offloaded_once_waiting_demand_appears() -> None:
     p = make()
     p.on_event(EngineState(0.0, 1000, 900))
-    assert [d.reason.rule for d in to_tool(p, 100, hint=30.0)] == ["keep:no_pressure"]
+    rules = [d.reason.rule for d in to_tool(p, 100, hint=10.0)]
+    assert rules == ["keep:no_pressure", "pin:kept_through_tool_call"]
     view = p.agent_view("app", "a")
-    assert view is not None and view.protect_blocks == 100  # kept on the GPU: protected
+    assert view is not None and view.protect_blocks == 0  # pinned: held, not counted free
     # a request arrives that the pool cannot serve without this KV's memory
     out = p.on_event(EngineState(3.0, 1000, 150, num_waiting=1, waiting_blocks=200))
+    assert [d.kind for d in out if d.kind != "partition"] == ["unpin", "offload"]
     offload = [d for d in out if d.kind == "offload"]
     assert len(offload) == 1 and offload[0].blocks == 100
     assert offload[0].reason.terms["trigger"] == "waiting_demand"
-    # the stall left (q10 of 30 s, less the 2 s gone) is what was weighed
+    # the stall left (q10 of 10 s, less the 2 s gone) is what was weighed
     stall = offload[0].reason.terms["stall_quantile_s"]
-    assert isinstance(stall, float) and stall < 30.0 - 2.0
+    assert isinstance(stall, float) and stall < 10.0 - 2.0
     assert not [
         d for d in p.on_event(EngineState(3.1, 1000, 40, 1, 0, 200)) if d.kind != "partition"
     ]
