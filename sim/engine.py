@@ -277,6 +277,7 @@ class Simulator:
             self.c.decisions[d.kind] = self.c.decisions.get(d.kind, 0) + 1
             agent = self.agents.get((d.app_id, d.agent_id))
             if isinstance(d, Offload):
+                self.pins.pop((d.app_id, d.agent_id), None)  # an offload ends a pin
                 if agent is None:
                     self.c.unknown_agent_decisions += 1
                 else:

@@ -287,6 +287,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
         self._req_loaded: dict[str, int] = {}
         self._agents: dict[tuple[str, str], _AgentKv] = {}
         self._to_free: list[tuple[list[int], list[bytes]]] = []
+        self._pushes_applied = False
         self.queue_probe: Callable[[], tuple[int, int, int]] | None = None
         """Set by ``TokenCakeScheduler``: (waiting requests, running requests, blocks the
         waiting requests need) for the pool state reported to the daemon; without it all
@@ -386,6 +387,11 @@ class TokenCakeConnector(KVConnectorBase_V1):
         req_id = request.request_id
         self._release_hit(req_id)  # a retry after a failed allocation re-pins
         link = self._link
+        if link is not None and link.up and not self._pushes_applied:
+            # Before this step's first allocation: a pin or offload decided while the engine
+            # sat idle (agents in tool calls) must hold its blocks before a new request can
+            # take them.
+            self._apply_pushes(time.monotonic())
         if link is None or not link.up or num_computed_tokens % self.block_size:
             return 0, False
         start = num_computed_tokens // self.block_size
@@ -461,9 +467,8 @@ class TokenCakeConnector(KVConnectorBase_V1):
                     link.next_state_report = now + self.cfg.state_report_s
                     link.last_state = state
                     link.call(p.EngineHeartbeat(link.engine_id, *state), p.EngineHeartbeatReply)
-            for decision in link.pushes():
-                self._apply(decision)
-            self._expire_pins(now)
+            self._apply_pushes(now)
+        self._pushes_applied = False  # a new step: apply again before its first allocation
         self._free_pending()
         reg = link.reg
         meta = TokenCakeMetadata(
@@ -692,6 +697,14 @@ class TokenCakeConnector(KVConnectorBase_V1):
             self._unpin(agent)
 
     def _offload(self, key: tuple[str, str], agent: _AgentKv, *, free_gpu: bool) -> None:
+        """Copy the agent's resident KV to the host. An offload ends the agent's pin: the
+        copy takes its own references first, so the blocks are never free in between."""
+        try:
+            self._start_offload(key, agent, free_gpu=free_gpu)
+        finally:
+            self._unpin(agent)
+
+    def _start_offload(self, key: tuple[str, str], agent: _AgentKv, *, free_gpu: bool) -> None:
         assert self._pool is not None
         blocks = self._resident(agent.blocks, agent.hashes)
         if not blocks:
@@ -712,6 +725,14 @@ class TokenCakeConnector(KVConnectorBase_V1):
             self._pool.free_blocks(self._pool.blocks[b] for b in blocks)
             return
         job.release_refs = True
+
+    def _apply_pushes(self, now: float) -> None:
+        """Carry out the decisions the daemon pushed since the last call, expire pins."""
+        assert self._link is not None
+        for decision in self._link.pushes():
+            self._apply(decision)
+        self._expire_pins(now)
+        self._pushes_applied = True
 
     def _unpin(self, agent: _AgentKv) -> None:
         if agent.pinned and self._pool is not None:

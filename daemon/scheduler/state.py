@@ -379,7 +379,12 @@ class TrackingPolicy(Policy):
         agent.offloading += blocks
         agent.offload_moves = moves
         self.host_used += blocks
-        self.gpu_free -= blocks  # idle blocks, counted free, are held while they are copied
+        if agent.pinned_until != -math.inf:
+            # The offload ends the pin (engines hand the pin's hold to the copy): the
+            # blocks stay held, no Unpin is sent.
+            agent.pinned_until = -math.inf
+        else:
+            self.gpu_free -= blocks  # idle blocks, counted free, are held while copied
         out.append(
             d.Offload(
                 at_s=self.now,

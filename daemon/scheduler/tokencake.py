@@ -130,15 +130,8 @@ class TokenCakePolicy(TrackingPolicy):
         for agent, token in kept.values():
             if agent.phase != TOOL or agent.tool_token != token or agent.offloading:
                 continue
-            pinned_until = agent.pinned_until
-            if pinned_until > self.now:
-                self._unpin(agent, "unpin:reexamined", out)
-            if not self._offload_for_call(agent, "waiting_demand", out) and (
-                pinned_until > self.now
-            ):
-                # kept again: the pin it had stands, to the same end
-                ttl = pinned_until - self.now
-                self._pin(agent, ttl, "pin:kept_through_tool_call", {"ttl_s": ttl}, out)
+            # An offload ends a pin (the copy takes the blocks over); kept, it stands.
+            self._offload_for_call(agent, "waiting_demand", out)
 
     def _consider_offload(
         self, agent: AgentState, stall_s: float, trigger: str, out: list[d.Decision], z: float

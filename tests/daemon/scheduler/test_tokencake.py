@@ -223,7 +223,7 @@ def test_kept_kv_is_offloaded_once_waiting_demand_appears() -> None:
     assert view is not None and view.protect_blocks == 0  # pinned: held, not counted free
     # a request arrives that the pool cannot serve without this KV's memory
     out = p.on_event(EngineState(3.0, 1000, 150, num_waiting=1, waiting_blocks=200))
-    assert [d.kind for d in out if d.kind != "partition"] == ["unpin", "offload"]
+    assert [d.kind for d in out if d.kind != "partition"] == ["offload"]  # ends the pin
     offload = [d for d in out if d.kind == "offload"]
     assert len(offload) == 1 and offload[0].blocks == 100
     assert offload[0].reason.terms["trigger"] == "waiting_demand"
