@@ -8,10 +8,14 @@ Temporal (``temporal=True``)
     waiting request must want the blocks, or GPU usage be above ``offload_usage_floor``;
     the host must have room. The upload is planned to land by the same low quantile of the
     return time, so the slack (median - quantile) grows and shrinks with the spread of
-    past errors. An early return raises the upload to urgent; a call past its q95 keeps
-    any KV still on the host there until it returns (late return), and its GPU-resident
-    KV is re-examined with the elapsed time as the remaining-stall estimate (a tool that
-    has run long tends to run long). Deadlines: see ``state``.
+    past errors. KV kept on the GPU (the stall does not pay, no pressure, or the host is
+    full) is pinned until the call's q95, at most ``tool_pin_max_s``, so the return finds
+    it there; KV kept for want of pressure is examined again, once, when waiting demand or
+    pressure appears, with what is left of the stall (an offload ends the pin). An early
+    return raises the upload to urgent; a call past its q95 keeps any KV still on the host
+    there until it returns (late return), and its GPU-resident KV is re-examined with the
+    elapsed time as the remaining-stall estimate (a tool that has run long tends to run
+    long). Deadlines: see ``state``.
 
 Spatial (``spatial=True``)
     Priority = importance x (1 + sum of dimensionless terms): criticality (1 - slack /
@@ -24,16 +28,18 @@ Spatial (``spatial=True``)
     contention makes every app's context compete for the pool (evicted, recomputed, and
     every app finishing near the end). Partition: each class (agent type) gets a
     reservation that follows its critical agents' demand (blocks held + blocks waited
-    for), smoothed, and capped at ``max_reserve_fraction`` of the pool; the rest is
-    shared. ``may_allocate`` lets a non-critical agent take blocks from its own class's
-    unused reservation, or from what is left after the blocks wanted by waiting critical
-    agents that rank ahead of it (its own app or an older one): no critical inversion,
-    and no memory held idle for a newer app's agent while an older app waits. Critical
-    agents are never refused. Eviction: KV nobody will read first (ended apps, agents
-    whose DAG successors all ran), then newer applications' KV before older ones (the
-    admission order reads older apps' KV first), then the KV whose next use is furthest
-    away (remaining predicted tool time; its successors' start: a waiting successor reads
-    the predecessor's KV, contexts being append-only), divided by priority.
+    for), smoothed, and capped at ``max_reserve_fraction`` of the pool, reported as
+    ``partition`` decisions for operators. ``may_allocate`` is the critical-inversion
+    guard (``guard``, shared with vLLM's ``TokenCakeScheduler``): a non-critical request
+    is admitted only while the blocks protected for critical agents that rank ahead of it
+    (its own app or an older one; waiting, or in a tool call with KV on the GPU or an
+    upload due) stay free: no critical inversion, and no memory held idle for a newer
+    app's agent while an older app waits. Critical agents are never refused. Eviction: KV
+    nobody will read first (ended apps, agents whose DAG successors all ran), then newer
+    applications' KV before older ones (the admission order reads older apps' KV first),
+    then the KV whose next use is furthest away (remaining predicted tool time; its
+    successors' start: a waiting successor reads the predecessor's KV, contexts being
+    append-only), divided by priority.
 """
 
 from __future__ import annotations
