@@ -100,7 +100,7 @@ from tokencake.sim.generators import get_generator, make_trace
 from tokencake.sim.kvpool import PoolInvariantError
 from tokencake.sim.metrics import RunMeta, summarise
 from tokencake.sim.profiles import Profile
-from tokencake.sim.runner import Series
+from tokencake.sim.runner import Series, failure_record
 from tokencake.sim.workload import NoiseConfig, Trace
 
 logger = logging.getLogger(__name__)
@@ -700,29 +700,7 @@ def run_one_live(
     live = {"mode": "live", "time_scale": scale, "endpoint": endpoint, "live": asdict(policy.stats)}
     if error is not None:
         logger.warning("live %s at %.3g app/s did not finish: %s", workload, qps, error)
-        rec: dict[str, Any] = {
-            "policy": daemon_policy,
-            "engine_policy": meta.engine_policy,
-            "workload": gen.name,
-            "profile": profile.name,
-            "seed": seed,
-            "qps": qps,
-            "n_apps": len(trace.apps),
-            "completed_apps": len(sim.results_latency),
-            "mean_latency_s": None,
-            "p95_latency_s": None,
-            "critical_path_latency_s": None,
-            "gpu_kv_util": None,
-            "recompute_tokens": sim.c.recompute_tokens,
-            "offload_bytes": sim.c.offload_bytes,
-            "upload_bytes": sim.c.upload_bytes,
-            "preemptions": sim.c.preemptions,
-            "decisions": dict(sorted(sim.c.decisions.items())),
-            "wall_s": wall,
-            "error": f"{type(error).__name__}: {error}",
-            **live,
-        }
-        return rec, series
+        return {**failure_record(meta, sim, error), **live}, series
     series.app_latency_s = list(res.app_latency_s)
     series.timeline = list(res.timeline)
     return {**summarise(res, meta), **live}, series

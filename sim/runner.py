@@ -69,6 +69,31 @@ class Series:
     timeline: list[tuple[float, float]] = field(default_factory=list)
 
 
+def failure_record(meta: RunMeta, sim: Simulator, error: Exception) -> dict[str, Any]:
+    """The record of a run that did not finish: what it had counted when it stopped."""
+    return {
+        "policy": meta.policy,
+        "engine_policy": meta.engine_policy,
+        "workload": meta.workload,
+        "profile": meta.profile,
+        "seed": meta.seed,
+        "qps": meta.qps,
+        "n_apps": meta.n_apps,
+        "completed_apps": len(sim.results_latency),
+        "mean_latency_s": None,
+        "p95_latency_s": None,
+        "critical_path_latency_s": None,
+        "gpu_kv_util": None,
+        "recompute_tokens": sim.c.recompute_tokens,
+        "offload_bytes": sim.c.offload_bytes,
+        "upload_bytes": sim.c.upload_bytes,
+        "preemptions": sim.c.preemptions,
+        "decisions": dict(sorted(sim.c.decisions.items())),
+        "wall_s": meta.wall_s,
+        "error": f"{type(error).__name__}: {error}",
+    }
+
+
 def run_one(
     workload: str,
     policy: str,
@@ -112,27 +137,7 @@ def run_one(
     except (SimulationError, PoolInvariantError) as e:
         meta.wall_s = time.perf_counter() - t0
         logger.warning("%s/%s at %.3g app/s did not finish: %s", workload, policy, qps, e)
-        rec: dict[str, Any] = {
-            "policy": policy,
-            "engine_policy": engine_policy,
-            "workload": gen.name,
-            "profile": profile.name,
-            "seed": seed,
-            "qps": qps,
-            "n_apps": len(trace.apps),
-            "completed_apps": len(sim.results_latency),
-            "mean_latency_s": None,
-            "p95_latency_s": None,
-            "critical_path_latency_s": None,
-            "gpu_kv_util": None,
-            "recompute_tokens": sim.c.recompute_tokens,
-            "offload_bytes": sim.c.offload_bytes,
-            "upload_bytes": sim.c.upload_bytes,
-            "preemptions": sim.c.preemptions,
-            "wall_s": meta.wall_s,
-            "error": f"{type(e).__name__}: {e}",
-        }
-        return rec, series
+        return failure_record(meta, sim, e), series
     meta.wall_s = time.perf_counter() - t0
     series.app_latency_s = list(res.app_latency_s)
     series.timeline = list(res.timeline)
