@@ -7,10 +7,12 @@ the calls the daemon makes (``on_event``, ``tick``, ``admission_order``, ``may_a
 ``eviction_order``). Nothing here decides what a policy should do.
 
 Per step (vLLM v1's scheduler, simplified): running requests first (prefill chunks, then one
-decode token each; a decode that finds no free block preempts the most recently admitted
-request by recompute), then waiting requests in the policy's admission order under the token
-budget. A request's prompt is matched block by block against the GPU prefix cache, in-flight
-uploads and the host store; host hits are loaded over the host link before prefill starts.
+decode token each; a decode that finds no free block preempts the last running request by
+recompute: the most recently admitted, or, for a policy with ``ranks_running``, the lowest in
+its admission order, as TokenCakeScheduler does in vLLM), then waiting requests in the
+policy's admission order under the token budget. A request's prompt is matched block by
+block against the GPU prefix cache, in-flight uploads and the host store; host hits are
+loaded over the host link before prefill starts.
 A request that cannot get memory blocks the queue behind it (vLLM's head-of-line rule); one
 the policy refuses (``may_allocate``) is skipped.
 
@@ -756,6 +758,12 @@ class Simulator:
     def _schedule_step(self) -> list[tuple[Request, int]]:
         budget = self.profile.max_batched_tokens
         batch: list[tuple[Request, int]] = []
+        if self.policy.ranks_running and len(self.running) > 1:
+            # As TokenCakeScheduler does in vLLM: running requests in the admission order,
+            # so that a preemption (of the last one) takes the lowest-ranked request.
+            by_view = {id(r.view): r for r in self.running}
+            ranked = self.policy.admission_order([r.view for r in self.running], self.now)
+            self.running = [by_view[id(v)] for v in ranked]
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]

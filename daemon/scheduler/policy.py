@@ -201,6 +201,11 @@ class Policy(ABC):
     """A KV scheduling policy: events in, decisions out, plus per-step engine queries."""
 
     name: ClassVar[str] = ""
+    ranks_running: ClassVar[bool] = False
+    """The engine integration keeps running requests in ``admission_order`` too, so that
+    a preemption takes the lowest-ranked one (vLLM's ``TokenCakeScheduler`` sorts its
+    running list before each step); otherwise the engine's own victim (vLLM: the most
+    recently admitted request)."""
 
     def __init__(self, config: PolicyConfig | None = None) -> None:
         self.config = config if config is not None else PolicyConfig()

@@ -72,6 +72,7 @@ class TokenCakePolicy(TrackingPolicy):
     name = "tokencake"
     temporal = True
     spatial = True
+    ranks_running = True
 
     def __init__(self, config: PolicyConfig | None = None) -> None:
         super().__init__(config)
@@ -457,6 +458,7 @@ class TokenCakeTemporalPolicy(TokenCakePolicy):
 
     name = "tokencake-temporal"
     spatial = False
+    ranks_running = False
 
 
 class TokenCakeSpatialPolicy(TokenCakePolicy):
