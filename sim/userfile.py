@@ -61,6 +61,8 @@ class AppTemplate(msgspec.Struct, forbid_unknown_fields=True):
     nodes: list[NodeDef]
     initial_tokens: int | TokenRange = 0
     weight: float = 1.0
+    plain: bool = False
+    """Plain traffic: its requests carry no agent metadata (the policy never hears of them)."""
 
 
 class WorkloadFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -145,6 +147,7 @@ class FileWorkload(WorkloadGenerator):
             workload=self.name,
             nodes=nodes,
             initial_tokens=initial,
+            plain=tmpl.plain,
         )
         validate(app)
         return app

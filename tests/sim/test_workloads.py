@@ -152,6 +152,43 @@ def test_user_workload_file(tmp_path: Path) -> None:
     assert app.prompts["b"][: len(app.prompts["a"])] == app.prompts["a"]
 
 
+def test_plain_traffic_is_served_but_never_reaches_the_policy(tmp_path: Path) -> None:
+    from tokencake.daemon.scheduler import Decision
+    from tokencake.daemon.scheduler.events import Event
+    from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
+    from tokencake.sim.engine import Simulator
+    from tokencake.sim.profiles import get_profile
+    from tokencake.sim.runner import policy_config
+
+    path = _user_file(tmp_path)
+    doc = json.loads(path.read_text())
+    plain = {
+        "name": "chat",
+        "plain": True,
+        "initial_tokens": 300,
+        "nodes": [{"id": "reply", "output_tokens": 30}],
+    }
+    doc["apps"].append(plain)
+    doc["default_apps"] = 12
+    path.write_text(json.dumps(doc))
+    tr = make_trace(get_generator(str(path)), qps=2, seed=1)
+    chats = {a.app_id for a in tr.apps if a.plain}
+    assert chats and len(chats) < len(tr.apps)
+    seen: set[str] = set()
+
+    class Spy(TokenCakePolicy):
+        def on_event(self, event: Event) -> list[Decision]:
+            seen.add(getattr(event, "app_id", ""))
+            return super().on_event(event)
+
+    profile = get_profile("qwen2.5-14b-a800")
+    policy = Spy(policy_config(profile))
+    res = Simulator(tr, policy, profile).run()
+    assert len(res.app_latency_s) == len(tr.apps)  # every app served, plain ones too
+    assert not seen & chats  # and the policy heard nothing of the plain ones
+    assert seen - {""} == {a.app_id for a in tr.apps if not a.plain}
+
+
 def test_user_workload_file_errors(tmp_path: Path) -> None:
     with pytest.raises(WorkloadError, match="schema"):
         get_generator(str(_user_file(tmp_path, schema="other/2")))
