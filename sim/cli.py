@@ -179,6 +179,14 @@ def _floats(s: str) -> list[float]:
 )
 @click.option("--no-plots", is_flag=True)
 @click.option(
+    "--engine-eviction",
+    type=click.Choice(["policy", "lru"]),
+    default="policy",
+    show_default=True,
+    help="Who orders evictions in the engine: the policy (eviction_order), or LRU as vLLM "
+    "does (the connector cannot reorder vLLM's free queue; pins still hold).",
+)
+@click.option(
     "--live",
     "live_endpoint",
     default=None,
@@ -214,6 +222,7 @@ def run_cmd(
     no_hints: bool,
     focus_qps: float,
     no_plots: bool,
+    engine_eviction: str,
     live_endpoint: str | None,
     live_embedded: bool,
     time_scale: float,
@@ -270,7 +279,15 @@ def run_cmd(
         )
     else:
         records, series = sweep(
-            workloads, rates, pols, prof, seed=seed, n_apps=apps, noise=noise, progress=progress
+            workloads,
+            rates,
+            pols,
+            prof,
+            seed=seed,
+            n_apps=apps,
+            noise=noise,
+            progress=progress,
+            lru_eviction=engine_eviction == "lru",
         )
     wall = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)

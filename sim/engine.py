@@ -212,6 +212,7 @@ class Simulator:
         timeline_every_s: float = 0.5,
         stall_s: float = 600.0,
         copies: CopyObserver | None = None,
+        lru_eviction: bool = False,
     ) -> None:
         self.trace = trace
         self.policy = policy
@@ -234,6 +235,9 @@ class Simulator:
         self._seq = 0
         self.pending_events: deque[Event] = deque()
         self._plain_apps: set[str] = {a.app_id for a in trace.apps if a.plain}
+        self.lru_eviction = lru_eviction
+        """Evict least recently used first, as vLLM does, instead of asking the policy's
+        ``eviction_order`` (pins are still honoured, as the connector's references are)."""
         self.pins: dict[tuple[str, str], float] = {}
         """Live pins the policy decided: agent -> until (simulated time)."""
         self.agents: dict[tuple[str, str], AgentKv] = {}
@@ -320,7 +324,12 @@ class Simulator:
             CachedKv(a.app_id, a.agent_id, len(a.cached), a.last_used_s)
             for a in self.pool.agents_with_cache
         ]
-        order = self.policy.eviction_order(cands, self.now)
+        if self.lru_eviction:
+            now, pins = self.now, self.pins
+            live = [c for c in cands if pins.get((c.app_id, c.agent_id), -1.0) <= now]
+            order = sorted(live, key=lambda c: c.last_used_s)
+        else:
+            order = self.policy.eviction_order(cands, self.now)
         out = []
         for c in order:
             a = self.agents.get((c.app_id, c.agent_id))

@@ -105,7 +105,10 @@ def run_one(
     noise: NoiseConfig | None = None,
     key_cache: KeyCache | None = None,
     check_invariants: bool = False,
+    lru_eviction: bool = False,
 ) -> tuple[dict[str, Any], Series]:
+    """One run. ``lru_eviction``: the engine evicts LRU, as vLLM does, instead of in the
+    policy's ``eviction_order``; its records say ``engine_eviction: "lru"``."""
     gen = get_generator(workload)
     trace = make_trace(gen, qps=qps, seed=seed, n_apps=n_apps, noise=noise)
     unbounded = policy == ORACLE
@@ -118,6 +121,7 @@ def run_one(
         unbounded_gpu=unbounded,
         key_cache=key_cache,
         check_invariants=check_invariants,
+        lru_eviction=lru_eviction,
     )
     t0 = time.perf_counter()
     meta = RunMeta(
@@ -137,11 +141,15 @@ def run_one(
     except (SimulationError, PoolInvariantError) as e:
         meta.wall_s = time.perf_counter() - t0
         logger.warning("%s/%s at %.3g app/s did not finish: %s", workload, policy, qps, e)
-        return failure_record(meta, sim, e), series
-    meta.wall_s = time.perf_counter() - t0
-    series.app_latency_s = list(res.app_latency_s)
-    series.timeline = list(res.timeline)
-    return summarise(res, meta), series
+        rec = failure_record(meta, sim, e)
+    else:
+        meta.wall_s = time.perf_counter() - t0
+        series.app_latency_s = list(res.app_latency_s)
+        series.timeline = list(res.timeline)
+        rec = summarise(res, meta)
+    if lru_eviction:
+        rec["engine_eviction"] = "lru"
+    return rec, series
 
 
 def sweep(
@@ -154,6 +162,7 @@ def sweep(
     n_apps: int | None = None,
     noise: NoiseConfig | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    lru_eviction: bool = False,
 ) -> tuple[list[dict[str, Any]], list[Series]]:
     records: list[dict[str, Any]] = []
     series: list[Series] = []
@@ -170,6 +179,7 @@ def sweep(
                     n_apps=n_apps,
                     noise=noise,
                     key_cache=key_cache,
+                    lru_eviction=lru_eviction,
                 )
                 records.append(rec)
                 series.append(s)

@@ -87,6 +87,30 @@ def test_offload_policies_move_bytes_and_use_host_hits() -> None:
     assert c.host_hit_tokens + c.upload_blocks * TIGHT.block_tokens > 0
 
 
+def test_lru_eviction_leaves_the_order_to_the_engine() -> None:
+    """``lru_eviction``: the engine evicts as vLLM does and never asks the policy."""
+    from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
+
+    class Counting(TokenCakePolicy):
+        asked = 0
+
+        def eviction_order(self, candidates: Sequence[CachedKv], now: float) -> list[CachedKv]:
+            Counting.asked += 1
+            return super().eviction_order(candidates, now)
+
+    asked = {}
+    for lru in (False, True):
+        Counting.asked = 0
+        sim = Simulator(_trace(), Counting(policy_config(TIGHT)), TIGHT, lru_eviction=lru)
+        res = sim.run()
+        assert len(res.app_latency_s) == 3
+        assert res.counters.gpu_evicted_blocks > 0  # there was something to order
+        asked[lru] = Counting.asked
+    assert asked[False] > 0 and asked[True] == 0
+    rec, _ = run_one("code-writer", "tokencake", 1.0, TIGHT, seed=0, n_apps=3, lru_eviction=True)
+    assert rec["engine_eviction"] == "lru" and rec["error"] is None
+
+
 def test_oracle_never_evicts_or_recomputes() -> None:
     prof = get_profile("qwen2.5-14b-a800")
     rec, _ = run_one("code-writer", "oracle", 1.0, prof, seed=0, n_apps=3)
