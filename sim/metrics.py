@@ -42,6 +42,18 @@ class RunMeta:
     unbounded_gpu: bool
     wall_s: float
 
+    def identity(self) -> dict[str, Any]:
+        """The fields that name a run, first in every record."""
+        return {
+            "policy": self.policy,
+            "engine_policy": self.engine_policy,
+            "workload": self.workload,
+            "profile": self.profile,
+            "seed": self.seed,
+            "qps": self.qps,
+            "n_apps": self.n_apps,
+        }
+
 
 def summarise(res: EngineResult, meta: RunMeta) -> dict[str, Any]:
     lat = np.asarray(res.app_latency_s, dtype=float)
@@ -53,13 +65,7 @@ def summarise(res: EngineResult, meta: RunMeta) -> dict[str, Any]:
     if not meta.unbounded_gpu:
         util = res.util_integral / (res.util_window_s * res.gpu_blocks)
     return {
-        "policy": meta.policy,
-        "engine_policy": meta.engine_policy,
-        "workload": meta.workload,
-        "profile": meta.profile,
-        "seed": meta.seed,
-        "qps": meta.qps,
-        "n_apps": meta.n_apps,
+        **meta.identity(),
         "completed_apps": len(lat),
         "mean_latency_s": float(lat.mean()) if len(lat) else None,
         "p50_latency_s": float(np.percentile(lat, 50)) if len(lat) else None,

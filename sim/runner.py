@@ -72,13 +72,7 @@ class Series:
 def failure_record(meta: RunMeta, sim: Simulator, error: Exception) -> dict[str, Any]:
     """The record of a run that did not finish: what it had counted when it stopped."""
     return {
-        "policy": meta.policy,
-        "engine_policy": meta.engine_policy,
-        "workload": meta.workload,
-        "profile": meta.profile,
-        "seed": meta.seed,
-        "qps": meta.qps,
-        "n_apps": meta.n_apps,
+        **meta.identity(),
         "completed_apps": len(sim.results_latency),
         "mean_latency_s": None,
         "p95_latency_s": None,
