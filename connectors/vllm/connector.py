@@ -459,12 +459,14 @@ class TokenCakeConnector(KVConnectorBase_V1):
                 job.slots, job.fail = [], True
             self._stores = [CopyJob(j.job_id, [], [], j.req_id) for j in self._stores if j.req_id]
         if link.up:
-            if link.reg is not None:
+            heartbeat_due = now >= link.next_heartbeat
+            if link.reg is not None and (heartbeat_due or now >= link.next_state_report):
+                # Looked at most every state_report_s (the queue probe is O(waiting)); sent
+                # when it changed, or with the lease heartbeat.
+                link.next_state_report = now + self.cfg.state_report_s
                 state = self._engine_state()
-                changed = state != link.last_state and now >= link.next_state_report
-                if changed or now >= link.next_heartbeat:
+                if heartbeat_due or state != link.last_state:
                     link.next_heartbeat = now + link.reg.heartbeat_s
-                    link.next_state_report = now + self.cfg.state_report_s
                     link.last_state = state
                     link.call(p.EngineHeartbeat(link.engine_id, *state), p.EngineHeartbeatReply)
             self._apply_pushes(now)

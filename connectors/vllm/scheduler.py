@@ -211,7 +211,7 @@ class TokenCakeScheduler(Scheduler):
 
     def _tc_queue_sizes(self) -> tuple[int, int, int]:
         """(waiting, running, blocks the waiting requests still need): the pool state the
-        connector reports; O(waiting), at most once per ``state_report_s``."""
+        connector reports; O(waiting), called at most once per ``state_report_s``."""
         bs = self.block_size
         need = 0
         for queue in (self.waiting, self.kv_holding_waiting):

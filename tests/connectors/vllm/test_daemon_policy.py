@@ -161,7 +161,6 @@ def test_daemon_policy_offloads_uploads_and_the_continuation_hits(
             assert upload.reason["rule"] == "predictive_upload"
             assert upload.reason["params"]["priority"] == 1
             assert upload.at_s - offloads[0].at_s < TOOL_S
-            steps.until(lambda: conn.stats.uploads_staged > 0)
         steps.until(lambda: other in steps.done, timeout_s=60)
         cont = prompt + steps.done[first].token_ids + _ids(3, 40)
         second = steps.add(cont, kv_transfer_params(APP, "coder"), 4)
@@ -179,5 +178,9 @@ def test_daemon_policy_offloads_uploads_and_the_continuation_hits(
     # The load named the agent too: the upload is done, nothing of it left on the host.
     assert agents["coder"].host_blocks == 0
     assert conn.stats.offloads_started >= 1
+    # The connector applied the upload: during the reviewer's steps, or, if the reviewer
+    # finished first (vLLM does not schedule an idle engine), before the continuation's
+    # allocation.
+    assert conn.stats.uploads_staged >= 1
     assert conn.stats.gpu_blocks_freed >= len(hashes)
     assert conn.stats.load_failures == 0
