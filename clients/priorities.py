@@ -120,6 +120,9 @@ class AgentPriorities:
                     priority, a.on_critical_path, max(0, a.protect_blocks), registered
                 )
         self.refreshes += 1
+        # Apps no longer asked about are forgotten (a long-running engine sees many).
+        apps_now = {key[0] for key in fresh}
+        self._app_registered = {a: t for a, t in self._app_registered.items() if a in apps_now}
         changed = fresh != self.ranks
         self.ranks = fresh
         return changed
