@@ -27,6 +27,7 @@ import heapq
 import logging
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -325,9 +326,7 @@ class Simulator:
             for a in self.pool.agents_with_cache
         ]
         if self.lru_eviction:
-            now, pins = self.now, self.pins
-            live = [c for c in cands if pins.get((c.app_id, c.agent_id), -1.0) <= now]
-            order = sorted(live, key=lambda c: c.last_used_s)
+            order = self.lru_order(cands)
         else:
             order = self.policy.eviction_order(cands, self.now)
         out = []
@@ -904,6 +903,16 @@ class Simulator:
             self._last_sample = t
             self.timeline.append((t, used / self.nominal_blocks))
 
+    def lru_order(self, candidates: Sequence[CachedKv]) -> list[CachedKv]:
+        """vLLM's eviction order: least recently used first, pinned agents held."""
+        now, pins = self.now, self.pins
+        live = [c for c in candidates if pins.get((c.app_id, c.agent_id), -1.0) <= now]
+        return sorted(live, key=lambda c: c.last_used_s)
+
+    def free_blocks(self) -> int:
+        """Free blocks as vLLM counts them: empty and idle cached ones, pinned ones not."""
+        return self.pool.free + self.pool.n_cached - self._pinned_cached()
+
     def _pinned_cached(self) -> int:
         """Idle cached blocks under a live pin: held, so not free (as in vLLM, where the
         connector holds a pinned agent's blocks)."""
@@ -926,9 +935,7 @@ class Simulator:
                 self.now,
                 self.nominal_blocks if not self.pool.unbounded else self.pool.total + 1,
                 # vLLM's figure: free blocks plus idle cached ones (a new request may take them)
-                self.pool.free + self.pool.n_cached - self._pinned_cached()
-                if not self.pool.unbounded
-                else self.pool.total + 1,
+                self.free_blocks() if not self.pool.unbounded else self.pool.total + 1,
                 len(self.waiting),
                 len(self.running) + len(self.loading),
                 waiting_blocks,

@@ -218,7 +218,6 @@ class DaemonPolicy(Policy):
         self._sim: Simulator | None = None
         self._apps: dict[str, float] = {}  # wire app id -> last request (sim time)
         self._agents: set[tuple[str, str]] = set()
-        self._pins: dict[tuple[str, str], float] = {}  # (app, agent) -> pinned until (sim)
         self._copies: dict[int, tuple[str, list[int]]] = {}
         self._state: tuple[int, int, int, int] | None = None
         self._next_report = 0.0
@@ -371,7 +370,6 @@ class DaemonPolicy(Policy):
             self._event(p.AppEnd(wire))
             self._apps.pop(wire, None)
             self._agents = {k for k in self._agents if k[0] != wire}
-            self._pins = {k: v for k, v in self._pins.items() if k[0] != event.app_id}
         # LlmCallPreempted, KvEvicted: no op exists (the daemon sees them in the free count).
         # TransferDone, TransferMeasured: reported through the host-slot ops of
         # copy_submitted / copy_done.
@@ -437,11 +435,8 @@ class DaemonPolicy(Policy):
         if rec.kind == "drop":
             return Drop(**common, where=str(params.get("where", "gpu")))
         if rec.kind == "pin":
-            ttl = max(0.0, rec.due_in_s) / self.scale
-            self._pins[(app_id, rec.agent_id)] = now + ttl
-            return Pin(**common, ttl_s=ttl)
+            return Pin(**common, ttl_s=max(0.0, rec.due_in_s) / self.scale)
         if rec.kind == "unpin":
-            self._pins.pop((app_id, rec.agent_id), None)
             return Unpin(**common)
         return None
 
@@ -487,18 +482,16 @@ class DaemonPolicy(Policy):
         if protect <= 0:
             return True
         sim = self._sim
-        free = sim.pool.free + sim.pool.n_cached if sim is not None else 0
+        free = sim.free_blocks() if sim is not None else 0
         if guard.verdict(critical=False, need=n_blocks, free=free, protect=protect).allowed:
             return True
         self.stats.deferred += 1
         return False
 
     def eviction_order(self, candidates: Sequence[CachedKv], now: float) -> list[CachedKv]:
-        """LRU, as vLLM evicts; agents under a pushed pin are held, as the connector does."""
-        return sorted(
-            (c for c in candidates if self._pins.get((c.app_id, c.agent_id), -1.0) <= now),
-            key=lambda c: c.last_used_s,
-        )
+        """LRU, as vLLM evicts; agents under a pushed pin are held, as the connector does
+        (the engine keeps the pins: ``Simulator.lru_order``)."""
+        return self._sim.lru_order(candidates) if self._sim is not None else []
 
     # ------------------------------------------------------------------ copy observer
 
