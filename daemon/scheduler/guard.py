@@ -67,15 +67,14 @@ class GuardVerdict:
     rule: str
     """``allow:critical``, ``allow:nothing_protected``, ``allow:shared_pool`` or
     ``deny:critical_inversion``."""
-    protect: int
 
 
 def verdict(*, critical: bool, need: int, free: int, protect: int) -> GuardVerdict:
     """May a request needing ``need`` blocks be admitted with ``free`` blocks free?"""
     if critical:
-        return GuardVerdict(True, "allow:critical", protect)
+        return GuardVerdict(True, "allow:critical")
     if protect <= 0:
-        return GuardVerdict(True, "allow:nothing_protected", 0)
+        return GuardVerdict(True, "allow:nothing_protected")
     if free - need >= protect:
-        return GuardVerdict(True, "allow:shared_pool", protect)
-    return GuardVerdict(False, "deny:critical_inversion", protect)
+        return GuardVerdict(True, "allow:shared_pool")
+    return GuardVerdict(False, "deny:critical_inversion")

@@ -127,11 +127,16 @@ class TokenCakePolicy(TrackingPolicy):
             self._kept_idle[agent.key] = (agent, agent.tool_token)
         return planned
 
+    def _pressure(self) -> bool:
+        """Would memory freed now be used: a request waits for blocks, or GPU usage is at
+        least ``offload_usage_floor``."""
+        usage = 1.0 - self.gpu_free / self.gpu_total if self.gpu_total > 0 else 0.0
+        return self.waiting_blocks() > 0 or usage >= self.config.offload_usage_floor
+
     def _reexamine_kept(self, out: list[d.Decision]) -> None:
         """Waiting demand or pressure appeared: the KV kept for want of it is examined again,
         once, with what is left of each stall (the tool-start rule, not a new one)."""
-        usage = 1.0 - self.gpu_free / self.gpu_total if self.gpu_total > 0 else 0.0
-        if self.waiting_blocks() <= 0 and usage < self.config.offload_usage_floor:
+        if not self._pressure():
             return
         kept, self._kept_idle = self._kept_idle, {}
         for agent, token in kept.values():
@@ -168,11 +173,9 @@ class TokenCakePolicy(TrackingPolicy):
         if agent.prediction is not None:
             terms.update(agent.prediction.terms())
         terms.update(self.pressure_terms())
-        usage = terms["gpu_usage"]
-        assert isinstance(usage, float)
         if margin < cfg.min_margin_s:
             rule = "keep:margin_below_min"
-        elif self.waiting_blocks() <= 0 and usage < cfg.offload_usage_floor:
+        elif not self._pressure():
             rule = "keep:no_pressure"
         elif self.host_free() < blocks:
             rule = "keep:host_full"
