@@ -235,6 +235,8 @@ def test_heartbeat_and_unregister(client: TokenCakeClient, engine_id: str) -> No
     info = client.list_engines().engines[0]
     assert (info.num_gpu_blocks_free, info.num_waiting, info.num_running) == (10, 2, 1)
     expect_error(ErrorCode.BAD_REQUEST, client.engine_heartbeat, engine_id, 10, -2, 1)
+    expect_error(ErrorCode.BAD_REQUEST, client.engine_heartbeat, engine_id, 10, 2, 1, -1)
+    assert client.engine_heartbeat(engine_id, 10, 2, 1, 30).leases_renewed >= 0
     free = client.pool().pool.free
     assert client.unregister_engine(engine_id).released_slots == len(slots)
     assert client.pool().pool.free == free + len(slots)
