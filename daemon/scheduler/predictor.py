@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 PRIOR_WEIGHT = 2.0
 """A hint counts as this many observations against the measured history."""
@@ -30,6 +31,7 @@ ERROR_DECAY = 0.1
 MIN_S = 1e-4
 
 # standard-normal quantiles used by callers
+_STD_NORMAL = NormalDist()
 Z_Q10 = -1.2816
 Z_Q20 = -0.8416
 Z_Q95 = 1.6449
@@ -73,6 +75,18 @@ class Prediction:
 
     def quantile_s(self, z: float) -> float:
         return math.exp(self.mu + z * self.sigma)
+
+    def remaining_quantile_s(self, elapsed_s: float, z: float) -> float:
+        """The ``z`` quantile of the time still to go, given the call has run ``elapsed_s``
+        (the log-normal conditioned on lasting that long). Never negative."""
+        if elapsed_s <= 0:
+            return self.quantile_s(z)
+        sigma = max(self.sigma, 1e-6)
+        survived = _STD_NORMAL.cdf((math.log(elapsed_s) - self.mu) / sigma)
+        target = survived + _STD_NORMAL.cdf(z) * (1.0 - survived)
+        target = min(max(target, 1e-12), 1.0 - 1e-12)
+        total = math.exp(self.mu + sigma * _STD_NORMAL.inv_cdf(target))
+        return max(0.0, total - elapsed_s)
 
     def terms(self) -> dict[str, float | int | str]:
         return {

@@ -112,7 +112,11 @@ class TokenCakePolicy(TrackingPolicy):
         assert pred is not None
         z = Z_Q10 if agent.critical else Z_Q20
         back_by = agent.tool_start + pred.quantile_s(z)
-        planned = self._consider_offload(agent, back_by - self.now, trigger, out, z)
+        stall_s = back_by - self.now
+        if stall_s <= 0:  # past the planned quantile: what is left, given it ran this long
+            stall_s = pred.remaining_quantile_s(self.now - agent.tool_start, z)
+            back_by = self.now + stall_s
+        planned = self._consider_offload(agent, stall_s, trigger, out, z)
         if planned:
             cfg = self.config
             blocks = agent.offloading + agent.host_blocks

@@ -53,6 +53,21 @@ def test_biased_hints_are_corrected_and_errors_tracked() -> None:
     assert p.predict("b", "test", None).source == "kind"  # falls back to the tool kind
 
 
+@pytest.mark.parametrize("z", [-1.2816, -0.8416, 0.0, 1.6449])
+def test_remaining_stall_quantile_is_never_negative(z: float) -> None:
+    """Past its predicted quantile, a call's remaining stall is the quantile of what is
+    left given it ran that long: positive, and equal to the plain quantile at the start."""
+    pred = ToolDurationPredictor().predict("coder", "pytest", 2.0)
+    assert pred.remaining_quantile_s(0.0, z) == pytest.approx(pred.quantile_s(z))
+    for elapsed in (0.5, 1.0, 2.0, 4.0, 8.0, 60.0, 1e4):
+        left = pred.remaining_quantile_s(elapsed, z)
+        assert left >= 0.0 and math.isfinite(left)
+        total = elapsed + left
+        assert total >= elapsed and total >= pred.quantile_s(z) - 1e-9
+    # At the low quantile the old estimate (quantile - elapsed) went negative.
+    assert pred.quantile_s(z) - 8.0 < 0 < pred.remaining_quantile_s(8.0, z)
+
+
 def test_cost_model_fits_bandwidth_and_overhead() -> None:
     m = TransferCostModel(1 << 20, 12e9, 12e9, 0.002)
     true_bw, true_oh = 25e9, 0.0005
