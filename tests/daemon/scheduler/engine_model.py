@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 from tokencake.daemon.scheduler import (
@@ -26,12 +27,14 @@ from tokencake.daemon.scheduler import (
     Offload,
     Pin,
     Policy,
+    PolicyConfig,
     ToolCallEnd,
     ToolCallStart,
     TransferDone,
     Unpin,
     Upload,
     WaitingRequest,
+    create_policy,
 )
 from tokencake.protocol import AppDag, DagNode
 
@@ -124,6 +127,8 @@ class ToyEngine:
         self.done_apps = 0
         self.stats = Stats()
         self.keep_host_copy = bool(getattr(policy, "keep_host_copy", False))
+        self._queue: deque[Decision] = deque()
+        self._draining = False
 
     # ------------------------------------------------------------------ accounting
 
@@ -144,9 +149,24 @@ class ToyEngine:
     # ------------------------------------------------------------------ events
 
     def feed(self, event: object) -> None:
-        out = self.policy.on_event(event)  # type: ignore[arg-type]
-        for dec in out:
-            self.apply(dec)
+        """Report an event and carry out the decisions, in the order they were made.
+
+        Carrying out a decision may report events (an eviction to make room for an
+        upload); their decisions queue behind the ones already made, as an engine applies
+        pushed decisions in order, instead of cutting in (the policy's plan for a batch of
+        upload pieces counts on them landing in that order)."""
+        self._carry_out(self.policy.on_event(event))  # type: ignore[arg-type]
+
+    def _carry_out(self, decisions: list[Decision]) -> None:
+        self._queue.extend(decisions)
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._queue:
+                self.apply(self._queue.popleft())
+        finally:
+            self._draining = False
 
     def apply(self, dec: Decision) -> None:
         self.stats.decisions.append(dec.to_dict())
@@ -161,6 +181,9 @@ class ToyEngine:
                 raise InvariantError("offload beyond host capacity")
             agent.d2h += dec.blocks
             agent.d2h_move = dec.free_gpu
+            # An offload ends the agent's pin: the copy takes the pinned blocks over (the
+            # vLLM connector and the simulator do the same; no Unpin is sent).
+            agent.pinned_until = -math.inf
             self.pending_copies.append((agent, "d2h", dec.blocks))
             self.stats.offloaded += dec.blocks
         elif isinstance(dec, Upload):
@@ -259,8 +282,7 @@ class ToyEngine:
         self.check()
 
     def feed_tick(self) -> None:
-        for dec in self.policy.tick(self.now):
-            self.apply(dec)
+        self._carry_out(self.policy.tick(self.now))
 
     def start_app(self, spec: AppSpec) -> None:
         dag = AppDag(
@@ -349,16 +371,23 @@ class ToyEngine:
         )
 
     def make_room(self, agent: Agent, need: int) -> int:
-        """Evict idle KV in the policy's order until ``need`` blocks are empty; the result."""
+        """Evict idle KV in the policy's order until ``need`` blocks are empty; the result.
+
+        The order is asked again after each eviction: the policy may answer a ``KvEvicted``
+        with decisions (an upload released into the room) that change what is left."""
         free = self.gpu_total - self.gpu_used()
-        if free >= need:
-            return free
-        for victim in self.policy.eviction_order(self.evictable(), self.now):
-            if free >= need:
+        while free < need:
+            victim = next(
+                (
+                    c
+                    for c in self.policy.eviction_order(self.evictable(), self.now)
+                    if self.agents[(c.app_id, c.agent_id)] is not agent
+                ),
+                None,
+            )
+            if victim is None:
                 break
             v = self.agents[(victim.app_id, victim.agent_id)]
-            if v is agent:
-                continue
             take = min(v.cached - v.d2h, need - free)
             v.cached -= take
             self.feed(KvEvicted(self.now, v.app_id, v.agent_id, take, "gpu"))
@@ -424,3 +453,47 @@ def random_apps(
                 edges.append((f"n{p}", f"n{j}"))
         apps.append(AppSpec(f"app{i}", round(t, 3), nodes, edges))
     return apps
+
+
+MOVE_POLICIES = frozenset({"tokencake", "tokencake-temporal", "infercept"})
+"""Policies that offload during tool calls: every offloaded block comes back or is dropped."""
+
+
+def run_policy(name: str, apps: list[AppSpec], gpu: int, host: int) -> ToyEngine:
+    """Drive policy ``name`` over ``apps`` with the property tests' configuration."""
+    cfg = PolicyConfig(
+        bytes_per_block=1 << 20,
+        host_blocks=host,
+        min_margin_s=0.0,
+        deadline_min_s=5.0,
+        deadline_max_s=5.0,
+        host_ttl_s=2.0,
+        partition_interval_s=0.2,
+        upload_piece_blocks=8,
+    )
+    eng = ToyEngine(create_policy(name, cfg), apps, gpu_blocks=gpu, host_blocks=host)
+    eng.run(max_steps=2500)
+    return eng
+
+
+def check_random_workload(name: str, seed: int, n_apps: int, gpu: int, host: int) -> None:
+    """One case of the invariant property: raises ``AssertionError`` on any violation.
+
+    Shared by ``test_properties`` (a fixed, derandomized set of cases) and
+    ``bench/bench_invariants.py`` (the long random sweep)."""
+    apps = random_apps(random.Random(seed), n_apps, max_nodes=6, max_prompt=gpu // 6, rate_s=0.4)
+    eng = run_policy(name, apps, gpu, host)  # raises InvariantError on any violated invariant
+    assert eng.done_apps == len(apps), f"{eng.done_apps} of {len(apps)} apps done"
+    assert eng.host_used() == 0, f"{eng.host_used()} host blocks left"
+    assert not eng.pending_copies, "copies in flight at the end"
+    stats = eng.stats
+    if name in MOVE_POLICIES:
+        assert stats.offloaded == stats.uploaded + stats.dropped_host, (
+            f"offloaded {stats.offloaded} != uploaded {stats.uploaded} + "
+            f"dropped {stats.dropped_host}"
+        )
+    else:
+        assert stats.uploaded <= stats.offloaded, "uploaded more than was offloaded"
+    policy = eng.policy
+    assert getattr(policy, "host_used", 0) == 0, "policy still counts host blocks"
+    assert not getattr(policy, "apps", {}), "policy still tracks apps"

@@ -6,6 +6,10 @@ blocks that exist. Here we add: every app finishes within a step bound (no deadl
 every offloaded block is uploaded or dropped, nothing is left on the host at the end,
 waiting critical agents get memory within a bounded number of steps, and the same events
 give the same decisions.
+
+Deterministic: hypothesis runs derandomized with no example database, so every run (CI
+included) tries the same cases, and every failure found so far is pinned as an
+``@example``. The long random sweep is ``bench/bench_invariants.py``.
 """
 
 from __future__ import annotations
@@ -13,33 +17,34 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.daemon.scheduler.engine_model import AppSpec, Call, NodeSpec, ToyEngine, random_apps
-from tokencake.daemon.scheduler import PolicyConfig, create_policy, list_policies
+from tests.daemon.scheduler.engine_model import (
+    AppSpec,
+    Call,
+    NodeSpec,
+    ToyEngine,
+    check_random_workload,
+    random_apps,
+    run_policy,
+)
+from tokencake.daemon.scheduler import Offload, Pin, Unpin, list_policies
 
 POLICIES = [p.name for p in list_policies()]
-MOVE_POLICIES = {"tokencake", "tokencake-temporal", "infercept"}
 
 
 def run(name: str, apps: list[AppSpec], gpu: int, host: int) -> ToyEngine:
-    cfg = PolicyConfig(
-        bytes_per_block=1 << 20,
-        host_blocks=host,
-        min_margin_s=0.0,
-        deadline_min_s=5.0,
-        deadline_max_s=5.0,
-        host_ttl_s=2.0,
-        partition_interval_s=0.2,
-        upload_piece_blocks=8,
-    )
-    eng = ToyEngine(create_policy(name, cfg), apps, gpu_blocks=gpu, host_blocks=host)
-    eng.run(max_steps=2500)
-    return eng
+    return run_policy(name, apps, gpu, host)
 
 
-settings.register_profile("sched", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "sched",
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.load_profile("sched")
 
 
@@ -51,22 +56,41 @@ settings.load_profile("sched")
     gpu=st.integers(60, 300),
     host=st.integers(0, 400),
 )
+# Found by the random sweep: the toy engine kept an offloaded agent's pin (the policy, the
+# simulator and the vLLM connector end a pin with the offload), so an upload counted on
+# blocks the engine still held pinned: "upload of 1 with 0 free at 7.0".
+@example(seed=14952810, n_apps=12, gpu=101, host=26)
+# Found by bench/bench_invariants.py: the engine model carried out the decisions an eviction
+# answered (more upload pieces) before the rest of the batch that caused it, so a plan that
+# fits in order did not fit (tokencake-temporal, kvflow: "eviction could not make room").
+@example(seed=2920274888, n_apps=9, gpu=186, host=347)
+@example(seed=1653557824, n_apps=10, gpu=71, host=81)
 def test_invariants_on_random_workloads(
     name: str, seed: int, n_apps: int, gpu: int, host: int
 ) -> None:
-    apps = random_apps(random.Random(seed), n_apps, max_nodes=6, max_prompt=gpu // 6, rate_s=0.4)
-    eng = run(name, apps, gpu, host)  # raises InvariantError on any violated invariant
-    assert eng.done_apps == len(apps)
-    assert eng.host_used() == 0
-    assert not eng.pending_copies
-    stats = eng.stats
-    if name in MOVE_POLICIES:
-        assert stats.offloaded == stats.uploaded + stats.dropped_host
-    else:
-        assert stats.uploaded <= stats.offloaded
-    policy = eng.policy
-    assert getattr(policy, "host_used", 0) == 0
-    assert not getattr(policy, "apps", {})
+    check_random_workload(name, seed, n_apps, gpu, host)
+
+
+def test_offload_ends_the_pin_and_the_upload_finds_room() -> None:
+    """Decide which was wrong in ``upload of 1 with 0 free``: the engine model, not the
+    policy. TokenCake pins KV it keeps through a tool call, then offloads it when demand
+    appears; the offload takes the pinned blocks over (no Unpin is sent, by contract). An
+    engine that kept the pin would hold those blocks after the copy and refuse the
+    upload's landing room. The failing case runs clean, and its log has such offloads."""
+    eng = run("tokencake", random_apps(random.Random(14952810), 12, 6, 101 // 6, 0.4), 101, 26)
+    pinned: set[tuple[object, object]] = set()
+    ended_by_offload = 0
+    for dec in eng.stats.decisions:
+        key = (dec["app_id"], dec["agent_id"])
+        if dec["kind"] == Pin.kind:
+            pinned.add(key)
+        elif dec["kind"] == Offload.kind and key in pinned:
+            ended_by_offload += 1
+            pinned.discard(key)
+        elif dec["kind"] == Unpin.kind:
+            pinned.discard(key)
+    assert ended_by_offload > 0
+    assert eng.done_apps == 12
 
 
 @pytest.mark.parametrize("name", ["tokencake", "tokencake-spatial", "kvflow"])
