@@ -107,6 +107,33 @@ class DaemonConfig:
     log_level: str = "INFO"
     log_json: bool = True
     """Structured (JSON lines) logs; false gives plain text for a terminal."""
+    l2_backend: str = ""
+    """The L2 tier under the host store (docs/distributed.md): empty for none, ``redis``,
+    ``valkey``, ``redis-cluster``, ``valkey-cluster`` or ``disk``."""
+    l2_url: str = ""
+    """``redis://[:password@]host:port[/db]`` of the store; for a cluster, one or more seed
+    nodes separated by commas."""
+    l2_dir: str = ""
+    """The disk backend's directory (one file per block)."""
+    l2_disk_bytes: int = 16 << 30
+    """Most bytes the disk backend keeps; the oldest blocks go first."""
+    l2_mode: str = "write-back"
+    """``write-back``: evicted blocks go to L2. ``write-through``: committed ones too."""
+    l2_namespace: str = "tokencake"
+    """First part of every L2 key: deployments sharing one store see each other's KV only
+    under the same namespace."""
+    l2_queue_bytes: int = 256 << 20
+    """Block bytes waiting for L2 at most; writes beyond it are dropped and counted."""
+    l2_workers: int = 2
+    """Threads talking to the store."""
+    l2_batch: int = 16
+    """Blocks per pipelined write."""
+    l2_timeout_s: float = 1.0
+    """A store that does not answer within this is treated as down."""
+    l2_retry_s: float = 5.0
+    """How long a store that failed is left alone (writes dropped, reads miss)."""
+    l2_ttl_s: float = 0.0
+    """Expiry of L2 values in seconds; 0 keeps them until the store evicts them."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -142,6 +169,34 @@ class DaemonConfig:
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level}"
             )
         self.log_level = self.log_level.upper()
+        self._validate_l2()
+
+    def _validate_l2(self) -> None:
+        backends = ("redis", "valkey", "redis-cluster", "valkey-cluster", "disk")
+        if self.l2_backend and self.l2_backend not in backends:
+            raise ConfigError(f"l2_backend must be empty or one of {', '.join(backends)}")
+        if self.l2_backend == "disk" and not self.l2_dir:
+            raise ConfigError("l2_backend disk needs l2_dir")
+        if self.l2_backend not in ("", "disk") and not self.l2_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(f"l2_backend {self.l2_backend} needs an l2_url redis://host:port")
+        if self.l2_mode not in ("write-back", "write-through"):
+            raise ConfigError(f"l2_mode must be write-back or write-through, not {self.l2_mode}")
+        if (
+            not self.l2_namespace
+            or not self.l2_namespace.replace("-", "").replace("_", "").isalnum()
+        ):
+            raise ConfigError("l2_namespace must be alphanumeric (with - _)")
+        if self.l2_queue_bytes < 0 or self.l2_disk_bytes <= 0:
+            raise ConfigError("l2_queue_bytes must be >= 0 and l2_disk_bytes positive")
+        if not (1 <= self.l2_workers <= 64 and 1 <= self.l2_batch <= 4096):
+            raise ConfigError("l2_workers must be within 1..64 and l2_batch within 1..4096")
+        for name in ("l2_timeout_s", "l2_retry_s"):
+            if not 0 < getattr(self, name) < 3600:
+                raise ConfigError(f"{name} must be within 0..3600 s (exclusive)")
+        if not 0 <= self.l2_ttl_s < 10 * 365 * 86400:
+            raise ConfigError("l2_ttl_s must be >= 0")
 
     @property
     def socket_path(self) -> Path | None:
@@ -157,7 +212,9 @@ class DaemonConfig:
 
 
 _FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(DaemonConfig)}
-_SIZE_KEYS = frozenset({"arena_bytes", "slot_bytes", "max_frame_bytes"})
+_SIZE_KEYS = frozenset(
+    {"arena_bytes", "slot_bytes", "max_frame_bytes", "l2_queue_bytes", "l2_disk_bytes"}
+)
 
 
 def _coerce(key: str, value: Any) -> Any:

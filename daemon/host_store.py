@@ -174,7 +174,10 @@ class HostStore:
         clock: Callable[[], float],
         lease_s: float = 30.0,
         eviction: EvictionPolicy | None = None,
+        on_evict: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_evict(slot)`` runs just before an evicted slot is cleared (the L2 tier's
+        write-back); it may read the slot's key and bytes but must not call into the store."""
         if slot_bytes <= 0:
             raise ValueError(f"slot_bytes must be positive, got {slot_bytes}")
         if not lease_s > 0:
@@ -187,10 +190,12 @@ class HostStore:
         self._policy = eviction if eviction is not None else LruPolicy()
         self._policy.bind(self._t)
         self._layouts: dict[str, int] = {}
+        self._layout_names: list[str] = []
         self._layout_bytes: list[int] = []
         self._tenants: dict[str, int] = {}
         self._tenant_names: list[str] = []
         self._pins: dict[int, dict[int, _Pin]] = {}
+        self._on_evict = on_evict
         self._evictions = 0
         self._hits = 0
         self._misses = 0
@@ -243,6 +248,7 @@ class HostStore:
             raise StoreError(ErrorCode.LAYOUT_REJECTED, "too many layouts")
         layout = len(self._layout_bytes)
         self._layouts[fingerprint] = layout
+        self._layout_names.append(fingerprint)
         self._layout_bytes.append(bytes_per_block)
         logger.info("layout %d = %s (%d bytes per block)", layout, fingerprint, bytes_per_block)
         return layout
@@ -250,6 +256,18 @@ class HostStore:
     def layout_bytes(self, layout: int) -> int:
         self._check_layout(layout)
         return self._layout_bytes[layout]
+
+    def layout_fingerprint(self, layout: int) -> str:
+        self._check_layout(layout)
+        return self._layout_names[layout]
+
+    def slot_key(self, slot: int) -> tuple[int, str, bytes]:
+        """``(layout id, tenant salt, chain hash)`` of an occupied slot."""
+        (s,) = self._check_slots([slot])
+        t = self._t
+        if t.m_state[s] == FREE:
+            raise StoreError(ErrorCode.BAD_REQUEST, f"slot {s} is free")
+        return t.m_layout[s], self._tenant_names[t.m_tenant[s]], t.key_of(s)
 
     def tenant_id(self, salt: str) -> int:
         """Intern a tenant salt as a small int."""
@@ -647,6 +665,11 @@ class HostStore:
 
     def _evict(self, s: int) -> None:
         t = self._t
+        if self._on_evict is not None:
+            try:
+                self._on_evict(s)
+            except Exception:  # a failed write-back loses an L2 copy, never the store
+                logger.exception("eviction hook failed for slot %d", s)
         self._policy.on_unevictable(s, t.m_tag[s])
         self._index.remove(s)
         t.clear(s)

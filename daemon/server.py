@@ -33,6 +33,8 @@ from tokencake.daemon.arena import SLOT_BASE_OFFSET, Arena, slot_count
 from tokencake.daemon.auth import AuthError
 from tokencake.daemon.config import RELOADABLE_KEYS, ConfigError, DaemonConfig, load_config
 from tokencake.daemon.host_store import HostStore
+from tokencake.daemon.l2.backends import L2Error
+from tokencake.daemon.l2.bridge import L2Bridge, open_bridge
 from tokencake.daemon.metrics import DaemonMetrics
 from tokencake.daemon.scheduling import SchedulerBridge
 from tokencake.daemon.sd_notify import SystemdNotifier
@@ -46,6 +48,7 @@ Handler = Callable[[bytes, Any], msgspec.Struct]
 HOUSEKEEPING_S = 0.5
 MAX_BATCH = 512
 SIGNAL_LATENCY_MS = 100
+L2_POLL_S = 0.002  # how often finished L2 prefetches are looked for while any is in flight
 
 
 @dataclass(slots=True)
@@ -95,6 +98,8 @@ class Daemon:
         self._next_owner = 1
         self.arena: Arena | None = None
         self.store: HostStore | None = None
+        self.l2: L2Bridge | None = None
+        self._l2_polling = False
         self.scheduler = SchedulerBridge(config.policy, clock=clock)
         self.decisions: deque[p.DecisionRecord] = deque(maxlen=max(1, config.decision_history))
         self._decision_seq = 0
@@ -156,6 +161,12 @@ class Daemon:
             )
         except OSError as exc:
             raise DaemonError(f"cannot create the {cfg.arena_bytes}-byte arena: {exc}") from exc
+        if cfg.l2_backend:
+            try:
+                self.l2 = open_bridge(cfg, self.metrics.registry)
+            except L2Error as exc:
+                self.close()
+                raise DaemonError(str(exc)) from exc
         if cfg.slot_bytes:
             self._format_store(cfg.slot_bytes)
         try:
@@ -286,6 +297,9 @@ class Daemon:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+        if self.l2 is not None:
+            self.l2.close()  # drops its arena view first
+            self.l2 = None
         if self.arena is not None:
             self.arena.close()
             self.arena = None
@@ -429,7 +443,10 @@ class Daemon:
             clock=self._clock,
             lease_s=self.config.lease_s,
             eviction=self.scheduler.eviction_policy(),
+            on_evict=self.l2.on_evict if self.l2 is not None else None,
         )
+        if self.l2 is not None:
+            self.l2.attach(self.store, self.arena.slots(slot_bytes))
         logger.info("arena formatted", extra={"slot_bytes": slot_bytes, "num_slots": num_slots})
 
     def _engine(self, engine_id: str) -> EngineRecord:
@@ -650,6 +667,8 @@ class Daemon:
     def _lookup(self, _identity: bytes, req: p.Lookup) -> p.LookupReply:
         engine, store = self._store_for(req.engine_id)
         slots = store.lookup(engine.layout_id, _salt(req.salt), _hashes(req.hashes))
+        if self.l2 is not None and len(slots) < len(req.hashes):
+            self._l2_missed(engine.layout_id, req.salt, req.hashes[len(slots) :])
         self.metrics.lookups.labels("hit").inc(len(slots))
         self.metrics.lookups.labels("miss").inc(len(req.hashes) - len(slots))
         return p.LookupReply(hit_blocks=len(slots), slots=slots)
@@ -676,6 +695,8 @@ class Daemon:
     def _commit(self, _identity: bytes, req: p.Commit) -> p.CommitReply:
         engine, store = self._store_for(req.engine_id)
         committed = store.commit(engine.owner, req.slots)
+        if self.l2 is not None:
+            self.l2.committed(list(req.slots))
         self._transfer_finished(engine, engine.stores, req.slots, committed, "d2h")
         return p.CommitReply(committed=committed)
 
@@ -691,6 +712,8 @@ class Daemon:
         app_id, agent_id = self._attribution(req.app_id, req.agent_id)
         hashes = _hashes(req.hashes)
         slots = store.begin_load(engine.owner, engine.layout_id, _salt(req.salt), hashes)
+        if self.l2 is not None and len(slots) < len(hashes):
+            self._l2_missed(engine.layout_id, req.salt, hashes[len(slots) :])
         started = (self._clock(), app_id, agent_id)
         for slot in slots:
             engine.loads.setdefault(slot, started)
@@ -701,6 +724,23 @@ class Daemon:
         released = store.end_load(engine.owner, req.slots)
         self._transfer_finished(engine, engine.loads, req.slots, released, "h2d")
         return p.LoadEndReply(released=released)
+
+    def _l2_missed(self, layout: int, salt: str, hashes: list[bytes]) -> None:
+        """Ask L2 for the blocks the host lacks; poll for them while any are in flight."""
+        assert self.l2 is not None
+        if self.l2.missed(layout, salt, hashes) and not self._l2_polling:
+            self._l2_polling = True
+            self._schedule(L2_POLL_S, self._l2_poll)
+
+    def _l2_poll(self) -> None:
+        assert self.l2 is not None
+        try:
+            self.l2.poll()
+        finally:
+            if self.l2.busy:
+                self._schedule(L2_POLL_S, self._l2_poll)
+            else:
+                self._l2_polling = False
 
     def _attribution(self, app_id: str, agent_id: str) -> tuple[str, str]:
         """The agent a KV op names, if it is live. Attribution is optional: blocks of an app
@@ -880,6 +920,8 @@ class Daemon:
         cfg = self.config.to_dict()
         if cfg.get("curve_secret_key_file"):
             cfg["curve_secret_key_file"] = "<set>"
+        if "@" in cfg.get("l2_url", ""):
+            cfg["l2_url"] = "<set, with credentials>"
         return p.ConfigReply(config=cfg)
 
     def _list_decisions(self, _identity: bytes, req: p.ListDecisions) -> p.ListDecisionsReply:

