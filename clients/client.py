@@ -141,19 +141,32 @@ class TokenCakeClient(_Base):
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def call(self, req: p.Request, reply_type: type[R], timeout_s: float | None = None) -> R:
-        """Send one request and wait for its reply (pushes that arrive meanwhile are queued)."""
+    def call(
+        self,
+        req: p.Request,
+        reply_type: type[R],
+        timeout_s: float | None = None,
+        *,
+        connect_timeout_s: float | None = None,
+    ) -> R:
+        """Send one request and wait for its reply (pushes that arrive meanwhile are queued).
+
+        ``connect_timeout_s`` bounds the wait for a connection when none is up (default: the
+        reply timeout); 0 fails at once, which makes a probe of a dead or stopped daemon free
+        (ZMQ completes a connection only after the daemon's side of the handshake).
+        """
         if self._sock is None:
             raise DaemonUnavailable(self.endpoint, "client closed")
         request_id = next(self._ids)
         timeout_ms = int((timeout_s or self.timeout_s) * 1000)
+        connect_ms = timeout_ms if connect_timeout_s is None else int(connect_timeout_s * 1000)
         frame = p.encode_request(req, request_id)
         try:
             self._sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
             # IMMEDIATE: nothing is queued until a connection is up; wait for one, briefly.
             start = _now_ms()
-            if not self._sock.poll(timeout_ms, zmq.POLLOUT):
+            if not self._sock.poll(min(connect_ms, timeout_ms), zmq.POLLOUT):
                 raise DaemonUnavailable(self.endpoint, "not connected") from None
             timeout_ms -= _now_ms() - start
             self._sock.send(frame, zmq.NOBLOCK)

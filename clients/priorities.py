@@ -47,6 +47,9 @@ class AgentPriorities:
         self.ranks: dict[tuple[str, str], AgentRank] = {}
         self.refreshes = 0
         self.failures = 0
+        self.ended_apps: set[str] = set()
+        """Apps the daemon answered ``unknown_app`` for at the last refresh (ended, or never
+        registered): the caller stops asking about them."""
         self._app_registered: dict[str, float] = {}
 
     def _registered(self, app_id: str, estimate: float) -> float:
@@ -98,10 +101,12 @@ class AgentPriorities:
         return total
 
     def refresh(self, link: Any, apps: list[str]) -> bool:
-        """Fetch the ranks of ``apps``' agents; on failure forget every rank (stock order).
+        """Fetch the ranks of ``apps``' agents. A daemon that cannot be reached forgets
+        every rank (stock order); an app the daemon refuses loses only its own ranks.
 
         Returns True when the ranks changed.
         """
+        self.ended_apps = set()
         if link is None or not link.up:
             return self._clear()
         queries = apps if len(apps) <= MAX_APP_QUERIES else [""]
@@ -110,7 +115,11 @@ class AgentPriorities:
             reply = link.call(p.ListAgents(app_id), p.ListAgentsReply)
             if reply is None:
                 self.failures += 1
-                return self._clear()
+                if not link.up:
+                    return self._clear()
+                if getattr(link, "last_error", "") == p.ErrorCode.UNKNOWN_APP:
+                    self.ended_apps.add(app_id)
+                continue
             now = time.time()
             for a in reply.agents:
                 priority = a.priority if math.isfinite(a.priority) else NEUTRAL_SCORE

@@ -321,6 +321,9 @@ class Commit(Request):
     reply = CommitReply
     engine_id: str
     slots: list[int]
+    copy_s: float = -1.0
+    """Seconds the copy itself took, on the engine's clock; negative: not measured (the
+    daemon then takes the time since the reservation, waiting included)."""
 
 
 class AbortReply(msgspec.Struct):
@@ -363,6 +366,8 @@ class LoadEnd(Request):
     reply = LoadEndReply
     engine_id: str
     slots: list[int]
+    copy_s: float = -1.0
+    """Seconds the copy into the engine took; negative: not measured (see ``Commit``)."""
 
 
 class DropReply(msgspec.Struct):

@@ -40,6 +40,14 @@ class ConnectorConfig:
     reserve_fraction: float = 0.5
     """``TokenCakeScheduler`` only: at most this share of the GPU pool is held back for
     critical-path agents in a tool call; 0 turns the admission guard off."""
+    hold_max_s: float = 60.0
+    """The longest any hold taken on the daemon's behalf lasts, whatever the daemon says:
+    a pin of an agent's GPU blocks, or ``TokenCakeScheduler`` deferring a request to keep
+    blocks free for critical agents. Enforced by the connector's own clock every step."""
+    liveness_s: float = 2.0
+    """While the connector holds blocks for the daemon, it must have had a reply within
+    this long; otherwise it pings once (``timeout_ms``) and, if that fails, marks the link
+    down and releases every hold. A dead or stopped daemon holds nothing for longer."""
 
     def __post_init__(self) -> None:
         if self.save not in SAVE_MODES:
@@ -58,6 +66,10 @@ class ConnectorConfig:
             raise ValueError("state_report_s must be in (0, 3600]")
         if not 0 <= self.reserve_fraction <= 1:
             raise ValueError("reserve_fraction must be in [0, 1]")
+        if not 0 < self.hold_max_s <= 3600:
+            raise ValueError("hold_max_s must be in (0, 3600]")
+        if not 0 < self.liveness_s <= 3600:
+            raise ValueError("liveness_s must be in (0, 3600]")
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:

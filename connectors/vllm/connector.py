@@ -90,8 +90,9 @@ class ConnectorStats:
     offloads_started: int = 0
     uploads_staged: int = 0
     events_sent: int = 0
-    daemon_failures: int = 0
     reconnects: int = 0
+    holds_released: int = 0
+    """GPU blocks released because the daemon's link went down while they were pinned."""
 
 
 @dataclass(slots=True)
@@ -127,8 +128,20 @@ class _AgentKv:
     pin_until: float = 0.0
 
 
+REGISTER_TIMEOUT_S = 0.25
+"""The least time a registration may take (the daemon maps a layout, starts a lease)."""
+REGISTER_BACKOFF_MAX_S = 30.0
+"""A daemon that accepts connections but does not answer registrations is retried at
+``reconnect_s``, doubling per failure up to this interval."""
+
+
 class DaemonLink:
-    """The scheduler's connection to tokencaked: registered or down, never blocking long."""
+    """The scheduler's connection to tokencaked: registered or down, never blocking long.
+
+    Every failed call is counted by cause in ``errors`` (an error code, or ``unavailable``
+    for a daemon that did not answer). Whoever holds engine resources for the daemon
+    registers an ``on_down`` callback: it runs the moment the link goes down.
+    """
 
     def __init__(self, cfg: ConnectorConfig, layout: KvLayout, name: str, num_gpu_blocks: int):
         self.cfg = cfg
@@ -142,6 +155,12 @@ class DaemonLink:
         self.next_heartbeat = 0.0
         self.next_state_report = 0.0
         self.last_state: tuple[int, int, int, int] | None = None
+        self.last_ok = 0.0
+        """``time.monotonic()`` of the daemon's last reply."""
+        self.last_error = ""
+        self.errors: dict[str, int] = {}
+        self.on_down: list[Callable[[], None]] = []
+        self._register_failures = 0
 
     @property
     def up(self) -> bool:
@@ -152,13 +171,23 @@ class DaemonLink:
         assert self.reg is not None
         return self.reg.engine_id
 
-    def maybe_connect(self, now: float) -> bool:
-        """Register if down and due; True when this call brought the link up."""
+    def _count(self, cause: str) -> None:
+        self.last_error = cause
+        self.errors[cause] = self.errors.get(cause, 0) + 1
+
+    def maybe_connect(self, now: float, *, wait: bool = False) -> bool:
+        """Register if down and due; True when this call brought the link up.
+
+        Without ``wait`` the attempt costs nothing unless the daemon has completed a ZMQ
+        handshake (it is running and serving its socket); only then is one registration
+        sent, waiting at most ``max(timeout_ms, REGISTER_TIMEOUT_S)``.
+        """
         if self.up or now < self.next_try:
             return False
         self.next_try = now + self.cfg.reconnect_s
         from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
 
+        timeout_s = max(self.cfg.timeout_ms / 1000.0, REGISTER_TIMEOUT_S)
         try:
             if self.client is None:
                 self.client = TokenCakeClient(
@@ -167,11 +196,23 @@ class DaemonLink:
             reg = self.client.call(
                 p.RegisterEngine(self.name, self.layout, self.num_gpu_blocks),
                 p.RegisterEngineReply,
-                timeout_s=max(self.cfg.timeout_ms / 1000.0, 0.25),
+                timeout_s=timeout_s,
+                connect_timeout_s=timeout_s if wait else 0.0,
             )
-        except (DaemonUnavailable, p.RemoteError, OSError) as exc:
+        except DaemonUnavailable as exc:
+            if "not connected" not in str(exc):
+                # Connected but no reply: a stuck or overloaded daemon. Back off.
+                self._register_failures += 1
+                backoff = self.cfg.reconnect_s * 2.0 ** min(self._register_failures, 16)
+                self.next_try = now + min(backoff, REGISTER_BACKOFF_MAX_S)
+                self._count("unavailable")
             logger.debug("tokencaked not reachable: %s", exc)
             return False
+        except (p.RemoteError, OSError) as exc:
+            self._count(getattr(exc, "code", "unavailable"))
+            logger.debug("tokencaked refused registration: %s", exc)
+            return False
+        self._register_failures = 0
         if reg.slot_bytes < self.layout.bytes_per_block:
             logger.error(
                 "tokencaked slots hold %d B but a block needs %d B; connector stays off",
@@ -181,11 +222,13 @@ class DaemonLink:
             return False
         self.reg = reg
         self.epoch += 1
+        self.last_ok = now
         self.next_heartbeat = now + reg.heartbeat_s
         self.next_state_report = now  # the pool's state goes out with the first step
         self.last_state = None
         logger.info(
-            "registered with tokencaked as %s (arena %s, %d slots)",
+            "TokenCake: registered with tokencaked at %s as %s (arena %s, %d slots)",
+            self.client.endpoint,
             reg.engine_id,
             reg.arena_name,
             reg.num_slots,
@@ -194,31 +237,53 @@ class DaemonLink:
 
     def down(self, why: object) -> None:
         if self.reg is not None:
-            logger.warning("tokencaked link down (%s); serving without it", why)
+            logger.warning("TokenCake: tokencaked link down (%s); serving without it", why)
+            self.reg = None
+            for callback in self.on_down:
+                callback()
         self.reg = None
         self.next_try = time.monotonic() + self.cfg.reconnect_s
 
     def call(self, req: p.Request, reply_type: type[Any]) -> Any:
-        """One request; None when the daemon is down, slow, or refuses it."""
+        """One request; None when the daemon is down, slow, or refuses it (``last_error``
+        then says why)."""
         if self.reg is None:
+            self.last_error = "unavailable"
             return None
         from tokencake.clients.client import DaemonUnavailable
 
         try:
-            return self.client.call(req, reply_type)
+            reply = self.client.call(req, reply_type)
         except DaemonUnavailable as exc:
+            self._count("unavailable")
             self.down(exc)
         except p.RemoteError as exc:
+            self.last_ok = time.monotonic()  # it answered
+            self._count(exc.code)
             if exc.code == p.ErrorCode.UNKNOWN_ENGINE:
                 self.down(exc)  # the daemon restarted: register again
             else:
                 logger.debug("tokencaked refused %s: %s", req.op, exc)
+        else:
+            self.last_ok = time.monotonic()
+            self.last_error = ""
+            return reply
         return None
+
+    def check_alive(self, now: float) -> bool:
+        """The daemon answered within ``liveness_s``, or answers a ping now."""
+        if not self.up:
+            return False
+        if now - self.last_ok <= self.cfg.liveness_s:
+            return True
+        return self.call(p.Ping(), p.PingReply) is not None
 
     def pushes(self) -> list[p.DecisionRecord]:
         if self.reg is None or self.client is None:
             return []
         out: list[p.DecisionRecord] = self.client.poll_pushes()
+        if out:
+            self.last_ok = time.monotonic()
         return out
 
     def close(self) -> None:
@@ -299,6 +364,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
         self._done_loads: list[int] = []
         self._done_stores: list[int] = []
         self._failed: list[int] = []
+        self._copy_seconds: dict[int, float] = {}
         self._recving: set[str] = set()
         self._sending: set[str] = set()
         self._bad_blocks: set[int] = set()
@@ -320,7 +386,8 @@ class TokenCakeConnector(KVConnectorBase_V1):
             self._hash_stride = self.block_size // hash_bs
             name = self.cfg.engine_name or f"vllm:{self.layout.model_id.split('|')[0]}"[:256]
             self._link = DaemonLink(self.cfg, self.layout, name, kv_cache_config.num_blocks)
-            self._link.maybe_connect(time.monotonic())
+            self._link.on_down.append(self._release_holds)
+            self._link.maybe_connect(time.monotonic(), wait=True)
 
     # ------------------------------------------------------------------ helpers
 
@@ -432,14 +499,21 @@ class TokenCakeConnector(KVConnectorBase_V1):
             return
         n = num_external_tokens // self.block_size
         use, rest = hit.slots[:n], hit.slots[n:]
-        if not link.up or hit.epoch != link.epoch:
-            return  # the daemon restarted: those pins are gone with it
-        if rest:
-            link.call(p.LoadEnd(link.engine_id, rest), p.LoadEndReply)
         if not use:
+            if rest and link.up and hit.epoch == link.epoch:
+                link.call(p.LoadEnd(link.engine_id, rest), p.LoadEndReply)
             return
         block_ids = list(blocks.get_block_ids()[0][hit.start_block : hit.start_block + n])
         job_id = self._next_job()
+        if not link.up or hit.epoch != link.epoch:
+            # The daemon went down (or restarted) since the hit: its pins are gone, so the
+            # slots may hold anything now. vLLM waits for this load all the same; it is
+            # reported failed and vLLM recomputes the blocks.
+            self._jobs[job_id] = _Job(hit.epoch, True, [], req_id=req_id)
+            self._loads.append(CopyJob(job_id, [], block_ids, req_id, fail=True))
+            return
+        if rest:
+            link.call(p.LoadEnd(link.engine_id, rest), p.LoadEndReply)
         self._jobs[job_id] = _Job(link.epoch, True, use, req_id=req_id)
         self._loads.append(CopyJob(job_id, use, block_ids, req_id))
         self._req_loaded[req_id] = n * self.block_size
@@ -453,11 +527,12 @@ class TokenCakeConnector(KVConnectorBase_V1):
             self.stats.reconnects += 1
             self._hits.clear()
             # Queued jobs name slots of the previous daemon's arena: never copy them into
-            # the new one. vLLM still waits on their requests, so they go out as no-ops
-            # (a load reports failure, and the engine recomputes those blocks).
-            for job in self._loads:
+            # the new one. They go out as failed no-ops, so everything waiting on them ends:
+            # vLLM's request (a load's blocks are recomputed, a save's blocks are freed) and
+            # the references an offload copy holds on its blocks.
+            for job in self._loads + self._stores:
                 job.slots, job.fail = [], True
-            self._stores = [CopyJob(j.job_id, [], [], j.req_id) for j in self._stores if j.req_id]
+        self._enforce_holds(now)
         if link.up:
             heartbeat_due = now >= link.next_heartbeat
             if link.reg is not None and (heartbeat_due or now >= link.next_state_report):
@@ -619,14 +694,16 @@ class TokenCakeConnector(KVConnectorBase_V1):
                 continue
             self.stats.loaded_blocks += len(job.slots)
             if link.up and job.epoch == link.epoch:
-                link.call(p.LoadEnd(link.engine_id, job.slots), p.LoadEndReply)
+                copy_s = meta.seconds.get(job_id, -1.0)
+                link.call(p.LoadEnd(link.engine_id, job.slots, copy_s), p.LoadEndReply)
         for job_id in meta.stored:
             job = self._jobs.pop(job_id, None)
             if job is None:
                 continue
             committed = None
             if link.up and job.epoch == link.epoch:
-                committed = link.call(p.Commit(link.engine_id, job.slots), p.CommitReply)
+                copy_s = meta.seconds.get(job_id, -1.0)
+                committed = link.call(p.Commit(link.engine_id, job.slots, copy_s), p.CommitReply)
             if committed is not None:
                 self.stats.stored_blocks += committed.committed
             self._finish_store(job, ok=committed is not None)
@@ -694,7 +771,9 @@ class TokenCakeConnector(KVConnectorBase_V1):
             self._unpin(agent)
             agent.pinned = self._resident(agent.blocks, agent.hashes)
             self._pool.touch([self._pool.blocks[b] for b in agent.pinned])
-            agent.pin_until = time.monotonic() + max(decision.due_in_s, 0.0)
+            # The daemon's time-to-live, never longer than the connector's own bound.
+            ttl = min(max(decision.due_in_s, 0.0), self.cfg.hold_max_s)
+            agent.pin_until = time.monotonic() + ttl
         elif kind == "unpin":
             self._unpin(agent)
 
@@ -746,8 +825,46 @@ class TokenCakeConnector(KVConnectorBase_V1):
             if agent.pinned and now >= agent.pin_until:
                 self._unpin(agent)
 
+    def _holds(self) -> int:
+        """Engine blocks held for the daemon now: pins (an offload's copy holds its blocks
+        too, but only until the worker's copy ends, which needs no daemon)."""
+        return sum(len(a.pinned) for a in self._agents.values())
+
+    def _release_holds(self) -> None:
+        """The link went down: nothing the daemon asked for is held a moment longer."""
+        released = 0
+        for agent in self._agents.values():
+            released += len(agent.pinned)
+            self._unpin(agent)
+        if released:
+            self.stats.holds_released += released
+            logger.warning("TokenCake: released %d GPU blocks pinned for tokencaked", released)
+
+    def _enforce_holds(self, now: float) -> None:
+        """Every step, link up or down: pins end at their deadline, and pins last only
+        while the daemon is known alive (``liveness_s``, else one ping)."""
+        self._expire_pins(now)
+        link = self._link
+        if link is None or not link.up or not self._holds() or link.check_alive(now):
+            return
+        if link.up:  # a refusal (not a timeout) leaves it up: still, not alive
+            link.down("no reply within liveness_s")
+
     def get_stats(self) -> dict[str, int]:
-        return asdict(self.stats)
+        """The counters, plus failed daemon calls by cause (``errors.<code>``)."""
+        out = asdict(self.stats)
+        if self._link is not None:
+            out.update({f"errors.{code}": n for code, n in self._link.errors.items()})
+        return out
+
+    @property
+    def link(self) -> DaemonLink | None:
+        """The scheduler side's daemon link (None on a worker)."""
+        return self._link
+
+    @property
+    def link_up(self) -> bool:
+        return self._link is not None and self._link.up
 
     def _engine_state(self) -> tuple[int, int, int, int]:
         """(free GPU blocks, waiting requests, running requests, waiting blocks) as the
@@ -812,10 +929,13 @@ class TokenCakeConnector(KVConnectorBase_V1):
             if job.slots:
                 arena = self._arena_for(meta)
                 assert arena is not None and self._copier is not None
+                started = time.perf_counter()
                 if is_load:
                     done = self._copier.from_arena(arena, job.slots, job.blocks)
                 else:
                     done = self._copier.to_arena(arena, job.blocks, job.slots)
+                if done is None:  # a synchronous copy: this was all of it
+                    self._copy_seconds[job.job_id] = time.perf_counter() - started
         except Exception as exc:
             logger.warning("TokenCake copy job %d failed (%s)", job.job_id, exc)
             self._copy_done(job, is_load, ok=False)
@@ -864,8 +984,11 @@ class TokenCakeConnector(KVConnectorBase_V1):
     def build_connector_worker_meta(self) -> TokenCakeWorkerMetadata | None:
         if not (self._done_loads or self._done_stores or self._failed):
             return None
-        meta = TokenCakeWorkerMetadata(self._done_loads, self._done_stores, self._failed)
+        meta = TokenCakeWorkerMetadata(
+            self._done_loads, self._done_stores, self._failed, self._copy_seconds
+        )
         self._done_loads, self._done_stores, self._failed = [], [], []
+        self._copy_seconds = {}
         return meta
 
     def shutdown(self) -> None:

@@ -33,11 +33,13 @@ class TokenCakeMetadata(KVConnectorMetadata):
 
 @dataclass
 class TokenCakeWorkerMetadata(KVConnectorWorkerMetadata):
-    """Job ids the worker finished this step (``ok`` or ``failed``)."""
+    """Job ids the worker finished this step (``ok`` or ``failed``), and how long each
+    measured copy took (seconds by job id; copies it could not time are absent)."""
 
     loaded: list[int] = field(default_factory=list)
     stored: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    seconds: dict[int, float] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, TokenCakeWorkerMetadata)
@@ -45,4 +47,5 @@ class TokenCakeWorkerMetadata(KVConnectorWorkerMetadata):
             loaded=self.loaded + other.loaded,
             stored=self.stored + other.stored,
             failed=self.failed + other.failed,
+            seconds={**self.seconds, **other.seconds},
         )

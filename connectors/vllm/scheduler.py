@@ -173,6 +173,8 @@ class SchedulerStats:
     resorts: int = 0
     deferred: int = 0
     """Admissions the critical-inversion guard deferred (one per request and step)."""
+    deferrals_expired: int = 0
+    """Admissions let through because the request had been deferred for ``hold_max_s``."""
 
 
 class TokenCakeScheduler(Scheduler):
@@ -189,6 +191,8 @@ class TokenCakeScheduler(Scheduler):
         self._tc_agents: set[tuple[str, str]] = set()
         self._tc_next_refresh = 0.0
         self._tc_arrivals = False
+        self._tc_deferred_since: dict[str, float] = {}
+        self._tc_hold_max_s = 60.0
         connector = self.connector
         self._tc_conn = connector if isinstance(connector, TokenCakeConnector) else None
         if self._tc_conn is None:
@@ -198,6 +202,7 @@ class TokenCakeScheduler(Scheduler):
             )
             return
         self._tc_refresh_s = self._tc_conn.cfg.priority_refresh_s
+        self._tc_hold_max_s = self._tc_conn.cfg.hold_max_s
         self._tc_reserve_cap = guard.protect_cap(
             self._num_blocks(), self._tc_conn.cfg.reserve_fraction
         )
@@ -249,8 +254,13 @@ class TokenCakeScheduler(Scheduler):
                 del self._tc_apps[app_id]
         self._tc_agents = {key for key in self._tc_agents if key[0] in self._tc_apps}
         self._tc_params = {k: v for k, v in self._tc_params.items() if k in self.requests}
+        self._tc_deferred_since = {
+            k: v for k, v in self._tc_deferred_since.items() if k in self.requests
+        }
         apps = sorted(self._tc_apps, key=self._tc_apps.__getitem__, reverse=True)
-        changed = self.tc_priorities.refresh(conn._link, apps)
+        changed = self.tc_priorities.refresh(conn.link, apps)
+        for app_id in self.tc_priorities.ended_apps:  # ended: stop asking about it
+            self._tc_apps.pop(app_id, None)
         self.tc_stats.refreshes = self.tc_priorities.refreshes
         if changed:
             self.tc_stats.resorts += 1
@@ -279,8 +289,11 @@ class TokenCakeScheduler(Scheduler):
     def _handle_blocked_waiting_request(self, request: Request) -> bool:
         if not super()._handle_blocked_waiting_request(request):
             return False
-        if self._tc_reserve_cap <= 0 or self._tc_conn is None or self._holds_kv_blocks(request):
+        conn = self._tc_conn
+        if self._tc_reserve_cap <= 0 or conn is None or self._holds_kv_blocks(request):
             return True
+        if not conn.link_up:
+            return True  # nothing is held back for a daemon that is not there
         params = self._tc_agent(request)
         prio = self.tc_priorities
         if prio.critical(params):
@@ -292,6 +305,13 @@ class TokenCakeScheduler(Scheduler):
         need = -(-(request.num_tokens - request.num_computed_tokens) // self.block_size)
         free = self.kv_cache_manager.block_pool.get_num_free_blocks()
         if guard.verdict(critical=False, need=need, free=free, protect=protect).allowed:
+            return True
+        # A deferral is a hold taken for the daemon: it ends after hold_max_s, whatever
+        # the daemon's ranks say.
+        now = time.monotonic()
+        since = self._tc_deferred_since.setdefault(request.request_id, now)
+        if now - since >= self._tc_hold_max_s:
+            self.tc_stats.deferrals_expired += 1
             return True
         self.tc_stats.deferred += 1
         logger.debug(
