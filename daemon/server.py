@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import os
 import signal
 import socket
@@ -697,7 +698,7 @@ class Daemon:
         committed = store.commit(engine.owner, req.slots)
         if self.l2 is not None:
             self.l2.committed(list(req.slots))
-        self._transfer_finished(engine, engine.stores, req.slots, committed, "d2h")
+        self._transfer_finished(engine, engine.stores, req.slots, committed, "d2h", req.copy_s)
         return p.CommitReply(committed=committed)
 
     def _abort(self, _identity: bytes, req: p.Abort) -> p.AbortReply:
@@ -722,7 +723,7 @@ class Daemon:
     def _load_end(self, _identity: bytes, req: p.LoadEnd) -> p.LoadEndReply:
         engine, store = self._store_for(req.engine_id)
         released = store.end_load(engine.owner, req.slots)
-        self._transfer_finished(engine, engine.loads, req.slots, released, "h2d")
+        self._transfer_finished(engine, engine.loads, req.slots, released, "h2d", req.copy_s)
         return p.LoadEndReply(released=released)
 
     def _l2_missed(self, layout: int, salt: str, hashes: list[bytes]) -> None:
@@ -760,8 +761,14 @@ class Daemon:
         slots: list[int],
         done: int,
         direction: Literal["d2h", "h2d"],
+        copy_s: float = -1.0,
     ) -> None:
-        """Account bytes, measure the copy, and tell the scheduler whose KV moved."""
+        """Account bytes, measure the copy, and tell the scheduler whose KV moved.
+
+        The cost model learns from ``copy_s``, the engine's own measure of the copy, when it
+        sent one (finite and positive); otherwise from the time since the reservation, an
+        upper bound that includes the engine's wait for its next step.
+        """
         now = self._clock()
         nbytes = done * engine.layout.bytes_per_block
         label = "offload" if direction == "d2h" else "upload"
@@ -780,6 +787,8 @@ class Daemon:
         if not slots:
             return
         elapsed = now - first
+        if math.isfinite(copy_s) and copy_s > 0:
+            elapsed = min(copy_s, elapsed) if elapsed > 0 else copy_s
         self.metrics.transfer_seconds.labels(label).observe(elapsed)
         self.scheduler.transfer_measured(engine.engine_id, direction, nbytes, elapsed, len(slots))
         for (app_id, agent_id), blocks in per_agent.items():
