@@ -11,12 +11,13 @@ from typing import Any
 import click
 
 from tokencake import __version__
+from tokencake.cli import HELP_OPTIONS, Command
 from tokencake.daemon.config import ConfigError, load_config
 
 logger = logging.getLogger(__name__)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings=HELP_OPTIONS)
 @click.option(
     "--config",
     "config_path",

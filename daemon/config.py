@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from tokencake.daemon.scheduler.policy import list_policies
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,11 @@ class ConfigError(ValueError):
     """A configuration value that the daemon cannot run with."""
 
 
+def policy_names() -> list[str]:
+    """The scheduler policies registered now (``tokencake-ctl policies``); imports none."""
+    return [info.name for info in list_policies()]
+
+
 def default_runtime_dir() -> Path:
     """``$XDG_RUNTIME_DIR/tokencake``, else ``/run/tokencake`` for root, else a per-user /tmp."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
@@ -54,8 +62,10 @@ def default_endpoint() -> str:
 
 def _parse_size(value: str | int) -> int:
     """``1073741824``, ``"1GiB"``, ``"512MiB"``, ``"64KiB"`` to bytes."""
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if not isinstance(value, str):
+        raise ConfigError(f"not a size: {value!r} (use bytes or e.g. 512MiB, 1GiB)")
     text = value.strip()
     units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "B": 1}
     upper = text.upper()
@@ -64,7 +74,7 @@ def _parse_size(value: str | int) -> int:
             number = upper[: -len(suffix)].strip()
             try:
                 return int(float(number) * mult)
-            except ValueError:
+            except (ValueError, OverflowError):
                 break
     try:
         return int(text)
@@ -156,8 +166,11 @@ class DaemonConfig:
             raise ConfigError(f"slot_bytes must be 0 or in 1..arena_bytes, got {self.slot_bytes}")
         if not self.instance.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"instance must be alphanumeric (with - _), got {self.instance!r}")
-        if self.lease_s <= 0 or self.engine_timeout_s <= 0:
-            raise ConfigError("lease_s and engine_timeout_s must be positive")
+        known = policy_names()
+        if self.policy not in known:
+            raise ConfigError(f"policy: unknown policy {self.policy!r}; known: {', '.join(known)}")
+        if not (0 < self.lease_s < math.inf and 0 < self.engine_timeout_s < math.inf):
+            raise ConfigError("lease_s and engine_timeout_s must be positive and finite")
         if not 1024 <= self.max_frame_bytes <= 256 << 20:
             raise ConfigError("max_frame_bytes must be within 1 KiB..256 MiB")
         if self.decision_history < 0:
@@ -222,7 +235,10 @@ def _coerce(key: str, value: Any) -> Any:
     if kind is None:
         raise ConfigError(f"unknown config key {key!r}; known: {sorted(_FIELD_TYPES)}")
     if key in _SIZE_KEYS:
-        return _parse_size(value)
+        try:
+            return _parse_size(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
     try:
         if kind == "bool":
             if isinstance(value, bool):

@@ -151,6 +151,11 @@ class Daemon:
     def start(self) -> None:
         """Create the arena, bind the socket, start metrics. Raises DaemonError."""
         cfg = self.config
+        # A live daemon on our socket is found before the arena is created and pre-faulted
+        # (a second or more for 1 GiB); _bind_socket checks again, for a race.
+        path = cfg.socket_path
+        if path is not None and path.exists() and _socket_in_use(path):
+            raise DaemonError(f"another daemon is serving {path}")
         removed = Arena.remove_stale(cfg.arena_dir)
         if removed:
             logger.warning(
