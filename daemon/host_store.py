@@ -295,9 +295,10 @@ class HostStore:
         self._check_salt(salt)
         self._check_hashes(hashes)
         tenant = self._tenants.get(salt)
-        if tenant is None:
-            return []
-        found = self._ready_prefix(layout, tenant, hashes, True)
+        found = [] if tenant is None else self._ready_prefix(layout, tenant, hashes, True)
+        # Blocks asked for and found (or not): what an engine's load got from the store.
+        self._hits += len(found)
+        self._misses += len(hashes) - len(found)
         if not found:
             return found
         t = self._t

@@ -108,7 +108,8 @@ def test_reserve_commit_lookup_and_dedup() -> None:
     assert store.commit(7, slots) == 3
     assert store.lookup(L, "", [H(1), H(2), H(9), H(3)]) == slots[:2]
     s = store.stats()
-    assert (s.writing, s.ready, s.hits, s.misses) == (1, 3, 2, 3)
+    # misses: the lookup and the load of H(1) while WRITING, then H(9) and H(3) after it
+    assert (s.writing, s.ready, s.hits, s.misses) == (1, 3, 2, 4)
     assert store.usage_by_owner() == {7: 3, 8: 1}
     store.check_invariants()
 
@@ -508,6 +509,8 @@ class StoreModel(RuleBasedStateMachine):
         keys = self.prefix((L, salt), hashes)
         got = self.store.begin_load(owner, L, salt, hashes)
         assert got == [self.rec[k]["slot"] for k in keys]
+        self.hits += len(keys)  # an engine's load counts as much as a lookup
+        self.misses += len(hashes) - len(keys)
         for k in reversed(keys):
             s = self.rec[k]["slot"]
             if k in self.lru:
