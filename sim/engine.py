@@ -164,6 +164,8 @@ class EngineResult:
     critical_llm_s: list[float]
     app_queue_s: list[float]
     makespan_s: float
+    app_plain: list[bool]
+    """Per finished app (same order as ``app_latency_s``): plain traffic or an agent app."""
     util_integral: float
     util_window_s: float
     timeline: list[tuple[float, float]]
@@ -253,6 +255,7 @@ class Simulator:
         self.results_latency: list[float] = []
         self.results_critical: list[float] = []
         self.results_queue: list[float] = []
+        self.results_plain: list[bool] = []
         self.util_integral = 0.0
         self.timeline: list[tuple[float, float]] = []
         self._last_sample = -1e9
@@ -420,6 +423,7 @@ class Simulator:
             self.results_latency.append(self.now - run.spec.arrival_s)
             self.results_critical.append(run.critical_llm_s)
             self.results_queue.append(run.queue_s)
+            self.results_plain.append(run.spec.plain)
             self._emit(AppEnd(self.now, run.spec.app_id))
 
     def _tool_end(self, req: Request) -> None:
@@ -996,6 +1000,7 @@ class Simulator:
             critical_llm_s=self.results_critical,
             app_queue_s=self.results_queue,
             makespan_s=window,
+            app_plain=self.results_plain,
             util_integral=self.util_integral,
             util_window_s=window,
             timeline=self.timeline,

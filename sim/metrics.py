@@ -13,6 +13,8 @@ Definitions (docs/benchmarks.md repeats them):
   blocks do not count. ``None`` for the oracle, whose pool has no size.
 * recompute_tokens: prefill tokens whose KV had been computed before (a prefix miss or a
   preemption), i.e. work done twice.
+* by_class: the latency of plain traffic (apps without agent metadata) and of agent apps,
+  each ``{"n", "mean_latency_s", "p95_latency_s"}`` (None when the class has no app).
 * queueing_s: per app, the sum over its LLM calls of the time spent waiting for admission
   (including after preemptions), averaged over apps.
 """
@@ -55,6 +57,23 @@ class RunMeta:
         }
 
 
+CLASSES = ("plain", "agent")
+
+
+def by_class(latency_s: list[float], plain: list[bool]) -> dict[str, dict[str, Any]]:
+    """Latency per traffic class: ``plain`` (no agent metadata) and ``agent``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in CLASSES:
+        want = name == "plain"
+        lat = np.asarray([x for x, p in zip(latency_s, plain, strict=True) if p == want])
+        out[name] = {
+            "n": len(lat),
+            "mean_latency_s": float(lat.mean()) if len(lat) else None,
+            "p95_latency_s": float(np.percentile(lat, 95)) if len(lat) else None,
+        }
+    return out
+
+
 def summarise(res: EngineResult, meta: RunMeta) -> dict[str, Any]:
     lat = np.asarray(res.app_latency_s, dtype=float)
     c = res.counters
@@ -71,6 +90,7 @@ def summarise(res: EngineResult, meta: RunMeta) -> dict[str, Any]:
         "p50_latency_s": float(np.percentile(lat, 50)) if len(lat) else None,
         "p95_latency_s": float(np.percentile(lat, 95)) if len(lat) else None,
         "p99_latency_s": float(np.percentile(lat, 99)) if len(lat) else None,
+        "by_class": by_class(res.app_latency_s, res.app_plain),
         "critical_path_latency_s": float(np.mean(res.critical_llm_s)) if len(lat) else None,
         "gpu_kv_util": util,
         "peak_gpu_blocks": res.peak_used_blocks,

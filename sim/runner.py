@@ -1,8 +1,9 @@
 """Sweeps: every (workload, qps, policy) on the same engine model, with the real policies.
 
 ``oracle`` is not a scheduler policy: it is the engine with unbounded GPU KV memory, driven
-by the ``vllm`` policy. Nothing is ever evicted or preempted, so it bounds what any policy
-could reach on this engine model.
+by ``OraclePolicy`` (vLLM's, without the safety deadline's drop). Nothing is ever evicted,
+dropped, preempted or recomputed, so it bounds what any policy could reach on this engine
+model.
 """
 
 from __future__ import annotations
@@ -13,17 +14,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokencake.daemon.scheduler import PolicyConfig, create_policy, list_policies
+from tokencake.daemon.scheduler import Decision, PolicyConfig, create_policy, list_policies
+from tokencake.daemon.scheduler.peers import VllmPolicy
+from tokencake.daemon.scheduler.state import AgentState
 from tokencake.sim.engine import KeyCache, SimulationError, Simulator
 from tokencake.sim.generators import get_generator, make_trace
 from tokencake.sim.kvpool import PoolInvariantError
-from tokencake.sim.metrics import RunMeta, summarise
+from tokencake.sim.metrics import RunMeta, by_class, summarise
 from tokencake.sim.profiles import Profile
 from tokencake.sim.workload import NoiseConfig
 
 logger = logging.getLogger(__name__)
 
 ORACLE = "oracle"
+
+
+class OraclePolicy(VllmPolicy):
+    """The oracle's policy: vLLM's FCFS and nothing else. It never drops KV (the tracking
+    policies' safety deadline drops an overdue tool call's KV, which the next call then
+    recomputes: no bound should pay for that) and never moves any."""
+
+    name = ORACLE
+
+    def _on_deadline(self, agent: AgentState, out: list[Decision]) -> None:
+        """Memory is unbounded: an overdue tool call's KV stays where it is."""
 
 
 def all_policies() -> list[str]:
@@ -76,6 +90,7 @@ def failure_record(meta: RunMeta, sim: Simulator, error: Exception) -> dict[str,
         "completed_apps": len(sim.results_latency),
         "mean_latency_s": None,
         "p95_latency_s": None,
+        "by_class": by_class(sim.results_latency, sim.results_plain),
         "critical_path_latency_s": None,
         "gpu_kv_util": None,
         "recompute_tokens": sim.c.recompute_tokens,
@@ -106,8 +121,9 @@ def run_one(
     gen = get_generator(workload)
     trace = make_trace(gen, qps=qps, seed=seed, n_apps=n_apps, noise=noise)
     unbounded = policy == ORACLE
-    engine_policy = "vllm" if unbounded else policy
-    pol = create_policy(engine_policy, policy_config(profile))
+    engine_policy = ORACLE if unbounded else policy
+    cfg = policy_config(profile)
+    pol = OraclePolicy(cfg) if unbounded else create_policy(engine_policy, cfg)
     sim = Simulator(
         trace,
         pol,

@@ -116,7 +116,8 @@ def test_oracle_never_evicts_or_recomputes() -> None:
     rec, _ = run_one("code-writer", "oracle", 1.0, prof, seed=0, n_apps=3)
     assert rec["preemptions"] == 0 and rec["recompute_tokens"] == 0
     assert rec["gpu_kv_util"] is None
-    assert rec["engine_policy"] == "vllm"
+    assert rec["engine_policy"] == "oracle"
+    assert rec["decisions"].get("drop", 0) == 0
 
 
 def test_same_inputs_same_results() -> None:
