@@ -1,7 +1,8 @@
 """``tokencake-ctl``: look inside a running tokencaked.
 
 Every command takes ``--json``. When the daemon is down the command prints one line naming
-the socket it tried and exits with status 3.
+the socket it tried and exits with status 3, at once when the socket file does not exist.
+A bad option value is one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 import msgspec
+import zmq
 
-from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
+from tokencake.cli import HELP_OPTIONS, FloatRange, Group
+from tokencake.clients.client import DaemonUnavailable, TokenCakeClient, resolve_endpoint
 from tokencake.protocol import RemoteError
 
+EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
 EXIT_REMOTE_ERROR = 4
 
@@ -40,12 +45,17 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 class Ctx:
-    def __init__(self, endpoint: str | None, timeout_s: float, as_json: bool) -> None:
+    def __init__(self, endpoint: str, timeout_s: float, as_json: bool) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.as_json = as_json
 
     def run(self, fetch: Callable[[TokenCakeClient], Any], render: Callable[[Any], str]) -> None:
+        socket_path = _ipc_path(self.endpoint)
+        if socket_path is not None and not socket_path.exists():
+            # No socket file, no daemon: say so now rather than after the client's timeout.
+            click.echo(f"tokencake-ctl: daemon not running: no socket at {socket_path}", err=True)
+            sys.exit(EXIT_UNAVAILABLE)
         try:
             with TokenCakeClient(self.endpoint, timeout_s=self.timeout_s) as client:
                 result = fetch(client)
@@ -55,25 +65,50 @@ class Ctx:
         except RemoteError as exc:
             click.echo(f"tokencake-ctl: daemon refused: {exc.code}: {exc.message}", err=True)
             sys.exit(EXIT_REMOTE_ERROR)
+        except zmq.ZMQError as exc:  # an endpoint zmq cannot connect to (tcp://nohost:1)
+            click.echo(f"tokencake-ctl: cannot connect to {self.endpoint}: {exc}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
         if self.as_json:
             click.echo(json.dumps(msgspec.to_builtins(result), indent=2, sort_keys=True))
         else:
             click.echo(render(result))
 
 
+def _ipc_path(endpoint: str) -> Path | None:
+    return Path(endpoint.removeprefix("ipc://")) if endpoint.startswith("ipc://") else None
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _endpoint(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    endpoint = resolve_endpoint(value)
+    if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
+        return endpoint
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if endpoint.startswith("tcp://") and host and port.isdigit() and 0 < int(port) < 65536:
+        return endpoint
+    raise click.BadParameter(f"{endpoint!r} is not ipc://PATH or tcp://HOST:PORT.")
+
+
+@click.group(cls=Group, context_settings=HELP_OPTIONS)
 @click.option(
     "--endpoint",
     envvar="TOKENCAKE_ENDPOINT",
     default=None,
-    help="Daemon endpoint (default: the daemon's default ipc socket).",
+    callback=_endpoint,
+    help="Daemon endpoint (default: $TOKENCAKE_ENDPOINT, else the daemon's default socket).",
 )
-@click.option("--timeout", "timeout_s", type=float, default=2.0, show_default=True)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=FloatRange(0, 3600, min_open=True),
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait for the daemon's reply.",
+)
 @click.pass_context
-def main(ctx: click.Context, endpoint: str | None, timeout_s: float) -> None:
+def main(ctx: click.Context, endpoint: str, timeout_s: float) -> None:
     """Inspect a running tokencaked."""
     ctx.obj = {"endpoint": endpoint, "timeout_s": timeout_s}
 
@@ -82,7 +117,18 @@ def _ctx(click_ctx: click.Context, as_json: bool) -> Ctx:
     return Ctx(click_ctx.obj["endpoint"], click_ctx.obj["timeout_s"], as_json)
 
 
-def _render_status(s: Any) -> str:
+def _status_with_apps(client: TokenCakeClient) -> tuple[Any, Any]:
+    return client.stats(), client.list_apps()
+
+
+def _render_status_with_apps(both: tuple[Any, Any]) -> str:
+    """Status, with the live counts set against the ended apps ``agents`` still lists."""
+    stats, apps = both
+    ended = [a for a in apps.apps if a.state != "live"]
+    return _render_status(stats, ended_apps=len(ended), ended_agents=sum(a.nodes for a in ended))
+
+
+def _render_status(s: Any, ended_apps: int | None = None, ended_agents: int = 0) -> str:
     pool = s.pool
     used = pool.num_slots - pool.free
     pct = 100.0 * used / pool.num_slots if pool.num_slots else 0.0
@@ -93,7 +139,15 @@ def _render_status(s: Any) -> str:
         f"ready {pool.ready}, writing {pool.writing}, reading {pool.reading}",
         f"hits/misses   {pool.hits}/{pool.misses}   evictions {pool.evictions}",
         f"engines       {s.engines}",
-        f"apps/agents   {s.apps}/{s.agents}",
+    ]
+    if ended_apps is None:
+        lines.append(f"live apps/agents {s.apps}/{s.agents}")
+    else:
+        lines += [
+            f"apps          {s.apps} live, {ended_apps} ended (kept for `agents` and `apps`)",
+            f"agents        {s.agents} in live apps, {ended_agents} in ended apps",
+        ]
+    lines += [
         f"offloaded     {_human_bytes(s.bytes_offloaded)}",
         f"uploaded      {_human_bytes(s.bytes_uploaded)}",
         f"decisions     {s.decisions}",
@@ -103,12 +157,19 @@ def _render_status(s: Any) -> str:
     return "\n".join(lines)
 
 
-@main.command()
+@main.command(short_help="Pool use, engines, apps and agents, bytes moved.")
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Pool use, engines, agents, bytes offloaded and uploaded."""
-    _ctx(ctx, as_json).run(lambda c: c.stats(), _render_status)
+    """Pool use, engines, apps and agents, bytes offloaded and uploaded.
+
+    The apps and agents counts are of live apps (--json: `apps`, `agents`); `agents` and
+    `apps` also list the last ended apps, whose agents show state `done`.
+    """
+    if as_json:
+        _ctx(ctx, as_json).run(lambda c: c.stats(), _render_status)
+    else:
+        _ctx(ctx, as_json).run(_status_with_apps, _render_status_with_apps)
 
 
 @main.command()
@@ -222,7 +283,13 @@ def config(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--limit", default=20, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10000),
+    default=20,
+    show_default=True,
+    help="How many recent decisions (at most 10000).",
+)
 @click.option("--agent", "agent_id", default="", help="Only decisions about this agent.")
 @json_option
 @click.pass_context
@@ -263,12 +330,23 @@ def policies(as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--interval", type=float, default=1.0, show_default=True)
-@click.option("--iterations", type=int, default=0, help="Stop after N refreshes (0: forever).")
+@click.option(
+    "--interval",
+    type=FloatRange(0, 3600),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@click.option(
+    "--iterations",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Stop after N refreshes (0: forever).",
+)
 @json_option
 @click.pass_context
 def top(ctx: click.Context, interval: float, iterations: int, as_json: bool) -> None:
-    """A live view: status and agents, refreshed every --interval seconds."""
+    """Live status and agents, refreshed every --interval seconds."""
     c = _ctx(ctx, as_json)
     n = 0
     try:

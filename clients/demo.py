@@ -10,7 +10,8 @@ then plays two parts against it over the real protocol and the real shared-memor
   tool calls, reported through the client library's session helper.
 
 It prints each decision as it is applied and, at the end, what was offloaded, uploaded and
-verified. It is a demonstration of the daemon, not a benchmark (see ``bench/``).
+verified. A daemon it started is stopped at the end, unless ``--keep`` leaves it running
+for ``tokencake-ctl``. It is a demonstration of the daemon, not a benchmark (see ``bench/``).
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ import heapq
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 
 from tokencake import protocol as p
+from tokencake.cli import HELP_OPTIONS, Command
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient, resolve_endpoint
 from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.clients.session import AgentSession, AppSession
@@ -200,8 +205,8 @@ class DemoEngine:
         terms = decision.reason.get("terms", {})
         self.say(
             f"  offload  {kv.app_id}/{kv.agent_id}: {len(slots)} blocks to host "
-            f"(stall q={terms.get('stall_quantile_s', '?')}s, "
-            f"margin {terms.get('margin_s', '?')}s, rule {decision.reason.get('rule')})"
+            f"(stall q={_seconds(terms.get('stall_quantile_s'))}, "
+            f"margin {_seconds(terms.get('margin_s'))}, rule {decision.reason.get('rule')})"
         )
 
     def upload(self, kv: AgentKv, blocks: int, why: str) -> bool:
@@ -237,6 +242,11 @@ class DemoEngine:
         self.totals.blocks_uploaded += got
         self.say(f"  upload   {kv.app_id}/{kv.agent_id}: {got} blocks back, bytes verified ({why})")
         return True
+
+
+def _seconds(value: Any) -> str:
+    """A decision term in seconds, to the millisecond (``?`` when the policy gave none)."""
+    return f"{value:.3f}s" if isinstance(value, int | float) else "?"
 
 
 class DemoRun:
@@ -346,7 +356,13 @@ class DemoRun:
                 self.engine.apply(decision)
 
 
-def _ensure_daemon(endpoint: str, say: Callable[[str], None]) -> subprocess.Popen[bytes] | None:
+@dataclass
+class StartedDaemon:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+
+def _ensure_daemon(endpoint: str, say: Callable[[str], None]) -> StartedDaemon | None:
     try:
         with TokenCakeClient(endpoint, timeout_s=0.3) as c:
             c.ping()
@@ -355,32 +371,53 @@ def _ensure_daemon(endpoint: str, say: Callable[[str], None]) -> subprocess.Pope
     except DaemonUnavailable:
         pass
     say(f"starting tokencaked (embedded default) on {endpoint}")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tokencake.daemon", "--log-text"], stderr=subprocess.PIPE
-    )
+    # Its log goes to a file, not a pipe: a daemon left running (--keep) outlives this
+    # process, and would stop on a write to a pipe nobody reads.
+    fd, log_name = tempfile.mkstemp(prefix="tokencaked-demo-", suffix=".log")
+    with os.fdopen(fd, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tokencake.daemon", "--log-text"],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    started = StartedDaemon(proc, Path(log_name))
     deadline = time.monotonic() + 30
     with TokenCakeClient(endpoint, timeout_s=0.5) as c:
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
+                err = started.log_path.read_text(errors="replace")
                 raise click.ClickException(f"tokencaked exited {proc.returncode}:\n{err}")
             try:
                 c.ping()
-                return proc
+                return started
             except DaemonUnavailable:
                 if time.monotonic() > deadline:
                     proc.kill()
                     raise click.ClickException("tokencaked did not come up in 30 s") from None
 
 
-@click.command()
-@click.option("--apps", default=3, show_default=True, help="Applications to replay.")
-@click.option("--gpu-blocks", default=200, show_default=True, help="The demo engine's GPU pool.")
-def main(apps: int, gpu_blocks: int) -> None:
+@click.command(cls=Command, context_settings=HELP_OPTIONS)
+@click.option(
+    "--apps", type=click.IntRange(1, 50), default=3, show_default=True, help="Applications."
+)
+@click.option(
+    "--gpu-blocks",
+    type=click.IntRange(2 * (PROMPT_BLOCKS + 4), 100_000),
+    default=200,
+    show_default=True,
+    help="The demo engine's GPU pool (enough for two agents' prompts at least).",
+)
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Leave the tokencaked this demo started running, to look at with tokencake-ctl.",
+)
+def main(apps: int, gpu_blocks: int, keep: bool) -> None:
     """Start tokencaked on its embedded default and replay a small agent workload."""
     say = click.echo
     endpoint = resolve_endpoint(None)
-    proc = _ensure_daemon(endpoint, say)
+    started = _ensure_daemon(endpoint, say)
     try:
         with TokenCakeClient(endpoint, timeout_s=5.0) as client:
             engine = DemoEngine(client, gpu_blocks, say)
@@ -412,15 +449,26 @@ def main(apps: int, gpu_blocks: int) -> None:
                 f"{t.recomputed_blocks} computed, {t.evicted_blocks} evicted from the GPU"
             )
             say(f"  host pool now:       {stats.pool.ready} ready / {stats.pool.num_slots} slots")
-            say("  inspect:             tokencake-ctl status | agents | decisions")
             engine.arena.close()
             if t.mismatches:
                 raise SystemExit(1)
+    except BaseException:
+        keep = False  # a failed demo leaves nothing behind
+        raise
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
-            say("tokencaked stopped (socket removed, arena unlinked)")
+        if started is not None and not keep:
+            started.proc.terminate()
+            started.proc.wait(10)
+            started.log_path.unlink(missing_ok=True)
+            say("tokencaked stopped (socket removed, arena unlinked); --keep leaves it running")
+    if started is None or keep:
+        ctl = Path(sys.executable).parent / "tokencake-ctl"
+        say(f"inspect: {ctl if ctl.exists() else 'tokencake-ctl'} status | agents | decisions")
+    if started is not None and keep:
+        say(
+            f"tokencaked left running (pid {started.proc.pid}, log {started.log_path}); "
+            f"stop it with: kill {started.proc.pid}"
+        )
 
 
 if __name__ == "__main__":

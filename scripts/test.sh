@@ -11,7 +11,7 @@ echo "== ruff format --check"; ruff format --check .
 echo "== mypy"; mypy
 echo "== pytest"
 status=0
-pytest -q -p no:cacheprovider "$@" || status=$?
+pytest -q -rs -p no:cacheprovider "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests: that is a failure here" >&2
 fi

@@ -48,6 +48,33 @@ def test_daemon_down_is_one_line_and_nonzero(tmp_path: Path) -> None:
     assert out.strip().count("\n") == 0 and "gone.sock" in out
 
 
+def test_no_socket_file_fails_without_waiting(tmp_path: Path) -> None:
+    """With no socket file there is no daemon: said at once, not after --timeout (the
+    client's message for a timeout is "not reachable", this one only comes from the check)."""
+    code, out = run("--endpoint", f"ipc://{tmp_path}/gone.sock", "--timeout", "60", "status")
+    assert code == EXIT_UNAVAILABLE
+    assert out.strip() == f"tokencake-ctl: daemon not running: no socket at {tmp_path}/gone.sock"
+
+
+def test_status_counts_agree_with_agents(daemon: DaemonProcess) -> None:
+    """`agents` lists ended apps' agents (state done); `status` counts them apart."""
+    dag = p.AppDag(nodes=[p.DagNode("planner"), p.DagNode("coder")], edges=[("planner", "coder")])
+    with daemon.client() as c:
+        c.register_app("app-ended", dag)
+        c.app_end("app-ended")
+        c.register_app("app-live", dag)
+    ep = ("--endpoint", daemon.endpoint)
+    code, out = run(*ep, "agents", "--json")
+    states = {(a["app_id"], a["state"]) for a in json.loads(out)["agents"]}
+    assert ("app-ended", "done") in states and len(json.loads(out)["agents"]) == 4
+    code, out = run(*ep, "status")
+    assert code == 0, out
+    assert "apps          1 live, 1 ended (kept for `agents` and `apps`)" in out
+    assert "agents        2 in live apps, 2 in ended apps" in out
+    code, out = run(*ep, "status", "--json")
+    assert (json.loads(out)["apps"], json.loads(out)["agents"]) == (1, 2)
+
+
 def test_policies_without_daemon() -> None:
     code, out = run("policies", "--json")
     assert code == 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from click.testing import CliRunner
+from rich.console import Console
 
-from tokencake.sim.cli import main
+from tokencake.sim.cli import main, run_progress
 
 REQUIRED = (
     "policy",
@@ -59,6 +61,32 @@ def test_run_writes_results_and_plots(tmp_path: Path) -> None:
         png = out / f"code-writer_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "table.md").read_text().startswith("| workload")
+    assert f"wrote {out / 'results.json'}, {out / 'table.md'} and 4 figures" in res.stdout
+    # The utilisation target is reported without a verdict (not comparable with the paper's).
+    util = next(line for line in res.stdout.splitlines() if "GPU KV utilisation" in line)
+    assert "not comparable" in util and "met" not in util
+    # Not a terminal: one line per run on stderr, no progress bar.
+    assert res.stderr.count(" app/s ") == 6 and "\x1b[" not in res.stderr
+
+
+def test_no_plots_still_names_what_it_wrote(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["run", "--qps", "1", "--apps", "1", "--policies", "vllm", "--out", str(out)]
+    res = CliRunner().invoke(main, [*args, "--no-plots"])
+    assert res.exit_code == 0, res.output
+    assert f"{out / 'table.md'} (no figures: --no-plots)" in res.stdout
+    assert not list(out.glob("*.png"))
+
+
+def test_progress_bar_on_a_terminal() -> None:
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=100)
+    rec = {"workload": "w", "qps": 1.0, "policy": "vllm", "wall_s": 0.5, "mean_latency_s": 2.0}
+    with run_progress(3, console) as advance:
+        advance(rec)
+        advance(rec)
+    text = buf.getvalue()
+    assert "2/3" in text and "w 1 app/s vllm" in text
 
 
 def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
@@ -66,6 +94,12 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "unknown policies" in r.output
     r = CliRunner().invoke(main, ["run", "--workload", "nope", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown workload" in r.output
+
+
+def test_dash_h_is_help() -> None:
+    for args in (["-h"], ["run", "-h"], ["list", "-h"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0 and r.output.startswith("Usage:"), r.output
 
 
 def test_list() -> None:
