@@ -1,0 +1,114 @@
+"""``tokencake-gateway``: run the OpenAI-compatible gateway in front of vLLM servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from urllib.parse import urlsplit
+
+import click
+
+from tokencake import __version__
+from tokencake.cli import HELP_OPTIONS, Command
+
+logger = logging.getLogger(__name__)
+
+
+def _upstream(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    out = []
+    for value in values:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise click.BadParameter(f"{value!r} is not an http(s)://HOST[:PORT] URL")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise click.BadParameter(f"{value!r}: {exc}") from None
+        if parts.path.rstrip("/") not in ("", "/v1"):
+            raise click.BadParameter(f"{value!r}: give the server's root URL, not a path")
+        out.append(f"{parts.scheme}://{parts.netloc}")
+    return out
+
+
+@click.command(cls=Command, context_settings=HELP_OPTIONS)
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    required=True,
+    callback=_upstream,
+    help="An OpenAI-compatible server (vllm serve) root URL; repeat for several.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8100, show_default=True, help="Port."
+)
+@click.option("--daemon", "endpoint", default=None, help="tokencaked endpoint (default: local).")
+@click.option(
+    "--llm-events",
+    type=click.Choice(["gateway", "engine"]),
+    default="gateway",
+    show_default=True,
+    help="Who reports LLM call start/finish: the gateway, or the engine's TokenCake connector.",
+)
+@click.option(
+    "--app-idle-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="An app with no request for this long is ended and its structure learnt.",
+)
+@click.option(
+    "--daemon-timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.25,
+    show_default=True,
+    help="Wait at most this long for the daemon (then pass requests through untagged).",
+)
+@click.option(
+    "--upstream-timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Total time limit per upstream request (default: none, as a direct client).",
+)
+@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING...")
+@click.version_option(__version__)
+def main(
+    upstreams: list[str],
+    host: str,
+    port: int,
+    endpoint: str | None,
+    llm_events: str,
+    app_idle_s: float,
+    daemon_timeout_s: float,
+    upstream_timeout_s: float | None,
+    log_level: str,
+) -> None:
+    """Proxy the OpenAI API to vLLM and report the agent events seen in the traffic."""
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        raise click.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from tokencake.connectors.gateway.server import Gateway, serve
+
+    gateway = Gateway(
+        upstreams,
+        daemon_endpoint=endpoint,
+        llm_events=llm_events == "gateway",
+        app_idle_s=app_idle_s,
+        daemon_timeout_s=daemon_timeout_s,
+        upstream_timeout_s=upstream_timeout_s,
+    )
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(gateway, host, port))
+    except OSError as exc:
+        click.echo(f"tokencake-gateway: cannot listen on {host}:{port}: {exc.strerror}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

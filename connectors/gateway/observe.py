@@ -1,0 +1,201 @@
+"""Reading an engine's response for what the agent does next: a tool call or an answer.
+
+One ``Observer`` per forwarded request, fed either the whole JSON body or the server-sent
+events as they stream by. It follows choice 0 (an agent continues one choice), and reads:
+
+- chat completions: ``finish_reason``, ``message.tool_calls`` or the streamed
+  ``delta.tool_calls`` fragments (id and name in the first fragment of each index, the
+  arguments concatenated), the text, and ``usage``;
+- completions: ``text``, ``finish_reason``, ``usage``;
+- responses: the ``output`` items (``function_call`` items are tool calls; streamed, the
+  ``response.completed`` event carries the finished response), ``id`` and ``usage``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+
+CHAT: Final = "chat"
+COMPLETIONS: Final = "completions"
+RESPONSES: Final = "responses"
+
+_decoder = msgspec.json.Decoder()
+
+
+@dataclass(slots=True)
+class ToolCall:
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(slots=True)
+class Outcome:
+    finish_reason: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    text: str = ""
+    output_tokens: int = 0
+    response_id: str = ""
+    finished: bool = False
+    """The engine said it finished (a finish reason or a completed response)."""
+
+    def assistant_message(self) -> dict[str, Any]:
+        """The reply as the client will resend it in its history."""
+        msg: dict[str, Any] = {"role": "assistant", "content": self.text}
+        if self.tool_calls:
+            msg["tool_calls"] = [
+                {"id": c.id, "function": {"name": c.name, "arguments": c.arguments}}
+                for c in self.tool_calls
+            ]
+        return msg
+
+    @property
+    def tool_kind(self) -> str:
+        """The tool's kind: its function name (several distinct ones joined by '+')."""
+        return "+".join(sorted({c.name for c in self.tool_calls if c.name}))
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+class Observer:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.outcome = Outcome()
+        self._buf = b""
+        self._text: list[str] = []
+        self._calls: dict[int, ToolCall] = {}
+
+    # ------------------------------------------------------------------ whole bodies
+
+    def feed_body(self, body: bytes) -> None:
+        try:
+            obj = _decoder.decode(body)
+        except msgspec.DecodeError:
+            return
+        if isinstance(obj, dict):
+            self._whole(obj)
+
+    def _whole(self, obj: dict[str, Any]) -> None:
+        out = self.outcome
+        out.output_tokens = _int(_obj(obj.get("usage")).get("completion_tokens")) or _int(
+            _obj(obj.get("usage")).get("output_tokens")
+        )
+        if self.kind == RESPONSES:
+            out.response_id = str(obj.get("id", ""))
+            for item in obj.get("output") or ():
+                item = _obj(item)
+                if item.get("type") == "function_call":
+                    out.tool_calls.append(
+                        ToolCall(
+                            str(item.get("call_id", "")),
+                            str(item.get("name", "")),
+                            str(item.get("arguments", "")),
+                        )
+                    )
+                elif item.get("type") == "message":
+                    for part in item.get("content") or ():
+                        if isinstance(_obj(part).get("text"), str):
+                            out.text += part["text"]
+            out.finished = obj.get("status") in ("completed", "incomplete")
+            out.finish_reason = "tool_calls" if out.tool_calls else str(obj.get("status", ""))
+            return
+        choice = self._choice0(obj)
+        if choice is None:
+            return
+        out.finish_reason = str(choice.get("finish_reason") or "")
+        out.finished = bool(out.finish_reason)
+        if self.kind == COMPLETIONS:
+            out.text = str(choice.get("text") or "")
+            return
+        message = _obj(choice.get("message"))
+        content = message.get("content")
+        out.text = content if isinstance(content, str) else ""
+        for call in message.get("tool_calls") or ():
+            call = _obj(call)
+            fn = _obj(call.get("function"))
+            out.tool_calls.append(
+                ToolCall(
+                    str(call.get("id", "")), str(fn.get("name", "")), str(fn.get("arguments", ""))
+                )
+            )
+
+    @staticmethod
+    def _choice0(obj: dict[str, Any]) -> dict[str, Any] | None:
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                return choice
+        return None
+
+    # ------------------------------------------------------------------ event streams
+
+    def feed_stream(self, chunk: bytes) -> None:
+        self._buf += chunk
+        while True:
+            end = self._buf.find(b"\n\n")
+            if end < 0:
+                crlf = self._buf.find(b"\r\n\r\n")
+                if crlf < 0:
+                    return
+                event, self._buf = self._buf[:crlf], self._buf[crlf + 4 :]
+            else:
+                event, self._buf = self._buf[:end], self._buf[end + 2 :]
+            for line in event.splitlines():
+                if line.startswith(b"data:"):
+                    self._event(line[5:].strip())
+
+    def _event(self, data: bytes) -> None:
+        if not data or data == b"[DONE]":
+            return
+        try:
+            obj = _decoder.decode(data)
+        except msgspec.DecodeError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if self.kind == RESPONSES:
+            if obj.get("type") in ("response.completed", "response.incomplete"):
+                self._whole(_obj(obj.get("response")))
+            return
+        usage = _obj(obj.get("usage"))
+        if usage:
+            self.outcome.output_tokens = _int(usage.get("completion_tokens"))
+        choice = self._choice0(obj)
+        if choice is None:
+            return
+        if choice.get("finish_reason"):
+            self.outcome.finish_reason = str(choice["finish_reason"])
+            self.outcome.finished = True
+        if self.kind == COMPLETIONS:
+            if isinstance(choice.get("text"), str):
+                self._text.append(choice["text"])
+            return
+        delta = _obj(choice.get("delta"))
+        if isinstance(delta.get("content"), str):
+            self._text.append(delta["content"])
+        for frag in delta.get("tool_calls") or ():
+            frag = _obj(frag)
+            index = _int(frag.get("index"))
+            call = self._calls.setdefault(index, ToolCall())
+            if frag.get("id"):
+                call.id = str(frag["id"])
+            fn = _obj(frag.get("function"))
+            if fn.get("name"):
+                call.name += str(fn["name"])
+            if isinstance(fn.get("arguments"), str):
+                call.arguments += fn["arguments"]
+
+    def close_stream(self) -> Outcome:
+        """The outcome of a stream that has ended."""
+        if self.kind != RESPONSES:
+            self.outcome.text = "".join(self._text)
+            self.outcome.tool_calls = [self._calls[i] for i in sorted(self._calls)]
+        return self.outcome

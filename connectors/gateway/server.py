@@ -1,0 +1,349 @@
+"""The gateway's HTTP side: an aiohttp reverse proxy in front of one or more OpenAI servers.
+
+- ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/responses``: tracked (see
+  ``tracker``), tagged when the daemon knows the app, forwarded, the response (streamed or
+  not) relayed byte for byte while an ``Observer`` reads it.
+- ``GET /v1/models``: the union of the upstreams' lists (one upstream: passed through).
+- ``/tokencake/metrics`` and ``/tokencake/conversations``: the gateway's own.
+- Everything else is passed through to the first upstream.
+
+A model served by several upstreams is routed by conversation (a stable hash), so a
+conversation keeps meeting the engine that holds its KV.
+
+No new failure mode: a body the gateway cannot parse is forwarded as is (the engine answers
+it), a daemon that is down means untagged pass-through, an upstream's error status and body
+reach the client unchanged. Only an upstream that cannot be reached at all gets the gateway's
+own answer, 502 with an OpenAI-style error body, where a direct client would have seen the
+connection refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tokencake.connectors.gateway.hints import HintError
+from tokencake.connectors.gateway.link import DaemonLink
+from tokencake.connectors.gateway.metrics import GatewayMetrics
+from tokencake.connectors.gateway.observe import CHAT, COMPLETIONS, RESPONSES, Observer
+from tokencake.connectors.gateway.tracker import Plan, Tracker
+
+logger = logging.getLogger(__name__)
+
+TRACKED: Final = {
+    "/v1/chat/completions": CHAT,
+    "/v1/completions": COMPLETIONS,
+    "/v1/responses": RESPONSES,
+}
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+MODELS_REFRESH_S: Final = 5.0
+SWEEP_S: Final = 1.0
+
+_json = msgspec.json.Decoder()
+_encode = msgspec.json.Encoder().encode
+
+
+def openai_error(status: int, message: str, err_type: str, code: str) -> web.Response:
+    body = {"error": {"message": message, "type": err_type, "param": None, "code": code}}
+    return web.Response(status=status, body=_encode(body), content_type="application/json")
+
+
+def _headers(headers: Any) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+class Upstreams:
+    """The engines behind the gateway and which models each serves."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = [u.rstrip("/") for u in urls]
+        self._models: dict[str, list[str]] = {}
+        self._refreshed = -MODELS_REFRESH_S
+
+    async def refresh(self, session: aiohttp.ClientSession) -> None:
+        self._refreshed = time.monotonic()
+        models: dict[str, list[str]] = {}
+        for url in self.urls:
+            for model in await self._list(session, url):
+                models.setdefault(model, []).append(url)
+        self._models = models
+
+    @staticmethod
+    async def _list(session: aiohttp.ClientSession, url: str) -> list[str]:
+        try:
+            async with session.get(f"{url}/v1/models") as resp:
+                if resp.status != 200:
+                    return []
+                body = _json.decode(await resp.read())
+        except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as exc:
+            logger.debug("listing models of %s: %s", url, exc)
+            return []
+        data = body.get("data") if isinstance(body, dict) else None
+        return [str(m["id"]) for m in data or () if isinstance(m, dict) and "id" in m]
+
+    async def pick(self, session: aiohttp.ClientSession, model: str, key: str) -> str:
+        if len(self.urls) == 1:
+            return self.urls[0]
+        candidates = self._models.get(model)
+        if candidates is None and time.monotonic() - self._refreshed > MODELS_REFRESH_S:
+            await self.refresh(session)
+            candidates = self._models.get(model)
+        if not candidates:
+            return self.urls[0]
+        return candidates[zlib.crc32(key.encode()) % len(candidates)]
+
+
+class Gateway:
+    def __init__(
+        self,
+        upstreams: list[str],
+        *,
+        daemon_endpoint: str | None = None,
+        llm_events: bool = True,
+        app_idle_s: float = 300.0,
+        daemon_timeout_s: float = 0.25,
+        upstream_timeout_s: float | None = None,
+    ) -> None:
+        if not upstreams:
+            raise ValueError("at least one upstream is needed")
+        self.upstreams = Upstreams(upstreams)
+        self.metrics = GatewayMetrics()
+        self.link = DaemonLink(daemon_endpoint, timeout_s=daemon_timeout_s)
+        self.tracker = Tracker(
+            self.link, self.metrics, llm_events=llm_events, app_idle_s=app_idle_s
+        )
+        self.register_wait_s = daemon_timeout_s
+        self.upstream_timeout_s = upstream_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, _app: web.Application) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=self.upstream_timeout_s, sock_connect=10),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        )
+        if len(self.upstreams.urls) > 1:
+            await self.upstreams.refresh(self._session)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _cleanup(self, _app: web.Application) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._session is not None:
+            await self._session.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.link.close)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            self.tracker.sweep(time.monotonic())
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "the gateway's app has not started"
+        return self._session
+
+    # ------------------------------------------------------------------ routes
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path == "/tokencake/metrics":
+            return web.Response(
+                body=generate_latest(self.metrics.registry),
+                headers={"Content-Type": CONTENT_TYPE_LATEST},
+            )
+        if path == "/tokencake/conversations":
+            view = self.tracker.view(time.monotonic())
+            return web.Response(body=_encode(view), content_type="application/json")
+        kind = TRACKED.get(path)
+        if kind is not None and request.method == "POST":
+            return await self._tracked(request, kind)
+        if path == "/v1/models" and request.method == "GET" and len(self.upstreams.urls) > 1:
+            return await self._models()
+        raw = await request.read()
+        return await self._forward(request, raw, self.upstreams.urls[0], None, "other")
+
+    async def _models(self) -> web.Response:
+        seen: dict[str, Any] = {}
+        answered = False
+        for url in self.upstreams.urls:
+            try:
+                async with self.session.get(f"{url}/v1/models") as resp:
+                    body = _json.decode(await resp.read()) if resp.status == 200 else None
+            except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError):
+                continue
+            if isinstance(body, dict) and isinstance(body.get("data"), list):
+                answered = True
+                for model in body["data"]:
+                    if isinstance(model, dict):
+                        seen.setdefault(str(model.get("id")), model)
+        if not answered:
+            return openai_error(502, "no upstream listed its models", "upstream_error", "502")
+        return web.Response(
+            body=_encode({"object": "list", "data": list(seen.values())}),
+            content_type="application/json",
+        )
+
+    async def _tracked(self, request: web.Request, kind: str) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = _json.decode(raw)
+        except msgspec.DecodeError:
+            body = None
+        if not isinstance(body, dict):
+            # Not ours to judge: the engine answers it as it would without the gateway.
+            return await self._forward(request, raw, self.upstreams.urls[0], None, kind)
+        try:
+            plan = self.tracker.begin(kind, request.headers, body, time.monotonic())
+        except HintError as exc:
+            self.metrics.requests.labels(kind, "400").inc()
+            return openai_error(400, str(exc), "invalid_request_error", "bad_tokencake_hint")
+        model = str(body.get("model", ""))
+        if plan is None:
+            upstream = await self.upstreams.pick(self.session, model, "")
+            return await self._forward(request, raw, upstream, None, kind)
+        data = raw
+        if await self._registered(plan):
+            kv = body.get("kv_transfer_params")
+            body["kv_transfer_params"] = {**(kv if isinstance(kv, dict) else {}), **plan.tags}
+            data = _encode(body)
+        else:
+            self.metrics.passthrough.labels("daemon_down").inc()
+        upstream = await self.upstreams.pick(self.session, model, plan.conv.conv_id)
+        return await self._forward(request, data, upstream, plan, kind)
+
+    async def _registered(self, plan: Plan) -> bool:
+        reg = plan.registered
+        if not reg.done():
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(reg), self.register_wait_s)
+            except TimeoutError:
+                return False
+        return reg.result()
+
+    async def _forward(
+        self,
+        request: web.Request,
+        data: bytes,
+        upstream: str,
+        plan: Plan | None,
+        kind: str,
+    ) -> web.StreamResponse:
+        observer = Observer(kind) if plan is not None else None
+        status = 0
+        try:
+            async with self.session.request(
+                request.method,
+                upstream + request.rel_url.path_qs,
+                data=data if data or request.method not in ("GET", "HEAD") else None,
+                headers=_headers(request.headers),
+                allow_redirects=False,
+            ) as up:
+                status = up.status
+                headers = _headers(up.headers)
+                if up.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    return await self._relay_stream(request, up, headers, observer, plan)
+                payload = await up.read()
+                if plan is not None and observer is not None and status == 200:
+                    if "Content-Encoding" not in up.headers:
+                        observer.feed_body(payload)
+                    self.tracker.finish(plan, observer.outcome, time.monotonic())
+                return web.Response(status=status, body=payload, headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.metrics.upstream_errors.inc()
+            logger.warning("upstream %s failed: %s", upstream, exc)
+            return openai_error(
+                502, f"upstream {upstream} unreachable: {exc}", "upstream_unavailable", "502"
+            )
+        finally:
+            self.metrics.requests.labels(kind, str(status)).inc()
+            if plan is not None:
+                # An error status, an unreachable upstream or a client that went away
+                # (cancelled): the LLM call ended without an answer. No-op when reported.
+                self.tracker.finish(plan, None, time.monotonic())
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        up: aiohttp.ClientResponse,
+        headers: dict[str, str],
+        observer: Observer | None,
+        plan: Plan | None,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=up.status, headers=headers)
+        await resp.prepare(request)
+        try:
+            async for chunk in up.content.iter_any():
+                if observer is not None:
+                    observer.feed_stream(chunk)
+                await resp.write(chunk)
+            if plan is not None and observer is not None and up.status == 200:
+                self.tracker.finish(plan, observer.close_stream(), time.monotonic())
+            await resp.write_eof()
+        except ConnectionResetError:
+            # The client went away: stop reading and close the upstream (the engine aborts).
+            self.metrics.client_disconnects.inc()
+            up.close()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The engine broke off mid-stream: break the client's stream too, as it would be.
+            self.metrics.upstream_errors.inc()
+            logger.warning("upstream stream broke: %s", exc)
+            if request.transport is not None:
+                request.transport.close()
+        return resp
+
+
+async def serve(
+    gateway: Gateway,
+    host: str,
+    port: int,
+    ready: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run ``gateway`` on ``host:port`` until cancelled."""
+    runner = web.AppRunner(gateway.make_app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    logger.info("tokencake-gateway on http://%s:%d -> %s", host, port, gateway.upstreams.urls)
+    if ready is not None:
+        await ready()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
