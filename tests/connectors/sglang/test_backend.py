@@ -1,0 +1,236 @@
+"""TokenCakeStorage against SGLang 0.5.23's real storage interface, backend factory and host
+pool (``MHATokenToKVPoolHost`` on CPU), with a real tokencaked.
+
+SGLang's server cannot run on this machine (see docs/sglang.md), so these tests drive the
+backend the way SGLang's cache controller does: ``batch_exists`` from the prefetch thread,
+``batch_get_v1`` into freshly allocated host pages, ``batch_set_v1`` from the backup thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from tests.connectors.sglang import sglang_env
+from tests.procs import start
+from tokencake.connectors.sglang.pages import HostPages, page_key
+
+PAGE = 4  # tokens per page in sglang_env.host_pool
+
+
+def keys(*ids: int, prefix: str = "p") -> list[str]:
+    return [hashlib.sha256(f"{prefix}{i}".encode()).hexdigest() for i in ids]
+
+
+def fill(pool: Any, indices: torch.Tensor, seed: int) -> None:
+    """Random bytes in the pool's pages at ``indices`` (one index per token)."""
+    gen = torch.Generator().manual_seed(seed)
+    for start_idx in indices[::PAGE].tolist():
+        page = pool.get_data_page(start_idx, flat=True)
+        pool.set_from_flat_data_page(
+            start_idx, torch.randn(page.numel(), generator=gen).to(page.dtype)
+        )
+
+
+def pages_of(pool: Any, indices: torch.Tensor) -> list[torch.Tensor]:
+    return [pool.get_data_page(i, flat=True).clone() for i in indices[::PAGE].tolist()]
+
+
+@pytest.mark.parametrize("layout", ["page_first", "layer_first", "page_first_direct"])
+def test_zero_copy_round_trip_between_engines(make_backend: Any, layout: str) -> None:
+    writer_pool = sglang_env.host_pool(layout)
+    writer = make_backend(writer_pool)
+    src = writer_pool.alloc(5 * PAGE)
+    fill(writer_pool, src, seed=1)
+    ks = keys(0, 1, 2, 3, 4, prefix=layout)
+
+    assert writer.batch_set_v1(ks, src) == [True] * 5
+    assert writer.stats.stored_pages == 5
+    # Stored again: the daemon already holds them, nothing is copied.
+    assert writer.batch_set_v1(ks, src) == [True] * 5
+    assert writer.stats.already_stored_pages == 5
+
+    # Another engine of the same layout (another SGLang process, or this one after a
+    # restart) finds and loads them into different host pages.
+    reader_pool = sglang_env.host_pool(layout)
+    reader = make_backend(reader_pool)
+    reader_pool.alloc(3 * PAGE)  # so the reader's pages sit elsewhere
+    dst = reader_pool.alloc(5 * PAGE)
+    assert reader.batch_exists(ks) == 5
+    assert reader.batch_get_v1(ks, dst) == [True] * 5
+    for got, want in zip(pages_of(reader_pool, dst), pages_of(writer_pool, src), strict=True):
+        assert torch.equal(got, want)
+    assert reader.stats.loaded_pages == 5
+
+
+def test_batch_exists_counts_the_leading_run(make_backend: Any, daemon: Any) -> None:
+    pool = sglang_env.host_pool()
+    backend = make_backend(pool)
+    idx = pool.alloc(4 * PAGE)
+    fill(pool, idx, seed=2)
+    ks = keys(0, 1, 2, 3, prefix="lead")
+    stored = torch.cat([idx[: 2 * PAGE], idx[3 * PAGE :]])
+    assert backend.batch_set_v1([ks[0], ks[1], ks[3]], stored) == [True] * 3
+
+    assert backend.batch_exists(ks) == 2
+    assert backend.batch_exists(ks[2:]) == 0
+    assert backend.exists(ks[3]) and not backend.exists(ks[2])
+    dst = pool.alloc(4 * PAGE)
+    assert backend.batch_get_v1(ks, dst) == [True, True, False, False]
+    loaded, stored_pages = pages_of(pool, dst)[:2], pages_of(pool, idx)[:2]
+    assert all(torch.equal(a, b) for a, b in zip(loaded, stored_pages, strict=True))
+    # Every pin taken for the read was released.
+    with daemon.client() as client:
+        assert client.pool().pool.reading == 0
+
+
+def test_flat_page_path(make_backend: Any) -> None:
+    """Without interface_v1 SGLang moves one flat tensor per page (get_data_page)."""
+    pool = sglang_env.host_pool()
+    backend = make_backend(pool, interface_v1=0)
+    idx = pool.alloc(2 * PAGE)
+    fill(pool, idx, seed=3)
+    ks = keys(0, 1, prefix="flat")
+    values = [pool.get_data_page(i, flat=True) for i in idx[::PAGE].tolist()]
+    assert backend.batch_set(ks, values)
+    assert backend.exists(ks[1])
+
+    targets = [pool.get_dummy_flat_data_page() for _ in ks]
+    got = backend.batch_get(ks, targets)
+    assert all(torch.equal(g, v) for g, v in zip(got, values, strict=True))
+    assert backend.get(keys(9, prefix="flat")[0], pool.get_dummy_flat_data_page()) is None
+    # A value that is not one page is refused, and counted.
+    assert not backend.set(keys(5, prefix="flat")[0], values[0][:-1])
+    assert backend.stats.dropped_writes == 1
+    assert not backend.exists(keys(5, prefix="flat")[0])
+
+
+def test_layouts_paths_and_tenants_never_mix(make_backend: Any) -> None:
+    pool = sglang_env.host_pool("page_first")
+    backend = make_backend(pool)
+    idx = pool.alloc(2 * PAGE)
+    fill(pool, idx, seed=4)
+    ks = keys(0, 1, prefix="mix")
+    assert backend.batch_set_v1(ks, idx) == [True, True]
+    assert make_backend(sglang_env.host_pool("page_first")).batch_exists(ks) == 2
+    # Same bytes per page, different byte order or access path, or another tenant: a miss.
+    assert make_backend(sglang_env.host_pool("layer_first")).batch_exists(ks) == 0
+    assert make_backend(sglang_env.host_pool("page_first"), interface_v1=0).batch_exists(ks) == 0
+    assert make_backend(sglang_env.host_pool("page_first"), salt="tenant-b").batch_exists(ks) == 0
+
+
+def test_v2_moves_kv_pages_and_misses_other_pools(make_backend: Any) -> None:
+    from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolName, PoolTransfer
+
+    pool = sglang_env.host_pool()
+    backend = make_backend(pool)
+    backend.register_mem_host_pool_v2(pool, PoolName.KV)
+    idx = pool.alloc(3 * PAGE)
+    fill(pool, idx, seed=5)
+    ks = keys(0, 1, 2, prefix="v2")
+    put = backend.batch_set_v2(
+        [
+            PoolTransfer(name=PoolName.KV, host_indices=idx, keys=ks),
+            PoolTransfer(name=PoolName.MAMBA, host_indices=idx[:PAGE], keys=ks[-1:]),
+        ]
+    )
+    assert put == {"kv": [True] * 3, "mamba": [False]}
+
+    hit = backend.batch_exists_v2(ks)
+    assert (hit.kv_hit_pages, hit.extra_pool_hit_pages) == (3, {PoolName.KV: 3})
+    mamba = PoolTransfer(name=PoolName.MAMBA, keys=ks[-1:], hit_policy=PoolHitPolicy.TRAILING_PAGES)
+    assert backend.batch_exists_v2(ks, [mamba]).kv_hit_pages == 0
+
+    dst = pool.alloc(3 * PAGE)
+    got = backend.batch_get_v2([PoolTransfer(name=PoolName.KV, host_indices=dst, keys=ks)])
+    assert got == {"kv": [True] * 3}
+    loaded, stored = pages_of(pool, dst), pages_of(pool, idx)
+    assert all(torch.equal(a, b) for a, b in zip(loaded, stored, strict=True))
+
+
+def test_pages_outside_the_pool_are_refused(make_backend: Any, daemon: Any) -> None:
+    pool = sglang_env.host_pool()
+    backend = make_backend(pool)
+    beyond = torch.arange(pool.size, pool.size + PAGE, dtype=torch.int64)
+    k = keys(0, prefix="outside")
+    assert backend.batch_set_v1(k, beyond) == [False]
+    assert backend.stats.dropped_writes == 1
+    assert backend.batch_exists(k) == 0
+    with daemon.client() as client:
+        assert client.pool().pool.writing == 0  # the reservation was given back
+
+
+def test_key_mapping() -> None:
+    h = hashlib.sha256(b"x").hexdigest()
+    assert page_key(h) == bytes.fromhex(h)
+    assert page_key(h.upper()) != bytes.fromhex(h)
+    assert len(page_key("not-a-hash")) == 32 and page_key("a") != page_key("b")
+
+
+def test_host_pages_geometry() -> None:
+    sglang_env.import_sglang()
+    pool = sglang_env.host_pool("layer_first", layers=3)
+    pages = HostPages(pool)
+    assert len(pages.piece_sizes) == 2 * 3
+    assert pages.bytes_per_page == 2 * 3 * PAGE * 2 * 8 * 2
+    layout = pages.kv_layout("m|x", tp_rank=1, tp_size=2)
+    assert (layout.num_layers, layout.block_size, layout.dtype) == (3, PAGE, "bfloat16")
+    assert layout.bytes_per_block == layout.min_bytes_per_block()
+
+
+def test_unknown_config_keys_fail_at_start(daemon: Any) -> None:
+    sglang_env.import_sglang()
+    from sglang.srt.mem_cache.storage import StorageBackendFactory
+
+    from tests.connectors.sglang.conftest import extra_config
+
+    cfg = sglang_env.storage_config(extra_config(daemon.endpoint, timeout_msec=5))
+    with pytest.raises(ValueError, match="unknown TokenCake backend keys"):
+        StorageBackendFactory.create_backend("dynamic", cfg, None)
+
+
+def test_down_daemon_is_a_miss_and_a_dropped_write(make_backend: Any, tmp_sock: str) -> None:
+    pool = sglang_env.host_pool()
+    backend = make_backend(pool, endpoint=tmp_sock, timeout_ms=20, reconnect_s=3600)
+    idx = pool.alloc(2 * PAGE)
+    ks = keys(0, 1, prefix="down")
+    assert backend.batch_exists(ks) == 0
+    assert backend.batch_set_v1(ks, idx) == [False, False]
+    assert backend.batch_get_v1(ks, idx) == [False, False]
+    assert not backend.exists(ks[0]) and backend.batch_get(ks) == [None, None]
+    assert backend.stats.dropped_writes == 2
+    # Registration was tried once (at register_mem_pool_host); the link stays down until
+    # reconnect_s passes, so none of the calls above waited for the missing daemon.
+    assert backend.stats.daemon_failures == 0 and backend._link.reg is None
+
+
+def test_daemon_restart_is_survived(make_backend: Any, tmp_path: Any) -> None:
+    d = start(tmp_path, arena="1MiB")
+    pool = sglang_env.host_pool()
+    try:
+        backend = make_backend(pool, endpoint=d.endpoint, timeout_ms=500, reconnect_s=0.01)
+        idx = pool.alloc(2 * PAGE)
+        fill(pool, idx, seed=6)
+        ks = keys(0, 1, prefix="restart")
+        assert backend.batch_set_v1(ks, idx) == [True, True]
+        d.kill9()
+        d = start(tmp_path, arena="1MiB", endpoint=d.endpoint)
+        # The new daemon forgot the engine and the pages: the backend re-registers, maps the
+        # new arena, and what it had stored is a miss, never wrong bytes.
+        # (Until ZMQ has reconnected, the daemon is down to the backend: a miss as well.)
+        assert backend.batch_exists(ks) == 0
+        assert backend.batch_get_v1(ks, pool.alloc(2 * PAGE)) == [False, False]
+        for _ in range(200):
+            if backend.batch_set_v1(ks, idx) == [True, True]:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the backend never came back to the restarted daemon")
+        assert backend.batch_exists(ks) == 2
+        assert backend.stats.reconnects >= 1
+    finally:
+        d.stop()
