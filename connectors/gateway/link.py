@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 _STOP = object()
 
 
+def _resolve(fut: concurrent.futures.Future[bool], ok: bool) -> None:
+    if fut.set_running_or_notify_cancel():
+        fut.set_result(ok)
+
+
 class DaemonLink:
     def __init__(
         self,
@@ -64,7 +69,7 @@ class DaemonLink:
         """Declare an app; the future says whether the daemon now knows it."""
         fut: concurrent.futures.Future[bool] = concurrent.futures.Future()
         if self.down:
-            fut.set_result(False)
+            _resolve(fut, False)
         else:
             self._q.put((self._register, (app_id, dag, fut)))
         return fut
@@ -113,22 +118,22 @@ class DaemonLink:
         fut: concurrent.futures.Future[bool],
     ) -> None:
         if self.down:
-            fut.set_result(False)
+            _resolve(fut, False)
             return
         try:
             session = AppSession(client, app_id, dag)
         except p.RemoteError as exc:
             self.rejected += 1
             logger.warning("tokencaked refused app %s: %s", app_id, exc)
-            fut.set_result(False)
+            _resolve(fut, False)
             return
         if session.missed_events:
             self._mark_down("no reply to register_app")
-            fut.set_result(False)
+            _resolve(fut, False)
             return
         self.sent += 1
         self._sessions[app_id] = session
-        fut.set_result(True)
+        _resolve(fut, True)
 
     def _event(self, client: TokenCakeClient, app_id: str, op: str, args: tuple[Any, ...]) -> None:
         session = self._sessions.get(app_id)

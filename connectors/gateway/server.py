@@ -252,10 +252,13 @@ class Gateway:
         reg = plan.registered
         if not reg.done():
             try:
-                await asyncio.wait_for(asyncio.wrap_future(reg), self.register_wait_s)
+                # shield: giving up waiting must not cancel the registration itself.
+                await asyncio.wait_for(
+                    asyncio.shield(asyncio.wrap_future(reg)), self.register_wait_s
+                )
             except TimeoutError:
                 return False
-        return reg.result()
+        return not reg.cancelled() and reg.result()
 
     async def _forward(
         self,

@@ -354,7 +354,8 @@ class Tracker:
 
     def _ensure_registered(self, dapp: DaemonApp) -> concurrent.futures.Future[bool]:
         reg = dapp.reg
-        if reg is None or (reg.done() and not reg.result() and not self.link.down):
+        failed = reg is not None and reg.done() and (reg.cancelled() or not reg.result())
+        if reg is None or (failed and not self.link.down):
             reg = dapp.reg = self.link.register(dapp.app_id, dapp.dag)
         return reg
 
@@ -459,7 +460,8 @@ class Tracker:
                 continue
             self.structures.learn(app.root_type, app.observed)
             for dapp in [app.main, *app.extra]:
-                if dapp.reg is not None and dapp.reg.done() and dapp.reg.result():
+                reg = dapp.reg
+                if reg is not None and reg.done() and not reg.cancelled() and reg.result():
                     self.link.end_app(dapp.app_id)
             for conv_id in app.conversations:
                 conv = self.conversations.pop(conv_id)
