@@ -8,6 +8,7 @@ ENDPOINT`` (or ``--live-embedded``) and ``--time-scale S`` each run is replayed 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -316,6 +317,12 @@ def run_cmd(
         noise = NoiseConfig(tool_noise, noise_scale, predict_error, not no_hints)  # type: ignore[arg-type]
     except ValueError as e:
         raise click.UsageError(str(e)) from e
+    if not no_plots and importlib.util.find_spec("matplotlib") is None:
+        raise click.UsageError(
+            "the figures need matplotlib, which is not installed: pip install "
+            "'tokencake[sim]' (in a checkout: .venv/bin/pip install -e '.[sim]'), or pass "
+            "--no-plots"
+        )
     try:  # before the sweep, not after it: an unwritable --out must not waste the runs
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -76,6 +78,17 @@ def test_no_plots_still_names_what_it_wrote(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert f"{out / 'table.md'} (no figures: --no-plots)" in res.stdout
     assert not list(out.glob("*.png"))
+
+
+def test_missing_matplotlib_is_said_before_the_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", "--qps", "1", "--apps", "1", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "need matplotlib" in res.stderr and "--no-plots" in res.stderr
+    assert res.stdout == "" and not out.exists()
 
 
 def test_progress_bar_on_a_terminal() -> None:
