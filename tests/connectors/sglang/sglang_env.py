@@ -54,9 +54,11 @@ def host_pool(
     head_dim: int = 8,
     page_size: int = 4,
     device_tokens: int = 64,
+    host_tokens: int | None = None,
     dtype: Any = None,
 ) -> Any:
-    """SGLang's ``MHATokenToKVPoolHost`` on CPU (twice the device capacity, one pad page)."""
+    """SGLang's ``MHATokenToKVPoolHost`` on CPU: ``host_tokens`` tokens, or by default twice
+    the device capacity plus one pad page, as SGLang sizes it."""
     import torch
     from sglang.srt.mem_cache.device_pool_info import KVBufferLayout, KVBuffers, MHABufferInfo
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
@@ -92,6 +94,7 @@ def host_pool(
         device_capacity_tokens=device_tokens,
         start_layer=0,
         end_layer=layers,
+        host_token_capacity=host_tokens,
     )
 
 
