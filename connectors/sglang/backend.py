@@ -269,6 +269,7 @@ class TokenCakeStorage(HiCacheStorage):
         self.storage_config = storage_config
         self.zero_copy = bool(extra.get("interface_v1", 0))
         self.stats = BackendStats()
+        self._stats_lock = threading.Lock()
         self._link = _Link(self.cfg, self.stats)
         self._pages: HostPages | None = None
 
@@ -298,6 +299,11 @@ class TokenCakeStorage(HiCacheStorage):
         with self._link.lock:
             self._link.close()
 
+    def _count(self, name: str, n: int) -> None:
+        """Add to a counter; SGLang's storage threads call the backend concurrently."""
+        with self._stats_lock:
+            setattr(self.stats, name, getattr(self.stats, name) + n)
+
     def get_counters(self) -> dict[str, int]:
         """The counters of ``stats`` as a dict (``get_stats`` is SGLang's metrics hook)."""
         return asdict(self.stats)
@@ -311,9 +317,9 @@ class TokenCakeStorage(HiCacheStorage):
         salt = self.cfg.salt
         with self._link.lock:
             reply = self._link.call(lambda e: p.Lookup(e, hashes, salt), p.LookupReply, retry=True)
-        self.stats.lookups += 1
+        self._count("lookups", 1)
         hits = reply.hit_blocks if reply is not None else 0
-        self.stats.hit_pages += hits
+        self._count("hit_pages", hits)
         return hits
 
     def exists(self, key: str) -> bool:
@@ -354,11 +360,11 @@ class TokenCakeStorage(HiCacheStorage):
             copy(lease.arena, lease.slots)
         except (HostPoolError, KvArenaError, ArenaError, ValueError, RuntimeError) as exc:
             logger.warning("TokenCake read of %d pages failed: %s", len(lease.slots), exc)
-            self.stats.load_failures += len(lease.slots)
+            self._count("load_failures", len(lease.slots))
             return 0
         finally:
             self._unpin(lease)
-        self.stats.loaded_pages += len(lease.slots)
+        self._count("loaded_pages", len(lease.slots))
         return len(lease.slots)
 
     def batch_get_v1(
@@ -432,14 +438,14 @@ class TokenCakeStorage(HiCacheStorage):
             )
             epoch, arena = self._link.epoch, self._link.arena
         if reply is None or arena is None:
-            self.stats.dropped_writes += len(keys)
+            self._count("dropped_writes", len(keys))
             return [False] * len(keys)
         result = [False] * len(keys)
         todo = [(i, s) for i, s in enumerate(reply.slots) if s >= 0]
         for i, s in enumerate(reply.slots):
             if s < 0:
                 result[i] = True
-        self.stats.already_stored_pages += len(reply.slots) - len(todo)
+        self._count("already_stored_pages", len(reply.slots) - len(todo))
         slots = [s for _, s in todo]
         if todo:
             try:
@@ -454,8 +460,8 @@ class TokenCakeStorage(HiCacheStorage):
             if done is not None and done.committed == len(slots):
                 for i, _ in todo:
                     result[i] = True
-                self.stats.stored_pages += len(slots)
-        self.stats.dropped_writes += result.count(False)
+                self._count("stored_pages", len(slots))
+        self._count("dropped_writes", result.count(False))
         return result
 
     def batch_set_v1(
@@ -467,7 +473,7 @@ class TokenCakeStorage(HiCacheStorage):
         """Store the host pool's pages at ``host_indices`` under ``keys``."""
         pages = self._pages
         if pages is None:
-            self.stats.dropped_writes += len(keys)
+            self._count("dropped_writes", len(keys))
             return [False] * len(keys)
         ps = pages.page_size
 
@@ -501,7 +507,7 @@ class TokenCakeStorage(HiCacheStorage):
         layout = self._link.layout
         vals = list(values) if values is not None else []
         if layout is None or len(vals) != len(keys):
-            self.stats.dropped_writes += len(keys)
+            self._count("dropped_writes", len(keys))
             return False
 
         def copy(arena: ArenaMapping, positions: list[int], slots: list[int]) -> None:
@@ -553,7 +559,7 @@ class TokenCakeStorage(HiCacheStorage):
             or pool is not self._pages.pool
         ):
             if not load:
-                self.stats.dropped_writes += len(keys)
+                self._count("dropped_writes", len(keys))
             return [False] * len(keys)
         if load:
             return self.batch_get_v1(keys, transfer.host_indices)

@@ -9,6 +9,7 @@ backend the way SGLang's cache controller does: ``batch_exists`` from the prefet
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from typing import Any
 
@@ -234,3 +235,41 @@ def test_daemon_restart_is_survived(make_backend: Any, tmp_path: Any) -> None:
         assert backend.stats.reconnects >= 1
     finally:
         d.stop()
+
+
+def test_sglangs_three_storage_threads_at_once(make_backend: Any) -> None:
+    """Prefetch queries, prefetch reads and backups run in three threads in SGLang."""
+    pool = sglang_env.host_pool(device_tokens=256)
+    backend = make_backend(pool)
+    base = pool.alloc(4 * PAGE)
+    fill(pool, base, seed=8)
+    stored = keys(0, 1, 2, 3, prefix="threads-base")
+    assert backend.batch_set_v1(stored, base) == [True] * 4
+    want = pages_of(pool, base)
+    errors: list[str] = []
+
+    def backups() -> None:
+        for i in range(30):
+            if backend.batch_set_v1(keys(i, prefix="threads-w"), base[:PAGE]) != [True]:
+                errors.append(f"backup {i}")
+
+    def queries() -> None:
+        for i in range(30):
+            if backend.batch_exists(stored) != 4:
+                errors.append(f"query {i}")
+
+    def reads() -> None:
+        dst = pool.alloc(4 * PAGE)
+        for i in range(30):
+            if backend.batch_get_v1(stored, dst) != [True] * 4:
+                errors.append(f"read {i}")
+            elif not all(torch.equal(a, b) for a, b in zip(pages_of(pool, dst), want, strict=True)):
+                errors.append(f"read {i} bytes")
+
+    threads = [threading.Thread(target=f) for f in (backups, queries, reads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert backend.stats.daemon_failures == 0 and backend.stats.dropped_writes == 0
