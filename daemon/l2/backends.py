@@ -80,6 +80,7 @@ class RedisBackend(L2Backend):
             OSError,
         )
         self._response_error = redis.ResponseError
+        self._full_error = redis.exceptions.OutOfMemoryError
         self._ttl_ms = int(ttl_s * 1000) or None
         # No retries: a stalled store must cost one timeout, and the tier decides what next.
         self._client: Any = redis.Redis.from_url(
@@ -104,7 +105,7 @@ class RedisBackend(L2Backend):
         full = 0
         for r in results:
             if isinstance(r, Exception):
-                if "OOM" in str(r):
+                if isinstance(r, self._full_error):  # maxmemory reached under noeviction
                     full += 1
                     continue
                 raise L2Unavailable(f"{self.name}: {r}")
@@ -166,6 +167,7 @@ class RedisClusterBackend(RedisBackend):
             OSError,
         )
         self._response_error = redis.ResponseError
+        self._full_error = redis.exceptions.OutOfMemoryError
         self._ttl_ms = int(ttl_s * 1000) or None
         seeds = [_host_port(part) for part in url.split(",") if part.strip()]
         self._lock = threading.Lock()
