@@ -273,3 +273,19 @@ def test_sglangs_three_storage_threads_at_once(make_backend: Any) -> None:
         t.join()
     assert errors == []
     assert backend.stats.daemon_failures == 0 and backend.stats.dropped_writes == 0
+
+
+def test_a_forgotten_engine_registers_again_within_the_call(make_backend: Any, daemon: Any) -> None:
+    """The daemon drops an engine that went quiet (engine_timeout_s); SGLang has no step hook
+    to heartbeat from, so the next storage call registers again and is served."""
+    pool = sglang_env.host_pool()
+    backend = make_backend(pool)
+    idx = pool.alloc(2 * PAGE)
+    fill(pool, idx, seed=9)
+    ks = keys(0, 1, prefix="forgotten")
+    assert backend.batch_set_v1(ks, idx) == [True, True]
+    with daemon.client() as client:
+        client.unregister_engine(backend._link.engine_id)  # as the daemon's timeout does
+    assert backend.batch_exists(ks) == 2
+    assert backend.batch_get_v1(ks, pool.alloc(2 * PAGE)) == [True, True]
+    assert backend.stats.reconnects == 1
