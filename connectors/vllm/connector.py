@@ -63,7 +63,8 @@ if TYPE_CHECKING:
 
     from tokencake.clients.kv_arena import ArenaMapping
 
-logger = logging.getLogger(__name__)
+# Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 # The in-block byte order of the copied pages; part of the registered layout's identity.
 KV_FORMAT = "vllm-blockmajor-v1"
@@ -350,6 +351,9 @@ class TokenCakeConnector(KVConnectorBase_V1):
         self._stores: list[CopyJob] = []
         self._params: dict[str, AgentParams] = {}
         self._req_loaded: dict[str, int] = {}
+        self._unreported: dict[str, int] = {}
+        """Agent requests whose start the daemon has not heard of (the link was down when
+        they arrived), with their prompt tokens."""
         self._agents: dict[tuple[str, str], _AgentKv] = {}
         self._to_free: list[tuple[list[int], list[bytes]]] = []
         self._pushes_applied = False
@@ -526,6 +530,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
         if link.maybe_connect(now):
             self.stats.reconnects += 1
             self._hits.clear()
+            self._report_unreported()
             # Queued jobs name slots of the previous daemon's arena: never copy them into
             # the new one. They go out as failed no-ops, so everything waiting on them ends:
             # vLLM's request (a load's blocks are recomputed, a save's blocks are freed) and
@@ -566,19 +571,36 @@ class TokenCakeConnector(KVConnectorBase_V1):
         self._params[request.request_id] = params
         agent = self._agents.get(params.key)
         if not link.up:
+            # Reported when the link comes back, if the request is still in flight then.
+            self._unreported[request.request_id] = request.num_prompt_tokens
             return
         if agent is not None and agent.open_tool:
             self._event(p.ToolCallEnd(params.app_id, params.agent_id, call_id=agent.open_tool))
             agent.open_tool = ""
-        self._event(
-            p.LlmCallStart(
-                params.app_id,
-                params.agent_id,
-                engine_id=link.engine_id,
-                request_id=request.request_id,
-                prompt_tokens=request.num_prompt_tokens,
-            )
+        self._report_start(request.request_id, params, request.num_prompt_tokens)
+
+    def _report_start(self, req_id: str, params: AgentParams, prompt_tokens: int) -> None:
+        assert self._link is not None
+        if not self._link.up:
+            self._unreported[req_id] = prompt_tokens
+            return
+        start = p.LlmCallStart(
+            params.app_id,
+            params.agent_id,
+            engine_id=self._link.engine_id,
+            request_id=req_id,
+            prompt_tokens=prompt_tokens,
         )
+        if not self._event(start) and not self._link.up:
+            self._unreported[req_id] = prompt_tokens
+
+    def _report_unreported(self) -> None:
+        """The link is back: report the agent requests that arrived while it was down."""
+        pending, self._unreported = self._unreported, {}
+        for req_id, prompt_tokens in pending.items():
+            params = self._params.get(req_id)
+            if params is not None and self._link is not None and self._link.up:
+                self._report_start(req_id, params, prompt_tokens)
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -587,6 +609,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
         self._release_hit(req_id)
         params = self._params.pop(req_id, None)
         loaded = self._req_loaded.pop(req_id, 0)
+        prompt_tokens = self._unreported.pop(req_id, None)
         link = self._link
         assert link is not None
         hashes = self._chain(request)
@@ -596,6 +619,9 @@ class TokenCakeConnector(KVConnectorBase_V1):
         if params is not None:
             agent = self._agents.setdefault(params.key, _AgentKv([], []))
             agent.blocks, agent.hashes = blocks, hashes
+            if link.up and prompt_tokens is not None:
+                self._report_start(req_id, params, prompt_tokens)  # it began while down
+                self._unreported.pop(req_id, None)
             if link.up:
                 tracked = self._event(
                     p.LlmCallFinish(
@@ -649,6 +675,8 @@ class TokenCakeConnector(KVConnectorBase_V1):
         """
         link = self._link
         assert link is not None
+        if not link.up:
+            return None
         reply = link.call(
             p.Reserve(
                 link.engine_id,
@@ -811,6 +839,8 @@ class TokenCakeConnector(KVConnectorBase_V1):
         """Carry out the decisions the daemon pushed since the last call, expire pins."""
         assert self._link is not None
         for decision in self._link.pushes():
+            if not self._link.up:
+                break  # went down on the way: hold nothing more for a daemon that is gone
             self._apply(decision)
         self._expire_pins(now)
         self._pushes_applied = True

@@ -22,7 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Final
 
-logger = logging.getLogger(__name__)
+# Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 NAMESPACE: Final = "tokencake"
 MAX_ID_CHARS: Final = 256

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger(__name__)
+# Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 CONNECTOR_NAME = "TokenCakeConnector"
 CONNECTOR_MODULE = "tokencake.connectors.vllm.connector"

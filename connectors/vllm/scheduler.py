@@ -53,7 +53,8 @@ from tokencake.clients.priorities import AgentRank as AgentRank
 from tokencake.connectors.vllm.params import AgentParams, agent_params
 from tokencake.daemon.scheduler import guard
 
-logger = logging.getLogger(__name__)
+# Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 APP_IDLE_S = 300.0
 """An app with no request for this long is no longer asked about."""

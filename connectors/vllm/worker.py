@@ -23,7 +23,8 @@ import torch
 
 from tokencake.clients.kv_arena import ArenaMapping
 
-logger = logging.getLogger(__name__)
+# Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 
 class LayoutUnsupported(RuntimeError):

@@ -112,3 +112,28 @@ def test_offload_of_blocks_already_on_the_host_completes() -> None:
         agents = call(daemon, p.ListAgents("app"), p.ListAgentsReply)
         assert isinstance(agents, p.ListAgentsReply)
         assert {a.agent_id: a.host_blocks for a in agents.agents}["plan"] == 60
+
+
+@pytest.mark.parametrize("copy_s", [0.004, -1.0])
+def test_cost_model_measures_the_copy_not_the_wait(copy_s: float) -> None:
+    """An engine that reports how long its copy took (``copy_s``) teaches the cost model the
+    copy's bandwidth, however long the blocks waited for the engine's next step before it;
+    without the report the daemon falls back to reserve-to-commit time, waiting included."""
+    clock = Clock()
+    for daemon in make_daemon("tokencake", clock):
+        reg = call(daemon, p.RegisterEngine("e", LAYOUT, num_gpu_blocks=200), p.RegisterEngineReply)
+        assert isinstance(reg, p.RegisterEngineReply)
+        policy = daemon.scheduler._policies[reg.engine_id]
+        prior = policy.cost.bandwidth("d2h")  # type: ignore[attr-defined]
+        assert prior >= 1e9  # a fresh daemon starts from a sane prior (GB/s)
+        hashes = [i.to_bytes(8, "little") for i in range(10)]
+        slots = call(daemon, p.Reserve(reg.engine_id, hashes), p.ReserveReply)
+        assert isinstance(slots, p.ReserveReply)
+        clock.now += 5.0  # the engine's step, the scheduler's queue: not the copy
+        call(daemon, p.Commit(reg.engine_id, slots.slots, copy_s), p.CommitReply)
+        learned = policy.cost.bandwidth("d2h")  # type: ignore[attr-defined]
+        nbytes = 10 * LAYOUT.bytes_per_block
+        if copy_s > 0:
+            assert learned > nbytes / 5.0 * 100  # the 4 ms copy, not the 5 s wait
+        else:
+            assert learned < nbytes / 5.0 * 2

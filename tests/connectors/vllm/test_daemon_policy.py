@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import gc
 import random
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,7 +23,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from tests.connectors.vllm.conftest import DaemonProcess, shutdown_engine
-from tests.connectors.vllm.workload import Turn, engine_kwargs, to_turn
+from tests.connectors.vllm.workload import Stepper, engine_kwargs
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -60,44 +59,6 @@ def engine(tiny_model: Any, daemon: DaemonProcess) -> Iterator[Any]:
     shutdown_engine(llm)
     del llm
     gc.collect()
-
-
-class Stepper:
-    """Drives the engine one step at a time, so the app can act between steps."""
-
-    def __init__(self, llm: Any) -> None:
-        self.engine = llm.llm_engine
-        self.done: dict[str, Turn] = {}
-        self._n = 0
-
-    def add(self, ids: list[int], params: dict[str, Any] | None, max_tokens: int) -> str:
-        from vllm import SamplingParams
-
-        self._n += 1
-        req_id = f"policy-{self._n}"
-        sp = SamplingParams(
-            temperature=0.0,
-            max_tokens=max_tokens,
-            logprobs=1,
-            ignore_eos=True,
-            extra_args={"kv_transfer_params": params} if params else None,
-        )
-        self.engine.add_request(req_id, {"prompt_token_ids": ids}, sp)
-        return req_id
-
-    def step(self) -> None:
-        for out in self.engine.step():
-            if out.finished:
-                self.done[out.request_id] = to_turn(out)
-
-    def until(self, cond: Callable[[], bool], timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not cond():
-            assert time.monotonic() < deadline, "timed out"
-            if self.engine.has_unfinished_requests():
-                self.step()
-            else:
-                time.sleep(0.05)
 
 
 def _records(client: Any, agent_id: str, kind: str) -> list[Any]:

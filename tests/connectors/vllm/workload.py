@@ -5,6 +5,8 @@ Prompts are given as token ids, so their block boundaries are known exactly.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,3 +73,42 @@ def generate(
     ]
     outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sps, use_tqdm=False)
     return [to_turn(o) for o in outs]
+
+
+class Stepper:
+    """Drives the engine one step at a time, so the app can act between steps."""
+
+    def __init__(self, llm: Any, prefix: str = "step") -> None:
+        self.prefix = prefix
+        self.engine = llm.llm_engine
+        self.done: dict[str, Turn] = {}
+        self._n = 0
+
+    def add(self, ids: list[int], params: dict[str, Any] | None, max_tokens: int) -> str:
+        from vllm import SamplingParams
+
+        self._n += 1
+        req_id = f"{self.prefix}-{self._n}"
+        sp = SamplingParams(
+            temperature=0.0,
+            max_tokens=max_tokens,
+            logprobs=1,
+            ignore_eos=True,
+            extra_args={"kv_transfer_params": params} if params else None,
+        )
+        self.engine.add_request(req_id, {"prompt_token_ids": ids}, sp)
+        return req_id
+
+    def step(self) -> None:
+        for out in self.engine.step():
+            if out.finished:
+                self.done[out.request_id] = to_turn(out)
+
+    def until(self, cond: Callable[[], bool], timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not cond():
+            assert time.monotonic() < deadline, "timed out"
+            if self.engine.has_unfinished_requests():
+                self.step()
+            else:
+                time.sleep(0.05)
