@@ -148,15 +148,6 @@ class AppRegistry:
             raise ProtocolError(ErrorCode.UNKNOWN_APP, f"no live app {app_id[:MAX_NAME_CHARS]!r}")
         return record
 
-    def listed(self, app_id: str) -> AppRecord:
-        """A live app or one of the recently ended ones kept for introspection."""
-        record = self._apps.get(app_id)
-        if record is None:
-            raise ProtocolError(
-                ErrorCode.UNKNOWN_APP, f"no live or recently ended app {app_id[:MAX_NAME_CHARS]!r}"
-            )
-        return record
-
     def agent(self, app_id: str, agent_id: str) -> AgentRecord:
         agent = self.app(app_id).agents.get(agent_id)
         if agent is None:

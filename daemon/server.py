@@ -873,8 +873,7 @@ class Daemon:
         )
 
     def _list_agents(self, _identity: bytes, req: p.ListAgents) -> p.ListAgentsReply:
-        # Ended apps too, as list_apps and an unfiltered list_agents show them.
-        apps = [self.apps.listed(req.app_id)] if req.app_id else self.apps.apps()
+        apps = [self.apps.app(req.app_id)] if req.app_id else self.apps.apps()
         now = self._clock()
         out: list[p.AgentInfo] = []
         for app in apps:
