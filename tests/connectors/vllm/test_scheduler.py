@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -211,6 +212,56 @@ def test_guard_defers_a_side_request_while_the_critical_agent_is_in_its_tool(
     assert run.done["g-crit2"].cached_tokens >= 4 * 32
     for name, turn in run.done.items():
         _same(turn, stock["guard"].done[name])
+
+
+def _defer_big(run: Run, sched: Any, tag: str) -> int:
+    """crit's call ends in a tool; a big side request then waits behind the guard."""
+    first = _ids(20, 150)
+    run.add(f"{tag}-crit1", first, "crit", 8, tool=True)
+    run.drain()
+    before = sched.tc_stats.deferred
+    run.add(f"{tag}-big", _ids(21, 700), "side1", 4)
+    for _ in range(3):
+        run.step()
+    assert f"{tag}-big" not in run.done
+    return int(sched.tc_stats.deferred - before)
+
+
+def test_guard_deferral_ends_at_hold_max_s(tc_engine: Any) -> None:
+    """A deferral is a hold taken for the daemon: it ends after ``hold_max_s`` even though
+    the live daemon still says crit's blocks must stay free."""
+    sched = _scheduler(tc_engine)
+    saved = sched._tc_hold_max_s
+    sched._tc_hold_max_s = 1.0
+    try:
+        run = Run(tc_engine, agents=True)
+        t0 = time.monotonic()
+        assert _defer_big(run, sched, "h") >= 3
+        expired = sched.tc_stats.deferrals_expired
+        run.drain(timeout_s=30)
+        assert sched.tc_stats.deferrals_expired > expired
+        assert time.monotonic() - t0 >= 1.0  # it was held, for the bound and no longer
+        assert sched.connector.link_up  # the daemon was fine all along
+    finally:
+        sched._tc_hold_max_s = saved
+
+
+def test_stuck_daemon_ends_guard_deferral(tc_engine: Any, own_daemon: DaemonProcess) -> None:
+    """The daemon is SIGSTOPped while the guard holds a request back: the next rank refresh
+    times out, the link goes down, and the request is admitted (stock vLLM order)."""
+    sched = _scheduler(tc_engine)
+    run = Run(tc_engine, agents=True)
+    assert _defer_big(run, sched, "s") >= 3
+    assert own_daemon.proc is not None
+    own_daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        run.drain(timeout_s=30)
+        assert time.monotonic() - t0 < 8.0  # one 250 ms timeout, then no guard
+        assert not sched.connector.link_up
+        assert not sched.tc_priorities.ranks
+    finally:
+        own_daemon.proc.send_signal(signal.SIGCONT)
 
 
 def test_daemon_down_admits_like_stock_vllm(
