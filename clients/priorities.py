@@ -19,6 +19,7 @@ from typing import Any
 
 from tokencake import protocol as p
 from tokencake.connectors.vllm.params import AgentParams
+from tokencake.daemon.scheduler import guard
 
 NEUTRAL_SCORE = 1.0
 """The daemon's score for a request whose agent it does not track (``admission_order``)."""
@@ -74,11 +75,14 @@ class AgentPriorities:
 
     def order(self, params: AgentParams | None, arrival_time: float) -> tuple[float, str, float]:
         """The daemon's admission key: (application rank, negated score). An agent's app
-        ranks by its registration; a request of no tracked agent by its own arrival."""
+        ranks by its registration; a request of no tracked agent by its own arrival, and
+        plain traffic (``params`` None) PLAIN_HEAD_START_S earlier (``guard``)."""
         if not self.ranks:
             return (0.0, "", -NEUTRAL_SCORE)  # nothing known: vLLM's own order, exactly
+        if params is None:  # plain traffic: see guard.PLAIN_HEAD_START_S
+            return (guard.plain_rank(arrival_time), "", -NEUTRAL_SCORE)
         rank = self._rank(params)
-        if rank is None or params is None:
+        if rank is None:
             return (arrival_time, "", -NEUTRAL_SCORE)
         return (rank.app_registered, params.app_id, -rank.priority)
 
@@ -87,10 +91,16 @@ class AgentPriorities:
     ) -> int:
         """Blocks kept free for the critical agents among ``agents`` that rank ahead of
         ``requester`` (before the cap): ``guard.protected_blocks`` as the daemon reported
-        it. A requester the daemon does not track ranks behind every application."""
+        it. A requester the daemon does not track ranks behind every application; plain
+        traffic (no agent metadata: ``requester`` None) as an application registered
+        ``guard.PLAIN_HEAD_START_S`` before now, as in the daemon's policy."""
         mine = self._rank(requester)
         me = requester.key if requester is not None else None
-        limit = (mine.app_registered, requester.app_id) if mine and requester else None
+        limit: tuple[float, str] | None = None
+        if requester is None:
+            limit = (guard.plain_rank(time.time()), "")
+        elif mine is not None:
+            limit = (mine.app_registered, requester.app_id)
         total = 0
         for key in agents:
             rank = self.ranks.get(key)

@@ -237,7 +237,7 @@ class Simulator:
         self.heap: list[tuple[float, int, int, Any]] = []
         self._seq = 0
         self.pending_events: deque[Event] = deque()
-        self._plain_apps: set[str] = {a.app_id for a in trace.apps if a.plain}
+        self.plain_apps: set[str] = {a.app_id for a in trace.apps if a.plain}
         self.lru_eviction = lru_eviction
         """Evict least recently used first, as vLLM does, instead of asking the policy's
         ``eviction_order`` (pins are still honoured, as the connector's references are)."""
@@ -271,7 +271,7 @@ class Simulator:
         heapq.heappush(self.heap, (t, self._seq, kind, payload))
 
     def _emit(self, ev: Event) -> None:
-        if self._plain_apps and getattr(ev, "app_id", None) in self._plain_apps:
+        if self.plain_apps and getattr(ev, "app_id", None) in self.plain_apps:
             return  # plain traffic carries no agent metadata: the daemon never hears of it
         self.pending_events.append(ev)
 

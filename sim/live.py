@@ -454,7 +454,12 @@ class DaemonPolicy(Policy):
             raise LiveError(f"list_agents failed: {exc}") from exc
         self.stats.refreshes = self.priorities.refreshes
 
-    def _params(self, app_id: str, agent_id: str) -> AgentParams:
+    def _params(self, app_id: str, agent_id: str) -> AgentParams | None:
+        """The request's agent metadata; None for plain traffic, which carries none (as a
+        vLLM request without TokenCake's ``kv_transfer_params``)."""
+        sim = self._sim
+        if sim is not None and app_id in sim.plain_apps:
+            return None
         return AgentParams(self.app_prefix + app_id, agent_id)
 
     def admission_order(

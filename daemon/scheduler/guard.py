@@ -31,6 +31,18 @@ from dataclasses import dataclass
 WAITING_PHASE = "waiting"
 TOOL_PHASE = "tool"
 
+PLAIN_HEAD_START_S = 300.0
+"""Plain traffic (a request with no agent metadata) ranks as an application registered
+this long before the request arrived: ahead of every agent application younger than that,
+behind older ones. Agent priority cannot starve it (it waits at most behind apps already
+``PLAIN_HEAD_START_S`` old), and a stream of plain requests cannot starve an agent app
+past that age. The daemon's policy and ``TokenCakeScheduler`` use the same figure."""
+
+
+def plain_rank(arrival_s: float) -> float:
+    """The application rank (a registration time) of a plain request arriving then."""
+    return arrival_s - PLAIN_HEAD_START_S
+
 
 def protected_blocks(
     *,

@@ -298,8 +298,12 @@ class TokenCakePolicy(TrackingPolicy):
             if agent is not None:
                 rank = self.app_rank(agent)
                 score = self.priority(agent, now)[0]
-            else:
+            elif w.app_id in self.apps:
                 rank, score = (w.arrival_s, w.app_id), 1.0
+            else:
+                # Plain traffic (an application the policy never heard of): ranked as an app
+                # registered PLAIN_HEAD_START_S before the request arrived.
+                rank, score = (guard.plain_rank(w.arrival_s), w.app_id), 1.0
             keyed.append((rank, -score, w.arrival_s, w.request_id, w))
         keyed.sort(key=lambda k: (k[0], k[1], k[2], k[3]))
         return [k[4] for k in keyed]
@@ -384,8 +388,15 @@ class TokenCakePolicy(TrackingPolicy):
         # Only critical agents that rank ahead of this one (an older app, or its own app)
         # are protected: memory kept for a critical agent of a newer app would idle while
         # the older app, which the admission order serves first, waits for it. A request
-        # of no known agent ranks behind every application.
-        rank = self.app_rank(agent) if agent is not None else (math.inf, app_id)
+        # of an unknown agent of a known app ranks behind every application; a plain
+        # request (unknown app) as an app registered PLAIN_HEAD_START_S before now (its
+        # arrival is not asked here; vLLM's TokenCakeScheduler uses its clock the same way).
+        if agent is not None:
+            rank = self.app_rank(agent)
+        elif app_id in self.apps:
+            rank = (math.inf, app_id)
+        else:
+            rank = (guard.plain_rank(now), app_id)
         ahead = (
             self.protected_blocks(other)
             for other in self.guarded.values()

@@ -27,6 +27,7 @@ from tokencake.connectors.vllm.scheduler import (
     AgentPriorities,
     AgentRankedQueue,
 )
+from tokencake.daemon.scheduler.guard import PLAIN_HEAD_START_S
 
 pytestmark = pytest.mark.vllm
 
@@ -166,15 +167,19 @@ def test_priorities_refresh_and_protected_blocks() -> None:
     # a newer app's agent yields to both; a request of no tracked agent ranks behind all
     assert prio.protected_blocks(AgentParams("newer", "side"), everyone) == 10
     assert prio.protected_blocks(AgentParams("newer", "untracked"), everyone) == 10
-    assert prio.protected_blocks(None, everyone) == 10
+    # plain traffic (no agent metadata) ranks as an app PLAIN_HEAD_START_S old: ahead of these
+    assert prio.protected_blocks(None, everyone) == 0
     # an agent never protects blocks against itself
     assert prio.protected_blocks(crit, [("app", "crit")]) == 0
     # admission order: the older app first, then the score; untracked requests by arrival
     now = time.time()
     assert prio.order(side, now) < prio.order(AgentParams("newer", "crit"), now)
     assert prio.order(crit, now) < prio.order(side, now)
-    assert prio.order(AgentParams("newer", "crit"), now) < prio.order(None, now)
-    assert prio.order(None, now - 60) < prio.order(crit, now)
+    untracked = AgentParams("newer", "untracked")
+    assert prio.order(AgentParams("newer", "crit"), now) < prio.order(untracked, now)
+    assert prio.order(untracked, now - 60) < prio.order(crit, now)
+    assert prio.order(None, now) < prio.order(crit, now)  # plain: ahead of young apps
+    assert prio.order(crit, now) < prio.order(None, now + PLAIN_HEAD_START_S + 60)
     link.agents = None  # daemon down: every rank is forgotten, vLLM's order comes back
     assert prio.refresh(link, ["app"])
     assert prio.score(crit) == NEUTRAL_SCORE and prio.protected_blocks(None, everyone) == 0

@@ -250,7 +250,8 @@ def test_guard_keeps_a_critical_agents_kv_through_its_tool_call() -> None:
     assert not ok and why.rule == "deny:critical_inversion"
     assert why.terms["protected_for_critical"] == 12
     assert p.may_allocate("app", "b", 18, 1.1)
-    assert p.may_allocate("", "", 18, 1.1) and not p.may_allocate("", "", 19, 1.1)  # no agent
+    # a request of an unknown agent of this app ranks behind it
+    assert p.may_allocate("app", "zz", 18, 1.1) and not p.may_allocate("app", "zz", 19, 1.1)
     p.on_event(ToolCallEnd(2.0, "app", "a"))
     assert p.agent_view("app", "a").protect_blocks == 0  # type: ignore[union-attr]
     assert p.may_allocate("app", "b", 30, 2.0)
