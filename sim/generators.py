@@ -391,9 +391,14 @@ BUILTIN: dict[str, type[WorkloadGenerator]] = {
 
 
 def get_generator(name_or_path: str) -> WorkloadGenerator:
-    """A built-in by name, or a user's workload file (``.json``) by path."""
+    """A built-in by name, a scenario of the workload family (``family:<seed>``, see
+    ``sim/family.py``), or a user's workload file (``.json``) by path."""
     if name_or_path in BUILTIN:
         return BUILTIN[name_or_path]()
+    if name_or_path.startswith("family:"):
+        from tokencake.sim.family import FamilyWorkload, scenario_from_name
+
+        return FamilyWorkload(scenario_from_name(name_or_path))
     p = Path(name_or_path)
     if p.suffix == ".json" or p.exists():
         from tokencake.sim.userfile import FileWorkload

@@ -1,0 +1,311 @@
+"""Robustness: every policy on scenarios drawn from the seeded workload family.
+
+Each scenario (``tokencake.sim.family``: DAG shape, tool-time law, plain-traffic fraction,
+context range, arrival rate from idle to overload) runs with every policy and the oracle
+on the same trace. Per scenario it reports tokencake / vllm, / best peer (the lowest among
+the non-TokenCake policies, vllm included, for that metric) and / oracle, on mean and p95
+latency, overall and per class (plain traffic, agent apps); the worst scenarios with their
+seeds (replay: ``tokencake-sim run --workload family:<seed> --qps <qps> --apps <n>``); the
+issue's targets as measured; and the same for the ablations.
+
+    python bench/bench_robustness.py [--scenarios 200] [--first-seed 0] [--apps 12]
+        [--workers 2] [--out docs/img/robustness] [--update-doc docs/benchmarks.md]
+
+Writes ``<out>/results.json`` (every record, with its scenario), ``<out>/summary.md`` and
+``<out>/ratios.png``; ``--update-doc`` replaces the text between the robustness markers of
+that file with the summary. Simulated time only: the figures are the same on every rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+BEGIN = "<!-- robustness:begin -->"
+END = "<!-- robustness:end -->"
+TC = "tokencake"
+ABLATIONS = ("tokencake-temporal", "tokencake-spatial")
+CLASSES = ("all", "plain", "agent")
+METRICS = ("mean", "p95")
+EPS_S = 0.05
+"""Latencies within this many seconds count as equal in ratios (both sides get it added):
+a ratio of two tiny latencies is noise, not a loss."""
+
+
+def _job(args: tuple[int, int, str, str]) -> dict[str, Any]:
+    from tokencake.sim.family import draw_scenario, scenario_qps
+    from tokencake.sim.profiles import get_profile
+    from tokencake.sim.runner import run_one
+
+    seed, n_apps, policy, profile_name = args
+    profile = get_profile(profile_name)
+    sc = draw_scenario(seed, n_apps)
+    qps = scenario_qps(sc, profile)
+    rec, _ = run_one(f"family:{seed}", policy, qps, profile, seed=seed, n_apps=n_apps)
+    rec["scenario"] = sc.describe()
+    return rec
+
+
+def latency(rec: dict[str, Any], cls: str, metric: str) -> float | None:
+    key = f"{metric}_latency_s"
+    if rec.get("error"):
+        return None
+    v = rec.get(key) if cls == "all" else rec["by_class"][cls][key]
+    return None if v is None else float(v)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return (a + EPS_S) / (b + EPS_S)
+
+
+def scenario_ratios(recs: dict[str, dict[str, Any]], subject: str) -> dict[str, float | None]:
+    """``subject`` against vllm, the best peer and the oracle, per class and metric."""
+    peers = [p for p in recs if p != "oracle" and not p.startswith("tokencake")]
+    out: dict[str, float | None] = {}
+    for cls in CLASSES:
+        for m in METRICS:
+            mine = latency(recs[subject], cls, m)
+            vals = [v for p in peers if (v := latency(recs[p], cls, m)) is not None]
+            best = min(vals) if vals else None
+            out[f"{cls}/{m}/vllm"] = ratio(mine, latency(recs["vllm"], cls, m))
+            out[f"{cls}/{m}/best_peer"] = ratio(mine, best)
+            out[f"{cls}/{m}/oracle"] = ratio(mine, latency(recs["oracle"], cls, m))
+    return out
+
+
+def geomean(xs: list[float]) -> float | None:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def summarise(by_seed: dict[int, dict[str, dict[str, Any]]], n_apps: int) -> dict[str, Any]:
+    subjects = [TC, *ABLATIONS]
+    table: dict[str, dict[str, dict[str, float | int | None]]] = {}
+    per_seed: dict[int, dict[str, dict[str, float | None]]] = {}
+    for seed, recs in by_seed.items():
+        per_seed[seed] = {s: scenario_ratios(recs, s) for s in subjects if s in recs}
+    keys = [
+        f"{c}/{m}/{b}" for c in CLASSES for m in METRICS for b in ("vllm", "best_peer", "oracle")
+    ]
+    for s in subjects:
+        table[s] = {}
+        for k in keys:
+            xs = [x for r in per_seed.values() if s in r and (x := r[s][k]) is not None]
+            table[s][k] = {
+                "n": len(xs),
+                "geomean": geomean(xs),
+                "worst": max(xs) if xs else None,
+                "over_1.02": sum(x > 1.02 for x in xs),
+            }
+    worst = sorted(
+        (
+            (r[TC]["all/mean/best_peer"] or 0.0, seed)
+            for seed, r in per_seed.items()
+            if TC in r and r[TC]["all/mean/best_peer"] is not None
+        ),
+        reverse=True,
+    )[:10]
+    failures = [
+        {"seed": seed, "policy": p, "error": rec["error"]}
+        for seed, recs in by_seed.items()
+        for p, rec in recs.items()
+        if rec.get("error")
+    ]
+    return {
+        "scenarios": len(by_seed),
+        "n_apps": n_apps,
+        "table": table,
+        "worst": [
+            {
+                "seed": seed,
+                "ratio": r,
+                "scenario": by_seed[seed][TC]["scenario"],
+                "qps": by_seed[seed][TC]["qps"],
+                "best_peer": min(
+                    (p for p in by_seed[seed] if p != "oracle" and not p.startswith("tokencake")),
+                    key=lambda p: latency(by_seed[seed][p], "all", "mean") or math.inf,
+                ),
+                "ratios": per_seed[seed][TC],
+            }
+            for r, seed in worst
+        ],
+        "failures": failures,
+        "per_seed": {str(k): v for k, v in per_seed.items()},
+    }
+
+
+def _fmt(x: float | int | None, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, int):
+        return str(x)
+    return f"{x:.{digits}f}"
+
+
+def markdown(summary: dict[str, Any], command: str, wall_s: float) -> str:
+    t = summary["table"]
+    lines = [
+        f"`{command}`: {summary['scenarios']} scenarios x every policy "
+        f"({summary['n_apps']} apps each), {wall_s:.0f} s wall. Ratios add {EPS_S} s to both "
+        "sides (two near-zero latencies are a tie, not a 10x loss).",
+        "",
+        "| policy | class | metric | / vllm geomean | / vllm worst | / best peer geomean "
+        "| / best peer worst | scenarios > 1.02x best peer | / oracle geomean |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s, rows in t.items():
+        for c in CLASSES:
+            for m in METRICS:
+                v = rows[f"{c}/{m}/vllm"]
+                b = rows[f"{c}/{m}/best_peer"]
+                o = rows[f"{c}/{m}/oracle"]
+                if not b["n"]:
+                    continue
+                lines.append(
+                    f"| {s} | {c} | {m} | {_fmt(v['geomean'])} | {_fmt(v['worst'])} | "
+                    f"{_fmt(b['geomean'])} | {_fmt(b['worst'])} | {b['over_1.02']} of {b['n']} | "
+                    f"{_fmt(o['geomean'])} |"
+                )
+    tc = t[TC]
+    worst_all = max((tc[f"all/{m}/best_peer"]["worst"] or 0.0) for m in METRICS)
+    plain = tc["plain/mean/vllm"]
+    lines += [
+        "",
+        "Targets (issue 18), measured:",
+        "",
+        f"- worst tokencake / best peer (mean and p95; the best peer is never worse than vllm): "
+        f"{worst_all:.3f} (target <= 1.02: {'met' if worst_all <= 1.02 else 'not met'})",
+        f"- plain traffic's mean / its mean under vllm: worst {_fmt(plain['worst'])}, geomean "
+        f"{_fmt(plain['geomean'])} (target <= 1.10: "
+        f"{'met' if plain['worst'] is not None and plain['worst'] <= 1.10 else 'not met'})",
+        f"- geomean tokencake / best peer (mean): {_fmt(tc['all/mean/best_peer']['geomean'])} "
+        f"(target <= 0.85: "
+        f"{'met' if (tc['all/mean/best_peer']['geomean'] or 9) <= 0.85 else 'not met'})",
+        "",
+        "Worst scenarios (tokencake / best peer, mean latency):",
+        "",
+        "| seed | ratio | best peer | / vllm | plain / vllm | scenario | replay |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for w in summary["worst"]:
+        r = w["ratios"]
+        lines.append(
+            f"| {w['seed']} | {w['ratio']:.3f} | {w['best_peer']} | {_fmt(r['all/mean/vllm'])} | "
+            f"{_fmt(r['plain/mean/vllm'])} | {w['scenario']} | `tokencake-sim run --workload "
+            f"family:{w['seed']} --qps {w['qps']:.6g} --apps {summary['n_apps']} "
+            f"--policies all` |"
+        )
+    if summary["failures"]:
+        lines += ["", f"Runs that did not finish: {len(summary['failures'])}"]
+        for f in summary["failures"][:10]:
+            lines.append(f"- seed {f['seed']} {f['policy']}: {f['error']}")
+    lines += ["", "![tokencake / vllm and / best peer per scenario](img/robustness/ratios.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    for ax, (cls, m) in zip(
+        axes, (("all", "mean"), ("all", "p95"), ("plain", "mean")), strict=True
+    ):
+        for s in (TC, *ABLATIONS):
+            for base, style in (("vllm", "-"), ("best_peer", "--")):
+                xs = sorted(
+                    r[s][f"{cls}/{m}/{base}"]
+                    for r in summary["per_seed"].values()
+                    if s in r and r[s][f"{cls}/{m}/{base}"] is not None
+                )
+                if not xs or (s != TC and base == "best_peer"):
+                    continue
+                ys = [(i + 1) / len(xs) for i in range(len(xs))]
+                ax.step(xs, ys, style, where="post", label=f"{s} / {base.replace('_', ' ')}")
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(f"{cls} traffic, {m} latency")
+        ax.set_xlabel("ratio (log)")
+    axes[0].set_ylabel("share of scenarios (CDF)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def update_doc(doc: Path, text: str) -> None:
+    body = doc.read_text(encoding="utf-8")
+    if BEGIN not in body or END not in body:
+        raise SystemExit(f"error: {doc} has no {BEGIN} ... {END} section")
+    head, rest = body.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(f"{head}{BEGIN}\n{text}{END}{tail}", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tokencake.sim.runner import all_policies
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenarios", type=int, default=200)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--apps", type=int, default=12)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--profile", default="qwen2.5-14b-a800")
+    ap.add_argument("--out", type=Path, default=REPO / "docs/img/robustness")
+    ap.add_argument("--update-doc", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.scenarios < 1 or args.apps < 1 or args.workers < 1:
+        print("error: --scenarios, --apps and --workers must be >= 1", file=sys.stderr)
+        return 2
+    policies = all_policies()
+    seeds = range(args.first_seed, args.first_seed + args.scenarios)
+    jobs = [(s, args.apps, p, args.profile) for s in seeds for p in policies]
+    t0 = time.perf_counter()
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in seeds}
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        for i, rec in enumerate(pool.map(_job, jobs, chunksize=len(policies))):
+            by_seed[rec["seed"]][rec["policy"]] = rec
+            if (i + 1) % (len(policies) * 20) == 0:
+                print(
+                    f"{(i + 1) // len(policies)} scenarios, {time.perf_counter() - t0:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    wall = time.perf_counter() - t0
+    summary = summarise(by_seed, args.apps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = [r for recs in by_seed.values() for r in recs.values()]
+    (args.out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    cmd = "python bench/bench_robustness.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in (
+            ("scenarios", args.scenarios),
+            ("first_seed", args.first_seed),
+            ("apps", args.apps),
+        )
+    )
+    text = markdown(summary, cmd, wall)
+    (args.out / "summary.md").write_text(text)
+    plot(summary, args.out / "ratios.png")
+    if args.update_doc is not None:
+        update_doc(args.update_doc, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
