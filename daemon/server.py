@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 import zmq
@@ -34,13 +34,15 @@ from tokencake.daemon.arena import SLOT_BASE_OFFSET, Arena, slot_count
 from tokencake.daemon.auth import AuthError
 from tokencake.daemon.config import RELOADABLE_KEYS, ConfigError, DaemonConfig, load_config
 from tokencake.daemon.host_store import HostStore
-from tokencake.daemon.l2.backends import L2Error
-from tokencake.daemon.l2.bridge import L2Bridge, open_bridge
+from tokencake.daemon.l2 import L2StartError, open_l2
 from tokencake.daemon.metrics import DaemonMetrics
 from tokencake.daemon.scheduling import SchedulerBridge
 from tokencake.daemon.sd_notify import SystemdNotifier
 from tokencake.layout import LayoutError
 from tokencake.protocol import ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from tokencake.daemon.l2.bridge import L2Bridge
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +171,8 @@ class Daemon:
             raise DaemonError(f"cannot create the {cfg.arena_bytes}-byte arena: {exc}") from exc
         if cfg.l2_backend:
             try:
-                self.l2 = open_bridge(cfg, self.metrics.registry)
-            except L2Error as exc:
+                self.l2 = open_l2(cfg, self.metrics.registry)
+            except L2StartError as exc:
                 self.close()
                 raise DaemonError(str(exc)) from exc
         if cfg.slot_bytes:

@@ -1,0 +1,223 @@
+"""L2 tier benchmark: put/get throughput and latency against the raw ``redis`` client.
+
+Starts its own redis-server (Debian's, on a free loopback port, no persistence) and measures,
+in the same run, on the same payloads:
+
+  raw   the ``redis`` client doing the same work by hand: pipelines of ``--batch`` SETs, and
+        one pipelined GET per chain of ``--chain`` keys, on ``--workers`` threads;
+  tier  the L2 tier as the daemon uses it: ``put`` into the bounded queue, worker threads
+        that seal (XXH3 checksum + key tag) and pipeline, prefetch jobs of one chain each that open
+        (verify) every value.
+
+Throughput is payload bytes over wall time from the first call to the last completion.
+Latency is one chain's GET, alone, from call to result; the bench looks for finished
+prefetches every millisecond (the daemon every 2 ms). Raw and tier runs alternate and the
+best of ``--repeats`` counts, so background load hits both alike. Target: the tier at
+>= 0.80x the raw client on every line (for latency the ratio is raw / tier).
+
+Run from the repository root:  python bench/bench_l2.py  [--block-kib 256] [--blocks 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import redis
+
+from tokencake.daemon.l2.backends import RedisBackend
+from tokencake.daemon.l2.codec import block_key, key_prefix
+from tokencake.daemon.l2.tier import L2Tier
+
+TARGET = 0.80
+POLL_S = 0.001  # how often the bench looks for finished prefetches (the daemon: 2 ms)
+
+
+@contextmanager
+def redis_server() -> Iterator[int]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("bench_l2: redis-server not found (scripts/bootstrap.sh test installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", d],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            client = redis.Redis(port=port)
+            for _ in range(200):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
+def run_threads(workers: int, jobs: list[Callable[[], None]]) -> float:
+    """Run ``jobs`` on ``workers`` threads; wall seconds."""
+    lock = threading.Lock()
+    queue = list(reversed(jobs))
+
+    def loop() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                job = queue.pop()
+            job()
+
+    threads = [threading.Thread(target=loop) for _ in range(workers)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def chunks(seq: list[int], n: int) -> list[list[int]]:
+    return [seq[i : i + n] for i in range(0, len(seq), n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--block-kib", type=int, default=256)
+    ap.add_argument("--blocks", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=16, help="blocks per pipelined write")
+    ap.add_argument("--chain", type=int, default=16, help="blocks per prefetch")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--latency-samples", type=int, default=200)
+    args = ap.parse_args()
+    block = args.block_kib << 10
+    rng = np.random.default_rng(0)
+    payloads = [rng.integers(0, 256, block, dtype=np.uint8).tobytes() for _ in range(64)]
+    n = args.blocks
+    total = n * block
+    prefix = key_prefix("bench", "fp", "salt")
+    raw_keys = [f"raw:{i}".encode() for i in range(n)]
+    tier_keys = [block_key(prefix, i.to_bytes(32, "big")) for i in range(n)]
+
+    with redis_server() as port:
+        url = f"redis://127.0.0.1:{port}"
+        pool = redis.ConnectionPool.from_url(url)
+        raw = redis.Redis(connection_pool=pool)
+
+        def raw_put(idx: list[int]) -> Callable[[], None]:
+            def go() -> None:
+                pipe = raw.pipeline(transaction=False)
+                for i in idx:
+                    pipe.set(raw_keys[i], payloads[i % 64])
+                pipe.execute()
+
+            return go
+
+        got_bytes = [0]
+        got_lock = threading.Lock()
+
+        def raw_get(idx: list[int]) -> Callable[[], None]:
+            def go() -> None:
+                pipe = raw.pipeline(transaction=False)
+                for i in idx:
+                    pipe.get(raw_keys[i])
+                nbytes = sum(len(v) for v in pipe.execute() if v)
+                with got_lock:
+                    got_bytes[0] += nbytes
+
+            return go
+
+        tier = L2Tier(
+            RedisBackend(url, timeout_s=10.0),
+            queue_bytes=total * 2,
+            workers=args.workers,
+            batch=args.batch,
+        )
+
+        def tier_put_all() -> float:
+            t0 = time.perf_counter()
+            for i in range(n):
+                tier.put(tier_keys[i], payloads[i % 64])
+            assert tier.flush(600)
+            return time.perf_counter() - t0
+
+        def tier_get_all() -> tuple[float, int]:
+            t0 = time.perf_counter()
+            jobs = [tier_keys[i : i + args.chain] for i in range(0, n, args.chain)]
+            for j, keys in enumerate(jobs):
+                assert tier.get(j, keys)
+            done = 0
+            nbytes = 0
+            while done < len(jobs):
+                for job in tier.completed(1024):
+                    done += 1
+                    nbytes += sum(len(p) for p in job.payloads)
+                time.sleep(POLL_S)
+            return time.perf_counter() - t0, nbytes
+
+        rows: list[tuple[str, float, float]] = []
+        # Raw and tier runs alternate, so both meet the same background load; best of each.
+        put_raw = put_tier = get_raw = get_tier = float("inf")
+        for _ in range(args.repeats):
+            writes = [raw_put(c) for c in chunks(list(range(n)), args.batch)]
+            put_raw = min(put_raw, run_threads(args.workers, writes))
+            put_tier = min(put_tier, tier_put_all())
+            got_bytes[0] = 0
+            reads = [raw_get(c) for c in chunks(list(range(n)), args.chain)]
+            get_raw = min(get_raw, run_threads(args.workers, reads))
+            assert got_bytes[0] == total
+            dt, nbytes = tier_get_all()
+            assert nbytes == total, "the tier served fewer bytes than it stored"
+            get_tier = min(get_tier, dt)
+        rows.append(("put throughput (MB/s)", total / put_raw / 1e6, total / put_tier / 1e6))
+        rows.append(("get throughput (MB/s)", total / get_raw / 1e6, total / get_tier / 1e6))
+
+        lat_raw: list[float] = []
+        lat_tier: list[float] = []
+        sample_chains = chunks(list(range(n)), args.chain)
+        for s in range(args.latency_samples):
+            idx = sample_chains[s % len(sample_chains)]
+            t0 = time.perf_counter()
+            raw_get(idx)()
+            lat_raw.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            tier.get(s, [tier_keys[i] for i in idx])
+            while not tier.completed():
+                time.sleep(POLL_S)
+            lat_tier.append(time.perf_counter() - t0)
+        for name, q in (("p50", 0.5), ("p99", 0.99)):
+            r = statistics.quantiles(lat_raw, n=100)[int(q * 100) - 1]
+            t = statistics.quantiles(lat_tier, n=100)[int(q * 100) - 1]
+            # For latency the ratio is raw / tier, so that higher is better everywhere.
+            rows.append((f"chain get latency {name} (ms, ratio raw/tier)", r * 1e3, t * 1e3))
+        tier.close()
+        raw.close()
+
+    print(
+        f"L2 bench: {n} blocks of {args.block_kib} KiB ({total / 1e6:.0f} MB), batch {args.batch},"
+        f" chain {args.chain}, {args.workers} workers, best of {args.repeats}; local redis-server"
+    )
+    print(f"{'measure':<44} {'raw redis':>10} {'L2 tier':>10} {'ratio':>7}  target")
+    for name, r, t in rows:
+        ratio = r / t if "latency" in name else t / r
+        ok = "ok" if ratio >= TARGET else "MISS"
+        print(f"{name:<44} {r:>10.2f} {t:>10.2f} {ratio:>6.2f}x  >= {TARGET:.2f}x {ok}")
+
+
+if __name__ == "__main__":
+    main()
