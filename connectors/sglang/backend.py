@@ -113,6 +113,7 @@ class _Link:
         self.epoch = 0
         self.next_try = 0.0
         self.next_heartbeat = 0.0
+        self.refused = ""
 
     @property
     def engine_id(self) -> str:
@@ -135,8 +136,14 @@ class _Link:
                 p.RegisterEngineReply,
                 timeout_s=max(timeout_s, 0.25),
             )
-        except (DaemonUnavailable, p.RemoteError, OSError) as exc:
+        except (DaemonUnavailable, OSError) as exc:
             logger.debug("tokencaked not reachable: %s", exc)
+            return False
+        except p.RemoteError as exc:
+            # A refusal (layout rejected, bad name) repeats on every retry: say it once.
+            if str(exc) != self.refused:
+                logger.error("tokencaked refused this engine: %s; backend stays off", exc)
+                self.refused = str(exc)
             return False
         if reg.slot_bytes < self.layout.bytes_per_block:
             logger.error(

@@ -289,3 +289,17 @@ def test_a_forgotten_engine_registers_again_within_the_call(make_backend: Any, d
     assert backend.batch_exists(ks) == 2
     assert backend.batch_get_v1(ks, pool.alloc(2 * PAGE)) == [True, True]
     assert backend.stats.reconnects == 1
+
+
+def test_pages_larger_than_the_daemons_slots_keep_the_backend_off(
+    make_backend: Any, tmp_path: Any
+) -> None:
+    d = start(tmp_path, "--slot-bytes", "256", arena="1MiB")
+    try:
+        pool = sglang_env.host_pool()  # 512-byte pages
+        backend = make_backend(pool, endpoint=d.endpoint, reconnect_s=3600)
+        ks = keys(0, prefix="too-big")
+        assert backend.batch_set_v1(ks, pool.alloc(PAGE)) == [False]
+        assert backend.batch_exists(ks) == 0 and backend._link.reg is None
+    finally:
+        d.stop()
