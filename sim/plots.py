@@ -70,20 +70,59 @@ def _latency_vs_qps(recs: list[dict[str, Any]], pols: list[str], path: Path, wl:
     return path
 
 
+UTIL_SMOOTH_S = 30.0
+"""Window of the moving average drawn over each utilisation trace."""
+
+
+def _smooth(t: np.ndarray, u: np.ndarray, window_s: float) -> np.ndarray:
+    """Moving average of ``u`` over the samples within ``window_s`` before each one."""
+    c = np.concatenate(([0.0], np.cumsum(u)))
+    lo = np.searchsorted(t, t - window_s, side="left")
+    hi = np.arange(1, len(u) + 1)
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
 def _util_timeline(ser: list[Series], pols: list[str], q: float, path: Path, wl: str) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for p in pols:
-        for s in ser:
-            if s.policy == p and s.qps == q and s.timeline and p != "oracle":
-                t = np.array([x for x, _ in s.timeline])
-                u = np.array([y for _, y in s.timeline])
-                ax.plot(t - t[0], u, label=p, linewidth=1)
-    ax.set_xlabel("time since first arrival (s)")
-    ax.set_ylabel("effective GPU KV utilisation")
-    ax.set_title(f"{wl}: GPU KV held by running / about-to-run requests, {q:g} app/s")
-    ax.set_ylim(0, 1.05)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    """One panel per policy (same axes): the raw trace faint, its 30 s moving average, and
+    the run's time average as a dashed line (its value in the panel title)."""
+    runs = [
+        (p, s)
+        for p in pols
+        if p != "oracle"
+        for s in ser
+        if s.policy == p and s.qps == q and s.timeline
+    ]
+    cols = 2
+    rows = max(1, -(-len(runs) // cols))
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(10, 1.9 * rows + 0.8), sharex=True, sharey=True, squeeze=False
+    )
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (p, s) in enumerate(runs):
+        ax = axes[i // cols][i % cols]
+        t = np.array([x for x, _ in s.timeline])
+        t = t - t[0]
+        u = np.array([y for _, y in s.timeline])
+        colour = colours[i % len(colours)]
+        ax.plot(t, u, color=colour, alpha=0.25, linewidth=0.6)
+        ax.plot(t, _smooth(t, u, UTIL_SMOOTH_S), color=colour, linewidth=1.6)
+        span = t[-1] - t[0] if len(t) > 1 else 0.0
+        mean = float(np.trapezoid(u, t) / span) if span > 0 else float(u.mean())
+        ax.axhline(mean, color="black", linestyle="--", linewidth=0.8)
+        ax.set_title(f"{p}: mean {mean:.2f}", fontsize=9)
+        ax.set_ylim(0, 1.05)
+        ax.grid(True, alpha=0.3)
+    for j in range(len(runs), rows * cols):
+        axes[j // cols][j % cols].set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("time since first arrival (s)")
+    for row in axes:
+        row[0].set_ylabel("GPU KV util")
+    fig.suptitle(
+        f"{wl}: GPU KV held by running / about-to-run requests, {q:g} app/s "
+        f"(faint: raw; line: {UTIL_SMOOTH_S:g} s average; dashed: run mean)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
