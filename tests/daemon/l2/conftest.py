@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.l2.redis_procs import MISSING, REDIS_CLI, REDIS_SERVER, RedisNode, start_node
+from tests.daemon.l2.redis_procs import (
+    MISSING,
+    REDIS_CLI,
+    REDIS_SERVER,
+    VALKEY_MISSING,
+    VALKEY_SERVER,
+    RedisNode,
+    start_node,
+)
 from tests.daemon.l2.redis_procs import start_cluster as _start_cluster
 
 
@@ -16,6 +24,15 @@ def redis_node(tmp_path: Path) -> Iterator[RedisNode]:
     if REDIS_SERVER is None:
         pytest.skip(MISSING)
     node = start_node(tmp_path)
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def valkey_node(tmp_path: Path) -> Iterator[RedisNode]:
+    if VALKEY_SERVER is None:
+        pytest.skip(VALKEY_MISSING)
+    node = start_node(tmp_path, name="valkey", binary=VALKEY_SERVER)
     yield node
     node.stop()
 

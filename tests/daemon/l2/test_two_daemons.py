@@ -2,8 +2,8 @@
 
 KV an engine stores through daemon A (evicted there, or written through) is found by a
 lookup on daemon B, prefetched into B's arena, and loaded byte for byte. Real daemons, real
-shared memory, real redis-server (single node and a three-master cluster) and a shared
-directory for the disk tier.
+shared memory, real redis-server (single node and a three-master cluster), a real
+valkey-server, and a shared directory for the disk tier.
 """
 
 from __future__ import annotations
@@ -128,6 +128,14 @@ def test_evicted_on_a_loaded_on_b_cluster(
     keys = sum(int(n.client().dbsize()) for n in redis_cluster)
     assert keys >= 10
     assert all(n.client().dbsize() > 0 for n in redis_cluster)  # spread over the masters
+
+
+def test_evicted_on_a_loaded_on_b_valkey(
+    tmp_path: Path, hosts: list[Proc], valkey_node: RedisNode
+) -> None:
+    with valkey_node.client() as c:
+        assert "valkey_version" in c.info("server")  # the real thing, not Redis again
+    evict_to_l2_then_load_on_b(tmp_path, hosts, l2_env("valkey", valkey_node.url))
 
 
 def test_evicted_on_a_loaded_on_b_disk(tmp_path: Path, hosts: list[Proc]) -> None:
