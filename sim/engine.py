@@ -145,6 +145,9 @@ class Counters:
     upload_blocks: int = 0
     host_evicted_blocks: int = 0
     host_dropped_blocks: int = 0
+    offload_unread_blocks: int = 0
+    """Blocks an offload wrote to the host that nothing read (load or upload) before they
+    left the host or the run ended: copies that were pure cost."""
     gpu_evicted_blocks: int = 0
     failed_uploads: int = 0
     unknown_agent_decisions: int = 0
@@ -995,6 +998,7 @@ class Simulator:
                 f"t={self.now:.3f}s; nothing else is scheduled"
             )
         window = max(self.now - first, 1e-9)
+        self.c.offload_unread_blocks = self.host.dropped_unread + len(self.host.unread)
         return EngineResult(
             app_latency_s=self.results_latency,
             critical_llm_s=self.results_critical,

@@ -281,6 +281,10 @@ class HostStore:
         self.lru: OrderedDict[int, AgentKv] = OrderedDict()
         self.writing: set[int] = set()
         self.epoch = 0
+        self.unread: set[int] = set()
+        """Keys written by an offload and not read (loaded or uploaded) since."""
+        self.dropped_unread = 0
+        """Blocks that left the store (dropped, evicted) without ever being read."""
 
     @property
     def free(self) -> int:
@@ -290,14 +294,22 @@ class HostStore:
         return key in self.lru
 
     def touch(self, key: int) -> None:
+        """A read (a load or an upload) of ``key``, which is the most recently used."""
         self.lru.move_to_end(key)
+        self.unread.discard(key)
+
+    def _gone(self, key: int) -> None:
+        if key in self.unread:
+            self.unread.discard(key)
+            self.dropped_unread += 1
 
     def reserve(self, keys: list[int]) -> dict[AgentKv, int]:
         """Room for ``keys`` being written, evicting least-recently-used blocks if needed."""
         evicted: dict[AgentKv, int] = {}
         need = len(keys) - self.free
         while need > 0 and self.lru:
-            _, owner = self.lru.popitem(last=False)
+            key, owner = self.lru.popitem(last=False)
+            self._gone(key)
             self.epoch += 1
             evicted[owner] = evicted.get(owner, 0) + 1
             need -= 1
@@ -311,6 +323,7 @@ class HostStore:
             self.writing.discard(k)
             self.lru[k] = owner
             self.lru.move_to_end(k)
+            self.unread.add(k)
 
     def drop_agent(self, keys: Iterable[int], limit: int = 0) -> int:
         """Forget up to ``limit`` (0: all) of these keys, last first."""
@@ -319,6 +332,7 @@ class HostStore:
             if limit and n >= limit:
                 break
             if self.lru.pop(k, None) is not None:
+                self._gone(k)
                 n += 1
         self.epoch += 1
         return n

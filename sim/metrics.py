@@ -104,6 +104,7 @@ def summarise(res: EngineResult, meta: RunMeta) -> dict[str, Any]:
         "upload_bytes": c.upload_bytes,
         "offload_blocks": c.offload_blocks,
         "upload_blocks": c.upload_blocks,
+        "offload_unread_blocks": c.offload_unread_blocks,
         "gpu_evicted_blocks": c.gpu_evicted_blocks,
         "host_evicted_blocks": c.host_evicted_blocks,
         "failed_uploads": c.failed_uploads,

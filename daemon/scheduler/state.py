@@ -86,6 +86,9 @@ _POOL_EVENTS = frozenset({Tick, EngineState, TransferDone, KvEvicted, LlmCallPre
 
 MAX_UPLOAD_FAILURES = 3
 """After this many failed pieces the host copy is dropped and the next call recomputes."""
+READER_DECAY = 0.9
+"""Weight of the past in the per-(agent type, tool kind) record of whether a tool call's KV
+was read afterwards (each new outcome counts 1)."""
 
 
 class AppState:
@@ -120,6 +123,8 @@ class AppState:
 class AgentState:
     __slots__ = (
         "app",
+        "await_reader",
+        "call_offloaded",
         "deadline_s",
         "drop_on_arrival",
         "gpu_blocks",
@@ -194,6 +199,11 @@ class AgentState:
         self.deadline_s = math.inf
         self.overdue = False
         self.drop_on_arrival = False
+        self.await_reader: tuple[str, str] | None = None
+        """(agent type, tool kind) of the tool call that ended, until something reads the
+        agent's KV (its own next call, or a DAG successor's) or its app ends unread."""
+        self.call_offloaded = 0
+        """Blocks offloaded during the current (or last) tool call."""
 
     @property
     def critical(self) -> bool:
@@ -219,6 +229,13 @@ class TrackingPolicy(Policy):
         self.waiting: OrderedDict[tuple[str, str], AgentState] = OrderedDict()
         self.guarded: dict[tuple[str, str], AgentState] = {}
         """Critical agents waiting or in a tool call: those ``guard.protected_blocks`` covers."""
+        self.reader_stats: dict[tuple[str, str], list[float]] = {}
+        """(agent type, tool kind) -> [read, unread]: decayed counts of whether the KV a
+        tool call left was read afterwards (``unread_share``)."""
+        self.offloads_unread = 0
+        """Tool calls whose offloaded KV nobody read afterwards (the app ended first)."""
+        self.offload_unread_blocks = 0
+        """Their blocks: copies that were pure cost."""
         self.own_waiting_blocks = 0
         self.crit_waiting_blocks = 0
         self.crit_waiting_by_class: dict[str, int] = {}
@@ -345,6 +362,26 @@ class TrackingPolicy(Policy):
     def waiting_blocks(self) -> int:
         return max(self.reported_waiting_blocks, self.own_waiting_blocks)
 
+    def unread_share(self, klass: str, tool_kind: str) -> tuple[float, float]:
+        """(share of past tool calls of this agent type and tool kind whose KV nobody read
+        afterwards, decayed number of such outcomes)."""
+        read, unread = self.reader_stats.get((klass, tool_kind), (0.0, 0.0))
+        n = read + unread
+        return (unread / n if n > 0 else 0.0), n
+
+    def _reader_outcome(self, agent: AgentState, read: bool) -> None:
+        key = agent.await_reader
+        if key is None:
+            return
+        agent.await_reader = None
+        rec = self.reader_stats.setdefault(key, [0.0, 0.0])
+        rec[0] *= READER_DECAY
+        rec[1] *= READER_DECAY
+        rec[0 if read else 1] += 1.0
+        if not read and agent.call_offloaded > 0:
+            self.offloads_unread += 1
+            self.offload_unread_blocks += agent.call_offloaded
+
     def host_free(self) -> int:
         own = self.host_total - self.host_used
         if self.host_reported_free < 0:
@@ -378,6 +415,8 @@ class TrackingPolicy(Policy):
     ) -> None:
         agent.offloading += blocks
         agent.offload_moves = moves
+        if agent.phase == TOOL:
+            agent.call_offloaded += blocks
         self.host_used += blocks
         if agent.pinned_until != -math.inf:
             # The offload ends the pin (engines hand the pin's hold to the copy): the
@@ -590,6 +629,13 @@ class TrackingPolicy(Policy):
         self._remove_waiting(agent)
         self._add_waiting(agent, blocks)
         agent.last_used_s = ev.now
+        # Contexts are append-only: this call reads its own KV and its DAG predecessors'.
+        self._reader_outcome(agent, True)
+        app = agent.app
+        for j in agent.node.pred:
+            pred = app.agents.get(app.info.nodes[j].node_id)
+            if pred is not None:
+                self._reader_outcome(pred, True)
         self._on_llm_start(agent, out)
 
     def _ev_llm_admitted(self, ev: LlmCallAdmitted, out: list[d.Decision]) -> None:
@@ -650,6 +696,7 @@ class TrackingPolicy(Policy):
         agent.tool_token += 1
         agent.tool_start = ev.now
         agent.tool_kind = ev.tool_kind
+        agent.call_offloaded = 0
         agent.tool_hint = ev.predicted_s
         agent.overdue = False
         pred = self.predictor.predict(agent.klass, ev.tool_kind, ev.predicted_s)
@@ -676,6 +723,7 @@ class TrackingPolicy(Policy):
         agent.tool_token += 1
         self._set_phase(agent, IDLE)
         agent.last_used_s = self.now
+        agent.await_reader = (agent.klass, agent.tool_kind)
         self._unpin(agent, "tool_returned", out)
         self._on_tool_end(agent, actual, out)
 
@@ -685,6 +733,7 @@ class TrackingPolicy(Policy):
             return
         app.ended = True
         for agent in app.agents.values():
+            self._reader_outcome(agent, False)
             self._remove_waiting(agent)
             agent.tool_token += 1
             self._cancel_upload(agent)

@@ -66,6 +66,11 @@ from tokencake.daemon.scheduler.state import (
 PARTITION_SMOOTHING = 0.5
 """Weight of the newest demand sample in the per-class reservation."""
 NEVER = 1e12
+UNREAD_MIN_OUTCOMES = 3.0
+"""Past tool calls of an agent type and tool kind needed before their record decides."""
+UNREAD_SHARE = 0.8
+"""When at least this share of them left KV nobody read afterwards, a new call's KV is
+neither offloaded (a copy out and back for nobody) nor pinned, and goes first on eviction."""
 
 
 class TokenCakePolicy(TrackingPolicy):
@@ -91,12 +96,17 @@ class TokenCakePolicy(TrackingPolicy):
         pred = agent.prediction
         assert pred is not None
         late_at = agent.tool_start + pred.quantile_s(Z_Q95)
+        if self._likely_unread(agent):
+            share, n = self.unread_share(agent.klass, agent.tool_kind)
+            terms: dict[str, d.Term] = {"unread_share": round(share, 4), "outcomes": round(n, 3)}
+            self._keep(agent, "keep:not_read_after_tool", terms, out)
+            return
         if not self._offload_for_call(agent, "tool_start", out) and agent.gpu_blocks > 0:
             # Kept on the GPU: the returning call should find it there. Pin it until the
             # call's q95 (as Continuum pins across tool calls), unless that is too long to
             # hold memory idle; the eviction order decides after that.
             ttl = late_at - self.now
-            terms: dict[str, d.Term] = {
+            terms = {
                 "ttl_s": ttl,
                 "tool_pin_max_s": self.config.tool_pin_max_s,
                 "kept_because": out[-1].reason.rule if out else "",
@@ -104,6 +114,11 @@ class TokenCakePolicy(TrackingPolicy):
             if ttl <= self.config.tool_pin_max_s:
                 self._pin(agent, ttl, "pin:kept_through_tool_call", terms, out)
         self._push_timer(late_at, T_LATE, agent, agent.tool_token)
+
+    def _likely_unread(self, agent: AgentState) -> bool:
+        """Past calls of this agent type and tool kind mostly left KV nobody read after."""
+        share, n = self.unread_share(agent.klass, agent.tool_kind)
+        return n >= UNREAD_MIN_OUTCOMES and share >= UNREAD_SHARE
 
     def _offload_for_call(self, agent: AgentState, trigger: str, out: list[d.Decision]) -> bool:
         """Offload an agent's idle KV for the rest of its tool call if that pays, and plan
@@ -211,7 +226,7 @@ class TokenCakePolicy(TrackingPolicy):
                     {"elapsed_s": round(elapsed, 6), "kept_on_host_blocks": kept},
                     out,
                 )
-            if agent.gpu_blocks > 0 and agent.offloading == 0:
+            if agent.gpu_blocks > 0 and agent.offloading == 0 and not self._likely_unread(agent):
                 self._consider_offload(agent, elapsed, "overrun", out, 0.0)
 
     def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[d.Decision]) -> None:
@@ -313,6 +328,8 @@ class TokenCakePolicy(TrackingPolicy):
         if agent is None or agent.phase == DONE or agent.app.ended:
             return NEVER
         if agent.phase == TOOL:
+            if self.temporal and self._likely_unread(agent):
+                return NEVER
             predicted = agent.predicted_s or 0.0
             remaining = agent.tool_start + predicted - now
             if remaining <= 0:  # overrun: the elapsed time is the best guess of what is left
