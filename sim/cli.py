@@ -503,5 +503,112 @@ def _sweep_live(
         raise click.ClickException(f"live mode: {type(e).__name__}: {e}") from e
 
 
+@main.command("cluster")
+@click.option("--workload", default="code-writer", show_default=True, callback=_workloads)
+@click.option("--apps", type=click.IntRange(1, 1_000_000), default=2000, show_default=True)
+@click.option(
+    "--qps",
+    type=FloatRange(min=0, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Application arrivals per second across the whole cluster.",
+)
+@click.option("--hosts", type=click.IntRange(1, 4096), default=16, show_default=True)
+@click.option(
+    "--lanes",
+    type=click.IntRange(1, 4096),
+    default=32,
+    show_default=True,
+    help="Concurrent requests per host (its batch).",
+)
+@click.option(
+    "--host-gib",
+    type=FloatRange(min=0, min_open=True),
+    default=16.0,
+    show_default=True,
+    help="Host KV cache (arena) per host.",
+)
+@click.option(
+    "--l2-gbps",
+    type=FloatRange(min=0, min_open=True),
+    default=25.0,
+    show_default=True,
+    help="Shared L2 link, GB/s, for all hosts together.",
+)
+@click.option("--l2-latency-ms", type=FloatRange(min=0), default=2.0, show_default=True)
+@click.option(
+    "--l2-tib",
+    type=FloatRange(min=0, min_open=True),
+    default=4.0,
+    show_default=True,
+    help="L2 capacity.",
+)
+@click.option(
+    "--profile", default=DEFAULT_PROFILE, show_default=True, type=click.Choice(sorted(PROFILES))
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the rows as JSON.",
+)
+def cluster_cmd(
+    workload: list[str],
+    apps: int,
+    qps: float,
+    hosts: int,
+    lanes: int,
+    host_gib: float,
+    l2_gbps: float,
+    l2_latency_ms: float,
+    l2_tib: float,
+    profile: str,
+    seed: int,
+    json_path: Path | None,
+) -> None:
+    """N engine hosts sharing one L2 (sim/cluster.py): routing x shared L2, same trace."""
+    from tokencake.sim.cluster import ClusterConfig, simulate
+
+    prof = get_profile(profile)
+    rows: list[dict[str, Any]] = []
+    for wl in workload:
+        for routing in ("random", "affinity"):
+            for l2 in (False, True):
+                cfg = ClusterConfig(
+                    hosts=hosts,
+                    lanes=lanes,
+                    host_bytes=host_gib * 2**30,
+                    l2=l2,
+                    l2_capacity_bytes=l2_tib * 2**40,
+                    l2_bytes_per_s=l2_gbps * 1e9,
+                    l2_latency_s=l2_latency_ms / 1e3,
+                    routing=routing,
+                )
+                res = simulate(wl, prof, cfg, apps=apps, qps=qps, seed=seed)
+                rows.append({"workload": wl, "qps": qps, **res.to_dict()})
+    click.echo(
+        f"{hosts} hosts x {host_gib:g} GiB host KV, {lanes} lanes; L2 {l2_gbps:g} GB/s shared, "
+        f"{l2_latency_ms:g} ms; {apps} apps at {qps:g}/s; profile {profile}; seed {seed}"
+    )
+    head = (
+        f"{'workload':<16} {'routing':<9} {'L2':<4} {'mean s':>8} {'p95 s':>8} {'host hit':>9} "
+        f"{'L2 hit':>7} {'prefill':>8} {'restore ms':>10} {'link':>5} {'wb dropped':>10}"
+    )
+    click.echo(head)
+    for r in rows:
+        click.echo(
+            f"{r['workload']:<16} {r['routing']:<9} {'yes' if r['l2'] else 'no':<4} "
+            f"{r['mean_latency_s']:>8.1f} {r['p95_latency_s']:>8.1f} {r['host_hit_rate']:>9.3f} "
+            f"{r['l2_hit_rate']:>7.3f} "
+            f"{r['prefill_tokens'] / max(1, r['prompt_tokens']):>8.3f} "
+            f"{r['mean_restore_s'] * 1e3:>10.1f} {r['l2_link_util']:>5.2f} "
+            f"{r['l2_dropped_writes']:>10}"
+        )
+    if json_path is not None:
+        json_path.write_text(json.dumps(rows, indent=2))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
