@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,18 @@ from tests.procs import Proc, start
 
 BACKEND_MODULE = "tokencake.connectors.sglang.backend"
 _names = itertools.count(1)
+
+
+@pytest.fixture(scope="package", autouse=True)
+def restore_environ() -> Iterator[None]:
+    """``import sglang`` points TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and others at its
+    own cache dir (``os.environ.setdefault``); put the environment back for the tests that
+    run after these in the same process (vLLM-CPU's compile cache among them)."""
+    before = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(before):
+        del os.environ[key]
+    os.environ.update(before)
 
 
 @pytest.fixture(scope="module")
