@@ -288,6 +288,15 @@ class HostStore:
         self._misses += len(hashes) - len(found)
         return found
 
+    def resident_prefix(self, layout: int, salt: str, hashes: Sequence[bytes]) -> int:
+        """How many of ``hashes``, from the first, are stored and servable. Unlike
+        :meth:`lookup` it changes nothing: no recency, no hit or miss counted."""
+        self._check_layout(layout)
+        self._check_salt(salt)
+        self._check_hashes(hashes)
+        tenant = self._tenants.get(salt)
+        return 0 if tenant is None else len(self._ready_prefix(layout, tenant, hashes, False))
+
     def begin_load(self, owner: int, layout: int, salt: str, hashes: Sequence[bytes]) -> list[int]:
         """Pin the longest stored prefix for reading; pinned slots are never evicted."""
         self._check_owner(owner)

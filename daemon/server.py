@@ -661,6 +661,8 @@ class Daemon:
             decision.seq = self._decision_seq
             self.decisions.append(decision)
             self.metrics.decisions.labels(decision.kind).inc()
+            if self.l2 is not None and decision.kind == "upload":
+                self._l2_upload(decision.app_id, decision.agent_id)
             engine = self.engines.get(decision.engine_id)
             if engine is not None and decision.kind in self.scheduler.PUSHED_KINDS:
                 self._send(engine.identity, p.encode_push(p.DECISION_PUSH_OP, decision))
@@ -687,6 +689,8 @@ class Daemon:
         tag = self.scheduler.agent_tag(app_id, agent_id)
         hashes = _hashes(req.hashes)
         slots = store.reserve(engine.owner, engine.layout_id, _salt(req.salt), hashes, tag)
+        if self.l2 is not None and app_id and slots:
+            self.l2.remember(app_id, agent_id, engine.layout_id, req.salt, hashes[: len(slots)])
         started = (self._clock(), app_id, agent_id)
         for slot in slots:
             if slot >= 0:
@@ -734,9 +738,18 @@ class Daemon:
         return p.LoadEndReply(released=released)
 
     def _l2_missed(self, layout: int, salt: str, hashes: list[bytes]) -> None:
-        """Ask L2 for the blocks the host lacks; poll for them while any are in flight."""
+        """Ask L2 for the blocks the host lacks."""
         assert self.l2 is not None
-        if self.l2.missed(layout, salt, hashes) and not self._l2_polling:
+        self._l2_watch(self.l2.missed(layout, salt, hashes))
+
+    def _l2_upload(self, app_id: str, agent_id: str) -> None:
+        """An upload needs the agent's KV in the arena: bring back what went to L2."""
+        assert self.l2 is not None
+        self._l2_watch(self.l2.upload(app_id, agent_id))
+
+    def _l2_watch(self, queued: bool) -> None:
+        """Poll for finished prefetches while any is in flight."""
+        if queued and not self._l2_polling:
             self._l2_polling = True
             self._schedule(L2_POLL_S, self._l2_poll)
 

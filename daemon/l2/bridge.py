@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -42,6 +43,8 @@ L2_OWNER: Final = 0
 """The owner id the daemon reserves prefetched slots under; engines get ids from 1."""
 
 _MAX_PREFIXES: Final = 4096
+_MAX_AGENTS: Final = 16384
+_MAX_CHAIN: Final = 4096
 
 
 @dataclass(slots=True, frozen=True)
@@ -64,6 +67,9 @@ class L2Bridge:
         # slot -> (layout, salt, hash) of blocks known to be in L2: no write-back needed.
         self._clean: dict[int, tuple[int, str, bytes]] = {}
         self._inflight: set[tuple[int, str, bytes]] = set()
+        # (app, agent) -> (layout, salt, chain hashes) of the KV it last stored: what an
+        # upload decision for it brings back.
+        self._chains: OrderedDict[tuple[str, str], tuple[int, str, list[bytes]]] = OrderedDict()
         self.placed_blocks = 0
         self.written_back = 0
         self.written_through = 0
@@ -115,6 +121,40 @@ class L2Bridge:
         nbytes = self._store.layout_bytes(layout)
         key = block_key(self._prefix(layout, salt), chain_hash)
         return self.tier.put(key, self._rows[slot, :nbytes])
+
+    # ------------------------------------------------------------------ agents
+
+    def remember(
+        self, app_id: str, agent_id: str, layout: int, salt: str, hashes: list[bytes]
+    ) -> None:
+        """An agent stored ``hashes`` (one reserve): keep its chain, in order, for an upload.
+
+        A reserve that starts with the chain's first hash restarts it (the agent stored its
+        context again); any other continues it.
+        """
+        key = (app_id, agent_id)
+        known = self._chains.pop(key, None)
+        if known is None or known[0] != layout or known[1] != salt or hashes[:1] == known[2][:1]:
+            chain = list(hashes)
+        else:
+            seen = set(known[2])
+            chain = known[2] + [h for h in hashes if h not in seen]
+        self._chains[key] = (layout, salt, chain[:_MAX_CHAIN])
+        if len(self._chains) > _MAX_AGENTS:
+            self._chains.popitem(last=False)
+
+    def upload(self, app_id: str, agent_id: str) -> bool:
+        """The scheduler decided to upload this agent: fetch what of its chain left the host.
+
+        The engine loads the agent's KV from the arena when its next call comes; blocks that
+        were evicted to L2 meanwhile must be back by then. True when a prefetch was queued.
+        """
+        known = self._chains.get((app_id, agent_id))
+        if known is None or self._store is None:
+            return False
+        layout, salt, chain = known
+        on_host = self._store.resident_prefix(layout, salt, chain)
+        return on_host < len(chain) and self.missed(layout, salt, chain[on_host:])
 
     # ------------------------------------------------------------------ reads
 

@@ -140,3 +140,23 @@ def test_one_prefetch_per_chain_at_a_time(l2dir: Path) -> None:
     assert h.bridge.missed(h.layout, SALT, x)
     h.settle()
     h.bridge.close()
+
+
+def test_an_upload_decision_brings_back_what_went_to_l2(l2dir: Path) -> None:
+    h = Host(l2dir, 6)
+    x = chain("agent", 4)
+    data = h.put(x[:2], 1)
+    h.bridge.remember("app", "coder", h.layout, SALT, x[:2])
+    more = h.put(x[2:], 2)
+    h.bridge.remember("app", "coder", h.layout, SALT, x[2:])  # the same offload, continued
+    h.put(chain("other", 6), 3)  # pressure: the agent's blocks go to L2
+    h.settle()
+    assert h.store.resident_prefix(h.layout, SALT, x) == 0
+    assert h.bridge.upload("app", "coder")
+    assert not h.bridge.upload("nobody", "here")
+    h.settle()
+    assert h.store.resident_prefix(h.layout, SALT, x) == 4
+    found = h.store.lookup(h.layout, SALT, x)
+    assert np.array_equal(h.rows[found, :NBYTES], np.concatenate([data, more]))
+    assert not h.bridge.upload("app", "coder")  # all on the host: nothing to fetch
+    h.bridge.close()
