@@ -9,6 +9,8 @@ backend the way SGLang's cache controller does: ``batch_exists`` from the prefet
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import threading
 import time
 from typing import Any
@@ -301,5 +303,29 @@ def test_pages_larger_than_the_daemons_slots_keep_the_backend_off(
         ks = keys(0, prefix="too-big")
         assert backend.batch_set_v1(ks, pool.alloc(PAGE)) == [False]
         assert backend.batch_exists(ks) == 0 and backend._link.reg is None
+    finally:
+        d.stop()
+
+
+def test_a_stalled_daemon_costs_one_timeout(make_backend: Any, tmp_path: Any) -> None:
+    """A daemon that stops answering (SIGSTOP) costs one timeout_ms wait; the calls after
+    it do not wait at all until reconnect_s has passed."""
+    d = start(tmp_path, arena="1MiB")
+    try:
+        pool = sglang_env.host_pool()
+        backend = make_backend(pool, endpoint=d.endpoint, timeout_ms=100, reconnect_s=3600)
+        idx = pool.alloc(2 * PAGE)
+        fill(pool, idx, seed=10)
+        ks = keys(0, 1, prefix="stalled")
+        assert backend.batch_set_v1(ks, idx) == [True, True]
+        os.kill(d.pid, signal.SIGSTOP)
+        try:
+            assert backend.batch_exists(ks) == 0  # waits timeout_ms, then the link is down
+            assert backend.batch_get_v1(ks, idx) == [False, False]
+            assert backend.batch_set_v1(keys(2, prefix="stalled"), idx[:PAGE]) == [False]
+            assert backend.stats.daemon_failures == 1
+            assert backend.stats.dropped_writes == 1
+        finally:
+            os.kill(d.pid, signal.SIGCONT)
     finally:
         d.stop()
