@@ -236,6 +236,8 @@ class TrackingPolicy(Policy):
         """Tool calls whose offloaded KV nobody read afterwards (the app ended first)."""
         self.offload_unread_blocks = 0
         """Their blocks: copies that were pure cost."""
+        self.h2d_in_flight = 0
+        """Upload blocks issued and not yet landed: the host link's queue right now."""
         self.own_waiting_blocks = 0
         self.crit_waiting_blocks = 0
         self.crit_waiting_by_class: dict[str, int] = {}
@@ -800,6 +802,7 @@ class TrackingPolicy(Policy):
         else:
             blocks = min(max(ev.blocks, 0), agent.uploading)
             agent.uploading -= blocks
+            self.h2d_in_flight -= blocks
             if ev.ok:
                 self._set_gpu(agent, agent.gpu_blocks + blocks)
                 if not self.keep_host_copy:
@@ -929,6 +932,7 @@ class TrackingPolicy(Policy):
             agent.upload_piece += 1
             agent.upload_pieces = max(agent.upload_pieces, agent.upload_piece)
             agent.uploading += piece
+            self.h2d_in_flight += piece
             agent.upload_left -= piece
             self.gpu_free -= piece
             issued += 1

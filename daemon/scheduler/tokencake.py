@@ -136,7 +136,7 @@ class TokenCakePolicy(TrackingPolicy):
             cfg = self.config
             blocks = agent.offloading + agent.host_blocks
             pieces = -(-blocks // cfg.upload_piece_blocks)
-            t_back = self.cost.seconds("h2d", blocks, pieces)
+            t_back = self.cost.seconds("h2d", blocks, pieces) + self._h2d_queue_s()
             upload_at = max(back_by - t_back, self.now)
             self._push_timer(upload_at, T_UPLOAD, agent, agent.tool_token)
             terms = out[-1].reason.terms  # the Offload just decided: say when it comes back
@@ -145,6 +145,12 @@ class TokenCakePolicy(TrackingPolicy):
         elif out and out[-1].reason.rule == "keep:no_pressure":
             self._kept_idle[agent.key] = (agent, agent.tool_token)
         return planned
+
+    def _h2d_queue_s(self) -> float:
+        """Time the host link needs for the uploads already issued: an upload decided now
+        waits behind them (copy queueing, the part of its cost a bandwidth figure misses)."""
+        n = self.h2d_in_flight
+        return self.cost.seconds("h2d", n, -(-n // self.config.upload_piece_blocks))
 
     def _pressure(self) -> bool:
         """Would memory freed now be used: a request waits for blocks, or GPU usage is at
@@ -175,7 +181,8 @@ class TokenCakePolicy(TrackingPolicy):
         pieces = -(-blocks // cfg.upload_piece_blocks)
         t_out = self.cost.seconds("d2h", blocks, 1)
         t_back = self.cost.seconds("h2d", blocks, pieces)
-        margin = stall_s - (t_out + t_back)
+        t_queue = self._h2d_queue_s()
+        margin = stall_s - (t_out + t_back + t_queue)
         terms: dict[str, d.Term] = {
             "trigger": trigger,
             "blocks": blocks,
@@ -183,6 +190,7 @@ class TokenCakePolicy(TrackingPolicy):
             "quantile_z": z,
             "t_d2h_s": t_out,
             "t_h2d_s": t_back,
+            "h2d_queue_s": t_queue,
             "margin_s": margin,
             "min_margin_s": cfg.min_margin_s,
             "d2h_gbps": self.cost.bandwidth("d2h") / 1e9,

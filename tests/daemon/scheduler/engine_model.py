@@ -496,4 +496,5 @@ def check_random_workload(name: str, seed: int, n_apps: int, gpu: int, host: int
         assert stats.uploaded <= stats.offloaded, "uploaded more than was offloaded"
     policy = eng.policy
     assert getattr(policy, "host_used", 0) == 0, "policy still counts host blocks"
+    assert getattr(policy, "h2d_in_flight", 0) == 0, "policy still counts uploads in flight"
     assert not getattr(policy, "apps", {}), "policy still tracks apps"

@@ -64,3 +64,39 @@ def test_tool_calls_whose_kv_is_read_keep_being_offloaded() -> None:
     assert all([d.kind for d in out] == ["offload"] for out in outs)
     assert p.offloads_unread == 0
     assert p.unread_share("leaf", "lint")[0] == 0.0
+
+
+def test_uploads_already_queued_count_in_the_round_trip() -> None:
+    """Same call, same pressure: offloaded on an idle host link, kept when 3,000 blocks of
+    uploads (about 3 s at 1 GB/s) are in flight ahead of the one it would need."""
+
+    def tool_start(p: TokenCakePolicy, app: str, t: float) -> list[Decision]:
+        p.on_event(AppRegistered(t, app, AppDag(nodes=[DagNode(id="a", agent_type="w")])))
+        p.on_event(EngineState(t, 10000, 5000, num_waiting=3, waiting_blocks=200))
+        p.on_event(LlmCallStart(t, app, "a", "r", blocks=100))
+        p.on_event(LlmCallAdmitted(t, app, "a", "r", blocks=100))
+        p.on_event(LlmCallFinish(t + 0.5, app, "a", "r", kv_blocks=100))
+        return p.on_event(ToolCallStart(t + 0.5, app, "a", "run", 2.0))
+
+    idle = make()
+    assert [d.kind for d in tool_start(idle, "x", 0.0)] == ["offload"]
+    busy = make()
+    big = AppDag(nodes=[DagNode(id="a", agent_type="big")])
+    busy.on_event(AppRegistered(0.0, "big", big))
+    busy.on_event(EngineState(0.0, 10000, 9000))
+    busy.on_event(LlmCallStart(0.0, "big", "a", "r", blocks=3000))
+    busy.on_event(LlmCallAdmitted(0.0, "big", "a", "r", blocks=3000))
+    busy.on_event(LlmCallFinish(0.1, "big", "a", "r", kv_blocks=3000))
+    busy.on_event(EngineState(0.1, 10000, 5000, num_waiting=3, waiting_blocks=3000))
+    out = busy.on_event(ToolCallStart(0.1, "big", "a", "long", 600.0))
+    assert [d.kind for d in out] == ["offload"]
+    busy.on_event(TransferDone(3.5, "big", "a", "d2h", 3000))
+    busy.on_event(ToolCallEnd(3.6, "big", "a"))  # returns: urgent upload of 3,000 blocks
+    for k in range(8):  # each report releases more pieces (upload_pieces_per_tick)
+        busy.on_event(EngineState(3.6 + 0.01 * k, 10000, 9000))
+    assert busy.h2d_in_flight == 3000
+    out = tool_start(busy, "x", 3.7)
+    assert [d.kind for d in out] == ["keep", "pin"]
+    assert out[0].reason.rule == "keep:margin_below_min"
+    queue = out[0].reason.terms["h2d_queue_s"]
+    assert isinstance(queue, float) and queue > 2.0
