@@ -30,6 +30,7 @@ every ``reconnect_s``. Nothing here raises into SGLang's storage threads.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -53,7 +54,7 @@ from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
 from tokencake.clients.kv_arena import ArenaMapping, KvArenaError
 from tokencake.connectors.sglang.config import BackendConfig
 from tokencake.connectors.sglang.pages import HostPages, HostPoolError, page_key
-from tokencake.daemon.arena import ArenaError
+from tokencake.daemon.arena import ArenaError, segment_path
 from tokencake.layout import KvLayout
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class _Link:
         self.client: TokenCakeClient | None = None
         self.reg: p.RegisterEngineReply | None = None
         self.arena: ArenaMapping | None = None
+        self.arena_ident: tuple[int, int] | None = None
         self.retired: list[ArenaMapping] = []
         self.epoch = 0
         self.next_try = 0.0
@@ -152,7 +154,10 @@ class _Link:
                 self.layout.bytes_per_block,
             )
             return False
-        if self.arena is None or self.arena.name != reg.arena_name:
+        ident = _segment_identity(reg.arena_name)
+        if self.arena is None or self.arena.name != reg.arena_name or ident != self.arena_ident:
+            # A restarted daemon may reuse the segment's name (same instance, same pid in a
+            # container) but never its inode: a mapping of the old one must not be reused.
             try:
                 arena = ArenaMapping.open(
                     reg.arena_name,
@@ -166,7 +171,7 @@ class _Link:
             if self.arena is not None:
                 # Another thread may still copy through it; it is unmapped at close().
                 self.retired.append(self.arena)
-            self.arena = arena
+            self.arena, self.arena_ident = arena, ident
         if self.epoch:
             self.stats.reconnects += 1
         self.reg = reg
@@ -251,6 +256,15 @@ class _Link:
             except ArenaError as exc:
                 logger.debug("arena %s left mapped: %s", arena.name, exc)
         self.arena, self.retired = None, []
+
+
+def _segment_identity(name: str) -> tuple[int, int] | None:
+    """(device, inode) of the daemon's arena segment; None when it cannot be read."""
+    try:
+        st = os.stat(segment_path(name))
+    except (ArenaError, OSError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _model_label(storage_config: HiCacheStorageConfig) -> str:

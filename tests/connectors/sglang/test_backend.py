@@ -329,3 +329,30 @@ def test_a_stalled_daemon_costs_one_timeout(make_backend: Any, tmp_path: Any) ->
             os.kill(d.pid, signal.SIGCONT)
     finally:
         d.stop()
+
+
+def test_a_new_segment_under_the_old_name_is_mapped_afresh(
+    make_backend: Any, tmp_path: Any
+) -> None:
+    """A restarted daemon can reuse its segment's name (same instance, and the same pid in a
+    container); the backend tells segments apart by inode and never keeps a stale mapping."""
+    from tokencake.daemon.arena import segment_path
+
+    d = start(tmp_path, arena="1MiB")
+    try:
+        backend = make_backend(sglang_env.host_pool(), endpoint=d.endpoint)
+        link = backend._link
+        old = link.arena
+        path = segment_path(link.reg.arena_name)
+        size = os.path.getsize(path)
+        os.unlink(path)  # what the old daemon's exit leaves for the new one
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.ftruncate(fd, size)
+        os.close(fd)
+        with d.client() as client:
+            client.unregister_engine(link.engine_id)  # the new daemon does not know us
+        assert backend.batch_exists(keys(0, prefix="inode")) == 0
+        assert link.arena is not old and link.retired == [old]
+        assert link.arena_ident == (os.stat(path).st_dev, os.stat(path).st_ino)
+    finally:
+        d.stop()
