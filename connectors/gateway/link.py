@@ -1,38 +1,28 @@
-"""The gateway's link to tokencaked: one thread, one blocking client, one ``AppSession`` per app.
+"""The gateway's link to tokencaked: one ``AsyncTokenCakeClient`` on the proxy's event loop.
 
-The proxy's event loop never waits on the daemon except for an app's registration (its
-first request is tagged only once the daemon knows the app). Events go through a FIFO to the
-link's thread, so they reach the daemon in the order the gateway saw them, and a slow or
-absent daemon costs the proxy nothing.
+Events are queued and sent by one task, in the order the gateway saw them, so the daemon
+sees an app's registration before its events and a tool call's start before its end. The
+proxy never waits on the daemon except, where the engine's connector reports LLM calls, for
+an app's registration before its first tagged request (``Gateway``).
 
-``AppSession`` (``clients/session.py``) does the registration and re-registers an app a
-restarted daemon has forgotten. A daemon that does not answer marks the link down for
-``retry_s``: meanwhile registrations fail at once (requests pass through untagged) and
-events are counted as missed, not queued.
+An app the daemon answers ``unknown_app`` for (it restarted and forgot) is registered again
+and the event resent, once: ``clients/session.py``'s rule for blocking clients, here for
+the asyncio client (a blocking client in a thread would contend with the proxy for the GIL).
+A daemon that does not answer marks the link down for ``retry_s``: meanwhile registrations
+fail at once (requests pass through untagged) and events are counted as missed, not queued.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from tokencake import protocol as p
-from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
-from tokencake.clients.session import AppSession
+from tokencake.clients.client import AsyncTokenCakeClient, DaemonUnavailable
 
 logger = logging.getLogger(__name__)
-
-_STOP = object()
-
-
-def _resolve(fut: concurrent.futures.Future[bool], ok: bool) -> None:
-    if fut.set_running_or_notify_cancel():
-        fut.set_result(ok)
 
 
 class DaemonLink:
@@ -52,119 +42,127 @@ class DaemonLink:
         self.missed = 0
         self.rejected = 0
         self._down_until = 0.0
-        self._sessions: dict[str, AppSession] = {}
-        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._run, name="tokencake-gateway-link", daemon=True
-        )
-        self._thread.start()
+        self._dags: dict[str, p.AppDag] = {}
+        self._q: asyncio.Queue[tuple[Any, ...]] | None = None
+        self._client: AsyncTokenCakeClient | None = None
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def down(self) -> bool:
         return time.monotonic() < self._down_until
 
-    # ------------------------------------------------------------------ from the event loop
+    def _queue(self) -> asyncio.Queue[tuple[Any, ...]]:
+        if self._q is None:
+            self._q = asyncio.Queue()
+            self._client = AsyncTokenCakeClient(self.endpoint, timeout_s=self.timeout_s)
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return self._q
 
-    def register(self, app_id: str, dag: p.AppDag) -> concurrent.futures.Future[bool]:
+    # ------------------------------------------------------------------ callers
+
+    def register(self, app_id: str, dag: p.AppDag) -> asyncio.Future[bool]:
         """Declare an app; the future says whether the daemon now knows it."""
-        fut: concurrent.futures.Future[bool] = concurrent.futures.Future()
-        if self.down:
-            _resolve(fut, False)
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        q = self._queue()
+        if self.down or q.qsize() >= self.max_queue:
+            fut.set_result(False)
         else:
-            self._q.put((self._register, (app_id, dag, fut)))
+            q.put_nowait(("register", app_id, dag, fut))
         return fut
 
-    def event(self, app_id: str, op: str, *args: Any) -> None:
-        """Send ``client.<op>(app_id, *args)`` for a registered app, in order, not waiting."""
-        if self.down or self._q.qsize() >= self.max_queue:
+    def event(self, req: p.Request) -> None:
+        """Send an agent event of a registered app, in order, not waiting."""
+        q = self._queue()
+        if self.down or q.qsize() >= self.max_queue:
             self.missed += 1
             return
-        self._q.put((self._event, (app_id, op, args)))
+        q.put_nowait(("event", req))
 
     def end_app(self, app_id: str) -> None:
-        self._q.put((self._end, (app_id,)))
+        self._queue().put_nowait(("end", app_id))
 
-    def close(self, timeout_s: float = 2.0) -> None:
-        self._q.put(_STOP)
-        self._thread.join(timeout_s)
+    async def close(self) -> None:
+        """Send what is queued (bounded by the daemon timeout per item), then stop."""
+        if self._task is not None and self._q is not None:
+            # A stop item, not only a cancel: Python 3.11's wait_for (inside the client) can
+            # swallow a cancellation that races a reply, and the task would wait forever.
+            self._q.put_nowait(("stop",))
+            await asyncio.wait({self._task}, timeout=self.timeout_s * 4 + 1.0)
+            if not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
+        if self._client is not None:
+            await self._client.close()
 
-    # ------------------------------------------------------------------ in the link's thread
+    # ------------------------------------------------------------------ the sender task
 
-    def _run(self) -> None:
-        client = TokenCakeClient(self.endpoint, timeout_s=self.timeout_s)
-        try:
-            while True:
-                item = self._q.get()
-                if item is _STOP:
-                    return
-                fn, args = item
-                try:
-                    fn(client, *args)
-                except Exception:
-                    logger.exception("gateway link: %s failed", getattr(fn, "__name__", fn))
-        finally:
-            client.close()
+    async def _run(self) -> None:
+        assert self._q is not None and self._client is not None
+        client = self._client
+        while True:
+            item = await self._q.get()
+            if item[0] == "stop":
+                return
+            try:
+                if item[0] == "register":
+                    await self._register(client, item[1], item[2], item[3])
+                elif item[0] == "event":
+                    await self._event(client, item[1])
+                else:
+                    await self._end(client, item[1])
+            except Exception:
+                logger.exception("gateway link: %s failed", item[0])
 
     def _mark_down(self, why: object) -> None:
         if not self.down:
             logger.warning("tokencaked unavailable (%s); passing requests through", why)
         self._down_until = time.monotonic() + self.retry_s
 
-    def _register(
-        self,
-        client: TokenCakeClient,
-        app_id: str,
-        dag: p.AppDag,
-        fut: concurrent.futures.Future[bool],
+    async def _register(
+        self, client: AsyncTokenCakeClient, app_id: str, dag: p.AppDag, fut: asyncio.Future[bool]
     ) -> None:
-        if self.down:
-            _resolve(fut, False)
-            return
-        try:
-            session = AppSession(client, app_id, dag)
-        except p.RemoteError as exc:
-            self.rejected += 1
-            logger.warning("tokencaked refused app %s: %s", app_id, exc)
-            _resolve(fut, False)
-            return
-        if session.missed_events:
-            self._mark_down("no reply to register_app")
-            _resolve(fut, False)
-            return
-        self.sent += 1
-        self._sessions[app_id] = session
-        _resolve(fut, True)
+        ok = False
+        if not self.down:
+            try:
+                await client.register_app(app_id, dag)
+                self._dags[app_id] = dag
+                self.sent += 1
+                ok = True
+            except DaemonUnavailable as exc:
+                self._mark_down(exc)
+            except p.RemoteError as exc:
+                self.rejected += 1
+                logger.warning("tokencaked refused app %s: %s", app_id, exc)
+        if not fut.done():
+            fut.set_result(ok)
 
-    def _event(self, client: TokenCakeClient, app_id: str, op: str, args: tuple[Any, ...]) -> None:
-        session = self._sessions.get(app_id)
-        if session is None:
+    async def _event(self, client: AsyncTokenCakeClient, req: p.Request) -> None:
+        app_id: str = getattr(req, "app_id", "")
+        if app_id not in self._dags:
             return  # never registered: its requests went through untagged
         if self.down:
             self.missed += 1
             return
-        missed = session.missed_events
-        fn: Callable[..., p.EventAck] = getattr(client, op)
         try:
-            session._send(fn, app_id, *args)
+            try:
+                await client.call(req, p.EventAck)
+            except p.RemoteError as exc:
+                if exc.code != p.ErrorCode.UNKNOWN_APP:
+                    raise
+                await client.register_app(app_id, self._dags[app_id])
+                await client.call(req, p.EventAck)
+            self.sent += 1
+        except DaemonUnavailable as exc:
+            self.missed += 1
+            self._mark_down(exc)
         except p.RemoteError as exc:
             self.rejected += 1
-            logger.debug("tokencaked refused %s for %s: %s", op, app_id, exc)
-            return
-        except DaemonUnavailable as exc:  # strict sessions only; ours are not
-            self._mark_down(exc)
-            self.missed += 1
-            return
-        if session.missed_events > missed:
-            self.missed += 1
-            self._mark_down(f"no reply to {op}")
-        else:
-            self.sent += 1
+            logger.debug("tokencaked refused %s for %s: %s", req.op, app_id, exc)
 
-    def _end(self, client: TokenCakeClient, app_id: str) -> None:
-        session = self._sessions.pop(app_id, None)
-        if session is None or self.down:
+    async def _end(self, client: AsyncTokenCakeClient, app_id: str) -> None:
+        if self._dags.pop(app_id, None) is None or self.down:
             return
         try:
-            session.end()
-        except p.RemoteError as exc:
+            await client.app_end(app_id)
+        except (DaemonUnavailable, p.RemoteError) as exc:
             logger.debug("app_end %s: %s", app_id, exc)

@@ -47,7 +47,7 @@ class GatewayMetrics:
         )
         self.passthrough = Counter(
             "tokencake_gateway_passthrough",
-            "Requests forwarded unchanged, by reason (daemon_down, managed, untracked).",
+            "Requests forwarded unchanged (daemon_down, registering, managed, untracked).",
             ["reason"],
             registry=r,
         )

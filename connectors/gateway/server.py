@@ -136,6 +136,7 @@ class Gateway:
             self.link, self.metrics, llm_events=llm_events, app_idle_s=app_idle_s
         )
         self.register_wait_s = daemon_timeout_s
+        self.wait_registration = not llm_events
         self.upstream_timeout_s = upstream_timeout_s
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -167,7 +168,7 @@ class Gateway:
                 await self._sweeper
         if self._session is not None:
             await self._session.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.link.close)
+        await self.link.close()
 
     async def _sweep(self) -> None:
         while True:
@@ -243,22 +244,33 @@ class Gateway:
             kv = body.get("kv_transfer_params")
             body["kv_transfer_params"] = {**(kv if isinstance(kv, dict) else {}), **plan.tags}
             data = _encode(body)
-        else:
-            self.metrics.passthrough.labels("daemon_down").inc()
         upstream = await self.upstreams.pick(self.session, model, plan.conv.conv_id)
         return await self._forward(request, data, upstream, plan, kind)
 
     async def _registered(self, plan: Plan) -> bool:
+        """Whether to tag the request: only once the daemon knows its app.
+
+        Where the engine's connector reports events (``--llm-events engine``) the tags are
+        what links its KV to the agent: wait for the registration, at most the daemon
+        timeout. Where the gateway reports them, the tags are informational and the event
+        queue orders the events after the registration: a request whose app is still being
+        registered goes untagged rather than wait.
+        """
         reg = plan.registered
         if not reg.done():
+            if not self.wait_registration:
+                self.metrics.passthrough.labels("registering").inc()
+                return False
             try:
                 # shield: giving up waiting must not cancel the registration itself.
-                await asyncio.wait_for(
-                    asyncio.shield(asyncio.wrap_future(reg)), self.register_wait_s
-                )
+                await asyncio.wait_for(asyncio.shield(reg), self.register_wait_s)
             except TimeoutError:
+                self.metrics.passthrough.labels("daemon_down").inc()
                 return False
-        return not reg.cancelled() and reg.result()
+        if reg.cancelled() or not reg.result():
+            self.metrics.passthrough.labels("daemon_down").inc()
+            return False
+        return True
 
     async def _forward(
         self,

@@ -20,7 +20,7 @@ Pure bookkeeping: no I/O here except through the ``DaemonLink`` queue; time is p
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import hashlib
 import itertools
 import logging
@@ -65,7 +65,7 @@ class DaemonApp:
 
     app_id: str
     dag: p.AppDag
-    reg: concurrent.futures.Future[bool] | None = None
+    reg: asyncio.Future[bool] | None = None
 
 
 @dataclass(slots=True)
@@ -130,7 +130,7 @@ class Plan:
     kind: str
     request_id: str
     tags: dict[str, Any]
-    registered: concurrent.futures.Future[bool]
+    registered: asyncio.Future[bool]
     hashes: list[bytes]
     tool_s: float | None
     started: float
@@ -198,7 +198,7 @@ class Tracker:
         request_id = f"gw-{next(self._request_ids)}"
         reg = self._ensure_registered(conv.dapp)
         if self.llm_events:
-            self.link.event(conv.dapp.app_id, "llm_call_start", conv.node, "", request_id)
+            self.link.event(p.LlmCallStart(conv.dapp.app_id, conv.node, request_id=request_id))
         tags = kv_transfer_params(
             conv.dapp.app_id, conv.node, node=conv.node, importance=conv.importance
         )
@@ -352,7 +352,7 @@ class Tracker:
                 found.append(conv)
         return found
 
-    def _ensure_registered(self, dapp: DaemonApp) -> concurrent.futures.Future[bool]:
+    def _ensure_registered(self, dapp: DaemonApp) -> asyncio.Future[bool]:
         reg = dapp.reg
         failed = reg is not None and reg.done() and (reg.cancelled() or not reg.result())
         if reg is None or (failed and not self.link.down):
@@ -375,7 +375,7 @@ class Tracker:
         answered = self._answered(kind, body, messages)
         ok = bool(conv.tool_ids) and set(conv.tool_ids) <= answered
         call_id = f"{conv.conv_id}:{conv.tool_calls}"
-        self.link.event(conv.dapp.app_id, "tool_call_end", conv.node, call_id, ok)
+        self.link.event(p.ToolCallEnd(conv.dapp.app_id, conv.node, call_id=call_id, ok=ok))
         conv.last_tool_s = actual
         conv.state = IDLE
 
@@ -408,7 +408,11 @@ class Tracker:
         conv.last_seen = conv.app.last_seen = now
         if self.llm_events:
             tokens = outcome.output_tokens if outcome is not None else 0
-            self.link.event(conv.dapp.app_id, "llm_call_finish", conv.node, plan.request_id, tokens)
+            self.link.event(
+                p.LlmCallFinish(
+                    conv.dapp.app_id, conv.node, request_id=plan.request_id, output_tokens=tokens
+                )
+            )
         if outcome is None or not outcome.finished:
             if conv.inflight == 0:
                 conv.state = IDLE
@@ -433,7 +437,9 @@ class Tracker:
             self.metrics.tool_calls.labels(kind).inc()
             call_id = f"{conv.conv_id}:{conv.tool_calls}"
             self.link.event(
-                conv.dapp.app_id, "tool_call_start", conv.node, kind, predicted, call_id
+                p.ToolCallStart(
+                    conv.dapp.app_id, conv.node, kind, predicted_s=predicted, call_id=call_id
+                )
             )
             return
         if conv.inflight == 0:

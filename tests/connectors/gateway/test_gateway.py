@@ -217,8 +217,10 @@ def test_react_tool_calls_reach_the_daemon(daemon: procs.Proc, stream: bool) -> 
             assert inner <= after["last_tool_s"] <= outer
             assert _agents(daemon.endpoint, conv["app_id"])[conv["agent_id"]].state == "idle"
 
-            # The engine saw the agent's tags on both requests.
-            for _path, _headers, body in s.upstream.requests:
+            # The engine saw the agent's tags once the daemon knew the app (the first
+            # request went while it was being registered).
+            assert "kv_transfer_params" not in s.upstream.requests[0][2]
+            for _path, _headers, body in s.upstream.requests[1:]:
                 tags = body["kv_transfer_params"]["tokencake"]
                 assert (tags["app_id"], tags["agent_id"]) == (conv["app_id"], conv["agent_id"])
 
@@ -232,6 +234,21 @@ def test_react_tool_calls_reach_the_daemon(daemon: procs.Proc, stream: bool) -> 
     for op in ("register_app", "llm_call_start", "llm_call_finish"):
         assert events.get(op, 0) >= 1
     assert events.get("tool_call_start", 0) >= 1 and events.get("tool_call_end", 0) >= 1
+
+
+def test_engine_mode_tags_every_request_and_leaves_llm_events_to_it(daemon: procs.Proc) -> None:
+    async def main() -> None:
+        async with stack(daemon.endpoint, llm_events=False) as s:
+            await react_loop(s.agent, "engine mode task", 0.0)
+            await s.drained()
+            (conv,) = s.view()["conversations"]
+            for _path, _headers, body in s.upstream.requests:
+                tags = body["kv_transfer_params"]["tokencake"]
+                assert (tags["app_id"], tags["agent_id"]) == (conv["app_id"], conv["agent_id"])
+            # register, tool_call_start, tool_call_end and the drain probe: no LLM events.
+            assert s.view()["daemon"]["sent"] == 4
+
+    run(main())
 
 
 def test_streamed_bytes_pass_through_unchanged(daemon: procs.Proc) -> None:
@@ -451,11 +468,13 @@ def test_completions_responses_models_and_managed(daemon: procs.Proc) -> None:
 # ---------------------------------------------------------------------------- failure
 
 
-def test_daemon_down_passes_requests_through_unchanged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("llm_events", [True, False], ids=["gateway-events", "engine-events"])
+def test_daemon_down_passes_requests_through_unchanged(tmp_path: Path, llm_events: bool) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "no daemon"}], "tools": TOOLS}
 
     async def main() -> None:
-        async with stack(f"ipc://{tmp_path}/none.sock", daemon_timeout_s=0.05) as s:
+        endpoint = f"ipc://{tmp_path}/none.sock"
+        async with stack(endpoint, daemon_timeout_s=0.05, llm_events=llm_events) as s:
             async with aiohttp.ClientSession() as http:
                 for _ in range(2):
                     async with http.post(f"{s.gw_url}/v1/chat/completions", json=body) as r:
@@ -465,6 +484,7 @@ def test_daemon_down_passes_requests_through_unchanged(tmp_path: Path) -> None:
                     assert await r.read() == via
             for _path, _h, received in s.upstream.requests:
                 assert received == body
+            await s.drained()
             assert s.view()["daemon"]["down"]
 
     run(main())
