@@ -16,10 +16,15 @@ import time
 from typing import Any
 
 import pytest
-import torch
 
 from tests.connectors.sglang import sglang_env
 from tests.procs import start
+
+pytest.importorskip("torch")
+pytest.importorskip("sglang", reason="sglang not installed (bash scripts/bootstrap.sh test)")
+
+import torch
+
 from tokencake.connectors.sglang.pages import HostPages, page_key
 
 PAGE = 4  # tokens per page in sglang_env.host_pool

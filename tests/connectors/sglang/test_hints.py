@@ -7,7 +7,6 @@ import hashlib
 from typing import Any
 
 import pytest
-import torch
 
 from tests.connectors.sglang import sglang_env
 from tests.procs import Proc
@@ -141,6 +140,8 @@ def test_a_stalled_agents_pages_come_back_from_the_daemon(daemon: Proc, make_bac
     """The temporal path in SGLang terms: the agent's pages are written through to the
     daemon while it runs, its tool call starts, SGLang drops the pages from its own host
     tier, and the agent's next call prefetches them back (batch_exists + batch_get_v1)."""
+    import torch
+
     pool = sglang_env.host_pool()
     backend = make_backend(pool)
     ks = [hashlib.sha256(f"agent-page{i}".encode()).hexdigest() for i in range(4)]
