@@ -96,6 +96,11 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
             "tool_offload": "daemon" if phase == "daemon" else "always",
             "save": "tool",
             "timeout_ms": 250,
+            # The upload as the simulator models it: staged on the host, loaded when the
+            # agent's request arrives. The engine's predictive upload into GPU blocks is
+            # gated by free GPU memory step by step, which the simulator does not model
+            # (tests/connectors/vllm/test_preload.py covers it).
+            "preload": False,
         }
     kwargs = engine_kwargs(model, kv_bytes=KV_BYTES, connector=connector)
     if phase == "daemon":

@@ -44,6 +44,19 @@ class ConnectorConfig:
     """The longest any hold taken on the daemon's behalf lasts, whatever the daemon says:
     a pin of an agent's GPU blocks, or ``TokenCakeScheduler`` deferring a request to keep
     blocks free for critical agents. Enforced by the connector's own clock every step."""
+    preload: bool = True
+    """On the daemon's ``upload`` decision, copy the agent's host KV into free GPU blocks
+    and register them in vLLM's prefix cache before its next request (predictive upload);
+    off: the next request loads it from the host when it arrives."""
+    preload_chunk_blocks: int = 16
+    """The most GPU blocks a predictive upload takes from vLLM's free queue per step."""
+    preload_min_free: float = 0.05
+    """A predictive upload leaves at least this share of the pool free, beyond what waiting
+    requests need and one block per running request."""
+    idle_tick_s: float = 0.005
+    """While vLLM has no requests but the connector awaits the daemon's decisions for its
+    agents in tool calls, the engine keeps stepping (vLLM's ``has_pending_push_work``) at
+    most once per this interval, so decisions and copies happen without traffic."""
     liveness_s: float = 2.0
     """While the connector holds blocks for the daemon, it must have had a reply within
     this long; otherwise it pings once (``timeout_ms``) and, if that fails, marks the link
@@ -68,6 +81,12 @@ class ConnectorConfig:
             raise ValueError("reserve_fraction must be in [0, 1]")
         if not 0 < self.hold_max_s <= 3600:
             raise ValueError("hold_max_s must be in (0, 3600]")
+        if not 1 <= self.preload_chunk_blocks <= 65536:
+            raise ValueError("preload_chunk_blocks must be in [1, 65536]")
+        if not 0 <= self.preload_min_free < 1:
+            raise ValueError("preload_min_free must be in [0, 1)")
+        if not 0 <= self.idle_tick_s <= 1:
+            raise ValueError("idle_tick_s must be in [0, 1]")
         if not 0 < self.liveness_s <= 3600:
             raise ValueError("liveness_s must be in (0, 3600]")
 

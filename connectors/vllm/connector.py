@@ -43,6 +43,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.core.kv_cache_utils import BlockHash, get_block_hash
 
 from tokencake import protocol as p
+from tokencake.connectors.vllm import preload
 from tokencake.connectors.vllm.config import ConnectorConfig
 from tokencake.connectors.vllm.metadata import CopyJob, TokenCakeMetadata, TokenCakeWorkerMetadata
 from tokencake.connectors.vllm.params import NAMESPACE, AgentParams, agent_params
@@ -92,6 +93,8 @@ class ConnectorStats:
     uploads_staged: int = 0
     events_sent: int = 0
     reconnects: int = 0
+    preloaded_blocks: int = 0
+    """GPU blocks a predictive upload copied in and registered in vLLM's prefix cache."""
     holds_released: int = 0
     """GPU blocks released because the daemon's link went down while they were pinned."""
 
@@ -116,6 +119,8 @@ class _Job:
     hashes: list[bytes] = field(default_factory=list)
     release_refs: bool = False  # the connector holds a reference on ``prefix``
     free_gpu: bool = False  # drop ``prefix`` from the GPU prefix cache once committed
+    preload: tuple[str, str] | None = None  # a predictive upload of this agent's KV
+    first: int = 0  # a preload's first block index in the agent's prefix
 
 
 @dataclass(slots=True)
@@ -127,6 +132,9 @@ class _AgentKv:
     open_tool: str = ""
     pinned: list[int] = field(default_factory=list)
     pin_until: float = 0.0
+    watch_until: float = 0.0
+    """While in a tool call: until when the engine keeps stepping for this agent's
+    decisions when it has no requests (0: not watched)."""
 
 
 REGISTER_TIMEOUT_S = 0.25
@@ -356,6 +364,8 @@ class TokenCakeConnector(KVConnectorBase_V1):
         they arrived), with their prompt tokens."""
         self._agents: dict[tuple[str, str], _AgentKv] = {}
         self._to_free: list[tuple[list[int], list[bytes]]] = []
+        self._preloads: dict[tuple[str, str], preload.Preload] = {}
+        self._progress_at = 0.0  # when a copy job was last created or finished
         self._pushes_applied = False
         self.queue_probe: Callable[[], tuple[int, int, int]] | None = None
         """Set by ``TokenCakeScheduler``: (waiting requests, running requests, blocks the
@@ -397,6 +407,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
 
     def _next_job(self) -> int:
         self._job_ids += 1
+        self._progress_at = time.monotonic()
         return self._job_ids
 
     def _chain(self, request: Request) -> list[bytes]:
@@ -552,6 +563,8 @@ class TokenCakeConnector(KVConnectorBase_V1):
             self._apply_pushes(now)
         self._pushes_applied = False  # a new step: apply again before its first allocation
         self._free_pending()
+        if self._preloads:
+            self._advance_preloads(now)
         reg = link.reg
         meta = TokenCakeMetadata(
             arena_name=reg.arena_name if reg else "",
@@ -570,6 +583,13 @@ class TokenCakeConnector(KVConnectorBase_V1):
             return
         self._params[request.request_id] = params
         agent = self._agents.get(params.key)
+        if agent is not None:
+            agent.watch_until = 0.0
+        pending = self._preloads.get(params.key)
+        if pending is not None:
+            pending.done = True  # what is not on the GPU yet, this request loads itself
+            if not pending.inflight:
+                del self._preloads[params.key]
         if not link.up:
             # Reported when the link comes back, if the request is still in flight then.
             self._unreported[request.request_id] = request.num_prompt_tokens
@@ -634,6 +654,12 @@ class TokenCakeConnector(KVConnectorBase_V1):
                 )
                 if params.tool is not None:
                     agent.open_tool = req_id
+                    # Keep an idle engine stepping while the daemon decides about this
+                    # call (offload, pin, upload): about twice the predicted call, at most
+                    # hold_max_s.
+                    predicted = params.tool.predicted_s or self.cfg.hold_max_s
+                    watch = min(2.0 * predicted, self.cfg.hold_max_s)
+                    agent.watch_until = time.monotonic() + watch
                     self._event(
                         p.ToolCallStart(
                             params.app_id,
@@ -714,12 +740,15 @@ class TokenCakeConnector(KVConnectorBase_V1):
         meta = connector_output.kv_connector_worker_meta
         if not isinstance(meta, TokenCakeWorkerMetadata):
             return
+        self._progress_at = time.monotonic()
         link = self._link
         assert link is not None
         for job_id in meta.loaded:
             job = self._jobs.pop(job_id, None)
             if job is None:
                 continue
+            if job.preload is not None:
+                self._preload_done(job_id, job, ok=True)
             self.stats.loaded_blocks += len(job.slots)
             if link.up and job.epoch == link.epoch:
                 copy_s = meta.seconds.get(job_id, -1.0)
@@ -741,6 +770,8 @@ class TokenCakeConnector(KVConnectorBase_V1):
                 continue
             logger.warning("TokenCake copy job %d failed; the engine recomputes", job_id)
             self.stats.load_failures += int(job.is_load)
+            if job.preload is not None:
+                self._preload_done(job_id, job, ok=False)
             if link.up and job.epoch == link.epoch:
                 if job.is_load:
                     link.call(p.LoadEnd(link.engine_id, job.slots), p.LoadEndReply)
@@ -788,11 +819,13 @@ class TokenCakeConnector(KVConnectorBase_V1):
         if kind == "offload":
             self._offload(key, agent, free_gpu=bool(params.get("free_gpu", True)))
         elif kind == "upload":
-            # The agent's KV is staged in the host store already (the form of predictive
-            # upload built here): its next request finds it in get_num_new_matched_tokens
-            # and loads it asynchronously. vLLM has no way to place KV into GPU blocks for a
-            # request that does not exist yet without a fork.
+            # The KV is in the host store. With preload it is copied into free GPU blocks
+            # a chunk per step (``_advance_preloads``); otherwise, or for what is left when
+            # the agent's request comes, get_num_new_matched_tokens loads it then.
             self.stats.uploads_staged += 1
+            if self.cfg.preload and agent.open_tool and agent.hashes:
+                deadline = time.monotonic() + self.cfg.hold_max_s
+                self._preloads[key] = preload.Preload(list(agent.hashes), deadline)
         elif kind == "drop" and params.get("where", "gpu") == "gpu":
             self._to_free.append((agent.blocks, agent.hashes))
         elif kind == "pin":
@@ -855,6 +888,96 @@ class TokenCakeConnector(KVConnectorBase_V1):
             if agent.pinned and now >= agent.pin_until:
                 self._unpin(agent)
 
+    def _advance_preloads(self, now: float) -> None:
+        """Start the next chunk of each predictive upload that has none in flight."""
+        link, pool = self._link, self._pool
+        assert link is not None
+        if pool is None or not link.up:
+            return
+        _, running, waiting_blocks = (
+            self.queue_probe() if self.queue_probe is not None else (0, 0, 0)
+        )
+        for key, pending in list(self._preloads.items()):
+            if pending.inflight:
+                continue
+            if pending.done or now > pending.deadline or not link.up:
+                del self._preloads[key]
+                continue
+            have = len(self._resident([], pending.hashes))
+            rest = pending.hashes[have:]
+            n = preload.budget(
+                pool,
+                waiting_blocks=waiting_blocks,
+                running=running,
+                min_free=self.cfg.preload_min_free,
+                want=min(len(rest), self.cfg.preload_chunk_blocks),
+            )
+            if not rest:
+                del self._preloads[key]
+                continue
+            if n <= 0:
+                continue  # no room this step; try again next step, until the deadline
+            reply = link.call(
+                p.LoadBegin(link.engine_id, rest[:n], self.cfg.salt, *key), p.LoadBeginReply
+            )
+            if reply is None or not reply.slots:
+                del self._preloads[key]  # the host has no more of it (or the daemon is gone)
+                continue
+            slots = list(reply.slots)
+            blocks = preload.take(pool, len(slots))
+            job_id = self._next_job()
+            self._jobs[job_id] = _Job(
+                link.epoch,
+                True,
+                slots,
+                prefix=blocks,
+                hashes=rest[: len(slots)],
+                preload=key,
+                first=have,
+            )
+            self._loads.append(CopyJob(job_id, slots, blocks))
+            pending.inflight = job_id
+
+    def _preload_done(self, job_id: int, job: _Job, *, ok: bool) -> None:
+        """A chunk's copy ended: register the blocks (or release them unhashed)."""
+        assert job.preload is not None and self._pool is not None
+        if ok:
+            self.stats.preloaded_blocks += preload.register(
+                self._pool, job.prefix, job.hashes, job.first, self.block_size
+            )
+        else:
+            preload.release(self._pool, job.prefix)
+        pending = self._preloads.get(job.preload)
+        if pending is not None and pending.inflight == job_id:
+            pending.inflight = 0
+            if pending.done or not ok:
+                del self._preloads[job.preload]
+
+    def has_pending_push_work(self) -> bool:
+        """vLLM asks this when it has no requests: True keeps its engine loop stepping.
+
+        It does while copies are queued or in flight, a predictive upload is under way, or
+        an agent of this engine is in a tool call whose decisions may still come (watched
+        up to ``hold_max_s``); in the last case at most every ``idle_tick_s``, so an idle
+        engine costs little. An empty step runs the connector's scheduler side (pushes,
+        preloads) and the worker's copies (vLLM's no-forward path), and nothing else.
+        """
+        link = self._link
+        if link is None:
+            return False
+        now = time.monotonic()
+        if self._loads or self._stores or self._to_free or self._preloads:
+            return True
+        if self._jobs and now - self._progress_at < self.cfg.hold_max_s:
+            return True  # copies in flight report back on a step (never spins forever)
+        if not link.up:
+            return False
+        if any(a.open_tool and now < a.watch_until for a in self._agents.values()):
+            if self.cfg.idle_tick_s > 0:
+                time.sleep(self.cfg.idle_tick_s)
+            return True
+        return False
+
     def _holds(self) -> int:
         """Engine blocks held for the daemon now: pins (an offload's copy holds its blocks
         too, but only until the worker's copy ends, which needs no daemon)."""
@@ -862,6 +985,10 @@ class TokenCakeConnector(KVConnectorBase_V1):
 
     def _release_holds(self) -> None:
         """The link went down: nothing the daemon asked for is held a moment longer."""
+        for key, pending in list(self._preloads.items()):
+            pending.done = True  # a chunk in flight completes from the mapped arena
+            if not pending.inflight:
+                del self._preloads[key]
         released = 0
         for agent in self._agents.values():
             released += len(agent.pinned)

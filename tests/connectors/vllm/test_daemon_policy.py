@@ -50,6 +50,9 @@ def engine(tiny_model: Any, daemon: DaemonProcess) -> Iterator[Any]:
                 "endpoint": daemon.endpoint,
                 "engine_name": "policy",
                 "tool_offload": "daemon",
+                # The upload's on-arrival form: the continuation loads from the host
+                # (test_preload.py covers the predictive upload into GPU blocks).
+                "preload": False,
                 # 20 ms by default; a shared, overloaded test machine can miss that.
                 "timeout_ms": 250,
             },
