@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import click
@@ -30,6 +31,16 @@ def _upstream(_ctx: click.Context, _param: click.Parameter, values: tuple[str, .
             raise click.BadParameter(f"{value!r}: give the server's root URL, not a path")
         out.append(f"{parts.scheme}://{parts.netloc}")
     return out
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (vLLM brings it), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 @click.command(cls=Command, context_settings=HELP_OPTIONS)
@@ -103,8 +114,11 @@ def main(
         upstream_timeout_s=upstream_timeout_s,
     )
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(gateway, host, port))
+        with (
+            contextlib.suppress(KeyboardInterrupt),
+            asyncio.Runner(loop_factory=_loop_factory()) as runner,
+        ):
+            runner.run(serve(gateway, host, port))
     except OSError as exc:
         click.echo(f"tokencake-gateway: cannot listen on {host}:{port}: {exc.strerror}", err=True)
         sys.exit(1)

@@ -23,6 +23,8 @@ COMPLETIONS: Final = "completions"
 RESPONSES: Final = "responses"
 
 _decoder = msgspec.json.Decoder()
+MAX_STREAM_BYTES: Final = 64 << 20
+"""A longer stream is relayed but not read (its outcome: unknown)."""
 
 
 @dataclass(slots=True)
@@ -70,7 +72,8 @@ class Observer:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.outcome = Outcome()
-        self._buf = b""
+        self._chunks: list[bytes] = []
+        self._size = 0
         self._text: list[str] = []
         self._calls: dict[int, ToolCall] = {}
 
@@ -138,64 +141,108 @@ class Observer:
     # ------------------------------------------------------------------ event streams
 
     def feed_stream(self, chunk: bytes) -> None:
-        self._buf += chunk
-        while True:
-            end = self._buf.find(b"\n\n")
-            if end < 0:
-                crlf = self._buf.find(b"\r\n\r\n")
-                if crlf < 0:
-                    return
-                event, self._buf = self._buf[:crlf], self._buf[crlf + 4 :]
-            else:
-                event, self._buf = self._buf[:end], self._buf[end + 2 :]
-            for line in event.splitlines():
-                if line.startswith(b"data:"):
-                    self._event(line[5:].strip())
-
-    def _event(self, data: bytes) -> None:
-        if not data or data == b"[DONE]":
-            return
-        try:
-            obj = _decoder.decode(data)
-        except msgspec.DecodeError:
-            return
-        if not isinstance(obj, dict):
-            return
-        if self.kind == RESPONSES:
-            if obj.get("type") in ("response.completed", "response.incomplete"):
-                self._whole(_obj(obj.get("response")))
-            return
-        usage = _obj(obj.get("usage"))
-        if usage:
-            self.outcome.output_tokens = _int(usage.get("completion_tokens"))
-        choice = self._choice0(obj)
-        if choice is None:
-            return
-        if choice.get("finish_reason"):
-            self.outcome.finish_reason = str(choice["finish_reason"])
-            self.outcome.finished = True
-        if self.kind == COMPLETIONS:
-            if isinstance(choice.get("text"), str):
-                self._text.append(choice["text"])
-            return
-        delta = _obj(choice.get("delta"))
-        if isinstance(delta.get("content"), str):
-            self._text.append(delta["content"])
-        for frag in delta.get("tool_calls") or ():
-            frag = _obj(frag)
-            index = _int(frag.get("index"))
-            call = self._calls.setdefault(index, ToolCall())
-            if frag.get("id"):
-                call.id = str(frag["id"])
-            fn = _obj(frag.get("function"))
-            if fn.get("name"):
-                call.name += str(fn["name"])
-            if isinstance(fn.get("arguments"), str):
-                call.arguments += fn["arguments"]
+        """Keep a relayed chunk; the events are read by ``close_stream``, off the relay path."""
+        self._size += len(chunk)
+        if self._size <= MAX_STREAM_BYTES:
+            self._chunks.append(chunk)
 
     def close_stream(self) -> Outcome:
         """The outcome of a stream that has ended."""
+        if self._size > MAX_STREAM_BYTES:
+            return Outcome()
+        data = b"".join(self._chunks)
+        self._chunks = []
+        if b"\r\n" in data:
+            data = data.replace(b"\r\n", b"\n")
+        for event in data.split(b"\n\n"):
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    self._event(line[5:].strip())
         if self.kind != RESPONSES:
             self.outcome.text = "".join(self._text)
             self.outcome.tool_calls = [self._calls[i] for i in sorted(self._calls)]
         return self.outcome
+
+    def _event(self, data: bytes) -> None:
+        if not data or data == b"[DONE]":
+            return
+        if self.kind == RESPONSES:
+            if b"response.completed" in data or b"response.incomplete" in data:
+                try:
+                    obj = _decoder.decode(data)
+                except msgspec.DecodeError:
+                    return
+                if isinstance(obj, dict) and obj.get("type") in (
+                    "response.completed",
+                    "response.incomplete",
+                ):
+                    self._whole(_obj(obj.get("response")))
+            return
+        try:
+            chunk = _chunk_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        if chunk.usage is not None and chunk.usage.completion_tokens:
+            self.outcome.output_tokens = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            if choice.index == 0:
+                break
+        else:
+            return
+        if choice.finish_reason:
+            self.outcome.finish_reason = choice.finish_reason
+            self.outcome.finished = True
+        if self.kind == COMPLETIONS:
+            if choice.text:
+                self._text.append(choice.text)
+            return
+        delta = choice.delta
+        if delta is None:
+            return
+        if delta.content:
+            self._text.append(delta.content)
+        for frag in delta.tool_calls or ():
+            call = self._calls.setdefault(frag.index, ToolCall())
+            if frag.id:
+                call.id = frag.id
+            if frag.function is not None:
+                call.name += frag.function.name or ""
+                call.arguments += frag.function.arguments or ""
+
+
+# Typed views of a streamed chunk: fields not named here are skipped, not built.
+
+
+class _Fn(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _Frag(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Fn | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[_Frag] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    delta: _Delta | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    completion_tokens: int = 0
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)

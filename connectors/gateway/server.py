@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -73,6 +74,20 @@ def openai_error(status: int, message: str, err_type: str, code: str) -> web.Res
 
 def _headers(headers: Any) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+def _tagged(raw: bytes, body: dict[str, Any], tags: dict[str, Any]) -> bytes:
+    """``raw`` with ``tags`` in its ``kv_transfer_params``.
+
+    Without one already, the key is spliced in before the closing brace (the rest of the
+    body stays byte for byte as the client sent it); else the body is re-encoded with the
+    two merged."""
+    kv = body.get("kv_transfer_params")
+    end = raw.rstrip()
+    if kv is None and body and end.endswith(b"}") and "kv_transfer_params" not in body:
+        return end[:-1] + b',"kv_transfer_params":' + _encode(tags) + b"}"
+    body["kv_transfer_params"] = {**(kv if isinstance(kv, dict) else {}), **tags}
+    return _encode(body)
 
 
 class Upstreams:
@@ -241,9 +256,7 @@ class Gateway:
             return await self._forward(request, raw, upstream, None, kind)
         data = raw
         if await self._registered(plan):
-            kv = body.get("kv_transfer_params")
-            body["kv_transfer_params"] = {**(kv if isinstance(kv, dict) else {}), **plan.tags}
-            data = _encode(body)
+            data = _tagged(raw, body, plan.tags)
         upstream = await self.upstreams.pick(self.session, model, plan.conv.conv_id)
         return await self._forward(request, data, upstream, plan, kind)
 
@@ -328,9 +341,11 @@ class Gateway:
                 if observer is not None:
                     observer.feed_stream(chunk)
                 await resp.write(chunk)
-            if plan is not None and observer is not None and up.status == 200:
-                self.tracker.finish(plan, observer.close_stream(), time.monotonic())
+            ended = time.monotonic()
             await resp.write_eof()
+            if plan is not None and observer is not None and up.status == 200:
+                # Read after the client has it all: observing costs the stream nothing.
+                self.tracker.finish(plan, observer.close_stream(), ended)
         except ConnectionResetError:
             # The client went away: stop reading and close the upstream (the engine aborts).
             self.metrics.client_disconnects.inc()
@@ -350,7 +365,7 @@ async def serve(
     port: int,
     ready: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Run ``gateway`` on ``host:port`` until cancelled."""
+    """Run ``gateway`` on ``host:port`` until cancelled, SIGTERM or SIGINT."""
     runner = web.AppRunner(gateway.make_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -358,7 +373,13 @@ async def serve(
     logger.info("tokencake-gateway on http://%s:%d -> %s", host, port, gateway.upstreams.urls)
     if ready is not None:
         await ready()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         await runner.cleanup()

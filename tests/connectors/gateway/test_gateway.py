@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -589,5 +590,51 @@ def test_conversation_view_is_json(daemon: procs.Proc) -> None:
             async with http.get(f"{s.gw_url}/tokencake/conversations") as r:
                 view = json.loads(await r.read())
             assert [c["conversation"] for c in view["conversations"]] == ["viewer"]
+
+    run(main())
+
+
+def test_command_line_gateway_serves_and_stops_on_sigterm(daemon: procs.Proc) -> None:
+    """``tokencake-gateway`` as a user runs it: one process, a real upstream, SIGTERM."""
+
+    async def main() -> None:
+        upstream = ScriptedUpstream()
+        up_server = TestServer(upstream.app())
+        await up_server.start_server()
+        port = procs.free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tokencake.connectors.gateway.cli",
+            "--upstream",
+            str(up_server.make_url("")),
+            "--port",
+            str(port),
+            "--daemon",
+            daemon.endpoint,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with aiohttp.ClientSession() as http:
+                for _ in range(300):
+                    try:
+                        async with http.get(f"http://127.0.0.1:{port}/v1/models") as r:
+                            assert (await r.json())["data"][0]["id"] == MODEL
+                            break
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.05)
+                client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k")
+                _, _, _ = await react_loop(client, "via the command line", 0.0)
+                await client.close()
+                async with http.get(f"http://127.0.0.1:{port}/tokencake/conversations") as r:
+                    (conv,) = (await r.json())["conversations"]
+            assert conv["tool_calls"] == 1 and conv["state"] == "idle"
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await up_server.close()
 
     run(main())
