@@ -34,6 +34,7 @@ import aiohttp
 from aiohttp import web
 
 MODEL = "stub"
+DAEMON_ARGS = ("--arena-bytes", "16MiB", "--metrics-port", "0", "--log-level", "WARNING")
 TOOLS = [{"type": "function", "function": {"name": "run_tests", "parameters": {}}}]
 
 
@@ -89,6 +90,12 @@ def run_stub(port: int) -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/models", _models)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
@@ -201,7 +208,14 @@ async def streaming(direct: str, gw: str, streams: int, chunks: int) -> dict[str
     }
 
 
-async def sustained(url: str, seconds: float, agents: int = 64) -> float:
+def _cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def sustained(url: str, seconds: float, agents: int = 64) -> tuple[float, int]:
+    """Requests/s of ``agents`` concurrent agents for ``seconds``, and how many were done."""
     done = 0
     stop = time.monotonic() + seconds
     connector = aiohttp.TCPConnector(limit=0)
@@ -217,7 +231,7 @@ async def sustained(url: str, seconds: float, agents: int = 64) -> float:
 
         t = time.perf_counter()
         await asyncio.gather(*(agent(k) for k in range(agents)))
-        return done / (time.perf_counter() - t)
+        return done / (time.perf_counter() - t), done
 
 
 async def tool_accuracy(gw: str, n: int, seed: int = 0) -> dict[str, float]:
@@ -241,8 +255,8 @@ async def tool_accuracy(gw: str, n: int, seed: int = 0) -> dict[str, float]:
             sent = time.monotonic()
             await _post(http, gw, body)
             inner.append(sent - got)
-        async with http.get(f"{gw}/tokencake/conversations") as r:
-            view = await r.json()
+        async with http.get(f"{gw}/tokencake/conversations") as resp:
+            view = await resp.json()
     # The last n conversations the gateway started are this loop's, in order.
     ours = [c["last_tool_s"] for c in view["conversations"]][-n:]
     errors = [(g - t) * 1e3 for g, t in zip(ours, inner, strict=True)]
@@ -261,8 +275,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCAKE_")}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tokencake.daemon", "--endpoint", endpoint]
-            + ["--arena-bytes", "16MiB", "--metrics-port", "0", "--log-level", "WARNING"],
+            [sys.executable, "-m", "tokencake.daemon", "--endpoint", endpoint, *DAEMON_ARGS],
             env=env,
         ),
         subprocess.Popen([sys.executable, __file__, "--stub", str(stub_port)], env=env),
@@ -271,11 +284,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     gw = f"http://127.0.0.1:{gw_port}"
     try:
         await _wait_http(f"{direct}/v1/models", procs[1])
+        gw_args = ["--upstream", direct, "--port", str(gw_port), "--daemon", endpoint]
+        gw_args += ["--log-level", "WARNING"]
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "tokencake.connectors.gateway.cli"]
-                + ["--upstream", direct, "--port", str(gw_port), "--daemon", endpoint]
-                + ["--log-level", "WARNING"],
+                [sys.executable, "-m", "tokencake.connectors.gateway.cli", *gw_args],
                 env=env,
             )
         )
@@ -283,13 +296,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         result: dict[str, Any] = {}
         result["latency"] = await latency(direct, gw, args.conversations)
         result["streaming"] = await streaming(direct, gw, args.streams, args.chunks)
-        result["sustained_rps"] = {
-            "direct": await sustained(direct, args.seconds),
-            "gateway": await sustained(gw, args.seconds),
+        stub_cpu = _cpu_s(procs[1].pid)
+        rps_direct, n_direct = await sustained(direct, args.seconds)
+        stub_cpu = _cpu_s(procs[1].pid) - stub_cpu
+        gw_cpu, stub_cpu2 = _cpu_s(procs[2].pid), _cpu_s(procs[1].pid)
+        rps_gw, n_gw = await sustained(gw, args.seconds)
+        gw_cpu, stub_cpu2 = _cpu_s(procs[2].pid) - gw_cpu, _cpu_s(procs[1].pid) - stub_cpu2
+        result["sustained_rps"] = {"direct": rps_direct, "gateway": rps_gw}
+        # CPU time per request does not depend on what else the machine runs.
+        result["cpu_ms_per_request"] = {
+            "gateway": gw_cpu / n_gw * 1e3,
+            "stub_engine": stub_cpu / n_direct * 1e3,
+            "stub_engine_via_gateway": stub_cpu2 / n_gw * 1e3,
+            "gateway_capacity_rps_per_core": n_gw / gw_cpu if gw_cpu else 0.0,
         }
         result["tool_duration"] = await tool_accuracy(gw, args.tool_calls)
-        async with aiohttp.ClientSession() as http, http.get(f"{gw}/tokencake/conversations") as r:
-            result["daemon_link"] = (await r.json())["daemon"]
+        async with aiohttp.ClientSession() as http, http.get(f"{gw}/tokencake/conversations") as v:
+            result["daemon_link"] = (await v.json())["daemon"]
         return result
     finally:
         for proc in reversed(procs):
@@ -309,7 +332,14 @@ def main() -> None:
     if args.stub:
         run_stub(args.stub)
         return
-    result = asyncio.run(main_async(args))
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        result = runner.run(main_async(args))
     lat, st, rps, acc = (
         result["latency"],
         result["streaming"],
@@ -326,6 +356,11 @@ def main() -> None:
     print(
         f"sustained {rps['gateway']:.0f} req/s via the gateway (target >= 500), "
         f"{rps['direct']:.0f} req/s direct"
+    )
+    cpu = result["cpu_ms_per_request"]
+    print(
+        f"gateway CPU {cpu['gateway']:.3f} ms/request (stub engine {cpu['stub_engine']:.3f}):"
+        f" {cpu['gateway_capacity_rps_per_core']:.0f} req/s per core"
     )
     print(
         f"tool duration error p50 {acc['error_p50_ms']:.2f} ms, p99 {acc['error_p99_ms']:.2f} ms"
