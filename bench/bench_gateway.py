@@ -45,7 +45,7 @@ def _answer(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     last = body["messages"][-1]
     if last.get("role") == "user":
         n = len(body["messages"])
-        call = {"id": f"call-{n}", "type": "function"}
+        call: dict[str, Any] = {"id": f"call-{n}", "type": "function"}
         call["function"] = {"name": "run_tests", "arguments": json.dumps({"q": last["content"]})}
         return "", [call]
     return "ANSWER: all tests passed after the fix, nothing else to do", []
@@ -116,7 +116,7 @@ async def _wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
     async with aiohttp.ClientSession() as http:
         while True:
             if proc.poll() is not None:
-                raise SystemExit(f"{proc.args} exited {proc.returncode}")
+                raise SystemExit(f"{proc.args!r} exited {proc.returncode}")
             try:
                 async with http.get(url) as r:
                     if r.status == 200:
