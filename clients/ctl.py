@@ -316,6 +316,72 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _gateway_url(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) == 0:
+        raise click.BadParameter(f"{value!r} is not an http(s)://HOST[:PORT] URL.")
+    return value.rstrip("/")
+
+
+@main.command()
+@click.option(
+    "--url",
+    envvar="TOKENCAKE_GATEWAY_URL",
+    default="http://127.0.0.1:8100",
+    show_default=True,
+    callback=_gateway_url,
+    help="The tokencake-gateway's root URL (default: $TOKENCAKE_GATEWAY_URL).",
+)
+@json_option
+@click.pass_context
+def gateway(ctx: click.Context, url: str, as_json: bool) -> None:
+    """Conversations a tokencake-gateway tracks, and what it has learnt (over HTTP)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(
+            f"{url}/tokencake/conversations", timeout=ctx.obj["timeout_s"]
+        ) as resp:
+            view = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        why = getattr(exc, "reason", exc)
+        click.echo(f"tokencake-ctl: gateway not reachable at {url}: {why}", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    if as_json:
+        click.echo(json.dumps(view, indent=2, sort_keys=True))
+        return
+    rows = [
+        [
+            c["conversation"],
+            c["rule"],
+            c["app_id"],
+            c["agent_id"],
+            c["state"],
+            str(c["requests"]),
+            str(c["tool_calls"]),
+            c["tool_kind"] or "-",
+            "-" if c["last_tool_s"] is None else f"{c['last_tool_s']:.3f}",
+            "-" if c["predicted_s"] is None else f"{c['predicted_s']:.3f}",
+        ]
+        for c in view["conversations"]
+    ]
+    head = ["CONVERSATION", "RULE", "APP", "AGENT", "STATE", "REQS", "TOOLS", "TOOL"]
+    click.echo(_table(rows, [*head, "LAST_S", "PREDICTED_S"]))
+    learnt = [
+        [d["model"], d["tool"], str(d["observations"]), f"{d['median_s']:.3f}"]
+        for d in view["tool_durations"]
+    ]
+    click.echo("\n" + _table(learnt, ["MODEL", "TOOL", "OBSERVED", "MEDIAN_S"]))
+    shapes = [
+        [s["root_type"], ",".join(s["nodes"]), " ".join(f"{a}>{b}" for a, b in s["edges"])]
+        for s in view["structures"]
+    ]
+    click.echo("\n" + _table(shapes, ["ROOT", "NODES", "EDGES"]))
+    d = view["daemon"]
+    state = "down" if d["down"] else "up"
+    click.echo(f"\ndaemon {state}: {d['sent']} sent, {d['missed']} missed, {d['rejected']} refused")
+
+
 @main.command()
 @json_option
 def policies(as_json: bool) -> None:

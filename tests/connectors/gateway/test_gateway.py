@@ -638,3 +638,29 @@ def test_command_line_gateway_serves_and_stops_on_sigterm(daemon: procs.Proc) ->
             await up_server.close()
 
     run(main())
+
+
+def test_ctl_shows_the_gateway_conversations(daemon: procs.Proc) -> None:
+    from click.testing import CliRunner
+
+    from tokencake.clients.ctl import main as ctl
+
+    def invoke(*args: str) -> Any:
+        return CliRunner().invoke(ctl, list(args), catch_exceptions=False)
+
+    async def main() -> None:
+        async with stack(daemon.endpoint) as s:
+            await react_loop(s.agent, "ctl task", 0.0)
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(None, invoke, "gateway", "--url", s.gw_url)
+            assert out.exit_code == 0, out.output
+            (conv,) = s.view()["conversations"]
+            assert conv["conversation"] in out.output and "run_tests" in out.output
+            out = await loop.run_in_executor(None, invoke, "gateway", "--url", s.gw_url, "--json")
+            assert json.loads(out.output)["conversations"][0]["tool_calls"] == 1
+
+    run(main())
+    out = CliRunner().invoke(ctl, ["gateway", "--url", f"http://127.0.0.1:{procs.free_port()}"])
+    assert out.exit_code == 3 and "gateway not reachable" in out.output
+    out = CliRunner().invoke(ctl, ["gateway", "--url", "ftp://x"])
+    assert out.exit_code == 2 and len(out.output.strip().splitlines()) == 1
