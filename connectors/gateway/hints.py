@@ -10,9 +10,10 @@ time given here wins over what the gateway would infer. Sources, highest precede
    and the retention directives (``retention_directives[].priority``/``duration``,
    ``retention_scope``).
 3. SGLang's ``agent_hints`` (``workflow_id``, ``agent_id``, ``step_id``, ``parent_step_id``,
-   ``expected_tool_duration_ms``, ``cache_ttl_ms``).
-4. ``nvext.agent_hints`` (``priority``, NeMo Agent Toolkit's ``prefix_id``) and Dynamo's
-   ``X-Dynamo-Session-ID`` header.
+   ``expected_tool_duration_ms``, ``cache_ttl_ms``), top level or under ``nvext``, read by
+   the SGLang connector's parser (``connectors/sglang/hints.py``).
+4. ``nvext.agent_hints``'s own fields (``priority``, NeMo Agent Toolkit's ``prefix_id``) and
+   Dynamo's ``X-Dynamo-Session-ID`` header.
 5. The OpenAI ``user`` field, then ``metadata.conversation_id`` / ``metadata.session_id``.
 
 A request whose ``kv_transfer_params`` already carries the ``tokencake`` namespace is managed
@@ -31,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from tokencake.connectors.sglang.hints import AgentCall, agent_call
 from tokencake.connectors.vllm.params import MAX_ID_CHARS, NAMESPACE
 
 logger = logging.getLogger(__name__)
@@ -118,6 +120,19 @@ def _obj(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _sglang(body: dict[str, Any], nvext_hints: dict[str, Any]) -> AgentCall | None:
+    """SGLang's ``agent_hints`` (top level, or SGLang-style under ``nvext``), read by the
+    SGLang connector's own parser so both read them alike."""
+    raw = body.get("agent_hints")
+    if raw is None and "workflow_id" not in nvext_hints:
+        return None  # Dynamo's own nvext hints (priority, osl...) are read in declared()
+    sub: dict[str, Any] = {"agent_hints": raw if raw is not None else nvext_hints}
+    for key in ("session_params", "rid"):
+        if key in body:
+            sub[key] = body[key]
+    return agent_call(sub)
+
+
 def declared(headers: Mapping[str, str], body: dict[str, Any]) -> Declared:
     """Everything ``headers`` and ``body`` declare; raises HintError on a bad TokenCake header."""
     d = Declared()
@@ -142,21 +157,15 @@ def declared(headers: Mapping[str, str], body: dict[str, Any]) -> Declared:
     if _id(headers.get(H_DYNAMO_SESSION)):
         d.conversation, d.rule = _id(headers.get(H_DYNAMO_SESSION)), "header"
 
-    sg = _obj(body.get("agent_hints"))
-    workflow, agent = _id(sg.get("workflow_id")), _id(sg.get("agent_id"))
-    if workflow:
-        d.app_id = workflow
-    if agent:
-        d.node = agent
-        d.conversation = f"{workflow}/{agent}" if workflow else agent
-        d.rule = "agent_hints"
-    d.step_id, d.parent_step = _id(sg.get("step_id")), _id(sg.get("parent_step_id"))
-    ms = _number(sg.get("expected_tool_duration_ms"))
-    if ms is not None:
-        d.tool_s = ms / 1000.0
-    ms = _number(sg.get("cache_ttl_ms"))
-    if ms is not None:
-        d.ttl_s = ms / 1000.0
+    sg = _sglang(body, nv)
+    if sg is not None:
+        d.app_id, d.node = sg.params.app_id, sg.params.agent_id
+        d.conversation, d.rule = f"{d.app_id}/{d.node}", "agent_hints"
+        d.step_id, d.parent_step = sg.request_id, sg.parent_step_id
+        if sg.params.tool is not None and sg.params.tool.predicted_s is not None:
+            d.tool_s = sg.params.tool.predicted_s
+        if sg.cache_ttl_ms is not None:
+            d.ttl_s = sg.cache_ttl_ms / 1000.0
 
     directives = body.get("retention_directives")
     if isinstance(directives, list) and directives:

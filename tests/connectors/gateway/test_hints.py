@@ -82,6 +82,10 @@ def test_nvext_agent_hints_and_dynamo_session() -> None:
     assert (d.conversation, d.rule, d.importance) == ("p-1", "nvext", 1.5)
     d = declared({"X-Dynamo-Session-ID": "dyn-2"}, body)
     assert (d.conversation, d.rule) == ("dyn-2", "header")
+    # SGLang's vocabulary under nvext, as the SGLang connector reads it.
+    sg = {"nvext": {"agent_hints": {"workflow_id": "wf", "agent_id": "a", "priority": 0}}}
+    d = declared({}, sg)
+    assert (d.app_id, d.node, d.conversation, d.importance) == ("wf", "a", "wf/a", 1.0)
 
 
 def test_precedence_tokencake_first_then_proposals_then_user() -> None:
