@@ -18,7 +18,7 @@ import click
 import msgspec
 import zmq
 
-from tokencake.cli import HELP_OPTIONS, FloatRange, Group
+from tokencake.cli import HELP_OPTIONS, FloatRange, Group, is_endpoint
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient, resolve_endpoint
 from tokencake.protocol import RemoteError
 
@@ -83,12 +83,9 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 def _endpoint(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
     endpoint = resolve_endpoint(value)
-    if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
-        return endpoint
-    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-    if endpoint.startswith("tcp://") and host and port.isdigit() and 0 < int(port) < 65536:
-        return endpoint
-    raise click.BadParameter(f"{endpoint!r} is not ipc://PATH or tcp://HOST:PORT.")
+    if not is_endpoint(endpoint):
+        raise click.BadParameter(f"{endpoint!r} is not ipc://PATH or tcp://HOST:PORT.")
+    return endpoint
 
 
 @click.group(cls=Group, context_settings=HELP_OPTIONS)
@@ -322,7 +319,7 @@ def _gateway_url(_ctx: click.Context, _param: click.Parameter, value: str) -> st
     return value.rstrip("/")
 
 
-@main.command()
+@main.command(short_help="Conversations a tokencake-gateway tracks (HTTP).")
 @click.option(
     "--url",
     envvar="TOKENCAKE_GATEWAY_URL",

@@ -33,7 +33,7 @@ import click
 import numpy as np
 
 from tokencake import protocol as p
-from tokencake.cli import HELP_OPTIONS, Command
+from tokencake.cli import HELP_OPTIONS, Command, is_endpoint
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient, resolve_endpoint
 from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.clients.session import AgentSession, AppSession
@@ -417,6 +417,10 @@ def main(apps: int, gpu_blocks: int, keep: bool) -> None:
     """Start tokencaked on its embedded default and replay a small agent workload."""
     say = click.echo
     endpoint = resolve_endpoint(None)
+    if not is_endpoint(endpoint):
+        raise click.UsageError(
+            f"TOKENCAKE_ENDPOINT={endpoint!r} is not ipc://PATH or tcp://HOST:PORT"
+        )
     started = _ensure_daemon(endpoint, say)
     try:
         with TokenCakeClient(endpoint, timeout_s=5.0) as client:

@@ -159,7 +159,7 @@ def _workloads(_ctx: click.Context, _param: click.Parameter, s: str) -> list[str
     return names
 
 
-@main.command("run")
+@main.command("run", short_help="Sweep workloads x rates x policies: table and targets.")
 @click.option(
     "--workload",
     "workload",
@@ -503,9 +503,21 @@ def _sweep_live(
         raise click.ClickException(f"live mode: {type(e).__name__}: {e}") from e
 
 
-@main.command("cluster")
-@click.option("--workload", default="code-writer", show_default=True, callback=_workloads)
-@click.option("--apps", type=click.IntRange(1, 1_000_000), default=2000, show_default=True)
+@main.command("cluster", short_help="N engine hosts sharing one L2: routing x shared L2.")
+@click.option(
+    "--workload",
+    default="code-writer",
+    show_default=True,
+    callback=_workloads,
+    help="Built-in name(s), comma-separated, or a workload JSON file (docs/workloads.md).",
+)
+@click.option(
+    "--apps",
+    type=click.IntRange(1, 1_000_000),
+    default=2000,
+    show_default=True,
+    help="Applications in the trace.",
+)
 @click.option(
     "--qps",
     type=FloatRange(min=0, min_open=True),
@@ -513,7 +525,13 @@ def _sweep_live(
     show_default=True,
     help="Application arrivals per second across the whole cluster.",
 )
-@click.option("--hosts", type=click.IntRange(1, 4096), default=16, show_default=True)
+@click.option(
+    "--hosts",
+    type=click.IntRange(1, 4096),
+    default=16,
+    show_default=True,
+    help="Engine hosts sharing the L2.",
+)
 @click.option(
     "--lanes",
     type=click.IntRange(1, 4096),
@@ -535,7 +553,13 @@ def _sweep_live(
     show_default=True,
     help="Shared L2 link, GB/s, for all hosts together.",
 )
-@click.option("--l2-latency-ms", type=FloatRange(min=0), default=2.0, show_default=True)
+@click.option(
+    "--l2-latency-ms",
+    type=FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="L2 round-trip latency, ms.",
+)
 @click.option(
     "--l2-tib",
     type=FloatRange(min=0, min_open=True),
@@ -544,9 +568,19 @@ def _sweep_live(
     help="L2 capacity.",
 )
 @click.option(
-    "--profile", default=DEFAULT_PROFILE, show_default=True, type=click.Choice(sorted(PROFILES))
+    "--profile",
+    default=DEFAULT_PROFILE,
+    show_default=True,
+    type=click.Choice(sorted(PROFILES)),
+    help="Engine profile of every host (tokencake-sim list).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the applications and their arrivals.",
+)
 @click.option(
     "--json",
     "json_path",
@@ -571,6 +605,8 @@ def cluster_cmd(
     """N engine hosts sharing one L2 (sim/cluster.py): routing x shared L2, same trace."""
     from tokencake.sim.cluster import ClusterConfig, simulate
 
+    if json_path is not None and not json_path.parent.is_dir():
+        raise click.BadParameter(f"no directory {json_path.parent}", param_hint="--json")
     prof = get_profile(profile)
     rows: list[dict[str, Any]] = []
     for wl in workload:

@@ -63,6 +63,8 @@ BAD: list[tuple[str, str, str, list[str]]] = [
     ("tokencake-ctl", "top", "--interval", ["top", "--interval", "inf"]),
     ("tokencake-ctl", "top", "--iterations", ["top", "--iterations", "-1"]),
     ("tokencake-ctl", "top", "--json", ["top", "--json=1"]),
+    ("tokencake-ctl", "gateway", "--url", ["gateway", "--url", "ftp://gateway:8100"]),
+    ("tokencake-ctl", "gateway", "--json", ["gateway", "--json=1"]),
     ("tokencake-ctl", "", "COMMAND", ["stauts"]),
     ("tokencake-sim", "", "--verbose", ["--verbose=1", "list"]),
     ("tokencake-sim", "", "COMMAND", ["rnu"]),
@@ -94,6 +96,19 @@ BAD: list[tuple[str, str, str, list[str]]] = [
     ("tokencake-sim", "run", "--live-embedded", ["run", "--live-embedded=1"]),
     ("tokencake-sim", "run", "--live-embedded", ["run", "--live-embedded", "--live", "ipc://x"]),
     ("tokencake-sim", "run", "--time-scale", ["run", "--time-scale", "0"]),
+    ("tokencake-sim", "cluster", "--workload", ["cluster", "--workload", "{tmp}/array.json"]),
+    ("tokencake-sim", "cluster", "--apps", ["cluster", "--apps", "0"]),
+    ("tokencake-sim", "cluster", "--qps", ["cluster", "--qps", "0"]),
+    ("tokencake-sim", "cluster", "--hosts", ["cluster", "--hosts", "0"]),
+    ("tokencake-sim", "cluster", "--lanes", ["cluster", "--lanes", "x"]),
+    ("tokencake-sim", "cluster", "--host-gib", ["cluster", "--host-gib", "nan"]),
+    ("tokencake-sim", "cluster", "--l2-gbps", ["cluster", "--l2-gbps", "0"]),
+    ("tokencake-sim", "cluster", "--l2-latency-ms", ["cluster", "--l2-latency-ms", "-1"]),
+    ("tokencake-sim", "cluster", "--l2-tib", ["cluster", "--l2-tib", "inf"]),
+    ("tokencake-sim", "cluster", "--profile", ["cluster", "--profile", "a100"]),
+    ("tokencake-sim", "cluster", "--seed", ["cluster", "--seed", "-1"]),
+    ("tokencake-sim", "cluster", "--json", ["cluster", "--json", "{tmp}"]),
+    ("tokencake-sim", "cluster", "--json", ["cluster", "--json", "{tmp}/no/dir/rows.json"]),
     ("demo", "", "--apps", ["--apps", "0"]),
     ("demo", "", "--gpu-blocks", ["--gpu-blocks", "10"]),
     ("demo", "", "--keep", ["--keep=1"]),
@@ -131,6 +146,18 @@ def test_bad_value_is_one_line_and_exit_2(
     assert "Traceback" not in result.output
     assert lines[0].startswith(command), lines[0]
     assert result.stdout == "", result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "args"), [("tokencaked", []), ("tokencake-ctl", ["status"]), ("demo", [])]
+)
+def test_bad_endpoint_from_the_environment(command: str, args: list[str], tmp_path: Path) -> None:
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("TOKENCAKE_")}
+    env.update(TOKENCAKE_ENDPOINT="http://localhost:1", XDG_RUNTIME_DIR=str(tmp_path))
+    result = CliRunner(env=env).invoke(COMMANDS[command], args, prog_name=command)
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "http://localhost:1" in lines[0], result.stderr
 
 
 def _options(command: click.Command, prefix: str = "") -> set[tuple[str, str]]:

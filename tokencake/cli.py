@@ -83,3 +83,11 @@ class FloatRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return super().convert(number, param, ctx)
+
+
+def is_endpoint(endpoint: str) -> bool:
+    """``ipc://PATH`` or ``tcp://HOST:PORT``: what a client can connect to."""
+    if endpoint.startswith("ipc://"):
+        return len(endpoint) > len("ipc://")
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    return endpoint.startswith("tcp://") and bool(host) and port.isdigit() and 0 < int(port) < 65536
