@@ -205,6 +205,7 @@ async def streaming(direct: str, gw: str, streams: int, chunks: int) -> dict[str
         "direct_MB_s": d_rate / 1e6,
         "gateway_MB_s": g_rate / 1e6,
         "ratio": g_rate / d_rate,
+        "bytes": size[direct] + size[gw],
     }
 
 
@@ -295,7 +296,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await _wait_http(f"{gw}/v1/models", procs[2])
         result: dict[str, Any] = {}
         result["latency"] = await latency(direct, gw, args.conversations)
+        gw_cpu = _cpu_s(procs[2].pid)
         result["streaming"] = await streaming(direct, gw, args.streams, args.chunks)
+        # Relay cost per MB, whatever else the machine runs (half the bytes went via it).
+        relayed_mb = result["streaming"].pop("bytes") / 2 / 1e6
+        result["streaming"]["gateway_cpu_ms_per_MB"] = (
+            (_cpu_s(procs[2].pid) - gw_cpu) / relayed_mb * 1e3
+        )
         stub_cpu = _cpu_s(procs[1].pid)
         rps_direct, n_direct = await sustained(direct, args.seconds)
         stub_cpu = _cpu_s(procs[1].pid) - stub_cpu
@@ -352,7 +359,10 @@ def main() -> None:
         f"p99 {lat['added_p99_ms']:.3f} ms (target <= 5); "
         f"direct p50 {lat['direct_p50_ms']:.3f} ms"
     )
-    print(f"streaming throughput gateway/direct {st['ratio']:.3f} (target >= 0.95)")
+    print(
+        f"streaming throughput gateway/direct {st['ratio']:.3f} (target >= 0.95);"
+        f" gateway CPU {st['gateway_cpu_ms_per_MB']:.1f} ms per MB relayed"
+    )
     print(
         f"sustained {rps['gateway']:.0f} req/s via the gateway (target >= 500), "
         f"{rps['direct']:.0f} req/s direct"
