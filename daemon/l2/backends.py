@@ -46,7 +46,7 @@ class L2Backend(ABC):
     name: ClassVar[str] = ""
 
     @abstractmethod
-    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+    def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
         """Store every ``(key, value)``; returns how many were stored.
 
         Raises :class:`L2Unavailable` when the store cannot be reached. Values the store
@@ -94,7 +94,7 @@ class RedisBackend(L2Backend):
     def _pipeline(self) -> Any:
         return self._client.pipeline(transaction=False)
 
-    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+    def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
         if not items:
             return 0
         pipe = self._pipeline()
@@ -261,7 +261,7 @@ class DiskBackend(L2Backend):
         h = hashlib.blake2b(key, digest_size=20).hexdigest()
         return f"{h[:2]}/{h[2:]}"
 
-    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+    def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
         stored = 0
         for key, value in items:
             if len(value) > self._capacity:

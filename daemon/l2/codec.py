@@ -67,6 +67,15 @@ def seal(key: bytes, payload: bytes | memoryview) -> bytes:
     return _HEADER.pack(MAGIC, VERSION, len(payload), _checksum(tag, payload), tag) + payload
 
 
+def seal_into(key: bytes, value: bytearray) -> None:
+    """Write the header into ``value[:HEADER_BYTES]``; the payload is already behind it.
+
+    Lets a writer copy a block once, straight into the buffer that is sent."""
+    tag = _key_tag(key)
+    payload = memoryview(value)[HEADER_BYTES:]
+    _HEADER.pack_into(value, 0, MAGIC, VERSION, len(payload), _checksum(tag, payload), tag)
+
+
 def open_value(key: bytes, value: bytes) -> memoryview:
     """The payload of a value read under ``key``; raises :class:`CorruptValue` otherwise."""
     if len(value) < HEADER_BYTES:

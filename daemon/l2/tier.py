@@ -27,7 +27,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tokencake.daemon.l2.backends import L2Backend, L2Error, L2Full
-from tokencake.daemon.l2.codec import CorruptValue, open_value, seal
+from tokencake.daemon.l2.codec import HEADER_BYTES, CorruptValue, open_value, seal_into
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,15 @@ class L2Tier:
         self._max_gets = max_gets
         self._retry_s = retry_s
         self._clock = clock
-        self._cond = threading.Condition()
-        self._puts: deque[tuple[bytes, bytes]] = deque()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # workers wait here for work
+        self._drained = threading.Condition(lock)  # flush waits here for the queues to empty
+        # (key, value buffer: header room + payload) waiting to be sealed and sent.
+        self._puts: deque[tuple[bytes, bytearray]] = deque()
+        # Value buffers come back here after a write: a fresh 256 KiB buffer per block costs
+        # page faults (an mmap per allocation) that took longer than the copy itself.
+        self._free: dict[int, list[bytearray]] = {}
+        self._free_bytes = 0
         self._gets: deque[GetJob] = deque()
         self._done: deque[GetJob] = deque()
         self._pending_bytes = 0
@@ -146,14 +153,24 @@ class L2Tier:
             self.metrics.dropped.labels("unavailable").inc()
             return False
         nbytes = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
+        size = HEADER_BYTES + nbytes
         with self._cond:
             if self._pending_bytes + nbytes > self._queue_bytes:
                 self.metrics.dropped.labels("queue_full").inc()
                 return False
-            self._puts.append((key, payload if isinstance(payload, bytes) else payload.tobytes()))
+            pool = self._free.get(size)
+            if pool:
+                buf = pool.pop()
+                self._free_bytes -= size
+            else:
+                buf = bytearray(size)
+            memoryview(buf)[HEADER_BYTES:] = payload if isinstance(payload, bytes) else payload.data
+            self._puts.append((key, buf))
             self._pending_bytes += nbytes
-            self.metrics.queued_bytes.set(self._pending_bytes)
-            self._cond.notify()
+            # Wake a worker when the queue stops being empty or fills another batch, not
+            # for every block: each wake-up is a GIL hand-off away from the event loop.
+            if len(self._puts) % self._batch == 1 or self._batch == 1:
+                self._cond.notify()
         return True
 
     def get(self, token: Any, keys: Sequence[bytes]) -> bool:
@@ -199,7 +216,7 @@ class L2Tier:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._cond.wait(min(left, 0.05))
+                self._drained.wait(min(left, 0.05))
         return True
 
     def close(self) -> None:
@@ -220,15 +237,18 @@ class L2Tier:
                 if self._stopping:
                     return
                 job: GetJob | None = None
-                batch: list[tuple[bytes, bytes]] = []
+                batch: list[tuple[bytes, bytearray]] = []
                 if self._gets:
                     job = self._gets.popleft()
                 else:
                     while self._puts and len(batch) < self._batch:
                         batch.append(self._puts.popleft())
-                    self._pending_bytes -= sum(len(v) for _, v in batch)
-                    self.metrics.queued_bytes.set(self._pending_bytes)
+                    self._pending_bytes -= sum(len(v) - HEADER_BYTES for _, v in batch)
+                    if self._puts:
+                        self._cond.notify()  # more than a batch waits: another worker
+                queued = self._pending_bytes
                 self._busy += 1
+            self.metrics.queued_bytes.set(queued)
             try:
                 if job is not None:
                     self._run_get(job)
@@ -239,17 +259,28 @@ class L2Tier:
             finally:
                 with self._cond:
                     self._busy -= 1
-                    self._cond.notify_all()
+                    self._recycle(batch)
+                    if not (self._busy or self._puts or self._gets):
+                        self._drained.notify_all()
 
-    def _run_put(self, batch: list[tuple[bytes, bytes]]) -> None:
-        nbytes = sum(len(v) for _, v in batch)
+    def _recycle(self, batch: list[tuple[bytes, bytearray]]) -> None:
+        """Keep sent buffers for the next writes, up to the queue's size (lock held)."""
+        for _, buf in batch:
+            if self._free_bytes + len(buf) > self._queue_bytes:
+                break
+            self._free.setdefault(len(buf), []).append(buf)
+            self._free_bytes += len(buf)
+
+    def _run_put(self, batch: list[tuple[bytes, bytearray]]) -> None:
+        nbytes = sum(len(v) - HEADER_BYTES for _, v in batch)
         if not self.available:
             self.metrics.dropped.labels("unavailable").inc(len(batch))
             return
-        sealed = [(k, seal(k, v)) for k, v in batch]
+        for k, v in batch:
+            seal_into(k, v)
         start = time.perf_counter()
         try:
-            stored = self.backend.put_many(sealed)
+            stored = self.backend.put_many([(k, memoryview(v)) for k, v in batch])
         except L2Full as exc:
             self.metrics.dropped.labels("full").inc(len(batch))
             self._warn("L2 store full; writes dropped: %s", exc)
