@@ -46,6 +46,11 @@ TOOL: Final = "tool"
 
 MIN_SNIPPET_CHARS: Final = 24
 SNIPPET_CHARS: Final = 256
+MAX_SNIPPETS: Final = 256
+"""Final answers kept for the data-flow rule: a new conversation's prompt is searched for
+each, so the most recent few only."""
+MAX_SEARCH_CHARS: Final = 1 << 20
+"""A new conversation's prompt longer than this is not searched for data flow."""
 
 
 def _short(text: str) -> str:
@@ -155,7 +160,8 @@ class Tracker:
         self.durations = ToolDurations()
         self.structures = Structures()
         self.conversations: dict[str, Conversation] = {}
-        self.apps: dict[str, App] = {}
+        self.apps: OrderedDict[str, App] = OrderedDict()
+        """Least recently seen first: ``_touch`` moves an app to the end."""
         self._index = identity.PrefixIndex(capacity)
         self._responses: OrderedDict[str, str] = OrderedDict()
         self._steps: OrderedDict[str, str] = OrderedDict()
@@ -189,7 +195,7 @@ class Tracker:
         conv.state = LLM
         conv.inflight += 1
         conv.requests += 1
-        conv.last_seen = conv.app.last_seen = now
+        self._touch(conv, now)
         if hashes and conv.rule == "fingerprint":
             self._index.set_head(hashes[-1], conv.conv_id)
             conv.keys.append(hashes[-1])
@@ -346,6 +352,8 @@ class Tracker:
             for m in messages
             if isinstance(m, dict) and m.get("role") != "assistant"
         )
+        if len(text) > MAX_SEARCH_CHARS:
+            return found
         for snippet, conv_id in self._outputs.items():
             conv = self.conversations.get(conv_id)
             if conv is not None and conv not in found and snippet in text:
@@ -405,7 +413,7 @@ class Tracker:
         plan.done = True
         conv = plan.conv
         conv.inflight = max(conv.inflight - 1, 0)
-        conv.last_seen = conv.app.last_seen = now
+        self._touch(conv, now)
         if self.llm_events:
             tokens = outcome.output_tokens if outcome is not None else 0
             self.link.event(
@@ -446,24 +454,36 @@ class Tracker:
             conv.state = IDLE
         text = " ".join(outcome.text.split())
         if len(text) >= MIN_SNIPPET_CHARS:
-            self._remember(self._outputs, text[:SNIPPET_CHARS], conv.conv_id)
+            self._remember(self._outputs, text[:SNIPPET_CHARS], conv.conv_id, MAX_SNIPPETS)
 
-    def _remember(self, table: OrderedDict[str, str], key: str, conv_id: str) -> None:
+    def _touch(self, conv: Conversation, now: float) -> None:
+        conv.last_seen = conv.app.last_seen = now
+        if conv.app.app_id in self.apps:
+            self.apps.move_to_end(conv.app.app_id)
+
+    def _remember(
+        self, table: OrderedDict[str, str], key: str, conv_id: str, capacity: int = 0
+    ) -> None:
         table[key] = conv_id
         table.move_to_end(key)
-        while len(table) > self.capacity:
+        while len(table) > (capacity or self.capacity):
             table.popitem(last=False)
 
     # ------------------------------------------------------------------ housekeeping
 
     def sweep(self, now: float) -> list[str]:
-        """End the apps idle for ``app_idle_s``; learn their structure. Returns their ids."""
+        """End the apps idle for ``app_idle_s`` (and, past ``capacity`` conversations, the
+        least recently seen); learn their structure. Returns their ids."""
         ended = []
-        for app in list(self.apps.values()):
-            if now - app.last_seen < self.app_idle_s:
-                continue
+        excess = len(self.conversations) - self.capacity
+        for _ in range(len(self.apps)):
+            app = next(iter(self.apps.values()))
+            if now - app.last_seen < self.app_idle_s and excess <= 0:
+                break
             if any(self.conversations[c].inflight for c in app.conversations):
+                self.apps.move_to_end(app.app_id)  # busy: look again next time
                 continue
+            excess -= len(app.conversations)
             self.structures.learn(app.root_type, app.observed)
             for dapp in [app.main, *app.extra]:
                 reg = dapp.reg

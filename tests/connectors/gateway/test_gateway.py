@@ -664,3 +664,28 @@ def test_ctl_shows_the_gateway_conversations(daemon: procs.Proc) -> None:
     assert out.exit_code == 3 and "gateway not reachable" in out.output
     out = CliRunner().invoke(ctl, ["gateway", "--url", "ftp://x"])
     assert out.exit_code == 2 and len(out.output.strip().splitlines()) == 1
+
+
+def test_sweep_ends_idle_apps_and_bounds_the_conversations(daemon: procs.Proc) -> None:
+    async def main() -> None:
+        async with stack(daemon.endpoint) as s:
+            tracker = s.gateway.tracker
+            tracker.capacity = 3
+            for i in range(5):
+                await s.agent.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": f"c{i}"}], user=f"u{i}"
+                )
+            ended = tracker.sweep(time.monotonic())
+            assert ended == ["gw-u0", "gw-u1"]
+            assert sorted(tracker.conversations) == ["u2", "u3", "u4"]
+            await s.drained()
+            with TokenCakeClient(daemon.endpoint) as c:
+                states = {a.app_id: a.state for a in c.list_apps().apps}
+            assert states.get("gw-u0", "ended") != "live" and states["gw-u4"] == "live"
+            assert tracker.sweep(time.monotonic() + tracker.app_idle_s) == [
+                "gw-u2",
+                "gw-u3",
+                "gw-u4",
+            ]
+
+    run(main())
