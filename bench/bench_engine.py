@@ -61,7 +61,13 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from vllm import LLM, SamplingParams
 
-    from tests.connectors.vllm.engine_apps import AppDriver, AppSet, build_trace, setup_kwargs
+    from tests.connectors.vllm.engine_apps import (
+        AppDriver,
+        AppSet,
+        build_trace,
+        setup_kwargs,
+        watch_lmcache_errors,
+    )
 
     setup = cfg["setup"]
     trace = build_trace(AppSet(**cfg["apps"]))
@@ -72,7 +78,10 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
         endpoint=cfg["endpoint"],
         max_model_len=cfg["max_model_len"],
     )
+    lmcache_errors = watch_lmcache_errors() if setup == "lmcache" else []
     llm = LLM(**kwargs)
+    if lmcache_errors:
+        raise RuntimeError(f"LMCache did not start: {lmcache_errors[-1]}")
     # Warm-up: CPU kernels are built on first use. Token ids no app uses (>= 500).
     warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     prompt: Any = {"prompt_token_ids": [500 + i % 8 for i in range(80)]}

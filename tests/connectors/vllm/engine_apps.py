@@ -255,6 +255,24 @@ def setup_kwargs(
     return kwargs
 
 
+def watch_lmcache_errors() -> list[str]:
+    """Collect the errors LMCache logs while it starts (call before building the engine).
+
+    LMCache logs a failed start (its loggers do not propagate) and keeps going: its lookups
+    then time out and retry forever. A caller fails the setup with LMCache's own error.
+    """
+    import logging
+
+    errors: list[str] = []
+
+    class Errors(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            errors.append(record.getMessage().strip().splitlines()[-1])
+
+    logging.getLogger("lmcache.v1.manager").addHandler(Errors(logging.ERROR))
+    return errors
+
+
 @dataclass(slots=True)
 class Call:
     app: str

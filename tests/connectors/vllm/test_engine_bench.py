@@ -23,6 +23,7 @@ from tests.connectors.vllm.engine_apps import (
     AppSet,
     build_trace,
     setup_kwargs,
+    watch_lmcache_errors,
 )
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -61,12 +62,15 @@ def _run(setup: str, model: Path, workdir: Path) -> dict[str, Any]:
         daemon = start(workdir / setup, "--policy", DAEMON_POLICY[setup], arena="64MiB")
     try:
         endpoint = daemon.endpoint if daemon is not None else ""
+        lmcache_errors = watch_lmcache_errors() if setup == "lmcache" else []
         llm = LLM(
             **setup_kwargs(
                 setup, str(model), kv_bytes=KV_BYTES, endpoint=endpoint, max_model_len=MAX_MODEL_LEN
             )
         )
         try:
+            if lmcache_errors:
+                pytest.skip(f"LMCache did not start here: {lmcache_errors[-1]}")
             driver = AppDriver(
                 llm,
                 build_trace(APPS),
