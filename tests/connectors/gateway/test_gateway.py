@@ -689,3 +689,46 @@ def test_sweep_ends_idle_apps_and_bounds_the_conversations(daemon: procs.Proc) -
             ]
 
     run(main())
+
+
+def test_several_upstreams_route_by_model_and_conversation(daemon: procs.Proc) -> None:
+    async def main() -> None:
+        ups = [
+            ScriptedUpstream("model-a"),
+            ScriptedUpstream("model-b"),
+            ScriptedUpstream("model-b"),
+        ]
+        servers = [TestServer(u.app()) for u in ups]
+        for server in servers:
+            await server.start_server()
+        urls = [str(server.make_url("")).rstrip("/") for server in servers]
+        gateway = Gateway(urls, daemon_endpoint=daemon.endpoint)
+        gw_server = TestServer(gateway.make_app())
+        await gw_server.start_server()
+        client = AsyncOpenAI(base_url=str(gw_server.make_url("/v1")), api_key="k")
+        try:
+            models = sorted(m.id for m in (await client.models.list()).data)
+            assert models == ["model-a", "model-b"]
+            for model in ("model-a", "model-b"):
+                for i in range(6):
+                    for turn in range(2):
+                        await client.chat.completions.create(
+                            model=model,
+                            messages=[{"role": "user", "content": f"turn {turn}"}],
+                            user=f"{model}-{i}",
+                        )
+            assert {b["model"] for _p, _h, b in ups[0].requests} == {"model-a"}
+            assert len(ups[0].requests) == 12
+            # model-b's conversations spread over both of its engines, each conversation
+            # staying on one.
+            assert len(ups[1].requests) > 0 and len(ups[2].requests) > 0
+            for u in ups[1:]:
+                users = [b["user"] for _p, _h, b in u.requests]
+                assert all(users.count(x) == 2 for x in users)
+        finally:
+            await client.close()
+            await gw_server.close()
+            for server in servers:
+                await server.close()
+
+    run(main())

@@ -9,7 +9,7 @@ import pytest
 
 from tokencake.connectors.gateway import identity
 from tokencake.connectors.gateway.hints import HintError, declared
-from tokencake.connectors.gateway.observe import CHAT, Observer
+from tokencake.connectors.gateway.observe import CHAT, RESPONSES, Observer
 
 
 def test_nothing_declared() -> None:
@@ -201,3 +201,20 @@ def test_cli_bad_input_is_one_line_and_exit_2(args: list[str]) -> None:
     assert out.returncode == 2, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_streamed_responses_api_reads_the_completed_event() -> None:
+    obs = Observer(RESPONSES)
+    obs.feed_stream(b'event: response.created\ndata: {"type":"response.created"}\n\n')
+    obs.feed_stream(
+        b'event: response.completed\ndata: {"type":"response.completed","response":'
+        b'{"id":"resp-9","status":"completed","output":[{"type":"function_call",'
+        b'"call_id":"c9","name":"search","arguments":"{}"}],"usage":{"output_tokens":4}}}\n\n'
+    )
+    out = obs.close_stream()
+    assert (out.response_id, out.tool_kind, out.output_tokens, out.finished) == (
+        "resp-9",
+        "search",
+        4,
+        True,
+    )

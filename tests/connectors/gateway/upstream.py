@@ -50,7 +50,8 @@ def script(body: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
 
 
 class ScriptedUpstream:
-    def __init__(self) -> None:
+    def __init__(self, model: str = MODEL) -> None:
+        self.model = model
         self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
         self.cancelled: list[str] = []
         self.counter = 0
@@ -69,7 +70,7 @@ class ScriptedUpstream:
 
     async def models(self, _request: web.Request) -> web.Response:
         return web.json_response(
-            {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "vllm"}]}
+            {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "vllm"}]}
         )
 
     async def _take(self, request: web.Request) -> dict[str, Any] | web.Response:
@@ -114,7 +115,7 @@ class ScriptedUpstream:
                 {
                     "id": rid,
                     "object": "chat.completion",
-                    "model": MODEL,
+                    "model": self.model,
                     "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
                 }
@@ -126,7 +127,7 @@ class ScriptedUpstream:
             chunk = {
                 "id": rid,
                 "object": "chat.completion.chunk",
-                "model": MODEL,
+                "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
             }
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
@@ -172,7 +173,7 @@ class ScriptedUpstream:
             {
                 "id": f"cmpl-{self.counter}",
                 "object": "text_completion",
-                "model": MODEL,
+                "model": self.model,
                 "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9},
             }
@@ -212,7 +213,7 @@ class ScriptedUpstream:
                 "id": rid,
                 "object": "response",
                 "status": "completed",
-                "model": MODEL,
+                "model": self.model,
                 "output": output,
                 "usage": {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8},
             }
