@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(s, args.apps, p, args.profile) for s in seeds for p in policies]
     t0 = time.perf_counter()
     by_seed: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in seeds}
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+    pool = ProcessPoolExecutor(max_workers=args.workers)
+    try:
         for i, rec in enumerate(pool.map(_job, jobs, chunksize=len(policies))):
             by_seed[rec["seed"]][rec["policy"]] = rec
             if (i + 1) % (len(policies) * 20) == 0:
@@ -284,6 +285,15 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+    except KeyboardInterrupt:  # Ctrl-C: report the scenarios that finished
+        pool.shutdown(wait=False, cancel_futures=True)
+        print("interrupted: summarising the scenarios that finished", file=sys.stderr)
+    else:
+        pool.shutdown()
+    by_seed = {s: r for s, r in by_seed.items() if len(r) == len(policies)}
+    if not by_seed:
+        print("error: no scenario finished", file=sys.stderr)
+        return 1
     wall = time.perf_counter() - t0
     summary = summarise(by_seed, args.apps)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -299,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     text = markdown(summary, cmd, wall)
+    if len(by_seed) < args.scenarios:
+        text = f"Interrupted: {len(by_seed)} of {args.scenarios} scenarios finished.\n\n" + text
     (args.out / "summary.md").write_text(text)
     plot(summary, args.out / "ratios.png")
     if args.update_doc is not None:

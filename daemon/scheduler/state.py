@@ -631,12 +631,22 @@ class TrackingPolicy(Policy):
         self._remove_waiting(agent)
         self._add_waiting(agent, blocks)
         agent.last_used_s = ev.now
-        # Contexts are append-only: this call reads its own KV and its DAG predecessors'.
+        # Contexts are append-only: this call reads its own KV and its DAG predecessors'
+        # (through nodes that never call the model, such as a collector).
         self._reader_outcome(agent, True)
         app = agent.app
-        for j in agent.node.pred:
-            pred = app.agents.get(app.info.nodes[j].node_id)
-            if pred is not None:
+        nodes = app.info.nodes
+        todo = list(agent.node.pred)
+        seen: set[int] = set()
+        while todo:
+            j = todo.pop()
+            if j in seen:
+                continue
+            seen.add(j)
+            pred = app.agents.get(nodes[j].node_id)
+            if pred is None:
+                todo.extend(nodes[j].pred)
+            else:
                 self._reader_outcome(pred, True)
         self._on_llm_start(agent, out)
 

@@ -69,8 +69,9 @@ NEVER = 1e12
 UNREAD_MIN_OUTCOMES = 3.0
 """Past tool calls of an agent type and tool kind needed before their record decides."""
 UNREAD_SHARE = 0.8
-"""When at least this share of them left KV nobody read afterwards, a new call's KV is
-neither offloaded (a copy out and back for nobody) nor pinned, and goes first on eviction."""
+"""When at least this share of them left KV nobody read afterwards, a new call's KV is not
+offloaded (a copy out and back for nobody). It is still pinned: a wrong verdict on a pin
+would cost a recompute, a wrong verdict on an offload only the copy saved."""
 
 
 class TokenCakePolicy(TrackingPolicy):
@@ -100,8 +101,10 @@ class TokenCakePolicy(TrackingPolicy):
             share, n = self.unread_share(agent.klass, agent.tool_kind)
             terms: dict[str, d.Term] = {"unread_share": round(share, 4), "outcomes": round(n, 3)}
             self._keep(agent, "keep:not_read_after_tool", terms, out)
-            return
-        if not self._offload_for_call(agent, "tool_start", out) and agent.gpu_blocks > 0:
+            offloaded = False
+        else:
+            offloaded = self._offload_for_call(agent, "tool_start", out)
+        if not offloaded and agent.gpu_blocks > 0:
             # Kept on the GPU: the returning call should find it there. Pin it until the
             # call's q95 (as Continuum pins across tool calls), unless that is too long to
             # hold memory idle; the eviction order decides after that.
@@ -136,7 +139,8 @@ class TokenCakePolicy(TrackingPolicy):
             cfg = self.config
             blocks = agent.offloading + agent.host_blocks
             pieces = -(-blocks // cfg.upload_piece_blocks)
-            t_back = self.cost.seconds("h2d", blocks, pieces) + self._h2d_queue_s()
+            t_back = self.cost.seconds("h2d", blocks, pieces)
+            t_back += self._h2d_queue_s(back_by - t_back - self.now)
             upload_at = max(back_by - t_back, self.now)
             self._push_timer(upload_at, T_UPLOAD, agent, agent.tool_token)
             terms = out[-1].reason.terms  # the Offload just decided: say when it comes back
@@ -146,11 +150,13 @@ class TokenCakePolicy(TrackingPolicy):
             self._kept_idle[agent.key] = (agent, agent.tool_token)
         return planned
 
-    def _h2d_queue_s(self) -> float:
-        """Time the host link needs for the uploads already issued: an upload decided now
-        waits behind them (copy queueing, the part of its cost a bandwidth figure misses)."""
+    def _h2d_queue_s(self, start_in_s: float) -> float:
+        """How long an upload starting in ``start_in_s`` would wait behind the uploads
+        already issued (copy queueing, which a bandwidth figure misses): the link's time
+        for them, less what drains before the upload starts."""
         n = self.h2d_in_flight
-        return self.cost.seconds("h2d", n, -(-n // self.config.upload_piece_blocks))
+        busy = self.cost.seconds("h2d", n, -(-n // self.config.upload_piece_blocks))
+        return max(0.0, busy - max(start_in_s, 0.0))
 
     def _pressure(self) -> bool:
         """Would memory freed now be used: a request waits for blocks, or GPU usage is at
@@ -181,7 +187,7 @@ class TokenCakePolicy(TrackingPolicy):
         pieces = -(-blocks // cfg.upload_piece_blocks)
         t_out = self.cost.seconds("d2h", blocks, 1)
         t_back = self.cost.seconds("h2d", blocks, pieces)
-        t_queue = self._h2d_queue_s()
+        t_queue = self._h2d_queue_s(stall_s - t_back)
         margin = stall_s - (t_out + t_back + t_queue)
         terms: dict[str, d.Term] = {
             "trigger": trigger,
@@ -336,8 +342,6 @@ class TokenCakePolicy(TrackingPolicy):
         if agent is None or agent.phase == DONE or agent.app.ended:
             return NEVER
         if agent.phase == TOOL:
-            if self.temporal and self._likely_unread(agent):
-                return NEVER
             predicted = agent.predicted_s or 0.0
             remaining = agent.tool_start + predicted - now
             if remaining <= 0:  # overrun: the elapsed time is the best guess of what is left

@@ -1,6 +1,6 @@
-"""Offloads nobody reads back are counted, and learnt from: TokenCake stops offloading (and
-pinning) the KV of tool calls whose KV, in past calls of the same agent type and tool kind,
-nobody read afterwards."""
+"""Offloads nobody reads back are counted, and learnt from: TokenCake stops offloading the KV
+of tool calls whose KV, in past calls of the same agent type and tool kind, nobody read
+afterwards. And the uploads already queued on the host link count in an offload's cost."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_tool_calls_whose_kv_nobody_reads_stop_being_offloaded() -> None:
     out = _app(p, 3, read_after=False)  # still 2.71 outcomes when it starts: offloaded
     assert [d.kind for d in out] == ["offload"]
     out = _app(p, 4, read_after=False)
-    assert [d.kind for d in out] == ["keep"]
+    assert [d.kind for d in out] == ["keep", "pin"]  # pinned still: a wrong verdict is cheap
     assert out[0].reason.rule == "keep:not_read_after_tool"
     assert p.offloads_unread == 4  # the kept call cost no copy
 
