@@ -48,10 +48,11 @@ OUT = 8
 TOOL_S = 12.0  # pinned until the call's q95 (about 27 s), below the policy's 30 s cap
 LIVENESS_S = 0.5
 TIMEOUT_MS = 250
-BOUND_S = 8.0
+BOUND_S = 15.0
 """Fault to finished BIG request. The documented bound for releasing held memory is
-``liveness_s + timeout_ms`` (0.75 s here); the rest is slack for a loaded test machine. A
-pin left to expire on its own would take about 27 s; before the fix it never ended."""
+``liveness_s + timeout_ms`` (0.75 s here); the rest is slack for a loaded test machine (the
+time measured is printed). A pin left to expire on its own would take about 27 s; before
+the fix it never ended."""
 POINTS = ("pin", "offload", "load", "upload")
 FAULTS = ("kill", "stop")
 
@@ -197,11 +198,23 @@ class Cell:
     def pinned(self) -> int:
         return sum(len(a.pinned) for a in self.conn._agents.values())
 
-    def nudge_until(self, cond: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    def decisions(self) -> str:
+        from tokencake.clients.client import TokenCakeClient
+
+        with TokenCakeClient(self.daemon.endpoint, timeout_s=2.0) as client:
+            records = client.list_decisions(200).decisions
+        return "; ".join(
+            f"{d.agent_id} {d.kind} {d.reason.get('rule') if isinstance(d.reason, dict) else ''}"
+            for d in records
+            if d.app_id == self.app
+        )
+
+    def nudge_until(self, cond: Callable[[], bool], timeout_s: float = 60.0) -> None:
         """Pushed decisions are applied on engine steps: step a tiny request until ``cond``."""
         deadline = time.monotonic() + timeout_s
         while not cond():
-            assert time.monotonic() < deadline, "timed out waiting for the daemon's decision"
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for the daemon's decision: {self.decisions()}")
             self.run([_ids(4242, 8)], [None])
             time.sleep(0.02)
 
@@ -216,11 +229,14 @@ class Cell:
         self.injected_at = time.monotonic()
 
     def recover(self) -> None:
-        if self.fault == "kill":
-            self.daemon.start()
-        else:
-            assert self.daemon.proc is not None
-            self.daemon.proc.send_signal(signal.SIGCONT)
+        """The daemon back for the next cell, whether or not the fault was injected."""
+        proc = self.daemon.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            if self.fault == "stop":
+                return
+        self.daemon.kill()
+        self.daemon.start()
 
     def referenced_blocks(self) -> int:
         return sum(b.ref_cnt > 0 for b in self.pool.blocks if not b.is_null)
@@ -296,7 +312,9 @@ def test_fault_never_stalls_the_engine(
             finally:
                 unhook_load()
             assert fired, "the continuation found no host prefix to load"
-            assert time.monotonic() - c.injected_at < BOUND_S
+            took = time.monotonic() - c.injected_at
+            print(f"[{point}-{fault}] fault to the continuation's end: {took:.2f} s")
+            assert took < BOUND_S
             _same(out, want["plain_cont"])
             assert out[0].loaded_tokens == 0  # recomputed: nothing served from a lost daemon
         else:
@@ -329,7 +347,9 @@ def test_fault_never_stalls_the_engine(
             finally:
                 unhook()
             assert c.injected_at, f"the fault was never injected at {point}"
-            assert time.monotonic() - c.injected_at < BOUND_S
+            took = time.monotonic() - c.injected_at
+            print(f"[{point}-{fault}] fault to the big request's end: {took:.2f} s")
+            assert took < BOUND_S
             _same(big, want["big"])
             conts = c.run(
                 _continuations(c.p, index, firsts), [c.params(a, False) for a in range(AGENTS)]

@@ -1,0 +1,187 @@
+"""The vLLM connector's link to tokencaked: registered or down, never blocking long.
+
+The scheduler-side connector makes every daemon call through a ``DaemonLink``. A call that
+fails marks the link down (the ``on_down`` callbacks release what the engine held for the
+daemon) and registration is retried every ``reconnect_s``; see ``docs/operations.md``,
+"The sidecar can die".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tokencake import protocol as p
+from tokencake.connectors.vllm.config import ConnectorConfig
+from tokencake.layout import KvLayout
+
+# Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
+logger = logging.getLogger(f"vllm.{__name__}")
+
+REGISTER_TIMEOUT_S = 0.25
+"""The least time a registration may take (the daemon maps a layout, starts a lease)."""
+REGISTER_BACKOFF_MAX_S = 30.0
+"""A daemon that accepts connections but does not answer registrations is retried at
+``reconnect_s``, doubling per failure up to this interval."""
+
+
+class DaemonLink:
+    """The scheduler's connection to tokencaked: registered or down, never blocking long.
+
+    Every failed call is counted by cause in ``errors`` (an error code, or ``unavailable``
+    for a daemon that did not answer). Whoever holds engine resources for the daemon
+    registers an ``on_down`` callback: it runs the moment the link goes down.
+    """
+
+    def __init__(self, cfg: ConnectorConfig, layout: KvLayout, name: str, num_gpu_blocks: int):
+        self.cfg = cfg
+        self.layout = layout
+        self.name = name
+        self.num_gpu_blocks = num_gpu_blocks
+        self.client: Any = None
+        self.reg: p.RegisterEngineReply | None = None
+        self.epoch = 0
+        self.next_try = 0.0
+        self.next_heartbeat = 0.0
+        self.next_state_report = 0.0
+        self.last_state: tuple[int, int, int, int] | None = None
+        self.last_ok = 0.0
+        """``time.monotonic()`` of the daemon's last reply."""
+        self.last_error = ""
+        self.errors: dict[str, int] = {}
+        self.on_down: list[Callable[[], None]] = []
+        self._register_failures = 0
+
+    @property
+    def up(self) -> bool:
+        return self.reg is not None
+
+    @property
+    def engine_id(self) -> str:
+        assert self.reg is not None
+        return self.reg.engine_id
+
+    def _count(self, cause: str) -> None:
+        self.last_error = cause
+        self.errors[cause] = self.errors.get(cause, 0) + 1
+
+    def maybe_connect(self, now: float, *, wait: bool = False) -> bool:
+        """Register if down and due; True when this call brought the link up.
+
+        Without ``wait`` the attempt costs nothing unless the daemon has completed a ZMQ
+        handshake (it is running and serving its socket); only then is one registration
+        sent, waiting at most ``max(timeout_ms, REGISTER_TIMEOUT_S)``.
+        """
+        if self.up or now < self.next_try:
+            return False
+        self.next_try = now + self.cfg.reconnect_s
+        from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
+
+        timeout_s = max(self.cfg.timeout_ms / 1000.0, REGISTER_TIMEOUT_S)
+        try:
+            if self.client is None:
+                self.client = TokenCakeClient(
+                    self.cfg.endpoint or None, timeout_s=self.cfg.timeout_ms / 1000.0
+                )
+            reg = self.client.call(
+                p.RegisterEngine(self.name, self.layout, self.num_gpu_blocks),
+                p.RegisterEngineReply,
+                timeout_s=timeout_s,
+                connect_timeout_s=timeout_s if wait else 0.0,
+            )
+        except DaemonUnavailable as exc:
+            if "not connected" not in str(exc):
+                # Connected but no reply: a stuck or overloaded daemon. Back off.
+                self._register_failures += 1
+                backoff = self.cfg.reconnect_s * 2.0 ** min(self._register_failures, 16)
+                self.next_try = now + min(backoff, REGISTER_BACKOFF_MAX_S)
+                self._count("unavailable")
+            logger.debug("tokencaked not reachable: %s", exc)
+            return False
+        except (p.RemoteError, OSError) as exc:
+            self._count(getattr(exc, "code", "unavailable"))
+            logger.debug("tokencaked refused registration: %s", exc)
+            return False
+        self._register_failures = 0
+        if reg.slot_bytes < self.layout.bytes_per_block:
+            logger.error(
+                "tokencaked slots hold %d B but a block needs %d B; connector stays off",
+                reg.slot_bytes,
+                self.layout.bytes_per_block,
+            )
+            return False
+        self.reg = reg
+        self.epoch += 1
+        self.last_ok = now
+        self.next_heartbeat = now + reg.heartbeat_s
+        self.next_state_report = now  # the pool's state goes out with the first step
+        self.last_state = None
+        logger.info(
+            "TokenCake: registered with tokencaked at %s as %s (arena %s, %d slots)",
+            self.client.endpoint,
+            reg.engine_id,
+            reg.arena_name,
+            reg.num_slots,
+        )
+        return True
+
+    def down(self, why: object) -> None:
+        if self.reg is not None:
+            logger.warning("TokenCake: tokencaked link down (%s); serving without it", why)
+            self.reg = None
+            for callback in self.on_down:
+                callback()
+        self.reg = None
+        self.next_try = time.monotonic() + self.cfg.reconnect_s
+
+    def call(self, req: p.Request, reply_type: type[Any]) -> Any:
+        """One request; None when the daemon is down, slow, or refuses it (``last_error``
+        then says why)."""
+        if self.reg is None:
+            self.last_error = "unavailable"
+            return None
+        from tokencake.clients.client import DaemonUnavailable
+
+        try:
+            reply = self.client.call(req, reply_type)
+        except DaemonUnavailable as exc:
+            self._count("unavailable")
+            self.down(exc)
+        except p.RemoteError as exc:
+            self.last_ok = time.monotonic()  # it answered
+            self._count(exc.code)
+            if exc.code == p.ErrorCode.UNKNOWN_ENGINE:
+                self.down(exc)  # the daemon restarted: register again
+            else:
+                logger.debug("tokencaked refused %s: %s", req.op, exc)
+        else:
+            self.last_ok = time.monotonic()
+            self.last_error = ""
+            return reply
+        return None
+
+    def check_alive(self, now: float) -> bool:
+        """The daemon answered within ``liveness_s``, or answers a ping now."""
+        if not self.up:
+            return False
+        if now - self.last_ok <= self.cfg.liveness_s:
+            return True
+        return self.call(p.Ping(), p.PingReply) is not None
+
+    def pushes(self) -> list[p.DecisionRecord]:
+        if self.reg is None or self.client is None:
+            return []
+        out: list[p.DecisionRecord] = self.client.poll_pushes()
+        if out:
+            self.last_ok = time.monotonic()
+        return out
+
+    def close(self) -> None:
+        if self.client is not None:
+            if self.reg is not None:
+                self.call(p.UnregisterEngine(self.engine_id), p.UnregisterEngineReply)
+            self.client.close()
+            self.client = None
+        self.reg = None
