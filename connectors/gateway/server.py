@@ -316,8 +316,9 @@ class Gateway:
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.metrics.upstream_errors.inc()
             logger.warning("upstream %s failed: %s", upstream, exc)
+            why = " ".join(str(exc).split()) or type(exc).__name__
             return openai_error(
-                502, f"upstream {upstream} unreachable: {exc}", "upstream_unavailable", "502"
+                502, f"upstream {upstream} unreachable: {why}", "upstream_unavailable", "502"
             )
         finally:
             self.metrics.requests.labels(kind, str(status)).inc()
