@@ -95,6 +95,7 @@ class AppState:
     __slots__ = (
         "agents",
         "app_id",
+        "awaiting",
         "done_nodes",
         "ended",
         "info",
@@ -109,6 +110,8 @@ class AppState:
         self.tenant = tenant
         self.registered_s = now
         self.agents: dict[str, AgentState] = {}
+        self.awaiting = 0
+        """Agents whose tool call ended and whose KV nobody has read yet (``await_reader``)."""
         self.done_nodes = 0
         self.join_done: dict[str, int] = {}
         self.ended = False
@@ -376,6 +379,7 @@ class TrackingPolicy(Policy):
         if key is None:
             return
         agent.await_reader = None
+        agent.app.awaiting -= 1
         rec = self.reader_stats.setdefault(key, [0.0, 0.0])
         rec[0] *= READER_DECAY
         rec[1] *= READER_DECAY
@@ -636,7 +640,7 @@ class TrackingPolicy(Policy):
         self._reader_outcome(agent, True)
         app = agent.app
         nodes = app.info.nodes
-        todo = list(agent.node.pred)
+        todo = list(agent.node.pred) if app.awaiting else []
         seen: set[int] = set()
         while todo:
             j = todo.pop()
@@ -735,6 +739,8 @@ class TrackingPolicy(Policy):
         agent.tool_token += 1
         self._set_phase(agent, IDLE)
         agent.last_used_s = self.now
+        if agent.await_reader is None:
+            agent.app.awaiting += 1
         agent.await_reader = (agent.klass, agent.tool_kind)
         self._unpin(agent, "tool_returned", out)
         self._on_tool_end(agent, actual, out)
