@@ -1,9 +1,19 @@
 """The daemon's KV arena as an engine sees it: map it by name, copy blocks in and out.
 
 The daemon hands out slot numbers; the engine moves the bytes itself through its own mapping
-of the same shared-memory segment, so KV never crosses a socket. Every copy goes straight
-between the engine's tensor and the slot (numpy views on both sides, ``np.copyto``), with no
-intermediate buffer; runs of consecutive slots and blocks move in one call.
+of the same shared-memory segment, so KV never crosses a socket. No transfer loops over
+blocks in Python:
+
+- engine block ids that form one increasing run (``write_blocks``/``read_blocks`` always):
+  one numpy scatter or gather per layer (fancy-index assignment, ``np.take(..., out=)``)
+  straight between the tensor slice and the slots;
+- scattered block ids (vLLM's per-layer tensors): both sides are indexed, which numpy cannot
+  do in one pass. With numba (vLLM and SGLang install it) one compiled loop moves every
+  (slot, layer) piece with ``memmove``, the pairs sorted by the side being read. Without it,
+  each layer goes through a ~1 MiB staging buffer (gather, then scatter) that is still in
+  cache when it is read back: about half the speed.
+
+Every index is checked before the first byte moves, so a bad call changes nothing.
 
 Slot layout: a slot holds one engine block. With one tensor of shape ``(num_blocks, ...)``
 the block's bytes fill the slot's head. With vLLM-style per-layer tensors
@@ -14,9 +24,11 @@ block, then layer 1's, and so on, back to back.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,6 +48,70 @@ logger = logging.getLogger(__name__)
 
 # cudaHostRegisterPortable: the pinning is visible to every CUDA context of the process.
 _CUDA_HOST_REGISTER_PORTABLE = 1
+
+# Staging buffer for transfers whose both sides are indexed: big enough that a chunk costs far
+# more than the two numpy calls that move it, small enough to stay in L2.
+STAGE_BYTES = 1 << 20
+# Smallest piece the arena is cut into for a gather; below it, a strided view (and a copy).
+MIN_ROW_BYTES = 256
+
+
+_native: Any = None  # the compiled copy kernel; False once numba proved missing or broken
+
+
+def native_copy() -> Any:
+    """The compiled kernel for scattered block ids, or None without numba.
+
+    Built on first use (about a second: numba's import and compile); an engine calls this at
+    start-up so that no forward step pays for it.
+    """
+    global _native
+    if _native is None:
+        try:
+            _native = _build_native()
+        except ImportError:
+            _native = False
+        except Exception as exc:  # a numba that cannot compile here: the numpy path is right
+            logger.warning("numba copy kernel unavailable (%s); copies use numpy", exc)
+            _native = False
+    return _native or None
+
+
+def _build_native() -> Any:
+    import ctypes
+
+    import numba
+
+    memmove = ctypes.CDLL(None).memmove
+    memmove.restype = ctypes.c_void_p
+    memmove.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+    @numba.njit(  # type: ignore[untyped-decorator, unused-ignore]
+        "void(int64, int64, int64[::1], int64[::1], int64[::1], int64[::1], int64[::1], boolean)",
+        nogil=True,
+    )
+    def copy_pairs(
+        arena: int,
+        slot_bytes: int,
+        bases: np.ndarray,
+        sizes: np.ndarray,
+        offsets: np.ndarray,
+        slots: np.ndarray,
+        blocks: np.ndarray,
+        to_arena: bool,
+    ) -> None:
+        """Slot ``slots[i]`` holds block ``blocks[i]`` of each layer at ``offsets[layer]``.
+        Raw addresses: the caller has checked every index and keeps the arrays alive."""
+        for i in range(slots.shape[0]):
+            slot = arena + slots[i] * slot_bytes
+            for layer in range(bases.shape[0]):
+                block = bases[layer] + blocks[i] * sizes[layer]
+                if to_arena:
+                    memmove(slot + offsets[layer], block, sizes[layer])
+                else:
+                    memmove(block, slot + offsets[layer], sizes[layer])
+
+    return copy_pairs
 
 
 class KvArenaError(ValueError):
@@ -120,21 +196,13 @@ class ArenaMapping:
 
     def write_blocks(self, slots: Sequence[int], src: Any) -> None:
         """Copy ``src[i]`` into slot ``slots[i]``; ``src`` is ``(n, ...)`` numpy or CPU torch."""
-        arena = self.slots_view()
         blocks = _as_block_bytes(src)
-        self._check(slots, blocks.shape[0], blocks.shape[1])
-        nb = blocks.shape[1]
-        for slot, block, run in _runs(slots, range(len(slots))):
-            np.copyto(arena[slot : slot + run, :nb], blocks[block : block + run])
+        self._copy_layers(slots, [blocks], range(blocks.shape[0]), to_arena=True)
 
     def read_blocks(self, slots: Sequence[int], dst: Any) -> None:
         """Copy slot ``slots[i]`` into ``dst[i]``; ``dst`` is ``(n, ...)`` numpy or CPU torch."""
-        arena = self.slots_view()
         blocks = _as_block_bytes(dst)
-        self._check(slots, blocks.shape[0], blocks.shape[1])
-        nb = blocks.shape[1]
-        for slot, block, run in _runs(slots, range(len(slots))):
-            np.copyto(blocks[block : block + run], arena[slot : slot + run, :nb])
+        self._copy_layers(slots, [blocks], range(blocks.shape[0]), to_arena=False)
 
     # ------------------------------------------------------------------ per-layer tensors
 
@@ -153,36 +221,60 @@ class ArenaMapping:
     def _copy_layers(
         self, slots: Sequence[int], layers: Sequence[Any], block_ids: Sequence[int], to_arena: bool
     ) -> None:
-        arena = self.slots_view()
-        if len(block_ids) != len(slots):
-            raise KvArenaError(f"{len(slots)} slots for {len(block_ids)} block ids")
         views = [_as_block_bytes(layer) for layer in layers]
+        slot_ids = _ids(slots, "slot")
+        blocks = _ids(block_ids, "block id")
+        if len(blocks) != len(slot_ids):
+            raise KvArenaError(f"{len(slot_ids)} slots for {len(blocks)} blocks")
         total = sum(v.shape[1] for v in views)
-        self._check(slots, len(slots), total)
+        if total > self._slot_bytes:
+            raise KvArenaError(f"{total}-byte blocks exceed {self._slot_bytes}-byte slots")
+        if not len(slot_ids):
+            return
+        lo, hi = int(slot_ids.min()), int(slot_ids.max())
+        if lo < 0 or hi >= self._num_slots:
+            bad = lo if lo < 0 else hi
+            raise KvArenaError(f"slot {bad} outside 0..{self._num_slots - 1}")
+        if not views:
+            return
+        lo, hi = int(blocks.min()), int(blocks.max())
         for v in views:
-            for b in block_ids:
-                if not 0 <= b < v.shape[0]:
-                    raise KvArenaError(f"block id {b} outside a layer of {v.shape[0]} blocks")
-        runs = list(_runs(slots, block_ids))
+            if lo < 0 or hi >= v.shape[0]:
+                bad = lo if lo < 0 else hi
+                raise KvArenaError(f"block id {bad} outside a layer of {v.shape[0]} blocks")
+        # Two blocks written into one place would leave either; refuse rather than guess.
+        dest, what = (slot_ids, "slot") if to_arena else (blocks, "block id")
+        if len(np.unique(dest)) != len(dest):
+            raise KvArenaError(f"a {what} appears twice in one copy")
+        # Taken only now: an error raised above must not hold a view (the mapping could not
+        # close while its traceback lives).
+        arena = self.slots_view()
+        run = bool((np.diff(blocks) == 1).all())
+        kernel = None if run else native_copy()
+        if kernel is not None:
+            # One compiled loop for the whole transfer, reading in address order.
+            order = np.argsort(blocks if to_arena else slot_ids, kind="stable")
+            sizes = np.array([v.shape[1] for v in views], dtype=np.int64)
+            offsets = np.cumsum(sizes) - sizes
+            bases = np.array([_address(v) for v in views], dtype=np.int64)
+            kernel(
+                _address(arena),
+                self._slot_bytes,
+                bases,
+                sizes,
+                offsets,
+                slot_ids[order],
+                blocks[order],
+                to_arena,
+            )
+            return
+        plan = _Plan.make(slot_ids, blocks, run, max(v.shape[1] for v in views))
         offset = 0
         for v in views:
             nb = v.shape[1]
-            for slot, block, run in runs:
-                part = arena[slot : slot + run, offset : offset + nb]
-                if to_arena:
-                    np.copyto(part, v[block : block + run])
-                else:
-                    np.copyto(v[block : block + run], part)
+            if nb:
+                plan.copy_layer(arena, v, offset, to_arena)
             offset += nb
-
-    def _check(self, slots: Sequence[int], n: int, block_bytes: int) -> None:
-        if len(slots) != n:
-            raise KvArenaError(f"{len(slots)} slots for {n} blocks")
-        if block_bytes > self._slot_bytes:
-            raise KvArenaError(f"{block_bytes}-byte blocks exceed {self._slot_bytes}-byte slots")
-        for s in slots:
-            if not 0 <= s < self._num_slots:
-                raise KvArenaError(f"slot {s} outside 0..{self._num_slots - 1}")
 
     # ------------------------------------------------------------------ pinning
 
@@ -277,13 +369,94 @@ def _as_block_bytes(x: Any) -> np.ndarray:
     return arr.reshape(arr.shape[0], -1).view(np.uint8)
 
 
-def _runs(slots: Sequence[int], blocks: Sequence[int]) -> Iterator[tuple[int, int, int]]:
-    """Maximal ``(slot, block, length)`` runs where both slot and block ids step by one."""
-    n = len(slots)
-    i = 0
-    while i < n:
-        j = i + 1
-        while j < n and slots[j] == slots[j - 1] + 1 and blocks[j] == blocks[j - 1] + 1:
-            j += 1
-        yield int(slots[i]), int(blocks[i]), j - i
-        i = j
+def _address(arr: np.ndarray) -> int:
+    """Where ``arr`` starts. Not ``arr.ctypes.data``: that leaves a reference cycle holding
+    the array, and with it the arena's buffer, until the garbage collector runs."""
+    address: int = arr.__array_interface__["data"][0]
+    return address
+
+
+def _ids(ids: Sequence[int], what: str) -> np.ndarray:
+    """``ids`` as a 1-D int64 array; anything but integers is refused, never truncated."""
+    if isinstance(ids, range):
+        return np.arange(ids.start, ids.stop, ids.step, dtype=np.int64)
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise KvArenaError(f"{what}s must be a flat list of integers, got {arr.dtype} {arr.shape}")
+    return arr.astype(np.int64, copy=False)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """How one transfer's (slot, block) pairs are walked, shared by all of its layers.
+
+    ``chunk`` is None when the block ids are one increasing run: each layer then moves in one
+    call, straight between the tensor slice and the slots. Otherwise the pairs are sorted by
+    slot (the arena is walked forward) and cut into chunks of ``chunk`` pairs that go through
+    ``stage``; a chunk whose block ids happen to be a run skips the stage.
+    """
+
+    slots: np.ndarray
+    blocks: np.ndarray
+    chunk: int | None
+    runs: np.ndarray
+    stage: np.ndarray
+
+    @classmethod
+    def make(cls, slots: np.ndarray, blocks: np.ndarray, run: bool, max_block_bytes: int) -> _Plan:
+        n = len(slots)
+        if run:
+            return cls(slots, blocks, None, np.empty(0, dtype=bool), np.empty(0, dtype=np.uint8))
+        order = np.argsort(slots, kind="stable")
+        slots, blocks = slots[order], blocks[order]
+        chunk = max(1, min(n, STAGE_BYTES // max(1, max_block_bytes)))
+        stage = np.empty(chunk * max_block_bytes, dtype=np.uint8)
+        return cls(slots, blocks, chunk, np.diff(blocks) == 1, stage)
+
+    def copy_layer(self, arena: np.ndarray, layer: np.ndarray, offset: int, to_arena: bool) -> None:
+        """Move this layer's ``nb``-byte blocks to or from bytes ``offset..offset+nb`` of slots."""
+        nb = layer.shape[1]
+        slot_bytes = arena.shape[1]
+        # The arena as C-contiguous rows of ``unit`` bytes, so np.take reads it in place: a
+        # block is ``nb // unit`` consecutive rows (one row when slots hold whole blocks).
+        unit = math.gcd(slot_bytes, nb, offset)
+        if unit >= MIN_ROW_BYTES:
+            rows: np.ndarray = arena.reshape(-1, unit)
+            first = (self.slots * slot_bytes + offset) // unit
+            where = first[:, None] + np.arange(nb // unit, dtype=np.int64)
+        else:  # odd sizes: a strided column; gathers from it allocate
+            rows = arena[:, offset : offset + nb]
+            where = self.slots[:, None]
+            unit = nb
+        n = len(where)
+        step = self.chunk or n
+        for i in range(0, n, step):
+            j = min(n, i + step)
+            ids = self.blocks[i:j]
+            if self.chunk is None or self.runs[i : j - 1].all():
+                part = layer[int(ids[0]) : int(ids[0]) + j - i]
+                _move(rows, where[i:j], part.reshape(j - i, -1, unit), to_arena)
+            elif to_arena:
+                stage = self._stage(j - i, nb)
+                np.take(layer, ids, axis=0, out=stage, mode="clip")
+                _move(rows, where[i:j], stage.reshape(j - i, -1, unit), to_arena)
+            else:
+                stage = self._stage(j - i, nb)
+                _move(rows, where[i:j], stage.reshape(j - i, -1, unit), to_arena)
+                layer[ids] = stage
+
+    def _stage(self, m: int, nb: int) -> np.ndarray:
+        return self.stage[: m * nb].reshape(m, nb)
+
+
+def _move(rows: np.ndarray, where: np.ndarray, blocks: np.ndarray, to_arena: bool) -> None:
+    """``rows[where] <-> blocks`` in one numpy call; ``blocks`` is contiguous. Indices are
+    checked by the caller; ``mode="clip"`` keeps np.take from buffering its output."""
+    if to_arena:
+        rows[where] = blocks
+    elif rows.flags.c_contiguous:
+        np.take(rows, where, axis=0, out=blocks, mode="clip")
+    else:
+        blocks[...] = rows[where]

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tokencake.clients.kv_arena import ArenaMapping
+from tokencake.clients.kv_arena import ArenaMapping, native_copy
 
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -62,19 +62,28 @@ def close_arena(arena: ArenaMapping) -> None:
 
 
 class BlockCopier:
-    """Copies block lists between vLLM's per-layer CPU KV tensors and the arena."""
+    """Copies block lists between vLLM's per-layer CPU KV tensors and the arena.
+
+    A transfer is one compiled loop over (slot, layer) pieces when numba is importable (vLLM
+    requires it), else one numpy gather/scatter per layer; see ``kv_arena``. The kernel is
+    compiled here, at worker start-up, so no forward step waits for numba.
+    """
 
     def __init__(self, kv_caches: Sequence[torch.Tensor]) -> None:
         self.layers = block_views(kv_caches)
         self.page_bytes = int(self.layers[0].shape[1])
         self.num_blocks = int(self.layers[0].shape[0])
         self.bytes_per_block = self.page_bytes * len(self.layers)
+        # numpy views of the same memory, made once rather than on every copy
+        self._arrays = [layer.numpy() for layer in self.layers]
+        self.path = "numba" if native_copy() is not None else "numpy"
+        logger.debug("TokenCake CPU block copies use %s", self.path)
 
     def to_arena(self, arena: ArenaMapping, blocks: Sequence[int], slots: Sequence[int]) -> None:
-        arena.write_layers(slots, self.layers, blocks)
+        arena.write_layers(slots, self._arrays, blocks)
 
     def from_arena(self, arena: ArenaMapping, slots: Sequence[int], blocks: Sequence[int]) -> None:
-        arena.read_layers(slots, self.layers, blocks)
+        arena.read_layers(slots, self._arrays, blocks)
 
 
 class CudaBlockCopier:

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from tokencake.clients.kv_arena import ArenaMapping, KvArenaError, _runs
-from tokencake.daemon.arena import Arena, ArenaError
+from tokencake.clients import kv_arena
+from tokencake.clients.kv_arena import ArenaMapping, KvArenaError
+from tokencake.daemon.arena import Arena, ArenaError, slot_count
 
 SLOT = 4096
 NUM = 32
@@ -126,12 +127,6 @@ def test_close_with_live_view_raises(arena: Arena) -> None:
         m.slots_view()
 
 
-def test_runs_coalesce_only_when_both_sides_step_by_one() -> None:
-    assert list(_runs([3, 4, 5, 9, 10], [0, 1, 2, 3, 4])) == [(3, 0, 3), (9, 3, 2)]
-    assert list(_runs([3, 4, 5], [0, 2, 3])) == [(3, 0, 1), (4, 2, 2)]
-    assert list(_runs([], [])) == []
-
-
 def test_torch_cpu_tensor_round_trip(arena: Arena) -> None:
     torch = pytest.importorskip("torch")
     src = torch.randn(3, 2, 16, 8, dtype=torch.bfloat16)
@@ -140,3 +135,181 @@ def test_torch_cpu_tensor_round_trip(arena: Arena) -> None:
         dst = torch.empty_like(src)
         m.read_blocks([1, 2, 7], dst)
     assert torch.equal(dst.view(torch.uint16), src.view(torch.uint16))
+
+
+# ---------------------------------------------------------------------- scattered block ids
+#
+# vLLM hands over arbitrary engine block ids and the daemon arbitrary slots. Both copy paths
+# (numba's compiled loop, and numpy's staged gather/scatter when numba is absent) must put
+# exactly ``layer[0][b] + layer[1][b] + ...`` into the slot, whatever the geometry.
+
+NB = 40  # engine blocks per layer
+CAP = slot_count(SLOT * NUM, SLOT)  # 31: slot 0 starts 2 KiB into the segment
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Forces one path; returns a list that counts the compiled kernel's calls."""
+    calls: list[int] = []
+    if request.param == "numpy":
+        monkeypatch.setattr(kv_arena, "_native", False)
+        return calls
+    kernel = kv_arena.native_copy()
+    if kernel is None:
+        pytest.skip("numba is not installed (scripts/bootstrap.sh test installs it)")
+
+    def counted(*args: object) -> None:
+        calls.append(len(args[5]))  # type: ignore[arg-type]
+        kernel(*args)
+
+    monkeypatch.setattr(kv_arena, "_native", counted)
+    return calls
+
+
+def _layers(rng: np.random.Generator, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    return [rng.standard_normal((NB, *shape)).astype(np.float16) for shape in shapes]
+
+
+def _slot_bytes(layers: list[np.ndarray], block: int) -> bytes:
+    return b"".join(layer[block].tobytes() for layer in layers)
+
+
+# (per-layer block shapes, why): fp16, so bytes = 2 * product
+GEOMETRIES = [
+    ([(2, 4, 64)] * 3, "1 KiB pages, slots hold whole pages"),
+    ([(3, 4, 32)] * 5, "768 B pages: the arena cut into 256 B rows"),
+    ([(5, 10)] * 3 + [(7,)], "100 B and 14 B pages: strided column views"),
+]
+
+
+@pytest.mark.parametrize("shapes", [g[0] for g in GEOMETRIES], ids=[g[1] for g in GEOMETRIES])
+@pytest.mark.parametrize("stage_bytes", [kv_arena.STAGE_BYTES, 2500])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_block_ids_and_slots_round_trip(
+    arena: Arena,
+    copy_path: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    shapes: list[tuple[int, ...]],
+    stage_bytes: int,
+    seed: int,
+) -> None:
+    monkeypatch.setattr(kv_arena, "STAGE_BYTES", stage_bytes)  # small: chunks cut the copy
+    rng = np.random.default_rng(seed)
+    layers = _layers(rng, shapes)
+    n = 24
+    slots = [int(s) for s in rng.choice(CAP, n, replace=False)]
+    blocks = [int(b) for b in rng.choice(NB, n, replace=False)]
+    used = sum(layer[0].nbytes for layer in layers)
+    with ArenaMapping.open(arena.name, SLOT) as m:
+        m.write_layers(slots, layers, blocks)
+        stored = bytes(m.slots_view())  # a copy: the mapping closes with no view left
+        for s, b in zip(slots, blocks, strict=True):
+            at = s * SLOT
+            assert stored[at : at + used] == _slot_bytes(layers, b), (s, b)
+        for s in set(range(CAP)) - set(slots):
+            assert not any(stored[s * SLOT : (s + 1) * SLOT])  # nothing outside named slots
+        targets = [int(t) for t in rng.permutation(NB)[:n]]
+        back = [np.zeros_like(layer) for layer in layers]
+        m.read_layers(slots, back, targets)
+    for layer, restored in zip(layers, back, strict=True):
+        np.testing.assert_array_equal(restored[targets], layer[blocks])
+        untouched = np.setdiff1d(np.arange(NB), targets)
+        assert not restored[untouched].any()
+    # with numba, the compiled loop moved both transfers whole; without, it never ran
+    assert copy_path == ([n, n] if kv_arena._native else [])
+
+
+def test_partial_runs_across_chunk_boundaries(
+    arena: Arena, copy_path: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of consecutive blocks and slots mixed with singles; with 3-pair chunks some runs
+    are cut, some chunks are whole runs (no staging) and some are not."""
+    monkeypatch.setattr(kv_arena, "STAGE_BYTES", 3 * 1024)
+    layers = _layers(np.random.default_rng(7), [(2, 4, 64)] * 3)
+    blocks = [7, 8, 9, 10, 2, 30, 31, 15, 16, 17, 39, 0]
+    slots = [3, 4, 5, 6, 20, 0, 1, 30, 12, 11, 13, 2]
+    with ArenaMapping.open(arena.name, SLOT) as m:
+        m.write_layers(slots, layers, blocks)
+        stored = bytes(m.slots_view())
+        for s, b in zip(slots, blocks, strict=True):
+            assert stored[s * SLOT : s * SLOT + 3072] == _slot_bytes(layers, b)
+        back = [np.zeros_like(layer) for layer in layers]
+        m.read_layers(slots, back, blocks)
+        # a run of block ids takes numpy's one-call path on either setting
+        m.read_layers([5, 6, 20], back, [21, 22, 23])
+    for layer, restored in zip(layers, back, strict=True):
+        np.testing.assert_array_equal(restored[blocks], layer[blocks])
+        np.testing.assert_array_equal(restored[21:24], layer[[9, 10, 2]])
+
+
+def test_bad_ids_are_refused_before_any_byte_moves(arena: Arena, copy_path: list[int]) -> None:
+    layers = _layers(np.random.default_rng(3), [(2, 4, 64)] * 3)
+    bad: list[tuple[list[int], list[int], str]] = [
+        ([1, 2, -1], [3, 9, 4], "slot -1 outside"),
+        ([1, 2, CAP], [3, 9, 4], f"slot {CAP} outside"),
+        ([1, 2, 5], [3, 9, -2], "block id -2 outside"),
+        ([1, 2, 5], [3, 9, NB], f"block id {NB} outside"),
+        ([1, 2], [3, 9, 4], "2 slots for 3 blocks"),
+    ]
+    with ArenaMapping.open(arena.name, SLOT) as m:
+        m.write_layers([0, 8], layers, [5, 1])
+        before = bytes(m.slots_view())
+        for slots, blocks, match in bad:
+            with pytest.raises(KvArenaError, match=match):
+                m.write_layers(slots, layers, blocks)
+            back = [np.zeros_like(layer) for layer in layers]
+            with pytest.raises(KvArenaError, match=match):
+                m.read_layers(slots, back, blocks)
+            assert not any(b.any() for b in back)
+        with pytest.raises(KvArenaError, match="integers"):
+            m.write_layers([1.5, 2.0], layers, [3, 9])  # type: ignore[list-item]
+        with pytest.raises(KvArenaError, match="integers"):
+            m.write_layers([1, 2], layers, [[3], [9]])  # type: ignore[list-item]
+        with pytest.raises(KvArenaError, match="integers"):
+            m.read_layers([True, False], layers, [3, 9])
+        with pytest.raises(KvArenaError, match="slot appears twice"):
+            m.write_layers([4, 4], layers, [3, 9])
+        with pytest.raises(KvArenaError, match="block id appears twice"):
+            m.read_layers([0, 8], [np.zeros_like(x) for x in layers], [6, 6])
+        with pytest.raises(KvArenaError, match="exceed"):
+            m.write_layers([1], layers * 2, [3])
+        assert bytes(m.slots_view()) == before
+        # The source side may repeat: one slot read into two blocks, one block into two slots.
+        back = [np.zeros_like(layer) for layer in layers]
+        m.read_layers([0, 0], back, [11, 12])
+        m.write_layers([20, 21], layers, [5, 5])
+        stored = bytes(m.slots_view())
+        assert stored[20 * SLOT : 20 * SLOT + 3072] == _slot_bytes(layers, 5)
+        assert stored[21 * SLOT : 21 * SLOT + 3072] == _slot_bytes(layers, 5)
+    for layer, restored in zip(layers, back, strict=True):
+        np.testing.assert_array_equal(restored[11], layer[5])
+        np.testing.assert_array_equal(restored[12], layer[5])
+
+
+def test_vllm_block_copier_moves_torch_layers(arena: Arena, copy_path: list[int]) -> None:
+    """The vLLM worker's CPU copier: torch KV tensors of vLLM-CPU's shape, random ids."""
+    torch = pytest.importorskip("torch")
+    from tokencake.connectors.vllm.worker import BlockCopier
+
+    torch.manual_seed(0)
+    kv = [torch.randn(NB, 2, 4, 64, dtype=torch.bfloat16) for _ in range(3)]
+    copier = BlockCopier(kv)
+    blocks, slots = [33, 2, 17, 18, 5], [9, 30, 10, 11, 0]
+
+    def raw(block: int) -> bytes:
+        return b"".join(bytes(x[block].view(torch.uint8).flatten().numpy()) for x in kv)
+
+    want = {b: raw(b) for b in blocks}
+    with ArenaMapping.open(arena.name, SLOT) as m:
+        copier.to_arena(m, blocks, slots)
+        stored = bytes(m.slots_view())
+        for s, b in zip(slots, blocks, strict=True):
+            assert stored[s * SLOT : s * SLOT + copier.bytes_per_block] == want[b]
+        for x in kv:
+            x[blocks] = 0
+        targets = [1, 39, 20, 21, 8]
+        copier.from_arena(m, slots, targets)
+    for b, t in zip(blocks, targets, strict=True):
+        assert raw(t) == want[b]
+    assert copier.path == ("numba" if kv_arena._native else "numpy")
+    assert len(copy_path) == (2 if kv_arena._native else 0)
