@@ -43,6 +43,18 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
+def _daemon(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    from tokencake.clients.client import resolve_endpoint
+
+    endpoint = resolve_endpoint(value)
+    if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
+        return endpoint
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if endpoint.startswith("tcp://") and host and port.isdigit() and 0 < int(port) < 65536:
+        return endpoint
+    raise click.BadParameter(f"{endpoint!r} is not ipc://PATH or tcp://HOST:PORT")
+
+
 @click.command(cls=Command, context_settings=HELP_OPTIONS)
 @click.option(
     "--upstream",
@@ -56,7 +68,14 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=8100, show_default=True, help="Port."
 )
-@click.option("--daemon", "endpoint", default=None, help="tokencaked endpoint (default: local).")
+@click.option(
+    "--daemon",
+    "endpoint",
+    envvar="TOKENCAKE_ENDPOINT",
+    default=None,
+    callback=_daemon,
+    help="tokencaked endpoint (default: $TOKENCAKE_ENDPOINT, else the daemon's default).",
+)
 @click.option(
     "--llm-events",
     type=click.Choice(["gateway", "engine"]),
@@ -90,7 +109,7 @@ def main(
     upstreams: list[str],
     host: str,
     port: int,
-    endpoint: str | None,
+    endpoint: str,
     llm_events: str,
     app_idle_s: float,
     daemon_timeout_s: float,

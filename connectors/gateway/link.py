@@ -51,6 +51,10 @@ class DaemonLink:
     def down(self) -> bool:
         return time.monotonic() < self._down_until
 
+    def start(self) -> None:
+        """Connect (on the running loop); a malformed endpoint raises here, not later."""
+        self._queue()
+
     def _queue(self) -> asyncio.Queue[tuple[Any, ...]]:
         if self._q is None:
             self._q = asyncio.Queue()

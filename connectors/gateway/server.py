@@ -36,7 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tokencake.connectors.gateway.hints import HintError
 from tokencake.connectors.gateway.link import DaemonLink
 from tokencake.connectors.gateway.metrics import GatewayMetrics
-from tokencake.connectors.gateway.observe import CHAT, COMPLETIONS, RESPONSES, Observer
+from tokencake.connectors.gateway.observe import CHAT, COMPLETIONS, RESPONSES, Observer, Outcome
 from tokencake.connectors.gateway.tracker import Plan, Tracker
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ class Gateway:
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
+        self.link.start()
         if len(self.upstreams.urls) > 1:
             await self.upstreams.refresh(self._session)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -250,6 +251,10 @@ class Gateway:
         except HintError as exc:
             self.metrics.requests.labels(kind, "400").inc()
             return openai_error(400, str(exc), "invalid_request_error", "bad_tokencake_hint")
+        except Exception:
+            # A bug of ours must not cost the request: it goes through untracked.
+            logger.exception("gateway: tracking a %s request failed; passing it through", kind)
+            plan = None
         model = str(body.get("model", ""))
         if plan is None:
             upstream = await self.upstreams.pick(self.session, model, "")
@@ -311,7 +316,7 @@ class Gateway:
                 if plan is not None and observer is not None and status == 200:
                     if "Content-Encoding" not in up.headers:
                         observer.feed_body(payload)
-                    self.tracker.finish(plan, observer.outcome, time.monotonic())
+                    self._finish(plan, observer.outcome, time.monotonic())
                 return web.Response(status=status, body=payload, headers=headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.metrics.upstream_errors.inc()
@@ -325,7 +330,13 @@ class Gateway:
             if plan is not None:
                 # An error status, an unreachable upstream or a client that went away
                 # (cancelled): the LLM call ended without an answer. No-op when reported.
-                self.tracker.finish(plan, None, time.monotonic())
+                self._finish(plan, None, time.monotonic())
+
+    def _finish(self, plan: Plan, outcome: Outcome | None, now: float) -> None:
+        try:
+            self.tracker.finish(plan, outcome, now)
+        except Exception:
+            logger.exception("gateway: recording a response failed")
 
     async def _relay_stream(
         self,
@@ -346,7 +357,7 @@ class Gateway:
             await resp.write_eof()
             if plan is not None and observer is not None and up.status == 200:
                 # Read after the client has it all: observing costs the stream nothing.
-                self.tracker.finish(plan, observer.close_stream(), ended)
+                self._finish(plan, observer.close_stream(), ended)
         except ConnectionResetError:
             # The client went away: stop reading and close the upstream (the engine aborts).
             self.metrics.client_disconnects.inc()

@@ -193,6 +193,8 @@ def test_streamed_tool_call_fragments_are_joined() -> None:
         ["--upstream", "http://h", "--app-idle-s", "0"],
         ["--upstream", "http://h", "--llm-events", "both"],
         ["--upstream", "http://h", "--log-level", "LOUD"],
+        ["--upstream", "http://h", "--daemon", "nowhere"],
+        ["--upstream", "http://h", "--daemon", "tcp://host:0"],
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(args: list[str]) -> None:
