@@ -864,6 +864,7 @@ class Daemon:
             events=dict(self.event_counts),
             errors=dict(self.error_counts),
             decisions=self._decision_seq,
+            l2=self.l2.stats() if self.l2 is not None else {},
         )
 
     def _list_engines(self, _identity: bytes, _req: p.ListEngines) -> p.ListEnginesReply:

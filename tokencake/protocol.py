@@ -412,6 +412,8 @@ class StatsReply(msgspec.Struct):
     events: dict[str, int]
     errors: dict[str, int]
     decisions: int
+    l2: dict[str, int] = msgspec.field(default_factory=dict)
+    """The L2 tier's counters (docs/distributed.md); empty when the daemon runs without one."""
 
 
 class Stats(Request):

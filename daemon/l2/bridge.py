@@ -238,6 +238,8 @@ class L2Bridge:
     # ------------------------------------------------------------------ lifecycle
 
     def stats(self) -> dict[str, int]:
+        """What ``tokencake-ctl status --json`` shows under ``l2``."""
+        m = self.tier.metrics
         return {
             "placed_blocks": self.placed_blocks,
             "written_back": self.written_back,
@@ -245,6 +247,11 @@ class L2Bridge:
             "queued_bytes": self.tier.pending_bytes,
             "prefetches_in_flight": self.tier.gets_in_flight,
             "available": int(self.tier.available),
+            "stored_blocks": m.value("tokencake_l2_blocks", op="put", result="stored"),
+            "hit_blocks": m.value("tokencake_l2_blocks", op="get", result="hit"),
+            "missed_blocks": m.value("tokencake_l2_blocks", op="get", result="miss"),
+            "dropped_writes": m.total("tokencake_l2_dropped_writes"),
+            "rejected_values": m.total("tokencake_l2_rejected_values"),
         }
 
     def close(self) -> None:

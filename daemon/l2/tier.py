@@ -40,6 +40,7 @@ class L2Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry if registry is not None else CollectorRegistry()
+        self.registry = r
         self.ops = Counter(
             "tokencake_l2_blocks_total",
             "L2 blocks by operation and result",
@@ -80,6 +81,18 @@ class L2Metrics:
             registry=r,
         )
         self.available.set(1)
+
+    def value(self, name: str, **labels: str) -> int:
+        """One counter's value, e.g. ``value("tokencake_l2_blocks", op="put", ...)``."""
+        return int(self.registry.get_sample_value(f"{name}_total", labels) or 0)
+
+    def total(self, name: str) -> int:
+        """Sum of a counter over all its labels, e.g. ``total("tokencake_l2_dropped_writes")``."""
+        out = 0.0
+        for family in self.registry.collect():
+            if family.name == name:
+                out += sum(s.value for s in family.samples if s.name == f"{name}_total")
+        return int(out)
 
 
 @dataclass(slots=True)

@@ -107,6 +107,11 @@ def evict_to_l2_then_load_on_b(tmp_path: Path, hosts: list[Proc], env: dict) -> 
         assert a.client.lookup(a.engine_id, x, salt=SALT).hit_blocks == 0
         assert b.wait_hits(x) == 10
         assert np.array_equal(b.load(x), data)
+        a_l2, b_l2 = a.client.stats().l2, b.client.stats().l2
+        # A's own lookup of x above also brought x back to A (evicting, and writing, y).
+        assert a_l2["written_back"] >= 10 and a_l2["stored_blocks"] >= 10
+        assert b_l2["placed_blocks"] == 10 and b_l2["hit_blocks"] == 10
+        assert a_l2["dropped_writes"] == b_l2["rejected_values"] == 0
         # Another tenant's salt names other keys: nothing of x is found under it.
         assert b.client.lookup(b.engine_id, x, salt="tenant-b").hit_blocks == 0
     finally:
