@@ -83,6 +83,9 @@ async def stack(endpoint: str, **kwargs: Any) -> AsyncIterator[Stack]:
     up_server = TestServer(upstream.app())
     await up_server.start_server()
     up_url = str(up_server.make_url("")).rstrip("/")
+    # A generous daemon timeout: on a loaded machine a slow reply must not read as a daemon
+    # that is down (the daemon-down test sets its own).
+    kwargs.setdefault("daemon_timeout_s", 5.0)
     gateway = Gateway([up_url], daemon_endpoint=endpoint, **kwargs)
     gw_server = TestServer(gateway.make_app())
     await gw_server.start_server()
@@ -702,7 +705,7 @@ def test_several_upstreams_route_by_model_and_conversation(daemon: procs.Proc) -
         for server in servers:
             await server.start_server()
         urls = [str(server.make_url("")).rstrip("/") for server in servers]
-        gateway = Gateway(urls, daemon_endpoint=daemon.endpoint)
+        gateway = Gateway(urls, daemon_endpoint=daemon.endpoint, daemon_timeout_s=5.0)
         gw_server = TestServer(gateway.make_app())
         await gw_server.start_server()
         client = AsyncOpenAI(base_url=str(gw_server.make_url("/v1")), api_key="k")
