@@ -12,9 +12,10 @@ conversation keeps meeting the engine that holds its KV.
 
 No new failure mode: a body the gateway cannot parse is forwarded as is (the engine answers
 it), a daemon that is down means untagged pass-through, an upstream's error status and body
-reach the client unchanged. Only an upstream that cannot be reached at all gets the gateway's
-own answer, 502 with an OpenAI-style error body, where a direct client would have seen the
-connection refused.
+reach the client unchanged, and a bug in the tracking passes the request through untracked.
+The gateway answers for itself only when an upstream cannot be reached at all (502, where a
+direct client would have seen the connection refused) and when a ``X-TokenCake-*`` header,
+the gateway's own contract, is malformed (400); both with an OpenAI-style error body.
 """
 
 from __future__ import annotations
