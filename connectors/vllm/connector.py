@@ -734,8 +734,10 @@ class TokenCakeConnector(KVConnectorBase_V1):
         for key, pending in list(self._preloads.items()):
             if pending.inflight:
                 continue
-            if pending.done or now > pending.deadline or not link.up:
-                del self._preloads[key]
+            if not link.up:
+                break  # went down on the way: _release_holds has ended the preloads
+            if pending.done or now > pending.deadline:
+                self._preloads.pop(key, None)
                 continue
             have = len(self._resident([], pending.hashes))
             rest = pending.hashes[have:]
@@ -747,7 +749,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
                 want=min(len(rest), self.cfg.preload_chunk_blocks),
             )
             if not rest:
-                del self._preloads[key]
+                self._preloads.pop(key, None)
                 continue
             if n <= 0:
                 continue  # no room this step; try again next step, until the deadline
@@ -755,7 +757,8 @@ class TokenCakeConnector(KVConnectorBase_V1):
                 p.LoadBegin(link.engine_id, rest[:n], self.cfg.salt, *key), p.LoadBeginReply
             )
             if reply is None or not reply.slots:
-                del self._preloads[key]  # the host has no more of it (or the daemon is gone)
+                # The host has no more of it, or the call failed (the link may be down now).
+                self._preloads.pop(key, None)
                 continue
             slots = list(reply.slots)
             blocks = preload.take(pool, len(slots))
@@ -785,7 +788,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
         if pending is not None and pending.inflight == job_id:
             pending.inflight = 0
             if pending.done or not ok:
-                del self._preloads[job.preload]
+                self._preloads.pop(job.preload, None)
 
     def has_pending_push_work(self) -> bool:
         """vLLM asks this when it has no requests: True keeps its engine loop stepping.
@@ -820,7 +823,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
     def _release_holds(self) -> None:
         """The link went down: nothing the daemon asked for is held a moment longer."""
         for key, pending in list(self._preloads.items()):
-            pending.done = True  # a chunk in flight completes from the mapped arena
+            pending.done = True  # a chunk in flight ends with its copy (or fails: released)
             if not pending.inflight:
                 del self._preloads[key]
         released = 0
@@ -919,7 +922,9 @@ class TokenCakeConnector(KVConnectorBase_V1):
             done = None
             if job.slots:
                 arena = self._arena_for(meta)
-                assert arena is not None and self._copier is not None
+                if arena is None:  # the link went down after the job was queued
+                    raise ConnectionError("no arena: the daemon's link is down")
+                assert self._copier is not None
                 started = time.perf_counter()
                 if is_load:
                     done = self._copier.from_arena(arena, job.slots, job.blocks)

@@ -11,7 +11,9 @@ Faults: the daemon SIGKILLed, or SIGSTOPped (alive but stuck). Injection points:
   the blocks for the copy, and the daemon fails before the copy is committed;
 - ``load``: a continuation's prefix was pinned on the host (``load_begin``) and the daemon
   fails before the engine's copy starts;
-- ``upload``: the agents' KV is on the host with the policy's predictive upload planned.
+- ``upload``: the agents' KV is on the host with the policy's predictive upload planned;
+- ``preload``: the predictive upload has come and the connector has taken free GPU blocks
+  to copy the KV into (the engine otherwise idle, stepped as vLLM's engine-core loop does).
 
 In every cell, a request that needs the held memory (more blocks than are free while the
 pins stand) finishes within the documented bound, greedy outputs and logprobs equal a plain
@@ -36,6 +38,7 @@ pytest.importorskip("vllm")
 
 from tests.connectors.vllm.conftest import DaemonProcess, shutdown_engine
 from tests.connectors.vllm.workload import Stepper, Turn, engine_kwargs, generate
+from tokencake.connectors.vllm import preload
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -53,7 +56,7 @@ BOUND_S = 15.0
 ``liveness_s + timeout_ms`` (0.75 s here); the rest is slack for a loaded test machine (the
 time measured is printed). A pin left to expire on its own would take about 27 s; before
 the fix it never ended."""
-POINTS = ("pin", "offload", "load", "upload")
+POINTS = ("pin", "offload", "load", "upload", "preload")
 FAULTS = ("kill", "stop")
 
 
@@ -259,8 +262,9 @@ def _no_hook() -> None:
 def _hook(
     obj: Any, name: str, before: Callable[..., None] | None = None, after: Any = None
 ) -> Callable[[], None]:
-    """Wrap ``obj.name`` on the instance: ``before(*args)`` runs first, ``after(result,
-    *args)`` after. Returns a function that removes the wrapper."""
+    """Wrap ``obj.name`` (an instance's method or a module's function): ``before(*args)``
+    runs first, ``after(result, *args)`` after. Returns a function that undoes it."""
+    had = name in vars(obj)
     original = getattr(obj, name)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -271,8 +275,14 @@ def _hook(
             after(result, *args, **kwargs)
         return result
 
+    def undo() -> None:
+        if had:
+            setattr(obj, name, original)
+        else:
+            delattr(obj, name)
+
     setattr(obj, name, wrapper)
-    return lambda: delattr(obj, name)
+    return undo
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -324,8 +334,9 @@ def test_fault_never_stalls_the_engine(
             c.nudge_until(lambda: c.pinned() >= AGENTS * (PROMPT // 32))
             stored = c.conn.stats.stored_blocks
             unhook: Callable[[], None] = _no_hook
-            if point == "pin":
-                c.inject()
+            if point in ("pin", "preload"):
+                if point == "pin":
+                    c.inject()
             elif point == "offload":
                 # The big request's demand makes the policy offload the pinned KV: fail
                 # once the connector has reserved host slots and holds the blocks to copy.
@@ -346,11 +357,30 @@ def test_fault_never_stalls_the_engine(
                 big = c.run([c.p.big], [None], timeout_s=BOUND_S + 60)
             finally:
                 unhook()
-            assert c.injected_at, f"the fault was never injected at {point}"
-            took = time.monotonic() - c.injected_at
-            print(f"[{point}-{fault}] fault to the big request's end: {took:.2f} s")
-            assert took < BOUND_S
             _same(big, want["big"])
+            if point != "preload":
+                assert c.injected_at, f"the fault was never injected at {point}"
+                took = time.monotonic() - c.injected_at
+                print(f"[{point}-{fault}] fault to the big request's end: {took:.2f} s")
+                assert took < BOUND_S
+            else:
+                # The engine has no requests: step it as vLLM's engine-core loop does until
+                # an upload arrives and its first chunk's blocks are taken; fail then.
+                def fail_after_take(blocks: Any, *_args: Any, **_kw: Any) -> None:
+                    if blocks and not c.injected_at:
+                        c.inject()
+
+                unhook = _hook(preload, "take", after=fail_after_take)
+                deadline = time.monotonic() + 60
+                try:
+                    while not c.injected_at:
+                        assert time.monotonic() < deadline, c.decisions()
+                        assert c.core.scheduler.has_requests(), "the idle engine stopped"
+                        c.core.step()
+                finally:
+                    unhook()
+                took = time.monotonic() - c.injected_at
+                print(f"[{point}-{fault}] fault to the continuations' start: {took:.2f} s")
             conts = c.run(
                 _continuations(c.p, index, firsts), [c.params(a, False) for a in range(AGENTS)]
             )
