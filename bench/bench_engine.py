@@ -292,6 +292,34 @@ def run_all(
     return results
 
 
+def smoke(args: argparse.Namespace, setups: list[str]) -> None:
+    """The CI size: every setup on the tests' tiny model, 2 apps, a 16-block pool (the apps'
+    contexts do not all fit). ``--json`` gets every call's output, for the test to compare."""
+    from dataclasses import asdict
+
+    from tests.connectors.vllm.engine_apps import SMOKE_APPS
+    from tests.connectors.vllm.fixtures import build_tiny_llama
+
+    with tempfile.TemporaryDirectory(prefix="tc-bench-engine-") as tmp:
+        work = Path(tmp)
+        results = run_all(
+            setups,
+            asdict(SMOKE_APPS),
+            model=build_tiny_llama(work / "model"),
+            kv_bytes=16 * 32 * 1024,
+            max_model_len=15 * 32,  # what fits the pool less vLLM's null block
+            lmcache_python=args.lmcache_python,
+            decode_s=0.01,
+            timeout_s=120.0,
+            work=work,
+            arena="64MiB",
+            log=sys.stderr,
+        )
+    print(table(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"meta": {"apps": asdict(SMOKE_APPS)}, "results": results}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--code-writer", type=int, default=3)
@@ -310,6 +338,11 @@ def main() -> None:
     ap.add_argument("--decode-s", type=float, default=0.5, help="the DAG's decode estimate")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI size: the tests' 2-layer model, 2 small apps, 16 KV blocks",
+    )
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -326,6 +359,9 @@ def main() -> None:
     if "plain" in setups:
         setups.remove("plain")
     setups.insert(0, "plain")
+    if args.smoke:
+        smoke(args, setups)
+        return
     apps = {
         "code_writer": args.code_writer,
         "react": args.react,

@@ -112,6 +112,20 @@ class AppSet:
     """ReAct chains are cut to this many LLM calls (the last one calls no tool)."""
 
 
+SMOKE_APPS = AppSet(
+    code_writer=1,
+    react=1,
+    qps=2.0,
+    seed=3,
+    context_scale=1 / 32,
+    output_scale=1 / 100,
+    time_scale=0.05,
+    max_tool_s=0.3,
+    react_steps=4,
+)
+"""The CI size (``bench/bench_engine.py --smoke``): one Code-Writer app, one ReAct chain."""
+
+
 def _scale_tokens(n: int, s: float, floor: int = 0) -> int:
     return max(floor, round(n * s)) if n else 0
 
@@ -269,6 +283,10 @@ def watch_lmcache_errors() -> list[str]:
         def emit(self, record: logging.LogRecord) -> None:
             errors.append(record.getMessage().strip().splitlines()[-1])
 
+    try:  # imported first: LMCache's init_logger clears the handlers of its loggers
+        import lmcache.v1.manager  # noqa: F401
+    except ImportError:
+        return errors  # then vLLM's import of lmcache fails, with this error
     logging.getLogger("lmcache.v1.manager").addHandler(Errors(logging.ERROR))
     return errors
 
