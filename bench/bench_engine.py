@@ -239,6 +239,7 @@ def run_all(
     work: Path,
     arena: str,
     log: Any = None,
+    partial: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every setup in a child process; ``plain`` first (the others are compared with it)."""
     results: dict[str, dict[str, Any]] = {}
@@ -285,11 +286,158 @@ def run_all(
         else:
             results[setup] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"[{setup}] done, load {_load()}", file=sys.stderr, flush=True)
+        if partial is not None:  # a long run keeps what it measured so far
+            partial.write_text(json.dumps(results))
     plain = results.get("plain")
     for r in results.values():
         if plain is not None and "error" not in plain and "error" not in r:
             r["vs_plain"] = compare(plain, r)
     return results
+
+
+# ------------------------------------------------------------------ the simulator's view
+
+SIM_POLICY = {"plain": "vllm", "lmcache": "lru-offload", "continuum": "continuum"}
+SIM_POLICY["tokencake"] = "tokencake"
+"""The simulator policy that models each setup. ``swap`` (offload at every tool call, no
+policy) has none."""
+
+
+def fit_steps(steps: list[list[float]]) -> tuple[float, float]:
+    """Least squares ``step_s = a + b x tokens`` over an engine's measured steps."""
+    import numpy as np
+
+    arr = np.asarray([(t, s) for t, _, s in steps if s > 0], dtype=float)
+    design = np.stack([np.ones(len(arr)), arr[:, 0]], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, arr[:, 1], rcond=None)
+    return float(a), float(b)
+
+
+def measure_copy(block_bytes: int, blocks: int = 64, reps: int = 5) -> float:
+    """Bytes/s of copying ``blocks`` KV blocks between scattered engine blocks and a host
+    buffer, as the connector's CPU copier does (best of ``reps``, both directions)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    engine = np.ones((blocks * 2, block_bytes), dtype=np.uint8)
+    host = np.zeros((blocks, block_bytes), dtype=np.uint8)
+    ids = rng.permutation(blocks * 2)[:blocks]
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        host[:] = engine[ids]
+        engine[ids] = host
+        best = min(best, (time.perf_counter() - t) / 2)
+    return blocks * block_bytes / best
+
+
+def engine_profile(
+    name: str, a: float, b: float, copy_bps: float, gpu_blocks: int, max_len: int
+) -> Any:
+    """A simulator profile whose step time is the fit and whose host link is the copy."""
+    from tests.connectors.vllm.engine_apps import ModelShape, count_params
+    from tokencake.sim.profiles import GpuSpec, ModelSpec, Profile
+
+    shape = ModelShape()
+    params = count_params(shape)
+    # q_heads 0: the attention cost is inside the fitted slope, not added on top of it.
+    model = ModelSpec(
+        "llama-79m-random", params, shape.layers, 0, shape.kv_heads, shape.head_dim, 4
+    )
+    # Linear in tokens: compute = 2 x params x tokens / peak = b x tokens; memory bandwidth
+    # so high that the fixed cost is all ``a`` (the step overhead).
+    cpu = GpuSpec(
+        "cpu-fit",
+        mem_bytes=0.0,
+        peak_flops=2 * params / b,
+        hbm_bytes_per_s=1e18,
+        host_bytes_per_s=copy_bps,
+    )
+    return Profile(
+        name=name,
+        model=model,
+        gpu=cpu,
+        gpu_mem_util=1.0,
+        reserve_bytes=0.0,
+        block_tokens=32,
+        mfu=1.0,
+        mbu=1.0,
+        step_overhead_s=a,
+        max_batched_tokens=max_len,
+        max_num_seqs=8,
+        copy_overhead_s=0.0,
+        host_kv_bytes=float(4 * gpu_blocks * 32 * model.kv_bytes_per_token),
+        source="bench/bench_engine.py: fitted to the plain setup's measured steps",
+        fixed_gpu_blocks=gpu_blocks - 1,  # vLLM keeps block 0 as its null block
+    )
+
+
+def run_sim(apps: dict[str, Any], profile: Any, setups: list[str]) -> dict[str, dict[str, Any]]:
+    import numpy as np
+
+    from tests.connectors.vllm.engine_apps import AppSet, build_trace
+    from tokencake.daemon.scheduler import create_policy
+    from tokencake.sim.engine import Simulator
+    from tokencake.sim.runner import policy_config
+
+    out: dict[str, dict[str, Any]] = {}
+    for setup in setups:
+        if setup not in SIM_POLICY:
+            continue
+        trace = build_trace(AppSet(**apps))
+        sim = Simulator(trace, create_policy(SIM_POLICY[setup], policy_config(profile)), profile)
+        res = sim.run()
+        out[setup] = {
+            "policy": SIM_POLICY[setup],
+            "mean_latency_s": float(np.mean(res.app_latency_s)),
+            "p95_latency_s": float(np.percentile(res.app_latency_s, 95)),
+            "critical_path_latency_s": float(np.mean(res.critical_llm_s)),
+            "recompute_tokens": sim.c.recompute_tokens,
+        }
+    return out
+
+
+def sim_table(real: dict[str, dict[str, Any]], sim: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| setup | simulator policy | engine mean app latency (s) | simulator (s) | sim/engine |",
+        "|---|---|---|---|---|",
+    ]
+    for setup, s in sim.items():
+        r = real[setup]["mean_latency_s"]
+        d = (s["mean_latency_s"] - r) / r
+        flag = "" if abs(d) <= 0.15 else " (outside 15 %)"
+        lines.append(
+            f"| {setup} | {s['policy']} | {r:.1f} | {s['mean_latency_s']:.1f} | {d:+.1%}{flag} |"
+        )
+    rank_real = sorted(sim, key=lambda k: real[k]["mean_latency_s"])
+    rank_sim = sorted(sim, key=lambda k: sim[k]["mean_latency_s"])
+    same = "same" if rank_real == rank_sim else "DIFFERENT"
+    lines.append(
+        f"\nranking by mean app latency, engine: {' < '.join(rank_real)}; simulator: "
+        f"{' < '.join(rank_sim)} ({same})"
+    )
+    return "\n".join(lines)
+
+
+def simulate(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Calibrate a profile from plain vLLM's steps and this machine's copy speed, replay the
+    same apps in the simulator, print the comparison."""
+    from tests.connectors.vllm.engine_apps import ModelShape, kv_bytes_per_block
+
+    a, b = fit_steps(results["plain"]["steps"])
+    copy_bps = measure_copy(kv_bytes_per_block(ModelShape()))
+    profile = engine_profile(
+        "llama-79m-cpu-fit", a, b, copy_bps, meta["gpu_blocks"], meta["max_model_len"]
+    )
+    ran = [k for k, r in results.items() if "error" not in r]
+    sim = run_sim(meta["apps"], profile, ran)
+    print(
+        f"\nsimulator profile: step_s = {a * 1e3:.0f} ms + {b * 1e3:.2f} ms x tokens "
+        f"(least squares over plain vLLM's {len(results['plain']['steps'])} steps); "
+        f"host copy {copy_bps / 1e9:.2f} GB/s (numpy block gather/scatter, best of 5)"
+    )
+    print(sim_table(results, sim))
+    return {"step_overhead_s": a, "s_per_token": b, "copy_bytes_per_s": copy_bps, "runs": sim}
 
 
 def smoke(args: argparse.Namespace, setups: list[str]) -> None:
@@ -343,6 +491,12 @@ def main() -> None:
         action="store_true",
         help="CI size: the tests' 2-layer model, 2 small apps, 16 KV blocks",
     )
+    ap.add_argument(
+        "--sim-from",
+        type=Path,
+        default=None,
+        help="only the simulator comparison, from a previous run's --json",
+    )
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -361,6 +515,10 @@ def main() -> None:
     setups.insert(0, "plain")
     if args.smoke:
         smoke(args, setups)
+        return
+    if args.sim_from is not None:
+        doc = json.loads(args.sim_from.read_text())
+        simulate(doc["meta"], doc["results"])
         return
     apps = {
         "code_writer": args.code_writer,
@@ -395,6 +553,7 @@ def main() -> None:
                 work=work,
                 arena=arena,
                 log=log,
+                partial=args.json.with_suffix(".partial.json") if args.json else None,
             )
         child_log = (work / "children.log").read_text()
     ended = _load()
@@ -405,10 +564,12 @@ def main() -> None:
         print(f"\nstderr tail of the setups that failed:\n{child_log[-3000:]}", file=sys.stderr)
     if args.plot is not None:
         plot(results, args.plot)
+    meta = {"apps": apps, "gpu_blocks": args.gpu_blocks, "max_model_len": args.max_model_len}
+    meta.update(load_start=started, load_end=ended)
+    sim = simulate(meta, results) if "error" not in results["plain"] else {}
     if args.json is not None:
-        meta = {"apps": apps, "gpu_blocks": args.gpu_blocks, "load_start": started}
-        meta["load_end"] = ended
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        doc = {"meta": meta, "results": results, "sim": sim}
+        args.json.write_text(json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":

@@ -375,6 +375,8 @@ class AppDriver:
 
         if self.register:
             self._client = TokenCakeClient(self.endpoint, timeout_s=5.0)
+        client: Any = self.engine.engine_core  # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+        core = getattr(client, "engine_core", None)
         try:
             t0 = time.monotonic()
             for app in self.trace.apps:
@@ -392,6 +394,12 @@ class AppDriver:
                         self._tool_end(payload, now)
                 if self.engine.has_unfinished_requests():
                     self._step()
+                elif core is not None and core.scheduler.has_requests():
+                    # No request, but the connector has moves to make (a decided offload, a
+                    # predictive upload): vLLM's engine-core loop steps while has_requests(),
+                    # and so does this one (the connector paces idle steps itself).
+                    core.step()
+                    time.sleep(0.002)
                 elif self._events:
                     time.sleep(min(0.05, max(0.0, self._events[0][0] - time.monotonic())))
         finally:
