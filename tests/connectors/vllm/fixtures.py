@@ -126,3 +126,89 @@ def build_tiny_llama(path: Path, *, layers: int = 2, seed: int = 0) -> Path:
             p.normal_(0.0, 0.5)
     model.save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+# A chat template that renders the tools offered and the conversation, tool calls and tool
+# results included, one line per message. Arguments are rendered with ``tojson`` whether
+# vLLM hands them over as the client's string or parsed into a dict.
+CHAT_TEMPLATE = (
+    "{% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}"
+    "{{ '\\n' }}{% endif %}"
+    "{% for m in messages %}{{ m.role }}: "
+    "{% if m.content is string %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}"
+    "call {{ c.function.name }} {{ c.function.arguments | tojson }}"
+    "{% endfor %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+JSON_CORPUS = (
+    'system: coder\nuser: fix the bug\nassistant: call run_tests {"suite": "unit"}\n',
+    "tool: 2 passed, 0 failed\nassistant: done, the tests pass\n",
+    'tools: run_tests search read_file\n{"a": [1, 2, 3], "b": {"c": true, "d": null}}\n',
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"-_()[]{}<>/\\",
+)
+
+
+def build_json_tokenizer(path: Path, vocab_size: int = 384) -> int:
+    """Train a byte-level BPE tokenizer that can spell any text, JSON included (the
+    WordLevel one of ``build_tokenizer`` cannot), with a chat template that renders tools,
+    tool calls and tool results. Returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(JSON_CORPUS) * 4, trainer=trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "model_max_length": 2048,
+                "chat_template": CHAT_TEMPLATE,
+            }
+        )
+    )
+    return int(tok.get_vocab_size())
+
+
+def build_tiny_json_llama(path: Path, *, layers: int = 2, seed: int = 0) -> Path:
+    """``build_tiny_llama`` with ``build_json_tokenizer``: a random-weight model whose
+    tokenizer spells JSON, so structured outputs can make it emit valid tool calls."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = build_json_tokenizer(path)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
