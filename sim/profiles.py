@@ -193,6 +193,19 @@ CPU_2CORE = GpuSpec(
     host_bytes_per_s=2e9,
 )
 
+LLAMA_79M = ModelSpec(
+    # bench/bench_engine.py's random-weight Llama: 12 layers, hidden 768, 12 query / 4 KV
+    # heads of 64, intermediate 2048, vocab 508, fp32: 76.3M parameters. q_heads 0: the
+    # fitted step slope below already contains the attention cost.
+    name="llama-79m-random",
+    params=76.3e6,
+    layers=12,
+    q_heads=0,
+    kv_heads=4,
+    head_dim=64,
+    dtype_bytes=4,
+)
+
 PROFILES: dict[str, Profile] = {
     "qwen2.5-14b-a800": Profile(
         name="qwen2.5-14b-a800",
@@ -229,6 +242,33 @@ PROFILES: dict[str, Profile] = {
         step_overhead_s=0.005,
         host_kv_bytes=64 * 1024**2,
         source="bench/bench_fidelity.py: the tiny vLLM-CPU engine of the connector tests",
+    ),
+    "llama-79m-cpu": Profile(
+        name="llama-79m-cpu",
+        model=LLAMA_79M,
+        # Fitted by bench/bench_engine.py on 2026-12-02 (load average 11-18 on 2 cores):
+        # step_s = 2.03 s + 7.98 ms x tokens, least squares over plain vLLM's 68 steps
+        # (compute = 2 x params x tokens / peak_flops); host copy 3.08 GB/s (numpy block
+        # gather/scatter). The bench refits from each run; this entry is that run's fit.
+        gpu=GpuSpec(
+            name="cpu-2core-fit",
+            mem_bytes=0.0,
+            peak_flops=2 * 76.3e6 / 7.98e-3,
+            hbm_bytes_per_s=1e18,
+            host_bytes_per_s=3.08e9,
+        ),
+        gpu_mem_util=1.0,
+        reserve_bytes=0.0,
+        block_tokens=32,
+        mfu=1.0,
+        mbu=1.0,
+        step_overhead_s=2.03,
+        max_batched_tokens=3072,
+        max_num_seqs=8,
+        copy_overhead_s=0.0,
+        fixed_gpu_blocks=119,  # 120 blocks of 32 tokens, less vLLM's null block
+        host_kv_bytes=4 * 120 * 786432,
+        source="bench/bench_engine.py: vLLM-CPU, 12-layer random Llama, 120 KV blocks",
     ),
 }
 

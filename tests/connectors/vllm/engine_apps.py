@@ -79,7 +79,8 @@ def build_llama(path: Path, shape: ModelShape = ModelShape(), seed: int = 0) -> 
     return path
 
 
-def count_params(shape: ModelShape, vocab: int = 512) -> int:
+def count_params(shape: ModelShape, vocab: int = 508) -> int:
+    """Parameters of ``build_llama``'s model (the trained tokenizer has 508 entries)."""
     h, kv = shape.hidden, shape.kv_heads * shape.head_dim
     attn = h * shape.heads * shape.head_dim * 2 + h * kv * 2
     mlp = 3 * h * shape.intermediate
