@@ -8,10 +8,13 @@ blocks in Python:
   one numpy scatter or gather per layer (fancy-index assignment, ``np.take(..., out=)``)
   straight between the tensor slice and the slots;
 - scattered block ids (vLLM's per-layer tensors): both sides are indexed, which numpy cannot
-  do in one pass. With numba (vLLM and SGLang install it) one compiled loop moves every
-  (slot, layer) piece with ``memmove``, the pairs sorted by the side being read. Without it,
-  each layer goes through a ~1 MiB staging buffer (gather, then scatter) that is still in
-  cache when it is read back: about half the speed.
+  do in one pass. Each layer goes through a ~1 MiB staging buffer (gather, then scatter) that
+  is still in cache when it is read back. Opt-in (``TOKENCAKE_COPY_KERNEL=numba``): one
+  numba-compiled loop moves every (slot, layer) piece with ``memmove``, the pairs sorted by
+  the side being read, about twice as fast. It is off by default because loading numba breaks
+  vLLM 0.32: its Triton dispatcher scans every loaded module when an engine starts and fails
+  on llvmlite's objects (``'_lib_fn_wrapper' object has no attribute 'get'``), so a process
+  that loaded numba cannot build another vLLM engine.
 
 Every index is checked before the first byte moves, so a bad call changes nothing.
 
@@ -60,12 +63,15 @@ _native: Any = None  # the compiled copy kernel; False once numba proved missing
 
 
 def native_copy() -> Any:
-    """The compiled kernel for scattered block ids, or None without numba.
+    """The compiled kernel for scattered block ids, or None: without numba, or unless
+    ``TOKENCAKE_COPY_KERNEL=numba`` asks for it (see the module docstring for why).
 
     Built on first use (about a second: numba's import and compile); an engine calls this at
     start-up so that no forward step pays for it.
     """
     global _native
+    if _native is None and os.environ.get("TOKENCAKE_COPY_KERNEL", "numpy") != "numba":
+        _native = False
     if _native is None:
         try:
             _native = _build_native()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -147,6 +150,11 @@ NB = 40  # engine blocks per layer
 CAP = slot_count(SLOT * NUM, SLOT)  # 31: slot 0 starts 2 KiB into the segment
 
 
+NUMBA_CHILD = os.environ.get("TOKENCAKE_COPY_KERNEL") == "numba"
+"""True in the child process ``test_numba_path_in_its_own_process`` starts: only there is
+numba loaded (it breaks every later vLLM engine in the process that loaded it)."""
+
+
 @pytest.fixture(params=["numba", "numpy"])
 def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Forces one path; returns a list that counts the compiled kernel's calls."""
@@ -154,6 +162,8 @@ def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     if request.param == "numpy":
         monkeypatch.setattr(kv_arena, "_native", False)
         return calls
+    if not NUMBA_CHILD:
+        pytest.skip("the numba path runs in its own process (test_numba_path_in_its_own_process)")
     kernel = kv_arena.native_copy()
     if kernel is None:
         pytest.skip("numba is not installed (scripts/bootstrap.sh test installs it)")
@@ -313,3 +323,16 @@ def test_vllm_block_copier_moves_torch_layers(arena: Arena, copy_path: list[int]
         assert raw(t) == want[b]
     assert copier.path == ("numba" if kv_arena._native else "numpy")
     assert len(copy_path) == (2 if kv_arena._native else 0)
+
+
+def test_numba_path_in_its_own_process() -> None:
+    """Every ``numba`` case of this module, in a child process with the kernel enabled."""
+    if NUMBA_CHILD:
+        pytest.skip("this is the child")
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed (scripts/bootstrap.sh test installs it)")
+    env = {**os.environ, "TOKENCAKE_COPY_KERNEL": "numba"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "numba"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout, proc.stdout[-3000:]
