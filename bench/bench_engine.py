@@ -419,13 +419,18 @@ def sim_table(real: dict[str, dict[str, Any]], sim: dict[str, dict[str, Any]]) -
     return "\n".join(lines)
 
 
-def simulate(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def simulate(
+    meta: dict[str, Any], results: dict[str, dict[str, Any]], copy_bps: float | None = None
+) -> dict[str, Any]:
     """Calibrate a profile from plain vLLM's steps and this machine's copy speed, replay the
     same apps in the simulator, print the comparison."""
     from tests.connectors.vllm.engine_apps import ModelShape, kv_bytes_per_block
 
     a, b = fit_steps(results["plain"]["steps"])
-    copy_bps = measure_copy(kv_bytes_per_block(ModelShape()))
+    copy_what = "recorded"
+    if copy_bps is None:
+        copy_bps = measure_copy(kv_bytes_per_block(ModelShape()))
+        copy_what = "numpy block gather/scatter, best of 5"
     profile = engine_profile(
         "llama-79m-cpu-fit", a, b, copy_bps, meta["gpu_blocks"], meta["max_model_len"]
     )
@@ -434,7 +439,7 @@ def simulate(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[s
     print(
         f"\nsimulator profile: step_s = {a * 1e3:.0f} ms + {b * 1e3:.2f} ms x tokens "
         f"(least squares over plain vLLM's {len(results['plain']['steps'])} steps); "
-        f"host copy {copy_bps / 1e9:.2f} GB/s (numpy block gather/scatter, best of 5)"
+        f"host copy {copy_bps / 1e9:.2f} GB/s ({copy_what})"
     )
     print(sim_table(results, sim))
     return {"step_overhead_s": a, "s_per_token": b, "copy_bytes_per_s": copy_bps, "runs": sim}
@@ -509,7 +514,7 @@ def main() -> None:
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     bad = [s for s in setups if s not in SETUPS]
     if bad or not setups:
-        raise SystemExit(f"unknown setup {bad}; known: {', '.join(SETUPS)}")
+        ap.error(f"unknown setup {bad}; known: {', '.join(SETUPS)}")
     if "plain" in setups:
         setups.remove("plain")
     setups.insert(0, "plain")
@@ -517,8 +522,13 @@ def main() -> None:
         smoke(args, setups)
         return
     if args.sim_from is not None:
-        doc = json.loads(args.sim_from.read_text())
-        simulate(doc["meta"], doc["results"])
+        try:
+            doc = json.loads(args.sim_from.read_text())
+            meta, results = doc["meta"], doc["results"]
+            recorded = (doc.get("sim") or {}).get("copy_bytes_per_s")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--sim-from {args.sim_from}: not a bench_engine --json file ({e})")
+        simulate(meta, results, recorded)
         return
     apps = {
         "code_writer": args.code_writer,
