@@ -350,19 +350,30 @@ class Gateway:
         resp = web.StreamResponse(status=up.status, headers=headers)
         await resp.prepare(request)
         try:
+            ended = time.monotonic()
             async for chunk in up.content.iter_any():
                 if observer is not None:
                     observer.feed_stream(chunk)
+                # Read before the bytes go out: the client cannot have them any earlier.
+                ended = time.monotonic()
                 await resp.write(chunk)
-            ended = time.monotonic()
             await resp.write_eof()
             if plan is not None and observer is not None and up.status == 200:
                 # Read after the client has it all: observing costs the stream nothing.
                 self._finish(plan, observer.close_stream(), ended)
-        except ConnectionResetError:
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
             # The client went away: stop reading and close the upstream (the engine aborts).
-            self.metrics.client_disconnects.inc()
+            # One that had the whole answer (the openai client stops reading at ``[DONE]``
+            # and closes, perhaps before the body's end) still ends its LLM call with it.
+            if isinstance(exc, ConnectionResetError):
+                self.metrics.client_disconnects.inc()
             up.close()
+            if plan is not None and observer is not None and up.status == 200:
+                outcome = observer.close_stream()
+                if outcome.finished:
+                    self._finish(plan, outcome, ended)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The engine broke off mid-stream: break the client's stream too, as it would be.
             self.metrics.upstream_errors.inc()

@@ -567,6 +567,36 @@ def test_client_disconnect_aborts_the_upstream_request(daemon: procs.Proc) -> No
     run(main())
 
 
+def test_client_closing_at_done_still_ends_in_a_tool_call(daemon: procs.Proc) -> None:
+    """The openai client stops reading a stream at ``[DONE]`` and closes it, perhaps before
+    the end of the chunked body: the gateway has relayed the whole answer and must still
+    infer its tool call (found by test_vllm_e2e.py, where that close sometimes won)."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "close at done"}],
+        "tools": TOOLS,
+        "stream": True,
+    }
+
+    async def main() -> None:
+        async with stack(daemon.endpoint) as s, aiohttp.ClientSession() as http:
+            r = await http.post(
+                f"{s.gw_url}/v1/chat/completions", json=body, headers={"X-Test-Linger": "1"}
+            )
+            seen = b""
+            while b"data: [DONE]" not in seen:
+                seen += await r.content.readany()
+            r.close()  # before the upstream (and so the gateway) ends the body
+            for _ in range(250):
+                if s.view()["conversations"][0]["state"] != "llm":
+                    break
+                await asyncio.sleep(0.02)
+            (conv,) = s.view()["conversations"]
+            assert conv["state"] == "tool" and conv["tool_kind"] == "run_tests"
+
+    run(main())
+
+
 def test_bad_tokencake_header_is_a_typed_400(daemon: procs.Proc) -> None:
     async def main() -> None:
         async with stack(daemon.endpoint) as s, aiohttp.ClientSession() as http:

@@ -12,7 +12,8 @@ in fragments, a finish chunk, a usage chunk when asked, ``[DONE]``), ``/v1/compl
 
 Test hooks: ``X-Test-Status`` makes it answer that status with an OpenAI error body;
 ``X-Test-Slow`` streams one chunk every 50 ms for 10 s (to be cut off), recording the request
-in ``cancelled`` when its client goes away.
+in ``cancelled`` when its client goes away; ``X-Test-Linger`` ends a stream's body 0.3 s after
+its ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ class ScriptedUpstream:
             chunk = {"id": rid, "object": "chat.completion.chunk", "choices": [], "usage": usage}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
+        if request.headers.get("X-Test-Linger"):
+            await asyncio.sleep(0.3)  # the end of the body comes well after [DONE]
         await resp.write_eof()
         return resp
 
