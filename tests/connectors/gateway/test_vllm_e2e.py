@@ -173,7 +173,7 @@ class Run:
     messages: list[dict[str, Any]]
     finish: list[str]
     deltas: list[list[Any]] = field(default_factory=list)
-    """Streamed runs: each call's chunks, as (content, tool-call fragment) pairs."""
+    """Streamed runs: each call's chunks, as (content, tool-call fragments) pairs."""
     kv: dict[str, Any] = field(default_factory=dict)
     """The continuation's ``kv_transfer_params`` (not streamed: vLLM sends it whole)."""
     inner: float = 0.0
@@ -195,6 +195,8 @@ def _turn(
         messages.append(choice.message.model_dump(exclude_none=True))
         return r
     text, calls, chunks, finish = "", dict[int, dict[str, str]](), list[Any](), ""
+    # The openai client's iterator stops at ``[DONE]`` and closes the response, maybe
+    # before the gateway has ended the chunked body (a gateway bug this test found).
     for chunk in api.chat.completions.create(stream=True, **args):
         if not chunk.choices:
             continue
@@ -402,9 +404,14 @@ def test_outputs_identical_with_and_without_the_gateway(runs: dict[str, Any], st
     assert _without_ids(via.messages) == _without_ids(direct.messages)
     assert via.finish == direct.finish
     if stream:
-        # The same chunks, one by one: the gateway relays the stream, it does not rebuild it.
-        assert via.deltas == direct.deltas
-        assert len(via.deltas[0]) > 1 and len(via.deltas[1]) > 1
+        # Streamed for real: many chunks, tool-call fragments among them. Where vLLM cuts
+        # the chunks depends on timing (a step's tokens wait for a slow reader and go out
+        # together), so the chunks are not compared one by one here; the joined content
+        # and arguments are, above. (Byte-identical relay: test_gateway.py, with a
+        # scripted engine whose chunks do not move.)
+        for deltas in via.deltas:
+            assert len(deltas) > 2
+        assert sum(1 for _text, frags in via.deltas[0] if frags) > 2
     # A named tool call ends with "stop" (as OpenAI's does); the answer with "stop" or at
     # the token limit.
     assert via.finish[0] == "stop" and via.messages[2]["tool_calls"]
