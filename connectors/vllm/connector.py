@@ -209,6 +209,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
         self._layer_names: list[str] = list(kv_cache_config.kv_cache_groups[0].layer_names)
         self._copier: Copier | None = None
         self._arena: ArenaMapping | None = None
+        self._arena_epoch = 0  # the link epoch (registration) the mapping belongs to
         self._done_loads: list[int] = []
         self._done_stores: list[int] = []
         self._failed: list[int] = []
@@ -404,6 +405,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
             arena_name=reg.arena_name if reg else "",
             arena_bytes=reg.arena_bytes if reg else 0,
             slot_bytes=reg.slot_bytes if reg else 0,
+            epoch=link.epoch if reg else 0,
             loads=self._loads,
             stores=self._stores,
         )
@@ -882,10 +884,15 @@ class TokenCakeConnector(KVConnectorBase_V1):
     def _arena_for(self, meta: TokenCakeMetadata) -> ArenaMapping | None:
         if not meta.arena_name:
             return None
-        if self._arena is None or self._arena.name != meta.arena_name:
+        # Mapped afresh on every registration: a restarted daemon can create its segment
+        # under the old name (same instance and pid, as in a container), and the old
+        # mapping would then read and write the unlinked segment, not the daemon's.
+        stale = self._arena_epoch != meta.epoch
+        if self._arena is None or self._arena.name != meta.arena_name or stale:
             if self._arena is not None:
                 close_arena(self._arena)
             self._arena = open_arena(meta.arena_name, meta.arena_bytes, meta.slot_bytes)
+            self._arena_epoch = meta.epoch
         return self._arena
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:

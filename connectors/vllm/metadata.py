@@ -27,6 +27,8 @@ class TokenCakeMetadata(KVConnectorMetadata):
     arena_name: str = ""
     arena_bytes: int = 0
     slot_bytes: int = 0
+    epoch: int = 0
+    """The scheduler's registration count: the worker maps the arena again when it changes."""
     loads: list[CopyJob] = field(default_factory=list)
     stores: list[CopyJob] = field(default_factory=list)
 
