@@ -239,10 +239,15 @@ def bench_layers(
     kv = _kv_layers(src, layers, store_ids)
     shuffled = [int(s) for s in rng.permutation(np.asarray(slots))]
     native = kv_arena.native_copy()
+    if native is None:  # opt-in in engines (TOKENCAKE_COPY_KERNEL=numba); harmless here
+        try:
+            native = kv_arena._build_native()
+        except ImportError:
+            native = None
     paths: dict[str, object] = {}
     if native is not None:
         paths["numba kernel"] = native
-    paths["numpy fallback"] = False
+    paths["numpy (default)"] = False
     paths["per-block loop (before)"] = None
     memcpy_s = float("inf")
     times = {name: [float("inf"), float("inf")] for name in paths}
@@ -352,7 +357,8 @@ def bench_daemon(gib: float, slot_kib: int, layers: int, batch: int, repeats: in
     ratio = 2 * memcpy_s / (store_s + load_s)
     return [
         Row(
-            f"-- real daemon, {n} blocks in batches of {batch}, {layers} layers --",
+            f"-- real daemon, {n} blocks in batches of {batch}, {layers} layers, "
+            f"{'numba kernel' if kv_arena.native_copy() else 'numpy'} --",
             memcpy_s * 1e3,
             "ms",
             "memcpy",
@@ -561,7 +567,7 @@ def main() -> None:
         rows += bench_metadata(args.meta_slots, args.hash_bytes)
     if "rss" in parts:
         rows += bench_rss(args.slots, args.hash_bytes)
-    path = "numba kernel" if kv_arena.native_copy() is not None else "numpy (numba missing)"
+    path = "numba kernel" if kv_arena.native_copy() is not None else "numpy"
     print(
         f"host: {os.cpu_count()} cpus, python {sys.version.split()[0]}, numpy {np.__version__}, "
         f"load {load_before:.1f} before / {os.getloadavg()[0]:.1f} after, "

@@ -64,9 +64,9 @@ def close_arena(arena: ArenaMapping) -> None:
 class BlockCopier:
     """Copies block lists between vLLM's per-layer CPU KV tensors and the arena.
 
-    A transfer is one compiled loop over (slot, layer) pieces when numba is importable (vLLM
-    requires it), else one numpy gather/scatter per layer; see ``kv_arena``. The kernel is
-    compiled here, at worker start-up, so no forward step waits for numba.
+    A transfer is one numpy gather/scatter per layer, or, with ``TOKENCAKE_COPY_KERNEL=numba``,
+    one compiled loop over (slot, layer) pieces; see ``kv_arena`` for why that is opt-in. The
+    kernel, when on, is compiled here at worker start-up, so no forward step waits for it.
     """
 
     def __init__(self, kv_caches: Sequence[torch.Tensor]) -> None:
