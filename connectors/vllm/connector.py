@@ -68,6 +68,10 @@ if TYPE_CHECKING:
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")
 
+DECISION_GRACE_S = 1.0
+"""After an agent's call finishes, an idle engine keeps stepping this long for the daemon's
+decisions on the tool call that may follow (reported by the app, or a gateway)."""
+
 # The in-block byte order of the copied pages; part of the registered layout's identity.
 KV_FORMAT = "vllm-blockmajor-v1"
 
@@ -475,6 +479,10 @@ class TokenCakeConnector(KVConnectorBase_V1):
         if params is not None:
             agent = self._agents.setdefault(params.key, _AgentKv([], []))
             agent.blocks, agent.hashes = blocks, hashes
+            # The app or a gateway may report the tool call that follows, just after this
+            # answer: keep an idle engine stepping a moment for the daemon's decisions.
+            grace = time.monotonic() + min(DECISION_GRACE_S, self.cfg.hold_max_s)
+            agent.watch_until = max(agent.watch_until, grace)
             if link.up and prompt_tokens is not None:
                 self._report_start(req_id, params, prompt_tokens)  # it began while down
                 self._unreported.pop(req_id, None)
@@ -495,7 +503,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
                     # hold_max_s.
                     predicted = params.tool.predicted_s or self.cfg.hold_max_s
                     watch = min(2.0 * predicted, self.cfg.hold_max_s)
-                    agent.watch_until = time.monotonic() + watch
+                    agent.watch_until = max(agent.watch_until, time.monotonic() + watch)
                     self._event(
                         p.ToolCallStart(
                             params.app_id,
@@ -652,6 +660,11 @@ class TokenCakeConnector(KVConnectorBase_V1):
         kind = decision.kind
         params = decision.reason.get("params", {}) if isinstance(decision.reason, dict) else {}
         self.stats.decisions_applied += 1
+        if kind in ("offload", "pin"):
+            # The daemon has the agent in a tool call (whoever reported it): its upload or
+            # unpin is still to come, so an idle engine keeps stepping for it.
+            watch = time.monotonic() + self.cfg.hold_max_s
+            agent.watch_until = max(agent.watch_until, watch)
         if kind == "offload":
             self._offload(key, agent, free_gpu=bool(params.get("free_gpu", True)))
         elif kind == "upload":
@@ -659,7 +672,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
             # a chunk per step (``_advance_preloads``); otherwise, or for what is left when
             # the agent's request comes, get_num_new_matched_tokens loads it then.
             self.stats.uploads_staged += 1
-            if self.cfg.preload and agent.open_tool and agent.hashes:
+            if self.cfg.preload and agent.hashes:
                 deadline = time.monotonic() + self.cfg.hold_max_s
                 self._preloads[key] = preload.Preload(list(agent.hashes), deadline)
         elif kind == "drop" and params.get("where", "gpu") == "gpu":
@@ -796,9 +809,10 @@ class TokenCakeConnector(KVConnectorBase_V1):
         """vLLM asks this when it has no requests: True keeps its engine loop stepping.
 
         It does while copies are queued or in flight, a predictive upload is under way, or
-        an agent of this engine is in a tool call whose decisions may still come (watched
-        up to ``hold_max_s``); in the last case at most every ``idle_tick_s``, so an idle
-        engine costs little. An empty step runs the connector's scheduler side (pushes,
+        the daemon's decisions for an agent of this engine may still come: for
+        ``DECISION_GRACE_S`` after its call, for the tool call its request declared (twice
+        the hint), or after a pin or offload (until its upload); never past ``hold_max_s``.
+        In the last cases at most every ``idle_tick_s``, so an idle engine costs little. An empty step runs the connector's scheduler side (pushes,
         preloads) and the worker's copies (vLLM's no-forward path), and nothing else.
         """
         link = self._link
@@ -811,7 +825,7 @@ class TokenCakeConnector(KVConnectorBase_V1):
             return True  # copies in flight report back on a step (never spins forever)
         if not link.up:
             return False
-        if any(a.open_tool and now < a.watch_until for a in self._agents.values()):
+        if any(now < a.watch_until for a in self._agents.values()):
             if self.cfg.idle_tick_s > 0:
                 time.sleep(self.cfg.idle_tick_s)
             return True
