@@ -812,8 +812,9 @@ class TokenCakeConnector(KVConnectorBase_V1):
         the daemon's decisions for an agent of this engine may still come: for
         ``DECISION_GRACE_S`` after its call, for the tool call its request declared (twice
         the hint), or after a pin or offload (until its upload); never past ``hold_max_s``.
-        In the last cases at most every ``idle_tick_s``, so an idle engine costs little. An empty step runs the connector's scheduler side (pushes,
-        preloads) and the worker's copies (vLLM's no-forward path), and nothing else.
+        In the last cases at most every ``idle_tick_s``, so an idle engine costs little.
+        An empty step runs the connector's scheduler side (pushes, preloads) and the
+        worker's copies (vLLM's no-forward path), and nothing else.
         """
         link = self._link
         if link is None:
