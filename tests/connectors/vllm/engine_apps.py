@@ -49,34 +49,21 @@ class ModelShape:
 
 def build_llama(path: Path, shape: ModelShape = ModelShape(), seed: int = 0) -> Path:
     """A random-weight Llama of ``shape`` (fp32 safetensors) and the test tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.connectors.vllm.fixtures import build_tokenizer
+    from tests.connectors.vllm.fixtures import build_tokenizer, save_random_llama
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(path)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
+    return save_random_llama(
+        path,
+        build_tokenizer(path),
+        hidden=shape.hidden,
+        intermediate=shape.intermediate,
+        layers=shape.layers,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
         head_dim=shape.head_dim,
-        max_position_embeddings=8192,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        tie_word_embeddings=False,
+        max_positions=8192,
+        seed=seed,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    model.save_pretrained(str(path), safe_serialization=True)
-    return path
 
 
 def count_params(shape: ModelShape, vocab: int = 508) -> int:

@@ -98,22 +98,33 @@ def build_tokenizer(path: Path, vocab_size: int = 512) -> int:
     return int(tok.get_vocab_size())
 
 
-def build_tiny_llama(path: Path, *, layers: int = 2, seed: int = 0) -> Path:
-    """Write config.json, safetensors weights and the tokenizer into ``path``."""
+def save_random_llama(
+    path: Path,
+    vocab: int,
+    *,
+    hidden: int = 64,
+    intermediate: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int = 2,
+    head_dim: int = 32,
+    max_positions: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """Write config.json and seeded random safetensors weights of a Llama into ``path``
+    (its tokenizer, of ``vocab`` entries, is already there)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(path)
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=1024,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
@@ -126,6 +137,12 @@ def build_tiny_llama(path: Path, *, layers: int = 2, seed: int = 0) -> Path:
             p.normal_(0.0, 0.5)
     model.save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def build_tiny_llama(path: Path, *, layers: int = 2, seed: int = 0) -> Path:
+    """Write config.json, safetensors weights and the tokenizer into ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    return save_random_llama(path, build_tokenizer(path), layers=layers, seed=seed)
 
 
 # A chat template that renders the tools offered and the conversation, tool calls and tool
@@ -186,29 +203,6 @@ def build_json_tokenizer(path: Path, vocab_size: int = 384) -> int:
 def build_tiny_json_llama(path: Path, *, layers: int = 2, seed: int = 0) -> Path:
     """``build_tiny_llama`` with ``build_json_tokenizer``: a random-weight model whose
     tokenizer spells JSON, so structured outputs can make it emit valid tool calls."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path.mkdir(parents=True, exist_ok=True)
     vocab = build_json_tokenizer(path)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    model.save_pretrained(str(path), safe_serialization=True)
-    return path
+    return save_random_llama(path, vocab, layers=layers, max_positions=2048, seed=seed)

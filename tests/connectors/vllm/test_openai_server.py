@@ -27,6 +27,7 @@ pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
 from tests.connectors.vllm.conftest import DaemonProcess
+from tests.connectors.vllm.fixtures import WORDS
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -101,19 +102,7 @@ def test_documented_launch_serves_agents_through_tokencake(
     url, log = server
     api = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
     model = api.models.list().data[0].id
-    words = [
-        "agent",
-        "tool",
-        "call",
-        "search",
-        "read",
-        "write",
-        "file",
-        "code",
-        "test",
-        "plan",
-        "result",
-    ]
+    words = WORDS[3:14]  # agent tool call search read write file code test plan result
     prompt = " ".join(words[i % len(words)] for i in range(150))
     dag = p.AppDag(nodes=[p.DagNode("coder", expected_tool_s=2.0, tool_kind="pytest")], edges=[])
     with (
