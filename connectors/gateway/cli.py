@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import click
 
 from tokencake import __version__
-from tokencake.cli import HELP_OPTIONS, Command
+from tokencake.cli import HELP_OPTIONS, Command, FloatRange
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +85,21 @@ def _daemon(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
 )
 @click.option(
     "--app-idle-s",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FloatRange(min=0, min_open=True),
     default=300.0,
     show_default=True,
     help="An app with no request for this long is ended and its structure learnt.",
 )
 @click.option(
     "--daemon-timeout-s",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FloatRange(min=0, min_open=True),
     default=0.25,
     show_default=True,
     help="Wait at most this long for the daemon (then pass requests through untagged).",
 )
 @click.option(
     "--upstream-timeout-s",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FloatRange(min=0, min_open=True),
     default=None,
     help="Total time limit per upstream request (default: none, as a direct client).",
 )
