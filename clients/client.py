@@ -49,6 +49,14 @@ class DaemonUnavailable(ConnectionError):
         self.endpoint = endpoint
 
 
+class DaemonNotConnected(DaemonUnavailable):
+    """No connection to a daemon is up (none runs there, or it never completed ZMQ's
+    handshake): nothing was sent."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(endpoint, "not connected")
+
+
 def resolve_endpoint(endpoint: str | None) -> str:
     """Explicit endpoint, else ``$TOKENCAKE_ENDPOINT``, else the daemon's default socket."""
     if endpoint:
@@ -167,7 +175,7 @@ class TokenCakeClient(_Base):
             # IMMEDIATE: nothing is queued until a connection is up; wait for one, briefly.
             start = _now_ms()
             if not self._sock.poll(min(connect_ms, timeout_ms), zmq.POLLOUT):
-                raise DaemonUnavailable(self.endpoint, "not connected") from None
+                raise DaemonNotConnected(self.endpoint) from None
             timeout_ms -= _now_ms() - start
             self._sock.send(frame, zmq.NOBLOCK)
         deadline_ms = timeout_ms
@@ -392,7 +400,7 @@ class AsyncTokenCakeClient(_Base):
             except zmq.Again:
                 wait_ms = int((timeout_s or self.timeout_s) * 1000)
                 if not await self._sock.poll(wait_ms, zmq.POLLOUT):  # type: ignore[call-arg]
-                    raise DaemonUnavailable(self.endpoint, "not connected") from None
+                    raise DaemonNotConnected(self.endpoint) from None
                 await self._sock.send(frame, zmq.NOBLOCK)
             try:
                 env = await asyncio.wait_for(future, timeout_s or self.timeout_s)

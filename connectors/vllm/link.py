@@ -77,7 +77,11 @@ class DaemonLink:
         if self.up or now < self.next_try:
             return False
         self.next_try = now + self.cfg.reconnect_s
-        from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
+        from tokencake.clients.client import (
+            DaemonNotConnected,
+            DaemonUnavailable,
+            TokenCakeClient,
+        )
 
         timeout_s = max(self.cfg.timeout_ms / 1000.0, REGISTER_TIMEOUT_S)
         try:
@@ -91,14 +95,16 @@ class DaemonLink:
                 timeout_s=timeout_s,
                 connect_timeout_s=timeout_s if wait else 0.0,
             )
+        except DaemonNotConnected as exc:
+            logger.debug("tokencaked not reachable: %s", exc)  # free to try again
+            return False
         except DaemonUnavailable as exc:
-            if "not connected" not in str(exc):
-                # Connected but no reply: a stuck or overloaded daemon. Back off.
-                self._register_failures += 1
-                backoff = self.cfg.reconnect_s * 2.0 ** min(self._register_failures, 16)
-                self.next_try = now + min(backoff, REGISTER_BACKOFF_MAX_S)
-                self._count("unavailable")
-            logger.debug("tokencaked not reachable: %s", exc)
+            # Connected but no reply: a stuck or overloaded daemon. Back off.
+            self._register_failures += 1
+            backoff = self.cfg.reconnect_s * 2.0 ** min(self._register_failures, 16)
+            self.next_try = now + min(backoff, REGISTER_BACKOFF_MAX_S)
+            self._count("unavailable")
+            logger.debug("tokencaked does not answer: %s", exc)
             return False
         except (p.RemoteError, OSError) as exc:
             self._count(getattr(exc, "code", "unavailable"))
