@@ -17,7 +17,8 @@ that renders tools, tool calls and tool results) emits a valid call. vLLM answer
 call with ``finish_reason: "stop"`` and ``message.tool_calls``, as OpenAI does; the gateway
 reads the tool calls. The connector runs with ``tool_offload=never``, so it writes every
 finished call through to the host store (``save=finished``) whatever the daemon's policy
-decides about offloading it.
+decides about offloading it, and with ``preload`` off, so the continuation loads its
+prefix when it arrives.
 
 Tool durations: the gateway measures from the end of the response to the arrival of the
 next request. A 10 ms bound against the agent's own clock cannot hold on the loaded 2-core
@@ -126,7 +127,13 @@ def engine(daemon: procs.Proc, tmp_path_factory: pytest.TempPathFactory) -> Iter
     command = _documented_command().replace("$MODEL", str(model)).replace("$PORT", str(port))
     # The connector's 20 ms reply timeout is for a quiet machine; the loaded test machine
     # misses it and the link goes down (as in tests/connectors/vllm/test_e2e.py).
-    extra = f'"endpoint": "{daemon.endpoint}", "tool_offload": "never", "timeout_ms": 1000'
+    # preload off: the continuation loads its prefix on arrival, which the test asserts.
+    # With it on, whether the daemon's upload lands in GPU blocks before the continuation
+    # arrives is a race (either way the KV comes from TokenCake; test_preload.py covers it).
+    extra = (
+        f'"endpoint": "{daemon.endpoint}", "tool_offload": "never", "timeout_ms": 1000, '
+        '"preload": false'
+    )
     command = command.replace('"endpoint": "$ENDPOINT"', extra)
     argv = shlex.split(command)
     assert argv[0] == "python" and "never" in command
