@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tokencake.daemon.scheduler.policy import list_policies
+from tokencake.endpoint import default_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +45,6 @@ class ConfigError(ValueError):
 def policy_names() -> list[str]:
     """The scheduler policies registered now (``tokencake-ctl policies``); imports none."""
     return [info.name for info in list_policies()]
-
-
-def default_runtime_dir() -> Path:
-    """``$XDG_RUNTIME_DIR/tokencake``, else ``/run/tokencake`` for root, else a per-user /tmp."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "tokencake"
-    if os.geteuid() == 0:
-        return Path("/run/tokencake")
-    return Path(f"/tmp/tokencake-{os.geteuid()}")
-
-
-def default_endpoint() -> str:
-    return f"ipc://{default_runtime_dir() / 'tokencaked.sock'}"
 
 
 def _parse_size(value: str | int) -> int:

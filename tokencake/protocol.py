@@ -384,6 +384,82 @@ class Drop(Request):
     salt: str = ""
 
 
+# --------------------------------------------------------------------------- GPU data plane
+
+
+class GpuKvTensor(msgspec.Struct, forbid_unknown_fields=True):
+    """One engine KV tensor shared through CUDA IPC (torch's storage sharing: the fields of
+    ``torch.multiprocessing.reductions.reduce_tensor``). ``kind`` "fake" is the CPU stand-in
+    the tests use (docs/vllm.md)."""
+
+    kind: Literal["cuda", "fake"]
+    device_uuid: str
+    handle: bytes
+    storage_bytes: int
+    storage_offset_bytes: int
+    dtype: str
+    shape: list[int]
+    stride: list[int]
+    offset: int
+    ref_counter_handle: bytes = b""
+    ref_counter_offset: int = 0
+    event_handle: bytes = b""
+    event_sync_required: bool = False
+
+
+class ShareGpuKvReply(msgspec.Struct):
+    worker_pid: int
+    deadline_s: float
+    """No copy of the worker runs longer; once the daemon is gone, a block lent to it is
+    free again after this long, or as soon as ``worker_pid`` has exited."""
+
+
+class ShareGpuKv(Request):
+    """The engine's GPU KV tensors, for the daemon's copy worker on that GPU to open.
+    Sharing again replaces the earlier tensors; a copy in flight on them fails."""
+
+    op = "share_gpu_kv"
+    reply = ShareGpuKvReply
+    engine_id: str
+    num_blocks: int
+    tensors: list[GpuKvTensor]
+
+
+class GpuCopyReply(msgspec.Struct):
+    copy_id: int
+
+
+class GpuCopy(Request):
+    """The engine lends ``blocks`` for one copy by the daemon's worker: ``upload`` reads the
+    slots it pinned with ``load_begin`` into them, ``offload`` writes them into slots it
+    reserved. The copy waits for ``after_event`` (an IPC event recorded on the engine's
+    compute stream). The engine keeps the blocks out of use until ``gpu_copy_status``
+    reports the copy finished."""
+
+    op = "gpu_copy"
+    reply = GpuCopyReply
+    engine_id: str
+    copy_id: int
+    direction: Literal["upload", "offload"]
+    blocks: list[int]
+    slots: list[int]
+    after_event: bytes = b""
+
+
+class GpuCopyStatusReply(msgspec.Struct):
+    states: list[str]
+    """Per asked copy: "running", "done", "failed" or "unknown" (never lent, or already
+    reported). A finished copy is reported once and then forgotten."""
+    errors: list[str]
+
+
+class GpuCopyStatus(Request):
+    op = "gpu_copy_status"
+    reply = GpuCopyStatusReply
+    engine_id: str
+    copy_ids: list[int]
+
+
 # --------------------------------------------------------------------------- introspection
 
 
