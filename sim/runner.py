@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokencake.daemon.scheduler import Decision, PolicyConfig, create_policy, list_policies
+from tokencake.daemon.scheduler.agents import AgentState
 from tokencake.daemon.scheduler.peers import VllmPolicy
-from tokencake.daemon.scheduler.state import AgentState
 from tokencake.sim.engine import KeyCache, SimulationError, Simulator
 from tokencake.sim.generators import get_generator, make_trace
 from tokencake.sim.kvpool import PoolInvariantError

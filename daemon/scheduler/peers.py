@@ -12,9 +12,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from tokencake.daemon.scheduler import decisions as d
+from tokencake.daemon.scheduler.agents import DONE, TOOL, WAITING, AgentState
 from tokencake.daemon.scheduler.events import LlmCallFinish
 from tokencake.daemon.scheduler.policy import CachedKv, PolicyConfig, WaitingRequest
-from tokencake.daemon.scheduler.state import DONE, TOOL, WAITING, AgentState, TrackingPolicy
+from tokencake.daemon.scheduler.tracking import TrackingPolicy
 
 INF_STEPS = 1 << 30
 

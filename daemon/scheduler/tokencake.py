@@ -49,19 +49,11 @@ from collections.abc import Sequence
 
 from tokencake.daemon.scheduler import decisions as d
 from tokencake.daemon.scheduler import guard
+from tokencake.daemon.scheduler.agents import DONE, IDLE, RUNNING, TOOL, WAITING, AgentState
 from tokencake.daemon.scheduler.policy import CachedKv, PolicyConfig, WaitingRequest
 from tokencake.daemon.scheduler.predictor import Z_Q10, Z_Q20, Z_Q95
-from tokencake.daemon.scheduler.state import (
-    DONE,
-    IDLE,
-    RUNNING,
-    T_LATE,
-    T_UPLOAD,
-    TOOL,
-    WAITING,
-    AgentState,
-    TrackingPolicy,
-)
+from tokencake.daemon.scheduler.timers import T_LATE, T_UPLOAD
+from tokencake.daemon.scheduler.tracking import TrackingPolicy
 
 PARTITION_SMOOTHING = 0.5
 """Weight of the newest demand sample in the per-class reservation."""

@@ -1,0 +1,114 @@
+"""Timers: what the policy decides because time passed, not because an event came.
+
+``TimedPolicy`` keeps one heap of (due time, kind, agent, token) entries. A timer is stale
+when the agent's ``tool_token`` moved on (its tool call ended, or a new one began). The
+kinds every policy shares: a tool call's safety deadline (``T_DEADLINE``), the host copy's
+time to live after it (``T_HOST_TTL``) and a pin's expiry (``T_UNPIN``). Policies add their
+own (``T_UPLOAD``, ``T_LATE``) and handle them in ``_on_timer``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+from tokencake.daemon.scheduler import decisions as d
+from tokencake.daemon.scheduler.agents import DONE, RUNNING, TOOL, AgentState
+from tokencake.daemon.scheduler.policy import PolicyConfig
+from tokencake.daemon.scheduler.uploads import UploadingPolicy
+
+T_UPLOAD = 0
+T_LATE = 1
+T_DEADLINE = 2
+T_HOST_TTL = 3
+T_UNPIN = 4
+
+
+class TimedPolicy(UploadingPolicy):
+    """The world model and uploads, plus timers: deadlines, host TTL and pins."""
+
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        super().__init__(config)
+        self._timers: list[tuple[float, int, int, AgentState, int]] = []
+
+    def _on_timer(self, kind: int, agent: AgentState, out: list[d.Decision]) -> None:
+        """Policy-specific timers (T_UPLOAD, T_LATE)."""
+
+    def _on_deadline(self, agent: AgentState, out: list[d.Decision]) -> None:
+        """The tool call overran its safety deadline: release its GPU KV."""
+        if agent.gpu_blocks > 0:
+            self._drop(agent, "gpu", agent.gpu_blocks, "safety_deadline", {}, out)
+
+    def _push_timer(self, at_s: float, kind: int, agent: AgentState, token: int) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (at_s, self._seq, kind, agent, token))
+
+    def _pin(
+        self,
+        agent: AgentState,
+        ttl_s: float,
+        rule: str,
+        terms: dict[str, d.Term],
+        out: list[d.Decision],
+    ) -> None:
+        if agent.pinned_until == -math.inf and agent.phase != RUNNING:
+            self.gpu_free -= agent.gpu_blocks  # held: a pinned block is no longer evictable
+        agent.pinned_until = self.now + ttl_s
+        self._push_timer(agent.pinned_until, T_UNPIN, agent, agent.tool_token)
+        out.append(
+            d.Pin(
+                at_s=self.now,
+                app_id=agent.key[0],
+                agent_id=agent.key[1],
+                blocks=agent.gpu_blocks,
+                ttl_s=ttl_s,
+                reason=d.Reason(rule, terms),
+            )
+        )
+
+    def _unpin(self, agent: AgentState, rule: str, out: list[d.Decision]) -> None:
+        if agent.pinned_until == -math.inf:
+            return
+        agent.pinned_until = -math.inf
+        if agent.phase != RUNNING:
+            self.gpu_free += agent.gpu_blocks  # idle cached blocks, evictable again
+        out.append(
+            d.Unpin(
+                at_s=self.now,
+                app_id=agent.key[0],
+                agent_id=agent.key[1],
+                blocks=agent.gpu_blocks,
+                reason=d.Reason(rule, {}),
+            )
+        )
+
+    def _run_timers(self, out: list[d.Decision]) -> None:
+        timers = self._timers
+        now = self.now
+        while timers and timers[0][0] <= now:
+            _, _, kind, agent, token = heapq.heappop(timers)
+            if token != agent.tool_token or agent.phase == DONE:
+                continue
+            if kind == T_DEADLINE:
+                if agent.phase == TOOL:
+                    agent.overdue = True
+                    self._cancel_upload(agent)
+                    self._unpin(agent, "safety_deadline", out)
+                    self._on_deadline(agent, out)
+                    self._push_timer(now + self.config.host_ttl_s, T_HOST_TTL, agent, token)
+            elif kind == T_HOST_TTL:
+                if agent.phase == TOOL:
+                    agent.drop_on_arrival = agent.offloading > 0
+                    self._drop(
+                        agent,
+                        "host",
+                        agent.host_blocks,
+                        "host_ttl_expired",
+                        {"host_ttl_s": self.config.host_ttl_s},
+                        out,
+                    )
+            elif kind == T_UNPIN:
+                if agent.pinned_until <= now:
+                    self._unpin(agent, "ttl_expired", out)
+            else:
+                self._on_timer(kind, agent, out)
