@@ -86,7 +86,7 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
     from vllm import LLM, SamplingParams
 
     from tests.connectors.vllm.workload import engine_kwargs, generate
-    from tokencake.connectors.vllm.params import kv_transfer_params
+    from tokencake.agent_params import kv_transfer_params
 
     connector = None
     if phase != "plain":

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.connectors.vllm.engine_apps import ModelShape, build_llama, kv_bytes_per_block
     from tests.connectors.vllm.workload import engine_kwargs, to_turn
     from tokencake import protocol as p
-    from tokencake.connectors.vllm.params import kv_transfer_params
+    from tokencake.agent_params import kv_transfer_params
 
     shape = ModelShape()
     work = Path(tempfile.mkdtemp(prefix="bench-preload-"))

@@ -87,7 +87,7 @@ def run_phase(phase: str, model: str, endpoint: str, agents: int, turns: int) ->
     from vllm import LLM
 
     from tests.connectors.vllm.workload import engine_kwargs, generate
-    from tokencake.connectors.vllm.params import kv_transfer_params
+    from tokencake.agent_params import kv_transfer_params
 
     connector = None
     if phase == "tokencake":

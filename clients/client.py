@@ -63,7 +63,7 @@ def resolve_endpoint(endpoint: str | None) -> str:
         return endpoint
     if os.environ.get("TOKENCAKE_ENDPOINT"):
         return os.environ["TOKENCAKE_ENDPOINT"]
-    from tokencake.daemon.config import default_endpoint
+    from tokencake.endpoint import default_endpoint
 
     return default_endpoint()
 
@@ -79,7 +79,7 @@ def _configure(
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
     if server_public_key is not None:
-        from tokencake.daemon.auth import configure_curve_client
+        from tokencake.curve import configure_curve_client
 
         configure_curve_client(
             sock, server_public_key, Path(client_key_file) if client_key_file else None

@@ -5,7 +5,7 @@ mode) reads what the daemon's policy says about each agent through ``list_agents
 priority score, whether it is on its application's critical path, the blocks the
 critical-inversion guard keeps free for it (``protect_blocks``) and its application's age.
 ``AgentPriorities`` keeps the last answer and turns it into the daemon's admission key and
-the guard's protected-block sum; ``tokencake.daemon.scheduler.guard`` takes the verdict.
+the guard's protected-block sum; ``tokencake.guard`` takes the verdict.
 Nothing here imports an engine.
 """
 
@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tokencake import guard
 from tokencake import protocol as p
-from tokencake.connectors.vllm.params import AgentParams
-from tokencake.daemon.scheduler import guard
+from tokencake.agent_params import AgentParams
 
 NEUTRAL_SCORE = 1.0
 """The daemon's score for a request whose agent it does not track (``admission_order``)."""

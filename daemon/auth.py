@@ -1,4 +1,7 @@
-"""ZMQ CURVE for TCP endpoints: the daemon never listens on TCP without authentication."""
+"""ZMQ CURVE for TCP endpoints: the daemon never listens on TCP without authentication.
+
+The daemon's side; what clients share with it is ``tokencake.curve``.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +14,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-
-class AuthError(RuntimeError):
-    pass
-
-
-def _check_private(path: Path) -> None:
-    st = path.stat()
-    if st.st_uid != os.geteuid():
-        raise AuthError(f"{path} is owned by uid {st.st_uid}, not by us")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise AuthError(f"{path} is readable by others; chmod 600 it")
+from tokencake.curve import AuthError, check_private
 
 
 def configure_curve_server(sock: zmq.Socket[Any], secret_key_file: Path) -> None:
@@ -31,28 +24,13 @@ def configure_curve_server(sock: zmq.Socket[Any], secret_key_file: Path) -> None
     the ZAP handler of :func:`start_authenticator` (zmq's ironhouse pattern): start it on
     the socket's context before binding.
     """
-    _check_private(secret_key_file)
+    check_private(secret_key_file)
     public, secret = zmq.auth.load_certificate(secret_key_file)
     if secret is None:
         raise AuthError(f"{secret_key_file} has no secret key")
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True
-
-
-def configure_curve_client(
-    sock: zmq.Socket[Any], server_public_key: bytes, client_secret_file: Path | None = None
-) -> None:
-    if client_secret_file is not None:
-        _check_private(client_secret_file)
-        public, secret = zmq.auth.load_certificate(client_secret_file)
-        if secret is None:
-            raise AuthError(f"{client_secret_file} has no secret key")
-    else:
-        public, secret = zmq.curve_keypair()
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
-    sock.curve_serverkey = server_public_key
 
 
 def start_authenticator(ctx: zmq.Context[Any], authorized_keys_dir: Path) -> ThreadAuthenticator:

@@ -31,9 +31,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokencake.sim.generators import WorkloadGenerator
 from tokencake.sim.profiles import Profile
-from tokencake.sim.workload import AppSpec, NodeSpec, NoiseConfig, ToolSpec, WorkloadError
+from tokencake.sim.workload import (
+    AppSpec,
+    NodeSpec,
+    NoiseConfig,
+    ToolSpec,
+    WorkloadError,
+    WorkloadGenerator,
+    make_trace,
+)
 
 SHAPES = ("chain", "fanout", "join", "react")
 TOOL_LAWS = ("lognormal", "heavy", "near_zero", "bimodal")
@@ -295,8 +302,6 @@ def estimated_duration_s(app: AppSpec, profile: Profile) -> float:
 def scenario_qps(scenario: Scenario, profile: Profile) -> float:
     """The arrival rate that puts ``scenario.in_flight`` apps in flight on average: the
     apps do not depend on the rate (``make_trace``), so their durations are measured first."""
-    from tokencake.sim.generators import make_trace
-
     trace = make_trace(
         FamilyWorkload(scenario), qps=1.0, seed=scenario.seed, n_apps=scenario.n_apps
     )

@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from abc import ABC, abstractmethod
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -22,14 +21,26 @@ from tokencake.sim.workload import (
     AppSpec,
     NodeSpec,
     NoiseConfig,
-    SegmentIds,
     ToolSpec,
-    Trace,
     WorkloadError,
-    compose,
-    poisson_arrivals,
-    validate,
+    WorkloadGenerator,
+    make_trace,
 )
+
+__all__ = [
+    "BUILTIN",
+    "CodeWriter",
+    "DeepResearch",
+    "InferceptSingle",
+    "ReactCoding",
+    "WorkloadGenerator",
+    "chars_to_tokens",
+    "get_generator",
+    "make_trace",
+]
+"""``WorkloadGenerator`` and ``make_trace`` (``sim/workload.py``) are the API every generator
+here, in ``sim/userfile.py`` and in ``sim/family.py`` implements; exported here too, beside
+the built-ins."""
 
 logger = logging.getLogger(__name__)
 
@@ -39,42 +50,6 @@ CHARS_PER_TOKEN = 4.0
 
 def chars_to_tokens(chars: int) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN) if chars > 0 else 0
-
-
-class WorkloadGenerator(ABC):
-    """Builds applications. Subclasses describe one kind of multi-agent app."""
-
-    name: ClassVar[str]
-    description: ClassVar[str]
-    default_apps: ClassVar[int] = 24
-
-    @abstractmethod
-    def build_app(self, index: int, rng: np.random.Generator, noise: NoiseConfig) -> AppSpec:
-        """The ``index``-th application; tools' real and predicted durations come from noise."""
-
-
-def make_trace(
-    gen: WorkloadGenerator,
-    *,
-    qps: float,
-    seed: int,
-    n_apps: int | None = None,
-    noise: NoiseConfig | None = None,
-) -> Trace:
-    """A replayable trace: same seed, same apps and arrivals; same seed, other qps, same apps."""
-    noise = noise or NoiseConfig()
-    n = gen.default_apps if n_apps is None else n_apps
-    app_rng = np.random.default_rng([seed, 1])
-    arr_rng = np.random.default_rng([seed, 2])
-    ids = SegmentIds()
-    apps: list[AppSpec] = []
-    for i, t in enumerate(poisson_arrivals(n, qps, arr_rng)):
-        app = gen.build_app(i, app_rng, noise)
-        validate(app)
-        app.arrival_s = t
-        compose(app, ids)
-        apps.append(app)
-    return Trace(workload=gen.name, seed=seed, qps=qps, apps=apps)
 
 
 def _tool(

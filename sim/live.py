@@ -68,10 +68,9 @@ from typing import Any, TypeVar
 import msgspec
 
 from tokencake import protocol as p
+from tokencake.agent_params import AgentParams
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
 from tokencake.clients.priorities import AgentPriorities
-from tokencake.connectors.vllm.params import AgentParams
-from tokencake.daemon.arena import SLOT_BASE_OFFSET
 from tokencake.daemon.scheduler import (
     AppEnd,
     AppRegistered,
@@ -95,6 +94,7 @@ from tokencake.daemon.scheduler import (
 )
 from tokencake.daemon.scheduler.events import Event
 from tokencake.layout import KvLayout
+from tokencake.segment import SLOT_BASE_OFFSET
 from tokencake.sim.engine import EngineResult, SimulationError, Simulator
 from tokencake.sim.generators import get_generator, make_trace
 from tokencake.sim.kvpool import PoolInvariantError

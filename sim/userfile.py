@@ -14,13 +14,13 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-from tokencake.sim.generators import WorkloadGenerator
 from tokencake.sim.workload import (
     AppSpec,
     NodeSpec,
     NoiseConfig,
     ToolSpec,
     WorkloadError,
+    WorkloadGenerator,
     validate,
 )
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -279,3 +280,39 @@ def poisson_arrivals(n: int, qps: float, rng: np.random.Generator) -> list[float
         return []
     gaps = rng.exponential(1.0 / qps, size=n - 1)
     return [0.0, *np.cumsum(gaps).tolist()]
+
+
+class WorkloadGenerator(ABC):
+    """Builds applications. Subclasses describe one kind of multi-agent app."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    default_apps: ClassVar[int] = 24
+
+    @abstractmethod
+    def build_app(self, index: int, rng: np.random.Generator, noise: NoiseConfig) -> AppSpec:
+        """The ``index``-th application; tools' real and predicted durations come from noise."""
+
+
+def make_trace(
+    gen: WorkloadGenerator,
+    *,
+    qps: float,
+    seed: int,
+    n_apps: int | None = None,
+    noise: NoiseConfig | None = None,
+) -> Trace:
+    """A replayable trace: same seed, same apps and arrivals; same seed, other qps, same apps."""
+    noise = noise or NoiseConfig()
+    n = gen.default_apps if n_apps is None else n_apps
+    app_rng = np.random.default_rng([seed, 1])
+    arr_rng = np.random.default_rng([seed, 2])
+    ids = SegmentIds()
+    apps: list[AppSpec] = []
+    for i, t in enumerate(poisson_arrivals(n, qps, arr_rng)):
+        app = gen.build_app(i, app_rng, noise)
+        validate(app)
+        app.arrival_s = t
+        compose(app, ids)
+        apps.append(app)
+    return Trace(workload=gen.name, seed=seed, qps=qps, apps=apps)

@@ -1,4 +1,7 @@
-"""Agent metadata carried in a vLLM request's ``kv_transfer_params``.
+"""Agent metadata carried in a request's ``kv_transfer_params``: who a request belongs to.
+
+Shared by every side that reads or writes it: the vLLM connector and scheduler, the SGLang
+hints, the gateway, the client library's priorities and the simulator's live mode.
 
 vLLM passes ``kv_transfer_params`` through untouched from the OpenAI request body (or from
 ``SamplingParams(extra_args={"kv_transfer_params": ...})``) to the connector, so it is the
@@ -22,8 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Final
 
-# Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
-logger = logging.getLogger(f"vllm.{__name__}")
+logger = logging.getLogger(__name__)
 
 NAMESPACE: Final = "tokencake"
 MAX_ID_CHARS: Final = 256

@@ -17,7 +17,7 @@ time given here wins over what the gateway would infer. Sources, highest precede
 5. The OpenAI ``user`` field, then ``metadata.conversation_id`` / ``metadata.session_id``.
 
 A request whose ``kv_transfer_params`` already carries the ``tokencake`` namespace is managed
-by the app itself (``connectors/vllm/params.py``): the gateway forwards it untouched and sends
+by the app itself (``tokencake/agent_params.py``): the gateway forwards it untouched and sends
 no events for it, so nothing is reported twice.
 
 Malformed TokenCake headers are the client's error (``HintError``: HTTP 400). Malformed
@@ -32,8 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from tokencake.agent_params import MAX_ID_CHARS, NAMESPACE
 from tokencake.connectors.sglang.hints import AgentCall, agent_call
-from tokencake.connectors.vllm.params import MAX_ID_CHARS, NAMESPACE
 
 logger = logging.getLogger(__name__)
 

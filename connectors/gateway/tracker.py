@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from tokencake import protocol as p
+from tokencake.agent_params import kv_transfer_params
 from tokencake.connectors.gateway import identity
 from tokencake.connectors.gateway.hints import Declared, declared
 from tokencake.connectors.gateway.learn import Structure, Structures, ToolDurations
 from tokencake.connectors.gateway.link import DaemonLink
 from tokencake.connectors.gateway.metrics import GatewayMetrics
 from tokencake.connectors.gateway.observe import CHAT, COMPLETIONS, RESPONSES, Outcome
-from tokencake.connectors.vllm.params import kv_transfer_params
 
 logger = logging.getLogger(__name__)
 

@@ -55,8 +55,8 @@ from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
 from tokencake.clients.kv_arena import ArenaMapping, KvArenaError
 from tokencake.connectors.sglang.config import BackendConfig
 from tokencake.connectors.sglang.pages import HostPages, page_key
-from tokencake.daemon.arena import ArenaError, segment_path
 from tokencake.layout import KvLayout
+from tokencake.segment import ArenaError, segment_path
 
 logger = logging.getLogger(__name__)
 

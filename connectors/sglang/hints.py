@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from tokencake import protocol as p
+from tokencake.agent_params import MAX_ID_CHARS, AgentParams, ToolHint, agent_params
 from tokencake.clients.client import TokenCakeClient
 from tokencake.clients.session import AgentSession, AppSession, LlmCallHandle
-from tokencake.connectors.vllm.params import MAX_ID_CHARS, AgentParams, ToolHint, agent_params
 
 logger = logging.getLogger(__name__)
 

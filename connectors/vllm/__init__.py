@@ -6,12 +6,13 @@ Load it with::
                            "kv_connector_module_path": "tokencake.connectors.vllm.connector",
                            "kv_role": "kv_both"}'
 
-This package imports vLLM only from ``connector`` and ``worker``, so the parameter helpers in
-``params`` work (and are tested) without vLLM installed.
+The agent parameters an app attaches to a request (``kv_transfer_params``) are shared by
+every connector and live in ``tokencake.agent_params``; they are re-exported here, and work
+without vLLM installed.
 """
 
 from __future__ import annotations
 
-from tokencake.connectors.vllm.params import AgentParams, ToolHint, agent_params, kv_transfer_params
+from tokencake.agent_params import AgentParams, ToolHint, agent_params, kv_transfer_params
 
 __all__ = ["AgentParams", "ToolHint", "agent_params", "kv_transfer_params"]

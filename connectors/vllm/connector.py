@@ -43,11 +43,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.core.kv_cache_utils import BlockHash, get_block_hash
 
 from tokencake import protocol as p
+from tokencake.agent_params import NAMESPACE, AgentParams, agent_params
 from tokencake.connectors.vllm import preload
 from tokencake.connectors.vllm.config import ConnectorConfig
 from tokencake.connectors.vllm.link import DaemonLink
 from tokencake.connectors.vllm.metadata import CopyJob, TokenCakeMetadata, TokenCakeWorkerMetadata
-from tokencake.connectors.vllm.params import NAMESPACE, AgentParams, agent_params
 from tokencake.connectors.vllm.worker import Copier, close_arena, make_copier, open_arena
 from tokencake.layout import KvLayout
 

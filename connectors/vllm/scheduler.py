@@ -18,7 +18,7 @@ What it applies, each through a documented seam of vLLM 0.32's scheduler:
   daemon; ties in vLLM's own order. The ranks are refreshed every ``priority_refresh_s``
   while requests wait, and the queue is re-sorted.
 - **Critical-inversion guard** (the daemon's ``may_allocate``): the shared rule of
-  ``tokencake.daemon.scheduler.guard``, with the daemon's per-agent ``protect_blocks``
+  ``tokencake.guard``, with the daemon's per-agent ``protect_blocks``
   (what a critical agent waiting, or in a tool call, needs kept free) summed over this
   engine's agents that rank ahead of the request (an older application or its own; a
   request of no tracked agent ranks behind all), capped at ``reserve_fraction`` of the
@@ -45,13 +45,14 @@ from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
+from tokencake import guard
+from tokencake.agent_params import AgentParams, agent_params
+
 # The daemon's per-agent ranks need no vLLM: they live in ``tokencake.clients.priorities``
 # (the simulator's live mode applies them too) and are re-exported here.
 from tokencake.clients.priorities import NEUTRAL_SCORE as NEUTRAL_SCORE
 from tokencake.clients.priorities import AgentPriorities
 from tokencake.clients.priorities import AgentRank as AgentRank
-from tokencake.connectors.vllm.params import AgentParams, agent_params
-from tokencake.daemon.scheduler import guard
 
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tokencake.daemon import arena as arena_mod
+from tokencake import segment as segment_mod
 from tokencake.daemon.arena import Arena, ArenaError, segment_name, verify_segment
 
 MiB = 1 << 20
@@ -84,7 +84,7 @@ def test_prefault_fallback_touches_every_page(
     shm_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With madvise refused (old kernel), pages are touched one by one, contents kept."""
-    monkeypatch.setattr(arena_mod, "MADV_POPULATE_WRITE", 0x7FFF)  # EINVAL
+    monkeypatch.setattr(segment_mod, "MADV_POPULATE_WRITE", 0x7FFF)  # EINVAL
     a = Arena.create(2 * MiB, instance="touch", directory="/dev/shm")
     try:
         assert a.prefault_method == "touch"

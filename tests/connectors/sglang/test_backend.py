@@ -341,7 +341,7 @@ def test_a_new_segment_under_the_old_name_is_mapped_afresh(
 ) -> None:
     """A restarted daemon can reuse its segment's name (same instance, and the same pid in a
     container); the backend tells segments apart by inode and never keeps a stale mapping."""
-    from tokencake.daemon.arena import segment_path
+    from tokencake.segment import segment_path
 
     d = start(tmp_path, arena="1MiB")
     try:

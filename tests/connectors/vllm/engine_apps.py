@@ -433,7 +433,7 @@ class AppDriver:
     def _submit(self, run: _AppRun, node: Any, now: float) -> None:
         from vllm import SamplingParams
 
-        from tokencake.connectors.vllm.params import kv_transfer_params
+        from tokencake.agent_params import kv_transfer_params
 
         spec = run.spec
         ids = self._prompt(spec, node.id)

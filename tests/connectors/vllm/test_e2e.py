@@ -36,7 +36,7 @@ def _ids(seed: int, n: int) -> list[int]:
 
 
 def _params(agent: int, tool: bool) -> dict[str, Any]:
-    from tokencake.connectors.vllm.params import kv_transfer_params
+    from tokencake.agent_params import kv_transfer_params
 
     return kv_transfer_params(
         "app-e2e",
@@ -220,8 +220,8 @@ def test_decision_after_block_reuse_leaves_other_requests_kv_alone(engine: Any) 
     would store another request's KV under the agent's hashes."""
     from vllm.v1.core.kv_cache_utils import get_block_hash
 
+    from tokencake.agent_params import kv_transfer_params
     from tokencake.clients.client import TokenCakeClient
-    from tokencake.connectors.vllm.params import kv_transfer_params
 
     conn = scheduler_connector(engine)
     pool = conn._pool

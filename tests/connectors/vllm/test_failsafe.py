@@ -184,7 +184,7 @@ class Cell:
             time.sleep(0.05)
 
     def params(self, agent: int, tool: bool) -> dict[str, Any]:
-        from tokencake.connectors.vllm.params import kv_transfer_params
+        from tokencake.agent_params import kv_transfer_params
 
         return kv_transfer_params(
             self.app,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tokencake.agent_params import AgentParams, ToolHint, agent_params, kv_transfer_params
 from tokencake.connectors.vllm.config import ConnectorConfig
-from tokencake.connectors.vllm.params import AgentParams, ToolHint, agent_params, kv_transfer_params
 
 
 def test_round_trip() -> None:

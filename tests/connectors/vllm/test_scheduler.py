@@ -65,7 +65,7 @@ class Run:
     def add(self, name: str, ids: list[int], agent: str, max_tokens: int, tool: bool = False):
         from vllm import SamplingParams
 
-        from tokencake.connectors.vllm.params import kv_transfer_params
+        from tokencake.agent_params import kv_transfer_params
 
         params = None
         if self.agents and agent:

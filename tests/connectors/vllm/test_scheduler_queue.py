@@ -21,13 +21,13 @@ from vllm.v1.core.sched.request_queue import (
 )
 
 from tokencake import protocol as p
-from tokencake.connectors.vllm.params import AgentParams
+from tokencake.agent_params import AgentParams
 from tokencake.connectors.vllm.scheduler import (
     NEUTRAL_SCORE,
     AgentPriorities,
     AgentRankedQueue,
 )
-from tokencake.daemon.scheduler.guard import PLAIN_HEAD_START_S
+from tokencake.guard import PLAIN_HEAD_START_S
 
 pytestmark = pytest.mark.vllm
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokencake.daemon.scheduler import guard
+from tokencake import guard
 
 
 def test_verdict() -> None:

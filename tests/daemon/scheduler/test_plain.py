@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from tests.daemon.scheduler.test_tokencake import dag, make
 from tokencake.daemon.scheduler import AppRegistered, EngineState, LlmCallStart, WaitingRequest
-from tokencake.daemon.scheduler.guard import PLAIN_HEAD_START_S, plain_rank
 from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
+from tokencake.guard import PLAIN_HEAD_START_S, plain_rank
 
 H = PLAIN_HEAD_START_S
 
