@@ -26,8 +26,6 @@ block, then layer 1's, and so on, back to back.
 
 from __future__ import annotations
 
-import ctypes
-import importlib.machinery
 import logging
 import math
 import mmap
@@ -61,74 +59,44 @@ STAGE_BYTES = 1 << 20
 MIN_ROW_BYTES = 256
 
 
-COPY_KERNEL_ENV = "TOKENCAKE_COPY_KERNEL"
-"""``native`` (the default): the compiled kernel when it was built; ``numpy``: never it."""
-_LIB_STEM = "_kvcopy"
-_LIB_ABI = 1
-
-_native: Any = None  # the loaded kernel; False once it proved absent or switched off
+_native: Any = None  # the compiled copy kernel; False once numba proved missing or broken
 
 
 def native_copy() -> Any:
-    """The compiled copy kernel (``clients/_kvcopy.c``, built at install time), or None.
+    """The compiled kernel for scattered block ids, or None: without numba, or unless
+    ``TOKENCAKE_COPY_KERNEL=numba`` asks for it (see the module docstring for why).
 
-    None when ``TOKENCAKE_COPY_KERNEL=numpy`` or when the library was not built (no C
-    compiler at install time); copies then take the numpy path, and that is logged once.
+    Built on first use (about a second: numba's import and compile); an engine calls this at
+    start-up so that no forward step pays for it.
     """
     global _native
+    if _native is None and os.environ.get("TOKENCAKE_COPY_KERNEL", "numpy") != "numba":
+        _native = False
     if _native is None:
-        _native = _load_native() or False
+        try:
+            _native = _build_native()
+        except ImportError:
+            _native = False
+        except Exception as exc:  # a numba that cannot compile here: the numpy path is right
+            logger.warning("numba copy kernel unavailable (%s); copies use numpy", exc)
+            _native = False
     return _native or None
 
 
-def copy_path() -> str:
-    """Which path moves scattered blocks in this process: ``native`` or ``numpy``."""
-    return "native" if native_copy() is not None else "numpy"
+def _build_native() -> Any:
+    import ctypes
 
+    import numba
 
-def _load_native() -> _NativeCopy | None:
-    choice = os.environ.get(COPY_KERNEL_ENV, "native")
-    if choice == "numpy":
-        return None
-    if choice != "native":
-        logger.warning("%s=%r: expected native or numpy; using native", COPY_KERNEL_ENV, choice)
-    here = os.path.dirname(os.path.abspath(__file__))
-    names = [_LIB_STEM + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES]
-    found = [os.path.join(here, n) for n in names if os.path.exists(os.path.join(here, n))]
-    if not found:
-        logger.warning(
-            "copy kernel %s not built (no C compiler at install?); arena copies use numpy, "
-            "about half as fast for scattered block ids",
-            os.path.join(here, _LIB_STEM + ".c"),
-        )
-        return None
-    try:
-        return _NativeCopy(ctypes.CDLL(found[0]))
-    except (OSError, AttributeError, KvArenaError) as exc:
-        logger.warning("copy kernel %s unusable (%s); arena copies use numpy", found[0], exc)
-        return None
+    memmove = ctypes.CDLL(None).memmove
+    memmove.restype = ctypes.c_void_p
+    memmove.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
-
-class _NativeCopy:
-    """``tc_copy_layers`` through ctypes, which releases the GIL for the call.
-
-    Raw addresses: the caller has checked every index against the arena and the layers and
-    keeps every array alive for the call; the kernel checks nothing.
-    """
-
-    def __init__(self, lib: ctypes.CDLL) -> None:
-        abi = lib.tc_kvcopy_abi
-        abi.restype, abi.argtypes = ctypes.c_int, ()
-        if abi() != _LIB_ABI:
-            raise KvArenaError(f"ABI {abi()}, expected {_LIB_ABI}: rebuild it")
-        fn = lib.tc_copy_layers
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.restype = None
-        fn.argtypes = (ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int)
-        self._fn = fn
-
-    def __call__(
-        self,
+    @numba.njit(  # type: ignore[untyped-decorator, unused-ignore]
+        "void(int64, int64, int64[::1], int64[::1], int64[::1], int64[::1], int64[::1], boolean)",
+        nogil=True,
+    )
+    def copy_pairs(
         arena: int,
         slot_bytes: int,
         bases: np.ndarray,
@@ -138,20 +106,18 @@ class _NativeCopy:
         blocks: np.ndarray,
         to_arena: bool,
     ) -> None:
-        """Slot ``slots[i]`` holds block ``blocks[i]`` of each layer at ``offsets[layer]``;
-        every array is C-contiguous int64."""
-        self._fn(
-            arena,
-            slot_bytes,
-            _address(bases),
-            _address(sizes),
-            _address(offsets),
-            len(bases),
-            _address(slots),
-            _address(blocks),
-            len(slots),
-            int(to_arena),
-        )
+        """Slot ``slots[i]`` holds block ``blocks[i]`` of each layer at ``offsets[layer]``.
+        Raw addresses: the caller has checked every index and keeps the arrays alive."""
+        for i in range(slots.shape[0]):
+            slot = arena + slots[i] * slot_bytes
+            for layer in range(bases.shape[0]):
+                block = bases[layer] + blocks[i] * sizes[layer]
+                if to_arena:
+                    memmove(slot + offsets[layer], block, sizes[layer])
+                else:
+                    memmove(block, slot + offsets[layer], sizes[layer])
+
+    return copy_pairs
 
 
 class KvArenaError(ValueError):
@@ -261,14 +227,36 @@ class ArenaMapping:
     def _copy_layers(
         self, slots: Sequence[int], layers: Sequence[Any], block_ids: Sequence[int], to_arena: bool
     ) -> None:
-        checked = self._check(slots, layers, block_ids, to_arena)
-        if checked is None:
+        views = [_as_block_bytes(layer) for layer in layers]
+        slot_ids = _ids(slots, "slot")
+        blocks = _ids(block_ids, "block id")
+        if len(blocks) != len(slot_ids):
+            raise KvArenaError(f"{len(slot_ids)} slots for {len(blocks)} blocks")
+        total = sum(v.shape[1] for v in views)
+        if total > self._slot_bytes:
+            raise KvArenaError(f"{total}-byte blocks exceed {self._slot_bytes}-byte slots")
+        if not len(slot_ids):
             return
-        views, slot_ids, blocks = checked
+        lo, hi = int(slot_ids.min()), int(slot_ids.max())
+        if lo < 0 or hi >= self._num_slots:
+            bad = lo if lo < 0 else hi
+            raise KvArenaError(f"slot {bad} outside 0..{self._num_slots - 1}")
+        if not views:
+            return
+        lo, hi = int(blocks.min()), int(blocks.max())
+        for v in views:
+            if lo < 0 or hi >= v.shape[0]:
+                bad = lo if lo < 0 else hi
+                raise KvArenaError(f"block id {bad} outside a layer of {v.shape[0]} blocks")
+        # Two blocks written into one place would leave either; refuse rather than guess.
+        dest, what = (slot_ids, "slot") if to_arena else (blocks, "block id")
+        if len(np.unique(dest)) != len(dest):
+            raise KvArenaError(f"a {what} appears twice in one copy")
         # Taken only now: an error raised above must not hold a view (the mapping could not
         # close while its traceback lives).
         arena = self.slots_view()
-        kernel = native_copy()
+        run = bool((np.diff(blocks) == 1).all())
+        kernel = None if run else native_copy()
         if kernel is not None:
             # One compiled loop for the whole transfer, reading in address order.
             order = np.argsort(blocks if to_arena else slot_ids, kind="stable")
@@ -281,12 +269,11 @@ class ArenaMapping:
                 bases,
                 sizes,
                 offsets,
-                np.ascontiguousarray(slot_ids[order]),
-                np.ascontiguousarray(blocks[order]),
+                slot_ids[order],
+                blocks[order],
                 to_arena,
             )
             return
-        run = bool((np.diff(blocks) == 1).all())
         plan = _Plan.make(slot_ids, blocks, run, max(v.shape[1] for v in views))
         offset = 0
         for v in views:
@@ -294,40 +281,6 @@ class ArenaMapping:
             if nb:
                 plan.copy_layer(arena, v, offset, to_arena)
             offset += nb
-
-    def _check(
-        self, slots: Sequence[int], layers: Sequence[Any], block_ids: Sequence[int], to_arena: bool
-    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray] | None:
-        """Every index and size of a transfer, checked before any byte moves: the copy kernel
-        trusts them. Returns the layers as byte views and the ids, or None for a no-op."""
-        views = [_as_block_bytes(layer) for layer in layers]
-        slot_ids = _ids(slots, "slot")
-        blocks = _ids(block_ids, "block id")
-        if len(blocks) != len(slot_ids):
-            raise KvArenaError(f"{len(slot_ids)} slots for {len(blocks)} blocks")
-        total = sum(v.shape[1] for v in views)
-        if total > self._slot_bytes:
-            raise KvArenaError(f"{total}-byte blocks exceed {self._slot_bytes}-byte slots")
-        if not len(slot_ids):
-            return None
-        lo, hi = int(slot_ids.min()), int(slot_ids.max())
-        if lo < 0 or hi >= self._num_slots:
-            bad = lo if lo < 0 else hi
-            raise KvArenaError(f"slot {bad} outside 0..{self._num_slots - 1}")
-        if not views:
-            return None
-        lo, hi = int(blocks.min()), int(blocks.max())
-        for v in views:
-            if lo < 0 or hi >= v.shape[0]:
-                bad = lo if lo < 0 else hi
-                raise KvArenaError(f"block id {bad} outside a layer of {v.shape[0]} blocks")
-            if not to_arena and not v.flags.writeable:
-                raise KvArenaError("a destination layer is read-only")
-        # Two blocks written into one place would leave either; refuse rather than guess.
-        dest, what = (slot_ids, "slot") if to_arena else (blocks, "block id")
-        if len(np.unique(dest)) != len(dest):
-            raise KvArenaError(f"a {what} appears twice in one copy")
-        return views, slot_ids, blocks
 
     # ------------------------------------------------------------------ pinning
 
