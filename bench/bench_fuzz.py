@@ -38,7 +38,23 @@ if str(REPO) not in sys.path:
 MAX_CASES = 10_000_000
 
 
-def _phase_in_process(cases: int, seed: int, tmp: Path) -> tuple[int, int, int, dict[str, int]]:
+def _op_of(frame: bytes) -> str | None:
+    """The op a frame names, if it decodes as an envelope of a known op."""
+    import msgspec
+
+    from tokencake import protocol as p
+
+    try:
+        op = msgspec.msgpack.decode(frame, type=p.Envelope).op
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    return op if op in p.REQUEST_TYPES else None
+
+
+def _phase_in_process(
+    cases: int, seed: int, tmp: Path
+) -> tuple[int, int, int, dict[str, int], dict[str, list[int]]]:
+    """Returns (cases, crashes, failed ops checked, outcome counts, op -> [ok, failed])."""
     from tests.reliability.harness import CaseFailure, FrameGen, InProcessDaemon, check_case
 
     ipd = InProcessDaemon(tmp)
@@ -46,6 +62,7 @@ def _phase_in_process(cases: int, seed: int, tmp: Path) -> tuple[int, int, int, 
     gen = FrameGen(random.Random(seed), ipd)
     crashes = checks = 0
     outcomes: collections.Counter[str] = collections.Counter()
+    per_op: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     first: list[str] = []
     try:
         for i in range(cases):
@@ -69,11 +86,14 @@ def _phase_in_process(cases: int, seed: int, tmp: Path) -> tuple[int, int, int, 
             outcomes[f"{kind}:{result.code or 'ok'}"] += 1
             if not result.ok:
                 checks += 1
+            op = _op_of(frame)
+            if op is not None:
+                per_op[op][0 if result.ok else 1] += 1
     finally:
         ipd.close()
     for line in first:
         print("  FAILURE", line)
-    return cases, crashes, checks, dict(outcomes)
+    return cases, crashes, checks, dict(outcomes), dict(per_op)
 
 
 def _phase_real(frames: int, seed: int, tmp: Path) -> tuple[int, int, int]:
@@ -197,7 +217,7 @@ def main() -> None:
     os.environ.pop("TOKENCAKE_ENDPOINT", None)
 
     t0 = time.perf_counter()
-    cases, crashes, checks, outcomes = _phase_in_process(args.cases, args.seed, tmp)
+    cases, crashes, checks, outcomes, per_op = _phase_in_process(args.cases, args.seed, tmp)
     t_in = time.perf_counter() - t0
     print(f"{'in-process cases run':<44}{cases:>12,}  ({cases / t_in:,.0f}/s)")
     print(f"{'  crashes / broken promises (must be 0)':<44}{crashes:>12,}")
@@ -211,6 +231,16 @@ def main() -> None:
     for key, n in outcomes.items():
         codes[key.split(":")[1]] += n
     print("  by outcome:   " + ", ".join(f"{k} {v:,}" for k, v in sorted(codes.items())))
+    from tokencake import protocol as p
+
+    reached = f"{len(per_op)} of {len(p.REQUEST_TYPES)}"
+    print(f"  ops of the protocol reached (decodable envelope): {reached}")
+    for op in sorted(p.REQUEST_TYPES):
+        ok_n, failed_n = per_op.get(op, [0, 0])
+        print(f"    {op:<22} ok {ok_n:>9,}  rejected, state checked {failed_n:>9,}")
+    missing = sorted(set(p.REQUEST_TYPES) - set(per_op))
+    if missing and args.cases >= 10_000:
+        print(f"  OPS NEVER REACHED: {', '.join(missing)}")
 
     real_bad = 0
     if args.real:
@@ -226,7 +256,8 @@ def main() -> None:
         summary, atheris_rc = _phase_atheris(args.atheris_runs)
         print(f"{'atheris':<44}{summary}  rc={atheris_rc} ({time.perf_counter() - t0:.0f} s)")
 
-    ok = crashes == 0 and real_bad == 0 and atheris_rc == 0
+    covered = not missing or args.cases < 10_000
+    ok = crashes == 0 and real_bad == 0 and atheris_rc == 0 and covered
     print("verdict: " + ("no crash, every failure typed, state unchanged" if ok else "FAILED"))
     if not ok:
         raise SystemExit(1)

@@ -157,6 +157,17 @@ class AppRegistry:
             )
         return agent
 
+    def idle(self, now: float, idle_s: float) -> list[str]:
+        """Live apps none of whose agents changed state for ``idle_s`` seconds."""
+        cutoff = now - idle_s
+        return [
+            app.app_id
+            for app in self._apps.values()
+            if not app.ended
+            and app.registered_at < cutoff
+            and all(a.state_since < cutoff for a in app.agents.values())
+        ]
+
     def end(self, app_id: str, now: float) -> AppRecord:
         record = self.app(app_id)
         record.ended = True

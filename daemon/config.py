@@ -34,6 +34,7 @@ RELOADABLE_KEYS = frozenset(
         "policy",
         "max_frame_bytes",
         "decision_history",
+        "app_idle_timeout_s",
     }
 )
 
@@ -131,6 +132,15 @@ class DaemonConfig:
     """How long a store that failed is left alone (writes dropped, reads miss)."""
     l2_ttl_s: float = 0.0
     """Expiry of L2 values in seconds; 0 keeps them until the store evicts them."""
+    app_idle_timeout_s: float = 3600.0
+    """An app none of whose agents sent an event for this long is ended by the daemon (its
+    client went away without ``app_end``); 0 keeps such apps forever."""
+    debug_memory_file: str = ""
+    """Off when empty. A file the daemon appends a JSON memory report to (RSS, descriptors,
+    the Python heap under tracemalloc, allocator totals, fastest-growing allocation sites)
+    every ``debug_memory_s``; for soak runs only, tracing costs CPU."""
+    debug_memory_s: float = 60.0
+    """Seconds between memory reports when ``debug_memory_file`` is set."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -162,6 +172,10 @@ class DaemonConfig:
             raise ConfigError("max_frame_bytes must be within 1 KiB..256 MiB")
         if self.decision_history < 0:
             raise ConfigError("decision_history must be >= 0")
+        if not 0 <= self.app_idle_timeout_s < math.inf:
+            raise ConfigError("app_idle_timeout_s must be 0 (never) or a finite number of seconds")
+        if not 1.0 <= self.debug_memory_s <= 86400.0:
+            raise ConfigError("debug_memory_s must be within 1..86400")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port out of range: {self.metrics_port}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

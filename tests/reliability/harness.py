@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import msgspec.inspect as mi
 
 from tokencake import PROTOCOL_VERSION
 from tokencake import protocol as p
@@ -27,6 +28,8 @@ from tokencake.daemon.arena import Arena
 from tokencake.daemon.config import DaemonConfig
 from tokencake.daemon.server import Daemon, EngineRecord
 from tokencake.layout import KvLayout
+
+from .typed_values import OP_FIELD_TYPES, TypedValues
 
 LAYOUT = KvLayout("fuzz-model", 1, 16, 1, 16, "float16", 4096)
 OTHER_LAYOUT = KvLayout("fuzz-other", 1, 16, 1, 16, "float16", 4096)
@@ -260,6 +263,19 @@ _FIELDS = sorted(
 _OP_FIELDS = {
     op: [f.name for f in msgspec.structs.fields(cls)] for op, cls in p.REQUEST_TYPES.items()
 }
+_INT_FIELDS = frozenset(
+    {
+        "num_gpu_blocks",
+        "num_gpu_blocks_free",
+        "num_waiting",
+        "num_running",
+        "prompt_tokens",
+        "output_tokens",
+        "kv_blocks",
+        "limit",
+    }
+)
+_MEANINGFUL = frozenset({"hashes", "slots", "layout", "dag", "predicted_s", "ok", *_INT_FIELDS})
 _FLOATS = [0.0, -0.0, 1.5, -1.0, math.nan, math.inf, -math.inf, 1e308, 7 * 86400.0, 1e-300]
 _INTS = [0, 1, -1, 2, 63, 64, 255, 1023, 1024, 65536, 2**31 - 1, 2**31, -(2**31)]
 _INTS += [2**63 - 1, -(2**63)]
@@ -277,6 +293,7 @@ class FrameGen:
     def __init__(self, rng: random.Random, ipd: InProcessDaemon) -> None:
         self.rng = rng
         self.ipd = ipd
+        self.typed = TypedValues(rng)
 
     # -- values
 
@@ -393,16 +410,7 @@ class FrameGen:
             return r.choice([*_FLOATS, None, 2.0])
         if field in ("ok",):
             return r.choice([True, False, 1, "yes"])
-        if field in (
-            "num_gpu_blocks",
-            "num_gpu_blocks_free",
-            "num_waiting",
-            "num_running",
-            "prompt_tokens",
-            "output_tokens",
-            "kv_blocks",
-            "limit",
-        ):
+        if field in _INT_FIELDS:
             return r.choice(_INTS)
         return self.name()
 
@@ -411,10 +419,17 @@ class FrameGen:
     def body(self, op: str) -> dict[str, Any]:
         r = self.rng
         names = _OP_FIELDS.get(op, [])
+        types = OP_FIELD_TYPES.get(op, {})
         body: dict[str, Any] = {}
         for f in names:
             if r.random() < 0.9:
-                body[f] = self.field_value(f)
+                # Fields this generator knows the meaning of get live values most of the
+                # time; every field gets values from its declared type and bounds too.
+                known = f in _MEANINGFUL or isinstance(types.get(f), mi.StrType)
+                if known and r.random() < 0.75:
+                    body[f] = self.field_value(f)
+                else:
+                    body[f] = self.typed.value(types[f])
         if r.random() < 0.15:
             body[r.choice(_FIELDS)] = self.junk()
         return body
@@ -456,7 +471,14 @@ class FrameGen:
             p.ListDecisions(5, "plan"),
             p.EngineHeartbeat(eng, 3, 1, 1),
         ]
-        return p.encode_request(r.choice(reqs), r.randint(1, 1000))
+        if r.random() < 0.5:
+            return p.encode_request(r.choice(reqs), r.randint(1, 1000))
+        # A well-typed request of any op of the protocol, with live names where they fit.
+        op = r.choice(list(p.REQUEST_TYPES))
+        body = {f: self.typed.valid(t) for f, t in OP_FIELD_TYPES[op].items()}
+        live = {"engine_id": eng, "app_id": "app", "agent_id": "plan", "salt": "t1"}
+        body.update({k: v for k, v in live.items() if k in body})
+        return msgspec.msgpack.encode({"v": 1, "op": op, "id": r.randint(1, 1000), "body": body})
 
     def mutated(self) -> bytes:
         r = self.rng
