@@ -1,0 +1,96 @@
+"""The vLLM worker's copy paths: one ``BlockMover`` per engine, chosen by where its KV lives.
+
+- ``CpuBlockMover``: vLLM-CPU's per-layer tensors <-> the arena through
+  ``ArenaMapping.write_layers``/``read_layers`` (kv_arena's copy kernel). Synchronous: the
+  handle it returns is done already and carries the copy's time.
+- ``DeviceBlockMover`` (``daemon/gpu/block_mover.py``) with ``CudaDevice``: CUDA tensors <->
+  the page-locked arena on a side stream, completion by event. UNTESTED ON HARDWARE.
+
+A slot holds one engine block of every region, region after region: a block-major layer
+(``(num_blocks, ...)``) is one region, a K/V-first layer (``(2, num_blocks, ...)``) two.
+Bytes are copied as they lie in the engine's tensors, so the slot format is the attention
+backend's; the connector names it in the registered ``KvLayout`` so blocks never cross
+between layouts that order bytes differently.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tokencake.clients.kv_arena import ArenaMapping, native_copy
+from tokencake.daemon.gpu.mover import BlockMover, CopyError, CopyHandle, block_regions, timed
+
+# Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
+logger = logging.getLogger(f"vllm.{__name__}")
+
+Mover = BlockMover[ArenaMapping]
+
+
+class CpuBlockMover(BlockMover[ArenaMapping]):
+    """vLLM-CPU's KV tensors <-> the arena, one numpy gather/scatter per region (or, with
+    ``TOKENCAKE_COPY_KERNEL=numba``, one compiled loop; see ``kv_arena``). The kernel, when
+    on, is compiled here at worker start-up, so no forward step waits for it."""
+
+    def __init__(self, kv_caches: Sequence[torch.Tensor], num_blocks: int | None = None) -> None:
+        if any(kv.device.type != "cpu" for kv in kv_caches):
+            raise CopyError("KV tensors are not CPU tensors")
+        regions = block_regions(kv_caches, num_blocks)
+        self.num_blocks = int(regions[0].shape[0])
+        self.bytes_per_block = sum(int(r.shape[1]) for r in regions)
+        # numpy views of the same memory, made once rather than on every copy
+        self._arrays = [r.numpy() for r in regions]
+        self.path = "numba" if native_copy() is not None else "numpy"
+        logger.debug("TokenCake CPU block copies use %s", self.path)
+
+    def store(self, arena: ArenaMapping, blocks: Sequence[int], slots: Sequence[int]) -> CopyHandle:
+        started = time.perf_counter()
+        arena.write_layers(slots, self._arrays, blocks)
+        return timed(started)
+
+    def load(self, arena: ArenaMapping, slots: Sequence[int], blocks: Sequence[int]) -> CopyHandle:
+        started = time.perf_counter()
+        arena.read_layers(slots, self._arrays, blocks)
+        return timed(started)
+
+
+def make_mover(kv_caches: Sequence[torch.Tensor], num_blocks: int | None = None) -> Mover:
+    """The CUDA mover for CUDA KV tensors, else the CPU one. A CUDA tensor without a usable
+    CUDA runtime is an error, never a silent CPU copy of device memory."""
+    if kv_caches and kv_caches[0].device.type == "cuda":
+        from tokencake.daemon.gpu.block_mover import DeviceBlockMover
+        from tokencake.daemon.gpu.device import CudaDevice
+
+        device = CudaDevice(kv_caches[0].device.index or 0)
+        return DeviceBlockMover(device, block_regions(kv_caches, num_blocks))
+    return CpuBlockMover(kv_caches, num_blocks)
+
+
+def open_arena(name: str, arena_bytes: int, slot_bytes: int) -> ArenaMapping:
+    """Map the daemon's arena for copies. Pages fault in on first use rather than all at
+    once: the worker opens the arena inside a forward step, where pre-faulting a large arena
+    would stall the batch."""
+    return ArenaMapping.open(name, slot_bytes, min_bytes=arena_bytes, populate=False)
+
+
+def close_arena(arena: ArenaMapping, mover: Mover | None = None) -> None:
+    """Unmap, after the mover let go of it (unpinned, no copy in flight)."""
+    try:
+        if mover is not None:
+            mover.release(arena)
+        arena.close()
+    except Exception as exc:  # a view still exported: leave it mapped rather than fail a step
+        logger.debug("arena %s left mapped: %s", arena.name, exc)
+
+
+def export_kv(mover: Mover) -> list[Any]:
+    """The IPC descriptions of a CUDA mover's KV regions, for ``share_gpu_kv``."""
+    from tokencake.daemon.gpu.block_mover import DeviceBlockMover
+
+    if not isinstance(mover, DeviceBlockMover):
+        raise CopyError("only device KV tensors can be shared with the daemon")
+    return [mover.device.export(r) for r in mover.regions]
