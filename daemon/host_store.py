@@ -434,6 +434,18 @@ class HostStore:
             self._free_writing(s)
         return len(checked)
 
+    def check_held(self, owner: int, slots: Sequence[int], *, writing: bool) -> None:
+        """Raise unless ``owner`` holds every slot: reserved by it (``writing``), or pinned by
+        its ``begin_load``. Changes nothing; the daemon's copy worker asks before a copy."""
+        if writing:
+            self._check_writes(owner, slots)
+            return
+        self._check_owner(owner)
+        pins = self._pins.get(owner, {})
+        for s in self._check_slots(slots):
+            if s not in pins:
+                raise StoreError(ErrorCode.NOT_OWNER, f"owner {owner} holds no pin on slot {s}")
+
     def drop(self, layout: int, salt: str, hashes: Sequence[bytes]) -> int:
         """Release one holder reference per stored block; returns how many were released.
 
