@@ -46,7 +46,7 @@ def _op_of(frame: bytes) -> str | None:
 
     try:
         op = msgspec.msgpack.decode(frame, type=p.Envelope).op
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     return op if op in p.REQUEST_TYPES else None
 

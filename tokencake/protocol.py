@@ -694,6 +694,9 @@ def decode_request(frame: bytes) -> tuple[int, str, Request]:
         env = _envelope_decoder.decode(frame)
     except msgspec.DecodeError as exc:
         raise _with_ids(ProtocolError(ErrorCode.BAD_FRAME, str(exc)), 0, "?") from None
+    except RecursionError:
+        # msgspec raises this (not DecodeError) for arrays or maps nested too deeply.
+        raise _with_ids(ProtocolError(ErrorCode.BAD_FRAME, "nested too deeply"), 0, "?") from None
     if env.v != PROTOCOL_VERSION:
         raise _with_ids(
             ProtocolError(
@@ -712,6 +715,9 @@ def decode_request(frame: bytes) -> tuple[int, str, Request]:
         body = decoder.decode(env.body)
     except msgspec.DecodeError as exc:
         raise _with_ids(ProtocolError(ErrorCode.BAD_REQUEST, str(exc)), env.id, env.op) from None
+    except RecursionError:
+        error = ProtocolError(ErrorCode.BAD_REQUEST, "nested too deeply")
+        raise _with_ids(error, env.id, env.op) from None
     return env.id, env.op, body
 
 

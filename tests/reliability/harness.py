@@ -228,7 +228,7 @@ def check_case(ipd: InProcessDaemon, frame: bytes, *, compare_state: bool = True
         raise CaseFailure(f"reply version {env.v}")
     try:
         req = _envelope.decode(frame)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         req = None
     if req is not None and len(frame) <= ipd.daemon.config.max_frame_bytes and env.id != req.id:
         raise CaseFailure(f"reply id {env.id} for request id {req.id}")
@@ -500,7 +500,9 @@ class FrameGen:
                 data[i:i] = data[i:j]
             else:
                 i = r.randint(0, len(data))
-                data[i:i] = r.choice([b"\xc1", b"\xdd\xff\xff\xff\xff", b"\xdf\x7f\xff\xff\xff"])
+                nested = r.choice([b"\x91", b"\x81\xa1k"]) * r.choice([64, 5000])
+                odd = [b"\xc1", b"\xdd\xff\xff\xff\xff", b"\xdf\x7f\xff\xff\xff", nested]
+                data[i:i] = r.choice(odd)
         return bytes(data)
 
     def raw(self) -> bytes:

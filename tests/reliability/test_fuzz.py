@@ -118,6 +118,25 @@ def test_invalid_utf8_gets_typed_errors(ipd: InProcessDaemon) -> None:
     check_case(ipd, bad_body)
 
 
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"\x91" * 100_000 + b"\xc0",
+        b"\x84\xa1v\x01\xa2op\xa4ping\xa2id\x07\xa4body" + b"\x91" * 100_000 + b"\xc0",
+        b"\x84\xa1v\x01\xa2op\xa4ping\xa2id\x07\xa4body" + b"\x81\xa1a" * 100_000 + b"\xc0",
+        b"\x84\xa1v\x01\xa2op\xa4ping\xa2id\x07\xa4body" + b"\x91" * (5 << 20) + b"\xc0",
+    ],
+    ids=["top", "body-arrays", "body-maps", "oversized"],
+)
+def test_deeply_nested_frames_get_typed_errors(ipd: InProcessDaemon, frame: bytes) -> None:
+    """msgspec raises RecursionError (not DecodeError) past its nesting limit; it came back
+    as ``internal`` with a traceback in the log (found by the 1M-case fuzz run)."""
+    env = p.decode_reply_envelope(ipd.daemon.handle_frame(IDENTITY, frame))
+    assert env.error is not None
+    assert env.error.code in (ErrorCode.BAD_FRAME, ErrorCode.FRAME_TOO_LARGE)
+    check_case(ipd, frame)
+
+
 def _real_state(c: TokenCakeClient) -> dict[str, Any]:
     """The real daemon's store, engines and apps (scheduler decisions can tick meanwhile)."""
     snap = snapshot(c)
