@@ -18,6 +18,8 @@ from typing import Any, Final
 
 import msgspec
 
+from tokencake.connectors.gateway import sse
+
 CHAT: Final = "chat"
 COMPLETIONS: Final = "completions"
 RESPONSES: Final = "responses"
@@ -152,31 +154,51 @@ class Observer:
             return Outcome()
         data = b"".join(self._chunks)
         self._chunks = []
-        if b"\r\n" in data:
+        if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
-        for event in data.split(b"\n\n"):
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    self._event(line[5:].strip())
-        if self.kind != RESPONSES:
-            self.outcome.text = "".join(self._text)
-            self.outcome.tool_calls = [self._calls[i] for i in sorted(self._calls)]
+        if self.kind == RESPONSES:
+            for payload in sse.payloads_matching(data, _RESPONSE_END):
+                self._response_end(payload)
+            return self.outcome
+        if not self._read_simple(data):
+            for payload in sse.payloads(data):
+                self._event(payload)
+        self.outcome.text = "".join(self._text)
+        self.outcome.tool_calls = [self._calls[i] for i in sorted(self._calls)]
         return self.outcome
 
-    def _event(self, data: bytes) -> None:
-        if not data or data == b"[DONE]":
+    def _read_simple(self, data: bytes) -> bool:
+        """Read a stream of one choice of text by scans (``sse``); False when it is not one.
+
+        Then the only string-valued ``content`` (chat) or ``text`` (completions) keys are that
+        choice's text, and only the events that end it or count its tokens need decoding.
+        Tool calls or several choices: the caller reads it event by event."""
+        if self.kind == CHAT and b'"tool_calls"' in data:
+            return False
+        if _OTHER_CHOICE.search(data) is not None:
+            return False
+        text = sse.string_values(data, "text" if self.kind == COMPLETIONS else "content")
+        if text is None:
+            return False
+        self._text = text
+        for payload in sse.payloads_matching(data, _FINISH, _USAGE):
+            self._event(payload, text=False)
+        return True
+
+    def _response_end(self, data: bytes) -> None:
+        try:
+            obj = _decoder.decode(data)
+        except msgspec.DecodeError:
             return
-        if self.kind == RESPONSES:
-            if b"response.completed" in data or b"response.incomplete" in data:
-                try:
-                    obj = _decoder.decode(data)
-                except msgspec.DecodeError:
-                    return
-                if isinstance(obj, dict) and obj.get("type") in (
-                    "response.completed",
-                    "response.incomplete",
-                ):
-                    self._whole(_obj(obj.get("response")))
+        if isinstance(obj, dict) and obj.get("type") in (
+            "response.completed",
+            "response.incomplete",
+        ):
+            self._whole(_obj(obj.get("response")))
+
+    def _event(self, data: bytes, text: bool = True) -> None:
+        """One chat or completions event; ``text``: also collect its text and tool calls."""
+        if not data or data == b"[DONE]":
             return
         try:
             chunk = _chunk_decoder.decode(data)
@@ -192,6 +214,8 @@ class Observer:
         if choice.finish_reason:
             self.outcome.finish_reason = choice.finish_reason
             self.outcome.finished = True
+        if not text:
+            return
         if self.kind == COMPLETIONS:
             if choice.text:
                 self._text.append(choice.text)
@@ -208,6 +232,13 @@ class Observer:
             if frag.function is not None:
                 call.name += frag.function.name or ""
                 call.arguments += frag.function.arguments or ""
+
+
+_OTHER_CHOICE: Final = sse.key_pattern("index", rb"[1-9]")
+"""A choice other than 0 (or a tool call's fragment: also read event by event)."""
+_FINISH: Final = sse.key_pattern("finish_reason", b'"')
+_USAGE: Final = sse.key_pattern("usage", rb"\{")
+_RESPONSE_END: Final = sse.key_pattern("type", rb'"response\.(?:completed|incomplete)"')
 
 
 # Typed views of a streamed chunk: fields not named here are skipped, not built.
