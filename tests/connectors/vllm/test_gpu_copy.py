@@ -1,12 +1,14 @@
-"""The CUDA copy path: GPU KV blocks <-> the page-locked arena on a side stream.
+"""The CUDA copy path on a real GPU: the engine's mover, CUDA IPC, the daemon's copy worker.
 
-The ``gpu`` tests need a CUDA device and are skipped without one. They have not been run on
-hardware (see docs/vllm.md).
+The ``gpu`` tests need a CUDA device and are skipped without one; ``scripts/gpu-check.sh``
+runs them on a GPU machine. None has run on hardware yet (see docs/vllm.md). The same logic
+runs here on the FAKE device in ``tests/daemon/gpu``.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,75 +16,142 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tokencake import protocol as p  # noqa: E402
 from tokencake.clients.kv_arena import ArenaMapping  # noqa: E402
-from tokencake.connectors.vllm.worker import (  # noqa: E402
-    BlockCopier,
-    CudaBlockCopier,
-    LayoutUnsupported,
-    make_copier,
-)
+from tokencake.connectors.vllm.movers import CpuBlockMover, export_kv, make_mover  # noqa: E402
 from tokencake.daemon.arena import Arena  # noqa: E402
+from tokencake.daemon.gpu.block_mover import DeviceBlockMover  # noqa: E402
+from tokencake.daemon.gpu.mover import CopyError  # noqa: E402
+from tokencake.daemon.gpu.service import GpuCopyService  # noqa: E402
+from tokencake.daemon.host_store import HostStore  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 LAYERS, BLOCKS, HEADS, BLOCK_TOKENS, HEAD_DIM = 3, 64, 2, 16, 64
-PAGE = HEADS * BLOCK_TOKENS * 2 * HEAD_DIM * 2  # fp16
-SLOT = LAYERS * PAGE + 512  # slots a bit larger than a block, as the daemon may round up
+PAGE = BLOCK_TOKENS * HEADS * HEAD_DIM * 2  # one fp16 K (or V) page
+SLOT = LAYERS * 2 * PAGE + 512  # slots a bit larger than a block, as the daemon may round up
 NUM_SLOTS = 40
 
 
 @pytest.fixture
-def mapping() -> Iterator[ArenaMapping]:
-    arena = Arena.create(SLOT * NUM_SLOTS, instance=f"gputest{os.getpid()}")
+def arena() -> Iterator[Arena]:
+    a = Arena.create(SLOT * NUM_SLOTS + 4096, instance=f"gputest{os.getpid()}")
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def mapping(arena: Arena) -> Iterator[ArenaMapping]:
     m = ArenaMapping.open(arena.name, SLOT)
-    try:
-        yield m
-    finally:
-        if CUDA:
-            torch.cuda.synchronize()
-        m.close()
-        arena.close()
+    yield m
+    if CUDA:
+        torch.cuda.synchronize()
+    m.close()
 
 
-def _kv(device: str) -> list[Any]:
+def _kv(device: str, kv_first: bool = True) -> list[Any]:
+    """vLLM's layouts: FlashAttention's K/V-first on CUDA, block-major on CPU."""
     torch.manual_seed(0)
-    shape = (BLOCKS, HEADS, BLOCK_TOKENS, 2 * HEAD_DIM)
+    if kv_first:
+        shape: tuple[int, ...] = (2, BLOCKS, BLOCK_TOKENS, HEADS, HEAD_DIM)
+    else:
+        shape = (BLOCKS, HEADS, BLOCK_TOKENS, 2 * HEAD_DIM)
     return [torch.randn(shape, dtype=torch.float16, device=device) for _ in range(LAYERS)]
 
 
 def _block_bytes(layers: list[Any], block: int) -> bytes:
-    pages = [layer[block].cpu().view(torch.uint8).flatten().numpy() for layer in layers]
-    return b"".join(bytes(page) for page in pages)
+    pages = [layer[kv, block] for layer in layers for kv in (0, 1)]
+    return b"".join(
+        bytes(pg.contiguous().cpu().view(torch.uint8).flatten().numpy()) for pg in pages
+    )
 
 
-def test_without_cuda_the_worker_keeps_its_cpu_path() -> None:
-    assert isinstance(make_copier(_kv("cpu")), BlockCopier)
-    if not CUDA:
-        with pytest.raises(LayoutUnsupported):
-            CudaBlockCopier(_kv("cpu"))
+def test_cpu_tensors_take_the_cpu_path() -> None:
+    mover = make_mover(_kv("cpu", kv_first=False))
+    assert isinstance(mover, CpuBlockMover) and mover.path in ("native", "numpy", "numba")
+    with pytest.raises(CopyError):
+        export_kv(mover)  # only device tensors can be shared with the daemon
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("chunk", [1, 4, 16])
-def test_cuda_round_trip_through_the_pinned_arena(mapping: ArenaMapping, chunk: int) -> None:
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 4, 64])
+def test_cuda_round_trip_through_the_pinned_arena(mapping: ArenaMapping, rows: int) -> None:
     layers = _kv("cuda")
-    copier = make_copier(layers)
-    assert isinstance(copier, CudaBlockCopier)
-    copier = CudaBlockCopier(layers, chunk=chunk)
+    mover = make_mover(layers, BLOCKS)
+    assert isinstance(mover, DeviceBlockMover)
+    mover.stage_bytes = rows * SLOT
     blocks = [3, 4, 5, 9, 60, 1, 33]
-    slots = [10, 11, 12, 0, 7, 30, 39]
+    slots = [10, 11, 12, 0, 7, 30, 38]
     want = {b: _block_bytes(layers, b) for b in blocks}
-    done = copier.to_arena(mapping, blocks, slots)
-    done.synchronize()
-    assert mapping.pinned  # cudaHostRegister'd on first use
+    mover.store(mapping, blocks, slots).wait()
     view = mapping.slots_view()
     for b, s in zip(blocks, slots, strict=True):
-        assert bytes(view[s, : LAYERS * PAGE]) == want[b]
+        assert bytes(view[s, : mover.bytes_per_block]) == want[b]
     for layer in layers:
-        layer[blocks] = 0
+        layer[:, blocks] = 0
     targets = [50, 51, 52, 2, 8, 20, 63]  # load into other blocks, as vLLM allocates them
-    done = copier.from_arena(mapping, slots, targets)
-    assert done.query() in (True, False)  # an event the connector polls in get_finished
-    done.synchronize()
+    handle = mover.load(mapping, slots, targets)
+    handle.wait()
+    assert handle.poll()
     for b, t in zip(blocks, targets, strict=True):
         assert _block_bytes(layers, t) == want[b]
+    mover.release(mapping)
+    mover.close()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compute_stream_does_not_wait_for_a_copy(mapping: ArenaMapping) -> None:
+    """A copy runs on the side stream: the compute stream's work issued after it does not
+    queue behind it (its event completes while the copy may still run)."""
+    layers = _kv("cuda")
+    mover = make_mover(layers, BLOCKS)
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.float16)
+    handle = mover.store(mapping, list(range(32)), list(range(32)))
+    done = torch.cuda.Event()
+    torch.matmul(a, a)
+    done.record(torch.cuda.current_stream())
+    done.synchronize()
+    handle.wait()  # the copy finishes too; nothing deadlocked or serialised into an error
+    mover.close()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_ipc_through_the_daemons_copy_worker(arena: Arena) -> None:
+    """The real copy worker process opens this process's KV through CUDA IPC, waits for an
+    IPC event recorded on the compute stream, and moves blocks both ways."""
+    store = HostStore((arena.size - 2048) // SLOT, SLOT, clock=time.monotonic)
+    store.register_layout("f" * 16, LAYERS * 2 * PAGE)
+    layers = _kv("cuda")
+    mover = make_mover(layers, BLOCKS)
+    assert isinstance(mover, DeviceBlockMover)
+    svc = GpuCopyService(arena=lambda: (arena.name, arena.size, SLOT), deadline_s=60.0)
+    try:
+        svc.share("e#1", p.ShareGpuKv("e#1", BLOCKS, export_kv(mover)))
+        slots = store.reserve(1, 0, "", [b"a", b"b"])
+        event = mover.device.record(torch.cuda.current_stream(), interprocess=True)
+        after = mover.device.ipc_event_handle(event)
+        svc.copy("e#1", 1, store, p.GpuCopy("e#1", 1, "offload", [5, 6], slots, after))
+        assert _wait(svc, 1) == "done"
+        view = arena.slots(SLOT)
+        assert bytes(view[slots[1], : LAYERS * 2 * PAGE]) == _block_bytes(layers, 6)
+        store.commit(1, slots)
+        pinned = store.begin_load(1, 0, "", [b"a", b"b"])
+        svc.copy("e#1", 1, store, p.GpuCopy("e#1", 2, "upload", [40, 41], pinned))
+        assert _wait(svc, 2) == "done"
+        torch.cuda.synchronize()
+        assert _block_bytes(layers, 41) == _block_bytes(layers, 6)
+    finally:
+        svc.close()
+        mover.close()
+
+
+def _wait(svc: GpuCopyService, copy_id: int) -> str:
+    for _ in range(6000):
+        state = svc.status("e#1", p.GpuCopyStatus("e#1", [copy_id])).states[0]
+        if state != "running":
+            return state
+        time.sleep(0.005)
+    raise AssertionError("copy still running after 30 s")
