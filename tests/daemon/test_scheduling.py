@@ -105,7 +105,9 @@ def test_offload_of_blocks_already_on_the_host_completes() -> None:
         call(daemon, p.LlmCallFinish("app", "plan", "r", 50, 60), p.EventAck)
         call(daemon, p.EngineHeartbeat(eid, 10, 3, 1), p.EngineHeartbeatReply)
         call(daemon, p.ToolCallStart("app", "plan", "search", 8.0, "c"), p.EventAck)
-        offloads = [d for d in daemon.decisions if d.kind == "offload" and d.agent_id == "plan"]
+        offloads = [
+            d for d in daemon.decisions.records if d.kind == "offload" and d.agent_id == "plan"
+        ]
         assert offloads and offloads[-1].blocks == 60
         again = call(daemon, p.Reserve(eid, hashes, app_id="app", agent_id="plan"), p.ReserveReply)
         assert isinstance(again, p.ReserveReply) and again.slots == [-1] * 60

@@ -89,11 +89,11 @@ class InProcessDaemon:
             arena_bytes, instance=instance, directory=str(directory), prefault_pages=False
         )
         self.sock = FakeSocket()
-        self.daemon._sock = self.sock  # type: ignore[assignment]
+        self.daemon.transport.sock = self.sock  # type: ignore[assignment]
         self._ids = itertools.count(1)
 
     def close(self) -> None:
-        self.daemon._sock = None
+        self.daemon.transport.sock = None
         if self.daemon.arena is not None:
             self.daemon.arena.close()
             self.daemon.arena = None
@@ -125,9 +125,9 @@ class InProcessDaemon:
     def seed(self) -> None:
         """Engines, an app, and slots in every state, so ops have something to hit."""
         d = self.daemon
-        if not any(e.name == "eng" for e in d.engines.values()):
+        if not any(e.name == "eng" for e in d.engines.by_id.values()):
             self.ok(p.RegisterEngine("eng", LAYOUT, 64))
-        if not any(e.name == "other" for e in d.engines.values()):
+        if not any(e.name == "other" for e in d.engines.by_id.values()):
             self.ok(p.RegisterEngine("other", OTHER_LAYOUT, 64), identity=b"\x00other")
         app = d.apps._apps.get("app")
         if app is None or app.ended:
@@ -141,7 +141,7 @@ class InProcessDaemon:
             self.ok(p.Reserve(eng, [uuid.uuid4().bytes], "t1"))
 
     def engine_id(self, name: str) -> str:
-        for e in self.daemon.engines.values():
+        for e in self.daemon.engines.by_id.values():
             if e.name == name:
                 return e.engine_id
         return f"{name}#0"
@@ -173,11 +173,11 @@ class InProcessDaemon:
                     if f != "last_seen"
                     for v in (getattr(e, f),)
                 )
-                for k, e in d.engines.items()
+                for k, e in d.engines.by_id.items()
             },
-            "by_owner": sorted(d._engines_by_owner),
-            "by_name": sorted((k, v.engine_id) for k, v in d._engines_by_name.items()),
-            "next_owner": d._next_owner,
+            "by_owner": sorted(d.engines.by_owner),
+            "by_name": sorted((k, v.engine_id) for k, v in d.engines.by_name.items()),
+            "next_owner": d.engines.next_owner,
             "apps": [
                 (a.app_id, a.tenant, a.ended, msgspec.to_builtins(a.dag)) for a in d.apps.apps()
             ],
@@ -187,9 +187,12 @@ class InProcessDaemon:
             "sched_engines": sorted(sched._policies),
             "tags": dict(sched._tags),
             "next_tag": sched._next_tag,
-            "decisions": (len(d.decisions), d.decisions[-1].seq if d.decisions else 0),
-            "decision_seq": d._decision_seq,
-            "bytes": (d.bytes_offloaded, d.bytes_uploaded),
+            "decisions": (
+                len(d.decisions.records),
+                d.decisions.records[-1].seq if d.decisions.records else 0,
+            ),
+            "decision_seq": d.decisions.seq,
+            "bytes": (d.kv.bytes_offloaded, d.kv.bytes_uploaded),
             "pushes": len(self.sock.sent),
         }
 
@@ -301,7 +304,7 @@ class FrameGen:
         r = self.rng
         d = self.ipd.daemon
         pool: list[Any] = ["", "app", "plan", "code", "test", "ghost", "t1", "t2", "x" * 257]
-        pool += [*d.engines, "eng#999", "é", "\x00"]
+        pool += [*d.engines.by_id, "eng#999", "é", "\x00"]
         choice = r.choice(pool)
         return choice if r.random() < 0.9 else self.junk()
 
@@ -336,7 +339,7 @@ class FrameGen:
         store = self.ipd.daemon.store
         n = store.num_slots if store is not None else 1024
         live: list[int] = []
-        for e in self.ipd.daemon.engines.values():
+        for e in self.ipd.daemon.engines.by_id.values():
             live += list(e.stores) + list(e.loads)
         kind = r.random()
         if kind < 0.5 and live:

@@ -1,0 +1,157 @@
+"""Engines joining, reporting and leaving: what each does to the store and the scheduler.
+
+The first engine to register formats the arena (its block size becomes the slot size);
+every engine gets a policy of its own in the scheduler. An engine that leaves, times out or
+registers again under its name loses its leases.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from tokencake import protocol as p
+from tokencake.daemon.arena import SLOT_BASE_OFFSET
+from tokencake.daemon.config import DaemonConfig
+from tokencake.daemon.engines import EngineRecord, EngineRegistry
+from tokencake.daemon.kv_service import ApplyDecisions, KvService
+from tokencake.daemon.metrics import DaemonMetrics
+from tokencake.daemon.scheduling import SchedulerBridge
+from tokencake.layout import LayoutError
+from tokencake.protocol import ErrorCode, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+
+class EngineService:
+    def __init__(
+        self,
+        *,
+        config: Callable[[], DaemonConfig],
+        clock: Callable[[], float],
+        metrics: DaemonMetrics,
+        engines: EngineRegistry,
+        kv: KvService,
+        scheduler: SchedulerBridge,
+        apply: ApplyDecisions,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._metrics = metrics
+        self._engines = engines
+        self._kv = kv
+        self._scheduler = scheduler
+        self._apply = apply
+
+    def register(self, identity: bytes, req: p.RegisterEngine) -> p.RegisterEngineReply:
+        try:
+            req.layout.validate()
+        except LayoutError as exc:
+            raise ProtocolError(ErrorCode.LAYOUT_REJECTED, str(exc)) from None
+        if not req.name or len(req.name) > p.MAX_NAME_CHARS or req.num_gpu_blocks < 0:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, "name must be 1..256 chars, num_gpu_blocks >= 0"
+            )
+        store = self._kv.store
+        if store is None:
+            store = self._kv.format(req.layout.bytes_per_block)
+        arena = self._kv.arena
+        assert arena is not None
+        fingerprint = req.layout.fingerprint()
+        layout_id = store.register_layout(fingerprint, req.layout.bytes_per_block)
+        previous = self._engines.by_name.get(req.name)
+        if previous is not None:
+            logger.info(
+                "engine re-registered; releasing its old leases", extra={"engine_name": req.name}
+            )
+            self.drop(previous)
+        owner = self._engines.new_owner()
+        engine_id = f"{req.name}#{owner}"
+        self._engines.add(
+            EngineRecord(
+                engine_id=engine_id,
+                owner=owner,
+                name=req.name,
+                identity=identity,
+                layout=req.layout,
+                fingerprint=fingerprint,
+                layout_id=layout_id,
+                num_gpu_blocks=req.num_gpu_blocks,
+                last_seen=self._clock(),
+            )
+        )
+        self._scheduler.engine_registered(
+            engine_id, req.num_gpu_blocks, req.layout.bytes_per_block, store.num_slots
+        )
+        self._metrics.engines.set(len(self._engines))
+        logger.info(
+            "engine registered",
+            extra={
+                "engine_id": engine_id,
+                "fingerprint": fingerprint,
+                "model": req.layout.model_id,
+            },
+        )
+        cfg = self._config()
+        return p.RegisterEngineReply(
+            engine_id=engine_id,
+            fingerprint=fingerprint,
+            arena_name=arena.name,
+            arena_bytes=arena.size,
+            slot_bytes=store.slot_bytes,
+            slot_offset=SLOT_BASE_OFFSET,
+            num_slots=store.num_slots,
+            lease_s=cfg.lease_s,
+            heartbeat_s=min(cfg.lease_s, cfg.engine_timeout_s) / 3,
+        )
+
+    def heartbeat(self, _identity: bytes, req: p.EngineHeartbeat) -> p.EngineHeartbeatReply:
+        engine = self._engines.live(req.engine_id, self._clock())
+        if (
+            req.num_waiting < 0
+            or req.num_running < 0
+            or req.num_gpu_blocks_free < -1
+            or req.waiting_blocks < 0
+        ):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "negative engine state")
+        engine.num_gpu_blocks_free = req.num_gpu_blocks_free
+        engine.num_waiting = req.num_waiting
+        engine.num_running = req.num_running
+        store = self._kv.store
+        assert store is not None
+        renewed = store.renew_leases(engine.owner)
+        self._apply(
+            self._scheduler.engine_state(
+                engine.engine_id,
+                engine.num_gpu_blocks,
+                req.num_gpu_blocks_free,
+                req.num_waiting,
+                req.num_running,
+                store.num_slots,
+                store.stats().free,
+                req.waiting_blocks,
+            )
+        )
+        return p.EngineHeartbeatReply(leases_renewed=renewed)
+
+    def unregister(self, _identity: bytes, req: p.UnregisterEngine) -> p.UnregisterEngineReply:
+        engine = self._engines.live(req.engine_id, self._clock())
+        return p.UnregisterEngineReply(released_slots=self.drop(engine))
+
+    def drop(self, engine: EngineRecord) -> int:
+        """Forget the engine; its leases are released. Returns how many."""
+        store = self._kv.store
+        released = store.release_owner(engine.owner) if store is not None else 0
+        self._engines.remove(engine)
+        self._scheduler.engine_gone(engine.engine_id)
+        self._metrics.engines.set(len(self._engines))
+        return released
+
+    def expire_silent(self, now: float) -> None:
+        """Unregister the engines silent for longer than ``engine_timeout_s``."""
+        for engine in self._engines.silent(now, self._config().engine_timeout_s):
+            logger.warning(
+                "engine timed out",
+                extra={"engine_id": engine.engine_id, "engine_name": engine.name},
+            )
+            self.drop(engine)
