@@ -6,7 +6,7 @@ Every ratio is measured against a baseline taken in the same run on the same mac
       a real HostStore) versus a plain numpy memcpy of the same bytes; also the cost of a
       first write into fresh (not pre-faulted) shm pages, which is why the arena pre-faults.
       vLLM's case, per-layer tensors with scattered engine block ids, is timed on each copy
-      path (numba kernel, numpy fallback, and the per-block loop it replaced).
+      path (the C kernel, the numpy fallback, and the per-block loop they replaced).
   (d) end to end against a real tokencaked: reserve, copy, commit; then load_begin, copy,
       load_end, in batches of a request's blocks, versus memcpy of the same bytes.
   (b) metadata bytes per slot: numpy arrays plus the index, measured with tracemalloc.
@@ -172,7 +172,7 @@ def _bench_blocks(
 def _time_layers(
     m: ArenaMapping, slots: list[int], kv: list[np.ndarray], ids: list[int], to: bool, how: object
 ) -> float:
-    """One per-layer transfer on path ``how`` (a kernel, False: numpy, None: the old loop)."""
+    """One per-layer transfer on path ``how`` (the kernel, False: numpy, None: the old loop)."""
     t0 = time.perf_counter()
     if how is None:
         _loop_copy(m, slots, kv, ids, to)
@@ -213,7 +213,7 @@ def _kv_layers(src: np.ndarray, layers: int, ids: Sequence[int]) -> list[np.ndar
 
 @contextlib.contextmanager
 def copy_path(native: object) -> Iterator[None]:
-    """Force kv_arena's copy path: its compiled kernel, or ``False`` for the numpy one."""
+    """Force kv_arena's copy path: its C kernel, or ``False`` for the numpy one."""
     saved = kv_arena._native
     kv_arena._native = native
     try:
@@ -239,15 +239,10 @@ def bench_layers(
     kv = _kv_layers(src, layers, store_ids)
     shuffled = [int(s) for s in rng.permutation(np.asarray(slots))]
     native = kv_arena.native_copy()
-    if native is None:  # opt-in in engines (TOKENCAKE_COPY_KERNEL=numba); harmless here
-        try:
-            native = kv_arena._build_native()
-        except ImportError:
-            native = None
     paths: dict[str, object] = {}
     if native is not None:
-        paths["numba kernel"] = native
-    paths["numpy (default)"] = False
+        paths["C kernel (default)"] = native
+    paths["numpy (fallback)"] = False
     paths["per-block loop (before)"] = None
     memcpy_s = float("inf")
     times = {name: [float("inf"), float("inf")] for name in paths}
@@ -358,7 +353,7 @@ def bench_daemon(gib: float, slot_kib: int, layers: int, batch: int, repeats: in
     return [
         Row(
             f"-- real daemon, {n} blocks in batches of {batch}, {layers} layers, "
-            f"{'numba kernel' if kv_arena.native_copy() else 'numpy'} --",
+            f"{kv_arena.copy_path()} copy path --",
             memcpy_s * 1e3,
             "ms",
             "memcpy",
@@ -567,7 +562,7 @@ def main() -> None:
         rows += bench_metadata(args.meta_slots, args.hash_bytes)
     if "rss" in parts:
         rows += bench_rss(args.slots, args.hash_bytes)
-    path = "numba kernel" if kv_arena.native_copy() is not None else "numpy"
+    path = kv_arena.copy_path()
     print(
         f"host: {os.cpu_count()} cpus, python {sys.version.split()[0]}, numpy {np.__version__}, "
         f"load {load_before:.1f} before / {os.getloadavg()[0]:.1f} after, "

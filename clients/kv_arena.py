@@ -4,19 +4,19 @@ The daemon hands out slot numbers; the engine moves the bytes itself through its
 of the same shared-memory segment, so KV never crosses a socket. No transfer loops over
 blocks in Python:
 
-- engine block ids that form one increasing run (``write_blocks``/``read_blocks`` always):
-  one numpy scatter or gather per layer (fancy-index assignment, ``np.take(..., out=)``)
-  straight between the tensor slice and the slots;
-- scattered block ids (vLLM's per-layer tensors): both sides are indexed, which numpy cannot
-  do in one pass. Each layer goes through a ~1 MiB staging buffer (gather, then scatter) that
-  is still in cache when it is read back. Opt-in (``TOKENCAKE_COPY_KERNEL=numba``): one
-  numba-compiled loop moves every (slot, layer) piece with ``memmove``, the pairs sorted by
-  the side being read, about twice as fast. It is off by default because loading numba breaks
-  vLLM 0.32: its Triton dispatcher scans every loaded module when an engine starts and fails
-  on llvmlite's objects (``'_lib_fn_wrapper' object has no attribute 'get'``), so a process
-  that loaded numba cannot build another vLLM engine.
+- the default: one call into a small C kernel (``clients/_kvcopy.c``, built at install time
+  and loaded with ctypes, which releases the GIL) moves every (slot, layer) piece with
+  ``memmove``, the pairs sorted by the side being read. It needs no Python headers and loads
+  nothing else into the process (numba, which did the same job before, breaks vLLM 0.32's
+  Triton dispatcher in any process that loaded it);
+- the fallback, where the kernel was not built (no C compiler at install time) or
+  ``TOKENCAKE_COPY_KERNEL=numpy``: engine block ids that form one increasing run move in one
+  numpy scatter or gather per layer; scattered ids (vLLM's case) go through a ~1 MiB staging
+  buffer per layer (gather, then scatter), about half as fast. :func:`copy_path` says which
+  path a process uses, and a missing kernel is logged once.
 
-Every index is checked before the first byte moves, so a bad call changes nothing.
+Every index is checked before the first byte moves (the kernel checks nothing), so a bad
+call changes nothing.
 
 Slot layout: a slot holds one engine block. With one tensor of shape ``(num_blocks, ...)``
 the block's bytes fill the slot's head. With vLLM-style per-layer tensors
@@ -26,6 +26,8 @@ block, then layer 1's, and so on, back to back.
 
 from __future__ import annotations
 
+import ctypes
+import importlib.machinery
 import logging
 import math
 import mmap
@@ -59,44 +61,74 @@ STAGE_BYTES = 1 << 20
 MIN_ROW_BYTES = 256
 
 
-_native: Any = None  # the compiled copy kernel; False once numba proved missing or broken
+COPY_KERNEL_ENV = "TOKENCAKE_COPY_KERNEL"
+"""``native`` (the default): the compiled kernel when it was built; ``numpy``: never it."""
+_LIB_STEM = "_kvcopy"
+_LIB_ABI = 1
+
+_native: Any = None  # the loaded kernel; False once it proved absent or switched off
 
 
 def native_copy() -> Any:
-    """The compiled kernel for scattered block ids, or None: without numba, or unless
-    ``TOKENCAKE_COPY_KERNEL=numba`` asks for it (see the module docstring for why).
+    """The compiled copy kernel (``clients/_kvcopy.c``, built at install time), or None.
 
-    Built on first use (about a second: numba's import and compile); an engine calls this at
-    start-up so that no forward step pays for it.
+    None when ``TOKENCAKE_COPY_KERNEL=numpy`` or when the library was not built (no C
+    compiler at install time); copies then take the numpy path, and that is logged once.
     """
     global _native
-    if _native is None and os.environ.get("TOKENCAKE_COPY_KERNEL", "numpy") != "numba":
-        _native = False
     if _native is None:
-        try:
-            _native = _build_native()
-        except ImportError:
-            _native = False
-        except Exception as exc:  # a numba that cannot compile here: the numpy path is right
-            logger.warning("numba copy kernel unavailable (%s); copies use numpy", exc)
-            _native = False
+        _native = _load_native() or False
     return _native or None
 
 
-def _build_native() -> Any:
-    import ctypes
+def copy_path() -> str:
+    """Which path moves scattered blocks in this process: ``native`` or ``numpy``."""
+    return "native" if native_copy() is not None else "numpy"
 
-    import numba
 
-    memmove = ctypes.CDLL(None).memmove
-    memmove.restype = ctypes.c_void_p
-    memmove.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+def _load_native() -> _NativeCopy | None:
+    choice = os.environ.get(COPY_KERNEL_ENV, "native")
+    if choice == "numpy":
+        return None
+    if choice != "native":
+        logger.warning("%s=%r: expected native or numpy; using native", COPY_KERNEL_ENV, choice)
+    here = os.path.dirname(os.path.abspath(__file__))
+    names = [_LIB_STEM + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    found = [os.path.join(here, n) for n in names if os.path.exists(os.path.join(here, n))]
+    if not found:
+        logger.warning(
+            "copy kernel %s not built (no C compiler at install?); arena copies use numpy, "
+            "about half as fast for scattered block ids",
+            os.path.join(here, _LIB_STEM + ".c"),
+        )
+        return None
+    try:
+        return _NativeCopy(ctypes.CDLL(found[0]))
+    except (OSError, AttributeError, KvArenaError) as exc:
+        logger.warning("copy kernel %s unusable (%s); arena copies use numpy", found[0], exc)
+        return None
 
-    @numba.njit(  # type: ignore[untyped-decorator, unused-ignore]
-        "void(int64, int64, int64[::1], int64[::1], int64[::1], int64[::1], int64[::1], boolean)",
-        nogil=True,
-    )
-    def copy_pairs(
+
+class _NativeCopy:
+    """``tc_copy_layers`` through ctypes, which releases the GIL for the call.
+
+    Raw addresses: the caller has checked every index against the arena and the layers and
+    keeps every array alive for the call; the kernel checks nothing.
+    """
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        abi = lib.tc_kvcopy_abi
+        abi.restype, abi.argtypes = ctypes.c_int, ()
+        if abi() != _LIB_ABI:
+            raise KvArenaError(f"ABI {abi()}, expected {_LIB_ABI}: rebuild it")
+        fn = lib.tc_copy_layers
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.restype = None
+        fn.argtypes = (ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int)
+        self._fn = fn
+
+    def __call__(
+        self,
         arena: int,
         slot_bytes: int,
         bases: np.ndarray,
@@ -106,18 +138,20 @@ def _build_native() -> Any:
         blocks: np.ndarray,
         to_arena: bool,
     ) -> None:
-        """Slot ``slots[i]`` holds block ``blocks[i]`` of each layer at ``offsets[layer]``.
-        Raw addresses: the caller has checked every index and keeps the arrays alive."""
-        for i in range(slots.shape[0]):
-            slot = arena + slots[i] * slot_bytes
-            for layer in range(bases.shape[0]):
-                block = bases[layer] + blocks[i] * sizes[layer]
-                if to_arena:
-                    memmove(slot + offsets[layer], block, sizes[layer])
-                else:
-                    memmove(block, slot + offsets[layer], sizes[layer])
-
-    return copy_pairs
+        """Slot ``slots[i]`` holds block ``blocks[i]`` of each layer at ``offsets[layer]``;
+        every array is C-contiguous int64."""
+        self._fn(
+            arena,
+            slot_bytes,
+            _address(bases),
+            _address(sizes),
+            _address(offsets),
+            len(bases),
+            _address(slots),
+            _address(blocks),
+            len(slots),
+            int(to_arena),
+        )
 
 
 class KvArenaError(ValueError):
@@ -227,36 +261,14 @@ class ArenaMapping:
     def _copy_layers(
         self, slots: Sequence[int], layers: Sequence[Any], block_ids: Sequence[int], to_arena: bool
     ) -> None:
-        views = [_as_block_bytes(layer) for layer in layers]
-        slot_ids = _ids(slots, "slot")
-        blocks = _ids(block_ids, "block id")
-        if len(blocks) != len(slot_ids):
-            raise KvArenaError(f"{len(slot_ids)} slots for {len(blocks)} blocks")
-        total = sum(v.shape[1] for v in views)
-        if total > self._slot_bytes:
-            raise KvArenaError(f"{total}-byte blocks exceed {self._slot_bytes}-byte slots")
-        if not len(slot_ids):
+        checked = self._check(slots, layers, block_ids, to_arena)
+        if checked is None:
             return
-        lo, hi = int(slot_ids.min()), int(slot_ids.max())
-        if lo < 0 or hi >= self._num_slots:
-            bad = lo if lo < 0 else hi
-            raise KvArenaError(f"slot {bad} outside 0..{self._num_slots - 1}")
-        if not views:
-            return
-        lo, hi = int(blocks.min()), int(blocks.max())
-        for v in views:
-            if lo < 0 or hi >= v.shape[0]:
-                bad = lo if lo < 0 else hi
-                raise KvArenaError(f"block id {bad} outside a layer of {v.shape[0]} blocks")
-        # Two blocks written into one place would leave either; refuse rather than guess.
-        dest, what = (slot_ids, "slot") if to_arena else (blocks, "block id")
-        if len(np.unique(dest)) != len(dest):
-            raise KvArenaError(f"a {what} appears twice in one copy")
+        views, slot_ids, blocks = checked
         # Taken only now: an error raised above must not hold a view (the mapping could not
         # close while its traceback lives).
         arena = self.slots_view()
-        run = bool((np.diff(blocks) == 1).all())
-        kernel = None if run else native_copy()
+        kernel = native_copy()
         if kernel is not None:
             # One compiled loop for the whole transfer, reading in address order.
             order = np.argsort(blocks if to_arena else slot_ids, kind="stable")
@@ -269,11 +281,12 @@ class ArenaMapping:
                 bases,
                 sizes,
                 offsets,
-                slot_ids[order],
-                blocks[order],
+                np.ascontiguousarray(slot_ids[order]),
+                np.ascontiguousarray(blocks[order]),
                 to_arena,
             )
             return
+        run = bool((np.diff(blocks) == 1).all())
         plan = _Plan.make(slot_ids, blocks, run, max(v.shape[1] for v in views))
         offset = 0
         for v in views:
@@ -281,6 +294,40 @@ class ArenaMapping:
             if nb:
                 plan.copy_layer(arena, v, offset, to_arena)
             offset += nb
+
+    def _check(
+        self, slots: Sequence[int], layers: Sequence[Any], block_ids: Sequence[int], to_arena: bool
+    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray] | None:
+        """Every index and size of a transfer, checked before any byte moves: the copy kernel
+        trusts them. Returns the layers as byte views and the ids, or None for a no-op."""
+        views = [_as_block_bytes(layer) for layer in layers]
+        slot_ids = _ids(slots, "slot")
+        blocks = _ids(block_ids, "block id")
+        if len(blocks) != len(slot_ids):
+            raise KvArenaError(f"{len(slot_ids)} slots for {len(blocks)} blocks")
+        total = sum(v.shape[1] for v in views)
+        if total > self._slot_bytes:
+            raise KvArenaError(f"{total}-byte blocks exceed {self._slot_bytes}-byte slots")
+        if not len(slot_ids):
+            return None
+        lo, hi = int(slot_ids.min()), int(slot_ids.max())
+        if lo < 0 or hi >= self._num_slots:
+            bad = lo if lo < 0 else hi
+            raise KvArenaError(f"slot {bad} outside 0..{self._num_slots - 1}")
+        if not views:
+            return None
+        lo, hi = int(blocks.min()), int(blocks.max())
+        for v in views:
+            if lo < 0 or hi >= v.shape[0]:
+                bad = lo if lo < 0 else hi
+                raise KvArenaError(f"block id {bad} outside a layer of {v.shape[0]} blocks")
+            if not to_arena and not v.flags.writeable:
+                raise KvArenaError("a destination layer is read-only")
+        # Two blocks written into one place would leave either; refuse rather than guess.
+        dest, what = (slot_ids, "slot") if to_arena else (blocks, "block id")
+        if len(np.unique(dest)) != len(dest):
+            raise KvArenaError(f"a {what} appears twice in one copy")
+        return views, slot_ids, blocks
 
     # ------------------------------------------------------------------ pinning
 

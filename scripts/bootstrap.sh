@@ -23,6 +23,16 @@ if [ "$mode" = test ] && ! command -v systemd-analyze >/dev/null 2>&1; then
   fi
 fi
 
+if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing gcc (builds the arena copy kernel, clients/_kvcopy.c)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null
+  else
+    log "no C compiler and no root apt-get: arena copies will use the slower numpy path"
+  fi
+fi
+
 if [ "$mode" = test ] && ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing Debian's redis-server (real Redis for the L2 tests; the tests start it)"
@@ -49,7 +59,7 @@ if [ -f "$stamp_file" ]; then
   exit 0
 fi
 
-pip install -U "pip>=24" "setuptools>=68" wheel
+pip install -U "pip>=24" "setuptools>=74.1" wheel
 case "$mode" in
   demo)
     pip install -e "$root"

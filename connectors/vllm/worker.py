@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tokencake.clients.kv_arena import ArenaMapping, native_copy
+from tokencake.clients.kv_arena import ArenaMapping, copy_path
 
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -64,9 +64,10 @@ def close_arena(arena: ArenaMapping) -> None:
 class BlockCopier:
     """Copies block lists between vLLM's per-layer CPU KV tensors and the arena.
 
-    A transfer is one numpy gather/scatter per layer, or, with ``TOKENCAKE_COPY_KERNEL=numba``,
-    one compiled loop over (slot, layer) pieces; see ``kv_arena`` for why that is opt-in. The
-    kernel, when on, is compiled here at worker start-up, so no forward step waits for it.
+    A transfer is one call into the C copy kernel built at install time (every (slot, layer)
+    piece, GIL released), or, where it was not built or ``TOKENCAKE_COPY_KERNEL=numpy``, one
+    staged numpy gather/scatter per layer. The kernel is loaded here at worker start-up, and
+    the path is logged, so no forward step pays for the load.
     """
 
     def __init__(self, kv_caches: Sequence[torch.Tensor]) -> None:
@@ -76,8 +77,8 @@ class BlockCopier:
         self.bytes_per_block = self.page_bytes * len(self.layers)
         # numpy views of the same memory, made once rather than on every copy
         self._arrays = [layer.numpy() for layer in self.layers]
-        self.path = "numba" if native_copy() is not None else "numpy"
-        logger.debug("TokenCake CPU block copies use %s", self.path)
+        self.path = copy_path()
+        logger.info("TokenCake CPU block copies use the %s path", self.path)
 
     def to_arena(self, arena: ArenaMapping, blocks: Sequence[int], slots: Sequence[int]) -> None:
         arena.write_layers(slots, self._arrays, blocks)
