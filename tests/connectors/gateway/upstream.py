@@ -13,7 +13,8 @@ in fragments, a finish chunk, a usage chunk when asked, ``[DONE]``), ``/v1/compl
 Test hooks: ``X-Test-Status`` makes it answer that status with an OpenAI error body;
 ``X-Test-Slow`` streams one chunk every 50 ms for 10 s (to be cut off), recording the request
 in ``cancelled`` when its client goes away; ``X-Test-Linger`` ends a stream's body 0.3 s after
-its ``[DONE]``.
+its ``[DONE]``; ``X-Test-Drop: N`` sends the first N chunks of the stream, then drops the
+connection (an engine that dies mid-answer).
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ class ScriptedUpstream:
             }
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
+        drop = int(request.headers.get("X-Test-Drop", "0"))
+        if drop:
+            return await self._dropped(request, resp, rid, text, calls, drop)
         await send({"role": "assistant", "content": ""})
         for i in range(0, len(text), 7):
             await send({"content": text[i : i + 7]})
@@ -152,6 +156,31 @@ class ScriptedUpstream:
         if request.headers.get("X-Test-Linger"):
             await asyncio.sleep(0.3)  # the end of the body comes well after [DONE]
         await resp.write_eof()
+        return resp
+
+    async def _dropped(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        rid: str,
+        text: str,
+        calls: list[dict[str, str]],
+        n: int,
+    ) -> web.StreamResponse:
+        """The first ``n`` chunks of the answer (the tool call's head first), then the
+        connection is cut without the stream's end."""
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        for index, c in enumerate(calls):
+            head = {"id": c["id"], "type": "function", "function": {"name": c["name"]}}
+            deltas.append({"tool_calls": [{"index": index, **head, "arguments": ""}]})
+            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": "{"}}]})
+        deltas += [{"content": text[i : i + 7]} for i in range(0, len(text), 7)]
+        for delta in deltas[:n]:
+            chunk = {"id": rid, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
         return resp
 
     async def _slow(self, request: web.Request, rid: str) -> web.StreamResponse:
