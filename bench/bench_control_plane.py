@@ -26,7 +26,8 @@ import msgspec
 import zmq
 
 from tokencake import protocol as p
-from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
+from tokencake.clients.client import TokenCakeClient
+from tokencake.clients.launcher import daemon_flags, spawn
 
 ECHO_SERVER = """
 import sys, zmq
@@ -38,21 +39,6 @@ while True:
 """
 
 DAG = p.AppDag(nodes=[p.DagNode(f"a{i}", expected_tool_s=2.0) for i in range(64)])
-
-
-def _wait_ready(endpoint: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    with TokenCakeClient(endpoint, timeout_s=0.5) as c:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"daemon exited {proc.returncode}")
-            try:
-                c.ping()
-                return
-            except DaemonUnavailable:
-                if time.monotonic() > deadline:
-                    raise SystemExit("daemon did not come up") from None
-                time.sleep(0.05)
 
 
 def _event_frames(app_id: str, agent: str, n: int) -> list[bytes]:
@@ -154,25 +140,15 @@ def main() -> None:
     echo_ep = f"ipc://{tmp}/echo.sock"
     daemon_ep = f"ipc://{tmp}/daemon.sock"
     echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, echo_ep])
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tokencake.daemon",
-            "--endpoint",
-            daemon_ep,
-            "--instance",
-            f"bench{os.getpid()}",
-            "--arena-bytes",
-            "16MiB",
-            "--metrics-port",
-            "0",
-            "--log-level",
-            "WARNING",
-        ],
+    daemon = spawn(
+        *daemon_flags(arena="16MiB", log_text=False, log_level="WARNING"),
+        endpoint=daemon_ep,
+        instance=f"bench{os.getpid()}",
+        workdir=tmp,
+        inherit_settings=True,
     )
     try:
-        _wait_ready(daemon_ep, daemon)
+        daemon.wait_ready(30)
         time.sleep(0.2)
         with TokenCakeClient(daemon_ep) as c:
             c.register_app("bench-rt", DAG)
@@ -189,9 +165,8 @@ def main() -> None:
         with TokenCakeClient(daemon_ep) as c:
             stats = c.stats()
     finally:
-        daemon.terminate()
+        daemon.stop()
         echo.kill()
-        daemon.wait(10)
         echo.wait(10)
 
     print(f"{'metric':<44}{'value':>14}{'target':>12}")

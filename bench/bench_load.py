@@ -41,7 +41,8 @@ import numpy as np
 import zmq
 
 from tokencake import protocol as p
-from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
+from tokencake.clients.client import TokenCakeClient
+from tokencake.clients.launcher import daemon_flags, launch
 from tokencake.layout import KvLayout
 
 LAYOUT = KvLayout("bench-load", 1, 16, 1, 16, "float16", 1024)
@@ -244,41 +245,15 @@ def _drive(
 
 
 def _start_daemon(tmp: Path, arena: str) -> tuple[subprocess.Popen[bytes], str]:
-    endpoint = f"ipc://{tmp}/tokencaked.sock"
-    log = open(tmp / "daemon.log", "wb")  # noqa: SIM115 - lives as long as the daemon
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tokencake.daemon",
-            "--endpoint",
-            endpoint,
-            "--instance",
-            f"benchload{os.getpid()}",
-            "--arena-bytes",
-            arena,
-            "--metrics-port",
-            "0",
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    daemon = launch(
+        *daemon_flags(arena=arena, log_text=False, log_level="WARNING"),
+        endpoint=f"ipc://{tmp}/tokencaked.sock",
+        instance=f"benchload{os.getpid()}",
+        log_path=tmp / "daemon.log",
+        inherit_settings=True,
+        timeout_s=30,
     )
-    deadline = time.monotonic() + 30
-    with TokenCakeClient(endpoint, timeout_s=0.5) as c:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"daemon exited {proc.returncode}")
-            try:
-                c.ping()
-                break
-            except DaemonUnavailable:
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    raise SystemExit("daemon did not come up") from None
-                time.sleep(0.05)
-    return proc, endpoint
+    return daemon.proc, daemon.endpoint
 
 
 def proc_sample(pid: int) -> tuple[int, int, int]:

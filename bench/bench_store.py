@@ -37,8 +37,9 @@ import numpy as np
 
 from tokencake import protocol as p
 from tokencake.clients import kv_arena
-from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
+from tokencake.clients.client import TokenCakeClient
 from tokencake.clients.kv_arena import ArenaMapping
+from tokencake.clients.launcher import daemon_flags, launch
 from tokencake.daemon.arena import SLOT_BASE_OFFSET, Arena
 from tokencake.daemon.host_store import HostStore
 from tokencake.layout import KvLayout
@@ -273,25 +274,15 @@ def bench_layers(
 
 
 def _start_daemon(tmp: Path, arena_bytes: int) -> tuple[subprocess.Popen[bytes], str]:
-    endpoint = f"ipc://{tmp}/tokencaked.sock"
-    log = open(tmp / "daemon.log", "wb")  # noqa: SIM115 - lives as long as the daemon
-    cmd = [sys.executable, "-m", "tokencake.daemon", "--endpoint", endpoint]
-    cmd += ["--instance", f"benchstore{os.getpid()}", "--arena-bytes", str(arena_bytes)]
-    cmd += ["--metrics-port", "0", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120  # pre-faulting the arena on a loaded box takes a while
-    with TokenCakeClient(endpoint, timeout_s=0.5) as c:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"daemon exited {proc.returncode}: {tmp / 'daemon.log'}")
-            try:
-                c.ping()
-                return proc, endpoint
-            except DaemonUnavailable:
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    raise SystemExit("daemon did not come up") from None
-                time.sleep(0.05)
+    daemon = launch(
+        *daemon_flags(arena=arena_bytes, log_text=False, log_level="WARNING"),
+        endpoint=f"ipc://{tmp}/tokencaked.sock",
+        instance=f"benchstore{os.getpid()}",
+        log_path=tmp / "daemon.log",
+        inherit_settings=True,
+        timeout_s=120,  # pre-faulting the arena on a loaded box takes a while
+    )
+    return daemon.proc, daemon.endpoint
 
 
 def bench_daemon(gib: float, slot_kib: int, layers: int, batch: int, repeats: int) -> list[Row]:

@@ -54,8 +54,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -70,6 +68,7 @@ import msgspec
 from tokencake import protocol as p
 from tokencake.agent_params import AgentParams
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
+from tokencake.clients.launcher import DaemonProcess, LaunchError, daemon_flags, spawn
 from tokencake.clients.priorities import AgentPriorities
 from tokencake.daemon.scheduler import (
     AppEnd,
@@ -577,72 +576,24 @@ def run_live(
 # --------------------------------------------------------------------------- embedded daemon
 
 
-@dataclass(slots=True)
-class EmbeddedDaemon:
-    """A ``tokencaked`` subprocess on a private ipc socket (``--live-embedded``)."""
-
-    proc: subprocess.Popen[bytes]
-    endpoint: str
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @contextmanager
-def embedded_daemon(policy: str, profile: Profile) -> Iterator[EmbeddedDaemon]:
-    """Start ``tokencaked`` with ``policy`` and an arena for the profile's host store; stop
-    it (SIGTERM) on exit."""
+def embedded_daemon(policy: str, profile: Profile) -> Iterator[DaemonProcess]:
+    """Start ``tokencaked`` with ``policy`` and an arena for the profile's host store, on a
+    private ipc socket (``--live-embedded``); stop it (SIGTERM) on exit."""
     with tempfile.TemporaryDirectory(prefix="tokencake-sim-") as tmp:
-        instance = f"sim{uuid.uuid4().hex[:10]}"
-        endpoint = f"ipc://{tmp}/tokencaked.sock"
-        log_path = Path(tmp) / "tokencaked.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "tokencake.daemon",
-            "--endpoint",
-            endpoint,
-            "--instance",
-            instance,
-            "--arena-bytes",
-            str(arena_bytes_for(profile)),
-            "--policy",
-            policy,
-            "--metrics-port",
-            "0",
-            "--log-text",
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCAKE_")}
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        daemon = EmbeddedDaemon(proc, endpoint, log_path)
+        daemon = spawn(
+            *daemon_flags(arena=arena_bytes_for(profile), policy=policy),
+            instance=f"sim{uuid.uuid4().hex[:10]}",
+            workdir=Path(tmp),
+        )
         try:
-            _wait_ready(daemon)
+            try:
+                daemon.wait_ready(EMBEDDED_START_S)
+            except LaunchError as exc:
+                raise LiveError(str(exc)) from None
             yield daemon
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-def _wait_ready(d: EmbeddedDaemon) -> None:
-    deadline = time.monotonic() + EMBEDDED_START_S
-    with TokenCakeClient(d.endpoint, timeout_s=0.5) as client:
-        while True:
-            if d.proc.poll() is not None:
-                raise LiveError(f"tokencaked exited {d.proc.returncode}:\n{d.log()}")
-            try:
-                client.ping()
-                return
-            except DaemonUnavailable:
-                if time.monotonic() > deadline:
-                    raise LiveError(f"tokencaked did not answer:\n{d.log()}") from None
-                time.sleep(0.05)
+            daemon.stop()
 
 
 # --------------------------------------------------------------------------- sweeps

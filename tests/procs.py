@@ -1,20 +1,19 @@
 """Real tokencaked processes for the tests: daemons on any endpoint, that tests can stop
-cleanly, kill -9, and restart on the same socket."""
+cleanly, kill -9, and restart on the same socket. The processes come from the package's
+launcher (``tokencake.clients.launcher``); this adds the tests' defaults (a 16 MiB arena,
+no metrics port, text logs in the test's directory)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
-import sys
-import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
+from tokencake.clients.client import TokenCakeClient
+from tokencake.clients.launcher import DaemonProcess, daemon_flags, spawn
+
+Proc = DaemonProcess
 
 
 def free_port() -> int:
@@ -22,43 +21,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-@dataclass
-class Proc:
-    proc: subprocess.Popen[bytes]
-    endpoint: str
-    instance: str
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def socket_path(self) -> Path:
-        return Path(self.endpoint.removeprefix("ipc://"))
-
-    def client(self, timeout_s: float = 5.0) -> TokenCakeClient:
-        return TokenCakeClient(self.endpoint, timeout_s=timeout_s)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill9(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def spawn_daemon(
@@ -71,48 +33,22 @@ def spawn_daemon(
     log_name: str = "",
 ) -> Proc:
     """Start ``python -m tokencake.daemon``; does not wait for it (see ``wait_ready``)."""
-    instance = instance or f"r{uuid.uuid4().hex[:10]}"
-    endpoint = endpoint or f"ipc://{tmp_path}/{instance}.sock"
-    log_path = tmp_path / (log_name or f"{instance}-{time.monotonic_ns()}.log")
-    cmd = [
-        sys.executable,
-        "-m",
-        "tokencake.daemon",
-        "--endpoint",
-        endpoint,
-        "--instance",
-        instance,
-        "--arena-bytes",
-        arena,
-        "--metrics-port",
-        "0",
-        "--log-text",
+    return spawn(
+        *daemon_flags(arena=arena),
         *args,
-    ]
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCAKE_")}
-    full_env.update(env or {})
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    return Proc(proc, endpoint, instance, log_path)
+        endpoint=endpoint,
+        instance=instance,
+        workdir=tmp_path,
+        log_path=tmp_path / log_name if log_name else None,
+        env=env,
+    )
 
 
 def wait_ready(
     d: Proc, make_client: Callable[[], TokenCakeClient] | None = None, timeout: float = 20.0
 ) -> None:
-    deadline = time.monotonic() + timeout
-    make = make_client or (lambda: TokenCakeClient(d.endpoint, timeout_s=0.5))
-    with make() as client:
-        while True:
-            if d.proc.poll() is not None:
-                raise RuntimeError(f"tokencaked exited {d.proc.returncode}:\n{d.log()}")
-            try:
-                client.ping()
-                return
-            except DaemonUnavailable:
-                if time.monotonic() > deadline:
-                    d.stop()
-                    raise RuntimeError(f"tokencaked did not answer:\n{d.log()}") from None
-                time.sleep(0.05)
+    """Ping until it answers; ``LaunchError`` (a RuntimeError) with its log's tail if not."""
+    d.wait_ready(timeout, make_client)
 
 
 def start(tmp_path: Path, *args: str, **kwargs: object) -> Proc:

@@ -7,10 +7,7 @@ the scheduler-side connector's counters and the worker's KV tensors directly.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,74 +17,44 @@ import pytest
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def daemon_argv(
-    endpoint: str, instance: str, arena_bytes: str = "64MiB", policy: str = "tokencake"
-) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "tokencake.daemon",
-        "--endpoint",
-        endpoint,
-        "--arena-bytes",
-        arena_bytes,
-        "--instance",
-        instance,
-        "--metrics-port",
-        "0",
-        "--log-text",
-        "--policy",
-        policy,
-    ]
-
-
 class DaemonProcess:
-    """tokencaked as a child process that a test can kill and start again."""
+    """tokencaked as a child process that a test can kill and start again on one socket."""
 
     def __init__(self, workdir: Path, instance: str, policy: str = "tokencake") -> None:
         self.policy = policy
+        self.workdir = workdir
         self.sock = workdir / "tokencaked.sock"
         self.endpoint = f"ipc://{self.sock}"
         self.instance = instance
         self.log = workdir / "tokencaked.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self._daemon: Any = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self._daemon.proc if self._daemon is not None else None
 
     def start(self, timeout_s: float = 20.0) -> None:
-        from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
+        from tokencake.clients.launcher import daemon_flags, spawn
 
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                daemon_argv(self.endpoint, self.instance, policy=self.policy),
-                stdout=log,
-                stderr=log,
-            )
-        deadline = time.monotonic() + timeout_s
-        with TokenCakeClient(self.endpoint, timeout_s=0.2) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"tokencaked exited: {self.log.read_text()[-2000:]}")
-                try:
-                    client.ping()
-                    return
-                except DaemonUnavailable:
-                    time.sleep(0.05)
-        raise RuntimeError("tokencaked did not answer a ping in time")
+        self._daemon = spawn(
+            *daemon_flags(arena="64MiB", policy=self.policy),
+            endpoint=self.endpoint,
+            instance=self.instance,
+            workdir=self.workdir,
+            log_path=self.log,
+            inherit_settings=True,
+        )
+        self._daemon.wait_ready(timeout_s)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
+        if self._daemon is not None:
+            self._daemon.kill9()
+        self._daemon = None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
+        if self._daemon is not None:
+            self._daemon.stop()
+        self._daemon = None
 
 
 def shutdown_engine(llm: Any) -> None:
