@@ -1,8 +1,10 @@
 """Daemon configuration: one validated dataclass, built from TOML, then env, then flags.
 
 Precedence, lowest first: the built-in default, the TOML file (``--config``), the
-``TOKENCAKE_<KEY>`` environment variables, the command-line flags. ``tokencaked
---print-config`` prints the result as TOML-compatible JSON.
+``TOKENCAKE_<KEY>`` environment variables, the command-line flags. Each source is converted
+to the keys' types by ``msgspec.convert`` (sizes such as ``512MiB`` are read first); the
+merged result is validated once. ``tokencaked --print-config`` prints it as
+TOML-compatible JSON.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
+
+import msgspec
 
 from tokencake.daemon.scheduler.policy import list_policies
 from tokencake.endpoint import default_endpoint
@@ -222,49 +226,66 @@ class DaemonConfig:
     def with_overrides(self, overrides: Mapping[str, Any]) -> DaemonConfig:
         merged = self.to_dict()
         merged.update(_coerce_all(overrides))
-        return DaemonConfig(**merged)
+        return _build(merged)
 
 
-_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(DaemonConfig)}
+_HINTS = get_type_hints(DaemonConfig)
+_FIELD_TYPES: dict[str, Any] = {f.name: _HINTS[f.name] for f in fields(DaemonConfig)}
 _SIZE_KEYS = frozenset(
     {"arena_bytes", "slot_bytes", "max_frame_bytes", "l2_queue_bytes", "l2_disk_bytes"}
 )
+_BOOL_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
+
+ConfigLayer = msgspec.defstruct(
+    "ConfigLayer",
+    [(name, kind | msgspec.UnsetType, msgspec.UNSET) for name, kind in _FIELD_TYPES.items()],
+    forbid_unknown_fields=True,
+)
+"""One source's settings (file, environment or flags): any subset of the keys, typed."""
 
 
-def _coerce(key: str, value: Any) -> Any:
-    kind = _FIELD_TYPES.get(key)
-    if kind is None:
-        raise ConfigError(f"unknown config key {key!r}; known: {sorted(_FIELD_TYPES)}")
+def _prepare(key: str, value: Any) -> Any:
+    """Sizes to bytes; text of a bool or a number trimmed (and yes/no/on/off read as bools)."""
     if key in _SIZE_KEYS:
         try:
             return _parse_size(value)
         except ConfigError as exc:
             raise ConfigError(f"{key}: {exc}") from None
-    try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in {"1", "true", "yes", "on"}:
-                return True
-            if text in {"0", "false", "no", "off"}:
-                return False
-            raise ValueError(value)
-        if kind == "int":
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
+    kind = _FIELD_TYPES[key]
+    if isinstance(value, str) and kind in (bool, int, float):
+        text = value.strip()
+        return _BOOL_WORDS.get(text.lower(), text) if kind is bool else text
+    return value
 
 
 def _coerce_all(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: _coerce(key, value) for key, value in values.items()}
+    """One source's values converted to the keys' types (``msgspec.convert``, lax: the
+    environment's text "2" is an int), or a ``ConfigError`` naming the key."""
+    unknown = sorted(key for key in values if key not in _FIELD_TYPES)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; known: {sorted(_FIELD_TYPES)}")
+    prepared = {key: _prepare(key, value) for key, value in values.items()}
+    try:
+        layer = msgspec.convert(prepared, ConfigLayer, strict=False)
+    except msgspec.ValidationError as exc:
+        key = str(exc).rpartition("`$.")[2].rstrip("`")
+        if key not in prepared:
+            raise ConfigError(str(exc)) from None
+        kind = _FIELD_TYPES[key].__name__
+        raise ConfigError(f"{key}: expected {kind}, got {values[key]!r}") from None
+    return {
+        key: value
+        for key, value in msgspec.structs.asdict(layer).items()
+        if value is not msgspec.UNSET
+    }
+
+
+def _build(merged: Mapping[str, Any]) -> DaemonConfig:
+    """The defaults overlaid with ``merged``, validated (``DaemonConfig.validate``)."""
+    try:
+        return msgspec.convert(merged, DaemonConfig)
+    except msgspec.ValidationError as exc:  # validate()'s ConfigError, as msgspec wraps it
+        raise ConfigError(str(exc)) from None
 
 
 def from_toml(path: Path) -> dict[str, Any]:
@@ -321,4 +342,4 @@ def load_config(
         merged.update(from_toml(path))
     merged.update(from_env(environ))
     merged.update(_coerce_all({k: v for k, v in (flags or {}).items() if v is not None}))
-    return DaemonConfig(**merged)
+    return _build(merged)

@@ -63,3 +63,42 @@ def test_unknown_env_names_are_ignored_with_a_warning(
     path.write_text("venv = 1\n")
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("yes", True), ("Off", False), (" 1 ", True), ("FALSE", False)]
+)
+def test_bool_words_from_the_environment(text: str, value: bool) -> None:
+    assert load_config(environ={"TOKENCAKE_LOG_JSON": text}).log_json is value
+
+
+def test_numbers_from_text_are_converted_and_trimmed() -> None:
+    cfg = load_config(
+        environ={"TOKENCAKE_LEASE_S": " 7.5 ", "TOKENCAKE_DECISION_HISTORY": "12"},
+        flags={"metrics_port": "0"},
+    )
+    assert (cfg.lease_s, cfg.decision_history, cfg.metrics_port) == (7.5, 12, 0)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('lease_s = "soon"', "lease_s: expected float, got 'soon'"),
+        ("decision_history = 2.5", "decision_history: expected int, got 2.5"),
+        ("policy = 3", "policy: expected str, got 3"),
+        ("log_json = 2", "log_json: expected bool, got 2"),
+    ],
+)
+def test_wrong_types_name_the_key_and_value(toml: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value) == message
+
+
+def test_unknown_flag_key_and_overrides_are_checked() -> None:
+    with pytest.raises(ConfigError, match="unknown config key 'lease'"):
+        load_config(environ={}, flags={"lease": 3})
+    cfg = DaemonConfig().with_overrides({"lease_s": "9", "arena_bytes": "2GiB"})
+    assert (cfg.lease_s, cfg.arena_bytes) == (9.0, 2 << 30)
