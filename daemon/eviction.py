@@ -6,19 +6,19 @@ structures (for example one LRU list per agent priority class, keyed by the slot
 which the scheduler sets to an agent handle). The store validates every victim a policy
 returns, so a buggy policy can skip an eviction but never corrupt the store.
 
-Policies are named in a registry (name -> ``"module:Class"``) and imported lazily, so the
-scheduler can plug its own in without the store importing it.
+Policies are entry points of the ``tokencake.eviction`` group (``tokencake.plugins``), imported
+only when named, so a scheduler can plug its own in without the store importing it.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 from typing import ClassVar
 
 from tokencake.daemon.slot_table import NO_SLOT, READY, SlotTable
+from tokencake.plugins import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +72,8 @@ class LruPolicy(EvictionPolicy):
         return out
 
 
-_REGISTRY: dict[str, str] = {
-    "lru": "tokencake.daemon.eviction:LruPolicy",
-}
+REGISTRY = Registry("tokencake.eviction")
+"""Eviction policies by name: the ``tokencake.eviction`` entry points (``lru`` is built in)."""
 
 
 class UnknownPolicyError(KeyError):
@@ -83,23 +82,22 @@ class UnknownPolicyError(KeyError):
 
 def register_policy(name: str, target: str) -> None:
     """Register ``"package.module:Class"`` under ``name``; replaces an earlier entry."""
-    if ":" not in target:
-        raise ValueError(f"policy target must be 'module:Class', got {target!r}")
-    _REGISTRY[name] = target
+    REGISTRY.register(name, target)
 
 
 def available_policies() -> list[str]:
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def make_policy(name: str) -> EvictionPolicy:
     """Import and instantiate the policy registered as ``name``."""
-    target = _REGISTRY.get(name)
-    if target is None:
-        raise UnknownPolicyError(f"unknown eviction policy {name!r}; known: {available_policies()}")
-    module_name, _, class_name = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+        cls = REGISTRY.load(name)
+    except KeyError:
+        raise UnknownPolicyError(
+            f"unknown eviction policy {name!r}; known: {available_policies()}"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, EvictionPolicy)):
-        raise TypeError(f"{target} is not an EvictionPolicy")
+        raise TypeError(f"{REGISTRY.target(name)} is not an EvictionPolicy")
     policy: EvictionPolicy = cls()
     return policy

@@ -1,4 +1,4 @@
-"""L2 stores behind one small interface, named in a registry and imported lazily.
+"""L2 stores behind one small interface, named by entry points and imported lazily.
 
 A backend moves sealed values (see :mod:`.codec`) by key, many per call: Redis and Redis
 Cluster through ``redis`` pipelines (Valkey speaks the same protocol and uses the same
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import logging
 import os
 import threading
@@ -24,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
+
+from tokencake.plugins import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -315,24 +316,21 @@ class DiskBackend(L2Backend):
 
 # --------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, str] = {
-    "redis": "tokencake.daemon.l2.backends:RedisBackend",
-    "valkey": "tokencake.daemon.l2.backends:RedisBackend",
-    "redis-cluster": "tokencake.daemon.l2.backends:RedisClusterBackend",
-    "valkey-cluster": "tokencake.daemon.l2.backends:RedisClusterBackend",
-    "disk": "tokencake.daemon.l2.backends:DiskBackend",
-}
+REGISTRY = Registry("tokencake.l2_backends")
+"""L2 backends by name: the ``tokencake.l2_backends`` entry points (redis, valkey,
+redis-cluster, valkey-cluster and disk are built in)."""
 
-BACKENDS = frozenset(_REGISTRY)
+
+def backend_names() -> list[str]:
+    return REGISTRY.names()
 
 
 def backend_class(name: str) -> type[L2Backend]:
     """Import the backend registered as ``name``."""
-    target = _REGISTRY.get(name)
-    if target is None:
-        raise KeyError(f"unknown L2 backend {name!r}; known: {sorted(_REGISTRY)}")
-    module_name, _, class_name = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+        cls = REGISTRY.load(name)
+    except KeyError:
+        raise KeyError(f"unknown L2 backend {name!r}; known: {backend_names()}") from None
     if not (isinstance(cls, type) and issubclass(cls, L2Backend)):
-        raise TypeError(f"{target} is not an L2Backend")
+        raise TypeError(f"{REGISTRY.target(name)} is not an L2Backend")
     return cls

@@ -27,14 +27,14 @@ state the decisions depend on), so an engine may call them as often as it likes.
 ``eviction_order`` may return fewer items than it was given: the missing ones are pinned
 and must not be evicted now.
 
-Registry: ``register_policy(name, module, class_name, summary)`` maps a name to a class
-imported lazily on ``create_policy`` (like vLLM's ``KVConnectorFactory``), so out-of-tree
-policies plug in without a fork and ``list_policies()`` works without importing them.
+Registry: the ``tokencake.policies`` entry points map a name to a class imported lazily on
+``create_policy`` (like vLLM's ``KVConnectorFactory``), so out-of-tree policies plug in
+without a fork (an entry point in their own package) and ``list_policies()`` works without
+importing them; ``register_policy`` adds one at run time.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -44,6 +44,7 @@ from typing import ClassVar
 
 from tokencake.daemon.scheduler.decisions import Decision
 from tokencake.daemon.scheduler.events import Event, Tick
+from tokencake.plugins import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -260,28 +261,56 @@ class PolicyInfo:
         }
 
 
-_REGISTRY: dict[str, PolicyInfo] = {}
+REGISTRY = Registry("tokencake.policies")
+"""Policies by name: the ``tokencake.policies`` entry points; the built-ins are declared in
+``pyproject.toml``."""
+
+_SUMMARIES: dict[str, str] = {}
+
+BUILTIN_SUMMARIES = {
+    "tokencake": "temporal offload + predictive upload, and DAG-aware spatial partition/priority",
+    "tokencake-temporal": "ablation: temporal offload/upload only (FCFS admission, LRU eviction)",
+    "tokencake-spatial": "ablation: spatial partition/priority only (no offload)",
+    "vllm": "no offload, LRU prefix cache, recompute on a miss",
+    "lru-offload": (
+        "save KV to host at request end, LRU host eviction, reload on prefix hit (LMCache-like)"
+    ),
+    "infercept": "per tool call: preserve, discard+recompute or swap, least memory x time waste",
+    "continuum": "pin the agent's KV with a time-to-live across the tool call",
+    "kvflow": "evict by steps-to-execution in the workflow, prefetch the next agent's KV",
+}
+"""What ``tokencake-ctl policies`` says of each built-in, without importing it."""
 
 
 def register_policy(name: str, module: str, class_name: str, summary: str = "") -> None:
     """Register (or re-register) a policy class by import path; nothing is imported now."""
     if not name or not module or not class_name:
         raise PolicyConfigError("policy name, module and class name must be non-empty")
-    _REGISTRY[name] = PolicyInfo(name, module, class_name, summary)
+    REGISTRY.register(name, f"{module}:{class_name}")
+    _SUMMARIES[name] = summary
+
+
+def _info(name: str) -> PolicyInfo:
+    target = REGISTRY.target(name) or ":"
+    module, _, class_name = target.partition(":")
+    summary = _SUMMARIES.get(name, BUILTIN_SUMMARIES.get(name, ""))
+    return PolicyInfo(name, module, class_name, summary)
 
 
 def list_policies() -> list[PolicyInfo]:
     """Registered policies, sorted by name. Imports no policy module."""
-    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+    return [_info(name) for name in REGISTRY.names()]
 
 
 def policy_class(name: str) -> type[Policy]:
-    info = _REGISTRY.get(name)
-    if info is None:
-        known = ", ".join(sorted(_REGISTRY))
+    if REGISTRY.target(name) is None:
+        known = ", ".join(REGISTRY.names())
         raise UnknownPolicyError(f"unknown policy {name!r}; registered: {known}")
-    module = importlib.import_module(info.module)
-    cls = getattr(module, info.class_name, None)
+    info = _info(name)
+    try:
+        cls = REGISTRY.load(name)
+    except AttributeError:
+        cls = None
     if not (isinstance(cls, type) and issubclass(cls, Policy)):
         raise UnknownPolicyError(f"{info.module}.{info.class_name} is not a Policy subclass")
     return cls
@@ -292,51 +321,3 @@ def create_policy(name: str, config: PolicyConfig | None = None) -> Policy:
     policy = policy_class(name)(config)
     logger.debug("created policy %s", name)
     return policy
-
-
-_PKG = "tokencake.daemon.scheduler"
-register_policy(
-    "tokencake",
-    f"{_PKG}.tokencake",
-    "TokenCakePolicy",
-    "temporal offload + predictive upload, and DAG-aware spatial partition/priority",
-)
-register_policy(
-    "tokencake-temporal",
-    f"{_PKG}.tokencake",
-    "TokenCakeTemporalPolicy",
-    "ablation: temporal offload/upload only (FCFS admission, LRU eviction)",
-)
-register_policy(
-    "tokencake-spatial",
-    f"{_PKG}.tokencake",
-    "TokenCakeSpatialPolicy",
-    "ablation: spatial partition/priority only (no offload)",
-)
-register_policy(
-    "vllm", f"{_PKG}.peers", "VllmPolicy", "no offload, LRU prefix cache, recompute on a miss"
-)
-register_policy(
-    "lru-offload",
-    f"{_PKG}.peers",
-    "LruOffloadPolicy",
-    "save KV to host at request end, LRU host eviction, reload on prefix hit (LMCache-like)",
-)
-register_policy(
-    "infercept",
-    f"{_PKG}.peers",
-    "InferCeptPolicy",
-    "per tool call: preserve, discard+recompute or swap, least memory x time waste",
-)
-register_policy(
-    "continuum",
-    f"{_PKG}.peers",
-    "ContinuumPolicy",
-    "pin the agent's KV with a time-to-live across the tool call",
-)
-register_policy(
-    "kvflow",
-    f"{_PKG}.peers",
-    "KvFlowPolicy",
-    "evict by steps-to-execution in the workflow, prefetch the next agent's KV",
-)
