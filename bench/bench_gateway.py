@@ -1,19 +1,25 @@
 """Gateway benchmark: what ``tokencake-gateway`` adds on loopback, against direct calls.
 
-Three processes: a fast stub engine (aiohttp, speaking the OpenAI chat wire format, answers
-a tool call to a new task and a text answer to a tool result), the gateway (its real command
-line, reporting to a real tokencaked) and this client. Every figure is measured against
-direct calls to the same stub in the same run, interleaved so load affects both alike:
+Processes: a fast stub engine (aiohttp, speaking the OpenAI chat wire format, answers a tool
+call to a new task and a text answer to a tool result), the gateway (its real command line,
+reporting to a real tokencaked), a plain pass-through proxy on the same HTTP stack (aiohttp
+server and client, the bytes relayed as they arrive, nothing else: the ceiling of any
+aiohttp proxy), and this client. Every figure is measured against direct calls to the same
+stub with the same client in the same run, interleaved so load affects all alike:
 
 1. added latency per request, sequential ReAct conversations (a tool call, then the answer):
    p50 and p99 via the gateway minus direct (targets: <= 1 ms and <= 5 ms);
-2. streaming throughput: bytes/s of long streamed responses via the gateway / direct
-   (target: >= 0.95);
+2. streaming throughput: bytes/s of long streamed responses via the gateway / direct, per
+   round of interleaved streams; the median of the rounds (target: >= 0.95);
 3. sustained requests/s through the gateway with 64 concurrent agents (target: >= 500/s);
 4. inferred tool-call durations against the agent's own clock (gateway minus agent, the
    agent's time from reading a response to sending the next request; target: within 10 ms).
 
-    python bench/bench_gateway.py [--conversations 1000] [--streams 20] [--seconds 5]
+1 and 2 are repeated ``--runs`` times; the summary is the median over runs, with the load
+average before and after each. CPU seconds per request and per MB (``/proc/<pid>/stat``) of
+every process are reported beside the wall-clock figures: they do not depend on the load.
+
+    python bench/bench_gateway.py [--runs 3] [--conversations 1000] [--rounds 8] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,13 +97,55 @@ def run_stub(port: int) -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/models", _models)
+    _install_uvloop()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def run_plain(port: int, upstream: str) -> None:
+    """The ceiling: a pass-through proxy on the gateway's HTTP stack that does nothing else."""
+    hop = {"connection", "keep-alive", "transfer-encoding", "host", "content-length"}
+
+    def keep(headers: Any) -> dict[str, str]:
+        return {k: v for k, v in headers.items() if k.lower() not in hop}
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        http: aiohttp.ClientSession = request.app["http"]
+        url = upstream + request.rel_url.path_qs
+        data = await request.read()
+        async with http.request(
+            request.method, url, data=data, headers=keep(request.headers)
+        ) as up:
+            if not up.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return web.Response(
+                    status=up.status, body=await up.read(), headers=keep(up.headers)
+                )
+            resp = web.StreamResponse(status=up.status, headers=keep(up.headers))
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    async def session(app: web.Application) -> Any:
+        connector = aiohttp.TCPConnector(limit=0)
+        app["http"] = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        yield
+        await app["http"].close()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", relay)
+    app.cleanup_ctx.append(session)
+    _install_uvloop()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def _install_uvloop() -> None:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 # ---------------------------------------------------------------------------- processes
@@ -163,49 +212,74 @@ async def _conversation(
         lat.append(time.perf_counter() - t)
 
 
-async def latency(direct: str, gw: str, n: int) -> dict[str, float]:
-    lat: dict[str, list[float]] = {direct: [], gw: []}
+def _rotations(names: list[str], i: int) -> list[str]:
+    """``names`` rotated by ``i``: each target goes first, second... equally often."""
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
+async def latency(urls: dict[str, str], n: int) -> dict[str, float]:
+    """p50 and p99 per target; ``added_*``: minus direct's, in ms."""
+    lat: dict[str, list[float]] = {name: [] for name in urls}
     async with aiohttp.ClientSession() as http:
-        for i in range(50):  # warm both paths
-            await _conversation(http, direct, f"warm {i}")
-            await _conversation(http, gw, f"warm {i}")
+        for i in range(50):  # warm every path
+            for url in urls.values():
+                await _conversation(http, url, f"warm {i}")
         for i in range(n):
-            order = (direct, gw) if i % 2 else (gw, direct)
-            for url in order:
-                await _conversation(http, url, f"latency task {i}", lat[url])
-    d, g = lat[direct], lat[gw]
-    return {
-        "direct_p50_ms": _pct(d, 0.5) * 1e3,
-        "direct_p99_ms": _pct(d, 0.99) * 1e3,
-        "gateway_p50_ms": _pct(g, 0.5) * 1e3,
-        "gateway_p99_ms": _pct(g, 0.99) * 1e3,
-        "added_p50_ms": (_pct(g, 0.5) - _pct(d, 0.5)) * 1e3,
-        "added_p99_ms": (_pct(g, 0.99) - _pct(d, 0.99)) * 1e3,
-    }
+            for name in _rotations(list(urls), i):
+                await _conversation(http, urls[name], f"latency task {i}", lat[name])
+    out = {}
+    for name, xs in lat.items():
+        for q in (50, 99):
+            out[f"{name}_p{q}_ms"] = _pct(xs, q / 100) * 1e3
+            if name != "direct":
+                out[f"{name}_added_p{q}_ms"] = out[f"{name}_p{q}_ms"] - out[f"direct_p{q}_ms"]
+    return out
 
 
-async def streaming(direct: str, gw: str, streams: int, chunks: int) -> dict[str, float]:
-    took = {direct: 0.0, gw: 0.0}
-    size = {direct: 0, gw: 0}
+async def _stream(http: aiohttp.ClientSession, url: str, chunks: int) -> int:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "stream"}], "stream": True}
+    size = 0
+    headers = {"X-Chunks": str(chunks)}
+    async with http.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+        async for data in r.content.iter_any():
+            size += len(data)
+    return size
+
+
+async def streaming(
+    urls: dict[str, str], pids: dict[str, int], rounds: int, per_round: int, chunks: int
+) -> dict[str, Any]:
+    """Per round, ``per_round`` streams per target, interleaved; each target's rate over
+    direct's in that round, and the median of the rounds. CPU ms per MB: of each proxy per
+    MB it relayed, of the stub per MB it sent, of this client per MB read on each path."""
+    ratios: dict[str, list[float]] = {name: [] for name in urls if name != "direct"}
+    client = dict.fromkeys(urls, 0.0)
+    mb = dict.fromkeys(urls, 0.0)
+    before = {name: _cpu_s(pid) for name, pid in pids.items()}
     async with aiohttp.ClientSession() as http:
-        for i in range(streams):
-            for url in (direct, gw) if i % 2 else (gw, direct):
-                t = time.perf_counter()
-                async with http.post(
-                    f"{url}/v1/chat/completions", json=body, headers={"X-Chunks": str(chunks)}
-                ) as r:
-                    async for data in r.content.iter_any():
-                        size[url] += len(data)
-                took[url] += time.perf_counter() - t
-    if size[direct] != size[gw]:
-        raise SystemExit(f"streams differ: {size[direct]} vs {size[gw]} bytes")
-    d_rate, g_rate = size[direct] / took[direct], size[gw] / took[gw]
+        for r in range(rounds):
+            took, size = dict.fromkeys(urls, 0.0), dict.fromkeys(urls, 0)
+            for i in range(per_round):
+                for name in _rotations(list(urls), r + i):
+                    mine, t = time.process_time(), time.perf_counter()
+                    size[name] += await _stream(http, urls[name], chunks)
+                    took[name] += time.perf_counter() - t
+                    client[name] += time.process_time() - mine
+            if len(set(size.values())) != 1:
+                raise SystemExit(f"streams differ: {size} bytes")
+            for name in ratios:
+                ratios[name].append(size[name] / took[name] / (size["direct"] / took["direct"]))
+            for name in urls:
+                mb[name] += size[name] / 1e6
+    used = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
+    per_mb = {name: used[name] / mb[name] * 1e3 for name in pids if name in mb}
+    per_mb["stub"] = used["stub"] / sum(mb.values()) * 1e3
+    per_mb.update({f"client_via_{name}": c / mb[name] * 1e3 for name, c in client.items()})
     return {
-        "direct_MB_s": d_rate / 1e6,
-        "gateway_MB_s": g_rate / 1e6,
-        "ratio": g_rate / d_rate,
-        "bytes": size[direct] + size[gw],
+        "ratio_median": {name: statistics.median(xs) for name, xs in ratios.items()},
+        "ratio_rounds": {name: [round(x, 3) for x in xs] for name, xs in ratios.items()},
+        "cpu_ms_per_MB": {name: round(x, 1) for name, x in per_mb.items()},
     }
 
 
@@ -269,100 +343,119 @@ async def tool_accuracy(gw: str, n: int, seed: int = 0) -> dict[str, float]:
     }
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="tc-gw-bench-"))
-    stub_port, gw_port = _free_port(), _free_port()
-    endpoint = f"ipc://{tmp}/d.sock"
+def _spawn(procs: dict[str, subprocess.Popen[bytes]], name: str, *args: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCAKE_")}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tokencake.daemon", "--endpoint", endpoint, *DAEMON_ARGS],
-            env=env,
-        ),
-        subprocess.Popen([sys.executable, __file__, "--stub", str(stub_port)], env=env),
-    ]
-    direct = f"http://127.0.0.1:{stub_port}"
-    gw = f"http://127.0.0.1:{gw_port}"
-    try:
-        await _wait_http(f"{direct}/v1/models", procs[1])
-        gw_args = ["--upstream", direct, "--port", str(gw_port), "--daemon", endpoint]
-        gw_args += ["--log-level", "WARNING"]
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tokencake.connectors.gateway.cli", *gw_args],
-                env=env,
-            )
-        )
-        await _wait_http(f"{gw}/v1/models", procs[2])
-        result: dict[str, Any] = {}
-        result["latency"] = await latency(direct, gw, args.conversations)
-        gw_cpu = _cpu_s(procs[2].pid)
-        result["streaming"] = await streaming(direct, gw, args.streams, args.chunks)
-        # Relay cost per MB, whatever else the machine runs (half the bytes went via it).
-        relayed_mb = result["streaming"].pop("bytes") / 2 / 1e6
-        result["streaming"]["gateway_cpu_ms_per_MB"] = (
-            (_cpu_s(procs[2].pid) - gw_cpu) / relayed_mb * 1e3
-        )
-        stub_cpu = _cpu_s(procs[1].pid)
-        rps_direct, n_direct = await sustained(direct, args.seconds)
-        stub_cpu = _cpu_s(procs[1].pid) - stub_cpu
-        gw_cpu, stub_cpu2 = _cpu_s(procs[2].pid), _cpu_s(procs[1].pid)
-        rps_gw, n_gw = await sustained(gw, args.seconds)
-        gw_cpu, stub_cpu2 = _cpu_s(procs[2].pid) - gw_cpu, _cpu_s(procs[1].pid) - stub_cpu2
-        result["sustained_rps"] = {"direct": rps_direct, "gateway": rps_gw}
+    procs[name] = subprocess.Popen([sys.executable, *args], env=env)
+
+
+async def _start(procs: dict[str, subprocess.Popen[bytes]]) -> dict[str, str]:
+    """Daemon, stub engine, gateway and plain proxy; their URLs (``direct``: the stub)."""
+    endpoint = f"ipc://{tempfile.mkdtemp(prefix='tc-gw-bench-')}/d.sock"
+    ports = {name: _free_port() for name in ("direct", "gateway", "plain")}
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    _spawn(procs, "daemon", "-m", "tokencake.daemon", "--endpoint", endpoint, *DAEMON_ARGS)
+    _spawn(procs, "stub", __file__, "--stub", str(ports["direct"]))
+    await _wait_http(f"{urls['direct']}/v1/models", procs["stub"])
+    gw_args = ["--upstream", urls["direct"], "--port", str(ports["gateway"])]
+    gw_args += ["--daemon", endpoint, "--log-level", "WARNING"]
+    _spawn(procs, "gateway", "-m", "tokencake.connectors.gateway.cli", *gw_args)
+    _spawn(procs, "plain", __file__, "--plain", str(ports["plain"]), "--upstream", urls["direct"])
+    for name in ("gateway", "plain"):
+        await _wait_http(f"{urls[name]}/v1/models", procs[name])
+    return urls
+
+
+async def _runs(
+    args: argparse.Namespace, urls: dict[str, str], procs: dict[str, subprocess.Popen[bytes]]
+) -> list[dict[str, Any]]:
+    """Latency and streaming, ``args.runs`` times, with the load average around each."""
+    pids = {name: procs[name].pid for name in ("stub", "gateway", "plain")}
+    runs = []
+    for _ in range(args.runs):
+        run: dict[str, Any] = {"load_before": os.getloadavg()[0]}
+        run["latency"] = await latency(urls, args.conversations)
+        run["streaming"] = await streaming(urls, pids, args.rounds, args.per_round, args.chunks)
+        run["load_after"] = os.getloadavg()[0]
+        runs.append(run)
+    return runs
+
+
+async def _capacity(
+    args: argparse.Namespace, urls: dict[str, str], procs: dict[str, subprocess.Popen[bytes]]
+) -> dict[str, Any]:
+    """Sustained requests/s direct and via the gateway, and the CPU time per request."""
+    stub, gw = procs["stub"].pid, procs["gateway"].pid
+    stub_cpu = _cpu_s(stub)
+    rps_direct, n_direct = await sustained(urls["direct"], args.seconds)
+    stub_cpu = _cpu_s(stub) - stub_cpu
+    gw_cpu, stub_cpu2 = _cpu_s(gw), _cpu_s(stub)
+    rps_gw, n_gw = await sustained(urls["gateway"], args.seconds)
+    gw_cpu, stub_cpu2 = _cpu_s(gw) - gw_cpu, _cpu_s(stub) - stub_cpu2
+    return {
+        "sustained_rps": {"direct": rps_direct, "gateway": rps_gw},
         # CPU time per request does not depend on what else the machine runs.
-        result["cpu_ms_per_request"] = {
+        "cpu_ms_per_request": {
             "gateway": gw_cpu / n_gw * 1e3,
             "stub_engine": stub_cpu / n_direct * 1e3,
             "stub_engine_via_gateway": stub_cpu2 / n_gw * 1e3,
             "gateway_capacity_rps_per_core": n_gw / gw_cpu if gw_cpu else 0.0,
-        }
-        result["tool_duration"] = await tool_accuracy(gw, args.tool_calls)
-        async with aiohttp.ClientSession() as http, http.get(f"{gw}/tokencake/conversations") as v:
+        },
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        urls = await _start(procs)
+        result: dict[str, Any] = {"runs": await _runs(args, urls, procs)}
+        result.update(await _capacity(args, urls, procs))
+        result["tool_duration"] = await tool_accuracy(urls["gateway"], args.tool_calls)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{urls['gateway']}/tokencake/conversations") as v,
+        ):
             result["daemon_link"] = (await v.json())["daemon"]
+        result["summary"] = _summary(result["runs"])
         return result
     finally:
-        for proc in reversed(procs):
+        for proc in reversed(procs.values()):
             proc.terminate()
             proc.wait(10)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stub", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--conversations", type=int, default=1000)
-    ap.add_argument("--streams", type=int, default=20)
-    ap.add_argument("--chunks", type=int, default=2000)
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--tool-calls", type=int, default=50)
-    args = ap.parse_args()
-    if args.stub:
-        run_stub(args.stub)
-        return
-    try:
-        import uvloop
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the runs."""
 
-        factory: Any = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        result = runner.run(main_async(args))
-    lat, st, rps, acc = (
-        result["latency"],
-        result["streaming"],
-        result["sustained_rps"],
-        result["tool_duration"],
-    )
-    print(json.dumps(result, indent=2))
+    def med(get: Any) -> float:
+        return float(statistics.median(get(run) for run in runs))
+
+    out: dict[str, Any] = {"loads": [(r["load_before"], r["load_after"]) for r in runs]}
+    for name in ("gateway", "plain"):
+        out[name] = {
+            "added_p50_ms": med(lambda r, n=name: r["latency"][f"{n}_added_p50_ms"]),
+            "added_p99_ms": med(lambda r, n=name: r["latency"][f"{n}_added_p99_ms"]),
+            "stream_ratio": med(lambda r, n=name: r["streaming"]["ratio_median"][n]),
+        }
+    out["direct_p50_ms"] = med(lambda r: r["latency"]["direct_p50_ms"])
+    return out
+
+
+def _report(result: dict[str, Any]) -> None:
+    s, rps, acc = result["summary"], result["sustained_rps"], result["tool_duration"]
+    gw, plain = s["gateway"], s["plain"]
+    loads = ", ".join(f"{a:.1f}->{b:.1f}" for a, b in s["loads"])
+    print(f"medians of {len(s['loads'])} runs (load average before->after: {loads})")
     print(
-        f"added latency p50 {lat['added_p50_ms']:.3f} ms (target <= 1), "
-        f"p99 {lat['added_p99_ms']:.3f} ms (target <= 5); "
-        f"direct p50 {lat['direct_p50_ms']:.3f} ms"
+        f"added latency p50 {gw['added_p50_ms']:.3f} ms (target <= 1), "
+        f"p99 {gw['added_p99_ms']:.3f} ms (target <= 5); direct p50 {s['direct_p50_ms']:.3f} ms;"
+        f" plain aiohttp proxy adds {plain['added_p50_ms']:.3f} / {plain['added_p99_ms']:.3f} ms"
     )
     print(
-        f"streaming throughput gateway/direct {st['ratio']:.3f} (target >= 0.95);"
-        f" gateway CPU {st['gateway_cpu_ms_per_MB']:.1f} ms per MB relayed"
+        f"streaming throughput gateway/direct {gw['stream_ratio']:.3f} (target >= 0.95);"
+        f" plain aiohttp proxy/direct {plain['stream_ratio']:.3f}"
     )
+    cpu_mb = result["runs"][-1]["streaming"]["cpu_ms_per_MB"]
+    print(f"CPU ms per MB streamed, last run: {json.dumps(cpu_mb)}")
     print(
         f"sustained {rps['gateway']:.0f} req/s via the gateway (target >= 500), "
         f"{rps['direct']:.0f} req/s direct"
@@ -376,6 +469,37 @@ def main() -> None:
         f"tool duration error p50 {acc['error_p50_ms']:.2f} ms, p99 {acc['error_p99_ms']:.2f} ms"
         f" (target within 10)"
     )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stub", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--plain", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--upstream", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--conversations", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=8, help="streaming rounds per run")
+    ap.add_argument("--per-round", type=int, default=3, help="streams per target per round")
+    ap.add_argument("--chunks", type=int, default=2000)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--tool-calls", type=int, default=50)
+    args = ap.parse_args()
+    if args.stub:
+        run_stub(args.stub)
+        return
+    if args.plain:
+        run_plain(args.plain, args.upstream)
+        return
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        result = runner.run(main_async(args))
+    print(json.dumps(result, indent=2))
+    _report(result)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,15 @@ class DaemonLink:
         assert self._q is not None and self._client is not None
         client = self._client
         while True:
-            item = await self._q.get()
+            if self._q.empty():
+                item = await self._q.get()
+                # Woken by a request's event: one turn of the loop first, so that request goes
+                # out before the daemon hears of it (on Python 3.11 aiohttp writes a request's
+                # body in a task of its own, queued after this wake-up; a send to the daemon
+                # costs the loop about 0.1 ms).
+                await asyncio.sleep(0)
+            else:
+                item = self._q.get_nowait()
             if item[0] == "stop":
                 return
             try:
