@@ -214,10 +214,9 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
         with TokenCakeClient(endpoint, timeout_s=2.0) as client:
             for d in client.list_decisions(500).decisions:
                 if d.kind in ("offload", "keep", "upload"):
-                    rule = d.reason.get("rule") if isinstance(d.reason, dict) else d.reason
-                    terms = d.reason.get("terms", {}) if isinstance(d.reason, dict) else {}
+                    gpu_free = d.reason.terms.get("gpu_free")
                     decisions.append(
-                        f"{d.app_id}/{d.agent_id} {d.kind} {rule} gpu_free={terms.get('gpu_free')}"
+                        f"{d.app_id}/{d.agent_id} {d.kind} {d.reason.rule} gpu_free={gpu_free}"
                     )
     delta = {k: stats[k] - stats0.get(k, 0) for k in stats}
     return {

@@ -143,17 +143,15 @@ def main(argv: list[str] | None = None) -> int:
             assert not conn._resident([], hashes)
             conn._agents[key].open_tool = "bench"  # its call is in a tool: as when pushed
             conn._apply(
-                p.DecisionRecord(
-                    seq=0,
+                p.UploadDecision(
                     at_s=0.0,
-                    kind="upload",
                     app_id=key[0],
                     agent_id=key[1],
                     engine_id=conn.link.engine_id if conn.link is not None else "",
                     blocks=len(hashes),
-                    due_in_s=0.0,
                     policy="bench",
-                    reason={"rule": "predictive_upload", "params": {"priority": 1}},
+                    reason=p.DecisionReason("predictive_upload"),
+                    priority=p.PREDICTIVE,
                 )
             )
             t0 = time.perf_counter()

@@ -296,11 +296,11 @@ def decisions(ctx: click.Context, limit: int, agent_id: str, as_json: bool) -> N
     def render(r: Any) -> str:
         out = []
         for d in r.decisions:
-            terms = d.reason.get("terms", {})
+            terms = d.reason.terms
             why = ", ".join(f"{k}={_fmt(v)}" for k, v in terms.items())
             out.append(
                 f"#{d.seq} {d.kind:<8} {d.app_id}/{d.agent_id} blocks={d.blocks} "
-                f"engine={d.engine_id or '-'} rule={d.reason.get('rule', '?')}"
+                f"engine={d.engine_id or '-'} rule={d.reason.rule}"
             )
             if why:
                 out.append(f"    {why}")

@@ -16,7 +16,6 @@ from tokencake import protocol as p
 from tokencake.daemon.apps import AgentRecord, AppRecord
 from tokencake.daemon.eviction import EvictionPolicy, make_policy
 from tokencake.daemon.scheduler import events as ev
-from tokencake.daemon.scheduler.decisions import Decision
 from tokencake.daemon.scheduler.policy import Policy, PolicyConfig, create_policy, policy_class
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ class SchedulerBridge:
 
     # Decisions an engine connector acts on; ``keep`` and ``partition`` are kept for
     # operators only (partition is applied through admission queries, not pushes).
-    PUSHED_KINDS = frozenset({"offload", "upload", "drop", "pin", "unpin"})
+    PUSHED_KINDS = p.PUSHED_KINDS
 
     def __init__(self, policy_name: str, *, clock: Callable[[], float]) -> None:
         policy_class(policy_name)  # fail at start, with the registry's message, on a bad name
@@ -236,5 +235,9 @@ class SchedulerBridge:
             out.extend(self._records(engine_id, policy.on_event(event)))
         return out
 
-    def _records(self, engine_id: str, decisions: list[Decision]) -> list[p.DecisionRecord]:
-        return [d.to_record(0, engine_id, self.policy_name) for d in decisions]
+    def _records(self, engine_id: str, decisions: list[p.DecisionRecord]) -> list[p.DecisionRecord]:
+        """The policy's decisions, named with the engine and the policy that took them."""
+        for decision in decisions:
+            decision.engine_id = engine_id
+            decision.policy = self.policy_name
+        return decisions

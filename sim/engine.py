@@ -35,27 +35,30 @@ from tokencake.daemon.scheduler import (
     AppEnd,
     AppRegistered,
     CachedKv,
-    Decision,
-    Drop,
     EngineState,
     KvEvicted,
     LlmCallAdmitted,
     LlmCallFinish,
     LlmCallPreempted,
     LlmCallStart,
-    Offload,
-    Pin,
     Policy,
     ToolCallEnd,
     ToolCallStart,
     TransferDone,
     TransferMeasured,
-    Unpin,
-    Upload,
     WaitingRequest,
 )
 from tokencake.daemon.scheduler.events import Event
-from tokencake.protocol import AppDag, DagNode
+from tokencake.protocol import (
+    AppDag,
+    DagNode,
+    DecisionRecord,
+    DropDecision,
+    OffloadDecision,
+    PinDecision,
+    UnpinDecision,
+    UploadDecision,
+)
 from tokencake.sim.kvpool import CACHED, GHOST, LOCKED, AgentKv, GpuPool, HostStore, chain_keys
 from tokencake.sim.profiles import Profile
 from tokencake.sim.workload import AppSpec, NodeSpec, Trace, prompt_tokens
@@ -285,24 +288,24 @@ class Simulator:
             self.c.policy_events += 1
             self._apply(self.policy.on_event(ev))
 
-    def _apply(self, decisions: list[Decision]) -> None:
+    def _apply(self, decisions: list[DecisionRecord]) -> None:
         for d in decisions:
             self.c.decisions[d.kind] = self.c.decisions.get(d.kind, 0) + 1
             agent = self.agents.get((d.app_id, d.agent_id))
-            if isinstance(d, Offload):
+            if isinstance(d, OffloadDecision):
                 self.pins.pop((d.app_id, d.agent_id), None)  # an offload ends a pin
                 if agent is None:
                     self.c.unknown_agent_decisions += 1
                 else:
                     self._offload(agent, d.blocks, d.free_gpu)
-            elif isinstance(d, Upload):
+            elif isinstance(d, UploadDecision):
                 if agent is None:
                     self.c.unknown_agent_decisions += 1
                 elif d.start_in_s > 0:
                     self._push(d.at_s + d.start_in_s, _UPLOAD_DUE, (agent, d.blocks, d.priority))
                 else:
                     self._upload(agent, d.blocks, d.priority)
-            elif isinstance(d, Drop):
+            elif isinstance(d, DropDecision):
                 if agent is None:
                     self.c.unknown_agent_decisions += 1
                 elif d.where == "host":
@@ -310,10 +313,10 @@ class Simulator:
                     self.c.host_dropped_blocks += dropped
                 else:
                     self.pool.discard(agent, d.blocks)
-            elif isinstance(d, Pin):
+            elif isinstance(d, PinDecision):
                 if agent is not None:
                     self.pins[(d.app_id, d.agent_id)] = d.at_s + d.ttl_s
-            elif isinstance(d, Unpin):
+            elif isinstance(d, UnpinDecision):
                 self.pins.pop((d.app_id, d.agent_id), None)
             # Pins act through eviction_order and the free count; partitions and keeps
             # change nothing the engine owns.

@@ -29,10 +29,10 @@ like any other, which decides nothing itself.
   engine registers a minimal layout (``bytes_per_block`` = 2 x block tokens), so a host store
   as large as the profile's takes a few MiB of arena.
 * **Decisions** are the daemon's pushes. They are collected whenever the proxy talks to the
-  daemon or paces, and returned, converted to the simulator's ``Decision`` objects, from the
-  next ``on_event`` or ``tick``; the ``Simulator``'s ``_apply`` carries them out as it does
-  an in-process policy's. Pins are honoured the way the connector honours them (the agent's
-  cached blocks are held until the pin's TTL or an unpin).
+  daemon or paces, and returned, with this replay's app ids and simulated time, from the
+  next ``on_event`` or ``tick``: the same typed structs an in-process policy returns, which
+  the ``Simulator``'s ``_apply`` carries out. Pins are honoured the way the connector
+  honours them (the agent's cached blocks are held until the pin's TTL or an unpin).
 * **Queries** are answered as ``TokenCakeScheduler`` answers them, from ``list_agents``
   (``tokencake.clients.priorities.AgentPriorities``, refreshed every ``refresh_s`` simulated
   seconds while requests wait, and sooner after a new request): ``admission_order`` by
@@ -45,7 +45,7 @@ Time: ``scale`` wall seconds per simulated second. ``on_event`` and ``tick`` sle
 the wall clock reaches ``start + (now - first) * scale`` (the ``Simulator`` ticks every 10 ms
 of simulated time); when the replay falls behind it does not sleep, and the largest delay is
 reported as ``max_lag_s``. Durations sent to the daemon (DAG expected times, tool hints) are
-multiplied by ``scale``; durations that come back (an upload's ``due_in_s``, a pin's TTL) are
+multiplied by ``scale``; durations that come back (an upload's ``start_in_s``, a pin's TTL) are
 divided by it. The daemon's own timers are wall-clock ones: its policy ticks every 0.5 s of
 wall time, i.e. every ``0.5 / scale`` simulated seconds.
 """
@@ -65,6 +65,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from tokencake import guard
 from tokencake import protocol as p
 from tokencake.agent_params import AgentParams
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
@@ -74,22 +75,14 @@ from tokencake.daemon.scheduler import (
     AppEnd,
     AppRegistered,
     CachedKv,
-    Decision,
-    Drop,
     EngineState,
     LlmCallAdmitted,
     LlmCallFinish,
     LlmCallStart,
-    Offload,
-    Pin,
     Policy,
-    Reason,
     ToolCallEnd,
     ToolCallStart,
-    Unpin,
-    Upload,
     WaitingRequest,
-    guard,
 )
 from tokencake.daemon.scheduler.events import Event
 from tokencake.layout import KvLayout
@@ -322,7 +315,7 @@ class DaemonPolicy(Policy):
 
     # ------------------------------------------------------------------ Policy
 
-    def on_event(self, event: Event) -> list[Decision]:
+    def on_event(self, event: Event) -> list[p.DecisionRecord]:
         self._pace(event.now)
         wire = self.app_prefix + str(getattr(event, "app_id", ""))
         s = self.scale
@@ -374,7 +367,7 @@ class DaemonPolicy(Policy):
         # copy_submitted / copy_done.
         return self._decisions(event.now)
 
-    def tick(self, now: float) -> list[Decision]:
+    def tick(self, now: float) -> list[p.DecisionRecord]:
         self._pace(now)
         self._report_state(now)
         if time.monotonic() - self._last_heartbeat >= self._heartbeat_s:
@@ -392,52 +385,30 @@ class DaemonPolicy(Policy):
         self._next_report = now + self.state_report_s
         self._heartbeat(*self._state)
 
-    def _decisions(self, now: float) -> list[Decision]:
+    def _decisions(self, now: float) -> list[p.DecisionRecord]:
         self._drain()
         if not self._inbox:
             return []
         records, self._inbox = self._inbox, []
-        out: list[Decision] = []
+        out: list[p.DecisionRecord] = []
         for rec in records:
             d = self._decision(rec, now)
             if d is not None:
                 out.append(d)
         return out
 
-    def _decision(self, rec: p.DecisionRecord, now: float) -> Decision | None:
+    def _decision(self, rec: p.DecisionRecord, now: float) -> p.DecisionRecord | None:
+        """A pushed decision as the simulator takes it: this replay's app id, simulated time
+        and durations (the daemon's are wall seconds)."""
         if rec.engine_id != self.engine_id or not rec.app_id.startswith(self.app_prefix):
             return None
         self.stats.pushes[rec.kind] = self.stats.pushes.get(rec.kind, 0) + 1
-        app_id = rec.app_id[len(self.app_prefix) :]
-        raw = rec.reason if isinstance(rec.reason, dict) else {}
-        params = raw.get("params", {})
-        params = params if isinstance(params, dict) else {}
-        terms = raw.get("terms", {})
-        reason = Reason(str(raw.get("rule", "")), dict(terms) if isinstance(terms, dict) else {})
-        common: dict[str, Any] = {
-            "at_s": now,
-            "app_id": app_id,
-            "agent_id": rec.agent_id,
-            "blocks": rec.blocks,
-            "reason": reason,
-        }
-        if rec.kind == "offload":
-            return Offload(**common, free_gpu=bool(params.get("free_gpu", True)))
-        if rec.kind == "upload":
-            return Upload(
-                **common,
-                priority=int(params.get("priority", 0)),
-                piece=int(params.get("piece", 1)),
-                pieces=int(params.get("pieces", 1)),
-                start_in_s=max(0.0, rec.due_in_s) / self.scale,
-            )
-        if rec.kind == "drop":
-            return Drop(**common, where=str(params.get("where", "gpu")))
-        if rec.kind == "pin":
-            return Pin(**common, ttl_s=max(0.0, rec.due_in_s) / self.scale)
-        if rec.kind == "unpin":
-            return Unpin(**common)
-        return None
+        rec = msgspec.structs.replace(rec, at_s=now, app_id=rec.app_id[len(self.app_prefix) :])
+        if isinstance(rec, p.UploadDecision):
+            rec.start_in_s = max(0.0, rec.start_in_s) / self.scale
+        elif isinstance(rec, p.PinDecision):
+            rec.ttl_s = max(0.0, rec.ttl_s) / self.scale
+        return rec
 
     # ------------------------------------------------------------------ queries
 

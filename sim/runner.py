@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokencake.daemon.scheduler import Decision, PolicyConfig, create_policy, list_policies
+from tokencake.daemon.scheduler import PolicyConfig, create_policy, list_policies
 from tokencake.daemon.scheduler.agents import AgentState
 from tokencake.daemon.scheduler.peers import VllmPolicy
+from tokencake.protocol import DecisionRecord
 from tokencake.sim.engine import KeyCache, SimulationError, Simulator
 from tokencake.sim.generators import get_generator, make_trace
 from tokencake.sim.kvpool import PoolInvariantError
@@ -36,7 +37,7 @@ class OraclePolicy(VllmPolicy):
 
     name = ORACLE
 
-    def _on_deadline(self, agent: AgentState, out: list[Decision]) -> None:
+    def _on_deadline(self, agent: AgentState, out: list[DecisionRecord]) -> None:
         """Memory is unbounded: an overdue tool call's KV stays where it is."""
 
 

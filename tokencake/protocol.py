@@ -16,7 +16,7 @@ frames carry slot numbers and chain hashes.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Final, Literal, TypeVar
+from typing import Any, ClassVar, Final, Literal, TypeVar, get_args
 
 import msgspec
 
@@ -588,23 +588,97 @@ class GetConfig(Request):
     reply = ConfigReply
 
 
-class DecisionRecord(msgspec.Struct):
-    """One scheduler decision and why it was taken.
+KvTier = Literal["gpu", "host"]
+"""Where an agent's KV blocks live: on the engine's GPU or in the host store."""
+Term = float | int | str | bool | None
+"""One input or intermediate value of a decision (a predicted stall, a margin, a rule flag)."""
 
-    ``reason`` holds the inputs and the terms that decided it (for example the predicted
-    stall, the transfer estimate and the margin of an offload).
-    """
 
-    seq: int
+class DecisionReason(msgspec.Struct, forbid_unknown_fields=True):
+    """Why a decision was taken: the deciding ``rule`` and every term it used (for example
+    the predicted stall, the transfer estimate and the margin of an offload)."""
+
+    rule: str
+    terms: dict[str, Term] = {}
+
+
+class DecisionBase(msgspec.Struct, tag_field="kind", kw_only=True):
+    """One scheduler decision. On the wire ``kind`` names it (``offload``, ``upload``...);
+    ``seq`` numbers it within the daemon, ``at_s`` is the daemon's clock when it was
+    decided, ``blocks`` the blocks it concerns."""
+
+    seq: int = 0
     at_s: float
-    kind: str
-    app_id: str
-    agent_id: str
-    engine_id: str
-    blocks: int
-    due_in_s: float
-    policy: str
-    reason: dict[str, Any]
+    app_id: str = ""
+    agent_id: str = ""
+    engine_id: str = ""
+    blocks: int = 0
+    policy: str = ""
+    reason: DecisionReason
+
+    @property
+    def kind(self) -> str:
+        return str(self.__struct_config__.tag)
+
+
+URGENT: Final = 0
+PREDICTIVE: Final = 1
+PREFETCH: Final = 2
+
+
+class OffloadDecision(DecisionBase, tag="offload"):
+    """Copy ``blocks`` of the agent's GPU KV to the host. ``free_gpu``: the GPU blocks are
+    freed once the copy is done (a move); otherwise they stay cached (a saved copy)."""
+
+    free_gpu: bool = True
+
+
+class UploadDecision(DecisionBase, tag="upload"):
+    """Reserve ``blocks`` GPU blocks and copy that many of the agent's host blocks into
+    them, starting ``start_in_s`` from now. A large upload comes as several pieces
+    (``piece`` of ``pieces``). ``priority``: 0 urgent (the agent is back and waits),
+    1 predictive (lands just before the predicted tool return), 2 prefetch."""
+
+    priority: int = URGENT
+    piece: int = 1
+    pieces: int = 1
+    start_in_s: float = 0.0
+
+
+class DropDecision(DecisionBase, tag="drop"):
+    """Free ``blocks`` of the agent's KV on the GPU (the next call recomputes) or host."""
+
+    where: KvTier = "gpu"
+
+
+class PinDecision(DecisionBase, tag="pin"):
+    """The agent's cached GPU KV must not be evicted for ``ttl_s`` seconds."""
+
+    ttl_s: float = 0.0
+
+
+class UnpinDecision(DecisionBase, tag="unpin"):
+    """The pin ends early (the tool returned, or the agent runs again)."""
+
+
+class KeepDecision(DecisionBase, tag="keep"):
+    """Nothing to do: the policy considered an offload or drop and decided against it
+    (kept so an operator can ask why an agent was not offloaded). Never pushed."""
+
+
+class PartitionDecision(DecisionBase, tag="partition"):
+    """The GPU pool's split into per-agent-type reservations and a shared pool. Applied
+    through admission queries, never pushed."""
+
+    reservations: dict[str, int] = {}
+    shared_blocks: int = 0
+
+
+PushedDecision = OffloadDecision | UploadDecision | DropDecision | PinDecision | UnpinDecision
+"""What the daemon pushes to the engine a decision concerns (op ``decision``)."""
+DecisionRecord = PushedDecision | KeepDecision | PartitionDecision
+"""Every decision the daemon keeps and lists (``list_decisions``)."""
+PUSHED_KINDS: Final = frozenset(str(c.__struct_config__.tag) for c in get_args(PushedDecision))
 
 
 class ListDecisionsReply(msgspec.Struct):

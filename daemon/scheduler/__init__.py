@@ -1,22 +1,11 @@
 """The scheduler brain: pure decision code shared by the daemon and the simulator.
 
-Start with ``policy`` (the interface and registry), ``events`` (what goes in) and
-``decisions`` (what comes out).
+Start with ``policy`` (the interface and registry), ``events`` (what goes in) and the
+decision structs of ``tokencake.protocol`` (what comes out: ``DecisionRecord``).
 """
 
 from __future__ import annotations
 
-from tokencake.daemon.scheduler.decisions import (
-    Decision,
-    Drop,
-    Keep,
-    Offload,
-    Partition,
-    Pin,
-    Reason,
-    Unpin,
-    Upload,
-)
 from tokencake.daemon.scheduler.events import (
     AppEnd,
     AppRegistered,
@@ -52,32 +41,23 @@ __all__ = [
     "AppEnd",
     "AppRegistered",
     "CachedKv",
-    "Decision",
-    "Drop",
     "EngineState",
     "Event",
-    "Keep",
     "KvEvicted",
     "LlmCallAdmitted",
     "LlmCallFinish",
     "LlmCallPreempted",
     "LlmCallStart",
-    "Offload",
-    "Partition",
-    "Pin",
     "Policy",
     "PolicyConfig",
     "PolicyError",
     "PolicyInfo",
-    "Reason",
     "Tick",
     "ToolCallEnd",
     "ToolCallStart",
     "TransferDone",
     "TransferMeasured",
     "UnknownPolicyError",
-    "Unpin",
-    "Upload",
     "WaitingRequest",
     "create_policy",
     "list_policies",

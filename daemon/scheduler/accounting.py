@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from tokencake.daemon.scheduler import decisions as d
+from tokencake import protocol as p
 from tokencake.daemon.scheduler.agents import TOOL, WAITING, AgentState, AppState
 from tokencake.daemon.scheduler.costmodel import TransferCostModel
 from tokencake.daemon.scheduler.dag import analyse
@@ -148,7 +148,7 @@ class AccountingPolicy(Policy):
             return own
         return min(own, self.host_reported_free - (self.host_used - self.host_used_at_report))
 
-    def pressure_terms(self) -> dict[str, d.Term]:
+    def pressure_terms(self) -> dict[str, p.Term]:
         total = self.gpu_total
         usage = 1.0 - self.gpu_free / total if total > 0 else 0.0
         return {
@@ -166,8 +166,8 @@ class AccountingPolicy(Policy):
         blocks: int,
         moves: bool,
         rule: str,
-        terms: dict[str, d.Term],
-        out: list[d.Decision],
+        terms: dict[str, p.Term],
+        out: list[p.DecisionRecord],
     ) -> None:
         agent.offloading += blocks
         agent.offload_moves = moves
@@ -181,24 +181,24 @@ class AccountingPolicy(Policy):
         else:
             self.gpu_free -= blocks  # idle blocks, counted free, are held while copied
         out.append(
-            d.Offload(
+            p.OffloadDecision(
                 at_s=self.now,
                 app_id=agent.key[0],
                 agent_id=agent.key[1],
                 blocks=blocks,
                 free_gpu=moves,
-                reason=d.Reason(rule, terms),
+                reason=p.DecisionReason(rule, terms),
             )
         )
 
     def _drop(
         self,
         agent: AgentState,
-        where: str,
+        where: p.KvTier,
         blocks: int,
         rule: str,
-        terms: dict[str, d.Term],
-        out: list[d.Decision],
+        terms: dict[str, p.Term],
+        out: list[p.DecisionRecord],
     ) -> None:
         if blocks <= 0:
             return
@@ -213,26 +213,26 @@ class AccountingPolicy(Policy):
             self.host_used -= blocks
             agent.upload_left = min(agent.upload_left, agent.host_blocks + agent.offloading)
         out.append(
-            d.Drop(
+            p.DropDecision(
                 at_s=self.now,
                 app_id=agent.key[0],
                 agent_id=agent.key[1],
                 blocks=blocks,
                 where=where,
-                reason=d.Reason(rule, terms),
+                reason=p.DecisionReason(rule, terms),
             )
         )
 
     def _keep(
-        self, agent: AgentState, rule: str, terms: dict[str, d.Term], out: list[d.Decision]
+        self, agent: AgentState, rule: str, terms: dict[str, p.Term], out: list[p.DecisionRecord]
     ) -> None:
         out.append(
-            d.Keep(
+            p.KeepDecision(
                 at_s=self.now,
                 app_id=agent.key[0],
                 agent_id=agent.key[1],
                 blocks=agent.gpu_blocks,
-                reason=d.Reason(rule, terms),
+                reason=p.DecisionReason(rule, terms),
             )
         )
 

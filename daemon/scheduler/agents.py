@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from tokencake.daemon.scheduler import decisions as d
+from tokencake import protocol as p
 from tokencake.daemon.scheduler.dag import DagInfo, NodeInfo
 from tokencake.daemon.scheduler.predictor import Prediction
 
@@ -108,12 +108,12 @@ class AgentState:
         self.uploading = 0
         self.upload_left = 0
         self.upload_token = 0
-        self.upload_priority = d.URGENT
+        self.upload_priority = p.URGENT
         self.upload_piece = 0
         self.upload_pieces = 0
         self.upload_parked = False
         self.upload_failures = 0
-        self.upload_reason: dict[str, d.Term] = {}
+        self.upload_reason: dict[str, p.Term] = {}
         self.kv_size = 0
         self.pinned_until = -math.inf
         self.wait_since = now

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from tokencake.daemon.scheduler import decisions as d
+from tokencake import protocol as p
 from tokencake.daemon.scheduler.agents import DONE, TOOL, WAITING, AgentState
 from tokencake.daemon.scheduler.events import LlmCallFinish
 from tokencake.daemon.scheduler.policy import CachedKv, PolicyConfig, WaitingRequest
@@ -25,10 +25,10 @@ class VllmPolicy(TrackingPolicy):
 
     name = "vllm"
 
-    def _on_llm_start(self, agent: AgentState, out: list[d.Decision]) -> None:
+    def _on_llm_start(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         """No host tier: nothing to reload."""
 
-    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[d.Decision]) -> None:
+    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[p.DecisionRecord]) -> None:
         """No host tier."""
 
 
@@ -43,7 +43,9 @@ class LruOffloadPolicy(TrackingPolicy):
         super().__init__(config)
         self._host_lru: OrderedDict[tuple[str, str], AgentState] = OrderedDict()
 
-    def _on_llm_finish(self, agent: AgentState, ev: LlmCallFinish, out: list[d.Decision]) -> None:
+    def _on_llm_finish(
+        self, agent: AgentState, ev: LlmCallFinish, out: list[p.DecisionRecord]
+    ) -> None:
         new = agent.kv_size - agent.host_blocks - agent.offloading
         if new <= 0:
             self._touch(agent)
@@ -55,18 +57,18 @@ class LruOffloadPolicy(TrackingPolicy):
         self._offload(agent, new, False, "save:request_end", {"blocks": new}, out)
         self._touch(agent)
 
-    def _on_llm_start(self, agent: AgentState, out: list[d.Decision]) -> None:
+    def _on_llm_start(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         self._touch(agent)
-        self._reload(agent, d.URGENT, "reload:prefix_hit", out)
+        self._reload(agent, p.URGENT, "reload:prefix_hit", out)
 
-    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[d.Decision]) -> None:
+    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[p.DecisionRecord]) -> None:
         """Reload waits for the next request (on demand)."""
 
     def _touch(self, agent: AgentState) -> None:
         self._host_lru[agent.key] = agent
         self._host_lru.move_to_end(agent.key)
 
-    def _make_host_room(self, need: int, keep: AgentState, out: list[d.Decision]) -> None:
+    def _make_host_room(self, need: int, keep: AgentState, out: list[p.DecisionRecord]) -> None:
         """Evict least recently used host copies until ``need`` blocks fit (bounded work:
         each evicted entry leaves the LRU, so this is amortised O(1) per saved call)."""
         lru = self._host_lru
@@ -92,7 +94,7 @@ class InferCeptPolicy(TrackingPolicy):
 
     name = "infercept"
 
-    def _on_tool_start(self, agent: AgentState, out: list[d.Decision]) -> None:
+    def _on_tool_start(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         blocks = agent.gpu_blocks
         if blocks <= 0:
             return
@@ -109,7 +111,7 @@ class InferCeptPolicy(TrackingPolicy):
         if self.host_free() < blocks:
             del waste["swap"]
         choice = min(waste, key=lambda k: (waste[k], k))
-        terms: dict[str, d.Term] = {f"waste_{k}": round(v, 6) for k, v in waste.items()}
+        terms: dict[str, p.Term] = {f"waste_{k}": round(v, 6) for k, v in waste.items()}
         terms.update({"interception_s": round(t_int, 6), "blocks": blocks})
         if choice == "preserve":
             self._pin(agent, agent.deadline_s - self.now, "preserve:least_waste", terms, out)
@@ -126,21 +128,21 @@ class ContinuumPolicy(TrackingPolicy):
 
     name = "continuum"
 
-    def _on_tool_start(self, agent: AgentState, out: list[d.Decision]) -> None:
+    def _on_tool_start(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         if agent.gpu_blocks <= 0:
             return
         ttl = self.mean_predictor.predict_s(agent.klass, agent.tool_kind, agent.tool_hint)
         cap = self.config.continuum_ttl_max_s
-        terms: dict[str, d.Term] = {"predicted_s": round(ttl, 6), "ttl_cap_s": cap}
+        terms: dict[str, p.Term] = {"predicted_s": round(ttl, 6), "ttl_cap_s": cap}
         if ttl > cap:
             self._keep(agent, "keep:ttl_above_cap_unpinned", terms, out)
             return
         self._pin(agent, ttl, "pin:ttl_across_tool_call", terms, out)
 
-    def _on_llm_start(self, agent: AgentState, out: list[d.Decision]) -> None:
+    def _on_llm_start(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         """No host tier."""
 
-    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[d.Decision]) -> None:
+    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[p.DecisionRecord]) -> None:
         """No host tier."""
 
     def admission_order(
@@ -178,8 +180,8 @@ class KvFlowPolicy(LruOffloadPolicy):
                 continue
             pending = sum(
                 1
-                for p in succ.pred
-                if (a := app.agents.get(app.info.nodes[p].node_id)) is None or a.llm_calls == 0
+                for j in succ.pred
+                if (a := app.agents.get(app.info.nodes[j].node_id)) is None or a.llm_calls == 0
             )
             best = min(best, 1 + pending)
         return best
@@ -192,16 +194,18 @@ class KvFlowPolicy(LruOffloadPolicy):
         keyed.sort(key=lambda k: (k[0], k[1]))
         return [k[2] for k in keyed]
 
-    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[d.Decision]) -> None:
-        self._reload(agent, d.PREFETCH, "prefetch:next_to_execute", out)
+    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[p.DecisionRecord]) -> None:
+        self._reload(agent, p.PREFETCH, "prefetch:next_to_execute", out)
 
-    def _on_llm_finish(self, agent: AgentState, ev: LlmCallFinish, out: list[d.Decision]) -> None:
+    def _on_llm_finish(
+        self, agent: AgentState, ev: LlmCallFinish, out: list[p.DecisionRecord]
+    ) -> None:
         super()._on_llm_finish(agent, ev, out)
         app = agent.app
         for j in agent.node.succ:
             succ = app.info.nodes[j]
-            preds = [app.agents.get(app.info.nodes[p].node_id) for p in succ.pred]
-            if all(p is not None and p.llm_calls > 0 for p in preds):
-                for p in preds:
-                    if p is not None and p is not agent:
-                        self._reload(p, d.PREFETCH, "prefetch:successor_ready", out)
+            preds = [app.agents.get(app.info.nodes[i].node_id) for i in succ.pred]
+            if all(q is not None and q.llm_calls > 0 for q in preds):
+                for q in preds:
+                    if q is not None and q is not agent:
+                        self._reload(q, p.PREFETCH, "prefetch:successor_ready", out)

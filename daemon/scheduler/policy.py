@@ -42,9 +42,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tokencake.daemon.scheduler.decisions import Decision
 from tokencake.daemon.scheduler.events import Event, Tick
 from tokencake.plugins import Registry
+from tokencake.protocol import DecisionRecord
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +212,10 @@ class Policy(ABC):
         self.config = config if config is not None else PolicyConfig()
 
     @abstractmethod
-    def on_event(self, event: Event) -> list[Decision]:
+    def on_event(self, event: Event) -> list[DecisionRecord]:
         """Apply one event; return the decisions it causes (possibly none)."""
 
-    def tick(self, now: float) -> list[Decision]:
+    def tick(self, now: float) -> list[DecisionRecord]:
         return self.on_event(Tick(now))
 
     @abstractmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 
-from tokencake.daemon.scheduler import decisions as d
+from tokencake import protocol as p
 from tokencake.daemon.scheduler.agents import DONE, RUNNING, TOOL, AgentState
 from tokencake.daemon.scheduler.policy import PolicyConfig
 from tokencake.daemon.scheduler.uploads import UploadingPolicy
@@ -31,10 +31,10 @@ class TimedPolicy(UploadingPolicy):
         super().__init__(config)
         self._timers: list[tuple[float, int, int, AgentState, int]] = []
 
-    def _on_timer(self, kind: int, agent: AgentState, out: list[d.Decision]) -> None:
+    def _on_timer(self, kind: int, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         """Policy-specific timers (T_UPLOAD, T_LATE)."""
 
-    def _on_deadline(self, agent: AgentState, out: list[d.Decision]) -> None:
+    def _on_deadline(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         """The tool call overran its safety deadline: release its GPU KV."""
         if agent.gpu_blocks > 0:
             self._drop(agent, "gpu", agent.gpu_blocks, "safety_deadline", {}, out)
@@ -48,41 +48,41 @@ class TimedPolicy(UploadingPolicy):
         agent: AgentState,
         ttl_s: float,
         rule: str,
-        terms: dict[str, d.Term],
-        out: list[d.Decision],
+        terms: dict[str, p.Term],
+        out: list[p.DecisionRecord],
     ) -> None:
         if agent.pinned_until == -math.inf and agent.phase != RUNNING:
             self.gpu_free -= agent.gpu_blocks  # held: a pinned block is no longer evictable
         agent.pinned_until = self.now + ttl_s
         self._push_timer(agent.pinned_until, T_UNPIN, agent, agent.tool_token)
         out.append(
-            d.Pin(
+            p.PinDecision(
                 at_s=self.now,
                 app_id=agent.key[0],
                 agent_id=agent.key[1],
                 blocks=agent.gpu_blocks,
                 ttl_s=ttl_s,
-                reason=d.Reason(rule, terms),
+                reason=p.DecisionReason(rule, terms),
             )
         )
 
-    def _unpin(self, agent: AgentState, rule: str, out: list[d.Decision]) -> None:
+    def _unpin(self, agent: AgentState, rule: str, out: list[p.DecisionRecord]) -> None:
         if agent.pinned_until == -math.inf:
             return
         agent.pinned_until = -math.inf
         if agent.phase != RUNNING:
             self.gpu_free += agent.gpu_blocks  # idle cached blocks, evictable again
         out.append(
-            d.Unpin(
+            p.UnpinDecision(
                 at_s=self.now,
                 app_id=agent.key[0],
                 agent_id=agent.key[1],
                 blocks=agent.gpu_blocks,
-                reason=d.Reason(rule, {}),
+                reason=p.DecisionReason(rule, {}),
             )
         )
 
-    def _run_timers(self, out: list[d.Decision]) -> None:
+    def _run_timers(self, out: list[p.DecisionRecord]) -> None:
         timers = self._timers
         now = self.now
         while timers and timers[0][0] <= now:

@@ -47,8 +47,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from tokencake.daemon.scheduler import decisions as d
-from tokencake.daemon.scheduler import guard
+from tokencake import guard
+from tokencake import protocol as p
 from tokencake.daemon.scheduler.agents import DONE, IDLE, RUNNING, TOOL, WAITING, AgentState
 from tokencake.daemon.scheduler.policy import CachedKv, PolicyConfig, WaitingRequest
 from tokencake.daemon.scheduler.predictor import Z_Q10, Z_Q20, Z_Q95
@@ -83,7 +83,7 @@ class TokenCakePolicy(TrackingPolicy):
 
     # ------------------------------------------------------------------ temporal
 
-    def _on_tool_start(self, agent: AgentState, out: list[d.Decision]) -> None:
+    def _on_tool_start(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         if not self.temporal:
             return
         pred = agent.prediction
@@ -91,7 +91,7 @@ class TokenCakePolicy(TrackingPolicy):
         late_at = agent.tool_start + pred.quantile_s(Z_Q95)
         if self._likely_unread(agent):
             share, n = self.unread_share(agent.klass, agent.tool_kind)
-            terms: dict[str, d.Term] = {"unread_share": round(share, 4), "outcomes": round(n, 3)}
+            terms: dict[str, p.Term] = {"unread_share": round(share, 4), "outcomes": round(n, 3)}
             self._keep(agent, "keep:not_read_after_tool", terms, out)
             offloaded = False
         else:
@@ -115,7 +115,9 @@ class TokenCakePolicy(TrackingPolicy):
         share, n = self.unread_share(agent.klass, agent.tool_kind)
         return n >= UNREAD_MIN_OUTCOMES and share >= UNREAD_SHARE
 
-    def _offload_for_call(self, agent: AgentState, trigger: str, out: list[d.Decision]) -> bool:
+    def _offload_for_call(
+        self, agent: AgentState, trigger: str, out: list[p.DecisionRecord]
+    ) -> bool:
         """Offload an agent's idle KV for the rest of its tool call if that pays, and plan
         the upload to land by the low quantile of the return time. True when offloaded."""
         pred = agent.prediction
@@ -156,7 +158,7 @@ class TokenCakePolicy(TrackingPolicy):
         usage = 1.0 - self.gpu_free / self.gpu_total if self.gpu_total > 0 else 0.0
         return self.waiting_blocks() > 0 or usage >= self.config.offload_usage_floor
 
-    def _reexamine_kept(self, out: list[d.Decision]) -> None:
+    def _reexamine_kept(self, out: list[p.DecisionRecord]) -> None:
         """Waiting demand or pressure appeared: the KV kept for want of it is examined again,
         once, with what is left of each stall (the tool-start rule, not a new one)."""
         if not self._pressure():
@@ -169,7 +171,7 @@ class TokenCakePolicy(TrackingPolicy):
             self._offload_for_call(agent, "waiting_demand", out)
 
     def _consider_offload(
-        self, agent: AgentState, stall_s: float, trigger: str, out: list[d.Decision], z: float
+        self, agent: AgentState, stall_s: float, trigger: str, out: list[p.DecisionRecord], z: float
     ) -> bool:
         """Offload the agent's idle GPU KV if it pays; otherwise record why not."""
         cfg = self.config
@@ -181,7 +183,7 @@ class TokenCakePolicy(TrackingPolicy):
         t_back = self.cost.seconds("h2d", blocks, pieces)
         t_queue = self._h2d_queue_s(stall_s - t_back)
         margin = stall_s - (t_out + t_back + t_queue)
-        terms: dict[str, d.Term] = {
+        terms: dict[str, p.Term] = {
             "trigger": trigger,
             "blocks": blocks,
             "stall_quantile_s": stall_s,
@@ -210,21 +212,21 @@ class TokenCakePolicy(TrackingPolicy):
         self._keep(agent, rule, terms, out)
         return False
 
-    def _on_timer(self, kind: int, agent: AgentState, out: list[d.Decision]) -> None:
+    def _on_timer(self, kind: int, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         if agent.phase != TOOL:
             return
         pred = agent.prediction
         if kind == T_UPLOAD:
             if agent.host_blocks + agent.offloading > 0 and agent.upload_left == 0:
-                terms: dict[str, d.Term] = {
+                terms: dict[str, p.Term] = {
                     "elapsed_s": round(self.now - agent.tool_start, 6),
                     "predicted_median_s": round(pred.median_s, 6) if pred else None,
                 }
                 blocks = agent.host_blocks + agent.offloading - agent.uploading
-                self._start_upload(agent, blocks, d.PREDICTIVE, "predictive_upload", terms, out)
+                self._start_upload(agent, blocks, p.PREDICTIVE, "predictive_upload", terms, out)
         elif kind == T_LATE:
             elapsed = self.now - agent.tool_start
-            if agent.upload_left > 0 and agent.upload_priority != d.URGENT:
+            if agent.upload_left > 0 and agent.upload_priority != p.URGENT:
                 kept = self._cancel_upload(agent)
                 self._keep(
                     agent,
@@ -235,7 +237,7 @@ class TokenCakePolicy(TrackingPolicy):
             if agent.gpu_blocks > 0 and agent.offloading == 0 and not self._likely_unread(agent):
                 self._consider_offload(agent, elapsed, "overrun", out, 0.0)
 
-    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[d.Decision]) -> None:
+    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[p.DecisionRecord]) -> None:
         self._kept_idle.pop(agent.key, None)
         pending = agent.host_blocks + agent.offloading
         if pending <= 0:
@@ -243,16 +245,16 @@ class TokenCakePolicy(TrackingPolicy):
         pred = agent.prediction
         early = pred is not None and actual_s < pred.quantile_s(Z_Q10 if agent.critical else Z_Q20)
         self._reload(
-            agent, d.URGENT, "urgent_upload:early_return" if early else "urgent_upload:return", out
+            agent, p.URGENT, "urgent_upload:early_return" if early else "urgent_upload:return", out
         )
         agent.upload_reason["actual_s"] = round(actual_s, 6)
         if pred is not None:
             agent.upload_reason["predicted_median_s"] = round(pred.median_s, 6)
 
-    def _on_deadline(self, agent: AgentState, out: list[d.Decision]) -> None:
+    def _on_deadline(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         if agent.gpu_blocks <= 0:
             return
-        terms: dict[str, d.Term] = {"deadline_s": round(agent.deadline_s, 6)}
+        terms: dict[str, p.Term] = {"deadline_s": round(agent.deadline_s, 6)}
         if self.temporal and self.host_free() >= agent.gpu_blocks and agent.offloading == 0:
             self._offload(agent, agent.gpu_blocks, True, "offload:safety_deadline", terms, out)
         else:
@@ -260,7 +262,7 @@ class TokenCakePolicy(TrackingPolicy):
 
     # ------------------------------------------------------------------ spatial
 
-    def priority(self, agent: AgentState, now: float) -> tuple[float, dict[str, d.Term]]:
+    def priority(self, agent: AgentState, now: float) -> tuple[float, dict[str, p.Term]]:
         if not self.spatial:
             return super().priority(agent, now)
         node = agent.node
@@ -281,7 +283,7 @@ class TokenCakePolicy(TrackingPolicy):
         preempt = math.log1p(agent.preemptions)
         n_nodes = len(app.info.nodes)
         progress = app.done_nodes / n_nodes if n_nodes else 0.0
-        terms: dict[str, d.Term] = {
+        terms: dict[str, p.Term] = {
             "crit": round(crit, 4),
             "remaining": round(remaining, 4),
             "fanout": round(fanout, 4),
@@ -397,15 +399,15 @@ class TokenCakePolicy(TrackingPolicy):
 
     def allocation_verdict(
         self, app_id: str, agent_id: str, n_blocks: int, now: float
-    ) -> tuple[bool, d.Reason]:
+    ) -> tuple[bool, p.DecisionReason]:
         """``may_allocate`` with its reason (for logs and ``tokencake-ctl``): the shared
         critical-inversion guard (``guard``), which vLLM's ``TokenCakeScheduler`` applies
         with the same figures."""
         if not self.spatial or self.gpu_total <= 0:
-            return True, d.Reason("allow:unconstrained", {})
+            return True, p.DecisionReason("allow:unconstrained", {})
         agent = self._agent(app_id, agent_id, create=False)
         if agent is not None and agent.critical:
-            return True, d.Reason("allow:critical", {})
+            return True, p.DecisionReason("allow:critical", {})
         # Only critical agents that rank ahead of this one (an older app, or its own app)
         # are protected: memory kept for a critical agent of a newer app would idle while
         # the older app, which the admission order serves first, waits for it. A request
@@ -426,18 +428,18 @@ class TokenCakePolicy(TrackingPolicy):
         cap = guard.protect_cap(self.gpu_total, self.config.max_reserve_fraction)
         protect = guard.total_protected(ahead, cap)
         v = guard.verdict(critical=False, need=n_blocks, free=self.gpu_free, protect=protect)
-        terms: dict[str, d.Term] = {
+        terms: dict[str, p.Term] = {
             "n_blocks": n_blocks,
             "gpu_free": self.gpu_free,
             "protected_for_critical": protect,
             "protect_cap": cap,
         }
-        return v.allowed, d.Reason(v.rule, terms)
+        return v.allowed, p.DecisionReason(v.rule, terms)
 
     def may_allocate(self, app_id: str, agent_id: str, n_blocks: int, now: float) -> bool:
         return self.allocation_verdict(app_id, agent_id, n_blocks, now)[0]
 
-    def _on_engine_state(self, out: list[d.Decision]) -> None:
+    def _on_engine_state(self, out: list[p.DecisionRecord]) -> None:
         if self.temporal and self._kept_idle:
             self._reexamine_kept(out)
         if not self.spatial or self.gpu_total <= 0:
@@ -447,7 +449,7 @@ class TokenCakePolicy(TrackingPolicy):
         self._last_partition_s = self.now
         self._repartition(out)
 
-    def _repartition(self, out: list[d.Decision]) -> None:
+    def _repartition(self, out: list[p.DecisionRecord]) -> None:
         """Per-class reservations from critical demand; O(number of classes)."""
         demand: dict[str, int] = {}
         for c, used in self.class_crit_usage.items():
@@ -475,19 +477,19 @@ class TokenCakePolicy(TrackingPolicy):
             return
         self.reservations = new
         reserved = sum(new.values())
-        terms: dict[str, d.Term] = {
+        terms: dict[str, p.Term] = {
             "cap_blocks": cap,
             "critical_demand_blocks": want,
             "scale": round(scale, 4),
             "gpu_total": self.gpu_total,
         }
         out.append(
-            d.Partition(
+            p.PartitionDecision(
                 at_s=self.now,
                 blocks=reserved,
                 reservations=dict(new),
                 shared_blocks=self.gpu_total - reserved,
-                reason=d.Reason("partition:critical_demand", terms),
+                reason=p.DecisionReason("partition:critical_demand", terms),
             )
         )
 

@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tokencake.daemon.scheduler import decisions as d
+from tokencake import protocol as p
 from tokencake.daemon.scheduler.agents import DONE, IDLE, RUNNING, TOOL, AgentState, AppState
 from tokencake.daemon.scheduler.dag import DagError, analyse
 from tokencake.daemon.scheduler.events import (
@@ -59,7 +59,7 @@ class TrackingPolicy(TimedPolicy):
 
     def __init__(self, config: PolicyConfig | None = None) -> None:
         super().__init__(config)
-        self._handlers: dict[type, Callable[[Any, list[d.Decision]], None]] = {
+        self._handlers: dict[type, Callable[[Any, list[p.DecisionRecord]], None]] = {
             AppRegistered: self._ev_app_registered,
             LlmCallStart: self._ev_llm_start,
             LlmCallAdmitted: self._ev_llm_admitted,
@@ -77,14 +77,14 @@ class TrackingPolicy(TimedPolicy):
 
     # ------------------------------------------------------------------ driver
 
-    def on_event(self, event: Event) -> list[d.Decision]:
+    def on_event(self, event: Event) -> list[p.DecisionRecord]:
         now = event.now
         if not math.isfinite(now):
             raise EventOrderError(f"event time must be finite, got {now!r}")
         if now < self.now:
             raise EventOrderError(f"event at {now} is before the previous one at {self.now}")
         self.now = now
-        out: list[d.Decision] = []
+        out: list[p.DecisionRecord] = []
         handler = self._handlers.get(type(event))
         if handler is None:
             raise TypeError(f"not a scheduler event: {type(event).__name__}")
@@ -98,29 +98,31 @@ class TrackingPolicy(TimedPolicy):
 
     # ------------------------------------------------------------------ hooks
 
-    def _on_app_registered(self, app: AppState, out: list[d.Decision]) -> None:
+    def _on_app_registered(self, app: AppState, out: list[p.DecisionRecord]) -> None:
         """Called once per new app."""
 
-    def _on_llm_start(self, agent: AgentState, out: list[d.Decision]) -> None:
+    def _on_llm_start(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         """Default: KV that is only on the host comes back now (reload on a prefix hit)."""
-        self._reload(agent, d.URGENT, "reload_on_llm_start", out)
+        self._reload(agent, p.URGENT, "reload_on_llm_start", out)
 
-    def _on_llm_finish(self, agent: AgentState, ev: LlmCallFinish, out: list[d.Decision]) -> None:
+    def _on_llm_finish(
+        self, agent: AgentState, ev: LlmCallFinish, out: list[p.DecisionRecord]
+    ) -> None:
         """Called after the agent's KV size was updated."""
 
-    def _on_tool_start(self, agent: AgentState, out: list[d.Decision]) -> None:
+    def _on_tool_start(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         """The tool call and its prediction are recorded; decide what to do with the KV."""
 
-    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[d.Decision]) -> None:
+    def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[p.DecisionRecord]) -> None:
         """Default: KV that went to the host during the call comes back with priority."""
-        self._reload(agent, d.URGENT, "early_or_on_time_return", out)
+        self._reload(agent, p.URGENT, "early_or_on_time_return", out)
 
-    def _on_engine_state(self, out: list[d.Decision]) -> None:
+    def _on_engine_state(self, out: list[p.DecisionRecord]) -> None:
         """Called after each engine report and each tick."""
 
     # ------------------------------------------------------------------ event handlers
 
-    def _ev_app_registered(self, ev: AppRegistered, out: list[d.Decision]) -> None:
+    def _ev_app_registered(self, ev: AppRegistered, out: list[p.DecisionRecord]) -> None:
         if ev.app_id in self.apps:
             return
         cfg = self.config
@@ -138,7 +140,7 @@ class TrackingPolicy(TimedPolicy):
         app = self.apps[ev.app_id] = AppState(ev.app_id, info, ev.now, ev.tenant)
         self._on_app_registered(app, out)
 
-    def _ev_llm_start(self, ev: LlmCallStart, out: list[d.Decision]) -> None:
+    def _ev_llm_start(self, ev: LlmCallStart, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id)
         if agent is None:
             return
@@ -169,7 +171,7 @@ class TrackingPolicy(TimedPolicy):
                 self._reader_outcome(pred, True)
         self._on_llm_start(agent, out)
 
-    def _ev_llm_admitted(self, ev: LlmCallAdmitted, out: list[d.Decision]) -> None:
+    def _ev_llm_admitted(self, ev: LlmCallAdmitted, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id)
         if agent is None:
             return
@@ -184,7 +186,7 @@ class TrackingPolicy(TimedPolicy):
         agent.last_used_s = ev.now
         self._unpin(agent, "running", out)
 
-    def _ev_llm_preempted(self, ev: LlmCallPreempted, out: list[d.Decision]) -> None:
+    def _ev_llm_preempted(self, ev: LlmCallPreempted, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id, create=False)
         if agent is None:
             return
@@ -194,7 +196,7 @@ class TrackingPolicy(TimedPolicy):
         agent.preemptions += 1
         self._add_waiting(agent, max(freed, 1))
 
-    def _ev_llm_finish(self, ev: LlmCallFinish, out: list[d.Decision]) -> None:
+    def _ev_llm_finish(self, ev: LlmCallFinish, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id)
         if agent is None:
             return
@@ -216,7 +218,7 @@ class TrackingPolicy(TimedPolicy):
         agent.last_used_s = ev.now
         self._on_llm_finish(agent, ev, out)
 
-    def _ev_tool_start(self, ev: ToolCallStart, out: list[d.Decision]) -> None:
+    def _ev_tool_start(self, ev: ToolCallStart, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id)
         if agent is None:
             return
@@ -239,13 +241,13 @@ class TrackingPolicy(TimedPolicy):
         self._push_timer(agent.deadline_s, T_DEADLINE, agent, agent.tool_token)
         self._on_tool_start(agent, out)
 
-    def _ev_tool_end(self, ev: ToolCallEnd, out: list[d.Decision]) -> None:
+    def _ev_tool_end(self, ev: ToolCallEnd, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id, create=False)
         if agent is None or agent.phase != TOOL:
             return
         self._finish_tool(agent, out)
 
-    def _finish_tool(self, agent: AgentState, out: list[d.Decision]) -> None:
+    def _finish_tool(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         actual = self.now - agent.tool_start
         self.predictor.observe(
             agent.klass, agent.tool_kind, actual, agent.tool_hint, agent.prediction
@@ -260,7 +262,7 @@ class TrackingPolicy(TimedPolicy):
         self._unpin(agent, "tool_returned", out)
         self._on_tool_end(agent, actual, out)
 
-    def _ev_app_end(self, ev: AppEnd, out: list[d.Decision]) -> None:
+    def _ev_app_end(self, ev: AppEnd, out: list[p.DecisionRecord]) -> None:
         app = self.apps.get(ev.app_id)
         if app is None or app.ended:
             return
@@ -288,7 +290,7 @@ class TrackingPolicy(TimedPolicy):
             self._set_gpu(agent, 0)
         self.apps.pop(app.app_id, None)
 
-    def _ev_engine_state(self, ev: EngineState, out: list[d.Decision]) -> None:
+    def _ev_engine_state(self, ev: EngineState, out: list[p.DecisionRecord]) -> None:
         self.gpu_total = max(ev.gpu_blocks_total, 0)
         self.gpu_free = max(ev.gpu_blocks_free, 0)
         self.reported_waiting = ev.num_waiting
@@ -301,10 +303,10 @@ class TrackingPolicy(TimedPolicy):
             self.host_used_at_report = self.host_used
         self._on_engine_state(out)
 
-    def _ev_transfer_measured(self, ev: TransferMeasured, out: list[d.Decision]) -> None:
+    def _ev_transfer_measured(self, ev: TransferMeasured, out: list[p.DecisionRecord]) -> None:
         self.cost.observe(ev.direction, ev.nbytes, ev.seconds)
 
-    def _ev_transfer_done(self, ev: TransferDone, out: list[d.Decision]) -> None:
+    def _ev_transfer_done(self, ev: TransferDone, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id, create=False)
         if agent is None:
             return
@@ -315,7 +317,9 @@ class TrackingPolicy(TimedPolicy):
         if agent.app.ended:
             self._forget_if_settled(agent.app)
 
-    def _offload_done(self, agent: AgentState, ev: TransferDone, out: list[d.Decision]) -> None:
+    def _offload_done(
+        self, agent: AgentState, ev: TransferDone, out: list[p.DecisionRecord]
+    ) -> None:
         blocks = min(max(ev.blocks, 0), agent.offloading)
         agent.offloading -= blocks
         self.gpu_free += blocks  # the copy let go of them: empty, or idle cached again
@@ -332,9 +336,11 @@ class TrackingPolicy(TimedPolicy):
         elif agent.upload_parked and agent.upload_left > 0:
             self._requeue_upload(agent)
         elif agent.phase != TOOL and agent.offload_moves:
-            self._reload(agent, d.URGENT, "returned_during_offload", out)
+            self._reload(agent, p.URGENT, "returned_during_offload", out)
 
-    def _upload_done(self, agent: AgentState, ev: TransferDone, out: list[d.Decision]) -> None:
+    def _upload_done(
+        self, agent: AgentState, ev: TransferDone, out: list[p.DecisionRecord]
+    ) -> None:
         blocks = min(max(ev.blocks, 0), agent.uploading)
         agent.uploading -= blocks
         self.h2d_in_flight -= blocks
@@ -348,7 +354,7 @@ class TrackingPolicy(TimedPolicy):
             return
         self.gpu_free += blocks
         agent.upload_failures += 1
-        failures: dict[str, d.Term] = {"failures": agent.upload_failures}
+        failures: dict[str, p.Term] = {"failures": agent.upload_failures}
         if agent.phase == DONE:
             self._drop(agent, "host", agent.host_blocks, "app_end", {}, out)
         elif agent.upload_failures >= MAX_UPLOAD_FAILURES:
@@ -359,7 +365,7 @@ class TrackingPolicy(TimedPolicy):
                 agent, blocks, agent.upload_priority, "retry_failed_piece", failures, out
             )
 
-    def _ev_kv_evicted(self, ev: KvEvicted, out: list[d.Decision]) -> None:
+    def _ev_kv_evicted(self, ev: KvEvicted, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id, create=False)
         if agent is None:
             return
@@ -375,7 +381,7 @@ class TrackingPolicy(TimedPolicy):
                 agent.upload_left, agent.host_blocks + agent.offloading - agent.uploading
             )
 
-    def _ev_tick(self, ev: Tick, out: list[d.Decision]) -> None:
+    def _ev_tick(self, ev: Tick, out: list[p.DecisionRecord]) -> None:
         self._on_engine_state(out)
 
     # ------------------------------------------------------------------ queries (defaults)
@@ -402,7 +408,7 @@ class TrackingPolicy(TimedPolicy):
 
     # ------------------------------------------------------------------ introspection
 
-    def priority(self, agent: AgentState, now: float) -> tuple[float, dict[str, d.Term]]:
+    def priority(self, agent: AgentState, now: float) -> tuple[float, dict[str, p.Term]]:
         """Scheduling priority of an agent (higher first). Base: importance only."""
         return agent.node.importance, {"importance": agent.node.importance}
 

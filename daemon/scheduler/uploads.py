@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 
-from tokencake.daemon.scheduler import decisions as d
+from tokencake import protocol as p
 from tokencake.daemon.scheduler.accounting import AccountingPolicy
 from tokencake.daemon.scheduler.agents import DONE, RUNNING, AgentState
 from tokencake.daemon.scheduler.policy import PolicyConfig
@@ -32,7 +32,9 @@ class UploadingPolicy(AccountingPolicy):
         self._uploads: list[tuple[int, int, AgentState, int]] = []
         self._upload_queued = False
 
-    def _reload(self, agent: AgentState, priority: int, rule: str, out: list[d.Decision]) -> None:
+    def _reload(
+        self, agent: AgentState, priority: int, rule: str, out: list[p.DecisionRecord]
+    ) -> None:
         """Bring back the agent's KV that is only on the host (or about to be)."""
         if self.keep_host_copy:
             missing = agent.kv_size - agent.gpu_blocks - agent.uploading - agent.upload_left
@@ -49,8 +51,8 @@ class UploadingPolicy(AccountingPolicy):
         blocks: int,
         priority: int,
         rule: str,
-        terms: dict[str, d.Term],
-        out: list[d.Decision],
+        terms: dict[str, p.Term],
+        out: list[p.DecisionRecord],
     ) -> None:
         """Queue ``blocks`` more for upload (or raise the priority of a queued upload)."""
         if agent.upload_left <= 0:
@@ -83,7 +85,7 @@ class UploadingPolicy(AccountingPolicy):
         self._seq += 1
         heapq.heappush(self._uploads, (agent.upload_priority, self._seq, agent, agent.upload_token))
 
-    def _pump_uploads(self, out: list[d.Decision]) -> None:
+    def _pump_uploads(self, out: list[p.DecisionRecord]) -> None:
         cfg = self.config
         heap = self._uploads
         issued = 0
@@ -106,7 +108,7 @@ class UploadingPolicy(AccountingPolicy):
                 continue
             budget = self._upload_budget(agent, prio, piece, head)
             if budget < piece:
-                if prio != d.URGENT or budget <= 0:
+                if prio != p.URGENT or budget <= 0:
                     break
                 piece = budget
             issued += 1
@@ -124,13 +126,13 @@ class UploadingPolicy(AccountingPolicy):
         # The agent's own idle cached blocks count as free, but not for its own upload
         # (they hold the part of its KV already back, and nothing evicts them for it).
         own = agent.gpu_blocks if agent.phase != RUNNING and agent.pinned_until == -math.inf else 0
-        if prio == d.URGENT:
+        if prio == p.URGENT:
             protect = head.wait_blocks if head is not None and head is not agent else 0
             return self.gpu_free - own - protect
         return self.gpu_free - own - self.waiting_blocks()
 
     def _release_piece(
-        self, agent: AgentState, piece: int, prio: int, budget: int, out: list[d.Decision]
+        self, agent: AgentState, piece: int, prio: int, budget: int, out: list[p.DecisionRecord]
     ) -> None:
         agent.upload_piece += 1
         agent.upload_pieces = max(agent.upload_pieces, agent.upload_piece)
@@ -138,12 +140,12 @@ class UploadingPolicy(AccountingPolicy):
         self.h2d_in_flight += piece
         agent.upload_left -= piece
         self.gpu_free -= piece
-        terms: dict[str, d.Term] = dict(agent.upload_reason)
+        terms: dict[str, p.Term] = dict(agent.upload_reason)
         rule = str(terms.pop("rule", "upload"))
         terms["budget_blocks"] = budget
         terms["left_blocks"] = agent.upload_left
         out.append(
-            d.Upload(
+            p.UploadDecision(
                 at_s=self.now,
                 app_id=agent.key[0],
                 agent_id=agent.key[1],
@@ -151,6 +153,6 @@ class UploadingPolicy(AccountingPolicy):
                 priority=prio,
                 piece=agent.upload_piece,
                 pieces=agent.upload_pieces,
-                reason=d.Reason(rule, terms),
+                reason=p.DecisionReason(rule, terms),
             )
         )

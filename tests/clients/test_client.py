@@ -95,7 +95,7 @@ def test_decisions_are_pushed_to_the_registering_engine(daemon: DaemonProcess) -
         offloads = [d for d in pushes if d.kind == "offload"]
         assert offloads, pushes
         assert offloads[0].agent_id == "slow" and offloads[0].blocks == 50
-        assert offloads[0].reason["rule"].startswith("offload")
+        assert offloads[0].reason.rule.startswith("offload")
         assert app.poll_pushes() == []  # only the engine gets pushes
         recorded = app.list_decisions(agent_id="slow").decisions
         assert any(d.kind == "offload" for d in recorded)

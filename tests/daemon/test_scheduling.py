@@ -79,7 +79,7 @@ def test_policy_runs_in_the_daemon(policy: str) -> None:
         assert isinstance(records, p.ListDecisionsReply)
         for record in records.decisions:
             assert record.policy == policy
-            assert record.reason["rule"]
+            assert record.reason.rule
             msgspec.msgpack.encode(record)  # every reason is wire-safe
         if policy in {"tokencake", "tokencake-temporal"}:
             kinds = {d.kind for d in records.decisions if d.agent_id == "plan"}

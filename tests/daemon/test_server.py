@@ -203,7 +203,7 @@ def test_agent_events_and_introspection(client: TokenCakeClient, engine_id: str)
     assert apps[0].edges == [("plan", "code"), ("code", "test")]
     assert apps[0].node_states["plan"] == "idle"
     decisions = client.list_decisions(limit=100).decisions
-    assert all(d.reason.get("rule") for d in decisions)
+    assert all(d.reason.rule for d in decisions)
     assert client.app_end("app-1").accepted
     expect_error(ErrorCode.UNKNOWN_APP, client.llm_call_start, "app-1", "plan")
 

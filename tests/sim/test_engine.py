@@ -8,17 +8,14 @@ import pytest
 
 from tokencake.daemon.scheduler import (
     CachedKv,
-    Decision,
-    Offload,
     Policy,
-    Reason,
     ToolCallEnd,
     ToolCallStart,
-    Upload,
     WaitingRequest,
     create_policy,
 )
 from tokencake.daemon.scheduler.events import Event
+from tokencake.protocol import DecisionReason, DecisionRecord, OffloadDecision, UploadDecision
 from tokencake.sim.engine import SimulationError, SimulationStalled, Simulator
 from tokencake.sim.generators import get_generator, make_trace
 from tokencake.sim.kvpool import GpuPool, chain_keys
@@ -142,7 +139,7 @@ class _PinEverything(Policy):
 
     name = "pin-everything"
 
-    def on_event(self, event: Event) -> list[Decision]:
+    def on_event(self, event: Event) -> list[DecisionRecord]:
         return []
 
     def admission_order(
@@ -182,13 +179,13 @@ class _Recorder(Policy):
         self.offloads = 0
         self.uploads = 0
 
-    def on_event(self, event: Event) -> list[Decision]:
+    def on_event(self, event: Event) -> list[DecisionRecord]:
         self.times.append(event.now)
         self.tool_starts += isinstance(event, ToolCallStart)
         self.tool_ends += isinstance(event, ToolCallEnd)
         out = self.inner.on_event(event)
-        self.offloads += sum(isinstance(d, Offload) for d in out)
-        self.uploads += sum(isinstance(d, Upload) for d in out)
+        self.offloads += sum(isinstance(d, OffloadDecision) for d in out)
+        self.uploads += sum(isinstance(d, UploadDecision) for d in out)
         return out
 
     def admission_order(
@@ -209,7 +206,7 @@ def test_event_stream_is_ordered_and_complete() -> None:
     Simulator(tr, rec, TIGHT).run()
     assert rec.times == sorted(rec.times)
     assert rec.tool_starts == rec.tool_ends == 2 * 18
-    assert Reason("x").rule == "x"
+    assert DecisionReason("x").rule == "x"
 
 
 def test_pool_rejects_double_release() -> None:

@@ -153,9 +153,9 @@ def test_user_workload_file(tmp_path: Path) -> None:
 
 
 def test_plain_traffic_is_served_but_never_reaches_the_policy(tmp_path: Path) -> None:
-    from tokencake.daemon.scheduler import Decision
     from tokencake.daemon.scheduler.events import Event
     from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
+    from tokencake.protocol import DecisionRecord
     from tokencake.sim.engine import Simulator
     from tokencake.sim.profiles import get_profile
     from tokencake.sim.runner import policy_config
@@ -177,7 +177,7 @@ def test_plain_traffic_is_served_but_never_reaches_the_policy(tmp_path: Path) ->
     seen: set[str] = set()
 
     class Spy(TokenCakePolicy):
-        def on_event(self, event: Event) -> list[Decision]:
+        def on_event(self, event: Event) -> list[DecisionRecord]:
             seen.add(getattr(event, "app_id", ""))
             return super().on_event(event)
 

@@ -111,7 +111,7 @@ def test_daemon_policy_offloads_uploads_and_the_continuation_hits(
             offloads = _records(client, "coder", "offload")
             assert offloads, f"the policy did not offload: {_why(client)}"
             assert offloads[0].engine_id == engine_id
-            assert offloads[0].reason["rule"] == "offload:stall_exceeds_round_trip"
+            assert offloads[0].reason.rule == "offload:stall_exceeds_round_trip"
             assert offloads[0].blocks == len(hashes)
             # The connector applies it in the next steps: store, commit, free on the GPU.
             steps.until(lambda: all(pool.get_cached_block(h, [0]) is None for h in hashes))
@@ -122,8 +122,8 @@ def test_daemon_policy_offloads_uploads_and_the_continuation_hits(
             # The predictive upload comes before the predicted return (a low quantile of it).
             steps.until(lambda: bool(_records(client, "coder", "upload")))
             upload = _records(client, "coder", "upload")[0]
-            assert upload.reason["rule"] == "predictive_upload"
-            assert upload.reason["params"]["priority"] == 1
+            assert upload.reason.rule == "predictive_upload"
+            assert isinstance(upload, p.UploadDecision) and upload.priority == p.PREDICTIVE
             assert upload.at_s - offloads[0].at_s < TOOL_S
         steps.until(lambda: other in steps.done, timeout_s=60)
         cont = prompt + steps.done[first].token_ids + _ids(3, 40)

@@ -205,12 +205,21 @@ def test_loaded_bytes_are_the_stored_bytes(engine: Any) -> None:
     assert bad.token_ids != good.token_ids or bad.logprobs != pytest.approx(good.logprobs)
 
 
-def _decision(kind: str, agent_id: str, **params: Any) -> Any:
-    """A decision record as tokencaked pushes it (``reason.params`` holds the kind's fields)."""
+def _decision(kind: str, agent_id: str, **fields: Any) -> Any:
+    """A decision as tokencaked pushes it: the kind's struct with its typed fields."""
+    from typing import get_args
+
     from tokencake import protocol as p
 
-    reason: dict[str, Any] = {"rule": "test", "terms": {}, "params": params}
-    return p.DecisionRecord(0, 0.0, kind, "app-e2e", agent_id, "", 0, 0.0, "test", reason)
+    cls = {c.__struct_config__.tag: c for c in get_args(p.PushedDecision)}[kind]
+    return cls(
+        app_id="app-e2e",
+        agent_id=agent_id,
+        at_s=0.0,
+        policy="test",
+        reason=p.DecisionReason("test"),
+        **fields,
+    )
 
 
 def test_decision_after_block_reuse_leaves_other_requests_kv_alone(engine: Any) -> None:

@@ -207,9 +207,7 @@ class Cell:
         with TokenCakeClient(self.daemon.endpoint, timeout_s=2.0) as client:
             records = client.list_decisions(200).decisions
         return "; ".join(
-            f"{d.agent_id} {d.kind} {d.reason.get('rule') if isinstance(d.reason, dict) else ''}"
-            for d in records
-            if d.app_id == self.app
+            f"{d.agent_id} {d.kind} {d.reason.rule}" for d in records if d.app_id == self.app
         )
 
     def nudge_until(self, cond: Callable[[], bool], timeout_s: float = 60.0) -> None:

@@ -204,7 +204,7 @@ def test_predictive_upload_on_an_idle_engine_gives_the_continuation_a_gpu_hit(
         assert not engine.llm_engine.has_unfinished_requests()
         decisions = {d.kind: d for d in client.list_decisions(500, "coder").decisions}
     assert "offload" in decisions
-    assert decisions["upload"].reason["rule"] == "predictive_upload"
+    assert decisions["upload"].reason.rule == "predictive_upload"
     assert len(conn._resident([], hashes)) == len(hashes)  # back in vLLM's prefix cache
     assert conn.stats.preloaded_blocks == len(hashes)
     # The continuation arrives after the upload: a local hit, nothing to load.

@@ -13,30 +13,34 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
+from tokencake import protocol as p
 from tokencake.daemon.scheduler import (
     AppEnd,
     AppRegistered,
     CachedKv,
-    Decision,
-    Drop,
     EngineState,
     KvEvicted,
     LlmCallAdmitted,
     LlmCallFinish,
     LlmCallStart,
-    Offload,
-    Pin,
     Policy,
     PolicyConfig,
     ToolCallEnd,
     ToolCallStart,
     TransferDone,
-    Unpin,
-    Upload,
     WaitingRequest,
     create_policy,
 )
-from tokencake.protocol import AppDag, DagNode
+from tokencake.protocol import (
+    AppDag,
+    DagNode,
+    DecisionRecord,
+    DropDecision,
+    OffloadDecision,
+    PinDecision,
+    UnpinDecision,
+    UploadDecision,
+)
 
 
 class InvariantError(AssertionError):
@@ -127,7 +131,7 @@ class ToyEngine:
         self.done_apps = 0
         self.stats = Stats()
         self.keep_host_copy = bool(getattr(policy, "keep_host_copy", False))
-        self._queue: deque[Decision] = deque()
+        self._queue: deque[DecisionRecord] = deque()
         self._draining = False
 
     # ------------------------------------------------------------------ accounting
@@ -157,7 +161,7 @@ class ToyEngine:
         upload pieces counts on them landing in that order)."""
         self._carry_out(self.policy.on_event(event))  # type: ignore[arg-type]
 
-    def _carry_out(self, decisions: list[Decision]) -> None:
+    def _carry_out(self, decisions: list[DecisionRecord]) -> None:
         self._queue.extend(decisions)
         if self._draining:
             return
@@ -168,10 +172,10 @@ class ToyEngine:
         finally:
             self._draining = False
 
-    def apply(self, dec: Decision) -> None:
-        self.stats.decisions.append(dec.to_dict())
+    def apply(self, dec: DecisionRecord) -> None:
+        self.stats.decisions.append(p.to_builtins(dec))
         agent = self.agents.get((dec.app_id, dec.agent_id))
-        if isinstance(dec, Offload):
+        if isinstance(dec, OffloadDecision):
             assert agent is not None
             if agent.phase == "running":
                 raise InvariantError(f"offload of running agent {dec.agent_id} at {self.now}")
@@ -186,7 +190,7 @@ class ToyEngine:
             agent.pinned_until = -math.inf
             self.pending_copies.append((agent, "d2h", dec.blocks))
             self.stats.offloaded += dec.blocks
-        elif isinstance(dec, Upload):
+        elif isinstance(dec, UploadDecision):
             assert agent is not None
             # As in vLLM, blocks for an upload may come from idle cached KV (evicted).
             room = self.gpu_total - self.gpu_used() + self.evictable_blocks(agent)
@@ -199,7 +203,7 @@ class ToyEngine:
             agent.h2d += dec.blocks
             self.pending_copies.append((agent, "h2d", dec.blocks))
             self.stats.uploaded += dec.blocks
-        elif isinstance(dec, Drop):
+        elif isinstance(dec, DropDecision):
             assert agent is not None
             if dec.where == "gpu":
                 if agent.phase == "running":
@@ -210,10 +214,10 @@ class ToyEngine:
                     raise InvariantError("drop of host blocks being uploaded or absent")
                 agent.host -= dec.blocks
                 self.stats.dropped_host += dec.blocks
-        elif isinstance(dec, Pin):
+        elif isinstance(dec, PinDecision):
             assert agent is not None
             agent.pinned_until = self.now + dec.ttl_s
-        elif isinstance(dec, Unpin):
+        elif isinstance(dec, UnpinDecision):
             assert agent is not None
             agent.pinned_until = -math.inf
 
@@ -449,8 +453,8 @@ def random_apps(
             nodes.append(NodeSpec(f"n{j}", calls, importance=rng.choice([1.0, 1.0, 2.0])))
         edges = []
         for j in range(1, n_nodes):
-            for p in rng.sample(range(j), k=min(j, rng.randint(1, 2))):
-                edges.append((f"n{p}", f"n{j}"))
+            for pred in rng.sample(range(j), k=min(j, rng.randint(1, 2))):
+                edges.append((f"n{pred}", f"n{j}"))
         apps.append(AppSpec(f"app{i}", round(t, 3), nodes, edges))
     return apps
 

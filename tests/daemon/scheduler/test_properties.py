@@ -29,7 +29,7 @@ from tests.daemon.scheduler.engine_model import (
     random_apps,
     run_policy,
 )
-from tokencake.daemon.scheduler import Offload, Pin, Unpin, list_policies
+from tokencake.daemon.scheduler import list_policies
 
 POLICIES = [p.name for p in list_policies()]
 
@@ -82,12 +82,12 @@ def test_offload_ends_the_pin_and_the_upload_finds_room() -> None:
     ended_by_offload = 0
     for dec in eng.stats.decisions:
         key = (dec["app_id"], dec["agent_id"])
-        if dec["kind"] == Pin.kind:
+        if dec["kind"] == "pin":
             pinned.add(key)
-        elif dec["kind"] == Offload.kind and key in pinned:
+        elif dec["kind"] == "offload" and key in pinned:
             ended_by_offload += 1
             pinned.discard(key)
-        elif dec["kind"] == Unpin.kind:
+        elif dec["kind"] == "unpin":
             pinned.discard(key)
     assert ended_by_offload > 0
     assert eng.done_apps == 12

@@ -8,7 +8,6 @@ from tests.daemon.scheduler.test_tokencake import make
 from tokencake.daemon.scheduler import (
     AppEnd,
     AppRegistered,
-    Decision,
     EngineState,
     LlmCallAdmitted,
     LlmCallFinish,
@@ -18,10 +17,10 @@ from tokencake.daemon.scheduler import (
     TransferDone,
 )
 from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
-from tokencake.protocol import AppDag, DagNode
+from tokencake.protocol import AppDag, DagNode, DecisionRecord
 
 
-def _app(p: TokenCakePolicy, i: int, read_after: bool) -> list[Decision]:
+def _app(p: TokenCakePolicy, i: int, read_after: bool) -> list[DecisionRecord]:
     """App ``i``: agent "a" calls a 5 s tool under pressure; then "b" (its DAG successor,
     which reads a's context) runs, or the app ends with a's KV unread."""
     t = 100.0 * i
@@ -70,7 +69,7 @@ def test_uploads_already_queued_count_in_the_round_trip() -> None:
     """Same call, same pressure: offloaded on an idle host link, kept when 3,000 blocks of
     uploads (about 3 s at 1 GB/s) are in flight ahead of the one it would need."""
 
-    def tool_start(p: TokenCakePolicy, app: str, t: float) -> list[Decision]:
+    def tool_start(p: TokenCakePolicy, app: str, t: float) -> list[DecisionRecord]:
         p.on_event(AppRegistered(t, app, AppDag(nodes=[DagNode(id="a", agent_type="w")])))
         p.on_event(EngineState(t, 10000, 5000, num_waiting=3, waiting_blocks=200))
         p.on_event(LlmCallStart(t, app, "a", "r", blocks=100))
