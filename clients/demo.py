@@ -20,7 +20,6 @@ import functools
 import hashlib
 import heapq
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from tokencake import protocol as p
 from tokencake.cli import HELP_OPTIONS, Command, is_endpoint
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient, resolve_endpoint
 from tokencake.clients.kv_arena import ArenaMapping
+from tokencake.clients.launcher import DaemonProcess, LaunchError, daemon_flags, launch
 from tokencake.clients.session import AgentSession, AppSession
 from tokencake.layout import KvLayout
 
@@ -67,6 +67,7 @@ DAG = p.AppDag(
 TOOLS = {"planner": ("search", 1.5), "coder_a": ("tests", 2.5), "coder_b": ("tests", 2.5)}
 PROMPT_BLOCKS = 40
 DECODE_S = 0.3
+DAEMON_START_S = 30.0
 
 
 def block_bytes(app_id: str, agent_id: str, index: int) -> np.ndarray:
@@ -356,13 +357,7 @@ class DemoRun:
                 self.engine.apply(decision)
 
 
-@dataclass
-class StartedDaemon:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-
-def _ensure_daemon(endpoint: str, say: Callable[[str], None]) -> StartedDaemon | None:
+def _ensure_daemon(endpoint: str, say: Callable[[str], None]) -> DaemonProcess | None:
     try:
         with TokenCakeClient(endpoint, timeout_s=0.3) as c:
             c.ping()
@@ -371,30 +366,21 @@ def _ensure_daemon(endpoint: str, say: Callable[[str], None]) -> StartedDaemon |
     except DaemonUnavailable:
         pass
     say(f"starting tokencaked (embedded default) on {endpoint}")
-    # Its log goes to a file, not a pipe: a daemon left running (--keep) outlives this
-    # process, and would stop on a write to a pipe nobody reads.
+    # Its own session and a log file: a daemon left running (--keep) outlives this process.
     fd, log_name = tempfile.mkstemp(prefix="tokencaked-demo-", suffix=".log")
-    with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tokencake.daemon", "--log-text"],
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
+    os.close(fd)
+    try:
+        return launch(
+            *daemon_flags(metrics_port=None),
+            endpoint=endpoint,
+            instance=None,
+            log_path=Path(log_name),
+            inherit_settings=True,
+            detach=True,
+            timeout_s=DAEMON_START_S,
         )
-    started = StartedDaemon(proc, Path(log_name))
-    deadline = time.monotonic() + 30
-    with TokenCakeClient(endpoint, timeout_s=0.5) as c:
-        while True:
-            if proc.poll() is not None:
-                err = started.log_path.read_text(errors="replace")
-                raise click.ClickException(f"tokencaked exited {proc.returncode}:\n{err}")
-            try:
-                c.ping()
-                return started
-            except DaemonUnavailable:
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    raise click.ClickException("tokencaked did not come up in 30 s") from None
+    except LaunchError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.command(cls=Command, context_settings=HELP_OPTIONS)
@@ -461,8 +447,7 @@ def main(apps: int, gpu_blocks: int, keep: bool) -> None:
         raise
     finally:
         if started is not None and not keep:
-            started.proc.terminate()
-            started.proc.wait(10)
+            started.stop()
             started.log_path.unlink(missing_ok=True)
             say("tokencaked stopped (socket removed, arena unlinked); --keep leaves it running")
     if started is None or keep:
