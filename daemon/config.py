@@ -145,6 +145,10 @@ class DaemonConfig:
     every ``debug_memory_s``; for soak runs only, tracing costs CPU."""
     debug_memory_s: float = 60.0
     """Seconds between memory reports when ``debug_memory_file`` is set."""
+    gpu_copies: str = "off"
+    """Daemon-driven GPU copies (docs/vllm.md, "The GPU data plane"): ``cuda`` starts a copy
+    worker per GPU for engines that share their KV (``share_gpu_kv``); ``off`` refuses that
+    op and engines copy their blocks themselves; ``fake`` is the CPU test device."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -180,6 +184,8 @@ class DaemonConfig:
             raise ConfigError("app_idle_timeout_s must be 0 (never) or a finite number of seconds")
         if not 1.0 <= self.debug_memory_s <= 86400.0:
             raise ConfigError("debug_memory_s must be within 1..86400")
+        if self.gpu_copies not in ("off", "cuda", "fake"):
+            raise ConfigError(f"gpu_copies must be off, cuda or fake, not {self.gpu_copies!r}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port out of range: {self.metrics_port}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

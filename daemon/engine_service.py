@@ -34,7 +34,9 @@ class EngineService:
         kv: KvService,
         scheduler: SchedulerBridge,
         apply: ApplyDecisions,
+        on_leave: Callable[[str], None] = lambda _engine_id: None,
     ) -> None:
+        """``on_leave(engine_id)`` runs before a leaving engine's slots are freed."""
         self._config = config
         self._clock = clock
         self._metrics = metrics
@@ -42,6 +44,7 @@ class EngineService:
         self._kv = kv
         self._scheduler = scheduler
         self._apply = apply
+        self._on_leave = on_leave
 
     def register(self, identity: bytes, req: p.RegisterEngine) -> p.RegisterEngineReply:
         try:
@@ -140,6 +143,7 @@ class EngineService:
 
     def drop(self, engine: EngineRecord) -> int:
         """Forget the engine; its leases are released. Returns how many."""
+        self._on_leave(engine.engine_id)  # no copy may still write the slots freed below
         store = self._kv.store
         released = store.release_owner(engine.owner) if store is not None else 0
         self._engines.remove(engine)

@@ -32,6 +32,7 @@ from tokencake.daemon.config import RELOADABLE_KEYS, ConfigError, DaemonConfig, 
 from tokencake.daemon.decision_log import DecisionLog
 from tokencake.daemon.engine_service import EngineService
 from tokencake.daemon.engines import EngineRecord, EngineRegistry
+from tokencake.daemon.gpu.handlers import GpuCopyHandlers
 from tokencake.daemon.host_store import HostStore
 from tokencake.daemon.introspection import Introspection
 from tokencake.daemon.kv_service import KvService
@@ -95,7 +96,10 @@ class Daemon:
             send=self.transport.send,
             on_upload=self.kv.l2_upload,
         )
-        self.engine_service = EngineService(config=cfg, kv=self.kv, apply=self._apply, **parts)
+        self.gpu = GpuCopyHandlers(config=cfg, clock=clock, engines=self.engines, kv=self.kv)
+        self.engine_service = EngineService(
+            config=cfg, kv=self.kv, apply=self._apply, on_leave=self.gpu.engine_gone, **parts
+        )
         self.agent_events = AgentEvents(apps=self.apps, apply=self._apply, **parts)
         self.introspection = Introspection(
             config=cfg, apps=self.apps, kv=self.kv, decisions=self.decisions, **parts
@@ -134,6 +138,9 @@ class Daemon:
             p.LoadBegin: kv.load_begin,
             p.LoadEnd: kv.load_end,
             p.Drop: kv.drop,
+            p.ShareGpuKv: self.gpu.share,
+            p.GpuCopy: self.gpu.copy,
+            p.GpuCopyStatus: self.gpu.status,
             p.Stats: info.stats,
             p.ListEngines: info.list_engines,
             p.ListAgents: info.list_agents,
@@ -276,6 +283,7 @@ class Daemon:
         if self._notifier.enabled:
             self._notifier.notify("STOPPING=1")
         self.transport.close()
+        self.gpu.close()  # copy workers are reaped before the arena goes
         self.kv.close()
         self.metrics.close()
         if self._memwatch is not None:

@@ -38,10 +38,10 @@ from tokencake.protocol import ErrorCode, ProtocolError
 
 logger = logging.getLogger(__name__)
 
-FAKE_ENV = "TOKENCAKE_FAKE_GPU"
-"""``1`` lets engines share ``fake`` tensors (tests only: the copy worker then runs the fake
-device on CPU tensors in shared memory)."""
 MAX_TENSORS = 4096
+RESPAWN_S = 1.0
+"""A worker that died (not one the daemon stopped) is not started again sooner for its GPU;
+copies meanwhile fail at once."""
 
 
 class SlotHolder(Protocol):
@@ -85,11 +85,13 @@ class GpuCopyService:
         self,
         *,
         arena: Callable[[], tuple[str, int, int]],
+        mode: str,
         deadline_s: float,
         clock: Callable[[], float] = time.monotonic,
         python: str = sys.executable,
     ) -> None:
         self._arena = arena  # (name, bytes, slot bytes) of the formatted arena
+        self.mode = mode  # the ``gpu_copies`` setting: off, cuda or fake
         self.deadline_s = deadline_s
         self._clock = clock
         self._python = python
@@ -98,6 +100,7 @@ class GpuCopyService:
         self._copies: dict[int, _Copy] = {}  # by the daemon-wide id the worker knows
         self._ids: dict[tuple[str, int], int] = {}  # (engine, its copy id) -> daemon-wide id
         self._next = 1
+        self._retry_at: dict[str, float] = {}  # GPU uuid -> no new worker before
 
     # ------------------------------------------------------------------ handlers
 
@@ -109,12 +112,17 @@ class GpuCopyService:
         if len(kinds) != 1 or len(uuids) != 1:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "tensors of one device only")
         kind, uuid = kinds.pop(), uuids.pop()
-        if kind == "fake" and os.environ.get(FAKE_ENV) != "1":
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"fake tensors need {FAKE_ENV}=1")
+        if self.mode == "off":
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "gpu_copies is off: copy blocks yourself")
+        if kind != self.mode:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind} tensors, gpu_copies = {self.mode}")
+        if not 0 < len(uuid) <= 64 or not uuid.replace("-", "").isalnum():
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "device_uuid: 1..64 letters, digits, -")
         self.engine_gone(engine_id)  # sharing again replaces the earlier tensors
         self._shares[engine_id] = _Share(uuid, kind, req)
         worker = self._worker_for(engine_id)
-        return p.ShareGpuKvReply(worker_pid=worker.proc.pid, deadline_s=self.deadline_s)
+        pid = worker.proc.pid if worker is not None else 0
+        return p.ShareGpuKvReply(worker_pid=pid, deadline_s=self.deadline_s)
 
     def copy(self, engine_id: str, owner: int, store: SlotHolder, req: p.GpuCopy) -> p.GpuCopyReply:
         share = self._shares.get(engine_id)
@@ -127,12 +135,12 @@ class GpuCopyService:
         wid = self._next
         self._next += 1
         self._copies[wid] = _Copy(
-            engine_id, req.copy_id, worker.uuid, req.blocks, req.slots, self._clock()
+            engine_id, req.copy_id, share.uuid, req.blocks, req.slots, self._clock()
         )
         self._ids[(engine_id, req.copy_id)] = wid
         upload = req.direction == "upload"
-        if share.error:
-            self._finish(wid, share.error)
+        if worker is None or share.error:
+            self._finish(wid, share.error or "the GPU's copy worker failed; retrying shortly")
         else:
             msg = wire.Copy(wid, engine_id, upload, req.blocks, req.slots, req.after_event)
             self._send(worker, msg)
@@ -185,7 +193,7 @@ class GpuCopyService:
                         share.error = msg.error
                     logger.warning("copy worker: %s", msg.error)
                 elif isinstance(msg, wire.Fatal):
-                    self._kill(worker, f"copy worker failed: {msg.error}")
+                    self._kill(worker, f"copy worker failed: {msg.error}", failed=True)
                     break
             else:
                 overrun = [
@@ -196,7 +204,7 @@ class GpuCopyService:
                     and now - c.started > 2 * self.deadline_s
                 ]
                 if overrun or worker.proc.poll() is not None:
-                    self._kill(worker, "copy worker died or stopped answering")
+                    self._kill(worker, "copy worker died or stopped answering", failed=True)
 
     def close(self) -> None:
         for worker in list(self._workers.values()):
@@ -228,19 +236,23 @@ class GpuCopyService:
                     ErrorCode.CONFLICT, f"a block or slot is in copy {c.copy_id} still"
                 )
 
-    def _worker_for(self, engine_id: str) -> _Worker:
+    def _worker_for(self, engine_id: str) -> _Worker | None:
+        """The engine's GPU's worker, started (and told the engine's tensors) if need be;
+        None while a worker that died is not to be started again yet."""
         share = self._shares[engine_id]
         worker = self._workers.get(share.uuid)
         if worker is None:
+            if self._clock() < self._retry_at.get(share.uuid, 0.0):
+                return None
             worker = self._spawn(share.uuid, share.kind)
         if engine_id not in worker.engines:
             name, size, slot_bytes = self._arena()
             req = share.req
             msg = wire.OpenEngine(engine_id, req.num_blocks, req.tensors, name, size, slot_bytes)
             share.error = ""
-            self._send(worker, msg)
             worker.engines.add(engine_id)
-        return worker
+            self._send(worker, msg)
+        return self._workers.get(share.uuid)
 
     def _spawn(self, uuid: str, kind: str) -> _Worker:
         cmd = [self._python, "-m", "tokencake.daemon.gpu.copy_worker", "--kind", kind]
@@ -284,8 +296,9 @@ class GpuCopyService:
         if c is not None and c.state == "running":
             c.state, c.error = ("failed", error) if error else ("done", "")
 
-    def _kill(self, worker: _Worker, why: str) -> None:
-        """Kill and reap (a dead process moves no more bytes), then fail its copies."""
+    def _kill(self, worker: _Worker, why: str, failed: bool = False) -> None:
+        """Kill and reap (a dead process moves no more bytes), then fail its copies.
+        ``failed``: it died of itself; its GPU gets no new worker for ``RESPAWN_S``."""
         if self._workers.get(worker.uuid) is worker:
             del self._workers[worker.uuid]
         if worker.proc.poll() is None:
@@ -297,4 +310,6 @@ class GpuCopyService:
         for wid, c in self._copies.items():
             if c.worker == worker.uuid and c.state == "running":
                 self._finish(wid, why)
+        if failed:
+            self._retry_at[worker.uuid] = self._clock() + RESPAWN_S
         logger.warning("copy worker stopped: %s", why, extra={"gpu": worker.uuid})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -20,7 +20,7 @@ from tokencake import protocol as p
 from tokencake.daemon.arena import Arena
 from tokencake.daemon.gpu.fake import FakeDevice
 from tokencake.daemon.gpu.mover import block_regions
-from tokencake.daemon.gpu.service import FAKE_ENV, GpuCopyService
+from tokencake.daemon.gpu.service import RESPAWN_S, GpuCopyService
 from tokencake.daemon.host_store import HostStore
 from tokencake.protocol import ProtocolError
 
@@ -29,9 +29,8 @@ ENGINE = "eng#1"
 
 
 @pytest.fixture
-def service(arena: Arena, monkeypatch: pytest.MonkeyPatch) -> Iterator[GpuCopyService]:
-    monkeypatch.setenv(FAKE_ENV, "1")
-    svc = GpuCopyService(arena=lambda: (arena.name, arena.size, SLOT), deadline_s=60.0)
+def service(arena: Arena) -> Iterator[GpuCopyService]:
+    svc = _service(arena)
     yield svc
     svc.close()
 
@@ -116,9 +115,8 @@ def test_copies_refused_unless_the_engine_holds_slots_and_blocks(
 def test_a_block_is_in_one_running_copy_at_most(
     store: HostStore, device: FakeDevice, arena: Arena, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(FAKE_ENV, "1")
     monkeypatch.setenv("TOKENCAKE_FAKE_GPU_POLLS", str(10**9))  # copies never complete
-    svc = GpuCopyService(arena=lambda: (arena.name, arena.size, SLOT), deadline_s=60.0)
+    svc = _service(arena)
     try:
         _share(svc, device, fake_kv(device))
         slots = _reserve(store, 4)
@@ -144,21 +142,30 @@ def test_a_block_is_in_one_running_copy_at_most(
 
 
 def test_worker_death_fails_its_copies_and_a_new_worker_reopens(
-    service: GpuCopyService, store: HostStore, device: FakeDevice, arena: Arena
+    store: HostStore, device: FakeDevice, arena: Arena
 ) -> None:
-    layers = fake_kv(device)
-    _share(service, device, layers)
-    slots = _reserve(store, 2)
-    first = service.workers()["fake-0"]
-    os.kill(first, 9)
-    service.copy(ENGINE, OWNER, store, p.GpuCopy(ENGINE, 1, "offload", [1, 2], slots))
-    assert _wait(service, [1]) == ["failed"]
-    # the next copy starts a new worker, which opens the engine's tensors again
-    service.copy(ENGINE, OWNER, store, p.GpuCopy(ENGINE, 2, "offload", [1, 2], slots))
-    assert _wait(service, [2]) == ["done"]
-    assert service.workers()["fake-0"] != first
-    view = arena.slots(SLOT)
-    assert bytes(view[slots[1], : LAYERS * PAGE]) == block_bytes(layers, 2)
+    now = [0.0]
+    service = _service(arena, clock=lambda: now[0])
+    try:
+        layers = fake_kv(device)
+        _share(service, device, layers)
+        slots = _reserve(store, 2)
+        first = service.workers()["fake-0"]
+        os.kill(first, 9)
+        service.copy(ENGINE, OWNER, store, p.GpuCopy(ENGINE, 1, "offload", [1, 2], slots))
+        assert _wait(service, [1]) == ["failed"]
+        # within RESPAWN_S of a worker's death, copies fail at once rather than respawn it
+        service.copy(ENGINE, OWNER, store, p.GpuCopy(ENGINE, 2, "offload", [1, 2], slots))
+        assert _wait(service, [2]) == ["failed"] and service.workers() == {}
+        now[0] += RESPAWN_S
+        # then a new worker starts, and opens the engine's tensors again
+        service.copy(ENGINE, OWNER, store, p.GpuCopy(ENGINE, 3, "offload", [1, 2], slots))
+        assert _wait(service, [3]) == ["done"]
+        assert service.workers()["fake-0"] != first
+        view = arena.slots(SLOT)
+        assert bytes(view[slots[1], : LAYERS * PAGE]) == block_bytes(layers, 2)
+    finally:
+        service.close()
 
 
 def test_tensors_that_do_not_open_fail_the_copies(
@@ -175,9 +182,19 @@ def test_tensors_that_do_not_open_fail_the_copies(
     assert states == ["failed"]
 
 
-def test_fake_tensors_need_the_test_switch(
-    service: GpuCopyService, device: FakeDevice, monkeypatch: pytest.MonkeyPatch
+def test_shares_refused_unless_the_daemon_copies_that_kind(
+    arena: Arena, device: FakeDevice
 ) -> None:
-    monkeypatch.delenv(FAKE_ENV)
-    with pytest.raises(ProtocolError, match=FAKE_ENV):
-        _share(service, device, fake_kv(device))
+    for mode in ("off", "cuda"):
+        svc = _service(arena, mode)
+        with pytest.raises(ProtocolError, match="gpu_copies"):
+            _share(svc, device, fake_kv(device))
+        assert svc.workers() == {}
+
+
+def _service(
+    arena: Arena, mode: str = "fake", clock: Callable[[], float] = time.monotonic
+) -> GpuCopyService:
+    return GpuCopyService(
+        arena=lambda: (arena.name, arena.size, SLOT), mode=mode, deadline_s=60.0, clock=clock
+    )
