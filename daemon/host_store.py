@@ -24,11 +24,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
+from tokencake.daemon import store_audit
 from tokencake.daemon.eviction import EvictionPolicy, LruPolicy
+from tokencake.daemon.key_index import KeyIndex, key_digest
 from tokencake.daemon.slot_table import (
     FREE,
     INT32_MAX,
@@ -40,7 +42,6 @@ from tokencake.daemon.slot_table import (
     READY,
     WRITING,
     SlotTable,
-    int_view,
 )
 from tokencake.protocol import (
     MAX_HASH_BYTES,
@@ -51,9 +52,6 @@ from tokencake.protocol import (
 )
 
 logger = logging.getLogger(__name__)
-
-_DIGEST_MASK: Final = 0xFFFFFFFF
-_EMPTY: Final = -1
 
 assert MAX_HASH_BYTES <= KEY_BYTES
 
@@ -81,86 +79,6 @@ class _Pin:
 
     count: int
     deadline: float
-
-
-def key_digest(layout: int, tenant: int, key: bytes) -> int:
-    """32-bit digest of a block key. Collisions are fine: the index compares full keys."""
-    return hash((layout, tenant, key)) & _DIGEST_MASK
-
-
-class KeyIndex:
-    """Key -> slot, as an open-addressing table of int32 slot ids (linear probing).
-
-    Four bytes per table entry and no Python object per key: a dict of a million int keys
-    costs about 100 bytes per entry, this costs 8. The table never holds more than
-    ``num_slots`` entries and has at least twice that capacity, so probes stay short.
-    Deletion shifts the following entries back (no tombstones to accumulate).
-    """
-
-    def __init__(self, table: SlotTable) -> None:
-        cap = 1
-        while cap < 2 * table.num_slots:
-            cap *= 2
-        self._table = table
-        self._mask = cap - 1
-        self.entries = np.full(cap, _EMPTY, dtype=np.int32)
-        self._m = int_view(self.entries)
-        self._len = 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    @property
-    def nbytes(self) -> int:
-        return self.entries.nbytes
-
-    def find(self, layout: int, tenant: int, key: bytes, digest: int) -> int:
-        """The slot indexed under this key, or NO_SLOT."""
-        m = self._m
-        dig = self._table.m_digest
-        mask = self._mask
-        i = digest & mask
-        while True:
-            s: int = m[i]
-            if s == _EMPTY:
-                return NO_SLOT
-            if dig[s] == digest and self._table.key_equals(s, layout, tenant, key):
-                return s
-            i = (i + 1) & mask
-
-    def insert(self, slot: int) -> None:
-        """Index ``slot`` under the key already written into the slot table."""
-        m = self._m
-        mask = self._mask
-        i = self._table.m_digest[slot] & mask
-        while m[i] != _EMPTY:
-            i = (i + 1) & mask
-        m[i] = slot
-        self._len += 1
-
-    def remove(self, slot: int) -> None:
-        m = self._m
-        dig = self._table.m_digest
-        mask = self._mask
-        i = dig[slot] & mask
-        while m[i] != slot:
-            if m[i] == _EMPTY:
-                raise KeyError(f"slot {slot} is not indexed")
-            i = (i + 1) & mask
-        # Backward-shift: pull later entries of the probe run into the hole when their home
-        # position does not lie cyclically in (hole, entry].
-        j = i
-        while True:
-            j = (j + 1) & mask
-            s = m[j]
-            if s == _EMPTY:
-                break
-            home = dig[s] & mask
-            if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
-                m[i] = s
-                i = j
-        m[i] = _EMPTY
-        self._len -= 1
 
 
 class HostStore:
@@ -572,73 +490,11 @@ class HostStore:
 
     def snapshot(self) -> dict[str, Any]:
         """Every bit of mutable state, as comparable values. O(n): for tests and debugging."""
-        t = self._t
-        arrays = {
-            name: getattr(t, name).tobytes()
-            for name in (
-                "state",
-                "prev",
-                "next",
-                "owner",
-                "deadline",
-                "readers",
-                "holders",
-                "layout",
-                "tenant",
-                "tag",
-                "digest",
-                "key_len",
-                "keys",
-            )
-        }
-        return {
-            **arrays,
-            "counts": list(t.counts),
-            "index": self._index.entries.tobytes(),
-            "index_len": len(self._index),
-            "layouts": dict(self._layouts),
-            "layout_bytes": list(self._layout_bytes),
-            "tenants": dict(self._tenants),
-            "pins": {
-                o: {s: (p.count, p.deadline) for s, p in pins.items()}
-                for o, pins in self._pins.items()
-            },
-            "counters": (self._evictions, self._hits, self._misses),
-        }
+        return store_audit.snapshot(self)
 
     def check_invariants(self) -> None:
         """Raise AssertionError when any internal invariant is broken. O(n)."""
-        t = self._t
-        t.check()
-        indexed: set[int] = set()
-        for s in self._index.entries[self._index.entries >= 0].tolist():
-            if s in indexed:
-                raise AssertionError(f"slot {s} indexed twice")
-            indexed.add(s)
-            key = t.key_of(s)
-            layout, tenant = t.m_layout[s], t.m_tenant[s]
-            if self._index.find(layout, tenant, key, key_digest(layout, tenant, key)) != s:
-                raise AssertionError(f"slot {s} is indexed but not found by its key")
-        if len(indexed) != len(self._index):
-            raise AssertionError("index length is off")
-        readers: dict[int, int] = {}
-        for pins in self._pins.values():
-            for s, pin in pins.items():
-                if pin.count <= 0:
-                    raise AssertionError(f"empty pin on slot {s}")
-                readers[s] = readers.get(s, 0) + pin.count
-        for s in range(t.num_slots):
-            st = t.m_state[s]
-            if t.m_readers[s] != readers.get(s, 0):
-                raise AssertionError(f"slot {s}: readers {t.m_readers[s]} != pins")
-            doomed = st == READING and t.m_holders[s] == 0
-            should_index = st != FREE and not doomed
-            if (s in indexed) != should_index:
-                raise AssertionError(f"slot {s} state {st} indexed={s in indexed}")
-            if should_index and t.m_holders[s] <= 0:
-                raise AssertionError(f"indexed slot {s} has no holder")
-            if st == FREE and (t.m_holders[s] or t.m_key_len[s] or t.m_owner[s] != -1):
-                raise AssertionError(f"free slot {s} was not cleared")
+        store_audit.check_invariants(self)
 
     # ------------------------------------------------------------------ internals
 
