@@ -130,19 +130,21 @@ def main(argv: list[str] | None = None) -> int:
             run(ctx, hint)  # written through to the host (a tool call follows)
             run(plain, None)  # not written: save=tool
             key = ("bench-preload", agent)
-            hashes = list(conn._agents[key].hashes)
+            hashes = list(conn.connector_scheduler.agents[key].hashes)
             row: dict[str, Any] = {"rep": rep, "prefix_blocks": len(hashes)}
 
             run(_ids(300 + rep, filler_len), None)
-            assert not conn._resident([], hashes), "the filler did not evict the prefix"
+            evicted = not conn.connector_scheduler.resident([], hashes)
+            assert evicted, "the filler did not evict the prefix"
             cont = ctx + _ids(400 + rep, TAIL)
             row["load_s"], t_load = run(cont, None)
             row["load_loaded_tokens"] = t_load.loaded_tokens
 
             run(_ids(500 + rep, filler_len), None)
-            assert not conn._resident([], hashes)
-            conn._agents[key].open_tool = "bench"  # its call is in a tool: as when pushed
-            conn._apply(
+            assert not conn.connector_scheduler.resident([], hashes)
+            # its call is in a tool: as when pushed
+            conn.connector_scheduler.agents[key].open_tool = "bench"
+            conn.connector_scheduler.holds.apply(
                 p.UploadDecision(
                     at_s=0.0,
                     app_id=key[0],
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             t0 = time.perf_counter()
-            while len(conn._resident([], hashes)) < len(hashes):
+            while len(conn.connector_scheduler.resident([], hashes)) < len(hashes):
                 assert core.scheduler.has_requests(), "the idle engine stopped stepping"
                 core.step()
                 assert time.perf_counter() - t0 < 120, "the predictive upload did not land"

@@ -5,9 +5,10 @@ Configured with ``scheduler_cls`` (no fork)::
     vllm serve ... --scheduler-cls tokencake.connectors.vllm.scheduler.TokenCakeScheduler
 
 (``TokenCakeAsyncScheduler`` where async scheduling is on, the GPU default). It needs the
-``TokenCakeConnector``: it reads agent priorities through the connector's daemon link
-(``list_agents``, the connector's millisecond timeout), and without it, or with the daemon
-down, it behaves exactly like vLLM's FCFS (or priority) scheduler.
+``TokenCakeConnector``: it reads agent priorities through the daemon link of the connector's
+scheduler side (``TokenCakeConnectorScheduler.link``: ``list_agents``, with the connector's
+millisecond timeout), and without it, or with the daemon down, it behaves exactly like
+vLLM's FCFS (or priority) scheduler.
 
 What it applies, each through a documented seam of vLLM 0.32's scheduler:
 
@@ -196,7 +197,10 @@ class TokenCakeScheduler(Scheduler):
         self._tc_deferred_since: dict[str, float] = {}
         self._tc_hold_max_s = 60.0
         connector = self.connector
-        self._tc_conn = connector if isinstance(connector, TokenCakeConnector) else None
+        # The connector's scheduler side: its settings, its daemon link, its pool report.
+        self._tc_conn = (
+            connector.connector_scheduler if isinstance(connector, TokenCakeConnector) else None
+        )
         if self._tc_conn is None:
             logger.warning(
                 "TokenCakeScheduler without TokenCakeConnector: no agent priorities, "
@@ -211,7 +215,7 @@ class TokenCakeScheduler(Scheduler):
         if not _HOOKS_PRESENT:
             logger.warning("vLLM's Scheduler lacks %s: the admission guard is off", _HOOKS)
             self._tc_reserve_cap = 0
-        self._tc_conn.queue_probe = self._tc_queue_sizes
+        self._tc_conn.set_queue_probe(self._tc_queue_sizes)
         # Both queues are empty here; vLLM only reaches them through RequestQueue's methods.
         self.waiting = AgentRankedQueue(self.policy, self._tc_rank)
         self.kv_holding_waiting = AgentRankedQueue(self.policy, self._tc_rank)

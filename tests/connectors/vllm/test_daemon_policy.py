@@ -83,7 +83,7 @@ def test_daemon_policy_offloads_uploads_and_the_continuation_hits(
     from tokencake.clients.session import AppSession
 
     conn = engine.llm_engine.engine_core.engine_core.scheduler.connector
-    pool = conn._pool
+    pool = conn.connector_scheduler.pool
     steps = Stepper(engine)
     dag = p.AppDag(
         nodes=[
@@ -96,7 +96,7 @@ def test_daemon_policy_offloads_uploads_and_the_continuation_hits(
         TokenCakeClient(daemon.endpoint, timeout_s=2.0) as client,
         AppSession(client, APP, dag, strict=True) as app,
     ):
-        engine_id = conn._link.engine_id
+        engine_id = conn.connector_scheduler.link.engine_id
         before = client.stats()
         coder = app.agent("coder", engine_id)
         prompt = _ids(1, PROMPT)
@@ -105,7 +105,7 @@ def test_daemon_policy_offloads_uploads_and_the_continuation_hits(
         # 39 blocks and growing: KV pressure (usage above the policy's 0.6 floor).
         other = steps.add(_ids(2, 800), kv_transfer_params(APP, "reviewer"), 300)
         steps.until(lambda: first in steps.done)
-        hashes = list(conn._agents[(APP, "coder")].hashes)
+        hashes = list(conn.connector_scheduler.agents[(APP, "coder")].hashes)
         assert len(hashes) == PROMPT // 32
         with coder.tool_call("pytest", predicted_s=TOOL_S):
             offloads = _records(client, "coder", "offload")

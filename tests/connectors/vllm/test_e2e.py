@@ -145,12 +145,12 @@ def test_tool_call_offloads_and_frees_gpu_blocks(engine: Any) -> None:
     generate(engine, firsts, [_params(a, True) for a in range(AGENTS)], OUT)
     # request_finished -> the store runs in the next step -> the free in the one after.
     generate(engine, [_ids(7777, 40)], [None], 2)
-    pool = conn._pool
-    with TokenCakeClient(conn._link.client.endpoint, timeout_s=1.0) as client:
+    pool = conn.connector_scheduler.pool
+    with TokenCakeClient(conn.connector_scheduler.link.client.endpoint, timeout_s=1.0) as client:
         for a in range(AGENTS):
-            kv = conn._agents[("app-e2e", f"agent-{a}")]
+            kv = conn.connector_scheduler.agents[("app-e2e", f"agent-{a}")]
             assert len(kv.hashes) >= PROMPT // 32
-            hit = client.lookup(conn._link.engine_id, kv.hashes, "")
+            hit = client.lookup(conn.connector_scheduler.link.engine_id, kv.hashes, "")
             assert hit.hit_blocks == len(kv.hashes)  # offloaded: all on the host
             assert pool.get_cached_block(kv.hashes[0], [0]) is None  # freed on the GPU
     assert conn.stats.gpu_blocks_freed - freed_before >= AGENTS * (PROMPT // 32)
@@ -168,18 +168,18 @@ def test_loaded_bytes_are_the_stored_bytes(engine: Any) -> None:
     prompt = _ids(4242, PROMPT)
     first = generate(engine, [prompt], [_params(0, True)], OUT)[0]
     generate(engine, [_ids(4243, 40)], [None], 2)
-    agent = conn._agents[("app-e2e", "agent-0")]
+    agent = conn.connector_scheduler.agents[("app-e2e", "agent-0")]
     hashes = list(agent.hashes)  # the continuation replaces the agent's record
-    with TokenCakeClient(conn._link.client.endpoint, timeout_s=1.0) as client:
-        slots = client.lookup(conn._link.engine_id, hashes, "").slots
+    with TokenCakeClient(conn.connector_scheduler.link.client.endpoint, timeout_s=1.0) as client:
+        slots = client.lookup(conn.connector_scheduler.link.engine_id, hashes, "").slots
     assert len(slots) == len(hashes)
     cont = prompt + first.token_ids + _ids(4244, TOOL)
     good = generate(engine, [cont], [_params(0, False)], OUT)[0]
     assert good.loaded_tokens == len(slots) * 32
     # The blocks the engine used for the prefix hold exactly the slots' bytes.
-    arena = torch.from_numpy(wconn._arena.slots_view())  # the worker's ArenaMapping
-    copier = wconn._copier
-    pool = conn._pool
+    arena = torch.from_numpy(wconn.connector_worker.arena.slots_view())  # the worker's ArenaMapping
+    copier = wconn.connector_worker.copier
+    pool = conn.connector_scheduler.pool
     for h, slot in zip(hashes, slots, strict=True):
         block = pool.get_cached_block(h, [0])[0].block_id
         page = copier.page_bytes
@@ -191,7 +191,7 @@ def test_loaded_bytes_are_the_stored_bytes(engine: Any) -> None:
         copies = [(c[0].block_id, h) for h in hashes if (c := pool.get_cached_block(h, [0]))]
         if not copies:
             break
-        conn._to_free.extend(([b], [h]) for b, h in copies)
+        conn.connector_scheduler.copies.to_free.extend(([b], [h]) for b, h in copies)
         generate(engine, [_ids(4245 + round_, 40)], [None], 1)
     assert all(pool.get_cached_block(h, [0]) is None for h in hashes)
     saved = arena[slots].clone()
@@ -233,14 +233,14 @@ def test_decision_after_block_reuse_leaves_other_requests_kv_alone(engine: Any) 
     from tokencake.clients.client import TokenCakeClient
 
     conn = scheduler_connector(engine)
-    pool = conn._pool
+    pool = conn.connector_scheduler.pool
     tool = kv_transfer_params("app-e2e", "reuse", tool_kind="search", tool_predicted_s=5.0)
     generate(engine, [_ids(8100, PROMPT)], [tool], OUT)
     generate(engine, [_ids(8101, 40)], [None], 2)  # the store commits; the blocks are freed
-    agent = conn._agents[("app-e2e", "reuse")]
+    agent = conn.connector_scheduler.agents[("app-e2e", "reuse")]
     ids, hashes = list(agent.blocks), list(agent.hashes)
-    engine_id = conn._link.engine_id
-    with TokenCakeClient(conn._link.client.endpoint, timeout_s=1.0) as client:
+    engine_id = conn.connector_scheduler.link.engine_id
+    with TokenCakeClient(conn.connector_scheduler.link.client.endpoint, timeout_s=1.0) as client:
         client.drop(engine_id, hashes)  # forget the host copy: a wrong offload would store
         assert client.lookup(engine_id, hashes).hit_blocks == 0
         # The freed ids sit at the front of vLLM's free queue: the next request takes them.
@@ -249,11 +249,12 @@ def test_decision_after_block_reuse_leaves_other_requests_kv_alone(engine: Any) 
         assert all(h is None or bytes(get_block_hash(h)) not in hashes for h in now)
         assert sum(h is not None for h in now) >= len(ids) - 1  # another request's KV
         refs = [pool.blocks[b].ref_cnt for b in ids]
-        conn._apply(_decision("pin", "reuse", ttl_s=30.0))
+        conn.connector_scheduler.holds.apply(_decision("pin", "reuse", ttl_s=30.0))
         assert agent.pinned == []
         assert [pool.blocks[b].ref_cnt for b in ids] == refs
-        conn._apply(_decision("offload", "reuse", free_gpu=True))
-        assert not [j for j in conn._stores if not j.req_id]  # no offload copy queued
+        conn.connector_scheduler.holds.apply(_decision("offload", "reuse", free_gpu=True))
+        stores = conn.connector_scheduler.copies.stores
+        assert not [j for j in stores if not j.req_id]  # no offload copy queued
         generate(engine, [_ids(8103, 40)], [None], 2)  # a step for any store to run in
         assert client.lookup(engine_id, hashes).hit_blocks == 0
         assert [pool.blocks[b].block_hash for b in ids] == now  # nothing evicted either
@@ -276,16 +277,16 @@ def test_daemon_killed_mid_run(baseline: Any, engine: Any, daemon: DaemonProcess
     _assert_same(filler, baseline["r1_filler"])
     _assert_same(t2, baseline["r1_second"])
     assert all(t.loaded_tokens == 0 for t in t2)  # nothing loaded from a dead daemon
-    assert not conn._link.up
+    assert not conn.connector_scheduler.link.up
     assert elapsed < 30.0
     # Restart: the connector registers again within reconnect_s and serves hits again.
     reconnects = conn.stats.reconnects
     daemon.start()
     deadline = time.monotonic() + 10
-    while not conn._link.up and time.monotonic() < deadline:
+    while not conn.connector_scheduler.link.up and time.monotonic() < deadline:
         generate(engine, [_ids(31337, 40)], [None], 1)
         time.sleep(0.2)
-    assert conn._link.up and conn.stats.reconnects == reconnects + 1
+    assert conn.connector_scheduler.link.up and conn.stats.reconnects == reconnects + 1
     out = run_workload(engine, with_params=True, round_=2)
     _assert_same(out["second"], baseline["r2_second"])
     assert all(t.loaded_tokens > 0 for t in out["second"])

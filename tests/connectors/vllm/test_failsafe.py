@@ -167,7 +167,7 @@ class Cell:
     def __init__(self, engine: Any, daemon: DaemonProcess, cell: int, fault: str) -> None:
         self.core = engine.llm_engine.engine_core.engine_core
         self.conn = self.core.scheduler.connector
-        self.pool = self.conn._pool
+        self.pool = self.conn.connector_scheduler.pool
         self.daemon = daemon
         self.cell = cell
         self.fault = fault
@@ -199,7 +199,7 @@ class Cell:
         return [self.steps.done[i] for i in ids]
 
     def pinned(self) -> int:
-        return sum(len(a.pinned) for a in self.conn._agents.values())
+        return sum(len(a.pinned) for a in self.conn.connector_scheduler.agents.values())
 
     def decisions(self) -> str:
         from tokencake.clients.client import TokenCakeClient
@@ -310,7 +310,7 @@ def test_fault_never_stalls_the_engine(
             fired: list[str] = []
 
             def fail_before_copy(request: Any, *_args: Any, **_kw: Any) -> None:
-                if request.request_id in c.conn._hits and not fired:
+                if request.request_id in c.conn.connector_scheduler.copies.hits and not fired:
                     fired.append(request.request_id)
                     c.inject()
 

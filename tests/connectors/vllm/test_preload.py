@@ -186,13 +186,14 @@ def test_predictive_upload_on_an_idle_engine_gives_the_continuation_a_gpu_hit(
         # The reviewer holds 25 of 39 blocks while the coder's tool starts: pressure.
         other = steps.add(_ids(2, 800), kv_transfer_params(APP, "reviewer"), 24)
         steps.until(lambda: first in steps.done and other in steps.done, timeout_s=60)
-        hashes = list(conn._agents[(APP, "coder")].hashes)
+        hashes = list(conn.connector_scheduler.agents[(APP, "coder")].hashes)
         assert len(hashes) == PROMPT // 32
         assert not engine.llm_engine.has_unfinished_requests()
         # Idle from here on. vLLM's engine-core loop steps while has_requests(); the
         # connector keeps that true while the coder's decisions may still come.
         deadline = time.monotonic() + 30
-        while conn._resident([], hashes):  # the offload frees the coder's GPU blocks
+        # The offload frees the coder's GPU blocks.
+        while conn.connector_scheduler.resident([], hashes):
             assert time.monotonic() < deadline, "the coder's KV was never offloaded"
             assert core.scheduler.has_requests(), "the idle engine stopped stepping"
             core.step()
@@ -205,7 +206,8 @@ def test_predictive_upload_on_an_idle_engine_gives_the_continuation_a_gpu_hit(
         decisions = {d.kind: d for d in client.list_decisions(500, "coder").decisions}
     assert "offload" in decisions
     assert decisions["upload"].reason.rule == "predictive_upload"
-    assert len(conn._resident([], hashes)) == len(hashes)  # back in vLLM's prefix cache
+    back = conn.connector_scheduler.resident([], hashes)  # back in vLLM's prefix cache
+    assert len(back) == len(hashes)
     assert conn.stats.preloaded_blocks == len(hashes)
     # The continuation arrives after the upload: a local hit, nothing to load.
     _same(steps.done[first], baseline["first"][0])
@@ -217,7 +219,7 @@ def test_predictive_upload_on_an_idle_engine_gives_the_continuation_a_gpu_hit(
     assert turn.cached_tokens >= len(hashes) * 32
     _same(turn, baseline["cont"][0])
     # The engine stops stepping once nothing is pending for the coder.
-    assert not conn._preloads
+    assert not conn.connector_scheduler.holds.preloads
 
 
 def _same(got: Turn, want: Turn) -> None:

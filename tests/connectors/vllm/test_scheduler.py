@@ -273,7 +273,7 @@ def test_daemon_down_admits_like_stock_vllm(
     t0 = time.monotonic()
     priority_case(run, "p")
     assert time.monotonic() - t0 < 30
-    assert not sched.connector._link.up
+    assert not sched.connector.link.up
     assert not sched.tc_priorities.ranks
     assert run.order == stock["prio"].order
     for name, turn in run.done.items():

@@ -1,0 +1,167 @@
+"""``TokenCakeConnectorWorker``: the connector's worker side (data plane, no sockets).
+
+Each step it runs the copy jobs the scheduler side shipped in ``TokenCakeMetadata``: plain
+block copies between vLLM's KV tensors and the daemon's shared-memory arena
+(``worker.make_copier``), loads in ``start_load_kv`` and saves in ``wait_for_save`` (after
+the forward wrote the blocks). What finished goes back in ``TokenCakeWorkerMetadata``, and
+the requests vLLM waits on in ``get_finished``. A failed copy is reported, never raised:
+a failed load's blocks are recomputed by vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokencake.connectors.vllm.metadata import CopyJob, TokenCakeMetadata, TokenCakeWorkerMetadata
+from tokencake.connectors.vllm.worker import Copier, close_arena, make_copier, open_arena
+from tokencake.layout import KvLayout
+
+if TYPE_CHECKING:
+    from tokencake.clients.kv_arena import ArenaMapping
+
+# Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
+logger = logging.getLogger(f"vllm.{__name__}")
+
+
+class TokenCakeConnectorWorker:
+    """The connector's state and hooks in each vLLM worker process."""
+
+    def __init__(self, layout: KvLayout, layer_names: list[str]) -> None:
+        self.layout = layout
+        self._layer_names = layer_names
+        self._copier: Copier | None = None
+        self._arena: ArenaMapping | None = None
+        self._arena_epoch = 0  # the link epoch (registration) the mapping belongs to
+        self._done_loads: list[int] = []
+        self._done_stores: list[int] = []
+        self._failed: list[int] = []
+        self._copy_seconds: dict[int, float] = {}
+        self._recving: set[str] = set()
+        self._sending: set[str] = set()
+        self._bad_blocks: set[int] = set()
+        # CUDA copies in flight: (completion event, job, is_load); polled in get_finished.
+        self._inflight: list[tuple[Any, CopyJob, bool]] = []
+
+    @property
+    def copier(self) -> Copier | None:
+        return self._copier
+
+    @property
+    def arena(self) -> ArenaMapping | None:
+        return self._arena
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = [n for n in self._layer_names if n in kv_caches]
+        self._copier = make_copier([kv_caches[n] for n in names])
+        if self._copier.bytes_per_block != self.layout.bytes_per_block:
+            raise ValueError(
+                f"KV tensors hold {self._copier.bytes_per_block} B per block, "
+                f"the registered layout says {self.layout.bytes_per_block} B"
+            )
+
+    def _arena_for(self, meta: TokenCakeMetadata) -> ArenaMapping | None:
+        if not meta.arena_name:
+            return None
+        # Mapped afresh on every registration: a restarted daemon can create its segment
+        # under the old name (same instance and pid, as in a container), and the old
+        # mapping would then read and write the unlinked segment, not the daemon's.
+        stale = self._arena_epoch != meta.epoch
+        if self._arena is None or self._arena.name != meta.arena_name or stale:
+            if self._arena is not None:
+                close_arena(self._arena)
+            self._arena = open_arena(meta.arena_name, meta.arena_bytes, meta.slot_bytes)
+            self._arena_epoch = meta.epoch
+        return self._arena
+
+    def start_load_kv(self, meta: TokenCakeMetadata) -> None:
+        for job in meta.loads:
+            self._copy(meta, job, is_load=True)
+
+    def wait_for_save(self, meta: TokenCakeMetadata) -> None:
+        for job in meta.stores:
+            self._copy(meta, job, is_load=False)
+
+    def _copy(self, meta: TokenCakeMetadata, job: CopyJob, *, is_load: bool) -> None:
+        """Run (CPU) or start (CUDA) one job; a failure is reported, never raised."""
+        try:
+            if job.fail:
+                raise ConnectionError("the daemon that held these blocks is gone")
+            done = None
+            if job.slots:
+                arena = self._arena_for(meta)
+                if arena is None:  # the link went down after the job was queued
+                    raise ConnectionError("no arena: the daemon's link is down")
+                assert self._copier is not None
+                started = time.perf_counter()
+                if is_load:
+                    done = self._copier.from_arena(arena, job.slots, job.blocks)
+                else:
+                    done = self._copier.to_arena(arena, job.blocks, job.slots)
+                if done is None:  # a synchronous copy: this was all of it
+                    self._copy_seconds[job.job_id] = time.perf_counter() - started
+        except Exception as exc:
+            logger.warning("TokenCake copy job %d failed (%s)", job.job_id, exc)
+            self._copy_done(job, is_load, ok=False)
+            return
+        if done is None:
+            self._copy_done(job, is_load, ok=True)
+        else:
+            self._inflight.append((done, job, is_load))
+
+    def _copy_done(self, job: CopyJob, is_load: bool, *, ok: bool) -> None:
+        if ok:
+            (self._done_loads if is_load else self._done_stores).append(job.job_id)
+        else:
+            self._failed.append(job.job_id)
+            if is_load:
+                self._bad_blocks.update(job.blocks)  # vLLM recomputes them
+        if job.req_id:
+            (self._recving if is_load else self._sending).add(job.req_id)
+
+    def _poll_inflight(self) -> None:
+        pending = []
+        for done, job, is_load in self._inflight:
+            try:
+                finished = bool(done.query())
+            except Exception as exc:
+                logger.warning("TokenCake copy job %d failed on the device (%s)", job.job_id, exc)
+                self._copy_done(job, is_load, ok=False)
+                continue
+            if finished:
+                self._copy_done(job, is_load, ok=True)
+            else:
+                pending.append((done, job, is_load))
+        self._inflight = pending
+
+    def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
+        if self._inflight:
+            self._poll_inflight()
+        sending, recving = self._sending, self._recving
+        self._sending, self._recving = set(), set()
+        return (sending or None), (recving or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        bad, self._bad_blocks = self._bad_blocks, set()
+        return bad
+
+    def build_worker_meta(self) -> TokenCakeWorkerMetadata | None:
+        if not (self._done_loads or self._done_stores or self._failed):
+            return None
+        meta = TokenCakeWorkerMetadata(
+            self._done_loads, self._done_stores, self._failed, self._copy_seconds
+        )
+        self._done_loads, self._done_stores, self._failed = [], [], []
+        self._copy_seconds = {}
+        return meta
+
+    def shutdown(self) -> None:
+        if self._inflight:  # never unmap (and unpin) memory a DMA is still writing
+            torch.cuda.synchronize()
+            self._inflight = []
+        if self._arena is not None:
+            close_arena(self._arena)
+            self._arena = None
