@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
@@ -53,6 +55,22 @@ def _daemon(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     if endpoint.startswith("tcp://") and host and port.isdigit() and 0 < int(port) < 65536:
         return endpoint
     raise click.BadParameter(f"{endpoint!r} is not ipc://PATH or tcp://HOST:PORT")
+
+
+def _tenant_secret(_ctx: click.Context, _param: click.Parameter, path: Path | None) -> bytes | None:
+    """The secret's bytes: a regular file of ours, readable by us only, 32 bytes or more."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise click.BadParameter(f"{path} must be ours with mode 0600 (it names every tenant)")
+    if len(data.strip()) < 32:
+        raise click.BadParameter(f"{path} must hold at least 32 bytes")
+    return data.strip()
 
 
 @click.command(cls=Command, context_settings=HELP_OPTIONS)
@@ -103,6 +121,20 @@ def _daemon(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     default=None,
     help="Total time limit per upstream request (default: none, as a direct client).",
 )
+@click.option(
+    "--tenants/--no-tenants",
+    default=True,
+    show_default=True,
+    help="Keep the API keys' tenants apart (ids and cache_salt scoped per key; docs/security.md).",
+)
+@click.option(
+    "--tenant-secret-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    callback=_tenant_secret,
+    help="Secret (at least 32 bytes, mode 0600) naming tenants, so their tags and salts stay "
+    "the same across restarts (default: a new random one per start).",
+)
 @click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING...")
 @click.version_option(__version__)
 def main(
@@ -114,6 +146,8 @@ def main(
     app_idle_s: float,
     daemon_timeout_s: float,
     upstream_timeout_s: float | None,
+    tenants: bool,
+    tenant_secret_file: bytes | None,
     log_level: str,
 ) -> None:
     """Proxy the OpenAI API to vLLM and report the agent events seen in the traffic."""
@@ -123,6 +157,7 @@ def main(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from tokencake.connectors.gateway.server import Gateway, serve
+    from tokencake.connectors.gateway.tenants import Tenants
 
     gateway = Gateway(
         upstreams,
@@ -131,6 +166,7 @@ def main(
         app_idle_s=app_idle_s,
         daemon_timeout_s=daemon_timeout_s,
         upstream_timeout_s=upstream_timeout_s,
+        tenants=Tenants(tenant_secret_file, enabled=tenants),
     )
     try:
         with (

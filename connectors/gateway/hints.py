@@ -73,6 +73,8 @@ class Declared:
     step_id: str = ""
     parent_step: str = ""
     managed: bool = False
+    tenant: str = ""
+    """Whose request this is (``tenants.py``); set by the tracker, not declared."""
 
     def predicted_tool_s(self) -> float | None:
         return self.tool_s if self.tool_s is not None else self.ttl_s

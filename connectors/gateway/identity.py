@@ -76,10 +76,10 @@ def step(prev: bytes, message: Any) -> bytes:
     return hashlib.blake2b(prev + canon(message), digest_size=DIGEST_BYTES).digest()
 
 
-def chain(messages: list[Any]) -> list[bytes]:
-    """``out[i]`` names ``messages[: i + 1]``."""
+def chain(messages: list[Any], seed: bytes = b"") -> list[bytes]:
+    """``out[i]`` names ``messages[: i + 1]``; a ``seed`` (the tenant) starts another chain."""
     out: list[bytes] = []
-    h = b""
+    h = seed
     for message in messages:
         h = step(h, message)
         out.append(h)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import time
@@ -38,6 +39,7 @@ from tokencake.connectors.gateway.hints import HintError
 from tokencake.connectors.gateway.link import DaemonLink
 from tokencake.connectors.gateway.metrics import GatewayMetrics
 from tokencake.connectors.gateway.observe import CHAT, COMPLETIONS, RESPONSES, Observer, Outcome
+from tokencake.connectors.gateway.tenants import Tenants, salt
 from tokencake.connectors.gateway.tracker import Plan, Tracker
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,13 @@ _encode = msgspec.json.Encoder().encode
 def openai_error(status: int, message: str, err_type: str, code: str) -> web.Response:
     body = {"error": {"message": message, "type": err_type, "param": None, "code": code}}
     return web.Response(status=status, body=_encode(body), content_type="application/json")
+
+
+def _loopback(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False  # a unix socket or an unknown peer
 
 
 def _headers(headers: Any) -> dict[str, str]:
@@ -142,6 +151,7 @@ class Gateway:
         app_idle_s: float = 300.0,
         daemon_timeout_s: float = 0.25,
         upstream_timeout_s: float | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
         if not upstreams:
             raise ValueError("at least one upstream is needed")
@@ -154,6 +164,7 @@ class Gateway:
         self.register_wait_s = daemon_timeout_s
         self.wait_registration = not llm_events
         self.upstream_timeout_s = upstream_timeout_s
+        self.tenants = tenants if tenants is not None else Tenants()
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -201,6 +212,9 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
+        if path.startswith("/tokencake/") and not _loopback(request):
+            # The gateway's own views name every tenant's conversations: local peers only.
+            return openai_error(403, "local clients only", "permission_error", "403")
         if path == "/tokencake/metrics":
             return web.Response(
                 body=generate_latest(self.metrics.registry),
@@ -247,8 +261,11 @@ class Gateway:
         if not isinstance(body, dict):
             # Not ours to judge: the engine answers it as it would without the gateway.
             return await self._forward(request, raw, self.upstreams.urls[0], None, kind)
+        tenant = self.tenants.of(request.headers)
+        if salt(body, tenant):
+            raw = _encode(body)
         try:
-            plan = self.tracker.begin(kind, request.headers, body, time.monotonic())
+            plan = self.tracker.begin(kind, request.headers, body, time.monotonic(), tenant)
         except HintError as exc:
             self.metrics.requests.labels(kind, "400").inc()
             return openai_error(400, str(exc), "invalid_request_error", "bad_tokencake_hint")

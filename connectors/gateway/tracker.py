@@ -37,6 +37,7 @@ from tokencake.connectors.gateway.learn import Structure, Structures, ToolDurati
 from tokencake.connectors.gateway.link import DaemonLink
 from tokencake.connectors.gateway.metrics import GatewayMetrics
 from tokencake.connectors.gateway.observe import CHAT, COMPLETIONS, RESPONSES, Outcome
+from tokencake.connectors.gateway.tenants import scope_declared
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class Conversation:
     last_tool_s: float | None = None
     last_seen: float = 0.0
     keys: list[bytes] = field(default_factory=list)
+    tenant: str = ""
 
     def view(self, now: float) -> dict[str, Any]:
         return {
@@ -171,10 +173,18 @@ class Tracker:
     # ------------------------------------------------------------------ request arrives
 
     def begin(
-        self, kind: str, headers: Mapping[str, str], body: dict[str, Any], now: float
+        self,
+        kind: str,
+        headers: Mapping[str, str],
+        body: dict[str, Any],
+        now: float,
+        tenant: str = "",
     ) -> Plan | None:
-        """The plan for a request, or None when it is forwarded untouched. Raises HintError."""
+        """The plan for a request, or None when it is forwarded untouched. Raises HintError.
+
+        Everything is matched within ``tenant`` only (``tenants.py``)."""
         d = declared(headers, body)
+        scope_declared(d, tenant)
         if d.managed:
             self.metrics.passthrough.labels("managed").inc()
             return None
@@ -182,7 +192,7 @@ class Tracker:
         messages = body.get("messages") if kind == CHAT else None
         if not isinstance(messages, list):
             messages = None
-        hashes = identity.chain(messages) if messages else []
+        hashes = identity.chain(messages, tenant.encode()) if messages else []
         conv = self._find(kind, d, body, hashes, messages)
         if conv is None:
             conv_id, rule = self._new_id(kind, d, body, hashes, messages)
@@ -218,15 +228,16 @@ class Tracker:
         hashes: list[bytes],
         messages: list[Any] | None,
     ) -> Conversation | None:
+        conv: Conversation | None = None
         if d.conversation:
-            return self.conversations.get(d.conversation)
-        if kind == RESPONSES:
+            conv = self.conversations.get(d.conversation)
+        elif kind == RESPONSES:
             prev = body.get("previous_response_id")
             conv_id = self._responses.get(prev, "") if isinstance(prev, str) else ""
-            return self.conversations.get(conv_id)
-        if messages:
-            return self.conversations.get(self._index.find(hashes, messages))
-        return None
+            conv = self.conversations.get(conv_id)
+        elif messages:
+            conv = self.conversations.get(self._index.find(hashes, messages))
+        return conv if conv is not None and conv.tenant == d.tenant else None
 
     def _new_id(
         self,
@@ -290,6 +301,7 @@ class Tracker:
         conv = Conversation(
             conv_id, rule, model, agent_type, app, dapp, node, observed_node, importance
         )
+        conv.tenant = d.tenant
         app.conversations.append(conv_id)
         self.conversations[conv_id] = conv
         self.metrics.identity.labels(rule).inc()
@@ -346,7 +358,7 @@ class Tracker:
             if conv is not None:
                 found.append(conv)
         if found or not messages or not self._outputs:
-            return found
+            return [c for c in found if c.tenant == d.tenant]
         text = "\n".join(
             identity.text_of(m.get("content"))
             for m in messages
@@ -358,7 +370,7 @@ class Tracker:
             conv = self.conversations.get(conv_id)
             if conv is not None and conv not in found and snippet in text:
                 found.append(conv)
-        return found
+        return [c for c in found if c.tenant == d.tenant]
 
     def _ensure_registered(self, dapp: DaemonApp) -> asyncio.Future[bool]:
         reg = dapp.reg

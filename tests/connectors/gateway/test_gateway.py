@@ -29,6 +29,7 @@ from tests import procs
 from tests.connectors.gateway.upstream import MODEL, ScriptedUpstream
 from tokencake.clients.client import TokenCakeClient
 from tokencake.connectors.gateway.server import Gateway
+from tokencake.connectors.gateway.tenants import Tenants
 
 TOOLS: list[Any] = [
     {
@@ -87,6 +88,9 @@ async def stack(endpoint: str, **kwargs: Any) -> AsyncIterator[Stack]:
     # A generous daemon timeout: on a loaded machine a slow reply must not read as a daemon
     # that is down (the daemon-down test sets its own).
     kwargs.setdefault("daemon_timeout_s", 5.0)
+    # One tenant, ids as declared: these tests name conversations and apps as the client
+    # declared them. Tenants apart (the default) is test_security.py.
+    kwargs.setdefault("tenants", Tenants(enabled=False))
     gateway = Gateway([up_url], daemon_endpoint=endpoint, **kwargs)
     gw_server = TestServer(gateway.make_app())
     await gw_server.start_server()
