@@ -180,7 +180,7 @@ class RedisClusterBackend(RedisBackend):
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
                 retry=Retry(NoBackoff(), 0),
-                password=_password(url),
+                **_credentials(url),
             )
 
         self._connect = connect
@@ -210,12 +210,21 @@ def _host_port(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 6379
 
 
-def _password(url: str) -> str | None:
+def _credentials(url: str) -> dict[str, Any]:
+    """A cluster's user, password and TLS, from its first seed (``rediss://`` is TLS).
+
+    ``RedisCluster`` takes these as arguments, not from the seeds' URLs: left out, a
+    ``rediss://`` cluster would be spoken to in plain text, and an ACL user would be lost.
+    """
     from urllib.parse import unquote, urlsplit
 
     first = url.split(",")[0].strip()
     parts = urlsplit(first if "://" in first else f"redis://{first}")
-    return unquote(parts.password) if parts.password else None
+    return {
+        "username": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+        "ssl": parts.scheme == "rediss",
+    }
 
 
 # --------------------------------------------------------------------------- disk
