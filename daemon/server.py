@@ -315,6 +315,9 @@ class Daemon:
     # ------------------------------------------------------------------ timers
 
     def _housekeeping(self) -> None:
+        # Next round first: a part that raises is logged (Timers) and housekeeping goes on;
+        # were it scheduled last, one exception would end lease expiry for good.
+        self.timers.schedule(HOUSEKEEPING_S, self._housekeeping)
         now = self._clock()
         store = self.kv.store
         if store is not None:
@@ -322,10 +325,11 @@ class Daemon:
             if expired:
                 logger.warning("reclaimed expired leases", extra={"slots": expired})
         self.engine_service.expire_silent(now)
-        self.agent_events.expire_idle(now, self.config.app_idle_timeout_s)
-        self._apply(self.scheduler.tick(now))
+        # Each part reads the clock afresh: the scheduler takes events in time order, and
+        # what came before (an engine dropped, an app ended) was told it at a later time.
+        self._apply(self.scheduler.tick(self._clock()))
+        self.agent_events.expire_idle(self._clock(), self.config.app_idle_timeout_s)
         self.introspection.refresh_gauges()
-        self.timers.schedule(HOUSEKEEPING_S, self._housekeeping)
 
     def _watchdog(self) -> None:
         self._notifier.notify("WATCHDOG=1")
