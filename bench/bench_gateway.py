@@ -348,19 +348,54 @@ def _spawn(procs: dict[str, subprocess.Popen[bytes]], name: str, *args: str) -> 
     procs[name] = subprocess.Popen([sys.executable, *args], env=env)
 
 
-async def _start(procs: dict[str, subprocess.Popen[bytes]]) -> dict[str, str]:
-    """Daemon, stub engine, gateway and plain proxy; their URLs (``direct``: the stub)."""
-    endpoint = f"ipc://{tempfile.mkdtemp(prefix='tc-gw-bench-')}/d.sock"
-    ports = {name: _free_port() for name in ("direct", "gateway", "plain")}
+def _gateway(
+    procs: dict[str, subprocess.Popen[bytes]], name: str, upstream: str, port: int, endpoint: str
+) -> None:
+    args = ["--upstream", upstream, "--port", str(port), "--daemon", endpoint]
+    _spawn(procs, name, "-m", "tokencake.connectors.gateway.cli", *args, "--log-level", "WARNING")
+
+
+async def _start(
+    args: argparse.Namespace, procs: dict[str, subprocess.Popen[bytes]]
+) -> dict[str, str]:
+    """Daemon, stub engine, the proxies; their URLs (``direct``: the stub). Optional targets:
+    ``baseline``, a gateway (and its daemon) from another checkout (``--baseline-tree``),
+    and ``gateway_no_daemon``, this gateway with no daemon at its endpoint."""
+    tmp = tempfile.mkdtemp(prefix="tc-gw-bench-")
+    names = ["direct", "gateway", "plain"]
+    names += ["baseline"] * bool(args.baseline_tree) + ["gateway_no_daemon"] * args.daemon_down
+    ports = {name: _free_port() for name in names}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    _spawn(procs, "daemon", "-m", "tokencake.daemon", "--endpoint", endpoint, *DAEMON_ARGS)
+    direct = urls["direct"]
+    _spawn(
+        procs, "daemon", "-m", "tokencake.daemon", "--endpoint", f"ipc://{tmp}/d.sock", *DAEMON_ARGS
+    )
     _spawn(procs, "stub", __file__, "--stub", str(ports["direct"]))
-    await _wait_http(f"{urls['direct']}/v1/models", procs["stub"])
-    gw_args = ["--upstream", urls["direct"], "--port", str(ports["gateway"])]
-    gw_args += ["--daemon", endpoint, "--log-level", "WARNING"]
-    _spawn(procs, "gateway", "-m", "tokencake.connectors.gateway.cli", *gw_args)
-    _spawn(procs, "plain", __file__, "--plain", str(ports["plain"]), "--upstream", urls["direct"])
-    for name in ("gateway", "plain"):
+    await _wait_http(f"{direct}/v1/models", procs["stub"])
+    _gateway(procs, "gateway", direct, ports["gateway"], f"ipc://{tmp}/d.sock")
+    _spawn(procs, "plain", __file__, "--plain", str(ports["plain"]), "--upstream", direct)
+    if args.baseline_tree:
+        here = os.getcwd()
+        os.chdir(args.baseline_tree)  # ``-m`` imports from the working directory
+        try:
+            endpoint = f"ipc://{tmp}/base.sock"
+            _spawn(
+                procs,
+                "baseline_daemon",
+                "-m",
+                "tokencake.daemon",
+                "--endpoint",
+                endpoint,
+                *DAEMON_ARGS,
+            )
+            _gateway(procs, "baseline", direct, ports["baseline"], endpoint)
+        finally:
+            os.chdir(here)
+    if args.daemon_down:
+        _gateway(
+            procs, "gateway_no_daemon", direct, ports["gateway_no_daemon"], f"ipc://{tmp}/none"
+        )
+    for name in names[1:]:
         await _wait_http(f"{urls[name]}/v1/models", procs[name])
     return urls
 
@@ -368,12 +403,19 @@ async def _start(procs: dict[str, subprocess.Popen[bytes]]) -> dict[str, str]:
 async def _runs(
     args: argparse.Namespace, urls: dict[str, str], procs: dict[str, subprocess.Popen[bytes]]
 ) -> list[dict[str, Any]]:
-    """Latency and streaming, ``args.runs`` times, with the load average around each."""
-    pids = {name: procs[name].pid for name in ("stub", "gateway", "plain")}
+    """Latency and streaming, ``args.runs`` times, with the load average around each, and
+    each proxy's CPU per request in the latency phase."""
+    proxies = [name for name in urls if name != "direct"]
+    pids = {name: procs[name].pid for name in ["stub", *proxies]}
     runs = []
     for _ in range(args.runs):
         run: dict[str, Any] = {"load_before": os.getloadavg()[0]}
+        before = {name: _cpu_s(pids[name]) for name in proxies}
         run["latency"] = await latency(urls, args.conversations)
+        run["cpu_ms_per_request"] = {
+            name: (_cpu_s(pids[name]) - before[name]) / (2 * (args.conversations + 50)) * 1e3
+            for name in proxies
+        }
         run["streaming"] = await streaming(urls, pids, args.rounds, args.per_round, args.chunks)
         run["load_after"] = os.getloadavg()[0]
         runs.append(run)
@@ -406,7 +448,7 @@ async def _capacity(
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        urls = await _start(procs)
+        urls = await _start(args, procs)
         result: dict[str, Any] = {"runs": await _runs(args, urls, procs)}
         result.update(await _capacity(args, urls, procs))
         result["tool_duration"] = await tool_accuracy(urls["gateway"], args.tool_calls)
@@ -415,7 +457,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             http.get(f"{urls['gateway']}/tokencake/conversations") as v,
         ):
             result["daemon_link"] = (await v.json())["daemon"]
-        result["summary"] = _summary(result["runs"])
+        result["summary"] = _summary(result["runs"], [n for n in urls if n != "direct"])
         return result
     finally:
         for proc in reversed(procs.values()):
@@ -423,18 +465,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             proc.wait(10)
 
 
-def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(runs: list[dict[str, Any]], proxies: list[str]) -> dict[str, Any]:
     """Medians over the runs."""
 
     def med(get: Any) -> float:
         return float(statistics.median(get(run) for run in runs))
 
     out: dict[str, Any] = {"loads": [(r["load_before"], r["load_after"]) for r in runs]}
-    for name in ("gateway", "plain"):
+    for name in proxies:
         out[name] = {
             "added_p50_ms": med(lambda r, n=name: r["latency"][f"{n}_added_p50_ms"]),
             "added_p99_ms": med(lambda r, n=name: r["latency"][f"{n}_added_p99_ms"]),
             "stream_ratio": med(lambda r, n=name: r["streaming"]["ratio_median"][n]),
+            "cpu_ms_per_request": med(lambda r, n=name: r["cpu_ms_per_request"][n]),
+            "cpu_ms_per_MB": med(lambda r, n=name: r["streaming"]["cpu_ms_per_MB"][n]),
         }
     out["direct_p50_ms"] = med(lambda r: r["latency"]["direct_p50_ms"])
     return out
@@ -442,20 +486,21 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _report(result: dict[str, Any]) -> None:
     s, rps, acc = result["summary"], result["sustained_rps"], result["tool_duration"]
-    gw, plain = s["gateway"], s["plain"]
+    gw = s["gateway"]
     loads = ", ".join(f"{a:.1f}->{b:.1f}" for a, b in s["loads"])
     print(f"medians of {len(s['loads'])} runs (load average before->after: {loads})")
     print(
         f"added latency p50 {gw['added_p50_ms']:.3f} ms (target <= 1), "
-        f"p99 {gw['added_p99_ms']:.3f} ms (target <= 5); direct p50 {s['direct_p50_ms']:.3f} ms;"
-        f" plain aiohttp proxy adds {plain['added_p50_ms']:.3f} / {plain['added_p99_ms']:.3f} ms"
+        f"p99 {gw['added_p99_ms']:.3f} ms (target <= 5); direct p50 {s['direct_p50_ms']:.3f} ms"
     )
-    print(
-        f"streaming throughput gateway/direct {gw['stream_ratio']:.3f} (target >= 0.95);"
-        f" plain aiohttp proxy/direct {plain['stream_ratio']:.3f}"
-    )
-    cpu_mb = result["runs"][-1]["streaming"]["cpu_ms_per_MB"]
-    print(f"CPU ms per MB streamed, last run: {json.dumps(cpu_mb)}")
+    print(f"streaming throughput gateway/direct {gw['stream_ratio']:.3f} (target >= 0.95)")
+    for name, m in s.items():
+        if isinstance(m, dict):
+            print(
+                f"  {name:18s} adds p50 {m['added_p50_ms']:.3f} ms, p99 {m['added_p99_ms']:.3f} ms;"
+                f" stream ratio {m['stream_ratio']:.3f}; CPU {m['cpu_ms_per_request']:.3f} ms"
+                f" per request, {m['cpu_ms_per_MB']:.1f} ms per MB relayed"
+            )
     print(
         f"sustained {rps['gateway']:.0f} req/s via the gateway (target >= 500), "
         f"{rps['direct']:.0f} req/s direct"
@@ -483,6 +528,14 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=2000)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--tool-calls", type=int, default=50)
+    ap.add_argument(
+        "--baseline-tree",
+        default="",
+        help="another checkout (git worktree add DIR COMMIT): its gateway too, in the same run",
+    )
+    ap.add_argument(
+        "--daemon-down", action="store_true", help="also a gateway with no daemon to report to"
+    )
     args = ap.parse_args()
     if args.stub:
         run_stub(args.stub)
