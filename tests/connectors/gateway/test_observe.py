@@ -100,7 +100,7 @@ def _fields(o: Outcome) -> tuple[Any, ...]:
 
 
 @settings(
-    max_examples=300,
+    max_examples=200,
     deadline=None,
     database=None,
     derandomize=True,
