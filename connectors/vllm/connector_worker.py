@@ -2,7 +2,7 @@
 
 Each step it runs the copy jobs the scheduler side shipped in ``TokenCakeMetadata``: plain
 block copies between vLLM's KV tensors and the daemon's shared-memory arena
-(``worker.make_copier``), loads in ``start_load_kv`` and saves in ``wait_for_save`` (after
+(``movers.make_mover``), loads in ``start_load_kv`` and saves in ``wait_for_save`` (after
 the forward wrote the blocks). What finished goes back in ``TokenCakeWorkerMetadata``, and
 the requests vLLM waits on in ``get_finished``. A failed copy is reported, never raised:
 a failed load's blocks are recomputed by vLLM.
@@ -11,13 +11,19 @@ a failed load's blocks are recomputed by vLLM.
 from __future__ import annotations
 
 import logging
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokencake.connectors.vllm.metadata import CopyJob, TokenCakeMetadata, TokenCakeWorkerMetadata
-from tokencake.connectors.vllm.worker import Copier, close_arena, make_copier, open_arena
+from tokencake.connectors.vllm.movers import (
+    Mover,
+    close_arena,
+    kv_first_blocks,
+    make_mover,
+    open_arena,
+)
+from tokencake.daemon.gpu.mover import Completed, CopyHandle
 from tokencake.layout import KvLayout
 
 if TYPE_CHECKING:
@@ -33,7 +39,7 @@ class TokenCakeConnectorWorker:
     def __init__(self, layout: KvLayout, layer_names: list[str]) -> None:
         self.layout = layout
         self._layer_names = layer_names
-        self._copier: Copier | None = None
+        self._copier: Mover | None = None
         self._arena: ArenaMapping | None = None
         self._arena_epoch = 0  # the link epoch (registration) the mapping belongs to
         self._done_loads: list[int] = []
@@ -43,11 +49,11 @@ class TokenCakeConnectorWorker:
         self._recving: set[str] = set()
         self._sending: set[str] = set()
         self._bad_blocks: set[int] = set()
-        # CUDA copies in flight: (completion event, job, is_load); polled in get_finished.
-        self._inflight: list[tuple[Any, CopyJob, bool]] = []
+        # CUDA copies in flight: (completion handle, job, is_load); polled in get_finished.
+        self._inflight: list[tuple[CopyHandle, CopyJob, bool]] = []
 
     @property
-    def copier(self) -> Copier | None:
+    def copier(self) -> Mover | None:
         return self._copier
 
     @property
@@ -55,8 +61,9 @@ class TokenCakeConnectorWorker:
         return self._arena
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        names = [n for n in self._layer_names if n in kv_caches]
-        self._copier = make_copier([kv_caches[n] for n in names])
+        layers = [kv_caches[n] for n in self._layer_names if n in kv_caches]
+        num_blocks = kv_first_blocks(layers[0], self.layout.block_size) if layers else None
+        self._copier = make_mover(layers, num_blocks)
         if self._copier.bytes_per_block != self.layout.bytes_per_block:
             raise ValueError(
                 f"KV tensors hold {self._copier.bytes_per_block} B per block, "
@@ -72,7 +79,7 @@ class TokenCakeConnectorWorker:
         stale = self._arena_epoch != meta.epoch
         if self._arena is None or self._arena.name != meta.arena_name or stale:
             if self._arena is not None:
-                close_arena(self._arena)
+                close_arena(self._arena, self._copier)
             self._arena = open_arena(meta.arena_name, meta.arena_bytes, meta.slot_bytes)
             self._arena_epoch = meta.epoch
         return self._arena
@@ -90,24 +97,23 @@ class TokenCakeConnectorWorker:
         try:
             if job.fail:
                 raise ConnectionError("the daemon that held these blocks is gone")
-            done = None
+            done: CopyHandle = Completed(0.0)
             if job.slots:
                 arena = self._arena_for(meta)
                 if arena is None:  # the link went down after the job was queued
                     raise ConnectionError("no arena: the daemon's link is down")
                 assert self._copier is not None
-                started = time.perf_counter()
                 if is_load:
-                    done = self._copier.from_arena(arena, job.slots, job.blocks)
+                    done = self._copier.load(arena, job.slots, job.blocks)
                 else:
-                    done = self._copier.to_arena(arena, job.blocks, job.slots)
-                if done is None:  # a synchronous copy: this was all of it
-                    self._copy_seconds[job.job_id] = time.perf_counter() - started
+                    done = self._copier.store(arena, job.blocks, job.slots)
+                if isinstance(done, Completed):  # a synchronous copy: this was all of it
+                    self._copy_seconds[job.job_id] = done.copy_s or 0.0
         except Exception as exc:
             logger.warning("TokenCake copy job %d failed (%s)", job.job_id, exc)
             self._copy_done(job, is_load, ok=False)
             return
-        if done is None:
+        if isinstance(done, Completed):
             self._copy_done(job, is_load, ok=True)
         else:
             self._inflight.append((done, job, is_load))
@@ -126,7 +132,7 @@ class TokenCakeConnectorWorker:
         pending = []
         for done, job, is_load in self._inflight:
             try:
-                finished = bool(done.query())
+                finished = done.poll()
             except Exception as exc:
                 logger.warning("TokenCake copy job %d failed on the device (%s)", job.job_id, exc)
                 self._copy_done(job, is_load, ok=False)
@@ -159,9 +165,9 @@ class TokenCakeConnectorWorker:
         return meta
 
     def shutdown(self) -> None:
-        if self._inflight:  # never unmap (and unpin) memory a DMA is still writing
-            torch.cuda.synchronize()
-            self._inflight = []
-        if self._arena is not None:
-            close_arena(self._arena)
+        if self._arena is not None:  # the mover waits for its DMAs before it unpins
+            close_arena(self._arena, self._copier)
             self._arena = None
+        if self._copier is not None:
+            self._copier.close()
+        self._inflight = []

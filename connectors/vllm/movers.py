@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tokencake.clients.kv_arena import ArenaMapping, native_copy
+from tokencake.clients.kv_arena import ArenaMapping, copy_path
 from tokencake.daemon.gpu.mover import BlockMover, CopyError, CopyHandle, block_regions, timed
 
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
@@ -32,19 +32,19 @@ Mover = BlockMover[ArenaMapping]
 
 
 class CpuBlockMover(BlockMover[ArenaMapping]):
-    """vLLM-CPU's KV tensors <-> the arena, one numpy gather/scatter per region (or, with
-    ``TOKENCAKE_COPY_KERNEL=numba``, one compiled loop; see ``kv_arena``). The kernel, when
-    on, is compiled here at worker start-up, so no forward step waits for it."""
+    """vLLM-CPU's KV tensors <-> the arena through kv_arena's copy kernel (``native``, or the
+    numpy fallback: ``kv_arena.copy_path``), loaded here at worker start-up so no forward
+    step waits for it."""
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], num_blocks: int | None = None) -> None:
         if any(kv.device.type != "cpu" for kv in kv_caches):
             raise CopyError("KV tensors are not CPU tensors")
-        regions = block_regions(kv_caches, num_blocks)
-        self.num_blocks = int(regions[0].shape[0])
-        self.bytes_per_block = sum(int(r.shape[1]) for r in regions)
+        self.regions = block_regions(kv_caches, num_blocks)
+        self.num_blocks = int(self.regions[0].shape[0])
+        self.bytes_per_block = sum(int(r.shape[1]) for r in self.regions)
         # numpy views of the same memory, made once rather than on every copy
-        self._arrays = [r.numpy() for r in regions]
-        self.path = "numba" if native_copy() is not None else "numpy"
+        self._arrays = [r.numpy() for r in self.regions]
+        self.path = copy_path()
         logger.debug("TokenCake CPU block copies use %s", self.path)
 
     def store(self, arena: ArenaMapping, blocks: Sequence[int], slots: Sequence[int]) -> CopyHandle:
@@ -60,7 +60,8 @@ class CpuBlockMover(BlockMover[ArenaMapping]):
 
 def make_mover(kv_caches: Sequence[torch.Tensor], num_blocks: int | None = None) -> Mover:
     """The CUDA mover for CUDA KV tensors, else the CPU one. A CUDA tensor without a usable
-    CUDA runtime is an error, never a silent CPU copy of device memory."""
+    CUDA runtime is an error, never a silent CPU copy of device memory. ``num_blocks`` lets
+    K/V-first layers be told apart (see ``block_regions``)."""
     if kv_caches and kv_caches[0].device.type == "cuda":
         from tokencake.daemon.gpu.block_mover import DeviceBlockMover
         from tokencake.daemon.gpu.device import CudaDevice
@@ -94,3 +95,11 @@ def export_kv(mover: Mover) -> list[Any]:
     if not isinstance(mover, DeviceBlockMover):
         raise CopyError("only device KV tensors can be shared with the daemon")
     return [mover.device.export(r) for r in mover.regions]
+
+
+def kv_first_blocks(kv: torch.Tensor, block_size: int) -> int | None:
+    """The block count of a K/V-first layer (``(2, num_blocks, block_size, heads, dim)``,
+    FlashAttention's), or None for any other shape."""
+    if kv.dim() == 5 and kv.shape[0] == 2 and kv.shape[2] == block_size:
+        return int(kv.shape[1])
+    return None

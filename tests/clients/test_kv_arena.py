@@ -293,11 +293,11 @@ def test_bad_ids_are_refused_before_any_byte_moves(arena: Arena, kernel_calls: l
 def test_vllm_block_copier_moves_torch_layers(arena: Arena, kernel_calls: list[int]) -> None:
     """The vLLM worker's CPU copier: torch KV tensors of vLLM-CPU's shape, random ids."""
     torch = pytest.importorskip("torch")
-    from tokencake.connectors.vllm.worker import BlockCopier
+    from tokencake.connectors.vllm.movers import CpuBlockMover
 
     torch.manual_seed(0)
     kv = [torch.randn(NB, 2, 4, 64, dtype=torch.bfloat16) for _ in range(3)]
-    copier = BlockCopier(kv)
+    copier = CpuBlockMover(kv)
     blocks, slots = [33, 2, 17, 18, 5], [9, 30, 10, 11, 0]
 
     def raw(block: int) -> bytes:
@@ -305,14 +305,14 @@ def test_vllm_block_copier_moves_torch_layers(arena: Arena, kernel_calls: list[i
 
     want = {b: raw(b) for b in blocks}
     with ArenaMapping.open(arena.name, SLOT) as m:
-        copier.to_arena(m, blocks, slots)
+        copier.store(m, blocks, slots)
         stored = bytes(m.slots_view())
         for s, b in zip(slots, blocks, strict=True):
             assert stored[s * SLOT : s * SLOT + copier.bytes_per_block] == want[b]
         for x in kv:
             x[blocks] = 0
         targets = [1, 39, 20, 21, 8]
-        copier.from_arena(m, slots, targets)
+        copier.load(m, slots, targets)
     for b, t in zip(blocks, targets, strict=True):
         assert raw(t) == want[b]
     assert copier.path == ("native" if kv_arena._native else "numpy")

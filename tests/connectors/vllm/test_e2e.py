@@ -182,9 +182,8 @@ def test_loaded_bytes_are_the_stored_bytes(engine: Any) -> None:
     pool = conn.connector_scheduler.pool
     for h, slot in zip(hashes, slots, strict=True):
         block = pool.get_cached_block(h, [0])[0].block_id
-        page = copier.page_bytes
-        engine_bytes = torch.cat([layer[block] for layer in copier.layers])
-        assert torch.equal(engine_bytes, arena[slot, : page * len(copier.layers)])
+        engine_bytes = torch.cat([region[block] for region in copier.regions])
+        assert torch.equal(engine_bytes, arena[slot, : copier.bytes_per_block])
     # Corrupt the host copy, make the engine forget its own, and run the same continuation.
     # (vLLM may cache one hash in several blocks; free each copy through the connector.)
     for round_ in range(8):
