@@ -36,7 +36,7 @@ def _upstream(_ctx: click.Context, _param: click.Parameter, values: tuple[str, .
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (vLLM brings it), else asyncio's own."""
+    """uvloop's event loop (a dependency; it relays with less CPU), else asyncio's own."""
     try:
         import uvloop
     except ImportError:
