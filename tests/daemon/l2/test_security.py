@@ -23,6 +23,7 @@ import redis
 
 from tests.daemon.l2.redis_procs import MISSING, REDIS_SERVER
 from tests.procs import free_port
+from tokencake import protocol as p
 from tokencake.daemon.l2.backends import L2Unavailable, RedisBackend, RedisClusterBackend
 from tokencake.daemon.l2.codec import block_key, key_prefix, open_value, seal
 
@@ -131,3 +132,22 @@ def test_cluster_seeds_keep_tls_user_and_password() -> None:
         assert (seen["username"], seen["password"], seen["ssl"]) == expected, url
         first = seen["startup_nodes"][0]
         assert (first.host, first.port) == ("10.0.0.1", 7000)
+
+
+def test_the_l2_password_never_shows(tmp_path: Path) -> None:
+    """``tokencake-ctl config`` (get_config) masks an l2_url with credentials, and the
+    daemon's log never prints it, even when the store cannot be reached."""
+    from tests.procs import start
+    from tokencake.clients.client import TokenCakeClient
+
+    url = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}"
+    env = {"TOKENCAKE_L2_BACKEND": "redis", "TOKENCAKE_L2_URL": url}
+    d = start(tmp_path, env=env, arena="1MiB")
+    try:
+        with TokenCakeClient(d.endpoint, timeout_s=5.0) as c:
+            config = c.call(p.GetConfig()).config
+            assert config["l2_url"] == "<set, with credentials>"
+            assert config["l2_backend"] == "redis"
+    finally:
+        assert d.stop() == 0
+    assert PASSWORD not in d.log()
