@@ -21,6 +21,7 @@ import zmq
 from tokencake.cli import HELP_OPTIONS, FloatRange, Group, is_endpoint
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient, resolve_endpoint
 from tokencake.protocol import RemoteError
+from tokencake.tables import render_table
 
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
@@ -36,12 +37,7 @@ def _human_bytes(n: float) -> str:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    if not rows:
-        return "(none)"
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+    return render_table(header, rows) if rows else "(none)"
 
 
 class Ctx:

@@ -58,8 +58,6 @@ class EngineService:
         store = self._kv.store
         if store is None:
             store = self._kv.format(req.layout.bytes_per_block)
-        arena = self._kv.arena
-        assert arena is not None
         fingerprint = req.layout.fingerprint()
         layout_id = store.register_layout(fingerprint, req.layout.bytes_per_block)
         previous = self._engines.by_name.get(req.name)
@@ -95,7 +93,12 @@ class EngineService:
                 "model": req.layout.model_id,
             },
         )
-        cfg = self._config()
+        return self._registered_reply(engine_id, fingerprint)
+
+    def _registered_reply(self, engine_id: str, fingerprint: str) -> p.RegisterEngineReply:
+        """Where the engine finds the arena and its slots, and how often to report."""
+        arena, store, cfg = self._kv.arena, self._kv.store, self._config()
+        assert arena is not None and store is not None
         return p.RegisterEngineReply(
             engine_id=engine_id,
             fingerprint=fingerprint,

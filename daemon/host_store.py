@@ -30,7 +30,6 @@ import numpy as np
 
 from tokencake.daemon import store_audit
 from tokencake.daemon.eviction import EvictionPolicy, LruPolicy
-from tokencake.daemon.key_index import KeyIndex, key_digest
 from tokencake.daemon.slot_table import (
     FREE,
     INT32_MAX,
@@ -41,7 +40,9 @@ from tokencake.daemon.slot_table import (
     READING,
     READY,
     WRITING,
+    KeyIndex,
     SlotTable,
+    key_digest,
 )
 from tokencake.protocol import (
     MAX_HASH_BYTES,

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tokencake.daemon.key_index import key_digest
-from tokencake.daemon.slot_table import FREE, READING
+from tokencake.daemon.slot_table import FREE, READING, key_digest
 
 if TYPE_CHECKING:
     from tokencake.daemon.host_store import HostStore
