@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 MAX_CASES = 10_000_000
+PROGRESS_EVERY = 50_000
 
 
 def _op_of(frame: bytes) -> str | None:
@@ -65,7 +66,11 @@ def _phase_in_process(
     per_op: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     first: list[str] = []
     try:
+        t0 = time.perf_counter()
         for i in range(cases):
+            if i % PROGRESS_EVERY == 0 and i:
+                rate = i / (time.perf_counter() - t0)
+                print(f"  ... {i:,} cases, {crashes} crashes ({rate:,.0f}/s)", flush=True)
             if i % 200 == 0:
                 ipd.seed()
             if i % 20000 == 19999:
