@@ -12,7 +12,9 @@ requests/s in all:
   and tool calls, app_end) with a store and a load each (lookup, reserve, commit,
   load_begin, load_end, drop) against a live engine; after a random 200..2,000 requests a
   client waits for its replies, closes its socket and a new client with a new name takes
-  its place.
+  its place. It leaves wherever it is, mid-app, as a crashed agent does: its app gets no
+  ``app_end`` and its reservations no commit, so the daemon must end the app
+  (``app_idle_timeout_s``, ``--app-idle-s``) and reclaim the leases itself.
 
 The daemon runs with ``debug_memory_file`` (tracemalloc on; ``--no-tracemalloc`` to run
 without) and reports every ``--sample-s``; the driver samples the daemon's RSS, RssAnon,
@@ -259,7 +261,12 @@ class _Soak:
         self.clients[i] = None
 
     def sample(self, t0: float) -> None:
-        st = proc_status(self.pid)
+        try:
+            st = proc_status(self.pid)
+        except OSError:
+            raise SystemExit("the daemon exited during the soak") from None
+        if st["rss_kib"] == 0:
+            raise SystemExit("the daemon exited during the soak")
         self.samples.append(
             Sample(
                 (time.monotonic() - t0) / 60.0,
@@ -458,6 +465,12 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--warmup-min", type=float, default=10.0, help="left out of the slopes")
     ap.add_argument("--target-kib-min", type=float, default=10.0)
     ap.add_argument("--arena-bytes", default="64MiB")
+    ap.add_argument(
+        "--app-idle-s",
+        type=float,
+        default=120.0,
+        help="the daemon's app_idle_timeout_s: apps of clients that left mid-app end then",
+    )
     ap.add_argument("--no-tracemalloc", action="store_true")
     ap.add_argument("--plot", type=Path, help="write the memory lines to this PNG")
     ap.add_argument("--json", type=Path, help="write samples, reports and totals here")
@@ -477,6 +490,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tcsoak-"))
     report_file = tmp / "memory.jsonl"
     os.environ.pop("TOKENCAKE_ENDPOINT", None)
+    os.environ["TOKENCAKE_APP_IDLE_TIMEOUT_S"] = str(args.app_idle_s)
     if not args.no_tracemalloc:
         os.environ["TOKENCAKE_DEBUG_MEMORY_FILE"] = str(report_file)
         os.environ["TOKENCAKE_DEBUG_MEMORY_S"] = str(args.sample_s)
@@ -490,7 +504,7 @@ def main() -> None:
     try:
         wall = soak.run()
         with TokenCakeClient(endpoint, timeout_s=10.0) as c:
-            alive = c.ping().uptime_s > 0
+            alive = c.call(p.Ping()).uptime_s > 0
     finally:
         proc.terminate()
         try:
