@@ -155,14 +155,14 @@ class DeviceBlockMover(BlockMover[HostArena]):
     def _chunk(
         self, host: _Host, stage: Any, blocks: list[int], slots: list[int], to_arena: bool
     ) -> None:
-        import torch
-
         n = len(blocks)
-        idx = torch.tensor(blocks, dtype=torch.long).to(stage.device, non_blocking=True)
+        idx = self.device.upload_ids(blocks)
         rows = stage[:n]
         if to_arena:
             for region, offset, width in zip(self.regions, self.offsets, self.widths, strict=True):
-                torch.index_select(region, 0, idx, out=rows[:, offset : offset + width])
+                # gather, then place: a few device copies more, no reliance on index_select
+                # writing a strided ``out`` (device bandwidth is ~50x the link's)
+                rows[:, offset : offset + width].copy_(region.index_select(0, idx))
         i = 0
         for first, count in slot_runs(slots):
             span = slice(first * host.slot_bytes, first * host.slot_bytes + count * host.slot_bytes)

@@ -84,6 +84,11 @@ class Device(ABC):
         """A torch view of host memory (no copy)."""
 
     @abstractmethod
+    def upload_ids(self, ids: list[int]) -> Any:
+        """``ids`` as a long tensor on the device, copied on the current stream without
+        making the host wait for it (a copy from pageable memory would)."""
+
+    @abstractmethod
     def owns(self, tensor: Any) -> bool:
         """True when ``tensor`` lives on this device."""
 
@@ -207,6 +212,12 @@ class CudaDevice(Device):
 
     def host_tensor(self, array: np.ndarray) -> Any:
         return self.torch.from_numpy(array)
+
+    def upload_ids(self, ids: list[int]) -> Any:
+        # pinned: cudaMemcpyAsync from pageable memory first synchronizes the stream; torch's
+        # host allocator keeps the pinned buffer until the copy has run
+        host = self.torch.tensor(ids, dtype=self.torch.long, pin_memory=True)
+        return host.to(self.device, non_blocking=True)
 
     def owns(self, tensor: Any) -> bool:
         return bool(tensor.device == self.device)

@@ -163,6 +163,7 @@ class FakeDevice(Device):
         event = FakeEvent(self.polls, self._fault)
         event.number = next(self._events)
         self._fault = ""
+        self._recorded = [e for e in self._recorded if e.remaining > 0]
         self._recorded.append(event)
         return event
 
@@ -190,6 +191,9 @@ class FakeDevice(Device):
 
     def host_tensor(self, array: np.ndarray) -> Any:
         return self.torch.from_numpy(array)
+
+    def upload_ids(self, ids: list[int]) -> Any:
+        return self.torch.tensor(ids, dtype=self.torch.long)
 
     def owns(self, tensor: Any) -> bool:
         return bool(tensor.device.type == "cpu")
