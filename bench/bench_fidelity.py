@@ -85,7 +85,7 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
     sys.path.insert(0, str(ROOT))
     from vllm import LLM, SamplingParams
 
-    from tests.connectors.vllm.workload import engine_kwargs, generate
+    from bench.common.vllm_workload import engine_kwargs, generate
     from tokencake.agent_params import kv_transfer_params
 
     connector = None
@@ -236,8 +236,8 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
 
 def run_real(agents: int, tool_s: float) -> dict[str, dict[str, Any]]:
     sys.path.insert(0, str(ROOT))
-    from tests.connectors.vllm.conftest import DaemonProcess
-    from tests.connectors.vllm.fixtures import build_tiny_llama
+    from bench.common.vllm_models import build_tiny_llama
+    from bench.common.vllm_workload import DaemonProcess
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="tc-fidelity-") as tmp:

@@ -56,7 +56,7 @@ def _phase_in_process(
     cases: int, seed: int, tmp: Path
 ) -> tuple[int, int, int, dict[str, int], dict[str, list[int]]]:
     """Returns (cases, crashes, failed ops checked, outcome counts, op -> [ok, failed])."""
-    from tests.reliability.harness import CaseFailure, FrameGen, InProcessDaemon, check_case
+    from bench.common.fuzz_harness import CaseFailure, FrameGen, InProcessDaemon, check_case
 
     ipd = InProcessDaemon(tmp)
     ipd.seed()
@@ -105,13 +105,14 @@ def _phase_real(frames: int, seed: int, tmp: Path) -> tuple[int, int, int]:
     """Returns (frames sent, replies, mismatches or internal errors)."""
     import zmq
 
-    from tests.procs import start
-    from tests.reliability.harness import FrameGen, InProcessDaemon, check_case
+    from bench.common.fuzz_harness import FrameGen, InProcessDaemon, check_case
     from tokencake import protocol as p
     from tokencake.clients.client import TokenCakeClient
+    from tokencake.clients.launcher import daemon_flags, launch
 
     # The same arena size as the shadow's, so slot numbers mean the same on both sides.
-    d = start(tmp, "--lease-s", "3600", env={"TOKENCAKE_ENGINE_TIMEOUT_S": "3600"}, arena="1MiB")
+    daemon_env = {"TOKENCAKE_ENGINE_TIMEOUT_S": "3600"}
+    d = launch(*daemon_flags(arena="1MiB"), "--lease-s", "3600", workdir=tmp, env=daemon_env)
     shadow = InProcessDaemon(tmp)
     recorded = shadow.seed_recorded()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -165,7 +166,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import atheris
 with atheris.instrument_imports(include=["tokencake"]):
-    from tests.reliability.harness import FrameGen, InProcessDaemon, check_case
+    from bench.common.fuzz_harness import FrameGen, InProcessDaemon, check_case
 ipd = InProcessDaemon(Path(tempfile.mkdtemp(prefix="tcatheris-")))
 ipd.seed()
 count = [0]

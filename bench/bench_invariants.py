@@ -40,7 +40,7 @@ def draw_cases(n: int, seed: int, policies: list[str]) -> list[Case]:
 
 def check(case: Case) -> str:
     """'' when the case held, else the failure in one line."""
-    from tests.daemon.scheduler.engine_model import check_random_workload
+    from bench.common.engine_model import check_random_workload
 
     try:
         check_random_workload(*case)

@@ -68,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from vllm import SamplingParams
 
-    from tests.connectors.vllm.conftest import DaemonProcess, shutdown_engine
-    from tests.connectors.vllm.engine_apps import ModelShape, build_llama, kv_bytes_per_block
-    from tests.connectors.vllm.workload import engine_kwargs, to_turn
+    from bench.common.vllm_apps import ModelShape, build_llama, kv_bytes_per_block
+    from bench.common.vllm_workload import DaemonProcess, engine_kwargs, shutdown_engine, to_turn
     from tokencake import protocol as p
     from tokencake.agent_params import kv_transfer_params
 

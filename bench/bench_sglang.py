@@ -2,7 +2,7 @@
 against a numpy memcpy of the same bytes in the same run.
 
 A real tokencaked (subprocess), SGLang 0.5.23's real ``MHATokenToKVPoolHost`` on CPU
-(built as the tests build it, ``tests/connectors/sglang/sglang_env.py``), and the backend made
+(built as the tests build it, ``bench/common/sglang_env.py``), and the backend made
 by SGLang's own dynamic backend factory with ``interface_v1``. Every repeat stores the whole
 pool under fresh keys in batches of 128 pages (SGLang's ``STORAGE_BATCH_SIZE``), loads them
 back into the pool, checks the bytes, and drops the keys. Repeats interleave the memcpy
@@ -31,8 +31,8 @@ import torch
 
 # The bench builds SGLang's host pool and the daemon as the tests do; run from anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.connectors.sglang import sglang_env
-from tests.procs import start
+from bench.common import sglang_env
+from tokencake.clients.launcher import daemon_flags, launch
 
 BATCH = 128  # sglang.srt.mem_cache.hicache_storage.STORAGE_BATCH_SIZE
 MiB = 1 << 20
@@ -68,7 +68,7 @@ def run(mib: int, page_tokens: int, repeats: int) -> dict[str, Any]:
     assert indices is not None and indices.numel() == tokens
 
     with tempfile.TemporaryDirectory() as tmp:
-        d = start(Path(tmp), arena=f"{mib + 64}MiB")
+        d = launch(*daemon_flags(arena=f"{mib + 64}MiB"), workdir=Path(tmp))
         try:
             cfg = sglang_env.storage_config(
                 {

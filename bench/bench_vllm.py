@@ -82,7 +82,7 @@ def run_phase(phase: str, model: str, endpoint: str, agents: int, turns: int) ->
     sys.path.insert(0, str(ROOT))
     from vllm import LLM
 
-    from tests.connectors.vllm.workload import engine_kwargs, generate
+    from bench.common.vllm_workload import engine_kwargs, generate
     from tokencake.agent_params import kv_transfer_params
 
     connector = None
@@ -168,8 +168,8 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from tests.connectors.vllm.conftest import DaemonProcess
-    from tests.connectors.vllm.fixtures import build_tiny_llama
+    from bench.common.vllm_models import build_tiny_llama
+    from bench.common.vllm_workload import DaemonProcess
 
     with tempfile.TemporaryDirectory(prefix="tc-bench-") as tmp:
         work = Path(tmp)

@@ -172,7 +172,7 @@ H100_80GB = GpuSpec(
 )
 
 TINY_LLAMA = ModelSpec(
-    # tests/connectors/vllm/fixtures.py: random-weight Llama, hidden 64, 2 layers, 2 query /
+    # bench/common/vllm_models.py: random-weight Llama, hidden 64, 2 layers, 2 query /
     # 2 KV heads, head_dim 32, vocab 512, fp32 (about 0.15M parameters).
     name="tiny-llama",
     params=0.15e6,
@@ -233,7 +233,7 @@ PROFILES: dict[str, Profile] = {
         gpu=CPU_2CORE,
         gpu_mem_util=1.0,
         reserve_bytes=0.0,
-        # The engine of tests/connectors/vllm/workload.py: kv_cache_memory_bytes = 40 blocks
+        # The engine of bench/common/vllm_workload.py: kv_cache_memory_bytes = 40 blocks
         # of 32 tokens; vLLM keeps block 0 as its null block, so 39 hold KV.
         block_tokens=32,
         fixed_gpu_blocks=39,

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import zmq
 
+from bench.common.fuzz_harness import InProcessDaemon
 from tests.procs import spawn_daemon, start, wait_exit, wait_ready
-from tests.reliability.harness import InProcessDaemon
 from tokencake import protocol as p
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
 from tokencake.clients.kv_arena import ArenaMapping

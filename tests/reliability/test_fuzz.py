@@ -21,14 +21,14 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.daemon.test_server import snapshot
-from tests.procs import start
-from tests.reliability.harness import (
+from bench.common.fuzz_harness import (
     IDENTITY,
     FrameGen,
     InProcessDaemon,
     check_case,
 )
+from tests.daemon.test_server import snapshot
+from tests.procs import start
 from tokencake import protocol as p
 from tokencake.clients.client import TokenCakeClient
 from tokencake.protocol import ErrorCode

@@ -120,7 +120,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[procs.Proc]:
 @pytest.fixture(scope="module")
 def engine(daemon: procs.Proc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """vLLM's OpenAI server as ``docs/vllm.md`` launches it, plus a tool-call parser."""
-    from tests.connectors.vllm.fixtures import build_tiny_json_llama
+    from bench.common.vllm_models import build_tiny_json_llama
 
     model = build_tiny_json_llama(tmp_path_factory.mktemp("tiny-json-llama"))
     port = procs.free_port()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.connectors.sglang import sglang_env
+from bench.common import sglang_env
 from tests.procs import Proc, start
 
 BACKEND_MODULE = "tokencake.connectors.sglang.backend"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.connectors.sglang import sglang_env
+from bench.common import sglang_env
 from tests.procs import start
 
 pytest.importorskip("torch")

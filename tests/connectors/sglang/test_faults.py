@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.connectors.sglang import sglang_env
+from bench.common import sglang_env
 from tests.connectors.sglang.test_backend import PAGE, fill, keys
 from tests.procs import Proc, start
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.connectors.sglang import sglang_env
+from bench.common import sglang_env
 from tests.procs import Proc
 from tokencake import protocol as p
 from tokencake.clients.session import AppSession

@@ -22,8 +22,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.connectors.vllm.conftest import DaemonProcess, shutdown_engine
-from tests.connectors.vllm.workload import Stepper, engine_kwargs
+from bench.common.vllm_workload import DaemonProcess, Stepper, engine_kwargs, shutdown_engine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

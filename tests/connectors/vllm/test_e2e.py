@@ -17,8 +17,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.connectors.vllm.conftest import DaemonProcess, shutdown_engine
-from tests.connectors.vllm.workload import Turn, engine_kwargs, generate
+from bench.common.vllm_workload import DaemonProcess, Turn, engine_kwargs, generate, shutdown_engine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

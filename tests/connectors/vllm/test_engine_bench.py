@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.connectors.vllm.engine_apps import SMOKE_APPS, build_trace
+from bench.common.vllm_apps import SMOKE_APPS, build_trace
 
 # One child process per setup (a vLLM import and an engine start each): 545 s in all on this
 # 2-core VM at load 15, so the limit is generous.

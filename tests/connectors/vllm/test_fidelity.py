@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.connectors.vllm.conftest import DaemonProcess
+from bench.common.vllm_workload import DaemonProcess
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -26,8 +26,8 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
-from tests.connectors.vllm.conftest import DaemonProcess
-from tests.connectors.vllm.fixtures import WORDS
+from bench.common.vllm_models import WORDS
+from bench.common.vllm_workload import DaemonProcess
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

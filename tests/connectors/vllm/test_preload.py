@@ -26,8 +26,14 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.connectors.vllm.conftest import DaemonProcess, shutdown_engine
-from tests.connectors.vllm.workload import Stepper, Turn, engine_kwargs, generate
+from bench.common.vllm_workload import (
+    DaemonProcess,
+    Stepper,
+    Turn,
+    engine_kwargs,
+    generate,
+    shutdown_engine,
+)
 
 pytestmark = pytest.mark.vllm
 

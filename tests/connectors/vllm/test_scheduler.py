@@ -27,8 +27,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.connectors.vllm.conftest import DaemonProcess, shutdown_engine
-from tests.connectors.vllm.workload import Turn, engine_kwargs, to_turn
+from bench.common.vllm_workload import DaemonProcess, Turn, engine_kwargs, shutdown_engine, to_turn
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.daemon.scheduler.engine_model import (
+from bench.common.engine_model import (
     AppSpec,
     Call,
     NodeSpec,

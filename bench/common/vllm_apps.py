@@ -49,7 +49,7 @@ class ModelShape:
 
 def build_llama(path: Path, shape: ModelShape = ModelShape(), seed: int = 0) -> Path:
     """A random-weight Llama of ``shape`` (fp32 safetensors) and the test tokenizer."""
-    from tests.connectors.vllm.fixtures import build_tokenizer, save_random_llama
+    from bench.common.vllm_models import build_tokenizer, save_random_llama
 
     path.mkdir(parents=True, exist_ok=True)
     return save_random_llama(
@@ -234,7 +234,7 @@ def setup_kwargs(
     setup: str, model: str, *, kv_bytes: int, endpoint: str, max_model_len: int
 ) -> dict[str, Any]:
     """``vllm.LLM`` arguments of one setup (in-process engine, prefix caching on)."""
-    from tests.connectors.vllm.workload import engine_kwargs
+    from bench.common.vllm_workload import engine_kwargs
 
     connector: dict[str, Any] | None = None
     if setup == "swap":
@@ -478,7 +478,7 @@ class AppDriver:
                 self._finished(call, out, now)
 
     def _finished(self, call: Call, out: Any, now: float) -> None:
-        from tests.connectors.vllm.workload import to_turn
+        from bench.common.vllm_workload import to_turn
 
         turn = to_turn(out)
         call.finish_s = now
