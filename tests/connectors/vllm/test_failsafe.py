@@ -348,7 +348,8 @@ def test_fault_never_stalls_the_engine(
                     if job is not None and not kw.get("req_id") and not c.injected_at:
                         c.inject()
 
-                unhook = _hook(c.conn, "_reserve", after=fail_after_reserve)
+                copies = c.conn.connector_scheduler.copies
+                unhook = _hook(copies, "reserve", after=fail_after_reserve)
             else:
                 # Fail once an offload has committed: that KV is on the host only, and the
                 # policy has planned its predictive upload.
