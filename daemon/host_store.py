@@ -277,46 +277,23 @@ class HostStore:
             raise StoreError(ErrorCode.BAD_REQUEST, f"tag {tag!r} is not an int32")
         if not hashes:
             return []
-        t = self._t
         tenant = self._tenants.get(salt)
-        new_tenant = tenant is None
         tid = len(self._tenant_names) if tenant is None else tenant
         if tid > INT32_MAX:
             raise StoreError(ErrorCode.BAD_REQUEST, "too many tenants")
-
         # Plan without touching anything: existing slot or NO_SLOT (needs a new one) per hash.
         digests = [key_digest(layout, tid, h) for h in hashes]
         plan: list[int] = []
         for h, d in zip(hashes, digests, strict=True):
-            plan.append(NO_SLOT if new_tenant else self._index.find(layout, tid, h, d))
-        needed = plan.count(NO_SLOT)
-        free = t.count(FREE)
-        victims: list[int] = []
-        if needed > free:
-            protected = {s for s in plan if s != NO_SLOT}
-            victims = self._valid_victims(needed - free, protected)
-        budget = free + len(victims)
-        prefix = 0
-        used = 0
-        for s in plan:
-            if s == NO_SLOT:
-                if used == budget:
-                    break
-                used += 1
-            prefix += 1
-        if prefix == 0:
-            raise StoreError(
-                ErrorCode.NO_SPACE,
-                f"no free or evictable slot ({t.count(WRITING)} writing, "
-                f"{t.count(READING)} pinned)",
-            )
-
+            plan.append(NO_SLOT if tenant is None else self._index.find(layout, tid, h, d))
+        prefix, victims = self._room_for(plan)
         # Mutate.
-        if new_tenant:
+        if tenant is None:
             self._intern(salt)
-        for v in victims[: max(0, used - free)]:
+        for v in victims:
             self._evict(v)
         deadline = self._clock() + self._lease_s
+        t = self._t
         out: list[int] = []
         for i in range(prefix):
             s = plan[i]
@@ -335,6 +312,33 @@ class HostStore:
             self._index.insert(s)
             out.append(s)
         return out
+
+    def _room_for(self, plan: list[int]) -> tuple[int, list[int]]:
+        """How many planned blocks get a slot (a prefix of them), and the victims to evict for
+        it. NO_SPACE when not even the first one can be placed. Changes nothing."""
+        t = self._t
+        free = t.count(FREE)
+        victims: list[int] = []
+        needed = plan.count(NO_SLOT)
+        if needed > free:
+            protected = {s for s in plan if s != NO_SLOT}
+            victims = self._valid_victims(needed - free, protected)
+        budget = free + len(victims)
+        prefix = 0
+        used = 0
+        for s in plan:
+            if s == NO_SLOT:
+                if used == budget:
+                    break
+                used += 1
+            prefix += 1
+        if prefix == 0:
+            raise StoreError(
+                ErrorCode.NO_SPACE,
+                f"no free or evictable slot ({t.count(WRITING)} writing, "
+                f"{t.count(READING)} pinned)",
+            )
+        return prefix, victims[: max(0, used - free)]
 
     def commit(self, owner: int, slots: Sequence[int]) -> int:
         """The owner wrote these slots completely: make them servable."""
