@@ -21,6 +21,7 @@ UNTESTED ON HARDWARE: ``CudaDevice`` has never run on a GPU (see docs/vllm.md).
 from __future__ import annotations
 
 import contextlib
+import mmap
 import threading
 from abc import ABC, abstractmethod
 from typing import Any, Literal
@@ -141,6 +142,13 @@ def address(array: np.ndarray) -> int:
     return value
 
 
+def page_span(array: np.ndarray) -> tuple[int, int]:
+    """(first byte, length) of the whole pages ``array`` lies on."""
+    start = address(array) & ~(mmap.PAGESIZE - 1)
+    end = -(-(address(array) + array.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+    return start, end - start
+
+
 class _CudaEvent(DeviceEvent):
     def __init__(self, event: Any) -> None:
         self.event = event
@@ -200,15 +208,15 @@ class CudaDevice(Device):
     def pin_host(self, array: np.ndarray) -> None:
         if not self.pins.acquire(address(array)):
             return
-        cudart = self.torch.cuda.cudart()
-        err = cudart.cudaHostRegister(address(array), array.nbytes, HOST_REGISTER_PORTABLE)
+        start, nbytes = page_span(array)  # the arena's slots start half a page in
+        err = self.torch.cuda.cudart().cudaHostRegister(start, nbytes, HOST_REGISTER_PORTABLE)
         if int(getattr(err, "value", err)) != 0:
             self.pins.release(address(array))
             raise CopyError(f"cudaHostRegister failed: {err}")
 
     def unpin_host(self, array: np.ndarray) -> None:
         if self.pins.release(address(array)):
-            self.torch.cuda.cudart().cudaHostUnregister(address(array))
+            self.torch.cuda.cudart().cudaHostUnregister(page_span(array)[0])
 
     def host_tensor(self, array: np.ndarray) -> Any:
         return self.torch.from_numpy(array)
