@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 
 from tokencake import protocol as p
-from tokencake.daemon.apps import AgentState, AppRegistry
-from tokencake.daemon.engines import EngineRegistry
-from tokencake.daemon.kv_service import ApplyDecisions
-from tokencake.daemon.metrics import DaemonMetrics
-from tokencake.daemon.scheduling import SchedulerBridge
+from tokencake.daemon.apps import AgentState
+from tokencake.daemon.parts import DaemonParts
 from tokencake.protocol import ErrorCode, ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -27,96 +23,92 @@ IDLE_CHECK_S = 10.0
 
 
 class AgentEvents:
-    def __init__(
-        self,
-        *,
-        clock: Callable[[], float],
-        metrics: DaemonMetrics,
-        apps: AppRegistry,
-        engines: EngineRegistry,
-        scheduler: SchedulerBridge,
-        apply: ApplyDecisions,
-    ) -> None:
-        self._clock = clock
-        self._metrics = metrics
-        self._apps = apps
-        self._engines = engines
-        self._scheduler = scheduler
-        self._apply = apply
+    def __init__(self, parts: DaemonParts) -> None:
+        self._parts = parts
         self._next_idle_check = -math.inf
 
     def _ack(self, decisions: list[p.DecisionRecord]) -> p.EventAck:
-        self._apply(decisions)
+        self._parts.apply(decisions)
         return p.EventAck(accepted=True, decisions=len(decisions))
 
     def register_app(self, _identity: bytes, req: p.RegisterApp) -> p.EventAck:
         if len(req.tenant) > p.MAX_NAME_CHARS:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "tenant longer than 256 chars")
-        record, created = self._apps.register(req.app_id, req.dag, req.tenant, self._clock())
+        record, created = self._parts.apps.register(
+            req.app_id, req.dag, req.tenant, self._parts.clock()
+        )
         if created:
-            self._metrics.apps.set(len(self._apps))
-            return self._ack(self._scheduler.app_registered(record))
+            self._parts.metrics.apps.set(len(self._parts.apps))
+            return self._ack(self._parts.scheduler.app_registered(record))
         return p.EventAck(accepted=True)
 
     def llm_call_start(self, _identity: bytes, req: p.LlmCallStart) -> p.EventAck:
-        agent = self._apps.agent(req.app_id, req.agent_id)
-        if req.engine_id and self._engines.get(req.engine_id) is None:
+        agent = self._parts.apps.agent(req.app_id, req.agent_id)
+        if req.engine_id and self._parts.engines.get(req.engine_id) is None:
             raise ProtocolError(ErrorCode.UNKNOWN_ENGINE, f"no engine {req.engine_id[:64]!r}")
         if req.prompt_tokens < 0:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "prompt_tokens must be >= 0")
         if agent.state == AgentState.LLM:
             return p.EventAck(accepted=False)
-        agent.state, agent.state_since = AgentState.LLM, self._clock()
+        agent.state, agent.state_since = AgentState.LLM, self._parts.clock()
         agent.llm_calls += 1
         agent.admitted = False
         if req.engine_id:
             agent.engine_id = req.engine_id
-        return self._ack(self._scheduler.llm_call_start(agent, req.request_id, req.prompt_tokens))
+        return self._ack(
+            self._parts.scheduler.llm_call_start(agent, req.request_id, req.prompt_tokens)
+        )
 
     def llm_call_admitted(self, _identity: bytes, req: p.LlmCallAdmitted) -> p.EventAck:
-        agent = self._apps.agent(req.app_id, req.agent_id)
+        agent = self._parts.apps.agent(req.app_id, req.agent_id)
         if req.kv_blocks < 0:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "kv_blocks must be >= 0")
         if agent.state != AgentState.LLM or agent.admitted:
             return p.EventAck(accepted=False)
         agent.admitted = True
         agent.kv_blocks = req.kv_blocks
-        return self._ack(self._scheduler.llm_call_admitted(agent, req.request_id, req.kv_blocks))
+        return self._ack(
+            self._parts.scheduler.llm_call_admitted(agent, req.request_id, req.kv_blocks)
+        )
 
     def llm_call_finish(self, _identity: bytes, req: p.LlmCallFinish) -> p.EventAck:
-        agent = self._apps.agent(req.app_id, req.agent_id)
+        agent = self._parts.apps.agent(req.app_id, req.agent_id)
         if req.output_tokens < 0 or req.kv_blocks < 0:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "output_tokens and kv_blocks must be >= 0")
         if agent.state != AgentState.LLM:
             return p.EventAck(accepted=False)
-        agent.state, agent.state_since = AgentState.IDLE, self._clock()
+        agent.state, agent.state_since = AgentState.IDLE, self._parts.clock()
         agent.kv_blocks = req.kv_blocks
         return self._ack(
-            self._scheduler.llm_call_finish(agent, req.request_id, req.output_tokens, req.kv_blocks)
+            self._parts.scheduler.llm_call_finish(
+                agent, req.request_id, req.output_tokens, req.kv_blocks
+            )
         )
 
     def tool_call_start(self, _identity: bytes, req: p.ToolCallStart) -> p.EventAck:
-        agent = self._apps.agent(req.app_id, req.agent_id)
+        agent = self._parts.apps.agent(req.app_id, req.agent_id)
         if req.predicted_s is not None and not 0 <= req.predicted_s <= MAX_PREDICTED_S:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "predicted_s must be within 0..7 days")
         if not req.tool_kind or len(req.tool_kind) > p.MAX_NAME_CHARS:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "tool_kind must be 1..256 chars")
         if agent.state == AgentState.TOOL:
             return p.EventAck(accepted=False)
-        agent.state, agent.state_since = AgentState.TOOL, self._clock()
+        agent.state, agent.state_since = AgentState.TOOL, self._parts.clock()
         agent.tool_calls += 1
         agent.tool_kind, agent.tool_call_id = req.tool_kind, req.call_id
         agent.tool_predicted_s = req.predicted_s
         return self._ack(
-            self._scheduler.tool_call_start(agent, req.tool_kind, req.predicted_s, req.call_id)
+            self._parts.scheduler.tool_call_start(
+                agent, req.tool_kind, req.predicted_s, req.call_id
+            )
         )
 
     def tool_call_end(self, _identity: bytes, req: p.ToolCallEnd) -> p.EventAck:
-        agent = self._apps.agent(req.app_id, req.agent_id)
+        agent = self._parts.apps.agent(req.app_id, req.agent_id)
         if agent.state != AgentState.TOOL or (req.call_id and req.call_id != agent.tool_call_id):
             return p.EventAck(accepted=False)
-        agent.state, agent.state_since = AgentState.IDLE, self._clock()
-        return self._ack(self._scheduler.tool_call_end(agent, req.call_id, req.ok))
+        agent.state, agent.state_since = AgentState.IDLE, self._parts.clock()
+        return self._ack(self._parts.scheduler.tool_call_end(agent, req.call_id, req.ok))
 
     def expire_idle(self, now: float, idle_s: float) -> None:
         """End the apps that sent no event for ``idle_s`` seconds (0: never).
@@ -127,14 +119,14 @@ class AgentEvents:
         if idle_s <= 0 or now < self._next_idle_check:
             return
         self._next_idle_check = now + min(idle_s / 4, IDLE_CHECK_S)
-        idle = self._apps.idle(now, idle_s)
+        idle = self._parts.apps.idle(now, idle_s)
         for app_id in idle:
             logger.warning("app idle, ended by the daemon", extra={"app_id": app_id})
-            self._apply(self._scheduler.app_end(self._apps.end(app_id, now)))
+            self._parts.apply(self._parts.scheduler.app_end(self._parts.apps.end(app_id, now)))
         if idle:
-            self._metrics.apps.set(len(self._apps))
+            self._parts.metrics.apps.set(len(self._parts.apps))
 
     def app_end(self, _identity: bytes, req: p.AppEnd) -> p.EventAck:
-        record = self._apps.end(req.app_id, self._clock())
-        self._metrics.apps.set(len(self._apps))
-        return self._ack(self._scheduler.app_end(record))
+        record = self._parts.apps.end(req.app_id, self._parts.clock())
+        self._parts.metrics.apps.set(len(self._parts.apps))
+        return self._ack(self._parts.scheduler.app_end(record))

@@ -12,11 +12,9 @@ from collections.abc import Callable
 
 from tokencake import protocol as p
 from tokencake.daemon.arena import SLOT_BASE_OFFSET
-from tokencake.daemon.config import DaemonConfig
-from tokencake.daemon.engines import EngineRecord, EngineRegistry
-from tokencake.daemon.kv_service import ApplyDecisions, KvService
-from tokencake.daemon.metrics import DaemonMetrics
-from tokencake.daemon.scheduling import SchedulerBridge
+from tokencake.daemon.engines import EngineRecord
+from tokencake.daemon.kv_service import KvService
+from tokencake.daemon.parts import DaemonParts
 from tokencake.layout import LayoutError
 from tokencake.protocol import ErrorCode, ProtocolError
 
@@ -26,24 +24,13 @@ logger = logging.getLogger(__name__)
 class EngineService:
     def __init__(
         self,
-        *,
-        config: Callable[[], DaemonConfig],
-        clock: Callable[[], float],
-        metrics: DaemonMetrics,
-        engines: EngineRegistry,
+        parts: DaemonParts,
         kv: KvService,
-        scheduler: SchedulerBridge,
-        apply: ApplyDecisions,
         on_leave: Callable[[str], None] = lambda _engine_id: None,
     ) -> None:
         """``on_leave(engine_id)`` runs before a leaving engine's slots are freed."""
-        self._config = config
-        self._clock = clock
-        self._metrics = metrics
-        self._engines = engines
+        self._parts = parts
         self._kv = kv
-        self._scheduler = scheduler
-        self._apply = apply
         self._on_leave = on_leave
 
     def register(self, identity: bytes, req: p.RegisterEngine) -> p.RegisterEngineReply:
@@ -60,15 +47,15 @@ class EngineService:
             store = self._kv.format(req.layout.bytes_per_block)
         fingerprint = req.layout.fingerprint()
         layout_id = store.register_layout(fingerprint, req.layout.bytes_per_block)
-        previous = self._engines.by_name.get(req.name)
+        previous = self._parts.engines.by_name.get(req.name)
         if previous is not None:
             logger.info(
                 "engine re-registered; releasing its old leases", extra={"engine_name": req.name}
             )
             self.drop(previous)
-        owner = self._engines.new_owner()
+        owner = self._parts.engines.new_owner()
         engine_id = f"{req.name}#{owner}"
-        self._engines.add(
+        self._parts.engines.add(
             EngineRecord(
                 engine_id=engine_id,
                 owner=owner,
@@ -78,13 +65,13 @@ class EngineService:
                 fingerprint=fingerprint,
                 layout_id=layout_id,
                 num_gpu_blocks=req.num_gpu_blocks,
-                last_seen=self._clock(),
+                last_seen=self._parts.clock(),
             )
         )
-        self._scheduler.engine_registered(
+        self._parts.scheduler.engine_registered(
             engine_id, req.num_gpu_blocks, req.layout.bytes_per_block, store.num_slots
         )
-        self._metrics.engines.set(len(self._engines))
+        self._parts.metrics.engines.set(len(self._parts.engines))
         logger.info(
             "engine registered",
             extra={
@@ -97,7 +84,7 @@ class EngineService:
 
     def _registered_reply(self, engine_id: str, fingerprint: str) -> p.RegisterEngineReply:
         """Where the engine finds the arena and its slots, and how often to report."""
-        arena, store, cfg = self._kv.arena, self._kv.store, self._config()
+        arena, store, cfg = self._kv.arena, self._kv.store, self._parts.config()
         assert arena is not None and store is not None
         return p.RegisterEngineReply(
             engine_id=engine_id,
@@ -112,7 +99,7 @@ class EngineService:
         )
 
     def heartbeat(self, _identity: bytes, req: p.EngineHeartbeat) -> p.EngineHeartbeatReply:
-        engine = self._engines.live(req.engine_id, self._clock())
+        engine = self._parts.engines.live(req.engine_id, self._parts.clock())
         if (
             req.num_waiting < 0
             or req.num_running < 0
@@ -126,8 +113,8 @@ class EngineService:
         store = self._kv.store
         assert store is not None
         renewed = store.renew_leases(engine.owner)
-        self._apply(
-            self._scheduler.engine_state(
+        self._parts.apply(
+            self._parts.scheduler.engine_state(
                 engine.engine_id,
                 engine.num_gpu_blocks,
                 req.num_gpu_blocks_free,
@@ -141,7 +128,7 @@ class EngineService:
         return p.EngineHeartbeatReply(leases_renewed=renewed)
 
     def unregister(self, _identity: bytes, req: p.UnregisterEngine) -> p.UnregisterEngineReply:
-        engine = self._engines.live(req.engine_id, self._clock())
+        engine = self._parts.engines.live(req.engine_id, self._parts.clock())
         return p.UnregisterEngineReply(released_slots=self.drop(engine))
 
     def drop(self, engine: EngineRecord) -> int:
@@ -149,14 +136,14 @@ class EngineService:
         self._on_leave(engine.engine_id)  # no copy may still write the slots freed below
         store = self._kv.store
         released = store.release_owner(engine.owner) if store is not None else 0
-        self._engines.remove(engine)
-        self._scheduler.engine_gone(engine.engine_id)
-        self._metrics.engines.set(len(self._engines))
+        self._parts.engines.remove(engine)
+        self._parts.scheduler.engine_gone(engine.engine_id)
+        self._parts.metrics.engines.set(len(self._parts.engines))
         return released
 
     def expire_silent(self, now: float) -> None:
         """Unregister the engines silent for longer than ``engine_timeout_s``."""
-        for engine in self._engines.silent(now, self._config().engine_timeout_s):
+        for engine in self._parts.engines.silent(now, self._parts.config().engine_timeout_s):
             logger.warning(
                 "engine timed out",
                 extra={"engine_id": engine.engine_id, "engine_name": engine.name},

@@ -6,42 +6,20 @@ are when the request arrives.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from tokencake import PROTOCOL_VERSION, __version__
 from tokencake import protocol as p
-from tokencake.daemon.apps import AppRegistry
-from tokencake.daemon.config import DaemonConfig
 from tokencake.daemon.decision_log import DecisionLog
-from tokencake.daemon.engines import EngineRegistry
 from tokencake.daemon.kv_service import KvService
-from tokencake.daemon.metrics import DaemonMetrics
-from tokencake.daemon.scheduling import SchedulerBridge
+from tokencake.daemon.parts import DaemonParts
 
 POOL_STATES = ("free", "writing", "ready", "reading")
 
 
 class Introspection:
-    def __init__(
-        self,
-        *,
-        config: Callable[[], DaemonConfig],
-        clock: Callable[[], float],
-        metrics: DaemonMetrics,
-        engines: EngineRegistry,
-        apps: AppRegistry,
-        kv: KvService,
-        scheduler: SchedulerBridge,
-        decisions: DecisionLog,
-    ) -> None:
-        self._config = config
-        self._clock = clock
-        self._started = clock()
-        self._metrics = metrics
-        self._engines = engines
-        self._apps = apps
+    def __init__(self, parts: DaemonParts, kv: KvService, decisions: DecisionLog) -> None:
+        self._parts = parts
+        self._started = parts.clock()
         self._kv = kv
-        self._scheduler = scheduler
         self._decisions = decisions
         self._evictions_reported = 0
 
@@ -50,31 +28,31 @@ class Introspection:
             return
         pool = self._kv.pool_stats()
         for state in POOL_STATES:
-            self._metrics.pool_slots.labels(state).set(getattr(pool, state))
-        self._metrics.evictions.inc(pool.evictions - self._evictions_reported)
+            self._parts.metrics.pool_slots.labels(state).set(getattr(pool, state))
+        self._parts.metrics.evictions.inc(pool.evictions - self._evictions_reported)
         self._evictions_reported = pool.evictions
 
     def ping(self, _identity: bytes, _req: p.Ping) -> p.PingReply:
-        return p.PingReply(__version__, PROTOCOL_VERSION, self._clock() - self._started)
+        return p.PingReply(__version__, PROTOCOL_VERSION, self._parts.clock() - self._started)
 
     def stats(self, _identity: bytes, _req: p.Stats) -> p.StatsReply:
         kv = self._kv
         return p.StatsReply(
-            uptime_s=self._clock() - self._started,
+            uptime_s=self._parts.clock() - self._started,
             pool=kv.pool_stats(),
-            engines=len(self._engines),
-            apps=sum(1 for a in self._apps.apps() if not a.ended),
-            agents=self._apps.num_agents(),
+            engines=len(self._parts.engines),
+            apps=sum(1 for a in self._parts.apps.apps() if not a.ended),
+            agents=self._parts.apps.num_agents(),
             bytes_offloaded=kv.bytes_offloaded,
             bytes_uploaded=kv.bytes_uploaded,
-            events=dict(self._metrics.event_counts),
-            errors=dict(self._metrics.error_counts),
+            events=dict(self._parts.metrics.event_counts),
+            errors=dict(self._parts.metrics.error_counts),
             decisions=self._decisions.seq,
             l2=kv.l2.stats() if kv.l2 is not None else {},
         )
 
     def list_engines(self, _identity: bytes, _req: p.ListEngines) -> p.ListEnginesReply:
-        now = self._clock()
+        now = self._parts.clock()
         usage = self._kv.store.leases_by_owner() if self._kv.store is not None else {}
         return p.ListEnginesReply(
             engines=[
@@ -90,17 +68,17 @@ class Introspection:
                     leased_slots=usage.get(e.owner, 0),
                     last_seen_s_ago=now - e.last_seen,
                 )
-                for e in self._engines.by_id.values()
+                for e in self._parts.engines.by_id.values()
             ]
         )
 
     def list_agents(self, _identity: bytes, req: p.ListAgents) -> p.ListAgentsReply:
-        apps = [self._apps.app(req.app_id)] if req.app_id else self._apps.apps()
-        now = self._clock()
+        apps = [self._parts.apps.app(req.app_id)] if req.app_id else self._parts.apps.apps()
+        now = self._parts.clock()
         out: list[p.AgentInfo] = []
         for app in apps:
             for agent in app.agents.values():
-                view = self._scheduler.agent_view(agent)
+                view = self._parts.scheduler.agent_view(agent)
                 out.append(
                     p.AgentInfo(
                         app_id=agent.app_id,
@@ -126,7 +104,7 @@ class Introspection:
         return p.ListAgentsReply(agents=out)
 
     def list_apps(self, _identity: bytes, _req: p.ListApps) -> p.ListAppsReply:
-        now = self._clock()
+        now = self._parts.clock()
         return p.ListAppsReply(
             apps=[
                 p.AppInfo(
@@ -136,17 +114,17 @@ class Introspection:
                     nodes=len(app.dag.nodes),
                     edges=list(app.dag.edges),
                     node_states={a.agent_id: a.state for a in app.agents.values()},
-                    critical_path=self._scheduler.critical_path(app.app_id),
+                    critical_path=self._parts.scheduler.critical_path(app.app_id),
                     age_s=now - app.registered_at,
                 )
-                for app in self._apps.apps()
+                for app in self._parts.apps.apps()
             ]
         )
 
     def pool(self, _identity: bytes, _req: p.Pool) -> p.PoolReply:
         store = self._kv.store
         by_owner = store.usage_by_owner() if store is not None else {}
-        owners = self._engines.by_owner
+        owners = self._parts.engines.by_owner
         by_engine = {
             (owners[o].engine_id if o in owners else f"owner{o}"): n for o, n in by_owner.items()
         }
@@ -154,7 +132,7 @@ class Introspection:
         return p.PoolReply(pool=self._kv.pool_stats(), by_engine=by_engine, by_tenant=by_tenant)
 
     def get_config(self, _identity: bytes, _req: p.GetConfig) -> p.ConfigReply:
-        cfg = self._config().to_dict()
+        cfg = self._parts.config().to_dict()
         if cfg.get("curve_secret_key_file"):
             cfg["curve_secret_key_file"] = "<set>"
         if "@" in cfg.get("l2_url", ""):

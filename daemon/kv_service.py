@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from tokencake import protocol as p
-from tokencake.daemon.apps import AppRegistry
 from tokencake.daemon.arena import Arena, slot_count
-from tokencake.daemon.config import DaemonConfig
-from tokencake.daemon.engines import EngineRecord, EngineRegistry, PendingCopies
+from tokencake.daemon.engines import EngineRecord, PendingCopies
 from tokencake.daemon.host_store import HostStore
-from tokencake.daemon.metrics import DaemonMetrics
-from tokencake.daemon.scheduling import SchedulerBridge
+from tokencake.daemon.parts import DaemonParts
 from tokencake.daemon.timers import Timers
 from tokencake.protocol import ErrorCode, ProtocolError
 
@@ -31,30 +27,11 @@ logger = logging.getLogger(__name__)
 
 L2_POLL_S = 0.002  # how often finished L2 prefetches are looked for while any is in flight
 
-ApplyDecisions = Callable[[list[p.DecisionRecord]], None]
-
 
 class KvService:
-    def __init__(
-        self,
-        *,
-        config: Callable[[], DaemonConfig],
-        clock: Callable[[], float],
-        timers: Timers,
-        metrics: DaemonMetrics,
-        engines: EngineRegistry,
-        apps: AppRegistry,
-        scheduler: SchedulerBridge,
-        apply: ApplyDecisions,
-    ) -> None:
-        self._config = config
-        self._clock = clock
+    def __init__(self, parts: DaemonParts, timers: Timers) -> None:
+        self._parts = parts
         self._timers = timers
-        self._metrics = metrics
-        self._engines = engines
-        self._apps = apps
-        self._scheduler = scheduler
-        self._apply = apply
         self.arena: Arena | None = None
         self.store: HostStore | None = None
         self.l2: L2Bridge | None = None
@@ -73,9 +50,9 @@ class KvService:
         self.store = HostStore(
             num_slots,
             slot_bytes,
-            clock=self._clock,
-            lease_s=self._config().lease_s,
-            eviction=self._scheduler.eviction_policy(),
+            clock=self._parts.clock,
+            lease_s=self._parts.config().lease_s,
+            eviction=self._parts.scheduler.eviction_policy(),
             on_evict=self.l2.on_evict if self.l2 is not None else None,
         )
         if self.l2 is not None:
@@ -113,7 +90,7 @@ class KvService:
     # ------------------------------------------------------------------ KV ops
 
     def _store_for(self, engine_id: str) -> tuple[EngineRecord, HostStore]:
-        engine = self._engines.live(engine_id, self._clock())
+        engine = self._parts.engines.live(engine_id, self._parts.clock())
         assert self.store is not None  # formatted by the first registration
         return engine, self.store
 
@@ -122,19 +99,19 @@ class KvService:
         slots = store.lookup(engine.layout_id, _salt(req.salt), _hashes(req.hashes))
         if self.l2 is not None and len(slots) < len(req.hashes):
             self._l2_missed(engine.layout_id, req.salt, req.hashes[len(slots) :])
-        self._metrics.lookups.labels("hit").inc(len(slots))
-        self._metrics.lookups.labels("miss").inc(len(req.hashes) - len(slots))
+        self._parts.metrics.lookups.labels("hit").inc(len(slots))
+        self._parts.metrics.lookups.labels("miss").inc(len(req.hashes) - len(slots))
         return p.LookupReply(hit_blocks=len(slots), slots=slots)
 
     def reserve(self, _identity: bytes, req: p.Reserve) -> p.ReserveReply:
         engine, store = self._store_for(req.engine_id)
         app_id, agent_id = self._attribution(req.app_id, req.agent_id)
-        tag = self._scheduler.agent_tag(app_id, agent_id)
+        tag = self._parts.scheduler.agent_tag(app_id, agent_id)
         hashes = _hashes(req.hashes)
         slots = store.reserve(engine.owner, engine.layout_id, _salt(req.salt), hashes, tag)
         if self.l2 is not None and app_id and slots:
             self.l2.remember(app_id, agent_id, engine.layout_id, req.salt, hashes[: len(slots)])
-        started = (self._clock(), app_id, agent_id)
+        started = (self._parts.clock(), app_id, agent_id)
         for slot in slots:
             if slot >= 0:
                 engine.stores[slot] = started
@@ -142,8 +119,10 @@ class KvService:
         if app_id and present:
             # Already on the host (an earlier save): for this agent's offload those blocks
             # arrived at once. Without this the scheduler would wait for them forever.
-            self._apply(
-                self._scheduler.transfer_done(engine.engine_id, app_id, agent_id, "d2h", present)
+            self._parts.apply(
+                self._parts.scheduler.transfer_done(
+                    engine.engine_id, app_id, agent_id, "d2h", present
+                )
             )
         return p.ReserveReply(slots=slots)
 
@@ -169,7 +148,7 @@ class KvService:
         slots = store.begin_load(engine.owner, engine.layout_id, _salt(req.salt), hashes)
         if self.l2 is not None and len(slots) < len(hashes):
             self._l2_missed(engine.layout_id, req.salt, hashes[len(slots) :])
-        started = (self._clock(), app_id, agent_id)
+        started = (self._parts.clock(), app_id, agent_id)
         for slot in slots:
             engine.loads.setdefault(slot, started)
         return p.LoadBeginReply(slots=slots)
@@ -192,7 +171,7 @@ class KvService:
         if not app_id:
             return "", ""
         try:
-            self._apps.agent(app_id, agent_id)
+            self._parts.apps.agent(app_id, agent_id)
         except ProtocolError:
             return "", ""
         return app_id, agent_id
@@ -214,14 +193,14 @@ class KvService:
         sent one (finite and positive); otherwise from the time since the reservation, an
         upper bound that includes the engine's wait for its next step.
         """
-        now = self._clock()
+        now = self._parts.clock()
         nbytes = done * engine.layout.bytes_per_block
         label = "offload" if direction == "d2h" else "upload"
         if direction == "d2h":
             self.bytes_offloaded += nbytes
         else:
             self.bytes_uploaded += nbytes
-        self._metrics.bytes_moved.labels(label).inc(nbytes)
+        self._parts.metrics.bytes_moved.labels(label).inc(nbytes)
         per_agent: dict[tuple[str, str], int] = {}
         first = now
         for slot in slots:
@@ -234,11 +213,15 @@ class KvService:
         elapsed = now - first
         if math.isfinite(copy_s) and copy_s > 0:
             elapsed = min(copy_s, elapsed) if elapsed > 0 else copy_s
-        self._metrics.transfer_seconds.labels(label).observe(elapsed)
-        self._scheduler.transfer_measured(engine.engine_id, direction, nbytes, elapsed, len(slots))
+        self._parts.metrics.transfer_seconds.labels(label).observe(elapsed)
+        self._parts.scheduler.transfer_measured(
+            engine.engine_id, direction, nbytes, elapsed, len(slots)
+        )
         for (app_id, agent_id), blocks in per_agent.items():
-            self._apply(
-                self._scheduler.transfer_done(engine.engine_id, app_id, agent_id, direction, blocks)
+            self._parts.apply(
+                self._parts.scheduler.transfer_done(
+                    engine.engine_id, app_id, agent_id, direction, blocks
+                )
             )
 
     # ------------------------------------------------------------------ L2 prefetches

@@ -39,6 +39,7 @@ from tokencake.daemon.kv_service import KvService
 from tokencake.daemon.l2 import L2StartError, open_l2
 from tokencake.daemon.memwatch import MemoryWatch, container_sizes
 from tokencake.daemon.metrics import DaemonMetrics
+from tokencake.daemon.parts import DaemonParts
 from tokencake.daemon.scheduling import SchedulerBridge
 from tokencake.daemon.sd_notify import SystemdNotifier
 from tokencake.daemon.timers import Timers
@@ -78,16 +79,17 @@ class Daemon:
         self.apps = AppRegistry()
         self.engines = EngineRegistry()
         self.scheduler = SchedulerBridge(config.policy, clock=clock)
-        parts: dict[str, Any] = {
-            "clock": clock,
-            "metrics": self.metrics,
-            "engines": self.engines,
-            "scheduler": self.scheduler,
-        }
         cfg = self._current_config
-        self.kv = KvService(
-            config=cfg, timers=self.timers, apps=self.apps, apply=self._apply, **parts
+        parts = DaemonParts(
+            config=cfg,
+            clock=clock,
+            metrics=self.metrics,
+            engines=self.engines,
+            apps=self.apps,
+            scheduler=self.scheduler,
+            apply=self._apply,
         )
+        self.kv = KvService(parts, self.timers)
         self.decisions = DecisionLog(
             config.decision_history,
             metrics=self.metrics,
@@ -97,13 +99,9 @@ class Daemon:
             on_upload=self.kv.l2_upload,
         )
         self.gpu = GpuCopyHandlers(config=cfg, clock=clock, engines=self.engines, kv=self.kv)
-        self.engine_service = EngineService(
-            config=cfg, kv=self.kv, apply=self._apply, on_leave=self.gpu.engine_gone, **parts
-        )
-        self.agent_events = AgentEvents(apps=self.apps, apply=self._apply, **parts)
-        self.introspection = Introspection(
-            config=cfg, apps=self.apps, kv=self.kv, decisions=self.decisions, **parts
-        )
+        self.engine_service = EngineService(parts, self.kv, on_leave=self.gpu.engine_gone)
+        self.agent_events = AgentEvents(parts)
+        self.introspection = Introspection(parts, self.kv, self.decisions)
         self.dispatcher = Dispatcher(
             self._handler_table(),
             max_frame_bytes=lambda: self.config.max_frame_bytes,
