@@ -107,7 +107,7 @@ def _client_worker(
 
 def sustained_rate(endpoint: str, clients: int, events: int, window: int) -> tuple[float, int, int]:
     with TokenCakeClient(endpoint) as c:
-        c.register_app("bench-rate", DAG)
+        c.call(p.RegisterApp("bench-rate", DAG))
     per = events // clients
     per -= per % 2
     q: mp.Queue[tuple[int, int, int, float]] = mp.Queue()
@@ -151,7 +151,7 @@ def main() -> None:
         daemon.wait_ready(30)
         time.sleep(0.2)
         with TokenCakeClient(daemon_ep) as c:
-            c.register_app("bench-rt", DAG)
+            c.call(p.RegisterApp("bench-rt", DAG))
         frames = _event_frames("bench-rt", "a0", args.round_trips)
         echo_rt = round_trips(echo_ep, frames)
         daemon_rt = round_trips(daemon_ep, frames)
@@ -163,7 +163,7 @@ def main() -> None:
         d99 = statistics.quantiles(daemon_rt, n=100)[98]
         rate, errors, dup = sustained_rate(daemon_ep, args.clients, args.events, args.window)
         with TokenCakeClient(daemon_ep) as c:
-            stats = c.stats()
+            stats = c.call(p.Stats())
     finally:
         daemon.stop()
         echo.kill()

@@ -51,6 +51,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tokencake import protocol as p
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32
 KV_BYTES = 40 * BLOCK * 1024  # 40 blocks of 32 tokens x 1 KiB (2 layers, 2 KV heads, d 32, fp32)
@@ -152,7 +154,7 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
         dag = AppDag(nodes=[DagNode("agent", expected_tool_s=tool_s, tool_kind="search")])
         with TokenCakeClient(endpoint, timeout_s=2.0) as client:
             for a in range(agents):
-                client.register_app(f"{phase}-app-{a}", dag)
+                client.call(p.RegisterApp(f"{phase}-app-{a}", dag))
 
     # (due time, request id, prompt, params, max_tokens); continuations are added on finish
     due: list[tuple[float, str, list[int], dict[str, Any] | None, int]] = []
@@ -212,7 +214,7 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
         from tokencake.clients.client import TokenCakeClient
 
         with TokenCakeClient(endpoint, timeout_s=2.0) as client:
-            for d in client.list_decisions(500).decisions:
+            for d in client.call(p.ListDecisions(500)).decisions:
                 if d.kind in ("offload", "keep", "upload"):
                     gpu_free = d.reason.terms.get("gpu_free")
                     decisions.append(

@@ -149,7 +149,7 @@ def _phase_real(frames: int, seed: int, tmp: Path) -> tuple[int, int, int]:
                     print(f"  MISMATCH shadow ok={expected.ok} {expected.code}; real {got}")
                     print(f"    frame {frame[:300]!r}")
         with TokenCakeClient(d.endpoint) as c:
-            internal = c.stats().errors.get("internal", 0)
+            internal = c.call(p.Stats()).errors.get("internal", 0)
         bad += internal
     finally:
         sock.close()

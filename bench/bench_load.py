@@ -136,7 +136,7 @@ def _drive(
     ctx: zmq.Context[Any] = zmq.Context()
     # Each worker registers one engine; its first client's socket receives the pushes.
     with TokenCakeClient(endpoint, timeout_s=10.0, context=ctx) as setup:
-        engine_id = setup.register_engine(f"load-engine-{worker}", LAYOUT, 4096).engine_id
+        engine_id = setup.call(p.RegisterEngine(f"load-engine-{worker}", LAYOUT, 4096)).engine_id
     clients = [_Client(ctx, endpoint, name, engine_id) for name in names]
     poller = zmq.Poller()
     by_sock: dict[Any, _Client] = {}
@@ -371,7 +371,7 @@ def main() -> None:
     try:
         tick()
         with TokenCakeClient(endpoint, timeout_s=10.0) as c:
-            events_before = sum(c.stats().events.values())
+            events_before = sum(c.call(p.Stats()).events.values())
         if args.soak_seconds:
             lat, stats, wall = _run_workers(
                 endpoint,
@@ -392,8 +392,8 @@ def main() -> None:
                 endpoint, args.clients, args.workers, per_client, args.window, 0.0, 0.0, tick
             )
         with TokenCakeClient(endpoint, timeout_s=10.0) as c:
-            daemon_stats = c.stats()
-            daemon_alive = c.ping().uptime_s > 0
+            daemon_stats = c.call(p.Stats())
+            daemon_alive = c.call(p.Ping()).uptime_s > 0
     finally:
         proc.terminate()
         try:

@@ -29,10 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokencake import protocol as p
+from tokencake.clients.launcher import daemon_flags, launch
+
 # The bench builds SGLang's host pool and the daemon as the tests do; run from anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import sglang_env
-from tokencake.clients.launcher import daemon_flags, launch
 
 BATCH = 128  # sglang.srt.mem_cache.hicache_storage.STORAGE_BATCH_SIZE
 MiB = 1 << 20
@@ -113,7 +115,7 @@ def run(mib: int, page_tokens: int, repeats: int) -> dict[str, Any]:
                         raise SystemExit("batch_get_v1 did not bring back the stored bytes")
 
                     engine_id = backend._link.engine_id
-                    client.drop(engine_id, [bytes.fromhex(k) for k in keys])
+                    client.call(p.Drop(engine_id, [bytes.fromhex(k) for k in keys]))
             backend.close()
         finally:
             d.stop()

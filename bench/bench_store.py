@@ -307,7 +307,7 @@ def bench_daemon(gib: float, slot_kib: int, layers: int, batch: int, repeats: in
         proc, endpoint = _start_daemon(Path(tmp), n * slot_bytes + SLOT_BASE_OFFSET)
         try:
             with TokenCakeClient(endpoint, timeout_s=30.0) as c:
-                reg = c.register_engine("bench-store", layout)
+                reg = c.call(p.RegisterEngine("bench-store", layout))
                 if reg.slot_offset != SLOT_BASE_OFFSET or reg.num_slots < n:
                     raise SystemExit(f"unexpected arena: {reg}")
                 eid = reg.engine_id
@@ -329,8 +329,8 @@ def bench_daemon(gib: float, slot_kib: int, layers: int, batch: int, repeats: in
                             raise SystemExit("round trip through the daemon corrupted data")
                         for x in kv:
                             x[load_ids] = 0
-                        c.drop(eid, hashes)  # the next round stores them again
-                        c.engine_heartbeat(eid)
+                        c.call(p.Drop(eid, hashes))  # the next round stores them again
+                        c.call(p.EngineHeartbeat(eid))
         finally:
             proc.terminate()
             try:
@@ -381,11 +381,11 @@ def _daemon_pass(
     t0 = time.perf_counter()
     for a, b in spans:
         if store:
-            got = c.reserve(eid, hashes[a:b]).slots
+            got = c.call(p.Reserve(eid, hashes[a:b])).slots
             if len(got) != b - a or min(got) < 0:
                 raise SystemExit(f"reserve returned {len(got)} slots for {b - a} new blocks")
         else:
-            got = c.load_begin(eid, hashes[a:b]).slots
+            got = c.call(p.LoadBegin(eid, hashes[a:b])).slots
             if len(got) != b - a:
                 raise SystemExit(f"load_begin found {len(got)} of {b - a} stored blocks")
         t1 = time.perf_counter()
@@ -396,9 +396,9 @@ def _daemon_pass(
         dt = time.perf_counter() - t1
         copied += dt
         if store:
-            c.call(p.Commit(eid, got, dt), p.CommitReply)
+            c.call(p.Commit(eid, got, dt))
         else:
-            c.call(p.LoadEnd(eid, got, dt), p.LoadEndReply)
+            c.call(p.LoadEnd(eid, got, dt))
     return time.perf_counter() - t0, copied
 
 

@@ -1,7 +1,11 @@
 """Python clients for tokencaked: ``TokenCakeClient`` (blocking) and ``AsyncTokenCakeClient``.
 
-Both speak the protocol in ``tokencake.protocol`` over a ZMQ DEALER socket and have one
-typed method per op. Failure is fast and typed:
+Both speak the protocol in ``tokencake.protocol`` over a ZMQ DEALER socket through one
+method, ``call(request)``, whose result is typed as the request declares its reply::
+
+    client.call(p.Lookup(engine_id, hashes)).slots      # a LookupReply
+
+Failure is fast and typed:
 
 - ``DaemonUnavailable`` when no daemon is connected (``IMMEDIATE``: nothing is queued for
   a daemon that is not there) or when a reply does not come within ``timeout_s``;
@@ -21,7 +25,6 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +33,6 @@ import zmq
 import zmq.asyncio
 
 from tokencake import protocol as p
-from tokencake.layout import KvLayout
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +153,13 @@ class TokenCakeClient(_Base):
 
     def call(
         self,
-        req: p.Request,
-        reply_type: type[R],
-        timeout_s: float | None = None,
+        req: p.Request[R],
         *,
+        timeout_s: float | None = None,
         connect_timeout_s: float | None = None,
     ) -> R:
-        """Send one request and wait for its reply (pushes that arrive meanwhile are queued).
+        """Send one request and wait for its reply, typed as the request declares it
+        (``call(p.Ping())`` is a ``PingReply``). Pushes that arrive meanwhile are queued.
 
         ``connect_timeout_s`` bounds the wait for a connection when none is up (default: the
         reply timeout); 0 fails at once, which makes a probe of a dead or stopped daemon free
@@ -185,7 +187,7 @@ class TokenCakeClient(_Base):
                 break
             env = p.decode_reply_envelope(self._sock.recv())
             if not self._take_push(env) and env.id == request_id:
-                return p.decode_reply_body(env, reply_type)
+                return p.decode_reply_body(env, req)
             deadline_ms -= _now_ms() - loop_start
         # The reply may still come; a fresh socket makes sure it is never taken for another.
         self.reset()
@@ -203,141 +205,6 @@ class TokenCakeClient(_Base):
         out = list(self.pushes)
         self.pushes.clear()
         return out
-
-    # ------------------------------------------------------------------ typed ops
-
-    def ping(self) -> p.PingReply:
-        return self.call(p.Ping(), p.PingReply)
-
-    def register_engine(
-        self, name: str, layout: KvLayout, num_gpu_blocks: int = 0
-    ) -> p.RegisterEngineReply:
-        req = p.RegisterEngine(name=name, layout=layout, num_gpu_blocks=num_gpu_blocks)
-        return self.call(req, p.RegisterEngineReply)
-
-    def engine_heartbeat(
-        self,
-        engine_id: str,
-        num_gpu_blocks_free: int = -1,
-        num_waiting: int = 0,
-        num_running: int = 0,
-        waiting_blocks: int = 0,
-    ) -> p.EngineHeartbeatReply:
-        req = p.EngineHeartbeat(
-            engine_id, num_gpu_blocks_free, num_waiting, num_running, waiting_blocks
-        )
-        return self.call(req, p.EngineHeartbeatReply)
-
-    def unregister_engine(self, engine_id: str) -> p.UnregisterEngineReply:
-        return self.call(p.UnregisterEngine(engine_id), p.UnregisterEngineReply)
-
-    def register_app(self, app_id: str, dag: p.AppDag, tenant: str = "") -> p.EventAck:
-        return self.call(p.RegisterApp(app_id=app_id, dag=dag, tenant=tenant), p.EventAck)
-
-    def llm_call_start(
-        self,
-        app_id: str,
-        agent_id: str,
-        engine_id: str = "",
-        request_id: str = "",
-        prompt_tokens: int = 0,
-    ) -> p.EventAck:
-        req = p.LlmCallStart(app_id, agent_id, engine_id, request_id, prompt_tokens)
-        return self.call(req, p.EventAck)
-
-    def llm_call_admitted(
-        self, app_id: str, agent_id: str, request_id: str = "", kv_blocks: int = 0
-    ) -> p.EventAck:
-        """Engines: the agent's request was scheduled and holds ``kv_blocks`` GPU blocks."""
-        return self.call(p.LlmCallAdmitted(app_id, agent_id, request_id, kv_blocks), p.EventAck)
-
-    def llm_call_finish(
-        self,
-        app_id: str,
-        agent_id: str,
-        request_id: str = "",
-        output_tokens: int = 0,
-        kv_blocks: int = 0,
-    ) -> p.EventAck:
-        req = p.LlmCallFinish(app_id, agent_id, request_id, output_tokens, kv_blocks)
-        return self.call(req, p.EventAck)
-
-    def tool_call_start(
-        self,
-        app_id: str,
-        agent_id: str,
-        tool_kind: str,
-        predicted_s: float | None = None,
-        call_id: str = "",
-    ) -> p.EventAck:
-        req = p.ToolCallStart(app_id, agent_id, tool_kind, predicted_s, call_id)
-        return self.call(req, p.EventAck)
-
-    def tool_call_end(
-        self, app_id: str, agent_id: str, call_id: str = "", ok: bool = True
-    ) -> p.EventAck:
-        return self.call(p.ToolCallEnd(app_id, agent_id, call_id, ok), p.EventAck)
-
-    def app_end(self, app_id: str) -> p.EventAck:
-        return self.call(p.AppEnd(app_id), p.EventAck)
-
-    def lookup(self, engine_id: str, hashes: Sequence[bytes], salt: str = "") -> p.LookupReply:
-        return self.call(p.Lookup(engine_id, list(hashes), salt), p.LookupReply)
-
-    def reserve(
-        self,
-        engine_id: str,
-        hashes: Sequence[bytes],
-        salt: str = "",
-        app_id: str = "",
-        agent_id: str = "",
-    ) -> p.ReserveReply:
-        req = p.Reserve(engine_id, list(hashes), salt, app_id, agent_id)
-        return self.call(req, p.ReserveReply)
-
-    def commit(self, engine_id: str, slots: Sequence[int]) -> p.CommitReply:
-        return self.call(p.Commit(engine_id, list(slots)), p.CommitReply)
-
-    def abort(self, engine_id: str, slots: Sequence[int]) -> p.AbortReply:
-        return self.call(p.Abort(engine_id, list(slots)), p.AbortReply)
-
-    def load_begin(
-        self,
-        engine_id: str,
-        hashes: Sequence[bytes],
-        salt: str = "",
-        app_id: str = "",
-        agent_id: str = "",
-    ) -> p.LoadBeginReply:
-        req = p.LoadBegin(engine_id, list(hashes), salt, app_id, agent_id)
-        return self.call(req, p.LoadBeginReply)
-
-    def load_end(self, engine_id: str, slots: Sequence[int]) -> p.LoadEndReply:
-        return self.call(p.LoadEnd(engine_id, list(slots)), p.LoadEndReply)
-
-    def drop(self, engine_id: str, hashes: Sequence[bytes], salt: str = "") -> p.DropReply:
-        return self.call(p.Drop(engine_id, list(hashes), salt), p.DropReply)
-
-    def stats(self) -> p.StatsReply:
-        return self.call(p.Stats(), p.StatsReply)
-
-    def list_engines(self) -> p.ListEnginesReply:
-        return self.call(p.ListEngines(), p.ListEnginesReply)
-
-    def list_agents(self, app_id: str = "") -> p.ListAgentsReply:
-        return self.call(p.ListAgents(app_id), p.ListAgentsReply)
-
-    def list_apps(self) -> p.ListAppsReply:
-        return self.call(p.ListApps(), p.ListAppsReply)
-
-    def pool(self) -> p.PoolReply:
-        return self.call(p.Pool(), p.PoolReply)
-
-    def get_config(self) -> p.ConfigReply:
-        return self.call(p.GetConfig(), p.ConfigReply)
-
-    def list_decisions(self, limit: int = 50, agent_id: str = "") -> p.ListDecisionsReply:
-        return self.call(p.ListDecisions(limit, agent_id), p.ListDecisionsReply)
 
 
 class AsyncTokenCakeClient(_Base):
@@ -387,7 +254,8 @@ class AsyncTokenCakeClient(_Base):
             if future is not None and not future.done():
                 future.set_result(env)
 
-    async def call(self, req: p.Request, reply_type: type[R], timeout_s: float | None = None) -> R:
+    async def call(self, req: p.Request[R], *, timeout_s: float | None = None) -> R:
+        """As ``TokenCakeClient.call``: the reply typed as the request declares it."""
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_loop())
         request_id = next(self._ids)
@@ -408,145 +276,7 @@ class AsyncTokenCakeClient(_Base):
                 raise DaemonUnavailable(self.endpoint, f"no reply to {req.op} in time") from None
         finally:
             self._pending.pop(request_id, None)
-        return p.decode_reply_body(env, reply_type)
-
-    # ------------------------------------------------------------------ typed ops
-
-    async def ping(self) -> p.PingReply:
-        return await self.call(p.Ping(), p.PingReply)
-
-    async def register_engine(
-        self, name: str, layout: KvLayout, num_gpu_blocks: int = 0
-    ) -> p.RegisterEngineReply:
-        req = p.RegisterEngine(name=name, layout=layout, num_gpu_blocks=num_gpu_blocks)
-        return await self.call(req, p.RegisterEngineReply)
-
-    async def engine_heartbeat(
-        self,
-        engine_id: str,
-        num_gpu_blocks_free: int = -1,
-        num_waiting: int = 0,
-        num_running: int = 0,
-        waiting_blocks: int = 0,
-    ) -> p.EngineHeartbeatReply:
-        req = p.EngineHeartbeat(
-            engine_id, num_gpu_blocks_free, num_waiting, num_running, waiting_blocks
-        )
-        return await self.call(req, p.EngineHeartbeatReply)
-
-    async def unregister_engine(self, engine_id: str) -> p.UnregisterEngineReply:
-        return await self.call(p.UnregisterEngine(engine_id), p.UnregisterEngineReply)
-
-    async def register_app(self, app_id: str, dag: p.AppDag, tenant: str = "") -> p.EventAck:
-        return await self.call(p.RegisterApp(app_id=app_id, dag=dag, tenant=tenant), p.EventAck)
-
-    async def llm_call_start(
-        self,
-        app_id: str,
-        agent_id: str,
-        engine_id: str = "",
-        request_id: str = "",
-        prompt_tokens: int = 0,
-    ) -> p.EventAck:
-        req = p.LlmCallStart(app_id, agent_id, engine_id, request_id, prompt_tokens)
-        return await self.call(req, p.EventAck)
-
-    async def llm_call_admitted(
-        self, app_id: str, agent_id: str, request_id: str = "", kv_blocks: int = 0
-    ) -> p.EventAck:
-        """Engines: the agent's request was scheduled and holds ``kv_blocks`` GPU blocks."""
-        req = p.LlmCallAdmitted(app_id, agent_id, request_id, kv_blocks)
-        return await self.call(req, p.EventAck)
-
-    async def llm_call_finish(
-        self,
-        app_id: str,
-        agent_id: str,
-        request_id: str = "",
-        output_tokens: int = 0,
-        kv_blocks: int = 0,
-    ) -> p.EventAck:
-        req = p.LlmCallFinish(app_id, agent_id, request_id, output_tokens, kv_blocks)
-        return await self.call(req, p.EventAck)
-
-    async def tool_call_start(
-        self,
-        app_id: str,
-        agent_id: str,
-        tool_kind: str,
-        predicted_s: float | None = None,
-        call_id: str = "",
-    ) -> p.EventAck:
-        req = p.ToolCallStart(app_id, agent_id, tool_kind, predicted_s, call_id)
-        return await self.call(req, p.EventAck)
-
-    async def tool_call_end(
-        self, app_id: str, agent_id: str, call_id: str = "", ok: bool = True
-    ) -> p.EventAck:
-        return await self.call(p.ToolCallEnd(app_id, agent_id, call_id, ok), p.EventAck)
-
-    async def app_end(self, app_id: str) -> p.EventAck:
-        return await self.call(p.AppEnd(app_id), p.EventAck)
-
-    async def lookup(
-        self, engine_id: str, hashes: Sequence[bytes], salt: str = ""
-    ) -> p.LookupReply:
-        return await self.call(p.Lookup(engine_id, list(hashes), salt), p.LookupReply)
-
-    async def reserve(
-        self,
-        engine_id: str,
-        hashes: Sequence[bytes],
-        salt: str = "",
-        app_id: str = "",
-        agent_id: str = "",
-    ) -> p.ReserveReply:
-        req = p.Reserve(engine_id, list(hashes), salt, app_id, agent_id)
-        return await self.call(req, p.ReserveReply)
-
-    async def commit(self, engine_id: str, slots: Sequence[int]) -> p.CommitReply:
-        return await self.call(p.Commit(engine_id, list(slots)), p.CommitReply)
-
-    async def abort(self, engine_id: str, slots: Sequence[int]) -> p.AbortReply:
-        return await self.call(p.Abort(engine_id, list(slots)), p.AbortReply)
-
-    async def load_begin(
-        self,
-        engine_id: str,
-        hashes: Sequence[bytes],
-        salt: str = "",
-        app_id: str = "",
-        agent_id: str = "",
-    ) -> p.LoadBeginReply:
-        req = p.LoadBegin(engine_id, list(hashes), salt, app_id, agent_id)
-        return await self.call(req, p.LoadBeginReply)
-
-    async def load_end(self, engine_id: str, slots: Sequence[int]) -> p.LoadEndReply:
-        return await self.call(p.LoadEnd(engine_id, list(slots)), p.LoadEndReply)
-
-    async def drop(self, engine_id: str, hashes: Sequence[bytes], salt: str = "") -> p.DropReply:
-        return await self.call(p.Drop(engine_id, list(hashes), salt), p.DropReply)
-
-    async def stats(self) -> p.StatsReply:
-        return await self.call(p.Stats(), p.StatsReply)
-
-    async def list_engines(self) -> p.ListEnginesReply:
-        return await self.call(p.ListEngines(), p.ListEnginesReply)
-
-    async def list_agents(self, app_id: str = "") -> p.ListAgentsReply:
-        return await self.call(p.ListAgents(app_id), p.ListAgentsReply)
-
-    async def list_apps(self) -> p.ListAppsReply:
-        return await self.call(p.ListApps(), p.ListAppsReply)
-
-    async def pool(self) -> p.PoolReply:
-        return await self.call(p.Pool(), p.PoolReply)
-
-    async def get_config(self) -> p.ConfigReply:
-        return await self.call(p.GetConfig(), p.ConfigReply)
-
-    async def list_decisions(self, limit: int = 50, agent_id: str = "") -> p.ListDecisionsReply:
-        return await self.call(p.ListDecisions(limit, agent_id), p.ListDecisionsReply)
+        return p.decode_reply_body(env, req)
 
 
 def _now_ms() -> int:

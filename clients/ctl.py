@@ -18,6 +18,7 @@ import click
 import msgspec
 import zmq
 
+from tokencake import protocol as p
 from tokencake.cli import HELP_OPTIONS, FloatRange, Group, is_endpoint
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient, resolve_endpoint
 from tokencake.protocol import RemoteError
@@ -111,7 +112,7 @@ def _ctx(click_ctx: click.Context, as_json: bool) -> Ctx:
 
 
 def _status_with_apps(client: TokenCakeClient) -> tuple[Any, Any]:
-    return client.stats(), client.list_apps()
+    return client.call(p.Stats()), client.call(p.ListApps())
 
 
 def _render_status_with_apps(both: tuple[Any, Any]) -> str:
@@ -160,7 +161,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     `apps` also list the last ended apps, whose agents show state `done`.
     """
     if as_json:
-        _ctx(ctx, as_json).run(lambda c: c.stats(), _render_status)
+        _ctx(ctx, as_json).run(lambda c: c.call(p.Stats()), _render_status)
     else:
         _ctx(ctx, as_json).run(_status_with_apps, _render_status_with_apps)
 
@@ -188,7 +189,7 @@ def engines(ctx: click.Context, as_json: bool) -> None:
             ["ENGINE", "MODEL", "LAYOUT", "BLOCK", "GPU FREE", "LEASED", "SEEN"],
         )
 
-    _ctx(ctx, as_json).run(lambda c: c.list_engines(), render)
+    _ctx(ctx, as_json).run(lambda c: c.call(p.ListEngines()), render)
 
 
 @main.command()
@@ -218,7 +219,7 @@ def agents(ctx: click.Context, app_id: str, as_json: bool) -> None:
             ["APP", "AGENT", "TYPE", "STATE", "FOR", "PRIO", "CRIT", "GPU", "HOST", "TOOL"],
         )
 
-    _ctx(ctx, as_json).run(lambda c: c.list_agents(app_id), render)
+    _ctx(ctx, as_json).run(lambda c: c.call(p.ListAgents(app_id)), render)
 
 
 @main.command()
@@ -240,7 +241,7 @@ def apps(ctx: click.Context, as_json: bool) -> None:
             out.append(f"  states: {states}")
         return "\n".join(out) or "(none)"
 
-    _ctx(ctx, as_json).run(lambda c: c.list_apps(), render)
+    _ctx(ctx, as_json).run(lambda c: c.call(p.ListApps()), render)
 
 
 @main.command()
@@ -261,7 +262,7 @@ def pool(ctx: click.Context, as_json: bool) -> None:
         lines += [f"tenant {k or '(default)'}: {v} slots" for k, v in sorted(r.by_tenant.items())]
         return "\n".join(lines)
 
-    _ctx(ctx, as_json).run(lambda c: c.pool(), render)
+    _ctx(ctx, as_json).run(lambda c: c.call(p.Pool()), render)
 
 
 @main.command()
@@ -270,7 +271,7 @@ def pool(ctx: click.Context, as_json: bool) -> None:
 def config(ctx: click.Context, as_json: bool) -> None:
     """The daemon's running configuration."""
     _ctx(ctx, as_json).run(
-        lambda c: c.get_config(),
+        lambda c: c.call(p.GetConfig()),
         lambda r: "\n".join(f"{k} = {v!r}" for k, v in sorted(r.config.items())),
     )
 
@@ -302,7 +303,7 @@ def decisions(ctx: click.Context, limit: int, agent_id: str, as_json: bool) -> N
                 out.append(f"    {why}")
         return "\n".join(out) or "(none)"
 
-    _ctx(ctx, as_json).run(lambda c: c.list_decisions(limit, agent_id), render)
+    _ctx(ctx, as_json).run(lambda c: c.call(p.ListDecisions(limit, agent_id)), render)
 
 
 def _fmt(value: Any) -> str:
@@ -414,11 +415,11 @@ def top(ctx: click.Context, interval: float, iterations: int, as_json: bool) -> 
             if not as_json:
                 click.clear()
                 click.echo(time.strftime("tokencake-ctl top  %H:%M:%S"))
-            c.run(lambda cl: cl.stats(), _render_status)
+            c.run(lambda cl: cl.call(p.Stats()), _render_status)
             if not as_json:
                 click.echo("")
             c.run(
-                lambda cl: cl.list_agents(),
+                lambda cl: cl.call(p.ListAgents()),
                 lambda r: _table(
                     [
                         [

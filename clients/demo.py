@@ -114,7 +114,7 @@ class DemoEngine:
     def __init__(self, client: TokenCakeClient, num_gpu_blocks: int, say: Callable[[str], None]):
         self.client = client
         self.say = say
-        reg = client.register_engine("demo-engine", LAYOUT, num_gpu_blocks=num_gpu_blocks)
+        reg = client.call(p.RegisterEngine("demo-engine", LAYOUT, num_gpu_blocks=num_gpu_blocks))
         self.engine_id = reg.engine_id
         self.arena = ArenaMapping.open(reg.arena_name, reg.slot_bytes)
         self.gpu = np.zeros((num_gpu_blocks, LAYOUT.bytes_per_block), dtype=np.uint8)
@@ -128,7 +128,7 @@ class DemoEngine:
         return self.agents.setdefault((app_id, agent_id), AgentKv(app_id, agent_id))
 
     def heartbeat(self) -> None:
-        self.client.engine_heartbeat(self.engine_id, len(self.free), self.waiting, 0)
+        self.client.call(p.EngineHeartbeat(self.engine_id, len(self.free), self.waiting, 0))
 
     def prefill(self, app_id: str, agent_id: str, n_blocks: int) -> bool:
         """Make the agent's first ``n_blocks`` resident; False when the pool is too full."""
@@ -174,7 +174,7 @@ class DemoEngine:
             kv = self.agents.pop(key)
             self.free.extend(kv.gpu_blocks)
             if kv.host_blocks:
-                self.client.drop(self.engine_id, chain_hashes(*key, kv.host_blocks))
+                self.client.call(p.Drop(self.engine_id, chain_hashes(*key, kv.host_blocks)))
 
     def apply(self, decision: p.DecisionRecord) -> None:
         kv = self.agents.get((decision.app_id, decision.agent_id))
@@ -190,14 +190,14 @@ class DemoEngine:
         if n <= 0:
             return
         hashes = chain_hashes(kv.app_id, kv.agent_id, kv.host_blocks + n)[kv.host_blocks :]
-        slots = self.client.reserve(
-            self.engine_id, hashes, app_id=kv.app_id, agent_id=kv.agent_id
+        slots = self.client.call(
+            p.Reserve(self.engine_id, hashes, app_id=kv.app_id, agent_id=kv.agent_id)
         ).slots
         moved = kv.gpu_blocks[: len(slots)]
         writes = [(s, b) for s, b in zip(slots, moved, strict=False) if s >= 0]
         if writes:
             self.arena.write_blocks([s for s, _ in writes], self.gpu[[b for _, b in writes]])
-            self.client.commit(self.engine_id, [s for s, _ in writes])
+            self.client.call(p.Commit(self.engine_id, [s for s, _ in writes]))
         self.free.extend(moved)
         del kv.gpu_blocks[: len(slots)]
         kv.host_blocks += len(slots)
@@ -218,19 +218,19 @@ class DemoEngine:
             return False
         # The host holds a prefix of the agent's blocks (a hash chain): load all of it.
         hashes = chain_hashes(kv.app_id, kv.agent_id, kv.host_blocks)
-        slots = self.client.load_begin(
-            self.engine_id, hashes, app_id=kv.app_id, agent_id=kv.agent_id
+        slots = self.client.call(
+            p.LoadBegin(self.engine_id, hashes, app_id=kv.app_id, agent_id=kv.agent_id)
         ).slots
         got = len(slots)
         if got < kv.host_blocks:  # evicted from the host meanwhile: recompute the rest
-            self.client.load_end(self.engine_id, slots)
+            self.client.call(p.LoadEnd(self.engine_id, slots))
             self.totals.recomputed_blocks += kv.host_blocks
             kv.host_blocks = 0
             return True
         targets = [self.free.pop() for _ in range(got)]
         staged = np.empty((got, LAYOUT.bytes_per_block), dtype=np.uint8)
         self.arena.read_blocks(slots, staged)
-        self.client.load_end(self.engine_id, slots)
+        self.client.call(p.LoadEnd(self.engine_id, slots))
         for i, (target, data) in enumerate(zip(targets, staged, strict=True)):
             ok = np.array_equal(data, block_bytes(kv.app_id, kv.agent_id, i))
             self.totals.blocks_verified += ok
@@ -238,7 +238,7 @@ class DemoEngine:
             self.gpu[target] = data
         kv.gpu_blocks[:0] = targets
         kv.host_blocks = 0
-        self.client.drop(self.engine_id, hashes)
+        self.client.call(p.Drop(self.engine_id, hashes))
         self.totals.uploads += 1
         self.totals.blocks_uploaded += got
         self.say(f"  upload   {kv.app_id}/{kv.agent_id}: {got} blocks back, bytes verified ({why})")
@@ -287,12 +287,14 @@ class DemoRun:
     def llm(self, app_id: str, agent_id: str, turn: int) -> None:
         blocks = PROMPT_BLOCKS + 4 * turn
         session = self.agent(app_id, agent_id)
-        self.client.llm_call_start(
-            app_id,
-            agent_id,
-            self.engine.engine_id,
-            f"{app_id}-{agent_id}-{turn}",
-            blocks * LAYOUT.block_size,
+        self.client.call(
+            p.LlmCallStart(
+                app_id,
+                agent_id,
+                self.engine.engine_id,
+                f"{app_id}-{agent_id}-{turn}",
+                blocks * LAYOUT.block_size,
+            )
         )
         self.admit(session, app_id, agent_id, turn, blocks, waited=False)
 
@@ -317,16 +319,16 @@ class DemoRun:
     def llm_done(
         self, session: AgentSession, app_id: str, agent_id: str, turn: int, blocks: int
     ) -> None:
-        self.client.llm_call_finish(app_id, agent_id, output_tokens=64, kv_blocks=blocks)
+        self.client.call(p.LlmCallFinish(app_id, agent_id, output_tokens=64, kv_blocks=blocks))
         self.engine.finished(app_id, agent_id)
         tool = TOOLS.get(agent_id)
         if tool is not None and turn == 0:
             kind, seconds = tool
             call_id = f"{app_id}-{agent_id}"
-            self.client.tool_call_start(app_id, agent_id, kind, seconds, call_id)
+            self.client.call(p.ToolCallStart(app_id, agent_id, kind, seconds, call_id))
 
             def back() -> None:
-                self.client.tool_call_end(app_id, agent_id, call_id)
+                self.client.call(p.ToolCallEnd(app_id, agent_id, call_id))
                 self.llm(app_id, agent_id, 1)
 
             self.at(seconds, back)
@@ -360,7 +362,7 @@ class DemoRun:
 def _ensure_daemon(endpoint: str, say: Callable[[str], None]) -> DaemonProcess | None:
     try:
         with TokenCakeClient(endpoint, timeout_s=0.3) as c:
-            c.ping()
+            c.call(p.Ping())
         say(f"using the tokencaked already serving {endpoint}")
         return None
     except DaemonUnavailable:
@@ -416,8 +418,8 @@ def main(apps: int, gpu_blocks: int, keep: bool) -> None:
                 f"{LAYOUT.bytes_per_block} B; arena {engine.arena.name}"
             )
             DemoRun(engine, client, apps, say).run()
-            stats = client.stats()
-            decisions = client.list_decisions(limit=1000).decisions
+            stats = client.call(p.Stats())
+            decisions = client.call(p.ListDecisions(limit=1000)).decisions
             kinds: dict[str, int] = {}
             for d in decisions:
                 kinds[d.kind] = kinds.get(d.kind, 0) + 1

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokencake import protocol as p
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
 
 DEFAULT_START_S = 20.0
@@ -79,7 +80,7 @@ class DaemonProcess:
                         f"tokencaked exited {self.proc.returncode}:\n{self.log_tail()}"
                     )
                 try:
-                    client.ping()
+                    client.call(p.Ping())
                     return
                 except DaemonUnavailable:
                     if time.monotonic() > deadline:

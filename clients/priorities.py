@@ -122,7 +122,7 @@ class AgentPriorities:
         queries = apps if len(apps) <= MAX_APP_QUERIES else [""]
         fresh: dict[tuple[str, str], AgentRank] = {}
         for app_id in queries:
-            reply = link.call(p.ListAgents(app_id), p.ListAgentsReply)
+            reply = link.call(p.ListAgents(app_id))
             if reply is None:
                 self.failures += 1
                 if not link.up:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from tokencake import protocol as p
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
@@ -54,7 +53,7 @@ class AppSession:
         self.strict = strict
         self.missed_events = 0
         self.reregistrations = 0
-        self._send(client.register_app, app_id, dag, tenant)
+        self._send(p.RegisterApp(app_id, dag, tenant))
 
     def agent(self, agent_id: str, engine_id: str = "") -> AgentSession:
         if all(node.id != agent_id for node in self.dag.nodes):
@@ -62,7 +61,7 @@ class AppSession:
         return AgentSession(self, agent_id, engine_id)
 
     def end(self) -> None:
-        self._send(self.client.app_end, self.app_id)
+        self._send(p.AppEnd(self.app_id))
 
     def __enter__(self) -> AppSession:
         return self
@@ -70,18 +69,18 @@ class AppSession:
     def __exit__(self, *_exc: object) -> None:
         self.end()
 
-    def _send(self, fn: Callable[..., p.EventAck], *args: Any, **kwargs: Any) -> bool:
+    def _send(self, req: p.Request[p.EventAck]) -> bool:
         try:
             try:
-                return fn(*args, **kwargs).accepted
+                return self.client.call(req).accepted
             except p.RemoteError as exc:
                 # A restarted daemon has forgotten the app (its state is a cache): declare
                 # the DAG again and resend, once.
-                if exc.code != p.ErrorCode.UNKNOWN_APP or fn == self.client.register_app:
+                if exc.code != p.ErrorCode.UNKNOWN_APP or isinstance(req, p.RegisterApp):
                     raise
-                self.client.register_app(self.app_id, self.dag, self.tenant)
+                self.client.call(p.RegisterApp(self.app_id, self.dag, self.tenant))
                 self.reregistrations += 1
-                return fn(*args, **kwargs).accepted
+                return self.client.call(req).accepted
         except DaemonUnavailable as exc:
             self.missed_events += 1
             if self.strict:
@@ -101,38 +100,32 @@ class AgentSession:
     @contextmanager
     def llm_call(self, prompt_tokens: int = 0, request_id: str = "") -> Iterator[LlmCallHandle]:
         handle = LlmCallHandle()
-        c = self.app.client
         self.app._send(
-            c.llm_call_start,
-            self.app.app_id,
-            self.agent_id,
-            self.engine_id,
-            request_id,
-            prompt_tokens,
+            p.LlmCallStart(
+                self.app.app_id, self.agent_id, self.engine_id, request_id, prompt_tokens
+            )
         )
         try:
             yield handle
         finally:
             self.app._send(
-                c.llm_call_finish,
-                self.app.app_id,
-                self.agent_id,
-                request_id,
-                handle.output_tokens,
-                handle.kv_blocks,
+                p.LlmCallFinish(
+                    self.app.app_id,
+                    self.agent_id,
+                    request_id,
+                    handle.output_tokens,
+                    handle.kv_blocks,
+                )
             )
 
     @contextmanager
     def tool_call(self, kind: str, predicted_s: float | None = None) -> Iterator[str]:
         """Reports the tool's start and end; ``ok`` is False when the block raised."""
         call_id = f"{self.agent_id}-{next(self._call_ids)}"
-        c = self.app.client
-        self.app._send(
-            c.tool_call_start, self.app.app_id, self.agent_id, kind, predicted_s, call_id
-        )
+        self.app._send(p.ToolCallStart(self.app.app_id, self.agent_id, kind, predicted_s, call_id))
         ok = False
         try:
             yield call_id
             ok = True
         finally:
-            self.app._send(c.tool_call_end, self.app.app_id, self.agent_id, call_id, ok)
+            self.app._send(p.ToolCallEnd(self.app.app_id, self.agent_id, call_id, ok))

@@ -31,6 +31,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from tokencake import protocol as p
 from tokencake.cli import HELP_OPTIONS, FloatRange, Group
 from tokencake.sim.generators import BUILTIN, get_generator
 from tokencake.sim.metrics import target_ratios
@@ -121,9 +122,9 @@ def list_cmd() -> None:
     for name, cls in BUILTIN.items():
         click.echo(f"  {name:18s} {cls.description}")
     click.echo("profiles:")
-    for name, p in PROFILES.items():
+    for name, prof in PROFILES.items():
         default = " (default)" if name == DEFAULT_PROFILE else ""
-        click.echo(f"  {name:18s} {p.gpu_blocks} blocks of {p.block_tokens} tokens{default}")
+        click.echo(f"  {name:18s} {prof.gpu_blocks} blocks of {prof.block_tokens} tokens{default}")
     click.echo("policies: " + ", ".join(all_policies()))
 
 
@@ -474,7 +475,7 @@ def _live_policies(
         raise ValueError(f"--live {endpoint}: no daemon (no socket at {socket_path})")
     try:
         with TokenCakeClient(endpoint) as client:
-            running = str(client.get_config().config.get("policy", ""))
+            running = str(client.call(p.GetConfig()).config.get("policy", ""))
     except (DaemonUnavailable, RemoteError, zmq.ZMQError) as e:
         raise ValueError(f"--live {endpoint}: {e}") from e
     if names and names[0] != running:

@@ -142,7 +142,7 @@ class _Link:
 
     up = True
 
-    def __init__(self, call: Callable[[p.Request, type[Any]], Any]) -> None:
+    def __init__(self, call: Callable[[p.Request[Any]], Any]) -> None:
         self.call = call
 
 
@@ -218,14 +218,12 @@ class DaemonPolicy(Policy):
         self._last_heartbeat = 0.0
         self._link = _Link(self._call)
         name = engine_name or f"tokencake-sim-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        reg = self._call(
-            p.RegisterEngine(name, sim_layout(profile), profile.gpu_blocks), p.RegisterEngineReply
-        )
+        reg = self._call(p.RegisterEngine(name, sim_layout(profile), profile.gpu_blocks))
         self.engine_id = reg.engine_id
         self.host_slots = reg.num_slots
         self._heartbeat_s = min(reg.heartbeat_s, LIVE_HEARTBEAT_S)
         self._last_heartbeat = time.monotonic()
-        config = self._call(p.GetConfig(), p.ConfigReply).config
+        config = self._call(p.GetConfig()).config
         self.daemon_policy = str(config.get("policy", ""))
 
     # ------------------------------------------------------------------ wiring
@@ -240,16 +238,16 @@ class DaemonPolicy(Policy):
         """Unregister the engine (its unfinished reservations and pins are released)."""
         self.stats.wall_s = time.monotonic() - self._started
         try:
-            self.client.call(p.UnregisterEngine(self.engine_id), p.UnregisterEngineReply)
+            self.client.call(p.UnregisterEngine(self.engine_id))
         except (DaemonUnavailable, p.RemoteError) as exc:
             logger.debug("unregister_engine failed: %s", exc)
 
     # ------------------------------------------------------------------ daemon calls
 
-    def _call(self, req: p.Request, reply_type: type[R]) -> R:
+    def _call(self, req: p.Request[R]) -> R:
         self.stats.requests += 1
         try:
-            reply = self.client.call(req, reply_type)
+            reply = self.client.call(req)
         except DaemonUnavailable as exc:
             raise DaemonLost(f"tokencaked stopped answering during {req.op}: {exc}") from exc
         except p.RemoteError as exc:
@@ -269,7 +267,7 @@ class DaemonPolicy(Policy):
 
     def _event(self, req: p.Request) -> None:
         try:
-            ack = self._call(req, p.EventAck)
+            ack = self._call(req)
         except p.RemoteError as exc:
             self.stats.events_refused += 1
             logger.debug("tokencaked refused %s: %s", req.op, exc)
@@ -281,7 +279,6 @@ class DaemonPolicy(Policy):
     def _heartbeat(self, free: int, waiting: int, running: int, waiting_blocks: int) -> None:
         self._call(
             p.EngineHeartbeat(self.engine_id, free, waiting, running, waiting_blocks),
-            p.EngineHeartbeatReply,
         )
         self.stats.heartbeats += 1
         self._last_heartbeat = time.monotonic()
@@ -483,7 +480,6 @@ class DaemonPolicy(Policy):
             if kind == "offload":
                 slots = self._call(
                     p.Reserve(self.engine_id, hashes, app_id=wire, agent_id=agent_id),
-                    p.ReserveReply,
                 ).slots
                 writes = [s for s in slots if s >= 0]
                 self.stats.slots_reserved += len(writes)
@@ -491,7 +487,6 @@ class DaemonPolicy(Policy):
             else:
                 reads = self._call(
                     p.LoadBegin(self.engine_id, hashes, app_id=wire, agent_id=agent_id),
-                    p.LoadBeginReply,
                 ).slots
                 self._copies[seq] = ("load", reads)
         except p.RemoteError as exc:  # e.g. no_space: the copy goes unreported
@@ -505,10 +500,10 @@ class DaemonPolicy(Policy):
             self._pace(self._sim.now)
         try:
             if op == "store":
-                n = self._call(p.Commit(self.engine_id, slots), p.CommitReply).committed
+                n = self._call(p.Commit(self.engine_id, slots)).committed
                 self.stats.slots_committed += n
             else:
-                n = self._call(p.LoadEnd(self.engine_id, slots), p.LoadEndReply).released
+                n = self._call(p.LoadEnd(self.engine_id, slots)).released
                 self.stats.slots_loaded += n
         except p.RemoteError as exc:  # a lease ran out: the daemon released the slots
             logger.debug("tokencaked refused to finish copy %d: %s", seq, exc)

@@ -16,7 +16,7 @@ frames carry slot numbers and chain hashes.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Final, Literal, TypeVar, get_args
+from typing import Any, ClassVar, Final, Generic, Literal, TypeVar, get_args
 
 import msgspec
 
@@ -100,11 +100,23 @@ class ReplyEnvelope(msgspec.Struct):
     error: ErrorBody | None = None
 
 
-class Request(msgspec.Struct, forbid_unknown_fields=False):
-    """Base of every request body. ``op`` names it on the wire; ``reply`` is its answer."""
+ReplyT = TypeVar("ReplyT", bound=msgspec.Struct)
+
+
+class Request(msgspec.Struct, Generic[ReplyT], forbid_unknown_fields=False):
+    """Base of every request body. ``op`` names it on the wire; the type argument is its
+    reply (``class Ping(Request[PingReply])``), kept at run time as ``reply`` for decoding,
+    so ``TokenCakeClient.call(Ping())`` is typed ``PingReply``."""
 
     op: ClassVar[str]
     reply: ClassVar[type[msgspec.Struct]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):
+            args = get_args(base)
+            if args and isinstance(args[0], type):
+                cls.reply = args[0]
 
 
 # --------------------------------------------------------------------------- engines
@@ -116,9 +128,8 @@ class PingReply(msgspec.Struct):
     uptime_s: float
 
 
-class Ping(Request):
+class Ping(Request[PingReply]):
     op = "ping"
-    reply = PingReply
 
 
 class RegisterEngineReply(msgspec.Struct):
@@ -133,7 +144,7 @@ class RegisterEngineReply(msgspec.Struct):
     heartbeat_s: float
 
 
-class RegisterEngine(Request):
+class RegisterEngine(Request[RegisterEngineReply]):
     """An engine (one TP rank of one model) announces its KV layout.
 
     ``name`` is the engine's stable name; registering the same name again (after a
@@ -141,7 +152,6 @@ class RegisterEngine(Request):
     """
 
     op = "register_engine"
-    reply = RegisterEngineReply
     name: str
     layout: KvLayout
     num_gpu_blocks: int = 0
@@ -151,11 +161,10 @@ class EngineHeartbeatReply(msgspec.Struct):
     leases_renewed: int
 
 
-class EngineHeartbeat(Request):
+class EngineHeartbeat(Request[EngineHeartbeatReply]):
     """Keeps the engine's leases alive and reports its GPU KV state to the scheduler."""
 
     op = "engine_heartbeat"
-    reply = EngineHeartbeatReply
     engine_id: str
     num_gpu_blocks_free: int = -1
     num_waiting: int = 0
@@ -168,9 +177,8 @@ class UnregisterEngineReply(msgspec.Struct):
     released_slots: int
 
 
-class UnregisterEngine(Request):
+class UnregisterEngine(Request[UnregisterEngineReply]):
     op = "unregister_engine"
-    reply = UnregisterEngineReply
     engine_id: str
 
 
@@ -202,17 +210,15 @@ class EventAck(msgspec.Struct):
     decisions: int = 0
 
 
-class RegisterApp(Request):
+class RegisterApp(Request[EventAck]):
     op = "register_app"
-    reply = EventAck
     app_id: str
     dag: AppDag
     tenant: str = ""
 
 
-class LlmCallStart(Request):
+class LlmCallStart(Request[EventAck]):
     op = "llm_call_start"
-    reply = EventAck
     app_id: str
     agent_id: str
     engine_id: str = ""
@@ -220,23 +226,21 @@ class LlmCallStart(Request):
     prompt_tokens: int = 0
 
 
-class LlmCallAdmitted(Request):
+class LlmCallAdmitted(Request[EventAck]):
     """The engine scheduled the agent's request: it now holds ``kv_blocks`` GPU blocks.
 
     Optional: without it the daemon infers the admission when the call finishes.
     """
 
     op = "llm_call_admitted"
-    reply = EventAck
     app_id: str
     agent_id: str
     request_id: str = ""
     kv_blocks: int = 0
 
 
-class LlmCallFinish(Request):
+class LlmCallFinish(Request[EventAck]):
     op = "llm_call_finish"
-    reply = EventAck
     app_id: str
     agent_id: str
     request_id: str = ""
@@ -244,9 +248,8 @@ class LlmCallFinish(Request):
     kv_blocks: int = 0
 
 
-class ToolCallStart(Request):
+class ToolCallStart(Request[EventAck]):
     op = "tool_call_start"
-    reply = EventAck
     app_id: str
     agent_id: str
     tool_kind: str
@@ -254,18 +257,16 @@ class ToolCallStart(Request):
     call_id: str = ""
 
 
-class ToolCallEnd(Request):
+class ToolCallEnd(Request[EventAck]):
     op = "tool_call_end"
-    reply = EventAck
     app_id: str
     agent_id: str
     call_id: str = ""
     ok: bool = True
 
 
-class AppEnd(Request):
+class AppEnd(Request[EventAck]):
     op = "app_end"
-    reply = EventAck
     app_id: str
 
 
@@ -277,11 +278,10 @@ class LookupReply(msgspec.Struct):
     slots: list[int]
 
 
-class Lookup(Request):
+class Lookup(Request[LookupReply]):
     """Longest ready prefix of ``hashes``. Informational: it pins nothing."""
 
     op = "lookup"
-    reply = LookupReply
     engine_id: str
     hashes: list[bytes]
     salt: str = ""
@@ -297,12 +297,11 @@ class ReserveReply(msgspec.Struct):
     slots: list[int]
 
 
-class Reserve(Request):
+class Reserve(Request[ReserveReply]):
     """Slots to store ``hashes`` into. Naming the agent lets the scheduler account for its
     offload when the slots are committed."""
 
     op = "reserve"
-    reply = ReserveReply
     engine_id: str
     hashes: list[bytes]
     salt: str = ""
@@ -314,11 +313,10 @@ class CommitReply(msgspec.Struct):
     committed: int
 
 
-class Commit(Request):
+class Commit(Request[CommitReply]):
     """The sender has written these reserved slots completely; make them servable."""
 
     op = "commit"
-    reply = CommitReply
     engine_id: str
     slots: list[int]
     copy_s: float = -1.0
@@ -330,11 +328,10 @@ class AbortReply(msgspec.Struct):
     aborted: int
 
 
-class Abort(Request):
+class Abort(Request[AbortReply]):
     """Give back reserved slots that will not be written."""
 
     op = "abort"
-    reply = AbortReply
     engine_id: str
     slots: list[int]
 
@@ -343,13 +340,12 @@ class LoadBeginReply(msgspec.Struct):
     slots: list[int]
 
 
-class LoadBegin(Request):
+class LoadBegin(Request[LoadBeginReply]):
     """Pin the longest ready prefix of ``hashes`` for reading; it cannot be evicted.
 
     Naming the agent lets the scheduler account for its upload at ``load_end``."""
 
     op = "load_begin"
-    reply = LoadBeginReply
     engine_id: str
     hashes: list[bytes]
     salt: str = ""
@@ -361,9 +357,8 @@ class LoadEndReply(msgspec.Struct):
     released: int
 
 
-class LoadEnd(Request):
+class LoadEnd(Request[LoadEndReply]):
     op = "load_end"
-    reply = LoadEndReply
     engine_id: str
     slots: list[int]
     copy_s: float = -1.0
@@ -374,11 +369,10 @@ class DropReply(msgspec.Struct):
     dropped: int
 
 
-class Drop(Request):
+class Drop(Request[DropReply]):
     """Forget stored blocks. Blocks being read are freed when their readers finish."""
 
     op = "drop"
-    reply = DropReply
     engine_id: str
     hashes: list[bytes]
     salt: str = ""
@@ -414,12 +408,11 @@ class ShareGpuKvReply(msgspec.Struct):
     free again after this long, or as soon as ``worker_pid`` has exited."""
 
 
-class ShareGpuKv(Request):
+class ShareGpuKv(Request[ShareGpuKvReply]):
     """The engine's GPU KV tensors, for the daemon's copy worker on that GPU to open.
     Sharing again replaces the earlier tensors; a copy in flight on them fails."""
 
     op = "share_gpu_kv"
-    reply = ShareGpuKvReply
     engine_id: str
     num_blocks: int
     tensors: list[GpuKvTensor]
@@ -429,7 +422,7 @@ class GpuCopyReply(msgspec.Struct):
     copy_id: int
 
 
-class GpuCopy(Request):
+class GpuCopy(Request[GpuCopyReply]):
     """The engine lends ``blocks`` for one copy by the daemon's worker: ``upload`` reads the
     slots it pinned with ``load_begin`` into them, ``offload`` writes them into slots it
     reserved. The copy waits for ``after_event`` (an IPC event recorded on the engine's
@@ -437,7 +430,6 @@ class GpuCopy(Request):
     reports the copy finished."""
 
     op = "gpu_copy"
-    reply = GpuCopyReply
     engine_id: str
     copy_id: int
     direction: Literal["upload", "offload"]
@@ -453,9 +445,8 @@ class GpuCopyStatusReply(msgspec.Struct):
     errors: list[str]
 
 
-class GpuCopyStatus(Request):
+class GpuCopyStatus(Request[GpuCopyStatusReply]):
     op = "gpu_copy_status"
-    reply = GpuCopyStatusReply
     engine_id: str
     copy_ids: list[int]
 
@@ -492,9 +483,8 @@ class StatsReply(msgspec.Struct):
     """The L2 tier's counters (docs/distributed.md); empty when the daemon runs without one."""
 
 
-class Stats(Request):
+class Stats(Request[StatsReply]):
     op = "stats"
-    reply = StatsReply
 
 
 class EngineInfo(msgspec.Struct):
@@ -514,9 +504,8 @@ class ListEnginesReply(msgspec.Struct):
     engines: list[EngineInfo]
 
 
-class ListEngines(Request):
+class ListEngines(Request[ListEnginesReply]):
     op = "list_engines"
-    reply = ListEnginesReply
 
 
 class AgentInfo(msgspec.Struct):
@@ -542,9 +531,8 @@ class ListAgentsReply(msgspec.Struct):
     agents: list[AgentInfo]
 
 
-class ListAgents(Request):
+class ListAgents(Request[ListAgentsReply]):
     op = "list_agents"
-    reply = ListAgentsReply
     app_id: str = ""
 
 
@@ -563,9 +551,8 @@ class ListAppsReply(msgspec.Struct):
     apps: list[AppInfo]
 
 
-class ListApps(Request):
+class ListApps(Request[ListAppsReply]):
     op = "list_apps"
-    reply = ListAppsReply
 
 
 class PoolReply(msgspec.Struct):
@@ -574,18 +561,16 @@ class PoolReply(msgspec.Struct):
     by_tenant: dict[str, int]
 
 
-class Pool(Request):
+class Pool(Request[PoolReply]):
     op = "pool"
-    reply = PoolReply
 
 
 class ConfigReply(msgspec.Struct):
     config: dict[str, Any]
 
 
-class GetConfig(Request):
+class GetConfig(Request[ConfigReply]):
     op = "get_config"
-    reply = ConfigReply
 
 
 KvTier = Literal["gpu", "host"]
@@ -685,9 +670,8 @@ class ListDecisionsReply(msgspec.Struct):
     decisions: list[DecisionRecord]
 
 
-class ListDecisions(Request):
+class ListDecisions(Request[ListDecisionsReply]):
     op = "list_decisions"
-    reply = ListDecisionsReply
     limit: int = 50
     agent_id: str = ""
 
@@ -752,7 +736,6 @@ _reply_decoder = msgspec.msgpack.Decoder(ReplyEnvelope)
 _body_decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {
     op: msgspec.msgpack.Decoder(cls) for op, cls in REQUEST_TYPES.items()
 }
-T = TypeVar("T", bound=msgspec.Struct)
 
 _reply_body_decoders: dict[type[msgspec.Struct], msgspec.msgpack.Decoder[Any]] = {}
 
@@ -833,15 +816,18 @@ def decode_reply_envelope(frame: bytes) -> ReplyEnvelope:
         raise RemoteError(ErrorCode.BAD_FRAME, f"undecodable reply: {exc}") from None
 
 
-def decode_reply_body(env: ReplyEnvelope, reply_type: type[T]) -> T:
+def decode_reply_body(env: ReplyEnvelope, req: Request[ReplyT]) -> ReplyT:
+    """The body of ``req``'s reply, as the type ``req`` declares; an error reply raises
+    ``RemoteError`` with its code."""
     if not env.ok:
         err = env.error or ErrorBody(ErrorCode.INTERNAL, "error reply without error body")
         raise RemoteError(err.code, err.message)
+    reply_type = type(req).reply
     decoder = _reply_body_decoders.get(reply_type)
     if decoder is None:
         decoder = _reply_body_decoders[reply_type] = msgspec.msgpack.Decoder(reply_type)
     try:
-        result: T = decoder.decode(env.body)
+        result: ReplyT = decoder.decode(env.body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RemoteError(ErrorCode.BAD_FRAME, f"reply body for {env.op}: {exc}") from None
     return result

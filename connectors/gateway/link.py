@@ -136,7 +136,7 @@ class DaemonLink:
         ok = False
         if not self.down:
             try:
-                await client.register_app(app_id, dag)
+                await client.call(p.RegisterApp(app_id, dag))
                 self._dags[app_id] = dag
                 self.sent += 1
                 ok = True
@@ -157,12 +157,12 @@ class DaemonLink:
             return
         try:
             try:
-                await client.call(req, p.EventAck)
+                await client.call(req)
             except p.RemoteError as exc:
                 if exc.code != p.ErrorCode.UNKNOWN_APP:
                     raise
-                await client.register_app(app_id, self._dags[app_id])
-                await client.call(req, p.EventAck)
+                await client.call(p.RegisterApp(app_id, self._dags[app_id]))
+                await client.call(req)
             self.sent += 1
         except DaemonUnavailable as exc:
             self.missed += 1
@@ -175,6 +175,6 @@ class DaemonLink:
         if self._dags.pop(app_id, None) is None or self.down:
             return
         try:
-            await client.app_end(app_id)
+            await client.call(p.AppEnd(app_id))
         except (DaemonUnavailable, p.RemoteError) as exc:
             logger.debug("app_end %s: %s", app_id, exc)

@@ -136,7 +136,6 @@ class _Link:
                 self.client = TokenCakeClient(self.cfg.endpoint or None, timeout_s=timeout_s)
             reg = self.client.call(
                 p.RegisterEngine(self.name, self.layout),
-                p.RegisterEngineReply,
                 timeout_s=max(timeout_s, 0.25),
             )
         except (DaemonUnavailable, OSError) as exc:
@@ -189,8 +188,7 @@ class _Link:
 
     def call(
         self,
-        build: Callable[[str], p.Request],
-        reply_type: type[R],
+        build: Callable[[str], p.Request[R]],
         *,
         epoch: int = 0,
         retry: bool = False,
@@ -210,7 +208,7 @@ class _Link:
             if self.reg is None:
                 continue
             try:
-                return self.client.call(build(self.engine_id), reply_type)
+                return self.client.call(build(self.engine_id))
             except (DaemonUnavailable, zmq.ZMQError) as exc:
                 self.stats.daemon_failures += 1
                 self.down(exc)
@@ -230,7 +228,7 @@ class _Link:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.reg.heartbeat_s
             try:
-                self.client.call(p.EngineHeartbeat(self.engine_id), p.EngineHeartbeatReply)
+                self.client.call(p.EngineHeartbeat(self.engine_id))
             except (DaemonUnavailable, zmq.ZMQError) as exc:
                 self.stats.daemon_failures += 1
                 self.down(exc)
@@ -245,7 +243,7 @@ class _Link:
         if self.client is not None:
             if self.reg is not None:
                 try:
-                    self.client.call(p.UnregisterEngine(self.engine_id), p.UnregisterEngineReply)
+                    self.client.call(p.UnregisterEngine(self.engine_id))
                 except (DaemonUnavailable, p.RemoteError) as exc:
                     logger.debug("unregister failed: %s", exc)
             self.client.close()
@@ -338,7 +336,7 @@ class TokenCakeStorage(HiCacheStorage):
         hashes = [page_key(k) for k in keys]
         salt = self.cfg.salt
         with self._link.lock:
-            reply = self._link.call(lambda e: p.Lookup(e, hashes, salt), p.LookupReply, retry=True)
+            reply = self._link.call(lambda e: p.Lookup(e, hashes, salt), retry=True)
         self._count("lookups", 1)
         hits = reply.hit_blocks if reply is not None else 0
         self._count("hit_pages", hits)
@@ -360,16 +358,14 @@ class TokenCakeStorage(HiCacheStorage):
         hashes = [page_key(k) for k in keys]
         salt = self.cfg.salt
         with self._link.lock:
-            reply = self._link.call(
-                lambda e: p.LoadBegin(e, hashes, salt), p.LoadBeginReply, retry=True
-            )
+            reply = self._link.call(lambda e: p.LoadBegin(e, hashes, salt), retry=True)
             if reply is None or not reply.slots or self._link.arena is None:
                 return None
             return _Lease(self._link.epoch, self._link.arena, list(reply.slots))
 
     def _unpin(self, lease: _Lease) -> None:
         with self._link.lock:
-            self._link.call(lambda e: p.LoadEnd(e, lease.slots), p.LoadEndReply, epoch=lease.epoch)
+            self._link.call(lambda e: p.LoadEnd(e, lease.slots), epoch=lease.epoch)
 
     def _read(self, keys: list[str], copy: Callable[[ArenaMapping, list[int]], None]) -> int:
         """Pin, copy with ``copy(arena, slots)``, unpin; the number of pages read."""
@@ -455,9 +451,7 @@ class TokenCakeStorage(HiCacheStorage):
         hashes = [page_key(k) for k in keys]
         salt = self.cfg.salt
         with self._link.lock:
-            reply = self._link.call(
-                lambda e: p.Reserve(e, hashes, salt), p.ReserveReply, retry=True
-            )
+            reply = self._link.call(lambda e: p.Reserve(e, hashes, salt), retry=True)
             epoch, arena = self._link.epoch, self._link.arena
         if reply is None or arena is None:
             self._count("dropped_writes", len(keys))
@@ -473,12 +467,12 @@ class TokenCakeStorage(HiCacheStorage):
             try:
                 copy(arena, [i for i, _ in todo], slots)
                 with self._link.lock:
-                    done = self._link.call(lambda e: p.Commit(e, slots), p.CommitReply, epoch=epoch)
+                    done = self._link.call(lambda e: p.Commit(e, slots), epoch=epoch)
             except Exception as exc:  # a failed copy fails its pages; it never reaches SGLang
                 logger.warning("TokenCake write of %d pages failed: %s", len(slots), exc)
                 done = None
                 with self._link.lock:
-                    self._link.call(lambda e: p.Abort(e, slots), p.AbortReply, epoch=epoch)
+                    self._link.call(lambda e: p.Abort(e, slots), epoch=epoch)
             if done is not None and done.committed == len(slots):
                 for i, _ in todo:
                     result[i] = True

@@ -215,19 +215,14 @@ class AgentEventReporter:
         app, key = agent.app, (agent.app.app_id, agent.agent_id)
         open_tool = self._open_tools.pop(key, "")
         if open_tool:
-            app._send(self.client.tool_call_end, app.app_id, agent.agent_id, open_tool)
+            app._send(p.ToolCallEnd(app.app_id, agent.agent_id, open_tool))
         with agent.llm_call(request_id=call.request_id) as handle:
             yield handle
         tool = call.params.tool
         if tool is not None:
             call_id = call.request_id or f"{agent.agent_id}-{next(self._calls)}"
             app._send(
-                self.client.tool_call_start,
-                app.app_id,
-                agent.agent_id,
-                tool.kind,
-                tool.predicted_s,
-                call_id,
+                p.ToolCallStart(app.app_id, agent.agent_id, tool.kind, tool.predicted_s, call_id)
             )
             self._open_tools[key] = call_id
 

@@ -118,7 +118,7 @@ class TokenCakeConnectorScheduler:
 
     def _event(self, req: p.Request) -> bool:
         """Report an agent event; True when the daemon accepted it (it knows the agent)."""
-        ack = self.link.call(req, p.EventAck)
+        ack = self.link.call(req)
         if ack is None:
             return False
         self.stats.events_sent += 1
@@ -166,7 +166,7 @@ class TokenCakeConnectorScheduler:
             app_id=params.app_id if params else "",
             agent_id=params.agent_id if params else "",
         )
-        reply = link.call(req, p.LoadBeginReply)
+        reply = link.call(req)
         if reply is None or not reply.slots:
             return 0, False
         self.copies.hits[req_id] = Hit(link.epoch, start, list(reply.slots))
@@ -223,7 +223,7 @@ class TokenCakeConnectorScheduler:
         if heartbeat_due or state != link.last_state:
             link.next_heartbeat = now + link.reg.heartbeat_s
             link.last_state = state
-            link.call(p.EngineHeartbeat(link.engine_id, *state), p.EngineHeartbeatReply)
+            link.call(p.EngineHeartbeat(link.engine_id, *state))
 
     def on_new_request(self, request: Request) -> None:
         params = agent_params(request.kv_transfer_params)

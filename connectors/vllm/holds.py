@@ -241,7 +241,7 @@ class AgentHolds:
         link, pool = self.side.link, self.side.pool
         assert pool is not None
         req = p.LoadBegin(link.engine_id, hashes, self.side.cfg.salt, *key)
-        reply = link.call(req, p.LoadBeginReply)
+        reply = link.call(req)
         if reply is None or not reply.slots:
             # The host has no more of it, or the call failed (the link may be down now).
             self.preloads.pop(key, None)

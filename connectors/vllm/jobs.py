@@ -167,7 +167,7 @@ class CopyJobs:
         hit = self.hits.pop(req_id, None)
         link = self.side.link
         if hit is not None and link.up and hit.epoch == link.epoch:
-            link.call(p.LoadEnd(link.engine_id, hit.slots), p.LoadEndReply)
+            link.call(p.LoadEnd(link.engine_id, hit.slots))
 
     def load_hit(self, req_id: str, block_ids: list[int], n: int) -> int:
         """Turn a request's pinned hit into a load of ``n`` blocks into ``block_ids`` (vLLM's
@@ -179,7 +179,7 @@ class CopyJobs:
         use, rest = hit.slots[:n], hit.slots[n:]
         if not use:
             if rest and link.up and hit.epoch == link.epoch:
-                link.call(p.LoadEnd(link.engine_id, rest), p.LoadEndReply)
+                link.call(p.LoadEnd(link.engine_id, rest))
             return 0
         blocks = block_ids[hit.start_block : hit.start_block + n]
         job_id = self.next_job()
@@ -191,7 +191,7 @@ class CopyJobs:
             self.loads.append(CopyJob(job_id, [], blocks, req_id, fail=True))
             return 0
         if rest:
-            link.call(p.LoadEnd(link.engine_id, rest), p.LoadEndReply)
+            link.call(p.LoadEnd(link.engine_id, rest))
         self.jobs[job_id] = Job(link.epoch, True, use, req_id=req_id)
         self.loads.append(CopyJob(job_id, use, blocks, req_id))
         tokens = n * self.side.block_size
@@ -224,7 +224,7 @@ class CopyJobs:
             app_id=params.app_id if params else "",
             agent_id=params.agent_id if params else "",
         )
-        reply = link.call(req, p.ReserveReply)
+        reply = link.call(req)
         if reply is None:
             return None
         pairs = [(s, b) for s, b in zip(reply.slots, blocks, strict=False) if s >= 0]
@@ -279,13 +279,13 @@ class CopyJobs:
             self.on_preload_done(job_id, job, True)
         side.stats.loaded_blocks += len(job.slots)
         if link.up and job.epoch == link.epoch:
-            link.call(p.LoadEnd(link.engine_id, job.slots, copy_s), p.LoadEndReply)
+            link.call(p.LoadEnd(link.engine_id, job.slots, copy_s))
 
     def _stored(self, job: Job, copy_s: float) -> None:
         link = self.side.link
         committed = None
         if link.up and job.epoch == link.epoch:
-            committed = link.call(p.Commit(link.engine_id, job.slots, copy_s), p.CommitReply)
+            committed = link.call(p.Commit(link.engine_id, job.slots, copy_s))
         if committed is not None:
             self.side.stats.stored_blocks += committed.committed
         self._finish_store(job, ok=committed is not None)
@@ -298,9 +298,9 @@ class CopyJobs:
             self.on_preload_done(job_id, job, False)
         if link.up and job.epoch == link.epoch:
             if job.is_load:
-                link.call(p.LoadEnd(link.engine_id, job.slots), p.LoadEndReply)
+                link.call(p.LoadEnd(link.engine_id, job.slots))
             else:
-                link.call(p.Abort(link.engine_id, job.slots), p.AbortReply)
+                link.call(p.Abort(link.engine_id, job.slots))
         if not job.is_load:
             self._finish_store(job, ok=False)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from tokencake import protocol as p
 from tokencake.connectors.vllm.config import ConnectorConfig
@@ -19,6 +21,8 @@ from tokencake.layout import KvLayout
 
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")
+
+R = TypeVar("R", bound=msgspec.Struct)
 
 REGISTER_TIMEOUT_S = 0.25
 """The least time a registration may take (the daemon maps a layout, starts a lease)."""
@@ -91,7 +95,6 @@ class DaemonLink:
                 )
             reg = self.client.call(
                 p.RegisterEngine(self.name, self.layout, self.num_gpu_blocks),
-                p.RegisterEngineReply,
                 timeout_s=timeout_s,
                 connect_timeout_s=timeout_s if wait else 0.0,
             )
@@ -142,7 +145,7 @@ class DaemonLink:
         self.reg = None
         self.next_try = time.monotonic() + self.cfg.reconnect_s
 
-    def call(self, req: p.Request, reply_type: type[Any]) -> Any:
+    def call(self, req: p.Request[R]) -> R | None:
         """One request; None when the daemon is down, slow, or refuses it (``last_error``
         then says why)."""
         if self.reg is None:
@@ -151,7 +154,7 @@ class DaemonLink:
         from tokencake.clients.client import DaemonUnavailable
 
         try:
-            reply = self.client.call(req, reply_type)
+            reply = self.client.call(req)
         except DaemonUnavailable as exc:
             self._count("unavailable")
             self.down(exc)
@@ -174,7 +177,7 @@ class DaemonLink:
             return False
         if now - self.last_ok <= self.cfg.liveness_s:
             return True
-        return self.call(p.Ping(), p.PingReply) is not None
+        return self.call(p.Ping()) is not None
 
     def pushes(self) -> list[p.DecisionRecord]:
         if self.reg is None or self.client is None:
@@ -187,7 +190,7 @@ class DaemonLink:
     def close(self) -> None:
         if self.client is not None:
             if self.reg is not None:
-                self.call(p.UnregisterEngine(self.engine_id), p.UnregisterEngineReply)
+                self.call(p.UnregisterEngine(self.engine_id))
             self.client.close()
             self.client = None
         self.reg = None

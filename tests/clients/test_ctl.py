@@ -18,12 +18,12 @@ def run(*args: str) -> tuple[int, str]:
 
 def test_every_command_text_and_json(daemon: DaemonProcess) -> None:
     with daemon.client() as c:
-        eid = c.register_engine("e", KvLayout("m", 1, 32, 1, 32, "float16", 4096)).engine_id
+        eid = c.call(p.RegisterEngine("e", KvLayout("m", 1, 32, 1, 32, "float16", 4096))).engine_id
         dag = p.AppDag(
             nodes=[p.DagNode("a", expected_tool_s=3.0), p.DagNode("b")], edges=[("a", "b")]
         )
-        c.register_app("ctl-app", dag)
-        c.llm_call_start("ctl-app", "a", eid)
+        c.call(p.RegisterApp("ctl-app", dag))
+        c.call(p.LlmCallStart("ctl-app", "a", eid))
     ep = ("--endpoint", daemon.endpoint)
     for cmd in ("status", "engines", "agents", "apps", "pool", "config", "decisions"):
         code, out = run(*ep, cmd)
@@ -60,9 +60,9 @@ def test_status_counts_agree_with_agents(daemon: DaemonProcess) -> None:
     """`agents` lists ended apps' agents (state done); `status` counts them apart."""
     dag = p.AppDag(nodes=[p.DagNode("planner"), p.DagNode("coder")], edges=[("planner", "coder")])
     with daemon.client() as c:
-        c.register_app("app-ended", dag)
-        c.app_end("app-ended")
-        c.register_app("app-live", dag)
+        c.call(p.RegisterApp("app-ended", dag))
+        c.call(p.AppEnd("app-ended"))
+        c.call(p.RegisterApp("app-live", dag))
     ep = ("--endpoint", daemon.endpoint)
     code, out = run(*ep, "agents", "--json")
     states = {(a["app_id"], a["state"]) for a in json.loads(out)["agents"]}

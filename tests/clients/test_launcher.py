@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from tokencake import protocol as p
 from tokencake.clients.launcher import LaunchError, daemon_flags, launch, running
 
 
 def test_running_daemon_answers_and_stops_cleanly(tmp_path: Path) -> None:
     with running(*daemon_flags(arena="16MiB"), workdir=tmp_path) as d:
         with d.client() as c:
-            assert c.ping().uptime_s >= 0
+            assert c.call(p.Ping()).uptime_s >= 0
         assert d.socket_path.exists()
     assert d.proc.returncode == 0
     assert not d.socket_path.exists()
@@ -28,4 +29,4 @@ def test_settings_come_from_a_config_file(tmp_path: Path) -> None:
     config = tmp_path / "tokencaked.toml"
     config.write_text('[tokencaked]\npolicy = "vllm"\narena_bytes = "16MiB"\nmetrics_port = 0\n')
     with running("--log-text", workdir=tmp_path, config_file=config) as d, d.client() as c:
-        assert c.get_config().config["policy"] == "vllm"
+        assert c.call(p.GetConfig()).config["policy"] == "vllm"

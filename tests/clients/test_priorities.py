@@ -29,7 +29,7 @@ class Link:
         self.last_error = ""
         self.asked: list[str] = []
 
-    def call(self, req: Any, _reply: Any) -> Any:
+    def call(self, req: Any) -> Any:
         self.asked.append(req.app_id)
         if not self.up:
             self.last_error = "unavailable"

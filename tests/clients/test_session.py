@@ -19,15 +19,17 @@ def test_session_reports_calls(daemon: DaemonProcess) -> None:
             with planner.llm_call(prompt_tokens=100) as call:
                 call.output_tokens, call.kv_blocks = 20, 4
             with planner.tool_call("search", predicted_s=1.0):
-                states = {a.agent_id: a.state for a in c.list_agents("s1").agents}
+                states = {a.agent_id: a.state for a in c.call(p.ListAgents("s1")).agents}
                 assert states["planner"] == "tool"
             with pytest.raises(RuntimeError), planner.tool_call("search"):
                 raise RuntimeError("tool failed")
-            assert {a.agent_id: a.kv_blocks for a in c.list_agents("s1").agents}["planner"] == 4
+            assert {a.agent_id: a.kv_blocks for a in c.call(p.ListAgents("s1")).agents}[
+                "planner"
+            ] == 4
             with pytest.raises(KeyError):
                 app.agent("ghost")
-        assert c.stats().apps == 0
-        events = c.stats().events
+        assert c.call(p.Stats()).apps == 0
+        events = c.call(p.Stats()).events
         assert events["tool_call_end"] == 2 and events["app_end"] == 1
 
 
@@ -60,6 +62,6 @@ def test_session_re_registers_after_a_daemon_restart(tmp_path: Path) -> None:
             with app.agent("planner").tool_call("search", predicted_s=1.0):
                 pass
             assert app.reregistrations == 1
-            assert [a.app_id for a in c.list_apps().apps] == ["s5"]
+            assert [a.app_id for a in c.call(p.ListApps()).apps] == ["s5"]
         finally:
             d2.stop()

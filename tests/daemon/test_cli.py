@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import start_daemon
+from tokencake import protocol as p
 from tokencake.daemon.config import ConfigError, load_config
 
 
@@ -82,6 +83,6 @@ def test_second_daemon_checks_the_socket_before_the_arena(tmp_path: Path) -> Non
         assert "arena" not in second.stderr, second.stderr
         assert "Traceback" not in second.stderr
         with first.client() as c:
-            assert c.ping().uptime_s > 0
+            assert c.call(p.Ping()).uptime_s > 0
     finally:
         first.stop()

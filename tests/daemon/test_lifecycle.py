@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.conftest import start_daemon
+from tokencake import protocol as p
 from tokencake.layout import KvLayout
 
 LAYOUT = KvLayout("m", 1, 32, 1, 32, "float16", 4096)
@@ -27,7 +28,7 @@ def _free_port() -> int:
 def test_socket_and_arena_are_private_and_removed_on_sigterm(tmp_path: Path) -> None:
     d = start_daemon(tmp_path)
     with d.client() as c:
-        arena = Path("/dev/shm") / c.register_engine("e", LAYOUT).arena_name
+        arena = Path("/dev/shm") / c.call(p.RegisterEngine("e", LAYOUT)).arena_name
     assert stat.S_IMODE(d.socket_path.stat().st_mode) == 0o600
     assert stat.S_IMODE(arena.stat().st_mode) == 0o600
     assert arena.stat().st_uid == os.getuid()
@@ -47,11 +48,11 @@ def test_sighup_reloads_safe_keys_only(tmp_path: Path) -> None:
         d.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         with d.client() as c:
-            while c.get_config().config["lease_s"] != 7.5:
+            while c.call(p.GetConfig()).config["lease_s"] != 7.5:
                 assert time.monotonic() < deadline, d.log()
                 time.sleep(0.05)
             # The arena cannot change size under mapped engines: it needs a restart.
-            assert c.get_config().config["arena_bytes"] == 16 << 20
+            assert c.call(p.GetConfig()).config["arena_bytes"] == 16 << 20
         assert "arena_bytes" in d.log()  # reported as ignored until restart
     finally:
         assert d.stop() == 0
@@ -83,11 +84,11 @@ def test_prometheus_metrics_on_loopback(tmp_path: Path) -> None:
     d = start_daemon(tmp_path, "--metrics-port", str(port))
     try:
         with d.client() as c:
-            eid = c.register_engine("e", LAYOUT).engine_id
-            slots = c.reserve(eid, [b"a"]).slots
-            c.commit(eid, slots)
-            c.lookup(eid, [b"a", b"b"])
-            c.stats()
+            eid = c.call(p.RegisterEngine("e", LAYOUT)).engine_id
+            slots = c.call(p.Reserve(eid, [b"a"])).slots
+            c.call(p.Commit(eid, slots))
+            c.call(p.Lookup(eid, [b"a", b"b"]))
+            c.call(p.Stats())
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
         assert 'tokencake_events_total{op="commit"} 1.0' in text
@@ -126,7 +127,7 @@ def test_second_daemon_on_same_socket_refuses_to_start(tmp_path: Path) -> None:
         assert second.returncode == 1
         assert "another daemon" in second.stderr
         with d.client() as c:  # the first one is untouched
-            assert c.ping().uptime_s > 0
+            assert c.call(p.Ping()).uptime_s > 0
         assert not any(
             p.name.startswith("tokencake-") and "-second-" in p.name
             for p in Path("/dev/shm").iterdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeVar
 
 import msgspec
 import pytest
@@ -49,33 +50,36 @@ def make_daemon(policy: str, clock: Clock) -> Iterator[Daemon]:
         daemon.arena.close()
 
 
-def call(daemon: Daemon, req: p.Request, reply_type: type[msgspec.Struct]) -> msgspec.Struct:
+R = TypeVar("R", bound=msgspec.Struct)
+
+
+def call(daemon: Daemon, req: p.Request[R]) -> R:
     frame = daemon.handle_frame(b"engine", p.encode_request(req, 1))
-    return p.decode_reply_body(p.decode_reply_envelope(frame), reply_type)
+    return p.decode_reply_body(p.decode_reply_envelope(frame), req)
 
 
 @pytest.mark.parametrize("policy", [info.name for info in list_policies()])
 def test_policy_runs_in_the_daemon(policy: str) -> None:
     clock = Clock()
     for daemon in make_daemon(policy, clock):
-        reg = call(daemon, p.RegisterEngine("e", LAYOUT, num_gpu_blocks=200), p.RegisterEngineReply)
+        reg = call(daemon, p.RegisterEngine("e", LAYOUT, num_gpu_blocks=200))
         assert isinstance(reg, p.RegisterEngineReply)
         eid = reg.engine_id
-        call(daemon, p.RegisterApp("app", DAG), p.EventAck)
+        call(daemon, p.RegisterApp("app", DAG))
         for agent in ("plan", "code"):
-            call(daemon, p.LlmCallStart("app", agent, eid, f"{agent}-1", 2000), p.EventAck)
+            call(daemon, p.LlmCallStart("app", agent, eid, f"{agent}-1", 2000))
             clock.now += 0.5
-            call(daemon, p.LlmCallFinish("app", agent, f"{agent}-1", 50, 60), p.EventAck)
-            call(daemon, p.EngineHeartbeat(eid, 10, 3, 1), p.EngineHeartbeatReply)
-            call(daemon, p.ToolCallStart("app", agent, "search", 8.0, "c"), p.EventAck)
+            call(daemon, p.LlmCallFinish("app", agent, f"{agent}-1", 50, 60))
+            call(daemon, p.EngineHeartbeat(eid, 10, 3, 1))
+            call(daemon, p.ToolCallStart("app", agent, "search", 8.0, "c"))
             for _ in range(20):
                 clock.now += 0.5
                 daemon._housekeeping()
-            call(daemon, p.ToolCallEnd("app", agent, "c"), p.EventAck)
-        call(daemon, p.AppEnd("app"), p.EventAck)
+            call(daemon, p.ToolCallEnd("app", agent, "c"))
+        call(daemon, p.AppEnd("app"))
         clock.now += 1
         daemon._housekeeping()
-        records = call(daemon, p.ListDecisions(limit=1000), p.ListDecisionsReply)
+        records = call(daemon, p.ListDecisions(limit=1000))
         assert isinstance(records, p.ListDecisionsReply)
         for record in records.decisions:
             assert record.policy == policy
@@ -92,26 +96,26 @@ def test_offload_of_blocks_already_on_the_host_completes() -> None:
     (all -1). The scheduler must learn they are on the host, or it waits for them forever."""
     clock = Clock()
     for daemon in make_daemon("tokencake", clock):
-        reg = call(daemon, p.RegisterEngine("e", LAYOUT, num_gpu_blocks=200), p.RegisterEngineReply)
+        reg = call(daemon, p.RegisterEngine("e", LAYOUT, num_gpu_blocks=200))
         assert isinstance(reg, p.RegisterEngineReply)
         eid = reg.engine_id
-        call(daemon, p.RegisterApp("app", DAG), p.EventAck)
+        call(daemon, p.RegisterApp("app", DAG))
         hashes = [i.to_bytes(8, "little") for i in range(60)]
-        saved = call(daemon, p.Reserve(eid, hashes), p.ReserveReply)
+        saved = call(daemon, p.Reserve(eid, hashes))
         assert isinstance(saved, p.ReserveReply)
-        call(daemon, p.Commit(eid, saved.slots), p.CommitReply)
-        call(daemon, p.LlmCallStart("app", "plan", eid, "r", 2000), p.EventAck)
+        call(daemon, p.Commit(eid, saved.slots))
+        call(daemon, p.LlmCallStart("app", "plan", eid, "r", 2000))
         clock.now += 0.5
-        call(daemon, p.LlmCallFinish("app", "plan", "r", 50, 60), p.EventAck)
-        call(daemon, p.EngineHeartbeat(eid, 10, 3, 1), p.EngineHeartbeatReply)
-        call(daemon, p.ToolCallStart("app", "plan", "search", 8.0, "c"), p.EventAck)
+        call(daemon, p.LlmCallFinish("app", "plan", "r", 50, 60))
+        call(daemon, p.EngineHeartbeat(eid, 10, 3, 1))
+        call(daemon, p.ToolCallStart("app", "plan", "search", 8.0, "c"))
         offloads = [
             d for d in daemon.decisions.records if d.kind == "offload" and d.agent_id == "plan"
         ]
         assert offloads and offloads[-1].blocks == 60
-        again = call(daemon, p.Reserve(eid, hashes, app_id="app", agent_id="plan"), p.ReserveReply)
+        again = call(daemon, p.Reserve(eid, hashes, app_id="app", agent_id="plan"))
         assert isinstance(again, p.ReserveReply) and again.slots == [-1] * 60
-        agents = call(daemon, p.ListAgents("app"), p.ListAgentsReply)
+        agents = call(daemon, p.ListAgents("app"))
         assert isinstance(agents, p.ListAgentsReply)
         assert {a.agent_id: a.host_blocks for a in agents.agents}["plan"] == 60
 
@@ -123,16 +127,16 @@ def test_cost_model_measures_the_copy_not_the_wait(copy_s: float) -> None:
     without the report the daemon falls back to reserve-to-commit time, waiting included."""
     clock = Clock()
     for daemon in make_daemon("tokencake", clock):
-        reg = call(daemon, p.RegisterEngine("e", LAYOUT, num_gpu_blocks=200), p.RegisterEngineReply)
+        reg = call(daemon, p.RegisterEngine("e", LAYOUT, num_gpu_blocks=200))
         assert isinstance(reg, p.RegisterEngineReply)
         policy = daemon.scheduler._policies[reg.engine_id]
         prior = policy.cost.bandwidth("d2h")  # type: ignore[attr-defined]
         assert prior >= 1e9  # a fresh daemon starts from a sane prior (GB/s)
         hashes = [i.to_bytes(8, "little") for i in range(10)]
-        slots = call(daemon, p.Reserve(reg.engine_id, hashes), p.ReserveReply)
+        slots = call(daemon, p.Reserve(reg.engine_id, hashes))
         assert isinstance(slots, p.ReserveReply)
         clock.now += 5.0  # the engine's step, the scheduler's queue: not the copy
-        call(daemon, p.Commit(reg.engine_id, slots.slots, copy_s), p.CommitReply)
+        call(daemon, p.Commit(reg.engine_id, slots.slots, copy_s))
         learned = policy.cost.bandwidth("d2h")  # type: ignore[attr-defined]
         nbytes = 10 * LAYOUT.bytes_per_block
         if copy_s > 0:

@@ -28,23 +28,23 @@ DAG = p.AppDag(
 
 def snapshot(c: TokenCakeClient) -> dict[str, Any]:
     """Everything a failed request must leave unchanged (counters of requests excluded)."""
-    stats = msgspec.to_builtins(c.stats())
+    stats = msgspec.to_builtins(c.call(p.Stats()))
     for key in ("uptime_s", "events", "errors"):
         stats.pop(key)
     return {
         "stats": stats,
-        "pool": msgspec.to_builtins(c.pool()),
+        "pool": msgspec.to_builtins(c.call(p.Pool())),
         "apps": [
             {k: v for k, v in a.items() if k != "age_s"}
-            for a in msgspec.to_builtins(c.list_apps())["apps"]
+            for a in msgspec.to_builtins(c.call(p.ListApps()))["apps"]
         ],
         "agents": [
             {k: v for k, v in a.items() if k != "state_for_s"}
-            for a in msgspec.to_builtins(c.list_agents())["agents"]
+            for a in msgspec.to_builtins(c.call(p.ListAgents()))["agents"]
         ],
         "engines": [
             {k: v for k, v in e.items() if k != "last_seen_s_ago"}
-            for e in msgspec.to_builtins(c.list_engines())["engines"]
+            for e in msgspec.to_builtins(c.call(p.ListEngines()))["engines"]
         ],
     }
 
@@ -63,192 +63,196 @@ def client(daemon: DaemonProcess) -> Any:
 
 @pytest.fixture
 def engine_id(client: TokenCakeClient) -> str:
-    return client.register_engine("eng", LAYOUT, num_gpu_blocks=64).engine_id
+    return client.call(p.RegisterEngine("eng", LAYOUT, num_gpu_blocks=64)).engine_id
 
 
 def test_ping(client: TokenCakeClient) -> None:
-    reply = client.ping()
+    reply = client.call(p.Ping())
     assert reply.protocol_version == PROTOCOL_VERSION
     assert reply.uptime_s >= 0
 
 
 def test_register_engine_returns_arena_and_fingerprint(client: TokenCakeClient) -> None:
-    reply = client.register_engine("eng", LAYOUT, num_gpu_blocks=64)
+    reply = client.call(p.RegisterEngine("eng", LAYOUT, num_gpu_blocks=64))
     assert reply.fingerprint == LAYOUT.fingerprint()
     assert reply.slot_bytes == LAYOUT.bytes_per_block
     assert reply.slot_offset == 2048
     assert reply.num_slots == ((16 << 20) - 2048) // LAYOUT.bytes_per_block
     assert reply.arena_bytes == 16 << 20
     # Re-registering the same name replaces the old registration.
-    again = client.register_engine("eng", LAYOUT, num_gpu_blocks=64)
+    again = client.call(p.RegisterEngine("eng", LAYOUT, num_gpu_blocks=64))
     assert again.engine_id != reply.engine_id
-    expect_error(ErrorCode.UNKNOWN_ENGINE, client.lookup, reply.engine_id, [b"x"])
-    assert [e.engine_id for e in client.list_engines().engines] == [again.engine_id]
+    expect_error(ErrorCode.UNKNOWN_ENGINE, client.call, p.Lookup(reply.engine_id, [b"x"]))
+    assert [e.engine_id for e in client.call(p.ListEngines()).engines] == [again.engine_id]
 
 
 def test_register_engine_rejects_bad_layouts(client: TokenCakeClient) -> None:
     before = snapshot(client)
     bad = msgspec.structs.replace(LAYOUT, bytes_per_block=16)
-    expect_error(ErrorCode.LAYOUT_REJECTED, client.register_engine, "e", bad)
+    expect_error(ErrorCode.LAYOUT_REJECTED, client.call, p.RegisterEngine("e", bad))
     expect_error(
         ErrorCode.LAYOUT_REJECTED,
-        client.register_engine,
-        "e",
-        msgspec.structs.replace(LAYOUT, dtype="float13"),
+        client.call,
+        p.RegisterEngine("e", msgspec.structs.replace(LAYOUT, dtype="float13")),
     )
     expect_error(
         ErrorCode.LAYOUT_REJECTED,
-        client.register_engine,
-        "e",
-        msgspec.structs.replace(LAYOUT, tp_rank=2, tp_size=2),
+        client.call,
+        p.RegisterEngine("e", msgspec.structs.replace(LAYOUT, tp_rank=2, tp_size=2)),
     )
-    expect_error(ErrorCode.BAD_REQUEST, client.register_engine, "", LAYOUT)
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.RegisterEngine("", LAYOUT))
     assert snapshot(client) == before
 
 
 def test_larger_layout_than_slots_is_rejected(client: TokenCakeClient, engine_id: str) -> None:
     big = msgspec.structs.replace(LAYOUT, num_layers=4, bytes_per_block=LAYOUT.bytes_per_block * 2)
     before = snapshot(client)
-    expect_error(ErrorCode.LAYOUT_REJECTED, client.register_engine, "big", big)
+    expect_error(ErrorCode.LAYOUT_REJECTED, client.call, p.RegisterEngine("big", big))
     assert snapshot(client) == before
 
 
 def test_store_then_load_round_trip(client: TokenCakeClient, engine_id: str) -> None:
     hashes = [b"h0", b"h1", b"h2"]
-    slots = client.reserve(engine_id, hashes, app_id="", agent_id="").slots
+    slots = client.call(p.Reserve(engine_id, hashes, app_id="", agent_id="")).slots
     assert len(slots) == 3 and all(s >= 0 for s in slots)
     # Writing blocks are never served.
-    assert client.lookup(engine_id, hashes).hit_blocks == 0
-    assert client.commit(engine_id, slots).committed == 3
-    hit = client.lookup(engine_id, [*hashes, b"h3"])
+    assert client.call(p.Lookup(engine_id, hashes)).hit_blocks == 0
+    assert client.call(p.Commit(engine_id, slots)).committed == 3
+    hit = client.call(p.Lookup(engine_id, [*hashes, b"h3"]))
     assert hit.hit_blocks == 3 and hit.slots == slots
     # Already stored: -1, nothing to write.
-    assert client.reserve(engine_id, hashes[:1]).slots == [-1]
-    pinned = client.load_begin(engine_id, hashes).slots
+    assert client.call(p.Reserve(engine_id, hashes[:1])).slots == [-1]
+    pinned = client.call(p.LoadBegin(engine_id, hashes)).slots
     assert pinned == slots
-    pool = client.pool().pool
+    pool = client.call(p.Pool()).pool
     assert pool.reading == 3
-    assert client.load_end(engine_id, pinned).released == 3
-    stats = client.stats()
+    assert client.call(p.LoadEnd(engine_id, pinned)).released == 3
+    stats = client.call(p.Stats())
     assert stats.bytes_offloaded == 3 * LAYOUT.bytes_per_block
     assert stats.bytes_uploaded == 3 * LAYOUT.bytes_per_block
-    assert client.drop(engine_id, hashes).dropped >= 1
+    assert client.call(p.Drop(engine_id, hashes)).dropped >= 1
 
 
 def test_abort_frees_reserved_slots(client: TokenCakeClient, engine_id: str) -> None:
-    free_before = client.pool().pool.free
-    slots = client.reserve(engine_id, [b"a", b"b"]).slots
-    assert client.pool().pool.free == free_before - 2
-    assert client.abort(engine_id, slots).aborted == 2
-    assert client.pool().pool.free == free_before
+    free_before = client.call(p.Pool()).pool.free
+    slots = client.call(p.Reserve(engine_id, [b"a", b"b"])).slots
+    assert client.call(p.Pool()).pool.free == free_before - 2
+    assert client.call(p.Abort(engine_id, slots)).aborted == 2
+    assert client.call(p.Pool()).pool.free == free_before
 
 
 def test_slots_of_another_engine_are_refused(client: TokenCakeClient, engine_id: str) -> None:
-    other = client.register_engine("other", LAYOUT).engine_id
-    slots = client.reserve(engine_id, [b"mine"]).slots
+    other = client.call(p.RegisterEngine("other", LAYOUT)).engine_id
+    slots = client.call(p.Reserve(engine_id, [b"mine"])).slots
     before = snapshot(client)
-    expect_error(ErrorCode.NOT_OWNER, client.commit, other, slots)
-    expect_error(ErrorCode.NOT_OWNER, client.abort, other, slots)
-    expect_error(ErrorCode.NOT_OWNER, client.load_end, other, slots)
+    expect_error(ErrorCode.NOT_OWNER, client.call, p.Commit(other, slots))
+    expect_error(ErrorCode.NOT_OWNER, client.call, p.Abort(other, slots))
+    expect_error(ErrorCode.NOT_OWNER, client.call, p.LoadEnd(other, slots))
     assert snapshot(client) == before
-    client.commit(engine_id, slots)
+    client.call(p.Commit(engine_id, slots))
 
 
 def test_bad_kv_inputs_leave_state_unchanged(client: TokenCakeClient, engine_id: str) -> None:
-    slots = client.reserve(engine_id, [b"k1", b"k2"]).slots
-    client.commit(engine_id, slots[:1])
+    slots = client.call(p.Reserve(engine_id, [b"k1", b"k2"])).slots
+    client.call(p.Commit(engine_id, slots[:1]))
     before = snapshot(client)
-    expect_error(ErrorCode.UNKNOWN_ENGINE, client.reserve, "nope#9", [b"x"])
-    expect_error(ErrorCode.BAD_REQUEST, client.reserve, engine_id, [b""])
-    expect_error(ErrorCode.BAD_REQUEST, client.reserve, engine_id, [b"x" * 65])
-    expect_error(ErrorCode.BAD_REQUEST, client.commit, engine_id, [10**9])
-    expect_error(ErrorCode.BAD_REQUEST, client.commit, engine_id, [-5])
+    expect_error(ErrorCode.UNKNOWN_ENGINE, client.call, p.Reserve("nope#9", [b"x"]))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.Reserve(engine_id, [b""]))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.Reserve(engine_id, [b"x" * 65]))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.Commit(engine_id, [10**9]))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.Commit(engine_id, [-5]))
     # One good slot and one committed already: all-or-nothing.
-    expect_error(ErrorCode.NOT_OWNER, client.commit, engine_id, [slots[1], slots[0]])
-    expect_error(ErrorCode.BAD_REQUEST, client.lookup, engine_id, [b"a"], salt="s" * 300)
+    expect_error(ErrorCode.NOT_OWNER, client.call, p.Commit(engine_id, [slots[1], slots[0]]))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.Lookup(engine_id, [b"a"], salt="s" * 300))
     assert snapshot(client) == before
 
 
 def test_tenants_do_not_see_each_other(client: TokenCakeClient, engine_id: str) -> None:
-    slots = client.reserve(engine_id, [b"same"], salt="tenant-a").slots
-    client.commit(engine_id, slots)
-    assert client.lookup(engine_id, [b"same"], salt="tenant-a").hit_blocks == 1
-    assert client.lookup(engine_id, [b"same"], salt="tenant-b").hit_blocks == 0
-    assert client.load_begin(engine_id, [b"same"], salt="tenant-b").slots == []
-    assert client.lookup(engine_id, [b"same"]).hit_blocks == 0
+    slots = client.call(p.Reserve(engine_id, [b"same"], salt="tenant-a")).slots
+    client.call(p.Commit(engine_id, slots))
+    assert client.call(p.Lookup(engine_id, [b"same"], salt="tenant-a")).hit_blocks == 1
+    assert client.call(p.Lookup(engine_id, [b"same"], salt="tenant-b")).hit_blocks == 0
+    assert client.call(p.LoadBegin(engine_id, [b"same"], salt="tenant-b")).slots == []
+    assert client.call(p.Lookup(engine_id, [b"same"])).hit_blocks == 0
 
 
 def test_agent_events_and_introspection(client: TokenCakeClient, engine_id: str) -> None:
-    assert client.register_app("app-1", DAG, tenant="t").accepted
+    assert client.call(p.RegisterApp("app-1", DAG, tenant="t")).accepted
     # Identical re-registration is idempotent; a different DAG conflicts.
-    assert client.register_app("app-1", DAG, tenant="t").accepted
+    assert client.call(p.RegisterApp("app-1", DAG, tenant="t")).accepted
     other = p.AppDag(nodes=[p.DagNode("solo")])
-    expect_error(ErrorCode.CONFLICT, client.register_app, "app-1", other, tenant="t")
-    assert not client.llm_call_admitted("app-1", "plan", "r1", kv_blocks=16).accepted  # no call
-    assert client.llm_call_start("app-1", "plan", engine_id, "r1", prompt_tokens=512).accepted
-    assert client.llm_call_admitted("app-1", "plan", "r1", kv_blocks=16).accepted
-    assert not client.llm_call_admitted("app-1", "plan", "r1", kv_blocks=16).accepted  # once
-    assert client.list_agents("app-1").agents[0].kv_blocks == 16
-    assert client.llm_call_finish("app-1", "plan", "r1", output_tokens=40, kv_blocks=18).accepted
-    assert client.tool_call_start("app-1", "plan", "search", predicted_s=4.0, call_id="c1").accepted
-    agents = {a.agent_id: a for a in client.list_agents("app-1").agents}
+    expect_error(ErrorCode.CONFLICT, client.call, p.RegisterApp("app-1", other, tenant="t"))
+    assert not client.call(
+        p.LlmCallAdmitted("app-1", "plan", "r1", kv_blocks=16)
+    ).accepted  # no call
+    assert client.call(p.LlmCallStart("app-1", "plan", engine_id, "r1", prompt_tokens=512)).accepted
+    assert client.call(p.LlmCallAdmitted("app-1", "plan", "r1", kv_blocks=16)).accepted
+    assert not client.call(p.LlmCallAdmitted("app-1", "plan", "r1", kv_blocks=16)).accepted  # once
+    assert client.call(p.ListAgents("app-1")).agents[0].kv_blocks == 16
+    assert client.call(
+        p.LlmCallFinish("app-1", "plan", "r1", output_tokens=40, kv_blocks=18)
+    ).accepted
+    assert client.call(
+        p.ToolCallStart("app-1", "plan", "search", predicted_s=4.0, call_id="c1")
+    ).accepted
+    agents = {a.agent_id: a for a in client.call(p.ListAgents("app-1")).agents}
     assert agents["plan"].state == "tool"
     assert agents["plan"].tool_kind == "search"
     assert agents["plan"].kv_blocks == 18
     # An end for another call id is not this call's end.
-    assert not client.tool_call_end("app-1", "plan", call_id="c2").accepted
-    assert client.tool_call_end("app-1", "plan", call_id="c1").accepted
-    apps = client.list_apps().apps
+    assert not client.call(p.ToolCallEnd("app-1", "plan", call_id="c2")).accepted
+    assert client.call(p.ToolCallEnd("app-1", "plan", call_id="c1")).accepted
+    apps = client.call(p.ListApps()).apps
     assert apps[0].app_id == "app-1"
     assert apps[0].edges == [("plan", "code"), ("code", "test")]
     assert apps[0].node_states["plan"] == "idle"
-    decisions = client.list_decisions(limit=100).decisions
+    decisions = client.call(p.ListDecisions(limit=100)).decisions
     assert all(d.reason.rule for d in decisions)
-    assert client.app_end("app-1").accepted
-    expect_error(ErrorCode.UNKNOWN_APP, client.llm_call_start, "app-1", "plan")
+    assert client.call(p.AppEnd("app-1")).accepted
+    expect_error(ErrorCode.UNKNOWN_APP, client.call, p.LlmCallStart("app-1", "plan"))
 
 
 def test_bad_agent_events_leave_state_unchanged(client: TokenCakeClient, engine_id: str) -> None:
-    client.register_app("app-2", DAG)
+    client.call(p.RegisterApp("app-2", DAG))
     before = snapshot(client)
-    expect_error(ErrorCode.UNKNOWN_APP, client.llm_call_start, "nope", "plan")
-    expect_error(ErrorCode.UNKNOWN_AGENT, client.llm_call_start, "app-2", "ghost")
-    expect_error(ErrorCode.UNKNOWN_ENGINE, client.llm_call_start, "app-2", "plan", "ghost#1")
-    expect_error(ErrorCode.BAD_REQUEST, client.llm_call_start, "app-2", "plan", "", "", -1)
-    expect_error(ErrorCode.BAD_REQUEST, client.llm_call_admitted, "app-2", "plan", "", -1)
-    expect_error(ErrorCode.UNKNOWN_AGENT, client.llm_call_admitted, "app-2", "ghost")
-    expect_error(ErrorCode.BAD_REQUEST, client.tool_call_start, "app-2", "plan", "s", -3.0)
-    expect_error(ErrorCode.BAD_REQUEST, client.tool_call_start, "app-2", "plan", "")
+    expect_error(ErrorCode.UNKNOWN_APP, client.call, p.LlmCallStart("nope", "plan"))
+    expect_error(ErrorCode.UNKNOWN_AGENT, client.call, p.LlmCallStart("app-2", "ghost"))
+    expect_error(ErrorCode.UNKNOWN_ENGINE, client.call, p.LlmCallStart("app-2", "plan", "ghost#1"))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.LlmCallStart("app-2", "plan", "", "", -1))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.LlmCallAdmitted("app-2", "plan", "", -1))
+    expect_error(ErrorCode.UNKNOWN_AGENT, client.call, p.LlmCallAdmitted("app-2", "ghost"))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.ToolCallStart("app-2", "plan", "s", -3.0))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.ToolCallStart("app-2", "plan", ""))
     cyclic = p.AppDag(nodes=[p.DagNode("a"), p.DagNode("b")], edges=[("a", "b"), ("b", "a")])
-    expect_error(ErrorCode.BAD_REQUEST, client.register_app, "cyc", cyclic)
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.RegisterApp("cyc", cyclic))
     dangling = p.AppDag(nodes=[p.DagNode("a")], edges=[("a", "zz")])
-    expect_error(ErrorCode.BAD_REQUEST, client.register_app, "dang", dangling)
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.RegisterApp("dang", dangling))
     dup = p.AppDag(nodes=[p.DagNode("a"), p.DagNode("a")])
-    expect_error(ErrorCode.BAD_REQUEST, client.register_app, "dup", dup)
-    expect_error(ErrorCode.BAD_REQUEST, client.register_app, "empty", p.AppDag(nodes=[]))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.RegisterApp("dup", dup))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.RegisterApp("empty", p.AppDag(nodes=[])))
     assert snapshot(client) == before
 
 
 def test_heartbeat_and_unregister(client: TokenCakeClient, engine_id: str) -> None:
-    slots = client.reserve(engine_id, [b"w"]).slots
-    assert client.engine_heartbeat(engine_id, 10, 2, 1).leases_renewed >= 1
-    info = client.list_engines().engines[0]
+    slots = client.call(p.Reserve(engine_id, [b"w"])).slots
+    assert client.call(p.EngineHeartbeat(engine_id, 10, 2, 1)).leases_renewed >= 1
+    info = client.call(p.ListEngines()).engines[0]
     assert (info.num_gpu_blocks_free, info.num_waiting, info.num_running) == (10, 2, 1)
-    expect_error(ErrorCode.BAD_REQUEST, client.engine_heartbeat, engine_id, 10, -2, 1)
-    expect_error(ErrorCode.BAD_REQUEST, client.engine_heartbeat, engine_id, 10, 2, 1, -1)
-    assert client.engine_heartbeat(engine_id, 10, 2, 1, 30).leases_renewed >= 0
-    free = client.pool().pool.free
-    assert client.unregister_engine(engine_id).released_slots == len(slots)
-    assert client.pool().pool.free == free + len(slots)
-    expect_error(ErrorCode.UNKNOWN_ENGINE, client.engine_heartbeat, engine_id)
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.EngineHeartbeat(engine_id, 10, -2, 1))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.EngineHeartbeat(engine_id, 10, 2, 1, -1))
+    assert client.call(p.EngineHeartbeat(engine_id, 10, 2, 1, 30)).leases_renewed >= 0
+    free = client.call(p.Pool()).pool.free
+    assert client.call(p.UnregisterEngine(engine_id)).released_slots == len(slots)
+    assert client.call(p.Pool()).pool.free == free + len(slots)
+    expect_error(ErrorCode.UNKNOWN_ENGINE, client.call, p.EngineHeartbeat(engine_id))
 
 
 def test_config_and_decisions_limits(client: TokenCakeClient) -> None:
-    config = client.get_config().config
+    config = client.call(p.GetConfig()).config
     assert config["arena_bytes"] == 16 << 20
     assert config["metrics_port"] == 0
-    expect_error(ErrorCode.BAD_REQUEST, client.list_decisions, 0)
-    expect_error(ErrorCode.UNKNOWN_APP, client.list_agents, "missing")
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.ListDecisions(0))
+    expect_error(ErrorCode.UNKNOWN_APP, client.call, p.ListAgents("missing"))
 
 
 # ---------------------------------------------------------------------- raw frames
@@ -295,7 +299,7 @@ def test_malformed_frames_get_typed_errors(daemon: DaemonProcess, frame: bytes, 
     assert reply["ok"] is False
     assert reply["error"]["code"] == code
     with daemon.client() as c:
-        assert c.ping().uptime_s >= 0  # still serving
+        assert c.call(p.Ping()).uptime_s >= 0  # still serving
 
 
 def test_error_reply_names_request_id(daemon: DaemonProcess) -> None:
@@ -320,4 +324,4 @@ def test_multipart_message_is_refused(daemon: DaemonProcess) -> None:
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
 def test_dag_numbers_must_be_finite(client: TokenCakeClient, field: str, value: float) -> None:
     node = msgspec.structs.replace(p.DagNode("a"), **{field: value})
-    expect_error(ErrorCode.BAD_REQUEST, client.register_app, "bad", p.AppDag(nodes=[node]))
+    expect_error(ErrorCode.BAD_REQUEST, client.call, p.RegisterApp("bad", p.AppDag(nodes=[node])))

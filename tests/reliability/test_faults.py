@@ -52,19 +52,19 @@ def test_daemon_killed_mid_store_and_mid_load_restarts_clean(tmp_path: Path) -> 
     endpoint = f"ipc://{tmp_path}/kill.sock"
     d = start(tmp_path, endpoint=endpoint, instance=instance)
     client = TokenCakeClient(endpoint, timeout_s=1.0)  # kept across the restart
-    reg = client.register_engine("eng", LAYOUT)
+    reg = client.call(p.RegisterEngine("eng", LAYOUT))
     stored = [uuid.uuid4().bytes for _ in range(4)]
     half = [uuid.uuid4().bytes for _ in range(4)]
     mapping = ArenaMapping.open(reg.arena_name, reg.slot_bytes)
     data = _blocks(4, 1)
-    slots = client.reserve(reg.engine_id, stored).slots
+    slots = client.call(p.Reserve(reg.engine_id, stored)).slots
     mapping.write_blocks(slots, data)
-    client.commit(reg.engine_id, slots)
+    client.call(p.Commit(reg.engine_id, slots))
     # Mid-load: pinned and half copied out. Mid-store: reserved and half written.
-    pinned = client.load_begin(reg.engine_id, stored).slots
+    pinned = client.call(p.LoadBegin(reg.engine_id, stored)).slots
     out = np.zeros_like(data)
     mapping.read_blocks(pinned[:2], out[:2])
-    writing = client.reserve(reg.engine_id, half).slots
+    writing = client.call(p.Reserve(reg.engine_id, half)).slots
     mapping.write_blocks(writing[:2], data[:2])
     old_segment = Path(SHM_DIR) / reg.arena_name
 
@@ -74,7 +74,7 @@ def test_daemon_killed_mid_store_and_mid_load_restarts_clean(tmp_path: Path) -> 
     mapping.read_blocks(pinned[2:], out[2:])
     assert np.array_equal(out, data)
     with pytest.raises(DaemonUnavailable):
-        client.ping()
+        client.call(p.Ping())
 
     d2 = spawn_daemon(tmp_path, endpoint=endpoint, instance=instance)
     try:
@@ -85,26 +85,26 @@ def test_daemon_killed_mid_store_and_mid_load_restarts_clean(tmp_path: Path) -> 
         assert "stale" in d2.log()
         # The old engine id is gone: the engine gets a typed error and re-registers.
         with pytest.raises(RemoteError) as info:
-            client.lookup(reg.engine_id, stored)
+            client.call(p.Lookup(reg.engine_id, stored))
         assert info.value.code == ErrorCode.UNKNOWN_ENGINE
-        reg2 = client.register_engine("eng", LAYOUT)
+        reg2 = client.call(p.RegisterEngine("eng", LAYOUT))
         assert reg2.arena_name != reg.arena_name
         # Nothing from before the crash is served: not the committed blocks, not the
         # half-written ones.
-        assert client.lookup(reg2.engine_id, stored + half).hit_blocks == 0
-        assert client.load_begin(reg2.engine_id, stored).slots == []
-        pool = client.pool().pool
+        assert client.call(p.Lookup(reg2.engine_id, stored + half)).hit_blocks == 0
+        assert client.call(p.LoadBegin(reg2.engine_id, stored)).slots == []
+        pool = client.call(p.Pool()).pool
         assert (pool.ready, pool.writing, pool.reading) == (0, 0, 0)
         # The fresh arena is usable end to end.
-        again = client.reserve(reg2.engine_id, half).slots
+        again = client.call(p.Reserve(reg2.engine_id, half)).slots
         assert all(s >= 0 for s in again)
         with ArenaMapping.open(reg2.arena_name, reg2.slot_bytes) as m2:
             m2.write_blocks(again, data)
-            client.commit(reg2.engine_id, again)
+            client.call(p.Commit(reg2.engine_id, again))
             back = np.zeros_like(data)
-            got = client.load_begin(reg2.engine_id, half).slots
+            got = client.call(p.LoadBegin(reg2.engine_id, half)).slots
             m2.read_blocks(got, back)
-            client.load_end(reg2.engine_id, got)
+            client.call(p.LoadEnd(reg2.engine_id, got))
             assert np.array_equal(back, data)
     finally:
         mapping.close()
@@ -114,7 +114,7 @@ def test_daemon_killed_mid_store_and_mid_load_restarts_clean(tmp_path: Path) -> 
 
 def _pings(client: TokenCakeClient) -> bool:
     try:
-        client.ping()
+        client.call(p.Ping())
         return True
     except DaemonUnavailable:
         return False
@@ -143,19 +143,20 @@ def test_stale_segments_of_dead_daemons_only_are_removed(tmp_path: Path) -> None
 _VICTIM = textwrap.dedent(
     """
     import sys, time, numpy as np
+    from tokencake import protocol as p
     from tokencake.clients.client import TokenCakeClient
     from tokencake.clients.kv_arena import ArenaMapping
     from tokencake.layout import KvLayout
     layout = KvLayout("fault-model", 1, 16, 1, 16, "float16", 1024)
     c = TokenCakeClient(sys.argv[1])
-    reg = c.register_engine("victim", layout)
+    reg = c.call(p.RegisterEngine("victim", layout))
     m = ArenaMapping.open(reg.arena_name, reg.slot_bytes)
     done = [bytes([1, i]) for i in range(4)]
-    s = c.reserve(reg.engine_id, done).slots
+    s = c.call(p.Reserve(reg.engine_id, done)).slots
     m.write_blocks(s, np.ones((4, 1024), np.uint8))
-    c.commit(reg.engine_id, s)
-    c.load_begin(reg.engine_id, done)                                  # mid-read
-    w = c.reserve(reg.engine_id, [bytes([2, i]) for i in range(4)]).slots
+    c.call(p.Commit(reg.engine_id, s))
+    c.call(p.LoadBegin(reg.engine_id, done))                           # mid-read
+    w = c.call(p.Reserve(reg.engine_id, [bytes([2, i]) for i in range(4)])).slots
     m.write_blocks(w[:2], np.ones((2, 1024), np.uint8))                # mid-write
     print("ready", flush=True)
     time.sleep(600)
@@ -171,23 +172,23 @@ def test_client_killed_mid_write_and_read_loses_its_leases(tmp_path: Path) -> No
     try:
         assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
         with TokenCakeClient(d.endpoint) as c:
-            pool = c.pool().pool
+            pool = c.call(p.Pool()).pool
             assert (pool.writing, pool.reading) == (4, 4)
             victim.kill()
             victim.wait(10)
             # Others carry on at once, while the victim's slots are still leased.
-            other = c.register_engine("survivor", LAYOUT).engine_id
-            mine = c.reserve(other, [b"s1", b"s2"]).slots
-            c.commit(other, mine)
+            other = c.call(p.RegisterEngine("survivor", LAYOUT)).engine_id
+            mine = c.call(p.Reserve(other, [b"s1", b"s2"])).slots
+            c.call(p.Commit(other, mine))
             _until(
-                lambda: (c.pool().pool.writing, c.pool().pool.reading) == (0, 0),
+                lambda: (c.call(p.Pool()).pool.writing, c.call(p.Pool()).pool.reading) == (0, 0),
                 what="lease reclaim",
             )
             # Its committed blocks stay (complete, servable); its half-written ones are gone.
-            assert c.lookup(other, [bytes([1, i]) for i in range(4)]).hit_blocks == 4
-            assert c.lookup(other, [bytes([2, i]) for i in range(4)]).hit_blocks == 0
-            assert c.lookup(other, [b"s1", b"s2"]).hit_blocks == 2
-            assert c.stats().pool.free == c.pool().pool.num_slots - 6
+            assert c.call(p.Lookup(other, [bytes([1, i]) for i in range(4)])).hit_blocks == 4
+            assert c.call(p.Lookup(other, [bytes([2, i]) for i in range(4)])).hit_blocks == 0
+            assert c.call(p.Lookup(other, [b"s1", b"s2"])).hit_blocks == 2
+            assert c.call(p.Stats()).pool.free == c.call(p.Pool()).pool.num_slots - 6
     finally:
         victim.kill()
         victim.wait()
@@ -202,26 +203,26 @@ def test_full_arena_gives_a_prefix_then_no_space(tmp_path: Path) -> None:
     d = start(tmp_path, arena="1MiB")
     try:
         with TokenCakeClient(d.endpoint) as c:
-            eng = c.register_engine("big", BIG).engine_id
-            n = c.pool().pool.num_slots
+            eng = c.call(p.RegisterEngine("big", BIG)).engine_id
+            n = c.call(p.Pool()).pool.num_slots
             assert 8 <= n <= 16  # 1 MiB of 64 KiB blocks, less any alignment offset
             first = [uuid.uuid4().bytes for _ in range(n + 4)]
-            slots = c.reserve(eng, first).slots
+            slots = c.call(p.Reserve(eng, first)).slots
             assert len(slots) == n  # a prefix: the pool was short
-            before = c.pool()
+            before = c.call(p.Pool())
             with pytest.raises(RemoteError) as info:
-                c.reserve(eng, [b"more"])
+                c.call(p.Reserve(eng, [b"more"]))
             assert info.value.code == ErrorCode.NO_SPACE
-            assert c.pool() == before
+            assert c.call(p.Pool()) == before
             # Committed blocks can be evicted for new ones; pinned ones cannot.
-            c.commit(eng, slots)
-            c.load_begin(eng, first[:n])
+            c.call(p.Commit(eng, slots))
+            c.call(p.LoadBegin(eng, first[:n]))
             with pytest.raises(RemoteError) as info:
-                c.reserve(eng, [b"more"])
+                c.call(p.Reserve(eng, [b"more"]))
             assert info.value.code == ErrorCode.NO_SPACE
-            c.load_end(eng, slots)
-            assert c.reserve(eng, [b"more"]).slots[0] >= 0
-            assert c.pool().pool.evictions == 1
+            c.call(p.LoadEnd(eng, slots))
+            assert c.call(p.Reserve(eng, [b"more"])).slots[0] >= 0
+            assert c.call(p.Pool()).pool.evictions == 1
     finally:
         assert d.stop() == 0
 
@@ -263,7 +264,7 @@ def test_slow_consumer_does_not_block_the_daemon(tmp_path: Path) -> None:
     slow.connect(d.endpoint)
     try:
         with TokenCakeClient(d.endpoint, timeout_s=2.0) as c:
-            c.register_app("big", p.AppDag(nodes=[p.DagNode(f"n{i}") for i in range(200)]))
+            c.call(p.RegisterApp("big", p.AppDag(nodes=[p.DagNode(f"n{i}") for i in range(200)])))
             frame = p.encode_request(p.ListAgents(), 1)  # ~20 KB per reply
             sent = 0
             t_end = time.monotonic() + 3.0
@@ -276,11 +277,11 @@ def test_slow_consumer_does_not_block_the_daemon(tmp_path: Path) -> None:
                     except zmq.Again:
                         break
                 t0 = time.monotonic()
-                c.ping()  # raises DaemonUnavailable if the daemon were stuck
+                c.call(p.Ping())  # raises DaemonUnavailable if the daemon were stuck
                 worst = max(worst, time.monotonic() - t0)
             assert sent > 1000
             assert worst < 1.0
-            assert c.stats().events["list_agents"] > 500
+            assert c.call(p.Stats()).events["list_agents"] > 500
     finally:
         slow.close()
         assert d.stop() == 0
@@ -313,8 +314,8 @@ def test_half_a_multipart_message_and_a_half_greeting(tmp_path: Path) -> None:
         bad.close()
         with TokenCakeClient(d.endpoint) as c:
             for _ in range(20):
-                c.ping()
-            assert c.stats().events.get("ping", 0) >= 20
+                c.call(p.Ping())
+            assert c.call(p.Stats()).events.get("ping", 0) >= 20
         raw.close()
     finally:
         assert d.stop() == 0

@@ -189,7 +189,7 @@ def test_fuzz_frames_against_a_real_daemon(tmp_path: Path) -> None:
                     failed += 1
                     assert _real_state(c) == before, (code, frame)
             assert failed > 100
-            assert c.stats().errors.get(ErrorCode.INTERNAL, 0) == 0
+            assert c.call(p.Stats()).errors.get(ErrorCode.INTERNAL, 0) == 0
     finally:
         sock.close()
         shadow.close()

@@ -17,6 +17,7 @@ import zmq
 import zmq.auth
 
 from tests.procs import Proc, free_port, spawn_daemon, start, wait_exit, wait_ready
+from tokencake import protocol as p
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
 from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.daemon.arena import Arena, ArenaError
@@ -83,8 +84,8 @@ def test_known_client_key_is_served(
     with TokenCakeClient(
         d.endpoint, server_public_key=server_public, client_key_file=str(curve_keys["known"])
     ) as c:
-        assert c.ping().protocol_version == 1
-        assert c.stats().engines == 0
+        assert c.call(p.Ping()).protocol_version == 1
+        assert c.call(p.Stats()).engines == 0
 
 
 def test_unknown_client_key_gets_no_service(
@@ -99,7 +100,7 @@ def test_unknown_client_key_gets_no_service(
             ) as c,
             pytest.raises(DaemonUnavailable),
         ):
-            c.ping()
+            c.call(p.Ping())
     # No CURVE at all: the handshake never completes, nothing is answered.
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     plain = ctx.socket(zmq.DEALER)
@@ -113,7 +114,7 @@ def test_unknown_client_key_gets_no_service(
     with TokenCakeClient(
         d.endpoint, server_public_key=server_public, client_key_file=str(curve_keys["known"])
     ) as c:
-        assert c.stats().events.get("ping", 0) >= 1
+        assert c.call(p.Stats()).events.get("ping", 0) >= 1
 
 
 @pytest.mark.parametrize("what", ["empty", "missing", "unset", "world_writable"])
@@ -151,7 +152,7 @@ def test_socket_and_segment_are_0600_and_ours(tmp_path: Path) -> None:
     d = start(tmp_path)
     try:
         with TokenCakeClient(d.endpoint) as c:
-            reply = c.register_engine("e", LAYOUT)
+            reply = c.call(p.RegisterEngine("e", LAYOUT))
         sock = Path(d.endpoint[len("ipc://") :])
         seg = Path("/dev/shm") / reply.arena_name
         for path in (sock, seg):
@@ -283,25 +284,25 @@ def test_daemon_tenants_are_isolated_even_with_identical_hashes(tmp_path: Path) 
     d = start(tmp_path)
     try:
         with TokenCakeClient(d.endpoint) as a_client, TokenCakeClient(d.endpoint) as b_client:
-            a = a_client.register_engine("engine-a", LAYOUT)
-            b = b_client.register_engine("engine-b", LAYOUT)
+            a = a_client.call(p.RegisterEngine("engine-a", LAYOUT))
+            b = b_client.call(p.RegisterEngine("engine-b", LAYOUT))
             assert a.fingerprint == b.fingerprint  # same model: only the salt separates them
             hashes = [uuid.uuid4().bytes for _ in range(4)]
-            slots = a_client.reserve(a.engine_id, hashes, salt="tenant-a").slots
+            slots = a_client.call(p.Reserve(a.engine_id, hashes, salt="tenant-a")).slots
             with ArenaMapping.open(a.arena_name, a.slot_bytes) as m:
                 m.slots_view()[slots[0], :4] = [1, 2, 3, 4]
-            a_client.commit(a.engine_id, slots)
-            assert a_client.lookup(a.engine_id, hashes, salt="tenant-a").hit_blocks == 4
+            a_client.call(p.Commit(a.engine_id, slots))
+            assert a_client.call(p.Lookup(a.engine_id, hashes, salt="tenant-a")).hit_blocks == 4
             # Tenant B, same hashes, same layout: no lookup hit, no load, no drop.
-            assert b_client.lookup(b.engine_id, hashes, salt="tenant-b").hit_blocks == 0
-            assert b_client.load_begin(b.engine_id, hashes, salt="tenant-b").slots == []
-            assert b_client.drop(b.engine_id, hashes, salt="tenant-b").dropped == 0
+            assert b_client.call(p.Lookup(b.engine_id, hashes, salt="tenant-b")).hit_blocks == 0
+            assert b_client.call(p.LoadBegin(b.engine_id, hashes, salt="tenant-b")).slots == []
+            assert b_client.call(p.Drop(b.engine_id, hashes, salt="tenant-b")).dropped == 0
             # B's engine cannot unpin or commit A's slots by number either.
-            pinned = a_client.load_begin(a.engine_id, hashes, salt="tenant-a").slots
+            pinned = a_client.call(p.LoadBegin(a.engine_id, hashes, salt="tenant-a")).slots
             with pytest.raises(Exception, match=r"not_owner|no pin"):
-                b_client.load_end(b.engine_id, pinned)
-            a_client.load_end(a.engine_id, pinned)
-            by_tenant = a_client.pool().by_tenant
+                b_client.call(p.LoadEnd(b.engine_id, pinned))
+            a_client.call(p.LoadEnd(a.engine_id, pinned))
+            by_tenant = a_client.call(p.Pool()).by_tenant
             assert by_tenant == {"tenant-a": 4}
     finally:
         assert d.stop() == 0

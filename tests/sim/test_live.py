@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import start_daemon
+from tokencake import protocol as p
 from tokencake.clients.client import TokenCakeClient
 from tokencake.sim.cli import main
 from tokencake.sim.live import DaemonLost, DaemonPolicy, LiveResult, run_live
@@ -52,10 +53,10 @@ def _run(tmp_path: Path, policy: str) -> tuple[LiveResult, Trace, Any, Any, list
         trace = agent_trace()
         live = run_live(trace, PROFILE, d.endpoint, scale=0.05, app_prefix="t-")
         with d.client() as client:
-            apps = {a.app_id: a for a in client.list_apps().apps}
-            stats = client.stats()
-            decisions = client.list_decisions(limit=1000).decisions
-            assert client.list_engines().engines == []  # unregistered at the end
+            apps = {a.app_id: a for a in client.call(p.ListApps()).apps}
+            stats = client.call(p.Stats())
+            decisions = client.call(p.ListDecisions(limit=1000)).decisions
+            assert client.call(p.ListEngines()).engines == []  # unregistered at the end
     finally:
         d.stop()
     return live, trace, apps, stats, decisions

@@ -27,6 +27,7 @@ from openai import AsyncOpenAI
 
 from tests import procs
 from tests.connectors.gateway.upstream import MODEL, ScriptedUpstream
+from tokencake import protocol as p
 from tokencake.clients.client import TokenCakeClient
 from tokencake.connectors.gateway.server import Gateway
 from tokencake.connectors.gateway.tenants import Tenants
@@ -193,7 +194,7 @@ async def react_loop(
 
 def _agents(endpoint: str, app_id: str) -> dict[str, Any]:
     with TokenCakeClient(endpoint, timeout_s=2.0) as c:
-        return {a.agent_id: a for a in c.list_agents(app_id).agents}
+        return {a.agent_id: a for a in c.call(p.ListAgents(app_id)).agents}
 
 
 # ---------------------------------------------------------------------------- ReAct + daemon
@@ -239,7 +240,7 @@ def test_react_tool_calls_reach_the_daemon(daemon: procs.Proc, stream: bool) -> 
 
     run(main())
     with TokenCakeClient(daemon.endpoint) as c:
-        events = c.stats().events
+        events = c.call(p.Stats()).events
     for op in ("register_app", "llm_call_start", "llm_call_finish"):
         assert events.get(op, 0) >= 1
     assert events.get("tool_call_start", 0) >= 1 and events.get("tool_call_end", 0) >= 1
@@ -425,7 +426,7 @@ def test_structure_is_learnt_and_registered(daemon: procs.Proc) -> None:
             assert app2["own_apps"] == []
             await s.drained()
             with TokenCakeClient(daemon.endpoint) as client:
-                info = next(a for a in client.list_apps().apps if a.app_id == app2["app_id"])
+                info = next(a for a in client.call(p.ListApps()).apps if a.app_id == app2["app_id"])
             assert info.nodes == 4
             assert sorted(tuple(e) for e in info.edges) == observed
 
@@ -718,7 +719,7 @@ def test_sweep_ends_idle_apps_and_bounds_the_conversations(daemon: procs.Proc) -
             assert sorted(tracker.conversations) == ["u2", "u3", "u4"]
             await s.drained()
             with TokenCakeClient(daemon.endpoint) as c:
-                states = {a.app_id: a.state for a in c.list_apps().apps}
+                states = {a.app_id: a.state for a in c.call(p.ListApps()).apps}
             assert states.get("gw-u0", "ended") != "live" and states["gw-u4"] == "live"
             assert tracker.sweep(time.monotonic() + tracker.app_idle_s) == [
                 "gw-u2",

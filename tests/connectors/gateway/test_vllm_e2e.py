@@ -45,6 +45,8 @@ from typing import Any
 
 import pytest
 
+from tokencake import protocol as p
+
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
@@ -238,7 +240,7 @@ def _turn(
 
 def _uploaded(daemon: procs.Proc) -> int:
     with daemon.client() as c:
-        return c.stats().bytes_uploaded
+        return c.call(p.Stats()).bytes_uploaded
 
 
 def react(
@@ -303,7 +305,7 @@ def _conv(gw: str, task: str, runs: dict[str, Run]) -> dict[str, Any]:
 
 def _events(daemon: procs.Proc) -> dict[str, int]:
     with daemon.client() as c:
-        return dict(c.stats().events)
+        return dict(c.call(p.Stats()).events)
 
 
 def _wait_events(daemon: procs.Proc, want: dict[str, int], timeout_s: float = 30.0) -> None:
@@ -332,7 +334,7 @@ def runs(engine: str, gateway: str, daemon: procs.Proc) -> dict[str, Any]:
             conv = next((c for c in _conversations(gateway) if c["state"] == "tool"), None)
             if conv is not None:
                 with daemon.client() as c:
-                    agents = {a.agent_id: a for a in c.list_agents(conv["app_id"]).agents}
+                    agents = {a.agent_id: a for a in c.call(p.ListAgents(conv["app_id"])).agents}
                 agent = agents.get(conv["agent_id"])
                 if agent is not None and agent.state == "tool":
                     seen["conv"], seen["agent"] = conv, agent
@@ -385,7 +387,7 @@ def test_daemon_saw_the_tool_calls(
     )
     assert run.inner <= after["last_tool_s"] <= run.outer
     with daemon.client() as c:
-        agents = {a.agent_id: a for a in c.list_agents(conv["app_id"]).agents}
+        agents = {a.agent_id: a for a in c.call(p.ListAgents(conv["app_id"])).agents}
     assert agents[conv["agent_id"]].state == "idle"
 
     events = runs[f"events-{stream}"]

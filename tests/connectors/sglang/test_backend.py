@@ -25,6 +25,7 @@ pytest.importorskip("sglang", reason="sglang not installed (bash scripts/bootstr
 
 import torch
 
+from tokencake import protocol as p
 from tokencake.connectors.sglang.pages import HostPages, page_key
 
 PAGE = 4  # tokens per page in sglang_env.host_pool
@@ -93,7 +94,7 @@ def test_batch_exists_counts_the_leading_run(make_backend: Any, daemon: Any) -> 
     assert all(torch.equal(a, b) for a, b in zip(loaded, stored_pages, strict=True))
     # Every pin taken for the read was released.
     with daemon.client() as client:
-        assert client.pool().pool.reading == 0
+        assert client.call(p.Pool()).pool.reading == 0
 
 
 def test_flat_page_path(make_backend: Any) -> None:
@@ -169,7 +170,7 @@ def test_pages_outside_the_pool_are_refused(make_backend: Any, daemon: Any) -> N
     assert backend.stats.dropped_writes == 1
     assert backend.batch_exists(k) == 0
     with daemon.client() as client:
-        assert client.pool().pool.writing == 0  # the reservation was given back
+        assert client.call(p.Pool()).pool.writing == 0  # the reservation was given back
 
 
 def test_key_mapping() -> None:
@@ -292,7 +293,7 @@ def test_a_forgotten_engine_registers_again_within_the_call(make_backend: Any, d
     ks = keys(0, 1, prefix="forgotten")
     assert backend.batch_set_v1(ks, idx) == [True, True]
     with daemon.client() as client:
-        client.unregister_engine(backend._link.engine_id)  # as the daemon's timeout does
+        client.call(p.UnregisterEngine(backend._link.engine_id))  # as the daemon's timeout does
     assert backend.batch_exists(ks) == 2
     assert backend.batch_get_v1(ks, pool.alloc(2 * PAGE)) == [True, True]
     assert backend.stats.reconnects == 1
@@ -355,7 +356,7 @@ def test_a_new_segment_under_the_old_name_is_mapped_afresh(
         os.ftruncate(fd, size)
         os.close(fd)
         with d.client() as client:
-            client.unregister_engine(link.engine_id)  # the new daemon does not know us
+            client.call(p.UnregisterEngine(link.engine_id))  # the new daemon does not know us
         assert backend.batch_exists(keys(0, prefix="inode")) == 0
         assert link.arena is not old and link.retired == [old]
         assert link.arena_ident == (os.stat(path).st_dev, os.stat(path).st_ino)

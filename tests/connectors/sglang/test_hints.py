@@ -80,7 +80,7 @@ def test_strip_hints_leaves_what_sglang_reads() -> None:
 
 def agent_state(daemon: Proc, app_id: str, agent_id: str) -> str:
     with daemon.client() as client:
-        agents = client.list_agents(app_id).agents
+        agents = client.call(p.ListAgents(app_id)).agents
     return next(a.state for a in agents if a.agent_id == agent_id)
 
 
@@ -94,7 +94,7 @@ def test_reporter_drives_the_agent_through_llm_and_tool_calls(daemon: Proc) -> N
             call.output_tokens = 12
         assert agent_state(daemon, "wf-r/coder", "coder") == "tool"
         with daemon.client() as peek:
-            tool = next(a for a in peek.list_agents("wf-r/coder").agents)
+            tool = next(a for a in peek.call(p.ListAgents("wf-r/coder")).agents)
         assert tool.tool_kind == "tool" and tool.tool_predicted_s == 4.0
         # The agent's next request means its tool returned.
         with reporter.request({"agent_hints": {"workflow_id": "wf-r", "agent_id": "coder"}}):

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tokencake import protocol as p
+
 pytest.importorskip("vllm")
 
 from bench.common.vllm_workload import DaemonProcess, Stepper, engine_kwargs, shutdown_engine
@@ -64,12 +66,12 @@ def engine(tiny_model: Any, daemon: DaemonProcess) -> Iterator[Any]:
 
 
 def _records(client: Any, agent_id: str, kind: str) -> list[Any]:
-    return [d for d in client.list_decisions(500, agent_id).decisions if d.kind == kind]
+    return [d for d in client.call(p.ListDecisions(500, agent_id)).decisions if d.kind == kind]
 
 
 def _why(client: Any) -> str:
     """The policy's ``keep`` records, for a failure message."""
-    keeps = [d for d in client.list_decisions(500).decisions if d.kind == "keep"]
+    keeps = [d for d in client.call(p.ListDecisions(500)).decisions if d.kind == "keep"]
     return "; ".join(f"{d.agent_id}: {d.reason}" for d in keeps) or "no keep records"
 
 
@@ -96,7 +98,7 @@ def test_daemon_policy_offloads_uploads_and_the_continuation_hits(
         AppSession(client, APP, dag, strict=True) as app,
     ):
         engine_id = conn.connector_scheduler.link.engine_id
-        before = client.stats()
+        before = client.call(p.Stats())
         coder = app.agent("coder", engine_id)
         prompt = _ids(1, PROMPT)
         first = steps.add(prompt, kv_transfer_params(APP, "coder"), 2)
@@ -114,9 +116,9 @@ def test_daemon_policy_offloads_uploads_and_the_continuation_hits(
             assert offloads[0].blocks == len(hashes)
             # The connector applies it in the next steps: store, commit, free on the GPU.
             steps.until(lambda: all(pool.get_cached_block(h, [0]) is None for h in hashes))
-            assert client.lookup(engine_id, hashes).hit_blocks == len(hashes)
+            assert client.call(p.Lookup(engine_id, hashes)).hit_blocks == len(hashes)
             # The commit named the agent: the daemon's scheduler counted the offload done.
-            agent = client.list_agents(APP).agents
+            agent = client.call(p.ListAgents(APP)).agents
             assert {a.agent_id: a.host_blocks for a in agent}["coder"] == len(hashes)
             # The predictive upload comes before the predicted return (a low quantile of it).
             steps.until(lambda: bool(_records(client, "coder", "upload")))
@@ -129,8 +131,8 @@ def test_daemon_policy_offloads_uploads_and_the_continuation_hits(
         second = steps.add(cont, kv_transfer_params(APP, "coder"), 4)
         steps.until(lambda: second in steps.done)
         turn = steps.done[second]
-        after = client.stats()
-        agents = {a.agent_id: a for a in client.list_agents(APP).agents}
+        after = client.call(p.Stats())
+        agents = {a.agent_id: a for a in client.call(p.ListAgents(APP)).agents}
 
     # The continuation's prefix came from the host.
     assert turn.loaded_tokens == len(hashes) * 32

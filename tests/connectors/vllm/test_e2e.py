@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from tokencake import protocol as p
+
 pytest.importorskip("vllm")
 
 from bench.common.vllm_workload import DaemonProcess, Turn, engine_kwargs, generate, shutdown_engine
@@ -149,7 +151,7 @@ def test_tool_call_offloads_and_frees_gpu_blocks(engine: Any) -> None:
         for a in range(AGENTS):
             kv = conn.connector_scheduler.agents[("app-e2e", f"agent-{a}")]
             assert len(kv.hashes) >= PROMPT // 32
-            hit = client.lookup(conn.connector_scheduler.link.engine_id, kv.hashes, "")
+            hit = client.call(p.Lookup(conn.connector_scheduler.link.engine_id, kv.hashes, ""))
             assert hit.hit_blocks == len(kv.hashes)  # offloaded: all on the host
             assert pool.get_cached_block(kv.hashes[0], [0]) is None  # freed on the GPU
     assert conn.stats.gpu_blocks_freed - freed_before >= AGENTS * (PROMPT // 32)
@@ -170,7 +172,7 @@ def test_loaded_bytes_are_the_stored_bytes(engine: Any) -> None:
     agent = conn.connector_scheduler.agents[("app-e2e", "agent-0")]
     hashes = list(agent.hashes)  # the continuation replaces the agent's record
     with TokenCakeClient(conn.connector_scheduler.link.client.endpoint, timeout_s=1.0) as client:
-        slots = client.lookup(conn.connector_scheduler.link.engine_id, hashes, "").slots
+        slots = client.call(p.Lookup(conn.connector_scheduler.link.engine_id, hashes, "")).slots
     assert len(slots) == len(hashes)
     cont = prompt + first.token_ids + _ids(4244, TOOL)
     good = generate(engine, [cont], [_params(0, False)], OUT)[0]
@@ -239,8 +241,8 @@ def test_decision_after_block_reuse_leaves_other_requests_kv_alone(engine: Any) 
     ids, hashes = list(agent.blocks), list(agent.hashes)
     engine_id = conn.connector_scheduler.link.engine_id
     with TokenCakeClient(conn.connector_scheduler.link.client.endpoint, timeout_s=1.0) as client:
-        client.drop(engine_id, hashes)  # forget the host copy: a wrong offload would store
-        assert client.lookup(engine_id, hashes).hit_blocks == 0
+        client.call(p.Drop(engine_id, hashes))  # forget the host copy: a wrong offload would store
+        assert client.call(p.Lookup(engine_id, hashes)).hit_blocks == 0
         # The freed ids sit at the front of vLLM's free queue: the next request takes them.
         generate(engine, [_ids(8102, PROMPT)], [None], OUT)
         now = [pool.blocks[b].block_hash for b in ids]
@@ -254,7 +256,7 @@ def test_decision_after_block_reuse_leaves_other_requests_kv_alone(engine: Any) 
         stores = conn.connector_scheduler.copies.stores
         assert not [j for j in stores if not j.req_id]  # no offload copy queued
         generate(engine, [_ids(8103, 40)], [None], 2)  # a step for any store to run in
-        assert client.lookup(engine_id, hashes).hit_blocks == 0
+        assert client.call(p.Lookup(engine_id, hashes)).hit_blocks == 0
         assert [pool.blocks[b].block_hash for b in ids] == now  # nothing evicted either
 
 

@@ -44,6 +44,7 @@ from bench.common.vllm_workload import (
     generate,
     shutdown_engine,
 )
+from tokencake import protocol as p
 from tokencake.connectors.vllm import preload
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -211,7 +212,7 @@ class Cell:
         from tokencake.clients.client import TokenCakeClient
 
         with TokenCakeClient(self.daemon.endpoint, timeout_s=2.0) as client:
-            records = client.list_decisions(200).decisions
+            records = client.call(p.ListDecisions(200)).decisions
         return "; ".join(
             f"{d.agent_id} {d.kind} {d.reason.rule}" for d in records if d.app_id == self.app
         )

@@ -136,8 +136,8 @@ def test_documented_launch_serves_agents_through_tokencake(
             model=model, prompt=continuation, max_tokens=8, temperature=0.0
         )
         assert second.choices[0].text == plain.choices[0].text
-        engines = client.list_engines().engines
-        agents = {a.agent_id: a for a in client.list_agents(APP).agents}
+        engines = client.call(p.ListEngines()).engines
+        agents = {a.agent_id: a for a in client.call(p.ListAgents(APP)).agents}
     assert [e.name for e in engines if e.name.startswith("vllm:")], engines
     assert "coder" in agents
     out = log.read_text()

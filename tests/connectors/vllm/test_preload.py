@@ -209,7 +209,7 @@ def test_predictive_upload_on_an_idle_engine_gives_the_continuation_a_gpu_hit(
             assert core.scheduler.has_requests(), "the idle engine stopped stepping"
             core.step()
         assert not engine.llm_engine.has_unfinished_requests()
-        decisions = {d.kind: d for d in client.list_decisions(500, "coder").decisions}
+        decisions = {d.kind: d for d in client.call(p.ListDecisions(500, "coder")).decisions}
     assert "offload" in decisions
     assert decisions["upload"].reason.rule == "predictive_upload"
     back = conn.connector_scheduler.resident([], hashes)  # back in vLLM's prefix cache

@@ -151,7 +151,7 @@ def tc_engine(tiny_model: Any, own_daemon: DaemonProcess, stock: Any) -> Iterato
         edges=[("crit", "join"), ("side1", "join"), ("side2", "join")],
     )
     with TokenCakeClient(own_daemon.endpoint, timeout_s=2.0) as client:
-        client.register_app(APP, dag)
+        client.call(p.RegisterApp(APP, dag))
     llm = _engine(
         str(tiny_model),
         {

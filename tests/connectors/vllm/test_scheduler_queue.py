@@ -128,7 +128,7 @@ class FakeLink:
     def up(self) -> bool:
         return self.agents is not None
 
-    def call(self, req: Any, reply_type: Any) -> Any:
+    def call(self, req: Any) -> Any:
         self.calls.append(req.app_id)
         if self.agents is None:
             return None

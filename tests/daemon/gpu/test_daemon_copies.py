@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import start_daemon
 from tests.daemon.gpu.conftest import BLOCKS, LAYERS, PAGE, block_bytes, fake_kv
 from tests.procs import Proc
+from tokencake import protocol as p
 from tokencake.clients.client import TokenCakeClient
 from tokencake.clients.gpu_lending import DaemonCopies, Settled
 from tokencake.clients.kv_arena import ArenaMapping
@@ -41,7 +42,7 @@ class FakeEngine:
         self.register()
 
     def register(self) -> None:
-        reg = self.client.register_engine("fake-engine", LAYOUT, BLOCKS)
+        reg = self.client.call(p.RegisterEngine("fake-engine", LAYOUT, BLOCKS))
         self.engine_id = reg.engine_id
         self.arena = ArenaMapping.open(reg.arena_name, reg.slot_bytes, min_bytes=reg.arena_bytes)
         tensors = [self.device.export(r) for r in block_regions(self.layers, BLOCKS)]
@@ -76,7 +77,7 @@ def test_offload_and_upload_lent_to_the_daemon(tmp_path: Path, device: FakeDevic
     try:
         assert engine.share.worker_pid > 0
         hashes = [b"h%d" % i for i in range(4)]
-        slots = engine.client.reserve(engine.engine_id, hashes).slots
+        slots = engine.client.call(p.Reserve(engine.engine_id, hashes)).slots
         blocks = [9, 2, 30, 31]
         loan = engine.copies.lend("offload", blocks, slots)
         assert all(engine.copies.ledger.is_lent(b) for b in blocks)
@@ -87,12 +88,12 @@ def test_offload_and_upload_lent_to_the_daemon(tmp_path: Path, device: FakeDevic
         for b, s in zip(blocks, slots, strict=True):
             assert bytes(view[s, : LAYERS * PAGE]) == block_bytes(layers, b)
         del view  # the mapping cannot close while a view of it lives
-        engine.client.commit(engine.engine_id, slots)
-        pinned = engine.client.load_begin(engine.engine_id, hashes).slots
+        engine.client.call(p.Commit(engine.engine_id, slots))
+        pinned = engine.client.call(p.LoadBegin(engine.engine_id, hashes)).slots
         engine.copies.lend("upload", [50, 51, 52, 53], pinned)
         (up,) = engine.settle(1)
         assert up.ok and block_bytes(layers, 53) == block_bytes(layers, 31)
-        engine.client.load_end(engine.engine_id, pinned)
+        engine.client.call(p.LoadEnd(engine.engine_id, pinned))
         # a slot the engine does not hold is refused, and nothing is lent
         with pytest.raises(Exception, match="not_owner"):
             engine.copies.lend("upload", [1], [pinned[0]])
@@ -112,7 +113,7 @@ def test_daemon_restart_orphans_loans_until_the_worker_is_gone(
     layers = fake_kv(device)
     engine = FakeEngine(first, device, layers)
     try:
-        slots = engine.client.reserve(engine.engine_id, [b"x"]).slots
+        slots = engine.client.call(p.Reserve(engine.engine_id, [b"x"])).slots
         engine.copies.lend("offload", [7], slots)
         assert engine.copies.poll() == [] and engine.copies.ledger.is_lent(7)
         first.kill9()
@@ -128,7 +129,7 @@ def test_daemon_restart_orphans_loans_until_the_worker_is_gone(
             engine.arena.close()
             engine.register()
             assert engine.share.worker_pid != 0
-            slots = engine.client.reserve(engine.engine_id, [b"y"]).slots
+            slots = engine.client.call(p.Reserve(engine.engine_id, [b"y"])).slots
             engine.copies.lend("offload", [7], slots)
             (ok,) = engine.settle(1)
             assert ok.ok

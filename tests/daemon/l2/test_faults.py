@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.daemon.l2.redis_procs import RedisNode, start_node
 from tests.procs import start
+from tokencake import protocol as p
 from tokencake.clients.client import TokenCakeClient
 from tokencake.daemon.l2.backends import RedisBackend
 from tokencake.daemon.l2.codec import HEADER_BYTES, block_key, key_prefix, open_value
@@ -212,13 +213,13 @@ def test_daemon_answers_while_its_store_is_paused(tmp_path: Path, redis_node: Re
         pause(redis_node, 4000)
         layout = KvLayout("l2-paused", 4, 16, 4, 64, "float16", BLOCK)
         with TokenCakeClient(d.endpoint, timeout_s=5.0) as c:
-            eid = c.register_engine("e", layout).engine_id
+            eid = c.call(p.RegisterEngine("e", layout)).engine_id
             for round_ in range(10):  # 10 x 10 blocks through a 15-slot arena: evictions
                 hashes = [f"p{round_}-{i}".encode() for i in range(10)]
-                slots = c.reserve(eid, hashes).slots
-                assert c.commit(eid, slots).committed == len(slots)
-                assert c.lookup(eid, [b"never-stored", *hashes]).hit_blocks == 0
-            assert c.ping().protocol_version >= 1
+                slots = c.call(p.Reserve(eid, hashes)).slots
+                assert c.call(p.Commit(eid, slots)).committed == len(slots)
+                assert c.call(p.Lookup(eid, [b"never-stored", *hashes])).hit_blocks == 0
+            assert c.call(p.Ping()).protocol_version >= 1
     finally:
         d.stop()
         wait_unpaused(redis_node)

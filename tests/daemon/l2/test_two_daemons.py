@@ -17,6 +17,7 @@ import pytest
 
 from tests.daemon.l2.redis_procs import RedisNode
 from tests.procs import Proc, start
+from tokencake import protocol as p
 from tokencake.clients.client import TokenCakeClient
 from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.layout import KvLayout
@@ -40,30 +41,30 @@ class Engine:
 
     def __init__(self, d: Proc, name: str) -> None:
         self.client = TokenCakeClient(d.endpoint, timeout_s=5.0)
-        reg = self.client.register_engine(name, LAYOUT, num_gpu_blocks=64)
+        reg = self.client.call(p.RegisterEngine(name, LAYOUT, num_gpu_blocks=64))
         self.engine_id = reg.engine_id
         self.arena = ArenaMapping.open(reg.arena_name, reg.slot_bytes, populate=False)
 
     def store(self, hashes: list[bytes], data: np.ndarray) -> None:
-        slots = self.client.reserve(self.engine_id, hashes, salt=SALT).slots
+        slots = self.client.call(p.Reserve(self.engine_id, hashes, salt=SALT)).slots
         assert len(slots) == len(hashes) and all(s >= 0 for s in slots)
         self.arena.write_blocks(slots, data)
-        assert self.client.commit(self.engine_id, slots).committed == len(slots)
+        assert self.client.call(p.Commit(self.engine_id, slots)).committed == len(slots)
 
     def wait_hits(self, hashes: list[bytes], timeout_s: float = 20.0) -> int:
         """Look up until every block is on this host (L2 prefetches land in between)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            hits = self.client.lookup(self.engine_id, hashes, salt=SALT).hit_blocks
+            hits = self.client.call(p.Lookup(self.engine_id, hashes, salt=SALT)).hit_blocks
             if hits == len(hashes) or time.monotonic() > deadline:
                 return hits
             time.sleep(0.02)
 
     def load(self, hashes: list[bytes]) -> np.ndarray:
-        slots = self.client.load_begin(self.engine_id, hashes, salt=SALT).slots
+        slots = self.client.call(p.LoadBegin(self.engine_id, hashes, salt=SALT)).slots
         out = np.zeros((len(slots), BLOCK), dtype=np.uint8)
         self.arena.read_blocks(slots, out)
-        self.client.load_end(self.engine_id, slots)
+        self.client.call(p.LoadEnd(self.engine_id, slots))
         return out
 
     def close(self) -> None:
@@ -104,16 +105,16 @@ def evict_to_l2_then_load_on_b(tmp_path: Path, hosts: list[Proc], env: dict) -> 
         data = blocks(1, 10)
         a.store(x, data)
         a.store(y, blocks(2, 15))  # evicts x on A: written back to L2
-        assert a.client.lookup(a.engine_id, x, salt=SALT).hit_blocks == 0
+        assert a.client.call(p.Lookup(a.engine_id, x, salt=SALT)).hit_blocks == 0
         assert b.wait_hits(x) == 10
         assert np.array_equal(b.load(x), data)
-        a_l2, b_l2 = a.client.stats().l2, b.client.stats().l2
+        a_l2, b_l2 = a.client.call(p.Stats()).l2, b.client.call(p.Stats()).l2
         # A's own lookup of x above also brought x back to A (evicting, and writing, y).
         assert a_l2["written_back"] >= 10 and a_l2["stored_blocks"] >= 10
         assert b_l2["placed_blocks"] == 10 and b_l2["hit_blocks"] == 10
         assert a_l2["dropped_writes"] == b_l2["rejected_values"] == 0
         # Another tenant's salt names other keys: nothing of x is found under it.
-        assert b.client.lookup(b.engine_id, x, salt="tenant-b").hit_blocks == 0
+        assert b.client.call(p.Lookup(b.engine_id, x, salt="tenant-b")).hit_blocks == 0
     finally:
         a.close()
         b.close()
@@ -155,7 +156,7 @@ def test_write_through_is_found_on_b_while_a_still_holds_it(
         x = chain("wt", 8)
         data = blocks(3, 8)
         a.store(x, data)
-        assert a.client.lookup(a.engine_id, x, salt=SALT).hit_blocks == 8
+        assert a.client.call(p.Lookup(a.engine_id, x, salt=SALT)).hit_blocks == 8
         assert b.wait_hits(x) == 8
         assert np.array_equal(b.load(x), data)
     finally:
