@@ -177,7 +177,7 @@ class DaemonCopies:
         # Loans made before: a new daemon never heard of them, and the same daemon forgets
         # them when tensors are shared again (killing the worker if they still ran).
         self.ledger.orphan_all()
-        reply = self.client.call(p.ShareGpuKv(engine_id, num_blocks, tensors), p.ShareGpuKvReply)
+        reply = self.client.call(p.ShareGpuKv(engine_id, num_blocks, tensors))
         self.engine_id = engine_id
         self.deadline_s = max(self.deadline_s, reply.deadline_s)
         self.worker_pid = reply.worker_pid
@@ -189,13 +189,15 @@ class DaemonCopies:
         self, direction: Direction, blocks: Sequence[int], slots: Sequence[int], after: bytes = b""
     ) -> Loan:
         """Raises ``BlockBusy`` (nothing lent), or ``RemoteError`` (the daemon refused:
-        nothing lent). No reply at all leaves the loan orphaned: the copy may be running."""
+        nothing lent). No reply at all leaves the loan orphaned: the copy may be running.
+        ``after``: the IPC handle of an event recorded on the compute stream; keep the event
+        itself alive until the loan is settled."""
         if not self.engine_id:
             raise RuntimeError("share the KV tensors first")
         loan = self.ledger.lend(blocks, slots, direction, self.worker_pid)
         req = p.GpuCopy(self.engine_id, loan.copy_id, direction, list(blocks), list(slots), after)
         try:
-            self.client.call(req, p.GpuCopyReply)
+            self.client.call(req)
         except RemoteError:
             self.ledger.settle(loan.copy_id, False, "refused")
             raise
@@ -208,7 +210,7 @@ class DaemonCopies:
         ids = self.ledger.running()
         if ids:
             try:
-                reply = self.client.call(p.GpuCopyStatus(self.engine_id, ids), p.GpuCopyStatusReply)
+                reply = self.client.call(p.GpuCopyStatus(self.engine_id, ids))
             except (DaemonUnavailable, RemoteError) as exc:
                 logger.warning("copy status unavailable (%s); lent blocks wait", exc)
                 self.ledger.orphan_all()

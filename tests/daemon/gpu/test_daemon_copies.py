@@ -21,6 +21,7 @@ from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.daemon.gpu.fake import FakeDevice
 from tokencake.daemon.gpu.mover import block_regions
 from tokencake.layout import KvLayout
+from tokencake.protocol import RemoteError
 
 LAYOUT = KvLayout("fake-model|vllm-blockmajor-v1|fake", LAYERS, 16, 2, 32, "float16", LAYERS * PAGE)
 
@@ -137,3 +138,23 @@ def test_daemon_restart_orphans_loans_until_the_worker_is_gone(
             second.stop()
     finally:
         engine.close()
+
+
+def test_a_daemon_without_gpu_copies_refuses_them(tmp_path: Path, device: FakeDevice) -> None:
+    """The default (``gpu_copies = off``): one-line typed refusals, no worker started."""
+    daemon = start_daemon(tmp_path)
+    client = TokenCakeClient(daemon.endpoint, timeout_s=10.0)
+    try:
+        reg = client.call(p.RegisterEngine("fake-engine", LAYOUT, BLOCKS))
+        tensors = [device.export(r) for r in block_regions(fake_kv(device), BLOCKS)]
+        with pytest.raises(RemoteError, match="gpu_copies is off") as err:
+            client.call(p.ShareGpuKv(reg.engine_id, BLOCKS, tensors))
+        assert err.value.code == "bad_request"
+        with pytest.raises(RemoteError, match="share_gpu_kv first"):
+            client.call(p.GpuCopy(reg.engine_id, 1, "offload", [1], [0]))
+        with pytest.raises(RemoteError) as err:
+            client.call(p.GpuCopyStatus("nobody#9", [1]))
+        assert err.value.code == "unknown_engine"
+    finally:
+        client.close()
+        daemon.stop()
