@@ -318,6 +318,7 @@ class Gateway:
     ) -> web.StreamResponse:
         observer = Observer(kind) if plan is not None else None
         status = 0
+        finishing = False
         try:
             async with self.session.request(
                 request.method,
@@ -332,9 +333,13 @@ class Gateway:
                     return await self._relay_stream(request, up, headers, observer, plan)
                 payload = await up.read()
                 if plan is not None and observer is not None and status == 200:
-                    if "Content-Encoding" not in up.headers:
-                        observer.feed_body(payload)
-                    self._finish(plan, observer.outcome, time.monotonic())
+                    # Read once the response is out: aiohttp writes it when this returns,
+                    # and the loop runs the callback before it next reads a socket, so
+                    # before the conversation's next request can arrive.
+                    body = b"" if "Content-Encoding" in up.headers else payload
+                    now = time.monotonic()
+                    asyncio.get_running_loop().call_soon(self._read_body, plan, observer, body, now)
+                    finishing = True
                 return web.Response(status=status, body=payload, headers=headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.metrics.upstream_errors.inc()
@@ -345,10 +350,19 @@ class Gateway:
             )
         finally:
             self.metrics.requests.labels(kind, str(status)).inc()
-            if plan is not None:
+            if plan is not None and not finishing:
                 # An error status, an unreachable upstream or a client that went away
                 # (cancelled): the LLM call ended without an answer. No-op when reported.
                 self._finish(plan, None, time.monotonic())
+
+    def _read_body(self, plan: Plan, observer: Observer, body: bytes, now: float) -> None:
+        """A whole response's outcome (``body`` empty: compressed, not read)."""
+        try:
+            if body:
+                observer.feed_body(body)
+        except Exception:
+            logger.exception("gateway: reading a response failed")
+        self._finish(plan, observer.outcome, now)
 
     def _finish(self, plan: Plan, outcome: Outcome | None, now: float) -> None:
         try:
