@@ -39,7 +39,6 @@ from typing import Any, TypeVar
 
 import msgspec
 import torch
-import zmq
 from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorage,
     HiCacheStorageConfig,
@@ -51,11 +50,10 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 
 from tokencake import protocol as p
-from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
 from tokencake.clients.kv_arena import ArenaMapping, KvArenaError
+from tokencake.connectors.link import DaemonLink
 from tokencake.connectors.sglang.config import BackendConfig
 from tokencake.connectors.sglang.pages import HostPages, page_key
-from tokencake.layout import KvLayout
 from tokencake.segment import ArenaError, segment_path
 
 logger = logging.getLogger(__name__)
@@ -96,64 +94,23 @@ class _Lease:
     slots: list[int]
 
 
-class _Link:
-    """The backend's connection to tokencaked: registered or down, never blocking long.
-
-    Every method runs under ``lock``; callers hold it.
-    """
+class _Link(DaemonLink):
+    """The shared daemon link (``connectors/link.py``) with what this backend adds: the
+    daemon's arena mapped at each registration, and every request may register again first,
+    renews the leases (SGLang has no step hook: the storage calls carry it) and drains the
+    pushed decisions. SGLang's storage threads hold ``lock`` around every use."""
 
     def __init__(self, cfg: BackendConfig, stats: BackendStats) -> None:
-        self.cfg = cfg
+        super().__init__(cfg, None, "", log=logger, reregister_at_once=True)
         self.stats = stats
-        self.lock = threading.Lock()
-        self.name = ""
-        self.layout: KvLayout | None = None
-        self.client: TokenCakeClient | None = None
-        self.reg: p.RegisterEngineReply | None = None
         self.arena: ArenaMapping | None = None
         self.arena_ident: tuple[int, int] | None = None
         self.retired: list[ArenaMapping] = []
-        self.epoch = 0
-        self.next_try = 0.0
-        self.next_heartbeat = 0.0
-        self.refused = ""
+        self.prefault = cfg.prefault
+        self.accept = self._map_arena
 
-    @property
-    def engine_id(self) -> str:
-        assert self.reg is not None
-        return self.reg.engine_id
-
-    def up(self, now: float) -> bool:
-        """Registered, or registered by this call when a retry is due."""
-        if self.reg is not None:
-            return True
-        if self.layout is None or now < self.next_try:
-            return False
-        self.next_try = now + self.cfg.reconnect_s
-        timeout_s = self.cfg.timeout_ms / 1000.0
-        try:
-            if self.client is None:
-                self.client = TokenCakeClient(self.cfg.endpoint or None, timeout_s=timeout_s)
-            reg = self.client.call(
-                p.RegisterEngine(self.name, self.layout),
-                timeout_s=max(timeout_s, 0.25),
-            )
-        except (DaemonUnavailable, OSError) as exc:
-            logger.debug("tokencaked not reachable: %s", exc)
-            return False
-        except p.RemoteError as exc:
-            # A refusal (layout rejected, bad name) repeats on every retry: say it once.
-            if str(exc) != self.refused:
-                logger.error("tokencaked refused this engine: %s; backend stays off", exc)
-                self.refused = str(exc)
-            return False
-        if reg.slot_bytes < self.layout.bytes_per_block:
-            logger.error(
-                "tokencaked slots hold %d B but a page needs %d B; backend stays off",
-                reg.slot_bytes,
-                self.layout.bytes_per_block,
-            )
-            return False
+    def _map_arena(self, reg: p.RegisterEngineReply) -> bool:
+        """Map the registration's arena, unless this mapping is of the same segment."""
         ident = _segment_identity(reg.arena_name)
         if self.arena is None or self.arena.name != reg.arena_name or ident != self.arena_ident:
             # A restarted daemon may reuse the segment's name (same instance, same pid in a
@@ -163,7 +120,7 @@ class _Link:
                     reg.arena_name,
                     reg.slot_bytes,
                     min_bytes=reg.arena_bytes,
-                    populate=self.cfg.prefault,
+                    populate=self.prefault,
                 )
             except (ArenaError, KvArenaError, OSError) as exc:
                 logger.error("cannot map tokencaked's arena %s: %s", reg.arena_name, exc)
@@ -174,81 +131,45 @@ class _Link:
             self.arena, self.arena_ident = arena, ident
         if self.epoch:
             self.stats.reconnects += 1
-        self.reg = reg
-        self.epoch += 1
-        self.next_heartbeat = now + reg.heartbeat_s
-        logger.info("registered with tokencaked as %s (arena %s)", reg.engine_id, reg.arena_name)
         return True
 
-    def down(self, why: object, *, retry_now: bool = False) -> None:
-        if self.reg is not None:
-            logger.warning("tokencaked link down (%s); serving without it", why)
-        self.reg = None
-        self.next_try = 0.0 if retry_now else time.monotonic() + self.cfg.reconnect_s
-
-    def call(
-        self,
-        build: Callable[[str], p.Request[R]],
-        *,
-        epoch: int = 0,
-        retry: bool = False,
+    def request(
+        self, build: Callable[[str], p.Request[R]], *, epoch: int = 0, retry: bool = False
     ) -> R | None:
-        """One request; None when the daemon is down, slow, or refuses it.
+        """One request built for the current engine id; None when the daemon is down, slow,
+        or refuses it.
 
         ``epoch`` (non-zero) ties the request to slots of that registration: after a
-        re-registration it is not sent. ``retry`` re-registers at once and sends again when
-        the daemon forgot this engine (it restarted, or dropped an idle engine).
+        re-registration it is not sent. ``retry`` registers again at once and sends again
+        when the daemon forgot this engine (it restarted, or dropped an idle engine).
         """
         for _attempt in range(2 if retry else 1):
             now = time.monotonic()
-            if not self.up(now) or (epoch and epoch != self.epoch):
+            self.maybe_connect(now, wait=True)
+            if not self.up or (epoch and epoch != self.epoch):
                 return None
-            assert self.client is not None
             self._heartbeat(now)
-            if self.reg is None:
+            if not self.up:
                 continue
-            try:
-                return self.client.call(build(self.engine_id))
-            except (DaemonUnavailable, zmq.ZMQError) as exc:
-                self.stats.daemon_failures += 1
-                self.down(exc)
+            reply = self.call(build(self.engine_id))
+            if reply is not None:
+                return reply
+            self.stats.daemon_failures += 1
+            if self.last_error != p.ErrorCode.UNKNOWN_ENGINE:
                 return None
-            except p.RemoteError as exc:
-                self.stats.daemon_failures += 1
-                if exc.code != p.ErrorCode.UNKNOWN_ENGINE:
-                    logger.debug("tokencaked refused a request: %s", exc)
-                    return None
-                self.down(exc, retry_now=True)
         return None
 
     def _heartbeat(self, now: float) -> None:
-        """Renew leases when due (SGLang has no step hook: the storage calls carry it) and
-        drain the decisions the daemon pushed."""
-        assert self.client is not None and self.reg is not None
-        if now >= self.next_heartbeat:
+        """Renew leases when due and count the decisions the daemon pushed."""
+        if self.reg is not None and now >= self.next_heartbeat:
             self.next_heartbeat = now + self.reg.heartbeat_s
-            try:
-                self.client.call(p.EngineHeartbeat(self.engine_id))
-            except (DaemonUnavailable, zmq.ZMQError) as exc:
+            if self.call(p.EngineHeartbeat(self.engine_id)) is None:
                 self.stats.daemon_failures += 1
-                self.down(exc)
                 return
-            except p.RemoteError as exc:
-                self.stats.daemon_failures += 1
-                self.down(exc, retry_now=exc.code == p.ErrorCode.UNKNOWN_ENGINE)
-                return
-        self.stats.decisions_ignored += len(self.client.poll_pushes())
+        self.stats.decisions_ignored += len(self.pushes())
 
     def close(self) -> None:
-        if self.client is not None:
-            if self.reg is not None:
-                try:
-                    self.client.call(p.UnregisterEngine(self.engine_id))
-                except (DaemonUnavailable, p.RemoteError) as exc:
-                    logger.debug("unregister failed: %s", exc)
-            self.client.close()
-            self.client = None
-        self.reg = None
+        super().close()
         for arena in [*self.retired, *([self.arena] if self.arena else [])]:
             try:
                 arena.close()
@@ -313,7 +234,7 @@ class TokenCakeStorage(HiCacheStorage):
         with self._link.lock:
             self._link.layout = layout
             self._link.name = self.cfg.engine_name or f"sglang:{label}:tp{rank}"[:256]
-            self._link.up(time.monotonic())
+            self._link.maybe_connect(time.monotonic(), wait=True)
 
     def close(self) -> None:
         with self._link.lock:
@@ -336,7 +257,7 @@ class TokenCakeStorage(HiCacheStorage):
         hashes = [page_key(k) for k in keys]
         salt = self.cfg.salt
         with self._link.lock:
-            reply = self._link.call(lambda e: p.Lookup(e, hashes, salt), retry=True)
+            reply = self._link.request(lambda e: p.Lookup(e, hashes, salt), retry=True)
         self._count("lookups", 1)
         hits = reply.hit_blocks if reply is not None else 0
         self._count("hit_pages", hits)
@@ -358,14 +279,14 @@ class TokenCakeStorage(HiCacheStorage):
         hashes = [page_key(k) for k in keys]
         salt = self.cfg.salt
         with self._link.lock:
-            reply = self._link.call(lambda e: p.LoadBegin(e, hashes, salt), retry=True)
+            reply = self._link.request(lambda e: p.LoadBegin(e, hashes, salt), retry=True)
             if reply is None or not reply.slots or self._link.arena is None:
                 return None
             return _Lease(self._link.epoch, self._link.arena, list(reply.slots))
 
     def _unpin(self, lease: _Lease) -> None:
         with self._link.lock:
-            self._link.call(lambda e: p.LoadEnd(e, lease.slots), epoch=lease.epoch)
+            self._link.request(lambda e: p.LoadEnd(e, lease.slots), epoch=lease.epoch)
 
     def _read(self, keys: list[str], copy: Callable[[ArenaMapping, list[int]], None]) -> int:
         """Pin, copy with ``copy(arena, slots)``, unpin; the number of pages read."""
@@ -451,7 +372,7 @@ class TokenCakeStorage(HiCacheStorage):
         hashes = [page_key(k) for k in keys]
         salt = self.cfg.salt
         with self._link.lock:
-            reply = self._link.call(lambda e: p.Reserve(e, hashes, salt), retry=True)
+            reply = self._link.request(lambda e: p.Reserve(e, hashes, salt), retry=True)
             epoch, arena = self._link.epoch, self._link.arena
         if reply is None or arena is None:
             self._count("dropped_writes", len(keys))
@@ -467,12 +388,12 @@ class TokenCakeStorage(HiCacheStorage):
             try:
                 copy(arena, [i for i, _ in todo], slots)
                 with self._link.lock:
-                    done = self._link.call(lambda e: p.Commit(e, slots), epoch=epoch)
+                    done = self._link.request(lambda e: p.Commit(e, slots), epoch=epoch)
             except Exception as exc:  # a failed copy fails its pages; it never reaches SGLang
                 logger.warning("TokenCake write of %d pages failed: %s", len(slots), exc)
                 done = None
                 with self._link.lock:
-                    self._link.call(lambda e: p.Abort(e, slots), epoch=epoch)
+                    self._link.request(lambda e: p.Abort(e, slots), epoch=epoch)
             if done is not None and done.committed == len(slots):
                 for i, _ in todo:
                     result[i] = True

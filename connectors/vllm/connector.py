@@ -31,6 +31,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from tokencake.connectors.link import DaemonLink
 from tokencake.connectors.vllm.config import ConnectorConfig
 from tokencake.connectors.vllm.connector_scheduler import (
     DECISION_GRACE_S as DECISION_GRACE_S,
@@ -38,7 +39,6 @@ from tokencake.connectors.vllm.connector_scheduler import (
 from tokencake.connectors.vllm.connector_scheduler import TokenCakeConnectorScheduler
 from tokencake.connectors.vllm.connector_worker import TokenCakeConnectorWorker
 from tokencake.connectors.vllm.jobs import ConnectorStats
-from tokencake.connectors.vllm.link import DaemonLink
 from tokencake.connectors.vllm.metadata import TokenCakeMetadata, TokenCakeWorkerMetadata
 from tokencake.layout import KvLayout
 

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from tokencake import protocol as p
 from tokencake.agent_params import NAMESPACE, AgentParams, agent_params
+from tokencake.connectors.link import DaemonLink
 from tokencake.connectors.vllm.config import ConnectorConfig
 from tokencake.connectors.vllm.holds import AgentHolds, AgentKv, QueueProbe
 from tokencake.connectors.vllm.jobs import ConnectorStats, CopyJobs, Hit, SchedulerSide, resident
-from tokencake.connectors.vllm.link import DaemonLink
 from tokencake.connectors.vllm.metadata import TokenCakeMetadata, TokenCakeWorkerMetadata
 from tokencake.layout import KvLayout
 
@@ -64,7 +64,7 @@ class TokenCakeConnectorScheduler:
         self.stats = ConnectorStats()
         self._hash_stride = hash_stride
         name = cfg.engine_name or f"vllm:{layout.model_id.split('|')[0]}"[:256]
-        self.link = DaemonLink(cfg, layout, name, num_gpu_blocks)
+        self.link = DaemonLink(cfg, layout, name, num_gpu_blocks, log=logger)
         self.side = SchedulerSide(cfg, self.link, self.stats, block_size)
         self.copies = CopyJobs(self.side)
         self.holds = AgentHolds(self.side, self.copies)
@@ -74,6 +74,8 @@ class TokenCakeConnectorScheduler:
         """Agent requests whose start the daemon has not heard of (the link was down when
         they arrived), with their prompt tokens."""
         self._pushes_applied = False
+        self._next_state_report = 0.0
+        self._last_state: tuple[int, int, int, int] | None = None
         self.link.maybe_connect(time.monotonic(), wait=True)
 
     @property
@@ -190,6 +192,7 @@ class TokenCakeConnectorScheduler:
         link, now = self.link, time.monotonic()
         if link.maybe_connect(now):
             self.stats.reconnects += 1
+            self._next_state_report, self._last_state = now, None  # report at once
             self._report_unreported()
             self.copies.fail_queued()
         self.holds.enforce(now)
@@ -216,13 +219,13 @@ class TokenCakeConnectorScheduler:
         O(waiting)); sent when it changed, or with the lease heartbeat."""
         link = self.link
         heartbeat_due = now >= link.next_heartbeat
-        if link.reg is None or not (heartbeat_due or now >= link.next_state_report):
+        if link.reg is None or not (heartbeat_due or now >= self._next_state_report):
             return
-        link.next_state_report = now + self.cfg.state_report_s
+        self._next_state_report = now + self.cfg.state_report_s
         state = self._engine_state()
-        if heartbeat_due or state != link.last_state:
+        if heartbeat_due or state != self._last_state:
             link.next_heartbeat = now + link.reg.heartbeat_s
-            link.last_state = state
+            self._last_state = state
             link.call(p.EngineHeartbeat(link.engine_id, *state))
 
     def on_new_request(self, request: Request) -> None:

@@ -175,7 +175,7 @@ class AgentHolds:
         while the daemon is known alive (``liveness_s``, else one ping)."""
         self.expire(now)
         link = self.side.link
-        if not link.up or not self.held() or link.check_alive(now):
+        if not link.up or not self.held() or link.check_alive(now, self.side.cfg.liveness_s):
             return
         if link.up:  # a refusal (not a timeout) leaves it up: still, not alive
             link.down("no reply within liveness_s")

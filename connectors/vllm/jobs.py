@@ -20,8 +20,8 @@ from vllm.v1.core.kv_cache_utils import BlockHash, get_block_hash
 
 from tokencake import protocol as p
 from tokencake.agent_params import AgentParams
+from tokencake.connectors.link import DaemonLink
 from tokencake.connectors.vllm.config import ConnectorConfig
-from tokencake.connectors.vllm.link import DaemonLink
 from tokencake.connectors.vllm.metadata import CopyJob, TokenCakeWorkerMetadata
 
 if TYPE_CHECKING:

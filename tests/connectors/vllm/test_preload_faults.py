@@ -104,10 +104,10 @@ class Rig:
 def rig(tmp_path: Path) -> Iterator[Rig]:
     from vllm.v1.core.block_pool import BlockPool
 
+    from tokencake.connectors.link import DaemonLink
     from tokencake.connectors.vllm.config import ConnectorConfig
     from tokencake.connectors.vllm.holds import AgentHolds
     from tokencake.connectors.vllm.jobs import ConnectorStats, CopyJobs, SchedulerSide
-    from tokencake.connectors.vllm.link import DaemonLink
 
     d = start(tmp_path, arena="4MiB")
     cfg = ConnectorConfig.from_extra(

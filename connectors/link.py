@@ -1,26 +1,30 @@
-"""The vLLM connector's link to tokencaked: registered or down, never blocking long.
+"""An engine connector's link to tokencaked: registered or down, never blocking long.
 
-The scheduler-side connector makes every daemon call through a ``DaemonLink``. A call that
-fails marks the link down (the ``on_down`` callbacks release what the engine held for the
-daemon) and registration is retried every ``reconnect_s``; see ``docs/operations.md``,
-"The sidecar can die".
+The vLLM connector's scheduler side and the SGLang storage backend make every daemon call
+through a ``DaemonLink``. A call that fails marks the link down (the ``on_down`` callbacks
+release what the engine held for the daemon) and registration is retried every
+``reconnect_s``; see ``docs/operations.md``, "The sidecar can die".
+
+The link itself takes no lock: the vLLM scheduler calls it from one thread. Where several
+threads share it (SGLang calls its storage backend from three), they hold ``lock`` around
+each use, and around anything that must see the same registration (``epoch``) twice.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
+import zmq
 
 from tokencake import protocol as p
-from tokencake.connectors.vllm.config import ConnectorConfig
 from tokencake.layout import KvLayout
 
-# Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
-logger = logging.getLogger(f"vllm.{__name__}")
+logger = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=msgspec.Struct)
 
@@ -31,32 +35,58 @@ REGISTER_BACKOFF_MAX_S = 30.0
 ``reconnect_s``, doubling per failure up to this interval."""
 
 
+class LinkSettings(Protocol):
+    """What a link reads from its connector's settings."""
+
+    endpoint: str
+    """tokencaked's ZMQ endpoint; empty: ``$TOKENCAKE_ENDPOINT``, else the daemon default."""
+    timeout_ms: float
+    reconnect_s: float
+
+
 class DaemonLink:
-    """The scheduler's connection to tokencaked: registered or down, never blocking long.
+    """An engine's connection to tokencaked: registered or down, never blocking long.
 
     Every failed call is counted by cause in ``errors`` (an error code, or ``unavailable``
     for a daemon that did not answer). Whoever holds engine resources for the daemon
-    registers an ``on_down`` callback: it runs the moment the link goes down.
+    registers an ``on_down`` callback: it runs the moment the link goes down. ``accept``,
+    when set, sees each registration before the link comes up and may refuse it (the SGLang
+    backend maps the daemon's arena there). ``layout`` may come later than the link (SGLang
+    learns its page geometry from the host pool); until then the link stays down.
     """
 
-    def __init__(self, cfg: ConnectorConfig, layout: KvLayout, name: str, num_gpu_blocks: int):
+    def __init__(
+        self,
+        cfg: LinkSettings,
+        layout: KvLayout | None,
+        name: str,
+        num_gpu_blocks: int = 0,
+        *,
+        log: logging.Logger = logger,
+        reregister_at_once: bool = False,
+    ) -> None:
         self.cfg = cfg
         self.layout = layout
         self.name = name
         self.num_gpu_blocks = num_gpu_blocks
+        self.log = log
+        self.reregister_at_once = reregister_at_once
+        """A daemon that forgot this engine (``unknown_engine``) is registered with again at
+        the next call, not after ``reconnect_s``."""
+        self.lock = threading.Lock()
         self.client: Any = None
         self.reg: p.RegisterEngineReply | None = None
         self.epoch = 0
         self.next_try = 0.0
         self.next_heartbeat = 0.0
-        self.next_state_report = 0.0
-        self.last_state: tuple[int, int, int, int] | None = None
         self.last_ok = 0.0
         """``time.monotonic()`` of the daemon's last reply."""
         self.last_error = ""
         self.errors: dict[str, int] = {}
         self.on_down: list[Callable[[], None]] = []
+        self.accept: Callable[[p.RegisterEngineReply], bool] | None = None
         self._register_failures = 0
+        self._refused = ""
 
     @property
     def up(self) -> bool:
@@ -78,7 +108,7 @@ class DaemonLink:
         handshake (it is running and serving its socket); only then is one registration
         sent, waiting at most ``max(timeout_ms, REGISTER_TIMEOUT_S)``.
         """
-        if self.up or now < self.next_try:
+        if self.up or self.layout is None or now < self.next_try:
             return False
         self.next_try = now + self.cfg.reconnect_s
         from tokencake.clients.client import (
@@ -87,6 +117,7 @@ class DaemonLink:
             TokenCakeClient,
         )
 
+        layout = self.layout
         timeout_s = max(self.cfg.timeout_ms / 1000.0, REGISTER_TIMEOUT_S)
         try:
             if self.client is None:
@@ -94,40 +125,40 @@ class DaemonLink:
                     self.cfg.endpoint or None, timeout_s=self.cfg.timeout_ms / 1000.0
                 )
             reg = self.client.call(
-                p.RegisterEngine(self.name, self.layout, self.num_gpu_blocks),
+                p.RegisterEngine(self.name, layout, self.num_gpu_blocks),
                 timeout_s=timeout_s,
                 connect_timeout_s=timeout_s if wait else 0.0,
             )
         except DaemonNotConnected as exc:
-            logger.debug("tokencaked not reachable: %s", exc)  # free to try again
+            self.log.debug("tokencaked not reachable: %s", exc)  # free to try again
             return False
-        except DaemonUnavailable as exc:
+        except (DaemonUnavailable, zmq.ZMQError) as exc:
             # Connected but no reply: a stuck or overloaded daemon. Back off.
             self._register_failures += 1
             backoff = self.cfg.reconnect_s * 2.0 ** min(self._register_failures, 16)
             self.next_try = now + min(backoff, REGISTER_BACKOFF_MAX_S)
             self._count("unavailable")
-            logger.debug("tokencaked does not answer: %s", exc)
+            self.log.debug("tokencaked does not answer: %s", exc)
             return False
         except (p.RemoteError, OSError) as exc:
             self._count(getattr(exc, "code", "unavailable"))
-            logger.debug("tokencaked refused registration: %s", exc)
+            self._refusal(exc)
             return False
         self._register_failures = 0
-        if reg.slot_bytes < self.layout.bytes_per_block:
-            logger.error(
-                "tokencaked slots hold %d B but a block needs %d B; connector stays off",
+        if reg.slot_bytes < layout.bytes_per_block:
+            self.log.error(
+                "tokencaked slots hold %d B but a block needs %d B; TokenCake stays off",
                 reg.slot_bytes,
-                self.layout.bytes_per_block,
+                layout.bytes_per_block,
             )
+            return False
+        if self.accept is not None and not self.accept(reg):
             return False
         self.reg = reg
         self.epoch += 1
         self.last_ok = now
         self.next_heartbeat = now + reg.heartbeat_s
-        self.next_state_report = now  # the pool's state goes out with the first step
-        self.last_state = None
-        logger.info(
+        self.log.info(
             "TokenCake: registered with tokencaked at %s as %s (arena %s, %d slots)",
             self.client.endpoint,
             reg.engine_id,
@@ -136,14 +167,22 @@ class DaemonLink:
         )
         return True
 
-    def down(self, why: object) -> None:
+    def _refusal(self, exc: Exception) -> None:
+        """A refusal (layout rejected, bad name) repeats on every retry: said once."""
+        if str(exc) != self._refused:
+            self.log.error("tokencaked refused this engine: %s; serving without it", exc)
+            self._refused = str(exc)
+        else:
+            self.log.debug("tokencaked refused registration: %s", exc)
+
+    def down(self, why: object, *, retry_now: bool = False) -> None:
         if self.reg is not None:
-            logger.warning("TokenCake: tokencaked link down (%s); serving without it", why)
+            self.log.warning("TokenCake: tokencaked link down (%s); serving without it", why)
             self.reg = None
             for callback in self.on_down:
                 callback()
         self.reg = None
-        self.next_try = time.monotonic() + self.cfg.reconnect_s
+        self.next_try = 0.0 if retry_now else time.monotonic() + self.cfg.reconnect_s
 
     def call(self, req: p.Request[R]) -> R | None:
         """One request; None when the daemon is down, slow, or refuses it (``last_error``
@@ -155,27 +194,28 @@ class DaemonLink:
 
         try:
             reply = self.client.call(req)
-        except DaemonUnavailable as exc:
+        except (DaemonUnavailable, zmq.ZMQError) as exc:
             self._count("unavailable")
             self.down(exc)
         except p.RemoteError as exc:
             self.last_ok = time.monotonic()  # it answered
             self._count(exc.code)
             if exc.code == p.ErrorCode.UNKNOWN_ENGINE:
-                self.down(exc)  # the daemon restarted: register again
+                # The daemon restarted (or dropped an idle engine): register again.
+                self.down(exc, retry_now=self.reregister_at_once)
             else:
-                logger.debug("tokencaked refused %s: %s", req.op, exc)
+                self.log.debug("tokencaked refused %s: %s", req.op, exc)
         else:
             self.last_ok = time.monotonic()
             self.last_error = ""
             return reply
         return None
 
-    def check_alive(self, now: float) -> bool:
+    def check_alive(self, now: float, liveness_s: float) -> bool:
         """The daemon answered within ``liveness_s``, or answers a ping now."""
         if not self.up:
             return False
-        if now - self.last_ok <= self.cfg.liveness_s:
+        if now - self.last_ok <= liveness_s:
             return True
         return self.call(p.Ping()) is not None
 
