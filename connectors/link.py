@@ -111,40 +111,10 @@ class DaemonLink:
         if self.up or self.layout is None or now < self.next_try:
             return False
         self.next_try = now + self.cfg.reconnect_s
-        from tokencake.clients.client import (
-            DaemonNotConnected,
-            DaemonUnavailable,
-            TokenCakeClient,
-        )
-
         layout = self.layout
-        timeout_s = max(self.cfg.timeout_ms / 1000.0, REGISTER_TIMEOUT_S)
-        try:
-            if self.client is None:
-                self.client = TokenCakeClient(
-                    self.cfg.endpoint or None, timeout_s=self.cfg.timeout_ms / 1000.0
-                )
-            reg = self.client.call(
-                p.RegisterEngine(self.name, layout, self.num_gpu_blocks),
-                timeout_s=timeout_s,
-                connect_timeout_s=timeout_s if wait else 0.0,
-            )
-        except DaemonNotConnected as exc:
-            self.log.debug("tokencaked not reachable: %s", exc)  # free to try again
+        reg = self._register(layout, now, wait=wait)
+        if reg is None:
             return False
-        except (DaemonUnavailable, zmq.ZMQError) as exc:
-            # Connected but no reply: a stuck or overloaded daemon. Back off.
-            self._register_failures += 1
-            backoff = self.cfg.reconnect_s * 2.0 ** min(self._register_failures, 16)
-            self.next_try = now + min(backoff, REGISTER_BACKOFF_MAX_S)
-            self._count("unavailable")
-            self.log.debug("tokencaked does not answer: %s", exc)
-            return False
-        except (p.RemoteError, OSError) as exc:
-            self._count(getattr(exc, "code", "unavailable"))
-            self._refusal(exc)
-            return False
-        self._register_failures = 0
         if reg.slot_bytes < layout.bytes_per_block:
             self.log.error(
                 "tokencaked slots hold %d B but a block needs %d B; TokenCake stays off",
@@ -166,6 +136,46 @@ class DaemonLink:
             reg.num_slots,
         )
         return True
+
+    def _register(
+        self, layout: KvLayout, now: float, *, wait: bool
+    ) -> p.RegisterEngineReply | None:
+        """Send one registration; None when it failed (counted, and backed off when the
+        daemon is connected but does not answer)."""
+        from tokencake.clients.client import (
+            DaemonNotConnected,
+            DaemonUnavailable,
+            TokenCakeClient,
+        )
+
+        timeout_s = max(self.cfg.timeout_ms / 1000.0, REGISTER_TIMEOUT_S)
+        try:
+            if self.client is None:
+                self.client = TokenCakeClient(
+                    self.cfg.endpoint or None, timeout_s=self.cfg.timeout_ms / 1000.0
+                )
+            reg = self.client.call(
+                p.RegisterEngine(self.name, layout, self.num_gpu_blocks),
+                timeout_s=timeout_s,
+                connect_timeout_s=timeout_s if wait else 0.0,
+            )
+        except DaemonNotConnected as exc:
+            self.log.debug("tokencaked not reachable: %s", exc)  # free to try again
+            return None
+        except (DaemonUnavailable, zmq.ZMQError) as exc:
+            # Connected but no reply: a stuck or overloaded daemon. Back off.
+            self._register_failures += 1
+            backoff = self.cfg.reconnect_s * 2.0 ** min(self._register_failures, 16)
+            self.next_try = now + min(backoff, REGISTER_BACKOFF_MAX_S)
+            self._count("unavailable")
+            self.log.debug("tokencaked does not answer: %s", exc)
+            return None
+        except (p.RemoteError, OSError) as exc:
+            self._count(getattr(exc, "code", "unavailable"))
+            self._refusal(exc)
+            return None
+        self._register_failures = 0
+        return reg
 
     def _refusal(self, exc: Exception) -> None:
         """A refusal (layout rejected, bad name) repeats on every retry: said once."""

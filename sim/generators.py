@@ -163,37 +163,7 @@ class DeepResearch(WorkloadGenerator):
         nodes = [NodeSpec("planner", "planner", instruction_tokens=40, output_tokens=256)]
         notes: list[str] = []
         for i in range(1, k + 1):
-            search_s = float(rng.lognormal(math.log(4.0), 0.4))
-            nodes.append(
-                NodeSpec(
-                    f"search_{i}_query",
-                    "searcher",
-                    predecessors=("planner",),
-                    instruction_tokens=60,
-                    output_tokens=64,
-                    tool=_tool("web_search", search_s, 1200, rng, noise, hint_s=4.0),
-                )
-            )
-            fetch_s = float(rng.lognormal(math.log(0.7), 0.3))
-            nodes.append(
-                NodeSpec(
-                    f"search_{i}_read",
-                    "searcher",
-                    predecessors=(f"search_{i}_query",),
-                    instruction_tokens=30,
-                    output_tokens=64,
-                    tool=_tool("fetch_page", fetch_s, 1800, rng, noise, hint_s=0.7),
-                )
-            )
-            nodes.append(
-                NodeSpec(
-                    f"search_{i}_notes",
-                    "searcher",
-                    predecessors=(f"search_{i}_read",),
-                    instruction_tokens=30,
-                    output_tokens=256,
-                )
-            )
+            nodes += _search_agent(i, rng, noise)
             notes.append(f"search_{i}_notes")
         nodes.append(
             NodeSpec(
@@ -229,6 +199,37 @@ class DeepResearch(WorkloadGenerator):
             nodes=nodes,
             initial_tokens=int(rng.integers(1500, 2500)),
         )
+
+
+def _search_agent(i: int, rng: np.random.Generator, noise: NoiseConfig) -> list[NodeSpec]:
+    """Search agent ``i`` of a deep-research app: query (web search), read (page fetch),
+    notes; draws from ``rng`` in that order."""
+    search_s = float(rng.lognormal(math.log(4.0), 0.4))
+    query = NodeSpec(
+        f"search_{i}_query",
+        "searcher",
+        predecessors=("planner",),
+        instruction_tokens=60,
+        output_tokens=64,
+        tool=_tool("web_search", search_s, 1200, rng, noise, hint_s=4.0),
+    )
+    fetch_s = float(rng.lognormal(math.log(0.7), 0.3))
+    read = NodeSpec(
+        f"search_{i}_read",
+        "searcher",
+        predecessors=(f"search_{i}_query",),
+        instruction_tokens=30,
+        output_tokens=64,
+        tool=_tool("fetch_page", fetch_s, 1800, rng, noise, hint_s=0.7),
+    )
+    notes = NodeSpec(
+        f"search_{i}_notes",
+        "searcher",
+        predecessors=(f"search_{i}_read",),
+        instruction_tokens=30,
+        output_tokens=256,
+    )
+    return [query, read, notes]
 
 
 # --------------------------------------------------------------------------- react-coding

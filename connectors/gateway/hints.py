@@ -136,12 +136,25 @@ def _sglang(body: dict[str, Any], nvext_hints: dict[str, Any]) -> AgentCall | No
 
 
 def declared(headers: Mapping[str, str], body: dict[str, Any]) -> Declared:
-    """Everything ``headers`` and ``body`` declare; raises HintError on a bad TokenCake header."""
-    d = Declared()
-    kv = _obj(body.get("kv_transfer_params"))
-    d.managed = NAMESPACE in kv
+    """Everything ``headers`` and ``body`` declare; raises HintError on a bad TokenCake header.
 
-    # Lowest precedence first; each later source overwrites what it names.
+    Lowest precedence first; each later source overwrites what it names.
+    """
+    d = Declared()
+    d.managed = NAMESPACE in _obj(body.get("kv_transfer_params"))
+    nv = _from_metadata_and_dynamo(d, headers, body)
+    _from_sglang(d, body, nv)
+    _from_retention(d, body)
+    _from_agent_hint(d, body)
+    _from_headers(d, headers)
+    return d
+
+
+def _from_metadata_and_dynamo(
+    d: Declared, headers: Mapping[str, str], body: dict[str, Any]
+) -> dict[str, Any]:
+    """OpenAI's ``metadata`` and ``user``, then Dynamo's ``nvext`` hints and session header;
+    returns the ``nvext.agent_hints`` object."""
     metadata = _obj(body.get("metadata"))
     for key in ("conversation_id", "session_id"):
         if _id(metadata.get(key)):
@@ -149,7 +162,6 @@ def declared(headers: Mapping[str, str], body: dict[str, Any]) -> Declared:
             break
     if _id(body.get("user")):
         d.conversation, d.rule = _id(body.get("user")), "user"
-
     nv = _obj(_obj(body.get("nvext")).get("agent_hints"))
     if _id(nv.get("prefix_id")):
         d.conversation, d.rule = _id(nv.get("prefix_id")), "nvext"
@@ -158,17 +170,23 @@ def declared(headers: Mapping[str, str], body: dict[str, Any]) -> Declared:
         d.importance = 1.0 + priority / NVEXT_PRIORITY_PER_IMPORTANCE
     if _id(headers.get(H_DYNAMO_SESSION)):
         d.conversation, d.rule = _id(headers.get(H_DYNAMO_SESSION)), "header"
+    return nv
 
+
+def _from_sglang(d: Declared, body: dict[str, Any], nv: dict[str, Any]) -> None:
     sg = _sglang(body, nv)
-    if sg is not None:
-        d.app_id, d.node = sg.params.app_id, sg.params.agent_id
-        d.conversation, d.rule = f"{d.app_id}/{d.node}", "agent_hints"
-        d.step_id, d.parent_step = sg.request_id, sg.parent_step_id
-        if sg.params.tool is not None and sg.params.tool.predicted_s is not None:
-            d.tool_s = sg.params.tool.predicted_s
-        if sg.cache_ttl_ms is not None:
-            d.ttl_s = sg.cache_ttl_ms / 1000.0
+    if sg is None:
+        return
+    d.app_id, d.node = sg.params.app_id, sg.params.agent_id
+    d.conversation, d.rule = f"{d.app_id}/{d.node}", "agent_hints"
+    d.step_id, d.parent_step = sg.request_id, sg.parent_step_id
+    if sg.params.tool is not None and sg.params.tool.predicted_s is not None:
+        d.tool_s = sg.params.tool.predicted_s
+    if sg.cache_ttl_ms is not None:
+        d.ttl_s = sg.cache_ttl_ms / 1000.0
 
+
+def _from_retention(d: Declared, body: dict[str, Any]) -> None:
     directives = body.get("retention_directives")
     if isinstance(directives, list) and directives:
         priorities = [_number(_obj(x).get("priority")) for x in directives]
@@ -182,6 +200,8 @@ def declared(headers: Mapping[str, str], body: dict[str, Any]) -> Declared:
     if _id(body.get("retention_scope")):
         d.conversation, d.rule = _id(body.get("retention_scope")), "retention_scope"
 
+
+def _from_agent_hint(d: Declared, body: dict[str, Any]) -> None:
     vh = _obj(body.get("agent_hint"))
     if _id(vh.get("session_id")):
         d.conversation, d.rule = _id(vh.get("session_id")), "agent_hint"
@@ -191,6 +211,9 @@ def declared(headers: Mapping[str, str], body: dict[str, Any]) -> Declared:
     if ttl is not None:
         d.ttl_s = ttl
 
+
+def _from_headers(d: Declared, headers: Mapping[str, str]) -> None:
+    """TokenCake's own headers, the highest precedence; a malformed one is a HintError."""
     conversation = _header_id(headers, H_CONVERSATION)
     if conversation:
         d.conversation, d.rule = conversation, "header"
@@ -208,4 +231,3 @@ def declared(headers: Mapping[str, str], body: dict[str, Any]) -> Declared:
         if not parents or not all(parents):
             raise HintError(f"{H_PARENT} must be comma-separated ids of 1..{MAX_ID_CHARS} chars")
         d.parents = parents
-    return d
