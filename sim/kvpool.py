@@ -83,6 +83,9 @@ class GpuPool:
         self.ghost: OrderedDict[int, None] = OrderedDict()
         self.by_key: dict[int, int] = {}
         self.agents_with_cache: dict[AgentKv, None] = {}
+        self.locks: dict[int, list[int]] = {}
+        """Blocks being copied to the host: block -> [copies in flight, 1 if an ended one
+        moved it]."""
         self.used = 0
         self.n_cached = 0
         self.epoch = 0
@@ -220,13 +223,28 @@ class GpuPool:
     # ------------------------------------------------------------------ policy actions
 
     def lock(self, b: int) -> None:
-        """An idle block is being copied to the host: not evictable until ``unlock``."""
+        """A copy of ``b`` to the host starts: an idle block is not evictable until the last
+        copy of it ends (two agents sharing a prefix can offload the same block at once)."""
+        held = self.locks.get(b)
+        if held is None:
+            self.locks[b] = [1, 0]
+        else:
+            held[0] += 1
         if self.ref[b] == 0:
             self._detach(b)
             self.where[b] = LOCKED
 
     def unlock(self, b: int, agent: AgentKv, to_ghost: bool) -> None:
-        """The copy of ``b`` ended; an idle block becomes GHOST (moved) or CACHED (copied)."""
+        """A copy of ``b`` ended; after the last one an idle block becomes GHOST (some copy
+        moved it) or CACHED (copies only)."""
+        held = self.locks.get(b)
+        if held is not None:
+            held[0] -= 1
+            held[1] |= int(to_ghost)
+            if held[0] > 0:
+                return
+            del self.locks[b]
+            to_ghost = to_ghost or bool(held[1])
         if self.ref[b] > 0:
             return
         self._detach(b)

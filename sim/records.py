@@ -75,6 +75,9 @@ class Transfer:
     nbytes: int
     priority: int
     free_gpu: bool = False
+    settles: int = 0
+    """Blocks of the policy's decision this copy settles (``TransferDone``): the copied
+    ones plus those an offload found on the host already."""
     waiters: list[Request] = field(default_factory=list)
     submit_s: float = 0.0
     start_s: float = 0.0

@@ -55,7 +55,7 @@ def transfer_done(sim: Simulator, tr: Transfer) -> None:
         sim.host.commit(tr.keys, a)
         for b in tr.blocks:
             sim.pool.unlock(b, a, tr.free_gpu)
-        sim._emit(TransferDone(sim.now, a.app_id, a.agent_id, "d2h", n))
+        sim._emit(TransferDone(sim.now, a.app_id, a.agent_id, "d2h", tr.settles))
         return
     sim.c.upload_bytes += tr.nbytes
     sim.c.upload_blocks += n
@@ -65,7 +65,7 @@ def transfer_done(sim: Simulator, tr: Transfer) -> None:
         sim.pool.register(b, k)
         sim.pool.release(b, a, sim.now)
     if tr.kind == "upload":
-        sim._emit(TransferDone(sim.now, a.app_id, a.agent_id, "h2d", n))
+        sim._emit(TransferDone(sim.now, a.app_id, a.agent_id, "h2d", tr.settles))
     for req in tr.waiters:
         req.waiting_on -= 1
         if req.waiting_on == 0 and req in sim.loading:
@@ -76,6 +76,15 @@ def transfer_done(sim: Simulator, tr: Transfer) -> None:
 
 
 def offload(sim: Simulator, agent: AgentKv, n_blocks: int, free_gpu: bool) -> None:
+    """Copy (``free_gpu``: move) the agent's last ``n_blocks`` GPU blocks to the host.
+
+    The policy counted ``n_blocks``; every one of them is settled by a ``TransferDone``:
+    blocks on the host when the copy ends (copied now, or already there: a shared prefix
+    another agent saved) with ``ok``; blocks no longer on the GPU, or left out for want of
+    host room, with ``ok=False`` at once. A report short of the decision would leave the
+    policy waiting for a copy that never comes (the daemon settles such blocks the same
+    way when it reserves host slots).
+    """
     pool = sim.pool
     on_gpu: list[tuple[int, int]] = []
     for k in agent.seq_keys:
@@ -86,10 +95,13 @@ def offload(sim: Simulator, agent: AgentKv, n_blocks: int, free_gpu: bool) -> No
         on_gpu = on_gpu[-n_blocks:]
     copy = [(b, k) for b, k in on_gpu if not sim.host.has(k) and k not in sim.host.writing]
     room = sim.host.capacity - len(sim.host.writing)
-    if len(copy) > room:
-        copy = copy[len(copy) - room :] if room > 0 else []
+    left_out = max(len(copy) - max(room, 0), 0)
+    copy = copy[left_out:]
+    settled = len(on_gpu) - left_out
+    short = max(n_blocks, len(on_gpu)) - settled
+    if short > 0:
+        sim._emit(TransferDone(sim.now, agent.app_id, agent.agent_id, "d2h", short, ok=False))
     if not on_gpu:
-        sim._emit(TransferDone(sim.now, agent.app_id, agent.agent_id, "d2h", 0, ok=False))
         return
     for b, _ in on_gpu:
         pool.lock(b)
@@ -98,6 +110,7 @@ def offload(sim: Simulator, agent: AgentKv, n_blocks: int, free_gpu: bool) -> No
     for owner, k in evicted.items():
         sim.c.host_evicted_blocks += k
         sim._emit(KvEvicted(sim.now, owner.app_id, owner.agent_id, k, "host"))
+    # Blocks already on the host are released with the copied ones, at the same time.
     tr = Transfer(
         "d2h",
         "offload",
@@ -107,31 +120,41 @@ def offload(sim: Simulator, agent: AgentKv, n_blocks: int, free_gpu: bool) -> No
         len(keys) * sim.profile.block_bytes,
         1,
         free_gpu=free_gpu,
+        settles=settled,
     )
-    # Blocks already on the host are released with the copied ones, at the same time.
-    tr.nbytes = len(keys) * sim.profile.block_bytes
     submit(sim, tr)
 
 
 def upload(sim: Simulator, agent: AgentKv, n_blocks: int, priority: int) -> None:
+    """Copy up to ``n_blocks`` of the agent's host KV that is missing on the GPU back.
+
+    Settles the decision's blocks as ``offload`` does: the copied ones when the copy ends;
+    the rest at once, ``ok`` when the whole context is on the GPU (or being loaded)
+    already, ``ok=False`` when its host chain is broken or the GPU has no room.
+    """
     want: list[int] = []
+    complete = True
     for k in agent.seq_keys:
         if k in sim.pool.by_key or k in sim.pending_keys:
             continue
         if not sim.host.has(k):
+            complete = False
             break
         want.append(k)
         if n_blocks > 0 and len(want) >= n_blocks:
             break
-    if not want:
-        sim._emit(TransferDone(sim.now, agent.app_id, agent.agent_id, "h2d", 0, ok=False))
-        return
-    got = sim._allocate(len(want))
-    if got is None:
+    got = sim._allocate(len(want)) if want else None
+    if want and got is None:
         sim.c.failed_uploads += 1
-        sim._emit(TransferDone(sim.now, agent.app_id, agent.agent_id, "h2d", 0, ok=False))
+        want = []
+        complete = False
+    short = n_blocks - len(want)
+    if short > 0:
+        sim._emit(TransferDone(sim.now, agent.app_id, agent.agent_id, "h2d", short, ok=complete))
+    if not want or got is None:
         return
     tr = Transfer("h2d", "upload", agent, got, want, len(want) * sim.profile.block_bytes, priority)
+    tr.settles = len(want)
     for b, k in zip(got, want, strict=True):
         sim.pending_keys[k] = (b, tr)
         sim.host.touch(k)

@@ -15,7 +15,10 @@ Temporal (``temporal=True``)
     return raises the upload to urgent; a call past its q95 keeps any KV still on the host
     there until it returns (late return), and its GPU-resident KV is re-examined with the
     elapsed time as the remaining-stall estimate (a tool that has run long tends to run
-    long). Deadlines: see ``state``.
+    long). KV that stays on the GPU and that a reader will come back for (the returning
+    call, or a DAG successor) is written through to the host under pressure when a reload
+    beats a recompute (``writethrough``), so an eviction costs a reload, not a recompute.
+    Deadlines: see ``timers``.
 
 Spatial (``spatial=True``)
     Priority = importance x (1 + sum of dimensionless terms): criticality (1 - slack /
@@ -50,14 +53,15 @@ from collections.abc import Sequence
 from tokencake import guard
 from tokencake import protocol as p
 from tokencake.daemon.scheduler.agents import DONE, IDLE, RUNNING, TOOL, WAITING, AgentState
+from tokencake.daemon.scheduler.events import LlmCallFinish
 from tokencake.daemon.scheduler.policy import CachedKv, PolicyConfig, WaitingRequest
 from tokencake.daemon.scheduler.predictor import Z_Q10, Z_Q20, Z_Q95
 from tokencake.daemon.scheduler.timers import T_LATE, T_UPLOAD
-from tokencake.daemon.scheduler.tracking import TrackingPolicy
+from tokencake.daemon.scheduler.writethrough import NO_READER, WriteThroughPolicy
 
 PARTITION_SMOOTHING = 0.5
 """Weight of the newest demand sample in the per-class reservation."""
-NEVER = 1e12
+NEVER = NO_READER
 UNREAD_MIN_OUTCOMES = 3.0
 """Past tool calls of an agent type and tool kind needed before their record decides."""
 UNREAD_SHARE = 0.8
@@ -66,7 +70,7 @@ offloaded (a copy out and back for nobody). It is still pinned: a wrong verdict 
 would cost a recompute, a wrong verdict on an offload only the copy saved."""
 
 
-class TokenCakePolicy(TrackingPolicy):
+class TokenCakePolicy(WriteThroughPolicy):
     name = "tokencake"
     temporal = True
     spatial = True
@@ -108,7 +112,22 @@ class TokenCakePolicy(TrackingPolicy):
             }
             if ttl <= self.config.tool_pin_max_s:
                 self._pin(agent, ttl, "pin:kept_through_tool_call", terms, out)
+            if not self._likely_unread(agent):
+                # The returning call reads it: a host copy insures it against eviction.
+                self._write_through(agent, pred.median_s, "tool_kept", out)
         self._push_timer(late_at, T_LATE, agent, agent.tool_token)
+
+    def _on_llm_finish(
+        self, agent: AgentState, ev: LlmCallFinish, out: list[p.DecisionRecord]
+    ) -> None:
+        if self.temporal:
+            self._note_finished(agent)
+
+    def _on_llm_start(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
+        self._reload_missing(agent, p.URGENT, "reload_on_llm_start", out)
+
+    def _reader_gap_s(self, agent: AgentState) -> float:
+        return self._consumer_gap_s(agent)
 
     def _likely_unread(self, agent: AgentState) -> bool:
         """Past calls of this agent type and tool kind mostly left KV nobody read after."""
@@ -152,12 +171,6 @@ class TokenCakePolicy(TrackingPolicy):
         busy = self.cost.seconds("h2d", n, -(-n // self.config.upload_piece_blocks))
         return max(0.0, busy - max(start_in_s, 0.0))
 
-    def _pressure(self) -> bool:
-        """Would memory freed now be used: a request waits for blocks, or GPU usage is at
-        least ``offload_usage_floor``."""
-        usage = 1.0 - self.gpu_free / self.gpu_total if self.gpu_total > 0 else 0.0
-        return self.waiting_blocks() > 0 or usage >= self.config.offload_usage_floor
-
     def _reexamine_kept(self, out: list[p.DecisionRecord]) -> None:
         """Waiting demand or pressure appeared: the KV kept for want of it is examined again,
         once, with what is left of each stall (the tool-start rule, not a new one)."""
@@ -175,7 +188,9 @@ class TokenCakePolicy(TrackingPolicy):
     ) -> bool:
         """Offload the agent's idle GPU KV if it pays; otherwise record why not."""
         cfg = self.config
-        blocks = agent.gpu_blocks - (agent.offloading if agent.offload_moves else 0)
+        if agent.offloading and not agent.offload_moves:
+            return False  # a write-through copy is in flight; the next examination decides
+        blocks = agent.gpu_blocks - agent.offloading
         if blocks <= 0:
             return False
         pieces = -(-blocks // cfg.upload_piece_blocks)
@@ -244,7 +259,7 @@ class TokenCakePolicy(TrackingPolicy):
             return
         pred = agent.prediction
         early = pred is not None and actual_s < pred.quantile_s(Z_Q10 if agent.critical else Z_Q20)
-        self._reload(
+        self._reload_missing(
             agent, p.URGENT, "urgent_upload:early_return" if early else "urgent_upload:return", out
         )
         agent.upload_reason["actual_s"] = round(actual_s, 6)
@@ -440,6 +455,8 @@ class TokenCakePolicy(TrackingPolicy):
         return self.allocation_verdict(app_id, agent_id, n_blocks, now)[0]
 
     def _on_engine_state(self, out: list[p.DecisionRecord]) -> None:
+        if self.temporal:
+            self._write_through_finished(out)
         if self.temporal and self._kept_idle:
             self._reexamine_kept(out)
         if not self.spatial or self.gpu_total <= 0:
@@ -507,3 +524,4 @@ class TokenCakeSpatialPolicy(TokenCakePolicy):
 
     name = "tokencake-spatial"
     temporal = False
+    write_through = False

@@ -357,6 +357,11 @@ class TrackingPolicy(TimedPolicy):
         failures: dict[str, p.Term] = {"failures": agent.upload_failures}
         if agent.phase == DONE:
             self._drop(agent, "host", agent.host_blocks, "app_end", {}, out)
+        elif agent.phase != TOOL:
+            # The reader is here: the engine loads what is on the host when it admits the
+            # request (a prefix hit). The copy stays; no retry, and no failure counted.
+            agent.upload_failures -= 1
+            self._cancel_upload(agent)
         elif agent.upload_failures >= MAX_UPLOAD_FAILURES:
             self._cancel_upload(agent)
             self._drop(agent, "host", agent.host_blocks, "upload_failed", failures, out)

@@ -86,7 +86,7 @@ def test_keeps_when_margin_too_small_and_says_why() -> None:
     p = make()
     p.on_event(EngineState(0.0, 1000, 50, num_waiting=3, waiting_blocks=200))
     out = to_tool(p, 100, hint=0.15)  # round trip ~0.2 s
-    assert kinds(out) == ["keep", "pin"]
+    assert kinds(out) == ["keep", "pin", "offload", "pin"]
     assert out[0].reason.rule == "keep:margin_below_min"
     # kept on the GPU: pinned until the call's q95, so that the return finds it there
     pin = out[1]
@@ -94,7 +94,15 @@ def test_keeps_when_margin_too_small_and_says_why() -> None:
     assert pin.reason.rule == "pin:kept_through_tool_call"
     assert pin.reason.terms["kept_because"] == "keep:margin_below_min"
     assert 0.15 < pin.ttl_s < 0.5
-    assert p.gpu_free == 50 - 100  # the pinned blocks are held, not free
+    # under pressure the returning call's KV is written through (a copy: it stays cached),
+    # and the pin, which the copy ended, comes back up to the predicted median only
+    save, repin = out[2], out[3]
+    assert isinstance(save, OffloadDecision) and not save.free_gpu
+    assert save.reason.rule == "save:reader_coming" and save.blocks == 100
+    assert isinstance(repin, PinDecision)
+    assert repin.reason.rule == "pin:until_median_with_host_copy"
+    assert repin.ttl_s == pytest.approx(0.15) and repin.ttl_s < pin.ttl_s
+    assert p.gpu_free == 50 - 100  # the pinned blocks are held (once), not free
 
 
 def test_keeps_without_pressure_and_with_full_host() -> None:
@@ -104,7 +112,9 @@ def test_keeps_without_pressure_and_with_full_host() -> None:
     assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == ["keep:no_pressure", pin]
     p = make(host_blocks=10)
     p.on_event(EngineState(0.0, 1000, 50, num_waiting=3, waiting_blocks=200))
-    assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == ["keep:host_full", pin]
+    # no host room for the offload, nor for a copy (it would leave none for offloads)
+    full = ["keep:host_full", pin, "keep:host_room_for_offloads"]
+    assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == full
     # a call predicted to outlast tool_pin_max_s is not pinned: the eviction order decides
     p = make(tool_pin_max_s=3.0)
     p.on_event(EngineState(0.0, 1000, 900))

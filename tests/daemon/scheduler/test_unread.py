@@ -95,7 +95,7 @@ def test_uploads_already_queued_count_in_the_round_trip() -> None:
         busy.on_event(EngineState(3.6 + 0.01 * k, 10000, 9000))
     assert busy.h2d_in_flight == 3000
     out = tool_start(busy, "x", 3.7)
-    assert [d.kind for d in out] == ["keep", "pin"]
+    assert [d.kind for d in out] == ["keep", "pin", "offload", "pin"]  # kept, written through
     assert out[0].reason.rule == "keep:margin_below_min"
     queue = out[0].reason.terms["h2d_queue_s"]
     assert isinstance(queue, float) and queue > 2.0

@@ -1,0 +1,188 @@
+"""Write-through (``writethrough``): a host copy of KV whose reader is coming, decided by rule.
+
+Decisions, not timings: the property test draws pool states, sizes and costs with fixed
+seeds (hypothesis derandomized, no database) and checks that a copy is decided exactly
+when the rule says so, and that a copy never moves KV.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokencake.daemon.scheduler import (
+    AppRegistered,
+    EngineState,
+    KvEvicted,
+    LlmCallAdmitted,
+    LlmCallFinish,
+    LlmCallStart,
+    PolicyConfig,
+    ToolCallEnd,
+    ToolCallStart,
+    TransferDone,
+    create_policy,
+)
+from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
+from tokencake.protocol import URGENT, AppDag, DagNode, DecisionRecord, OffloadDecision, PinDecision
+
+MB = 1 << 20
+SAVE = "save:reader_coming"
+
+
+def make(name: str = "tokencake", **cfg: float) -> TokenCakePolicy:
+    conf = PolicyConfig(bytes_per_block=MB, d2h_bytes_per_s=1e9, h2d_bytes_per_s=1e9, **cfg)  # type: ignore[arg-type]
+    policy = create_policy(name, conf)
+    assert isinstance(policy, TokenCakePolicy)
+    return policy
+
+
+def chain() -> AppDag:
+    """``a`` calls a tool, then ``b`` reads its context (a successor's prompt starts with it)."""
+    return AppDag(
+        nodes=[DagNode(id="a", agent_type="w", tool_kind="t"), DagNode(id="b", agent_type="w")],
+        edges=[("a", "b")],
+    )
+
+
+def finish_a(p: TokenCakePolicy, blocks: int, t: float = 1.0) -> list[DecisionRecord]:
+    p.on_event(AppRegistered(0.0, "app", chain()))
+    p.on_event(LlmCallStart(0.0, "app", "a", "r", blocks=blocks))
+    p.on_event(LlmCallAdmitted(0.1, "app", "a", "r", blocks=blocks))
+    return p.on_event(LlmCallFinish(t, "app", "a", "r", kv_blocks=blocks))
+
+
+def saves(out: list[DecisionRecord]) -> list[OffloadDecision]:
+    return [d for d in out if isinstance(d, OffloadDecision) and d.reason.rule == SAVE]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(
+    gpu=st.integers(100, 5000),
+    used_share=st.floats(0.0, 1.0),
+    waiting=st.integers(0, 400),
+    blocks=st.integers(1, 600),
+    host=st.integers(0, 12000),
+    recompute_ms=st.floats(0.1, 5.0),
+)
+def test_successor_copy_is_decided_exactly_by_the_rule(
+    gpu: int, used_share: float, waiting: int, blocks: int, host: int, recompute_ms: float
+) -> None:
+    """A finished node whose successor is still to run: its KV is copied to the host iff
+    there is pressure, a reload is cheaper than a recompute and the host keeps a GPU's
+    worth of room for offloads after the copy; the copy leaves the KV cached."""
+    p = make(host_blocks=host, recompute_s_per_block=recompute_ms / 1e3)
+    finish_a(p, blocks)
+    free = gpu - int(used_share * gpu)
+    out = p.on_event(EngineState(1.0, gpu, free, waiting_blocks=waiting))
+    t_back = p.cost.seconds("h2d", blocks, -(-blocks // p.config.upload_piece_blocks))
+    pressure = waiting > 0 or 1.0 - free / gpu >= p.config.offload_usage_floor
+    cheaper = t_back < blocks * recompute_ms / 1e3
+    room = host - blocks - gpu >= 0
+    got = saves(out)
+    assert bool(got) == (pressure and cheaper and room)
+    if got:
+        (save,) = got
+        assert not save.free_gpu and save.blocks == blocks
+        p.on_event(TransferDone(1.5, "app", "a", "d2h", blocks))
+        (agent,) = p.iter_agents()
+        assert (agent.gpu_blocks, agent.host_blocks, agent.offloading) == (blocks, blocks, 0)
+    # decided once: the next report does not copy the same KV again
+    assert not saves(p.on_event(EngineState(2.0, gpu, free, waiting_blocks=waiting)))
+
+
+def test_no_copy_without_a_reader_or_for_the_spatial_half() -> None:
+    under_pressure = EngineState(1.0, 1000, 100, num_waiting=2, waiting_blocks=300)
+    leaf = make(recompute_s_per_block=0.01)
+    leaf.on_event(AppRegistered(0.0, "solo", AppDag(nodes=[DagNode(id="a", agent_type="w")])))
+    leaf.on_event(LlmCallStart(0.0, "solo", "a", "r", blocks=200))
+    leaf.on_event(LlmCallAdmitted(0.1, "solo", "a", "r", blocks=200))
+    leaf.on_event(LlmCallFinish(1.0, "solo", "a", "r", kv_blocks=200))
+    assert not saves(leaf.on_event(under_pressure))  # no successor, no tool call: no reader
+    spatial = make("tokencake-spatial", recompute_s_per_block=0.01)
+    finish_a(spatial, 200)
+    assert not saves(spatial.on_event(under_pressure))
+    kept = make(recompute_s_per_block=0.01)
+    finish_a(kept, 200)
+    assert saves(kept.on_event(under_pressure))
+
+
+def test_tool_call_copy_shortens_the_pin_to_the_median() -> None:
+    """Kept through a short call under pressure: pinned to q95, copied, pinned again to the
+    median only (the copy ended the pin; the host copy insures the tail). The pinned
+    blocks are held once in the policy's free count."""
+    p = make(recompute_s_per_block=0.01)
+    p.on_event(EngineState(0.0, 1000, 400, num_waiting=2, waiting_blocks=300))
+    finish_a(p, 200)
+    out = p.on_event(ToolCallStart(1.0, "app", "a", "t", 0.2))
+    assert [d.reason.rule for d in out] == [
+        "keep:margin_below_min",
+        "pin:kept_through_tool_call",
+        SAVE,
+        "pin:until_median_with_host_copy",
+    ]
+    first, second = out[1], out[3]
+    assert isinstance(first, PinDecision) and isinstance(second, PinDecision)
+    assert second.ttl_s == pytest.approx(0.2) and second.ttl_s < first.ttl_s
+    assert p.gpu_free == 400 - 200
+
+
+def written_through(p: TokenCakePolicy) -> None:
+    p.on_event(EngineState(0.0, 1000, 400, num_waiting=2, waiting_blocks=300))
+    finish_a(p, 200)
+    assert saves(p.on_event(ToolCallStart(1.0, "app", "a", "t", 0.2)))
+    p.on_event(TransferDone(1.1, "app", "a", "d2h", 200))
+
+
+def test_return_uploads_only_what_is_missing_on_the_gpu() -> None:
+    cached = make(recompute_s_per_block=0.01)
+    written_through(cached)
+    out = cached.on_event(ToolCallEnd(1.2, "app", "a"))
+    assert not [d for d in out if d.kind == "upload"]  # still cached: nothing to copy
+    evicted = make(recompute_s_per_block=0.01)
+    written_through(evicted)
+    evicted.on_event(KvEvicted(1.15, "app", "a", 150))  # the pin ran out; 150 blocks went
+    evicted.on_event(ToolCallEnd(1.2, "app", "a"))
+    (agent,) = evicted.iter_agents()
+    assert agent.upload_left + agent.uploading == 150
+    assert agent.upload_priority == URGENT
+
+
+def test_failed_upload_piece_keeps_the_host_copy_once_the_reader_is_here() -> None:
+    """A piece that found no GPU room: while the agent is in its tool call it is retried;
+    once the agent's request waits, the engine loads the host copy on admission, so the
+    upload is cancelled and the copy kept (no drop, no retry)."""
+    p = make()
+    p.on_event(EngineState(0.0, 1000, 50, num_waiting=1, waiting_blocks=10))
+    finish_a(p, 100)
+    out = p.on_event(ToolCallStart(1.0, "app", "a", "t", 20.0))
+    assert [d.kind for d in out] == ["offload"]
+    p.on_event(TransferDone(1.2, "app", "a", "d2h", 100))
+    p.on_event(ToolCallEnd(2.0, "app", "a"))  # early return: urgent upload
+    p.on_event(EngineState(2.0, 1000, 1000))
+    (agent,) = p.iter_agents()
+    sent = agent.uploading
+    assert sent > 0
+    p.on_event(LlmCallStart(2.1, "app", "a", "r2", blocks=110))  # the reader is here
+    out = p.on_event(TransferDone(2.2, "app", "a", "h2d", sent, ok=False))
+    assert not [d for d in out if d.kind in ("drop", "upload")]
+    assert (agent.upload_left, agent.uploading, agent.upload_failures) == (0, 0, 0)
+    assert agent.host_blocks == 100
+
+
+def test_failed_upload_piece_is_retried_during_the_tool_call() -> None:
+    p = make()
+    p.on_event(EngineState(0.0, 1000, 50, num_waiting=1, waiting_blocks=10))
+    finish_a(p, 100)
+    p.on_event(ToolCallStart(1.0, "app", "a", "t", 20.0))
+    p.on_event(TransferDone(1.2, "app", "a", "d2h", 100))
+    p.on_event(EngineState(1.3, 1000, 1000))
+    (agent,) = p.iter_agents()
+    p._start_upload(agent, 64, URGENT, "test_upload", {}, [])
+    p.on_event(EngineState(1.4, 1000, 1000))
+    sent = agent.uploading
+    assert sent > 0
+    out = p.on_event(TransferDone(1.5, "app", "a", "h2d", sent, ok=False))
+    assert agent.upload_failures == 1
+    assert [d.reason.rule for d in out if d.kind == "upload"] == ["retry_failed_piece"]
