@@ -22,6 +22,8 @@ T_LATE = 1
 T_DEADLINE = 2
 T_HOST_TTL = 3
 T_UNPIN = 4
+COMPACT_MIN = 1024
+"""Below this many timers the heap is never compacted."""
 
 
 class TimedPolicy(UploadingPolicy):
@@ -30,6 +32,7 @@ class TimedPolicy(UploadingPolicy):
     def __init__(self, config: PolicyConfig | None = None) -> None:
         super().__init__(config)
         self._timers: list[tuple[float, int, int, AgentState, int]] = []
+        self._compact_at = COMPACT_MIN
 
     def _on_timer(self, kind: int, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         """Policy-specific timers (T_UPLOAD, T_LATE)."""
@@ -42,6 +45,21 @@ class TimedPolicy(UploadingPolicy):
     def _push_timer(self, at_s: float, kind: int, agent: AgentState, token: int) -> None:
         self._seq += 1
         heapq.heappush(self._timers, (at_s, self._seq, kind, agent, token))
+        if len(self._timers) >= self._compact_at:
+            self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        """Drop the timers that can no longer fire (their tool call ended, or their app).
+
+        ``_run_timers`` skips them when due, but until then (``host_ttl_s``, 10 minutes)
+        each keeps its agent, and so its ended app, in memory. Compacting when the heap has
+        doubled since the last time costs O(1) per timer, amortised, and keeps the heap
+        within twice the live timers. Stale is for good: tokens only grow, DONE is final.
+        """
+        live = [t for t in self._timers if t[4] == t[3].tool_token and t[3].phase != DONE]
+        heapq.heapify(live)
+        self._timers = live
+        self._compact_at = max(COMPACT_MIN, 2 * len(live))
 
     def _pin(
         self,
@@ -83,10 +101,10 @@ class TimedPolicy(UploadingPolicy):
         )
 
     def _run_timers(self, out: list[p.DecisionRecord]) -> None:
-        timers = self._timers
         now = self.now
-        while timers and timers[0][0] <= now:
-            _, _, kind, agent, token = heapq.heappop(timers)
+        # self._timers each time round: a timer pushed here may compact it into a new list.
+        while self._timers and self._timers[0][0] <= now:
+            _, _, kind, agent, token = heapq.heappop(self._timers)
             if token != agent.tool_token or agent.phase == DONE:
                 continue
             if kind == T_DEADLINE:
