@@ -15,94 +15,22 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from tokencake import protocol as p
 from tokencake.cli import HELP_OPTIONS, FloatRange, Group
 from tokencake.sim.generators import BUILTIN, get_generator
 from tokencake.sim.metrics import target_ratios
 from tokencake.sim.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile
+from tokencake.sim.report import format_table, format_targets, run_progress
 from tokencake.sim.runner import ORACLE, Series, all_policies, resolve_policies, sweep
 from tokencake.sim.workload import NoiseConfig
+from tokencake.tables import render_table
 
 logger = logging.getLogger(__name__)
-
-COLUMNS = (
-    ("workload", "workload", "{}"),
-    ("qps", "qps", "{:g}"),
-    ("policy", "policy", "{}"),
-    ("mean_latency_s", "mean s", "{:.1f}"),
-    ("p95_latency_s", "p95 s", "{:.1f}"),
-    ("critical_path_latency_s", "crit s", "{:.1f}"),
-    ("gpu_kv_util", "kv util", "{:.3f}"),
-    ("recompute_tokens", "recompute tok", "{:,}"),
-    ("offload_bytes", "offload GB", "bytes"),
-    ("upload_bytes", "upload GB", "bytes"),
-    ("preemptions", "preempt", "{}"),
-    ("queueing_s", "queue s", "{:.1f}"),
-)
-
-
-def _cell(rec: dict[str, Any], key: str, fmt: str) -> str:
-    v = rec.get(key)
-    if v is None:
-        return "-" if rec.get("error") is None else "FAIL"
-    if fmt == "bytes":
-        return f"{v / 1e9:.1f}"
-    return fmt.format(v)
-
-
-def format_table(records: list[dict[str, Any]], markdown: bool = False) -> str:
-    head = [h for _, h, _ in COLUMNS]
-    rows = [[_cell(r, k, f) for k, _, f in COLUMNS] for r in records]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    out = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
-    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(out)
-
-
-def format_targets(t: dict[str, Any]) -> str:
-    def ok(k: str) -> str:
-        value = {"vs_best_peer<=0.85": t["vs_best_peer"], "vs_oracle<=1.25": t["vs_oracle"]}
-        if value.get(k, 0.0) is None:
-            return "not run"
-        return "met" if t["met"][k] else "NOT met"
-
-    util = "n/a" if t["util_gain"] is None else f"{t['util_gain']:+.1%}"
-    # No verdict on utilisation: the paper's +16.9 % is not comparable with what the
-    # simulator measures (docs/benchmarks.md, "kv util"), so the line only reports it.
-    peer = "n/a" if t["vs_best_peer"] is None else f"{t['vs_best_peer']:.3f}"
-    orc = "n/a" if t["vs_oracle"] is None else f"{t['vs_oracle']:.3f}"
-    return "\n".join(
-        [
-            f"targets at {t['qps']:g} app/s (measured in this run):",
-            f"  tokencake / vllm mean latency      = {t['vs_vllm']:.3f}  (<= 0.53: "
-            f"{ok('vs_vllm<=0.53')})",
-            f"  tokencake / best peer ({t['best_peer']}) = {peer}  (<= 0.85: "
-            f"{ok('vs_best_peer<=0.85')})",
-            f"  tokencake / oracle                 = {orc}  (<= 1.25: {ok('vs_oracle<=1.25')})",
-            f"  GPU KV utilisation vs vllm         = {util}  (paper: +16.9%, not "
-            "comparable: see docs/benchmarks.md)",
-        ]
-    )
 
 
 @click.group(cls=Group, context_settings=HELP_OPTIONS)
@@ -307,24 +235,96 @@ def run_cmd(
     per simulated second).
     """
     live = live_endpoint is not None or live_embedded
-    workloads, rates = workload, qps
-    try:
-        prof = get_profile(profile).with_overrides(gpu_mem_util)
-        pols = resolve_policies(policies or "all")
-        if not pols:
-            raise ValueError(f"--policies {policies!r} names no policy")
-        if live:
-            pols = _live_policies(policies, live_endpoint, live_embedded, time_scale)
-        noise = NoiseConfig(tool_noise, noise_scale, predict_error, not no_hints)  # type: ignore[arg-type]
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
+    noise_args = (tool_noise, noise_scale, predict_error, not no_hints)
+    prof, pols, noise = _run_setup(
+        profile, gpu_mem_util, policies, (live_endpoint, live_embedded, time_scale), noise_args
+    )
     if not no_plots and importlib.util.find_spec("matplotlib") is None:
         raise click.UsageError(
             "the figures need matplotlib, which is not installed: pip install "
             "'tokencake[sim]' (in a checkout: .venv/bin/pip install -e '.[sim]'), or pass "
             "--no-plots"
         )
-    try:  # before the sweep, not after it: an unwritable --out must not waste the runs
+    _writable_dir(out_dir)
+    click.echo(
+        f"profile {prof.name}: {prof.gpu_blocks} GPU blocks x {prof.block_tokens} tokens, "
+        f"{prof.host_blocks} host blocks; seed {seed}; policies {', '.join(pols)}",
+    )
+    t0 = time.perf_counter()
+    with run_progress(len(workload) * len(qps) * len(pols)) as progress:
+        common: dict[str, Any] = {"seed": seed, "n_apps": apps, "noise": noise}
+        if live:
+            records, series = _sweep_live(
+                workload, qps, pols, prof, live_endpoint, time_scale, progress=progress, **common
+            )
+        else:
+            lru = engine_eviction == "lru"
+            records, series = sweep(
+                workload, qps, pols, prof, progress=progress, lru_eviction=lru, **common
+            )
+    wall = time.perf_counter() - t0
+    doc = _results_doc(prof.name, seed, noise_args, records, wall, focus_qps)
+    _report(out_dir, doc, series, focus_qps, no_plots)
+
+
+def _results_doc(
+    profile: str,
+    seed: int,
+    noise_args: tuple[str, float, float, bool],
+    records: list[dict[str, Any]],
+    wall: float,
+    focus_qps: float,
+) -> dict[str, Any]:
+    """results.json: the settings, the speed, each workload's targets and every record."""
+    targets = {
+        w: target_ratios([r for r in records if r["workload"] == w], focus_qps)
+        for w in dict.fromkeys(r["workload"] for r in records)
+    }
+    events = sum(r.get("events", 0) for r in records)
+    sim_wall = sum(r["wall_s"] for r in records)
+    tool_noise, noise_scale, predict_error, hints = noise_args
+    return {
+        "profile": profile,
+        "seed": seed,
+        "noise": {
+            "tool_noise": tool_noise,
+            "noise_scale": noise_scale,
+            "predict_error": predict_error,
+            "hints": hints,
+        },
+        "events_per_s": events / sim_wall if sim_wall > 0 else None,
+        "wall_s": wall,
+        "targets": targets,
+        "records": records,
+    }
+
+
+def _run_setup(
+    profile: str,
+    gpu_mem_util: float | None,
+    policies: str,
+    live: tuple[str | None, bool, float],
+    noise_args: tuple[str, float, float, bool],
+) -> tuple[Profile, list[str], NoiseConfig]:
+    """The profile, the policies (the daemon's one, live) and the noise of a ``run``,
+    checked before anything runs; bad values are usage errors."""
+    live_endpoint, live_embedded, time_scale = live
+    try:
+        prof = get_profile(profile).with_overrides(gpu_mem_util)
+        pols = resolve_policies(policies or "all")
+        if not pols:
+            raise ValueError(f"--policies {policies!r} names no policy")
+        if live_endpoint is not None or live_embedded:
+            pols = _live_policies(policies, live_endpoint, live_embedded, time_scale)
+        noise = NoiseConfig(*noise_args)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    return prof, pols, noise
+
+
+def _writable_dir(out_dir: Path) -> None:
+    """Before the sweep, not after it: an unwritable --out must not waste the runs."""
+    try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise click.BadParameter(
@@ -332,67 +332,24 @@ def run_cmd(
         ) from None
     if not os.access(out_dir, os.W_OK):
         raise click.BadParameter(f"cannot write to {out_dir}", param_hint="--out")
-    click.echo(
-        f"profile {prof.name}: {prof.gpu_blocks} GPU blocks x {prof.block_tokens} tokens, "
-        f"{prof.host_blocks} host blocks; seed {seed}; policies {', '.join(pols)}",
-    )
-    t0 = time.perf_counter()
-    with run_progress(len(workloads) * len(rates) * len(pols)) as progress:
-        if live:
-            records, series = _sweep_live(
-                workloads,
-                rates,
-                pols,
-                prof,
-                live_endpoint,
-                time_scale,
-                seed=seed,
-                n_apps=apps,
-                noise=noise,
-                progress=progress,
-            )
-        else:
-            records, series = sweep(
-                workloads,
-                rates,
-                pols,
-                prof,
-                seed=seed,
-                n_apps=apps,
-                noise=noise,
-                progress=progress,
-                lru_eviction=engine_eviction == "lru",
-            )
-    wall = time.perf_counter() - t0
-    targets = {
-        w: target_ratios([r for r in records if r["workload"] == w], focus_qps)
-        for w in dict.fromkeys(r["workload"] for r in records)
-    }
-    events = sum(r.get("events", 0) for r in records)
-    sim_wall = sum(r["wall_s"] for r in records)
-    doc = {
-        "profile": prof.name,
-        "seed": seed,
-        "noise": {
-            "tool_noise": tool_noise,
-            "noise_scale": noise_scale,
-            "predict_error": predict_error,
-            "hints": not no_hints,
-        },
-        "events_per_s": events / sim_wall if sim_wall > 0 else None,
-        "wall_s": wall,
-        "targets": targets,
-        "records": records,
-    }
+
+
+def _report(
+    out_dir: Path, doc: dict[str, Any], series: list[Series], focus_qps: float, no_plots: bool
+) -> None:
+    """Write results.json, table.md (and the figures); print the table and the targets."""
+    records: list[dict[str, Any]] = doc["records"]
     (out_dir / "results.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     table_md = format_table(records, markdown=True)
     (out_dir / "table.md").write_text(table_md + "\n", encoding="utf-8")
     click.echo(format_table(records))
-    for _w, t in targets.items():
+    for workload, t in doc["targets"].items():
         if t is not None:
-            click.echo(f"[{_w}] " + format_targets(t))
+            click.echo(f"[{workload}] " + format_targets(t))
+    events = sum(r.get("events", 0) for r in records)
+    sim_wall = sum(r["wall_s"] for r in records)
     click.echo(
-        f"{len(records)} runs in {wall:.1f}s; {events:,} events, "
+        f"{len(records)} runs in {doc['wall_s']:.1f}s; {events:,} events, "
         f"{events / sim_wall if sim_wall else 0:,.0f} events/s"
     )
     written = f"wrote {out_dir / 'results.json'}, {out_dir / 'table.md'}"
@@ -407,46 +364,6 @@ def run_cmd(
     if failed:
         click.echo(f"{len(failed)} run(s) did not finish; see 'error' in results.json", err=True)
         sys.exit(2)
-
-
-def _run_line(rec: dict[str, Any]) -> str:
-    status = (
-        "FAILED " + rec["error"]
-        if rec.get("error")
-        else f"mean {rec['mean_latency_s']:.1f}s, {rec.get('events_per_s', 0):,.0f} events/s"
-    )
-    return (
-        f"  {rec['workload']} {rec['qps']:g} app/s {rec['policy']:18s} "
-        f"{rec['wall_s']:.1f}s wall: {status}"
-    )
-
-
-@contextmanager
-def run_progress(
-    total: int, console: Console | None = None
-) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """Reports each finished run on stderr: one line, and on a terminal a progress bar
-    under the lines (runs done of ``total``, elapsed, estimated remaining)."""
-    console = console or Console(stderr=True)
-    if not console.is_terminal:
-        yield lambda rec: click.echo(_run_line(rec), err=True)
-        return
-    columns = (
-        TextColumn("runs"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("runs", total=total)
-
-        def advance(rec: dict[str, Any]) -> None:
-            bar.console.print(_run_line(rec), markup=False, highlight=False)
-            bar.advance(task)
-
-        yield advance
 
 
 def _live_policies(
@@ -502,6 +419,10 @@ def _sweep_live(
             return sweep_live(workloads, rates, prof, daemon.endpoint, scale=scale, **kwargs)
     except (DaemonLost, LiveError) as e:
         raise click.ClickException(f"live mode: {type(e).__name__}: {e}") from e
+
+
+CLUSTER_COLUMNS: tuple[str, ...] = ("workload", "routing", "L2", "mean s", "p95 s", "host hit")
+CLUSTER_COLUMNS += ("L2 hit", "prefill", "restore ms", "link", "wb dropped")
 
 
 @main.command("cluster", short_help="N engine hosts sharing one L2: routing x shared L2.")
@@ -629,20 +550,23 @@ def cluster_cmd(
         f"{hosts} hosts x {host_gib:g} GiB host KV, {lanes} lanes; L2 {l2_gbps:g} GB/s shared, "
         f"{l2_latency_ms:g} ms; {apps} apps at {qps:g}/s; profile {profile}; seed {seed}"
     )
-    head = (
-        f"{'workload':<16} {'routing':<9} {'L2':<4} {'mean s':>8} {'p95 s':>8} {'host hit':>9} "
-        f"{'L2 hit':>7} {'prefill':>8} {'restore ms':>10} {'link':>5} {'wb dropped':>10}"
-    )
-    click.echo(head)
-    for r in rows:
-        click.echo(
-            f"{r['workload']:<16} {r['routing']:<9} {'yes' if r['l2'] else 'no':<4} "
-            f"{r['mean_latency_s']:>8.1f} {r['p95_latency_s']:>8.1f} {r['host_hit_rate']:>9.3f} "
-            f"{r['l2_hit_rate']:>7.3f} "
-            f"{r['prefill_tokens'] / max(1, r['prompt_tokens']):>8.3f} "
-            f"{r['mean_restore_s'] * 1e3:>10.1f} {r['l2_link_util']:>5.2f} "
-            f"{r['l2_dropped_writes']:>10}"
-        )
+    table = [
+        [
+            r["workload"],
+            r["routing"],
+            "yes" if r["l2"] else "no",
+            f"{r['mean_latency_s']:.1f}",
+            f"{r['p95_latency_s']:.1f}",
+            f"{r['host_hit_rate']:.3f}",
+            f"{r['l2_hit_rate']:.3f}",
+            f"{r['prefill_tokens'] / max(1, r['prompt_tokens']):.3f}",
+            f"{r['mean_restore_s'] * 1e3:.1f}",
+            f"{r['l2_link_util']:.2f}",
+            r["l2_dropped_writes"],
+        ]
+        for r in rows
+    ]
+    click.echo(render_table(CLUSTER_COLUMNS, table, right=range(3, len(CLUSTER_COLUMNS))))
     if json_path is not None:
         json_path.write_text(json.dumps(rows, indent=2))
 

@@ -120,7 +120,6 @@ class Simulator:
         self.stall_s = stall_s
         """Idle time with requests waiting and nothing scheduled, after which we give up."""
         self.copies = copies
-
         self.now = 0.0
         self.heap: list[tuple[float, int, int, Any]] = []
         self._seq = 0
