@@ -10,10 +10,17 @@ issue's targets as measured; and the same for the ablations.
 
     python bench/bench_robustness.py [--scenarios 200] [--first-seed 0] [--apps 12]
         [--workers 2] [--out docs/img/robustness] [--update-doc docs/benchmarks.md]
+        [--reuse OLD/results.json --reuse-policies vllm,continuum,oracle [--verify 5]]
 
 Writes ``<out>/results.json`` (every record, with its scenario), ``<out>/summary.md`` and
 ``<out>/ratios.png``; ``--update-doc`` replaces the text between the robustness markers of
 that file with the summary. Simulated time only: the figures are the same on every rerun.
+
+``--reuse`` takes the records of the named policies from an earlier run instead of running
+them again (for a change that leaves those policies' code paths alone: a full run is an
+hour on a loaded 2-core box). The first ``--verify`` scenarios are rerun for them anyway,
+and any difference in their latencies, recompute or host hits is an error (exit 2): a
+reused record is never one the current code would not produce.
 """
 
 from __future__ import annotations
@@ -316,6 +323,67 @@ def update_doc(doc: Path, text: str) -> None:
     doc.write_text(f"{head}{BEGIN}\n{text}{END}{tail}", encoding="utf-8")
 
 
+SAME = ("mean_latency_s", "p95_latency_s", "recompute_tokens", "host_hit_tokens", "by_class")
+"""Fields a reused record must match exactly when its run is repeated (``--reuse``)."""
+
+
+class ReuseError(ValueError):
+    """Reused records that are missing, or that a rerun does not reproduce."""
+
+
+def load_reused(
+    path: Path, policies: list[str], seeds: range, n_apps: int
+) -> dict[int, dict[str, dict[str, Any]]]:
+    """Records of ``policies`` for ``seeds`` from an earlier run's results.json."""
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReuseError(f"cannot read {path}: {e}") from None
+    out: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in seeds}
+    for rec in records:
+        if rec.get("policy") in policies and rec.get("seed") in out and rec.get("n_apps") == n_apps:
+            out[rec["seed"]][rec["policy"]] = rec
+    missing = [(s, p) for s in seeds for p in policies if p not in out[s]]
+    if missing:
+        raise ReuseError(
+            f"{path} lacks {len(missing)} records, e.g. seed {missing[0][0]} {missing[0][1]}"
+        )
+    return out
+
+
+def run_jobs(
+    jobs: list[tuple[int, int, str, str]], workers: int, by_seed: dict[int, dict[str, Any]]
+) -> None:
+    """Run the jobs into ``by_seed``; Ctrl-C keeps what finished."""
+    t0 = time.perf_counter()
+    pool = ProcessPoolExecutor(max_workers=workers)
+    try:
+        for i, rec in enumerate(pool.map(_job, jobs, chunksize=4)):
+            by_seed[rec["seed"]][rec["policy"]] = rec
+            if (i + 1) % 200 == 0:
+                print(
+                    f"{i + 1} of {len(jobs)} runs, {time.perf_counter() - t0:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    except KeyboardInterrupt:  # Ctrl-C: report the scenarios that finished
+        pool.shutdown(wait=False, cancel_futures=True)
+        print("interrupted: summarising the scenarios that finished", file=sys.stderr)
+    else:
+        pool.shutdown()
+
+
+def check_reused(
+    reused: dict[int, dict[str, dict[str, Any]]], fresh: dict[int, dict[str, dict[str, Any]]]
+) -> None:
+    """Every rerun of a reused record reproduces it (``SAME``)."""
+    for seed, recs in fresh.items():
+        for policy, rec in recs.items():
+            old = reused[seed].get(policy)
+            if old is not None and any(old.get(k) != rec.get(k) for k in SAME):
+                raise ReuseError(f"seed {seed} {policy}: the rerun differs from the reused record")
+
+
 def main(argv: list[str] | None = None) -> int:
     from tokencake.sim.runner import all_policies
 
@@ -327,49 +395,65 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="qwen2.5-14b-a800")
     ap.add_argument("--out", type=Path, default=REPO / "docs/img/robustness")
     ap.add_argument("--update-doc", type=Path, default=None)
+    ap.add_argument("--reuse", type=Path, default=None, help="an earlier run's results.json")
+    ap.add_argument("--reuse-policies", default="", help="policies whose records are reused")
+    ap.add_argument("--verify", type=int, default=5, help="scenarios rerun to check reuse")
     args = ap.parse_args(argv)
-    if args.scenarios < 1 or args.apps < 1 or args.workers < 1:
-        print("error: --scenarios, --apps and --workers must be >= 1", file=sys.stderr)
-        return 2
     policies = all_policies()
+    keep = [p for p in args.reuse_policies.split(",") if p]
+    if args.scenarios < 1 or args.apps < 1 or args.workers < 1 or args.verify < 1:
+        print("error: --scenarios, --apps, --workers and --verify must be >= 1", file=sys.stderr)
+        return 2
+    if [p for p in keep if p not in policies] or bool(keep) != (args.reuse is not None):
+        print("error: --reuse needs --reuse-policies, known policies only", file=sys.stderr)
+        return 2
     seeds = range(args.first_seed, args.first_seed + args.scenarios)
-    jobs = [(s, args.apps, p, args.profile) for s in seeds for p in policies]
     t0 = time.perf_counter()
-    by_seed: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in seeds}
-    pool = ProcessPoolExecutor(max_workers=args.workers)
     try:
-        for i, rec in enumerate(pool.map(_job, jobs, chunksize=len(policies))):
-            by_seed[rec["seed"]][rec["policy"]] = rec
-            if (i + 1) % (len(policies) * 20) == 0:
-                print(
-                    f"{(i + 1) // len(policies)} scenarios, {time.perf_counter() - t0:.0f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    except KeyboardInterrupt:  # Ctrl-C: report the scenarios that finished
-        pool.shutdown(wait=False, cancel_futures=True)
-        print("interrupted: summarising the scenarios that finished", file=sys.stderr)
-    else:
-        pool.shutdown()
+        reused = load_reused(args.reuse, keep, seeds, args.apps) if keep else {}
+        checked = seeds[: args.verify]
+        jobs = [(s, args.apps, p, args.profile) for s in seeds for p in policies if p not in keep]
+        jobs += [(s, args.apps, p, args.profile) for s in checked for p in keep]
+        by_seed: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in seeds}
+        run_jobs(jobs, args.workers, by_seed)
+        if keep:
+            check_reused(reused, {s: by_seed[s] for s in checked})
+    except ReuseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for s, recs in reused.items():
+        for p, rec in recs.items():
+            by_seed[s].setdefault(p, rec)
+    return report(args, by_seed, policies, keep, time.perf_counter() - t0)
+
+
+def report(
+    args: argparse.Namespace,
+    by_seed: dict[int, dict[str, dict[str, Any]]],
+    policies: list[str],
+    reused: list[str],
+    wall: float,
+) -> int:
     by_seed = {s: r for s, r in by_seed.items() if len(r) == len(policies)}
     if not by_seed:
         print("error: no scenario finished", file=sys.stderr)
         return 1
-    wall = time.perf_counter() - t0
     summary = summarise(by_seed, args.apps)
     args.out.mkdir(parents=True, exist_ok=True)
     records = [r for recs in by_seed.values() for r in recs.values()]
     (args.out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    cmd = "python bench/bench_robustness.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}"
-        for k, v in (
-            ("scenarios", args.scenarios),
-            ("first_seed", args.first_seed),
-            ("apps", args.apps),
-        )
+    cmd = (
+        f"python bench/bench_robustness.py --scenarios {args.scenarios} "
+        f"--first-seed {args.first_seed} --apps {args.apps}"
     )
     text = markdown(summary, cmd, wall)
+    if reused:
+        text = (
+            f"Records of {', '.join(reused)} reused from an earlier run (`--reuse`): their "
+            f"code paths did not change, and a rerun of the first {args.verify} scenarios "
+            "reproduced them exactly.\n\n" + text
+        )
     if len(by_seed) < args.scenarios:
         text = f"Interrupted: {len(by_seed)} of {args.scenarios} scenarios finished.\n\n" + text
     (args.out / "summary.md").write_text(text)
