@@ -317,6 +317,9 @@ class Daemon:
         # were it scheduled last, one exception would end lease expiry for good.
         self.timers.schedule(HOUSEKEEPING_S, self._housekeeping)
         now = self._clock()
+        # Copy workers first: one overrunning its copies is reaped before their slots' lease
+        # can expire below, so no slot freed here is still being written.
+        self.gpu.poll()
         store = self.kv.store
         if store is not None:
             expired = store.expire_leases()

@@ -48,6 +48,10 @@ class GpuCopyHandlers:
         """Before the daemon frees a leaving engine's slots (see ``service.engine_gone``)."""
         self.service.engine_gone(engine_id)
 
+    def poll(self) -> None:
+        """Housekeeping: take the workers' reports, reap a dead or overrunning worker."""
+        self.service.poll()
+
     def close(self) -> None:
         self.service.close()
 

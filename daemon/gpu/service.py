@@ -39,6 +39,9 @@ from tokencake.protocol import ErrorCode, ProtocolError
 logger = logging.getLogger(__name__)
 
 MAX_TENSORS = 4096
+OVERRUN = 1.5
+"""A copy running this many deadlines is killed with its worker (the worker itself exits
+at one); the deadline is half the lease, so this comes before the slots' lease expires."""
 RESPAWN_S = 1.0
 """A worker that died (not one the daemon stopped) is not started again sooner for its GPU;
 copies meanwhile fail at once."""
@@ -201,7 +204,7 @@ class GpuCopyService:
                     for c in self._copies.values()
                     if c.worker == worker.uuid
                     and c.state == "running"
-                    and now - c.started > 2 * self.deadline_s
+                    and now - c.started > OVERRUN * self.deadline_s
                 ]
                 if overrun or worker.proc.poll() is not None:
                     self._kill(worker, "copy worker died or stopped answering", failed=True)

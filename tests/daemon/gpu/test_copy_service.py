@@ -20,7 +20,7 @@ from tokencake import protocol as p
 from tokencake.daemon.arena import Arena
 from tokencake.daemon.gpu.fake import FakeDevice
 from tokencake.daemon.gpu.mover import block_regions
-from tokencake.daemon.gpu.service import RESPAWN_S, GpuCopyService
+from tokencake.daemon.gpu.service import OVERRUN, RESPAWN_S, GpuCopyService
 from tokencake.daemon.host_store import HostStore
 from tokencake.protocol import ProtocolError
 
@@ -198,3 +198,29 @@ def _service(
     return GpuCopyService(
         arena=lambda: (arena.name, arena.size, SLOT), mode=mode, deadline_s=60.0, clock=clock
     )
+
+
+def test_a_copy_past_its_deadline_takes_its_worker_down(
+    store: HostStore, device: FakeDevice, arena: Arena, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's own bound (the worker exits at one deadline by itself): a copy still
+    running at OVERRUN deadlines is failed and its worker killed and reaped, before the
+    slots' lease (two deadlines) can expire under it."""
+    monkeypatch.setenv("TOKENCAKE_FAKE_GPU_POLLS", str(10**9))  # copies never complete
+    now = [0.0]
+    svc = _service(arena, clock=lambda: now[0])
+    try:
+        _share(svc, device, fake_kv(device))
+        pid = svc.workers()["fake-0"]
+        svc.copy(ENGINE, OWNER, store, p.GpuCopy(ENGINE, 1, "offload", [3], _reserve(store, 1)))
+        now[0] += svc.deadline_s * OVERRUN - 0.001
+        assert svc.status(ENGINE, p.GpuCopyStatus(ENGINE, [1])).states == ["running"]
+        now[0] += 0.002
+        svc.poll()  # as the daemon's housekeeping does
+        reply = svc.status(ENGINE, p.GpuCopyStatus(ENGINE, [1]))
+        assert reply.states == ["failed"] and "died or stopped" in reply.errors[0]
+        assert svc.workers() == {} and OVERRUN * svc.deadline_s < 2 * svc.deadline_s
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        svc.close()
