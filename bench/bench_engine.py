@@ -4,8 +4,8 @@
         [--setups plain,lmcache,swap,continuum,tokencake] [--lmcache-python PY]
         [--json out.json] [--plot docs/img/bench_engine.png]
 
-The apps are the simulator's, scaled to fit a CPU engine (``tests/connectors/vllm/
-engine_apps.py``): the authors' Code-Writer DAG (27 LLM calls, 18 tool waits) and ReAct
+The apps are the simulator's, scaled to fit a CPU engine (``bench/common/
+vllm_apps.py``): the authors' Code-Writer DAG (27 LLM calls, 18 tool waits) and ReAct
 coding chains, contexts x1/8, outputs x1/64, tool times x1/4 (at most 3 s), arriving as a
 Poisson process; tool calls really sleep. The model is a random-weight 12-layer Llama
 (hidden 768, GQA 12/4 heads of 64, fp32), so a prefill costs far more than a copy; the
@@ -62,7 +62,7 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from vllm import LLM, SamplingParams
 
-    from tests.connectors.vllm.engine_apps import (
+    from bench.common.vllm_apps import (
         AppDriver,
         AppSet,
         build_trace,
@@ -120,13 +120,15 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _daemon_for(setup: str, work: Path, arena: str) -> Any:
-    from tests.connectors.vllm.engine_apps import DAEMON_POLICY
-    from tests.procs import start
+    from bench.common.vllm_apps import DAEMON_POLICY
+    from tokencake.clients.launcher import daemon_flags, launch
 
     if setup not in DAEMON_POLICY:
         return None
     (work / setup).mkdir()
-    return start(work / setup, "--policy", DAEMON_POLICY[setup], arena=arena)
+    return launch(
+        *daemon_flags(arena=arena), "--policy", DAEMON_POLICY[setup], workdir=work / setup
+    )
 
 
 def compare(plain: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
@@ -363,7 +365,7 @@ def measure_copy(block_bytes: int, blocks: int = 64, reps: int = 5) -> float:
 
 def engine_profile(name: str, fit: StepFit, copy_bps: float, gpu_blocks: int, max_len: int) -> Any:
     """A simulator profile whose step time is the fit and whose host link is the copy."""
-    from tests.connectors.vllm.engine_apps import ModelShape, count_params
+    from bench.common.vllm_apps import ModelShape, count_params
     from tokencake.sim.profiles import GpuSpec, ModelSpec, Profile
 
     shape = ModelShape()
@@ -404,7 +406,7 @@ def engine_profile(name: str, fit: StepFit, copy_bps: float, gpu_blocks: int, ma
 def run_sim(apps: dict[str, Any], profile: Any, setups: list[str]) -> dict[str, dict[str, Any]]:
     import numpy as np
 
-    from tests.connectors.vllm.engine_apps import AppSet, build_trace
+    from bench.common.vllm_apps import AppSet, build_trace
     from tokencake.daemon.scheduler import create_policy
     from tokencake.sim.engine import Simulator
     from tokencake.sim.runner import policy_config
@@ -470,7 +472,7 @@ def simulate(
 ) -> dict[str, Any]:
     """Calibrate a profile from plain vLLM's steps and this machine's copy speed, replay the
     same apps in the simulator, print the comparison."""
-    from tests.connectors.vllm.engine_apps import ModelShape, kv_bytes_per_block
+    from bench.common.vllm_apps import ModelShape, kv_bytes_per_block
 
     ran = [k for k, r in results.items() if "error" not in r]
     # Every setup's steps: each setup ran at its own moment of the machine's load, and
@@ -516,8 +518,8 @@ def smoke(args: argparse.Namespace, setups: list[str]) -> None:
     contexts do not all fit). ``--json`` gets every call's output, for the test to compare."""
     from dataclasses import asdict
 
-    from tests.connectors.vllm.engine_apps import SMOKE_APPS
-    from tests.connectors.vllm.fixtures import build_tiny_llama
+    from bench.common.vllm_apps import SMOKE_APPS
+    from bench.common.vllm_models import build_tiny_llama
 
     with tempfile.TemporaryDirectory(prefix="tc-bench-engine-") as tmp:
         work = Path(tmp)
@@ -574,8 +576,8 @@ def main() -> None:
         print(json.dumps(run_setup(json.loads(args.child))))
         return
     sys.path.insert(0, str(ROOT))
-    from tests.connectors.vllm.engine_apps import SETUPS, ModelShape, build_llama
-    from tests.connectors.vllm.engine_apps import kv_bytes_per_block as kvb
+    from bench.common.vllm_apps import SETUPS, ModelShape, build_llama
+    from bench.common.vllm_apps import kv_bytes_per_block as kvb
 
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     bad = [s for s in setups if s not in SETUPS]
