@@ -104,7 +104,7 @@ class InProcessDaemon:
 
     def ok(self, req: p.Request, identity: bytes = IDENTITY) -> Any:
         env = self.call(req, identity)
-        return p.decode_reply_body(env, req.reply)
+        return p.decode_reply_body(env, req)
 
     def seed_recorded(self) -> list[bytes]:
         """``seed`` this daemon and return the frames that did it, to replay elsewhere."""

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from tokencake import protocol as p
+
 SETUPS = ("plain", "lmcache", "swap", "continuum", "tokencake")
 """The engine setups, in report order (see ``setup_kwargs``)."""
 DAEMON_POLICY = {"swap": "vllm", "continuum": "continuum", "tokencake": "tokencake"}
@@ -398,7 +400,7 @@ class AppDriver:
         run = _AppRun(spec, now, critical_nodes(spec, self.decode_s))
         self.apps[spec.app_id] = run
         if self._client is not None:
-            self._ack(self._client.register_app(spec.app_id, app_dag(spec, self.decode_s)))
+            self._ack(self._client.call(p.RegisterApp(spec.app_id, app_dag(spec, self.decode_s))))
         self._advance(run, now)
 
     def _advance(self, run: _AppRun, now: float) -> None:
@@ -418,7 +420,7 @@ class AppDriver:
         if len(run.done) == len(run.spec.nodes) and run.finish_s is None:
             run.finish_s = now
             if self._client is not None:
-                self._ack(self._client.app_end(run.spec.app_id))
+                self._ack(self._client.call(p.AppEnd(run.spec.app_id)))
 
     def _prompt(self, spec: Any, node_id: str) -> list[int]:
         outputs = {seg[0]: nid for nid, seg in spec.outputs.items()}
@@ -504,7 +506,7 @@ class AppDriver:
             # another node's, so the app reports the end, as an app would. No call_id: the
             # connector's is vLLM's internal request id (ours plus a random suffix), and an
             # empty one ends the agent's open tool call.
-            self._ack(self._client.tool_call_end(call.app, call.node))
+            self._ack(self._client.call(p.ToolCallEnd(call.app, call.node)))
         run.done.add(call.node)
         self._advance(run, now)
 
