@@ -12,6 +12,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from tokencake.daemon.scheduler.dag import DagError, topological_order
 from tokencake.protocol import MAX_DAG_NODES, MAX_NAME_CHARS, AppDag, ErrorCode, ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -79,26 +80,15 @@ def validate_dag(app_id: str, dag: AppDag) -> None:
                 f"within 0..{MAX_NODE_SECONDS:.0f}",
             )
         ids.add(node.id)
-    indegree = dict.fromkeys(ids, 0)
-    succ: dict[str, list[str]] = {i: [] for i in ids}
     for src, dst in dag.edges:
         if src not in ids or dst not in ids:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"edge {src!r}->{dst!r} names no node")
         if src == dst:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"self-loop on {src!r}")
-        succ[src].append(dst)
-        indegree[dst] += 1
-    ready = deque(i for i, d in indegree.items() if d == 0)
-    seen = 0
-    while ready:
-        node_id = ready.popleft()
-        seen += 1
-        for nxt in succ[node_id]:
-            indegree[nxt] -= 1
-            if indegree[nxt] == 0:
-                ready.append(nxt)
-    if seen != len(ids):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "the DAG has a cycle")
+    try:
+        topological_order(ids, dag.edges)
+    except DagError as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from None
 
 
 class AppRegistry:

@@ -3,6 +3,7 @@ durations, and which nodes lie on its critical path."""
 
 from __future__ import annotations
 
+from tokencake.daemon.scheduler.dag import longest_path
 from tokencake.protocol import AppDag, DagNode
 from tokencake.sim.profiles import Profile
 from tokencake.sim.workload import AppSpec, NodeSpec
@@ -32,23 +33,11 @@ def critical_path(spec: AppSpec, profile: Profile) -> set[str]:
     """Nodes on the longest path by expected LLM + tool time (ties: first declared)."""
     from tokencake.sim.workload import topological_order
 
-    order = topological_order(spec.nodes)
-    best: dict[str, float] = {}
-    via: dict[str, str | None] = {}
-    for n in order:
-        own = 0.0
-        if n.kind == "llm":
-            own += expected_llm_s(n, profile)
-        if n.tool is not None:
-            own += n.tool.predicted_s or 0.0
-        prev = max(n.predecessors, key=lambda p: best[p], default=None)
-        best[n.id] = own + (best[prev] if prev is not None else 0.0)
-        via[n.id] = prev
-    if not best:
-        return set()
-    cur: str | None = max(best, key=lambda k: best[k])
-    out: set[str] = set()
-    while cur is not None:
-        out.add(cur)
-        cur = via[cur]
-    return out
+    weight = {
+        n.id: (expected_llm_s(n, profile) if n.kind == "llm" else 0.0)
+        + ((n.tool.predicted_s or 0.0) if n.tool is not None else 0.0)
+        for n in spec.nodes
+    }
+    order = [n.id for n in topological_order(spec.nodes)]
+    preds = {n.id: n.predecessors for n in spec.nodes}
+    return set(longest_path(order, preds, weight))

@@ -24,6 +24,8 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
+from tokencake.daemon.scheduler import dag
+
 logger = logging.getLogger(__name__)
 
 NodeKind = Literal["llm", "local"]
@@ -130,26 +132,15 @@ def topological_order(nodes: list[NodeSpec]) -> list[NodeSpec]:
         if n.id in by_id:
             raise WorkloadError(f"duplicate node id {n.id!r}")
         by_id[n.id] = n
-    indeg = {n.id: 0 for n in nodes}
-    succ: dict[str, list[str]] = {n.id: [] for n in nodes}
     for n in nodes:
         for p in n.predecessors:
             if p not in by_id:
                 raise WorkloadError(f"node {n.id!r} depends on unknown node {p!r}")
-            indeg[n.id] += 1
-            succ[p].append(n.id)
-    ready = [n.id for n in nodes if indeg[n.id] == 0]
-    out: list[NodeSpec] = []
-    while ready:
-        nid = ready.pop(0)
-        out.append(by_id[nid])
-        for s in succ[nid]:
-            indeg[s] -= 1
-            if indeg[s] == 0:
-                ready.append(s)
-    if len(out) != len(nodes):
-        raise WorkloadError("the DAG has a cycle")
-    return out
+    edges = [(p, n.id) for n in nodes for p in n.predecessors]
+    try:
+        return [by_id[i] for i in dag.topological_order(by_id, edges)]
+    except dag.DagError as exc:
+        raise WorkloadError(str(exc)) from None
 
 
 def validate(app: AppSpec) -> None:

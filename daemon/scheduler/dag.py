@@ -15,8 +15,10 @@ none). From it, for every node:
 
 from __future__ import annotations
 
+import graphlib
 import logging
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tokencake.protocol import AppDag
@@ -94,7 +96,7 @@ def analyse(dag: AppDag, llm_s_default: float, tool_s_default: float) -> DagInfo
             continue
         nodes[a].succ.append(b)
         nodes[b].pred.append(a)
-    order = _topo_order(nodes)
+    order = [index[i] for i in topological_order(index, _edges(nodes))]
     for i in order:
         node = nodes[i]
         node.fan_out = len(node.succ)
@@ -126,12 +128,9 @@ def analyse(dag: AppDag, llm_s_default: float, tool_s_default: float) -> DagInfo
         if joins:
             node.join_group = joins[0].node_id
             join_sizes[node.join_group] = joins[0].fan_in
-    path: list[str] = []
-    sources = [nodes[i] for i in order if not nodes[i].pred]
-    cur = max(sources, key=lambda n: n.tail_s, default=None)
-    while cur is not None:
-        path.append(cur.node_id)
-        cur = max((nodes[j] for j in cur.succ), key=lambda n: n.tail_s, default=None)
+    ids = [nodes[i].node_id for i in order]
+    preds = {n.node_id: [nodes[j].node_id for j in n.pred] for n in nodes}
+    path = longest_path(ids, preds, {n.node_id: n.duration_s for n in nodes})
     return DagInfo(
         nodes=nodes,
         index=index,
@@ -142,17 +141,41 @@ def analyse(dag: AppDag, llm_s_default: float, tool_s_default: float) -> DagInfo
     )
 
 
-def _topo_order(nodes: list[NodeInfo]) -> list[int]:
-    indeg = [len(n.pred) for n in nodes]
-    ready = [i for i, d in enumerate(indeg) if d == 0]
-    order: list[int] = []
-    while ready:
-        i = ready.pop()
-        order.append(i)
-        for j in nodes[i].succ:
-            indeg[j] -= 1
-            if indeg[j] == 0:
-                ready.append(j)
-    if len(order) != len(nodes):
-        raise DagError("the DAG has a cycle")
-    return order
+def _edges(nodes: list[NodeInfo]) -> list[tuple[str, str]]:
+    return [(n.node_id, nodes[j].node_id) for n in nodes for j in n.succ]
+
+
+def topological_order(ids: Iterable[str], edges: Iterable[tuple[str, str]]) -> list[str]:
+    """``ids`` in dependency order (``graphlib``): ready nodes first in the order declared,
+    then in the order they became ready. Every edge must name declared ids (the callers
+    check; each reports a dangling edge its own way). Raises DagError on a cycle."""
+    sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
+    for node_id in ids:
+        sorter.add(node_id)
+    for src, dst in edges:
+        sorter.add(dst, src)
+    try:
+        return list(sorter.static_order())
+    except graphlib.CycleError:
+        raise DagError("the DAG has a cycle") from None
+
+
+def longest_path(
+    order: Sequence[str], preds: Mapping[str, Sequence[str]], weight: Mapping[str, float]
+) -> list[str]:
+    """The heaviest source-to-sink path by node ``weight``, from source to sink; ``order``
+    is a topological order. Ties go to the earlier node in ``order`` (predecessors: the
+    first listed), so the same DAG always gives the same path."""
+    best: dict[str, float] = {}
+    via: dict[str, str | None] = {}
+    for node_id in order:
+        prev = max(preds[node_id], key=best.__getitem__, default=None)
+        best[node_id] = weight[node_id] + (best[prev] if prev is not None else 0.0)
+        via[node_id] = prev
+    cur = max(best, key=best.__getitem__) if best else None
+    path: list[str] = []
+    while cur is not None:
+        path.append(cur)
+        cur = via[cur]
+    path.reverse()
+    return path
