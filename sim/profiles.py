@@ -231,7 +231,8 @@ PROFILES: dict[str, Profile] = {
         model=QWEN25_14B,
         gpu=A800_80GB,
         gpu_mem_util=0.5,
-        # Fitted: the fork's run reported 3,050 blocks of 16 tokens at gpu-mem-util 0.5.
+        # Fitted: a run of the TokenCake authors' vLLM fork (github.com/pku-lemonade/TokenCake)
+        # reported 3,050 blocks of 16 tokens at gpu-mem-util 0.5.
         reserve_bytes=3.553 * GIB,
         source="TokenCake fork rerun: Qwen2.5-14B, one A800 80GB, gpu-mem-util 0.5, 3,050 blocks",
     ),

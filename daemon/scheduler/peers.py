@@ -1,8 +1,9 @@
 """The peers a user could pick instead of TokenCake, on the same interface and engine.
 
 They are faithful to each system's published KV behaviour, restated in our event model
-(see PAPER.md, "Peers"), not to its code. Where a peer needs a duration estimate it gets
-the fork's running-mean estimator, not TokenCake's predictor, so a comparison measures
+(as the TokenCake paper, arXiv 2510.18586, describes them), not to its code. Where a peer
+needs a duration estimate it gets the running-mean estimator of the TokenCake authors' vLLM
+fork (github.com/pku-lemonade/TokenCake), not our predictor, so a comparison measures
 the policies and not our predictor.
 """
 

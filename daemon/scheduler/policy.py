@@ -67,7 +67,8 @@ class EventOrderError(PolicyError, ValueError):
 
 @dataclass(slots=True)
 class PolicyConfig:
-    """Knobs shared by every policy. Defaults follow the measured numbers in PAPER.md.
+    """Knobs shared by every policy. Defaults follow the numbers measured in the TokenCake
+    paper (arXiv 2510.18586).
 
     Most of TokenCake's thresholds are derived at run time (bandwidth, prediction error,
     critical-path slack); the fields here are the physical facts and the few bounds that
@@ -114,8 +115,9 @@ class PolicyConfig:
     """TokenCake: KV kept on the GPU through a tool call is pinned until the call's q95,
     if that is at most this long (a longer call leaves it to the eviction order)."""
     offload_usage_floor: float = 0.6
-    """With no waiting demand, offload only when GPU usage is at least this (the fork's
-    60 %): below it the freed blocks would sit unused and the copies cost bandwidth."""
+    """With no waiting demand, offload only when GPU usage is at least this (60 %, as in the
+    TokenCake authors' vLLM fork, github.com/pku-lemonade/TokenCake): below it the freed
+    blocks would sit unused and the copies cost bandwidth."""
 
     def __post_init__(self) -> None:
         positive = {

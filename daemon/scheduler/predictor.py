@@ -1,6 +1,6 @@
 """Tool-duration prediction per (agent type, tool kind).
 
-Tool durations are heavy-tailed and positive (PAPER.md, workloads/README.md: a median of
+Tool durations are heavy-tailed and positive (the TokenCake paper, arXiv 2510.18586: a median of
 0.2 s with a mean of 5 s is common), so a running mean is a poor centre and says nothing
 about risk. We model ln(duration) as normal per key (a log-normal), which gives:
 
@@ -172,7 +172,8 @@ class ToolDurationPredictor:
 
 
 class RunningMeanPredictor:
-    """The fork's estimator (hint, running mean, or their average): used by the peers."""
+    """The estimator of the TokenCake authors' vLLM fork (github.com/pku-lemonade/TokenCake):
+    the hint, the running mean, or their average. The peers use it."""
 
     __slots__ = ("_sums", "default_s")
 

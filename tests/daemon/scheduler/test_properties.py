@@ -135,7 +135,8 @@ def _pressure_apps(rng: random.Random) -> list[AppSpec]:
 @settings(max_examples=8)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_no_deadlock_head_gets_space_after_async_reloads(name: str, seed: int) -> None:
-    """The fork's pilot deadlock: the head request starves while reloads take the blocks.
+    """The pilot deadlock of the TokenCake authors' vLLM fork (pku-lemonade/TokenCake): the
+    head request starves while reloads take the blocks.
 
     A small GPU, many agents whose KV goes to the host and comes back (predictively or on
     return), and large critical requests. Every request must be admitted within a bounded
