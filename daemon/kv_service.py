@@ -105,10 +105,13 @@ class KvService:
 
     def reserve(self, _identity: bytes, req: p.Reserve) -> p.ReserveReply:
         engine, store = self._store_for(req.engine_id)
-        app_id, agent_id = self._attribution(req.app_id, req.agent_id)
-        tag = self._parts.scheduler.agent_tag(app_id, agent_id)
         hashes = _hashes(req.hashes)
+        app_id, agent_id = self._attribution(req.app_id, req.agent_id)
+        # The agent's tag is taken only once the store accepted the request: a refused
+        # request (duplicate hashes, no tenant left) changes nothing.
+        tag = self._parts.scheduler.peek_tag(app_id, agent_id)
         slots = store.reserve(engine.owner, engine.layout_id, _salt(req.salt), hashes, tag)
+        self._parts.scheduler.agent_tag(app_id, agent_id)
         if self.l2 is not None and app_id and slots:
             self.l2.remember(app_id, agent_id, engine.layout_id, req.salt, hashes[: len(slots)])
         started = (self._parts.clock(), app_id, agent_id)

@@ -186,14 +186,18 @@ class SchedulerBridge:
 
     def agent_tag(self, app_id: str, agent_id: str) -> int:
         """A small int naming an agent in the host store's slot table (0: none)."""
-        if not app_id:
-            return 0
-        key = (app_id, agent_id)
-        tag = self._tags.get(key)
-        if tag is None:
-            tag = self._tags[key] = self._next_tag
+        tag = self.peek_tag(app_id, agent_id)
+        if tag and (app_id, agent_id) not in self._tags:
+            self._tags[(app_id, agent_id)] = tag
             self._next_tag = self._next_tag % 0x7FFFFFFF + 1
         return tag
+
+    def peek_tag(self, app_id: str, agent_id: str) -> int:
+        """The tag ``agent_tag`` would give, without giving it (for a request that may
+        still be refused: a refused request changes nothing)."""
+        if not app_id:
+            return 0
+        return self._tags.get((app_id, agent_id), self._next_tag)
 
     def agent_view(self, agent: AgentRecord) -> AgentSummary:
         policy = self._policies.get(agent.engine_id)

@@ -45,3 +45,22 @@ def test_fixed_seed_slice_reaches_every_op_and_breaks_no_promise() -> None:
             ipd.close()
     assert sorted(set(p.REQUEST_TYPES) - set(reached)) == []
     assert CASES // 2 < rejected < CASES  # most frames are hostile; some ops succeed
+
+
+def test_a_refused_reserve_gives_its_agent_no_tag() -> None:
+    """Found by the 1M-case run (case ~680k): a reserve naming a live agent, with too many
+    or duplicate hashes, was refused (``bad_request``) after the agent had been given a
+    slot-table tag: a refused op that changed the scheduler's state."""
+    with tempfile.TemporaryDirectory(prefix="tcfuzz-tag-") as tmp:
+        ipd = InProcessDaemon(Path(tmp))
+        try:
+            ipd.seed()
+            eng = ipd.engine_id("eng")
+            for hashes in ([b"h"] * (p.MAX_HASHES_PER_REQUEST + 1), [b"dup", b"dup"]):
+                body = {"engine_id": eng, "hashes": hashes, "salt": "t1"}
+                body |= {"app_id": "app", "agent_id": "code"}  # live, and not tagged yet
+                frame = msgspec.msgpack.encode({"v": 1, "op": "reserve", "id": 7, "body": body})
+                result = check_case(ipd, frame)  # CaseFailure if the state changed
+                assert not result.ok and result.code == p.ErrorCode.BAD_REQUEST
+        finally:
+            ipd.close()
