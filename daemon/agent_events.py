@@ -17,7 +17,6 @@ from tokencake.protocol import ErrorCode, ProtocolError
 
 logger = logging.getLogger(__name__)
 
-MAX_PREDICTED_S = 7 * 86400
 IDLE_CHECK_S = 10.0
 """How often, at most, live apps are checked for ``app_idle_timeout_s``."""
 
@@ -32,8 +31,6 @@ class AgentEvents:
         return p.EventAck(accepted=True, decisions=len(decisions))
 
     def register_app(self, _identity: bytes, req: p.RegisterApp) -> p.EventAck:
-        if len(req.tenant) > p.MAX_NAME_CHARS:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "tenant longer than 256 chars")
         record, created = self._parts.apps.register(
             req.app_id, req.dag, req.tenant, self._parts.clock()
         )
@@ -46,8 +43,6 @@ class AgentEvents:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
         if req.engine_id and self._parts.engines.get(req.engine_id) is None:
             raise ProtocolError(ErrorCode.UNKNOWN_ENGINE, f"no engine {req.engine_id[:64]!r}")
-        if req.prompt_tokens < 0:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "prompt_tokens must be >= 0")
         if agent.state == AgentState.LLM:
             return p.EventAck(accepted=False)
         agent.state, agent.state_since = AgentState.LLM, self._parts.clock()
@@ -61,8 +56,6 @@ class AgentEvents:
 
     def llm_call_admitted(self, _identity: bytes, req: p.LlmCallAdmitted) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
-        if req.kv_blocks < 0:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "kv_blocks must be >= 0")
         if agent.state != AgentState.LLM or agent.admitted:
             return p.EventAck(accepted=False)
         agent.admitted = True
@@ -73,8 +66,6 @@ class AgentEvents:
 
     def llm_call_finish(self, _identity: bytes, req: p.LlmCallFinish) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
-        if req.output_tokens < 0 or req.kv_blocks < 0:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "output_tokens and kv_blocks must be >= 0")
         if agent.state != AgentState.LLM:
             return p.EventAck(accepted=False)
         agent.state, agent.state_since = AgentState.IDLE, self._parts.clock()
@@ -87,10 +78,6 @@ class AgentEvents:
 
     def tool_call_start(self, _identity: bytes, req: p.ToolCallStart) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
-        if req.predicted_s is not None and not 0 <= req.predicted_s <= MAX_PREDICTED_S:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "predicted_s must be within 0..7 days")
-        if not req.tool_kind or len(req.tool_kind) > p.MAX_NAME_CHARS:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "tool_kind must be 1..256 chars")
         if agent.state == AgentState.TOOL:
             return p.EventAck(accepted=False)
         agent.state, agent.state_since = AgentState.TOOL, self._parts.clock()

@@ -13,9 +13,6 @@ from collections.abc import Callable
 from tokencake import protocol as p
 from tokencake.daemon.engines import EngineRegistry
 from tokencake.daemon.metrics import DaemonMetrics
-from tokencake.protocol import ErrorCode, ProtocolError
-
-MAX_LISTED = 10000
 
 
 class DecisionLog:
@@ -54,8 +51,6 @@ class DecisionLog:
                 self._send(engine.identity, p.encode_push(p.DECISION_PUSH_OP, decision))
 
     def list(self, _identity: bytes, req: p.ListDecisions) -> p.ListDecisionsReply:
-        if not 0 < req.limit <= MAX_LISTED:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "limit must be within 1..10000")
         picked: list[p.DecisionRecord] = []
         for decision in reversed(self.records):
             if req.agent_id and decision.agent_id != req.agent_id:

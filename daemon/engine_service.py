@@ -38,10 +38,6 @@ class EngineService:
             req.layout.validate()
         except LayoutError as exc:
             raise ProtocolError(ErrorCode.LAYOUT_REJECTED, str(exc)) from None
-        if not req.name or len(req.name) > p.MAX_NAME_CHARS or req.num_gpu_blocks < 0:
-            raise ProtocolError(
-                ErrorCode.BAD_REQUEST, "name must be 1..256 chars, num_gpu_blocks >= 0"
-            )
         store = self._kv.store
         if store is None:
             store = self._kv.format(req.layout.bytes_per_block)
@@ -100,13 +96,6 @@ class EngineService:
 
     def heartbeat(self, _identity: bytes, req: p.EngineHeartbeat) -> p.EngineHeartbeatReply:
         engine = self._parts.engines.live(req.engine_id, self._parts.clock())
-        if (
-            req.num_waiting < 0
-            or req.num_running < 0
-            or req.num_gpu_blocks_free < -1
-            or req.waiting_blocks < 0
-        ):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "negative engine state")
         engine.num_gpu_blocks_free = req.num_gpu_blocks_free
         engine.num_waiting = req.num_waiting
         engine.num_running = req.num_running

@@ -96,7 +96,7 @@ class KvService:
 
     def lookup(self, _identity: bytes, req: p.Lookup) -> p.LookupReply:
         engine, store = self._store_for(req.engine_id)
-        slots = store.lookup(engine.layout_id, _salt(req.salt), _hashes(req.hashes))
+        slots = store.lookup(engine.layout_id, req.salt, req.hashes)
         if self.l2 is not None and len(slots) < len(req.hashes):
             self._l2_missed(engine.layout_id, req.salt, req.hashes[len(slots) :])
         self._parts.metrics.lookups.labels("hit").inc(len(slots))
@@ -105,12 +105,12 @@ class KvService:
 
     def reserve(self, _identity: bytes, req: p.Reserve) -> p.ReserveReply:
         engine, store = self._store_for(req.engine_id)
-        hashes = _hashes(req.hashes)
+        hashes = req.hashes
         app_id, agent_id = self._attribution(req.app_id, req.agent_id)
         # The agent's tag is taken only once the store accepted the request: a refused
         # request (duplicate hashes, no tenant left) changes nothing.
         tag = self._parts.scheduler.peek_tag(app_id, agent_id)
-        slots = store.reserve(engine.owner, engine.layout_id, _salt(req.salt), hashes, tag)
+        slots = store.reserve(engine.owner, engine.layout_id, req.salt, hashes, tag)
         self._parts.scheduler.agent_tag(app_id, agent_id)
         if self.l2 is not None and app_id and slots:
             self.l2.remember(app_id, agent_id, engine.layout_id, req.salt, hashes[: len(slots)])
@@ -147,8 +147,8 @@ class KvService:
     def load_begin(self, _identity: bytes, req: p.LoadBegin) -> p.LoadBeginReply:
         engine, store = self._store_for(req.engine_id)
         app_id, agent_id = self._attribution(req.app_id, req.agent_id)
-        hashes = _hashes(req.hashes)
-        slots = store.begin_load(engine.owner, engine.layout_id, _salt(req.salt), hashes)
+        hashes = req.hashes
+        slots = store.begin_load(engine.owner, engine.layout_id, req.salt, hashes)
         if self.l2 is not None and len(slots) < len(hashes):
             self._l2_missed(engine.layout_id, req.salt, hashes[len(slots) :])
         started = (self._parts.clock(), app_id, agent_id)
@@ -164,9 +164,7 @@ class KvService:
 
     def drop(self, _identity: bytes, req: p.Drop) -> p.DropReply:
         engine, store = self._store_for(req.engine_id)
-        return p.DropReply(
-            dropped=store.drop(engine.layout_id, _salt(req.salt), _hashes(req.hashes))
-        )
+        return p.DropReply(dropped=store.drop(engine.layout_id, req.salt, req.hashes))
 
     def _attribution(self, app_id: str, agent_id: str) -> tuple[str, str]:
         """The agent a KV op names, if it is live. Attribution is optional: blocks of an app
@@ -254,22 +252,3 @@ class KvService:
                 self._timers.schedule(L2_POLL_S, self._l2_poll)
             else:
                 self._l2_polling = False
-
-
-def _salt(salt: str) -> str:
-    if len(salt) > p.MAX_NAME_CHARS:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "salt longer than 256 chars")
-    return salt
-
-
-def _hashes(hashes: list[bytes]) -> list[bytes]:
-    if len(hashes) > p.MAX_HASHES_PER_REQUEST:
-        raise ProtocolError(
-            ErrorCode.BAD_REQUEST, f"at most {p.MAX_HASHES_PER_REQUEST} hashes per request"
-        )
-    for h in hashes:
-        if not 0 < len(h) <= p.MAX_HASH_BYTES:
-            raise ProtocolError(
-                ErrorCode.BAD_REQUEST, f"hashes must be 1..{p.MAX_HASH_BYTES} bytes"
-            )
-    return hashes

@@ -16,7 +16,7 @@ frames carry slot numbers and chain hashes.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Final, Generic, Literal, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Final, Generic, Literal, TypeVar, get_args
 
 import msgspec
 
@@ -27,6 +27,18 @@ MAX_HASHES_PER_REQUEST: Final = 65536
 MAX_HASH_BYTES: Final = 64
 MAX_DAG_NODES: Final = 4096
 MAX_NAME_CHARS: Final = 256
+MAX_NODE_SECONDS: Final = 7 * 86400.0
+"""Upper bound of a DAG node's expected durations and importance, and of a tool hint: a week."""
+MAX_LISTED_DECISIONS: Final = 10000
+
+# Constrained field types: the daemon's decoder checks them, so a request out of range is a
+# one-line ``bad_request`` that names the field, before any handler runs.
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+RequiredName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+Hash = Annotated[bytes, msgspec.Meta(min_length=1, max_length=MAX_HASH_BYTES)]
+Hashes = Annotated[list[Hash], msgspec.Meta(max_length=MAX_HASHES_PER_REQUEST)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+NodeSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_NODE_SECONDS)]
 
 
 class ErrorCode:
@@ -152,9 +164,9 @@ class RegisterEngine(Request[RegisterEngineReply]):
     """
 
     op = "register_engine"
-    name: str
+    name: RequiredName
     layout: KvLayout
-    num_gpu_blocks: int = 0
+    num_gpu_blocks: Count = 0
 
 
 class EngineHeartbeatReply(msgspec.Struct):
@@ -166,10 +178,11 @@ class EngineHeartbeat(Request[EngineHeartbeatReply]):
 
     op = "engine_heartbeat"
     engine_id: str
-    num_gpu_blocks_free: int = -1
-    num_waiting: int = 0
-    num_running: int = 0
-    waiting_blocks: int = 0
+    num_gpu_blocks_free: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    """-1: not reported."""
+    num_waiting: Count = 0
+    num_running: Count = 0
+    waiting_blocks: Count = 0
     """GPU blocks the waiting requests need in all (0: not reported)."""
 
 
@@ -192,16 +205,16 @@ class DagNode(msgspec.Struct, forbid_unknown_fields=True):
     are allowed and then the daemon's measured history decides.
     """
 
-    id: str
+    id: RequiredName
     agent_type: str = ""
-    importance: float = 1.0
-    expected_llm_s: float = 0.0
-    expected_tool_s: float = 0.0
+    importance: NodeSeconds = 1.0
+    expected_llm_s: NodeSeconds = 0.0
+    expected_tool_s: NodeSeconds = 0.0
     tool_kind: str = ""
 
 
 class AppDag(msgspec.Struct, forbid_unknown_fields=True):
-    nodes: list[DagNode]
+    nodes: Annotated[list[DagNode], msgspec.Meta(min_length=1, max_length=MAX_DAG_NODES)]
     edges: list[tuple[str, str]] = []
 
 
@@ -212,9 +225,9 @@ class EventAck(msgspec.Struct):
 
 class RegisterApp(Request[EventAck]):
     op = "register_app"
-    app_id: str
+    app_id: RequiredName
     dag: AppDag
-    tenant: str = ""
+    tenant: Name = ""
 
 
 class LlmCallStart(Request[EventAck]):
@@ -223,7 +236,7 @@ class LlmCallStart(Request[EventAck]):
     agent_id: str
     engine_id: str = ""
     request_id: str = ""
-    prompt_tokens: int = 0
+    prompt_tokens: Count = 0
 
 
 class LlmCallAdmitted(Request[EventAck]):
@@ -236,7 +249,7 @@ class LlmCallAdmitted(Request[EventAck]):
     app_id: str
     agent_id: str
     request_id: str = ""
-    kv_blocks: int = 0
+    kv_blocks: Count = 0
 
 
 class LlmCallFinish(Request[EventAck]):
@@ -244,16 +257,16 @@ class LlmCallFinish(Request[EventAck]):
     app_id: str
     agent_id: str
     request_id: str = ""
-    output_tokens: int = 0
-    kv_blocks: int = 0
+    output_tokens: Count = 0
+    kv_blocks: Count = 0
 
 
 class ToolCallStart(Request[EventAck]):
     op = "tool_call_start"
     app_id: str
     agent_id: str
-    tool_kind: str
-    predicted_s: float | None = None
+    tool_kind: RequiredName
+    predicted_s: NodeSeconds | None = None
     call_id: str = ""
 
 
@@ -283,8 +296,8 @@ class Lookup(Request[LookupReply]):
 
     op = "lookup"
     engine_id: str
-    hashes: list[bytes]
-    salt: str = ""
+    hashes: Hashes
+    salt: Name = ""
 
 
 class ReserveReply(msgspec.Struct):
@@ -303,8 +316,8 @@ class Reserve(Request[ReserveReply]):
 
     op = "reserve"
     engine_id: str
-    hashes: list[bytes]
-    salt: str = ""
+    hashes: Hashes
+    salt: Name = ""
     app_id: str = ""
     agent_id: str = ""
 
@@ -347,8 +360,8 @@ class LoadBegin(Request[LoadBeginReply]):
 
     op = "load_begin"
     engine_id: str
-    hashes: list[bytes]
-    salt: str = ""
+    hashes: Hashes
+    salt: Name = ""
     app_id: str = ""
     agent_id: str = ""
 
@@ -374,8 +387,8 @@ class Drop(Request[DropReply]):
 
     op = "drop"
     engine_id: str
-    hashes: list[bytes]
-    salt: str = ""
+    hashes: Hashes
+    salt: Name = ""
 
 
 # --------------------------------------------------------------------------- GPU data plane
@@ -672,7 +685,7 @@ class ListDecisionsReply(msgspec.Struct):
 
 class ListDecisions(Request[ListDecisionsReply]):
     op = "list_decisions"
-    limit: int = 50
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LISTED_DECISIONS)] = 50
     agent_id: str = ""
 
 
