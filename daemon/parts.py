@@ -14,7 +14,7 @@ from tokencake.daemon.apps import AppRegistry
 from tokencake.daemon.config import DaemonConfig
 from tokencake.daemon.engines import EngineRegistry
 from tokencake.daemon.metrics import DaemonMetrics
-from tokencake.daemon.scheduling import SchedulerBridge
+from tokencake.daemon.policy_bridge import SchedulerBridge
 
 ApplyDecisions = Callable[[list[p.DecisionRecord]], None]
 

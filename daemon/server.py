@@ -40,7 +40,7 @@ from tokencake.daemon.l2 import L2StartError, open_l2
 from tokencake.daemon.memwatch import MemoryWatch, container_sizes
 from tokencake.daemon.metrics import DaemonMetrics
 from tokencake.daemon.parts import DaemonParts
-from tokencake.daemon.scheduling import SchedulerBridge
+from tokencake.daemon.policy_bridge import SchedulerBridge
 from tokencake.daemon.sd_notify import SystemdNotifier
 from tokencake.daemon.timers import Timers
 from tokencake.daemon.transport import DaemonError, Dispatcher, Handler, Transport, socket_in_use

@@ -1,4 +1,4 @@
-"""The daemon's side of the scheduler brain: protocol events in, decision records out.
+"""The bridge between the daemon and its policies: protocol events in, decisions out.
 
 One policy instance schedules one engine's GPU KV pool, so the bridge keeps a policy per
 registered engine, tells every one of them about every application, and routes an agent's
