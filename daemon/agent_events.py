@@ -11,7 +11,7 @@ import logging
 import math
 
 from tokencake import protocol as p
-from tokencake.daemon.apps import AgentState
+from tokencake.daemon.apps import AgentPhase
 from tokencake.daemon.parts import DaemonParts
 from tokencake.protocol import ErrorCode, ProtocolError
 
@@ -43,9 +43,9 @@ class AgentEvents:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
         if req.engine_id and self._parts.engines.get(req.engine_id) is None:
             raise ProtocolError(ErrorCode.UNKNOWN_ENGINE, f"no engine {req.engine_id[:64]!r}")
-        if agent.state == AgentState.LLM:
+        if agent.state == AgentPhase.LLM:
             return p.EventAck(accepted=False)
-        agent.state, agent.state_since = AgentState.LLM, self._parts.clock()
+        agent.state, agent.state_since = AgentPhase.LLM, self._parts.clock()
         agent.llm_calls += 1
         agent.admitted = False
         if req.engine_id:
@@ -56,7 +56,7 @@ class AgentEvents:
 
     def llm_call_admitted(self, _identity: bytes, req: p.LlmCallAdmitted) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
-        if agent.state != AgentState.LLM or agent.admitted:
+        if agent.state != AgentPhase.LLM or agent.admitted:
             return p.EventAck(accepted=False)
         agent.admitted = True
         agent.kv_blocks = req.kv_blocks
@@ -66,9 +66,9 @@ class AgentEvents:
 
     def llm_call_finish(self, _identity: bytes, req: p.LlmCallFinish) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
-        if agent.state != AgentState.LLM:
+        if agent.state != AgentPhase.LLM:
             return p.EventAck(accepted=False)
-        agent.state, agent.state_since = AgentState.IDLE, self._parts.clock()
+        agent.state, agent.state_since = AgentPhase.IDLE, self._parts.clock()
         agent.kv_blocks = req.kv_blocks
         return self._ack(
             self._parts.scheduler.llm_call_finish(
@@ -78,9 +78,9 @@ class AgentEvents:
 
     def tool_call_start(self, _identity: bytes, req: p.ToolCallStart) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
-        if agent.state == AgentState.TOOL:
+        if agent.state == AgentPhase.TOOL:
             return p.EventAck(accepted=False)
-        agent.state, agent.state_since = AgentState.TOOL, self._parts.clock()
+        agent.state, agent.state_since = AgentPhase.TOOL, self._parts.clock()
         agent.tool_calls += 1
         agent.tool_kind, agent.tool_call_id = req.tool_kind, req.call_id
         agent.tool_predicted_s = req.predicted_s
@@ -92,9 +92,9 @@ class AgentEvents:
 
     def tool_call_end(self, _identity: bytes, req: p.ToolCallEnd) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
-        if agent.state != AgentState.TOOL or (req.call_id and req.call_id != agent.tool_call_id):
+        if agent.state != AgentPhase.TOOL or (req.call_id and req.call_id != agent.tool_call_id):
             return p.EventAck(accepted=False)
-        agent.state, agent.state_since = AgentState.IDLE, self._parts.clock()
+        agent.state, agent.state_since = AgentPhase.IDLE, self._parts.clock()
         return self._ack(self._parts.scheduler.tool_call_end(agent, req.call_id, req.ok))
 
     def expire_idle(self, now: float, idle_s: float) -> None:

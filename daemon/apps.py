@@ -17,7 +17,7 @@ from tokencake.protocol import MAX_NAME_CHARS, AppDag, ErrorCode, ProtocolError
 logger = logging.getLogger(__name__)
 
 
-class AgentState:
+class AgentPhase:
     PENDING = "pending"  # registered, no LLM call yet
     LLM = "llm"  # an LLM call is running
     IDLE = "idle"  # between an LLM call and the next event
@@ -31,7 +31,7 @@ class AgentRecord:
     agent_id: str
     agent_type: str
     importance: float
-    state: str = AgentState.PENDING
+    state: str = AgentPhase.PENDING
     state_since: float = 0.0
     engine_id: str = ""
     kv_blocks: int = 0
@@ -146,7 +146,7 @@ class AppRegistry:
         record = self.app(app_id)
         record.ended = True
         for agent in record.agents.values():
-            agent.state = AgentState.DONE
+            agent.state = AgentPhase.DONE
             agent.state_since = now
         self._ended.append(app_id)
         while len(self._ended) > self._keep_ended:

@@ -76,7 +76,7 @@ REGISTRY = Registry("tokencake.eviction")
 """Eviction policies by name: the ``tokencake.eviction`` entry points (``lru`` is built in)."""
 
 
-class UnknownPolicyError(KeyError):
+class UnknownEvictionPolicyError(KeyError):
     """No eviction policy registered under that name."""
 
 
@@ -94,7 +94,7 @@ def make_policy(name: str) -> EvictionPolicy:
     try:
         cls = REGISTRY.load(name)
     except KeyError:
-        raise UnknownPolicyError(
+        raise UnknownEvictionPolicyError(
             f"unknown eviction policy {name!r}; known: {available_policies()}"
         ) from None
     if not (isinstance(cls, type) and issubclass(cls, EvictionPolicy)):

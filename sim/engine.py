@@ -54,7 +54,7 @@ from tokencake.protocol import (
 )
 from tokencake.sim import admission, transfers
 from tokencake.sim.appdag import app_dag, critical_path
-from tokencake.sim.kvpool import AgentKv, GpuPool, HostStore, chain_keys
+from tokencake.sim.kvpool import AgentKv, GpuPool, SimHostStore, chain_keys
 from tokencake.sim.profiles import Profile
 from tokencake.sim.records import (
     ARRIVAL,
@@ -111,7 +111,7 @@ class Simulator:
         self.bt = profile.block_tokens
         self.pool = GpuPool(None if unbounded_gpu else profile.gpu_blocks)
         self.nominal_blocks = profile.gpu_blocks
-        self.host = HostStore(profile.host_blocks)
+        self.host = SimHostStore(profile.host_blocks)
         self.link = HostLink(profile)
         self.key_cache: KeyCache = key_cache if key_cache is not None else {}
         self.tick_s = tick_s

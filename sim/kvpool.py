@@ -291,7 +291,7 @@ class GpuPool:
             raise PoolInvariantError("a block's refcount disagrees with its state")
 
 
-class HostStore:
+class SimHostStore:
     """Host KV blocks keyed by hash chain, LRU-evicted when full (the CPU block buffer)."""
 
     def __init__(self, capacity: int) -> None:

@@ -18,7 +18,7 @@ from tokencake.daemon import host_store as host_store_mod
 from tokencake.daemon import store_audit
 from tokencake.daemon.eviction import (
     EvictionPolicy,
-    UnknownPolicyError,
+    UnknownEvictionPolicyError,
     available_policies,
     make_policy,
     register_policy,
@@ -285,7 +285,7 @@ class BrokenPolicy(EvictionPolicy):
 def test_registry_and_custom_policy() -> None:
     assert "lru" in available_policies()
     assert make_policy("lru").name == "lru"
-    with pytest.raises(UnknownPolicyError):
+    with pytest.raises(UnknownEvictionPolicyError):
         make_policy("nope")
     register_policy("keep-tagged-test", f"{__name__}:KeepTaggedPolicy")
     policy = make_policy("keep-tagged-test")
