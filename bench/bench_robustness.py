@@ -412,11 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reused = load_reused(args.reuse, keep, seeds, args.apps) if keep else {}
         checked = seeds[: args.verify]
-        jobs = [(s, args.apps, p, args.profile) for s in seeds for p in policies if p not in keep]
-        jobs += [(s, args.apps, p, args.profile) for s in checked for p in keep]
+        # the reruns that check the reused records first, so an interrupted run has them
+        jobs = [(s, args.apps, p, args.profile) for s in checked for p in keep]
+        jobs += [(s, args.apps, p, args.profile) for s in seeds for p in policies if p not in keep]
         by_seed: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in seeds}
         run_jobs(jobs, args.workers, by_seed)
         if keep:
+            if any(p not in by_seed[s] for s in checked for p in keep):
+                raise ReuseError("interrupted before the reused records were checked")
             check_reused(reused, {s: by_seed[s] for s in checked})
     except ReuseError as e:
         print(f"error: {e}", file=sys.stderr)
