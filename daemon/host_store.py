@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tokencake.daemon import store_audit
+from tokencake.daemon import store_views
 from tokencake.daemon.eviction import EvictionPolicy, LruPolicy
 from tokencake.daemon.slot_table import (
     FREE,
@@ -44,6 +44,7 @@ from tokencake.daemon.slot_table import (
     SlotTable,
     key_digest,
 )
+from tokencake.daemon.store_views import StoreStats
 from tokencake.protocol import (
     MAX_HASH_BYTES,
     MAX_HASHES_PER_REQUEST,
@@ -59,19 +60,6 @@ assert MAX_HASH_BYTES <= KEY_BYTES
 
 class StoreError(ProtocolError):
     """A refused store operation; ``code`` is one of :class:`tokencake.protocol.ErrorCode`."""
-
-
-@dataclass(slots=True)
-class StoreStats:
-    num_slots: int
-    slot_bytes: int
-    free: int
-    writing: int
-    ready: int
-    reading: int
-    evictions: int
-    hits: int
-    misses: int
 
 
 @dataclass(slots=True)
@@ -453,53 +441,27 @@ class HostStore:
     # ------------------------------------------------------------------ introspection
 
     def stats(self) -> StoreStats:
-        t = self._t
-        return StoreStats(
-            num_slots=t.num_slots,
-            slot_bytes=self._slot_bytes,
-            free=t.count(FREE),
-            writing=t.count(WRITING),
-            ready=t.count(READY),
-            reading=t.count(READING),
-            evictions=self._evictions,
-            hits=self._hits,
-            misses=self._misses,
-        )
+        return store_views.stats(self)
 
     def usage_by_owner(self) -> dict[int, int]:
         """Occupied slots per owner that stored them (writing, ready or being read)."""
-        t = self._t
-        owners = t.owner[t.state != FREE]
-        ids, counts = np.unique(owners, return_counts=True)
-        return {int(i): int(c) for i, c in zip(ids, counts, strict=True)}
+        return store_views.usage_by_owner(self)
 
     def usage_by_tenant(self) -> dict[str, int]:
         """Occupied slots per tenant salt."""
-        t = self._t
-        if not self._tenant_names:
-            return {}
-        counts = np.bincount(t.tenant[t.state != FREE], minlength=len(self._tenant_names))
-        return {name: int(counts[i]) for i, name in enumerate(self._tenant_names) if counts[i] > 0}
+        return store_views.usage_by_tenant(self)
 
     def leases_by_owner(self) -> dict[int, int]:
         """Slots each owner holds a lease on: its unfinished writes plus its pinned slots."""
-        t = self._t
-        out: dict[int, int] = {}
-        for s in t.iter_state(WRITING):
-            o = t.m_owner[s]
-            out[o] = out.get(o, 0) + 1
-        for owner, pins in self._pins.items():
-            if pins:
-                out[owner] = out.get(owner, 0) + len(pins)
-        return out
+        return store_views.leases_by_owner(self)
 
     def snapshot(self) -> dict[str, Any]:
         """Every bit of mutable state, as comparable values. O(n): for tests and debugging."""
-        return store_audit.snapshot(self)
+        return store_views.snapshot(self)
 
     def check_invariants(self) -> None:
         """Raise AssertionError when any internal invariant is broken. O(n)."""
-        store_audit.check_invariants(self)
+        store_views.check_invariants(self)
 
     # ------------------------------------------------------------------ internals
 

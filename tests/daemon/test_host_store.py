@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from tokencake.daemon import host_store as host_store_mod
-from tokencake.daemon import store_audit
+from tokencake.daemon import store_views
 from tokencake.daemon.eviction import (
     EvictionPolicy,
     UnknownEvictionPolicyError,
@@ -181,7 +181,7 @@ def test_no_space_when_nothing_can_be_placed() -> None:
 
 def test_index_survives_total_digest_collisions(monkeypatch: pytest.MonkeyPatch) -> None:
     """With every key hashing alike, full-key comparison still tells blocks apart."""
-    for module in (host_store_mod, store_audit):
+    for module in (host_store_mod, store_views):
         monkeypatch.setattr(module, "key_digest", lambda layout, tenant, key: 42)
     store, _, L = make(num_slots=16)
     hashes = [H(i) for i in range(12)]

@@ -1,16 +1,78 @@
-"""Whole-state views of a ``HostStore`` for tests and debugging: a comparable snapshot and an
-invariant check. Both are O(n) and read the store's internals; the store's hot paths never
-call them.
+"""Read-only views of a ``HostStore``: its counts, who uses its slots, a comparable snapshot
+and an invariant check. ``snapshot`` and ``check_invariants`` are O(n), for tests and
+debugging; the usage views serve ``tokencake-ctl pool`` and ``engines``. None of them is on
+a KV op's path.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tokencake.daemon.slot_table import FREE, READING, key_digest
+import numpy as np
+
+from tokencake.daemon.slot_table import FREE, READING, READY, WRITING, key_digest
 
 if TYPE_CHECKING:
     from tokencake.daemon.host_store import HostStore
+
+
+@dataclass(slots=True)
+class StoreStats:
+    num_slots: int
+    slot_bytes: int
+    free: int
+    writing: int
+    ready: int
+    reading: int
+    evictions: int
+    hits: int
+    misses: int
+
+
+def stats(store: HostStore) -> StoreStats:
+    t = store._t
+    return StoreStats(
+        num_slots=t.num_slots,
+        slot_bytes=store._slot_bytes,
+        free=t.count(FREE),
+        writing=t.count(WRITING),
+        ready=t.count(READY),
+        reading=t.count(READING),
+        evictions=store._evictions,
+        hits=store._hits,
+        misses=store._misses,
+    )
+
+
+def usage_by_owner(store: HostStore) -> dict[int, int]:
+    """Occupied slots per owner that stored them (writing, ready or being read)."""
+    t = store._t
+    owners = t.owner[t.state != FREE]
+    ids, counts = np.unique(owners, return_counts=True)
+    return {int(i): int(c) for i, c in zip(ids, counts, strict=True)}
+
+
+def usage_by_tenant(store: HostStore) -> dict[str, int]:
+    """Occupied slots per tenant salt."""
+    t = store._t
+    if not store._tenant_names:
+        return {}
+    counts = np.bincount(t.tenant[t.state != FREE], minlength=len(store._tenant_names))
+    return {name: int(counts[i]) for i, name in enumerate(store._tenant_names) if counts[i] > 0}
+
+
+def leases_by_owner(store: HostStore) -> dict[int, int]:
+    """Slots each owner holds a lease on: its unfinished writes plus its pinned slots."""
+    t = store._t
+    out: dict[int, int] = {}
+    for s in t.iter_state(WRITING):
+        o = t.m_owner[s]
+        out[o] = out.get(o, 0) + 1
+    for owner, pins in store._pins.items():
+        if pins:
+            out[owner] = out.get(owner, 0) + len(pins)
+    return out
 
 
 def snapshot(store: HostStore) -> dict[str, Any]:
