@@ -136,6 +136,9 @@ class DaemonConfig:
     """How long a store that failed is left alone (writes dropped, reads miss)."""
     l2_ttl_s: float = 0.0
     """Expiry of L2 values in seconds; 0 keeps them until the store evicts them."""
+    l2_flush_on_stop_s: float = 5.0
+    """At stop (SIGTERM), blocks held only in the arena are written to L2 for at most this
+    long; those left are counted and logged. 0 skips the flush."""
     app_idle_timeout_s: float = 3600.0
     """An app none of whose agents sent an event for this long is ended by the daemon (its
     client went away without ``app_end``); 0 keeps such apps forever."""
@@ -221,6 +224,8 @@ class DaemonConfig:
                 raise ConfigError(f"{name} must be within 0..3600 s (exclusive)")
         if not 0 <= self.l2_ttl_s < 10 * 365 * 86400:
             raise ConfigError("l2_ttl_s must be >= 0")
+        if not 0 <= self.l2_flush_on_stop_s < 3600:
+            raise ConfigError("l2_flush_on_stop_s must be within 0..3600 s")
 
     @property
     def socket_path(self) -> Path | None:

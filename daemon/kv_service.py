@@ -81,6 +81,8 @@ class KvService:
 
     def close(self) -> None:
         if self.l2 is not None:
+            # Blocks only the arena holds go to L2 first (bounded), then the workers stop.
+            self.l2.flush_arena(self._parts.config().l2_flush_on_stop_s)
             self.l2.close()  # drops its arena view first
             self.l2 = None
         if self.arena is not None:

@@ -45,6 +45,12 @@ def stats(store: HostStore) -> StoreStats:
     )
 
 
+def whole_blocks(store: HostStore) -> list[int]:
+    """Slots holding a whole block (ready, or being read); for the L2 tier's flush at stop."""
+    t = store._t
+    return [*t.iter_state(READY), *t.iter_state(READING)]
+
+
 def usage_by_owner(store: HostStore) -> dict[int, int]:
     """Occupied slots per owner that stored them (writing, ready or being read)."""
     t = store._t

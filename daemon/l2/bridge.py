@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -31,6 +32,7 @@ from tokencake.daemon.l2.backends import (
 )
 from tokencake.daemon.l2.codec import block_key, key_prefix
 from tokencake.daemon.l2.tier import L2Metrics, L2Tier
+from tokencake.daemon.store_views import whole_blocks
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -115,12 +117,51 @@ class L2Bridge:
                 self._clean[slot] = ident
                 self.written_through += 1
 
-    def _put(self, slot: int, ident: tuple[int, str, bytes]) -> bool:
+    def _put(
+        self, slot: int, ident: tuple[int, str, bytes], wait_until: float | None = None
+    ) -> bool:
         assert self._store is not None and self._rows is not None
         layout, salt, chain_hash = ident
         nbytes = self._store.layout_bytes(layout)
         key = block_key(self._prefix(layout, salt), chain_hash)
-        return self.tier.put(key, self._rows[slot, :nbytes])
+        return self.tier.put(key, self._rows[slot, :nbytes], wait_until=wait_until)
+
+    def flush_arena(self, timeout_s: float) -> tuple[int, int]:
+        """At stop: write every whole block held only in the arena to L2, waiting at most
+        ``timeout_s`` in all. Returns ``(flushed, not_flushed)``; the second is counted as
+        dropped writes (reason ``shutdown``) and logged."""
+        store = self._store
+        if store is None or self._rows is None or timeout_s <= 0:
+            return 0, 0
+        deadline = time.monotonic() + timeout_s
+        self.tier.flush(timeout_s)  # earlier write-backs first, so the count below is ours
+        metrics = self.tier.metrics
+        before = metrics.value("tokencake_l2_blocks", op="put", result="stored")
+        dirty = [
+            (s, ident)
+            for s in whole_blocks(store)
+            if self._clean.get(s) != (ident := store.slot_key(s))
+        ]
+        queued = 0
+        for slot, ident in dirty:
+            if time.monotonic() >= deadline:
+                break
+            queued += self._put(slot, ident, wait_until=deadline)
+        self.tier.flush(max(0.0, deadline - time.monotonic()))
+        stored = metrics.value("tokencake_l2_blocks", op="put", result="stored") - before
+        flushed = min(stored, queued)
+        missed = len(dirty) - flushed
+        if missed:
+            metrics.dropped.labels("shutdown").inc(missed)
+            logger.warning(
+                "L2 flush at stop: %d blocks written, %d not (within %.1fs)",
+                flushed,
+                missed,
+                timeout_s,
+            )
+        else:
+            logger.info("L2 flush at stop: %d blocks written", flushed)
+        return flushed, missed
 
     # ------------------------------------------------------------------ agents
 

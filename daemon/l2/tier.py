@@ -49,7 +49,7 @@ class L2Metrics:
         )
         self.dropped = Counter(
             "tokencake_l2_dropped_writes_total",
-            "Blocks not written to L2, by reason (queue_full, unavailable, full)",
+            "Blocks not written to L2, by reason (queue_full, unavailable, full, shutdown)",
             ["reason"],
             registry=r,
         )
@@ -157,10 +157,14 @@ class L2Tier:
     def available(self) -> bool:
         return self._clock() >= self._down_until
 
-    def put(self, key: bytes, payload: bytes | np.ndarray) -> bool:
+    def put(
+        self, key: bytes, payload: bytes | np.ndarray, *, wait_until: float | None = None
+    ) -> bool:
         """Queue one write; False (and counted) when it is dropped. Never blocks on the store.
 
         ``payload`` (bytes, or a view into the arena) is copied only when the write is taken.
+        ``wait_until`` (a ``time.monotonic`` deadline; shutdown only, never the event loop)
+        waits for room in a full queue instead of dropping the write at once.
         """
         if not self.available:
             self.metrics.dropped.labels("unavailable").inc()
@@ -168,9 +172,12 @@ class L2Tier:
         nbytes = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
         size = HEADER_BYTES + nbytes
         with self._cond:
-            if self._pending_bytes + nbytes > self._queue_bytes:
-                self.metrics.dropped.labels("queue_full").inc()
-                return False
+            while self._pending_bytes + nbytes > self._queue_bytes:
+                left = -1.0 if wait_until is None else wait_until - time.monotonic()
+                if left <= 0 or not self._pending_bytes:
+                    self.metrics.dropped.labels("queue_full").inc()
+                    return False
+                self._drained.wait(min(left, 0.05))
             pool = self._free.get(size)
             if pool:
                 buf = pool.pop()
@@ -273,8 +280,8 @@ class L2Tier:
                 with self._cond:
                     self._busy -= 1
                     self._recycle(batch)
-                    if not (self._busy or self._puts or self._gets):
-                        self._drained.notify_all()
+                    # Room in the queue, or all done: flush and a shutdown's puts wait here.
+                    self._drained.notify_all()
 
     def _recycle(self, batch: list[tuple[bytes, bytearray]]) -> None:
         """Keep sent buffers for the next writes, up to the queue's size (lock held)."""
