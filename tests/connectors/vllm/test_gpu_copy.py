@@ -127,7 +127,7 @@ def test_cuda_ipc_through_the_daemons_copy_worker(arena: Arena) -> None:
     layers = _kv("cuda")
     mover = make_mover(layers, BLOCKS)
     assert isinstance(mover, DeviceBlockMover)
-    svc = GpuCopyService(arena=lambda: (arena.name, arena.size, SLOT), deadline_s=60.0)
+    svc = GpuCopyService(arena=lambda: (arena.name, arena.size, SLOT), mode="cuda", deadline_s=60.0)
     try:
         svc.share("e#1", p.ShareGpuKv("e#1", BLOCKS, export_kv(mover)))
         slots = store.reserve(1, 0, "", [b"a", b"b"])
