@@ -21,6 +21,7 @@ UNTESTED ON HARDWARE: ``CudaDevice`` has never run on a GPU (see docs/vllm.md).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import mmap
 import threading
 from abc import ABC, abstractmethod
@@ -231,47 +232,47 @@ class CudaDevice(Device):
         return bool(tensor.device == self.device)
 
     def export(self, tensor: Any) -> p.GpuKvTensor:
-        from torch.multiprocessing.reductions import reduce_tensor
+        from torch.multiprocessing import reductions
 
-        _rebuild, args = reduce_tensor(tensor)
-        (_cls, size, stride, offset, _storage_cls, dtype, _device, handle, storage_bytes) = args[:9]
-        ref_handle, ref_offset, event_handle, event_sync = args[10:14]
+        rebuild, args = reductions.reduce_tensor(tensor)
+        # named as torch's own rebuild_cuda_tensor names them, not by position
+        f = dict(zip(inspect.signature(rebuild).parameters, args, strict=True))
         return p.GpuKvTensor(
             kind=self.kind,
             device_uuid=self.uuid(),
-            handle=handle,
-            storage_bytes=storage_bytes,
-            storage_offset_bytes=args[9],
-            ref_counter_handle=ref_handle,
-            ref_counter_offset=ref_offset,
-            event_handle=event_handle or b"",
-            event_sync_required=bool(event_sync),
-            dtype=str(dtype).removeprefix("torch."),
-            shape=list(size),
-            stride=list(stride),
-            offset=offset,
+            handle=f["storage_handle"],
+            storage_bytes=f["storage_size_bytes"],
+            storage_offset_bytes=f["storage_offset_bytes"],
+            ref_counter_handle=f["ref_counter_handle"],
+            ref_counter_offset=f["ref_counter_offset"],
+            event_handle=f["event_handle"] or b"",
+            event_sync_required=bool(f["event_sync_required"]),
+            dtype=str(f["dtype"]).removeprefix("torch."),
+            shape=list(f["tensor_size"]),
+            stride=list(f["tensor_stride"]),
+            offset=f["tensor_offset"],
         )
 
     def open(self, shared: p.GpuKvTensor) -> Any:
-        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+        from torch.multiprocessing import reductions
 
         try:
-            return rebuild_cuda_tensor(
-                self.torch.Tensor,
-                self.torch.Size(shared.shape),
-                tuple(shared.stride),
-                shared.offset,
-                self.torch.UntypedStorage,
-                getattr(self.torch, shared.dtype),
-                self.index,
-                shared.handle,
-                shared.storage_bytes,
-                shared.storage_offset_bytes,
-                False,
-                shared.ref_counter_handle,
-                shared.ref_counter_offset,
-                shared.event_handle or None,
-                shared.event_sync_required,
+            return reductions.rebuild_cuda_tensor(
+                tensor_cls=self.torch.Tensor,
+                tensor_size=self.torch.Size(shared.shape),
+                tensor_stride=tuple(shared.stride),
+                tensor_offset=shared.offset,
+                storage_cls=self.torch.UntypedStorage,
+                dtype=getattr(self.torch, shared.dtype),
+                storage_device=self.index,  # this process's index of the device
+                storage_handle=shared.handle,
+                storage_size_bytes=shared.storage_bytes,
+                storage_offset_bytes=shared.storage_offset_bytes,
+                requires_grad=False,
+                ref_counter_handle=shared.ref_counter_handle,
+                ref_counter_offset=shared.ref_counter_offset,
+                event_handle=shared.event_handle or None,
+                event_sync_required=shared.event_sync_required,
             )
         except (RuntimeError, AttributeError, TypeError) as exc:
             raise CopyError(f"cannot open the engine's KV tensor: {exc}") from exc
