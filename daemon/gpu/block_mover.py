@@ -132,14 +132,15 @@ class DeviceBlockMover(BlockMover[HostArena]):
         order = sorted(range(len(slots)), key=slots.__getitem__)
         slots = [slots[i] for i in order]
         blocks = [blocks[i] for i in order]
-        stage = self._staging(host.slot_bytes)
-        chunk = int(stage.shape[0])
         try:
             if self.follow:
                 self.device.follow_compute(self.stream)
             if after:
                 self.device.follow_ipc_event(self.stream, after)
             with self.device.on(self.stream):
+                # made (and zeroed) on the side stream, so the copies queue behind its fill
+                stage = self._staging(host.slot_bytes)
+                chunk = int(stage.shape[0])
                 for start in range(0, len(slots), chunk):
                     part = slice(start, start + chunk)
                     self._chunk(host, stage, blocks[part], slots[part], to_arena)

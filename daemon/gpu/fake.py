@@ -61,7 +61,6 @@ class FakeDevice(Device):
     """See the module docstring. ``polls``: queries before an event completes."""
 
     kind: Literal["cuda", "fake"] = "fake"
-    pins = PinRegistry()
     registrations = 0  # how often host memory was really page-locked (once per mapping)
 
     def __init__(self, index: int = 0, polls: int = 0) -> None:
@@ -70,6 +69,7 @@ class FakeDevice(Device):
         self.torch = torch
         self.index = index
         self.polls = polls
+        self.pins = PinRegistry()  # per device here (CUDA's is per process): tests stay apart
         self.waited: list[bytes] = []  # IPC event handles copies were ordered after
         self.followed_compute = 0
         self._fault = ""

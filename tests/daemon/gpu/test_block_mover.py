@@ -83,6 +83,7 @@ def test_device_fault_is_a_failed_copy(mapping: ArenaMapping, device: FakeDevice
     with pytest.raises(CopyError, match="dma error"):
         handle.poll()
     mover.store(mapping, [1], [1]).wait()  # the next copy is a new event
+    mover.close()
 
 
 def test_bad_ids_refused_before_anything_moves(mapping: ArenaMapping, device: FakeDevice) -> None:
