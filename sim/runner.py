@@ -16,7 +16,7 @@ from typing import Any
 
 from tokencake.daemon.scheduler import PolicyConfig, create_policy, list_policies
 from tokencake.daemon.scheduler.agents import AgentState
-from tokencake.daemon.scheduler.peers import VllmPolicy
+from tokencake.daemon.scheduler.baselines import VllmPolicy
 from tokencake.protocol import DecisionRecord
 from tokencake.sim.engine import KeyCache, SimulationError, Simulator
 from tokencake.sim.generators import get_generator, make_trace

@@ -86,7 +86,7 @@ def test_offload_policies_move_bytes_and_use_host_hits() -> None:
 
 def test_lru_eviction_leaves_the_order_to_the_engine() -> None:
     """``lru_eviction``: the engine evicts as vLLM does and never asks the policy."""
-    from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
+    from tokencake.daemon.scheduler.agent_aware import TokenCakePolicy
 
     class Counting(TokenCakePolicy):
         asked = 0

@@ -153,8 +153,8 @@ def test_user_workload_file(tmp_path: Path) -> None:
 
 
 def test_plain_traffic_is_served_but_never_reaches_the_policy(tmp_path: Path) -> None:
+    from tokencake.daemon.scheduler.agent_aware import TokenCakePolicy
     from tokencake.daemon.scheduler.events import Event
-    from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
     from tokencake.protocol import DecisionRecord
     from tokencake.sim.engine import Simulator
     from tokencake.sim.profiles import get_profile

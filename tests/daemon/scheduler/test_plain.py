@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from tests.daemon.scheduler.test_tokencake import dag, make
+from tests.daemon.scheduler.test_agent_aware import dag, make
 from tokencake.daemon.scheduler import AppRegistered, EngineState, LlmCallStart, WaitingRequest
-from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
+from tokencake.daemon.scheduler.agent_aware import TokenCakePolicy
 from tokencake.guard import PLAIN_HEAD_START_S, plain_rank
 
 H = PLAIN_HEAD_START_S

@@ -45,8 +45,8 @@ def test_listing_imports_no_policy_module() -> None:
         "import sys\n"
         "from tokencake.daemon.scheduler import list_policies\n"
         "names = [p.to_dict()['name'] for p in list_policies()]\n"
-        "assert 'tokencake.daemon.scheduler.peers' not in sys.modules\n"
-        "assert 'tokencake.daemon.scheduler.tokencake' not in sys.modules\n"
+        "assert 'tokencake.daemon.scheduler.baselines' not in sys.modules\n"
+        "assert 'tokencake.daemon.scheduler.agent_aware' not in sys.modules\n"
         "print(len(names))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

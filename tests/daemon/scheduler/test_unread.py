@@ -4,7 +4,7 @@ afterwards. And the uploads already queued on the host link count in an offload'
 
 from __future__ import annotations
 
-from tests.daemon.scheduler.test_tokencake import make
+from tests.daemon.scheduler.test_agent_aware import make
 from tokencake.daemon.scheduler import (
     AppEnd,
     AppRegistered,
@@ -16,7 +16,7 @@ from tokencake.daemon.scheduler import (
     ToolCallStart,
     TransferDone,
 )
-from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
+from tokencake.daemon.scheduler.agent_aware import TokenCakePolicy
 from tokencake.protocol import AppDag, DagNode, DecisionRecord
 
 

@@ -24,7 +24,7 @@ from tokencake.daemon.scheduler import (
     TransferDone,
     create_policy,
 )
-from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
+from tokencake.daemon.scheduler.agent_aware import TokenCakePolicy
 from tokencake.protocol import URGENT, AppDag, DagNode, DecisionRecord, OffloadDecision, PinDecision
 
 MB = 1 << 20

@@ -19,8 +19,8 @@ from tokencake.daemon.scheduler import (
     WaitingRequest,
     create_policy,
 )
+from tokencake.daemon.scheduler.agent_aware import TokenCakePolicy
 from tokencake.daemon.scheduler.policy import EventOrderError
-from tokencake.daemon.scheduler.tokencake import TokenCakePolicy
 from tokencake.protocol import (
     PREDICTIVE,
     URGENT,
