@@ -51,9 +51,6 @@ from tokencake.segment import (
 
 logger = logging.getLogger(__name__)
 
-# cudaHostRegisterPortable: the pinning is visible to every CUDA context of the process.
-_CUDA_HOST_REGISTER_PORTABLE = 1
-
 # Staging buffer for transfers whose both sides are indexed: big enough that a chunk costs far
 # more than the two numpy calls that move it, small enough to stay in L2.
 STAGE_BYTES = 1 << 20
@@ -172,7 +169,6 @@ class ArenaMapping:
         self._slots: np.ndarray | None = self._flat[
             start : start + self._num_slots * slot_bytes
         ].reshape(self._num_slots, slot_bytes)
-        self._pinned_by: str | None = None
 
     @classmethod
     def open(
@@ -221,10 +217,6 @@ class ArenaMapping:
     @property
     def num_slots(self) -> int:
         return self._num_slots
-
-    @property
-    def pinned(self) -> bool:
-        return self._pinned_by is not None
 
     def slots_view(self) -> np.ndarray:
         """``(num_slots, slot_bytes)`` uint8 view of the arena. Drop it before :meth:`close`."""
@@ -329,63 +321,12 @@ class ArenaMapping:
             raise KvArenaError(f"a {what} appears twice in one copy")
         return views, slot_ids, blocks
 
-    # ------------------------------------------------------------------ pinning
-
-    def register_pinned(self) -> bool:
-        """Page-lock the mapping for CUDA (cudaHostRegister) so copies run at DMA speed.
-
-        Returns False when neither torch with CUDA nor cupy with a device is present.
-        UNTESTED ON HARDWARE: written against torch's ``cudart()`` and cupy's runtime
-        bindings, exercised only in its no-CUDA branch on CPU machines.
-        """
-        if self._pinned_by is not None:
-            return True
-        ptr, size = self.slots_view().ctypes.data, self._size
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                err = torch.cuda.cudart().cudaHostRegister(ptr, size, _CUDA_HOST_REGISTER_PORTABLE)
-                if int(getattr(err, "value", err)) != 0:
-                    raise ArenaError(f"cudaHostRegister failed: {err}")
-                self._pinned_by = "torch"
-                return True
-        except ImportError:
-            pass
-        try:
-            import cupy  # type: ignore[import-not-found, unused-ignore]
-
-            if cupy.cuda.runtime.getDeviceCount() > 0:
-                cupy.cuda.runtime.hostRegister(ptr, size, _CUDA_HOST_REGISTER_PORTABLE)
-                self._pinned_by = "cupy"
-                return True
-        except ImportError:
-            pass
-        except Exception as exc:  # cupy raises its own CUDARuntimeError without a device
-            logger.debug("cupy cannot pin the arena: %s", exc)
-        return False
-
-    def _unregister_pinned(self) -> None:
-        if self._pinned_by is None or self._flat is None:
-            return
-        ptr = self._flat.ctypes.data
-        if self._pinned_by == "torch":
-            import torch
-
-            torch.cuda.cudart().cudaHostUnregister(ptr)
-        else:
-            import cupy
-
-            cupy.cuda.runtime.hostUnregister(ptr)
-        self._pinned_by = None
-
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
         """Unmap (the daemon owns the name; nothing is unlinked). Idempotent."""
         if self._mm is None:
             return
-        self._unregister_pinned()
         self._slots = None
         self._flat = None
         try:
