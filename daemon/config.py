@@ -39,6 +39,8 @@ RELOADABLE_KEYS = frozenset(
         "max_frame_bytes",
         "decision_history",
         "app_idle_timeout_s",
+        "l2_lookup_wait_ms",
+        "l2_flush_on_stop_s",
     }
 )
 
@@ -136,6 +138,10 @@ class DaemonConfig:
     """How long a store that failed is left alone (writes dropped, reads miss)."""
     l2_ttl_s: float = 0.0
     """Expiry of L2 values in seconds; 0 keeps them until the store evicts them."""
+    l2_lookup_wait_ms: float = 2.0
+    """A lookup whose chain goes on in L2 is answered when the rest has been fetched into
+    the arena or after this long, whichever is first (the loop serves others meanwhile).
+    0 answers at once with the host's blocks."""
     l2_flush_on_stop_s: float = 5.0
     """At stop (SIGTERM), blocks held only in the arena are written to L2 for at most this
     long; those left are counted and logged. 0 skips the flush."""
@@ -224,6 +230,8 @@ class DaemonConfig:
                 raise ConfigError(f"{name} must be within 0..3600 s (exclusive)")
         if not 0 <= self.l2_ttl_s < 10 * 365 * 86400:
             raise ConfigError("l2_ttl_s must be >= 0")
+        if not 0 <= self.l2_lookup_wait_ms <= 10000:
+            raise ConfigError("l2_lookup_wait_ms must be within 0..10000")
         if not 0 <= self.l2_flush_on_stop_s < 3600:
             raise ConfigError("l2_flush_on_stop_s must be within 0..3600 s")
 

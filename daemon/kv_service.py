@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from tokencake import protocol as p
 from tokencake.daemon.arena import Arena, slot_count
 from tokencake.daemon.engines import EngineRecord, PendingCopies
 from tokencake.daemon.host_store import HostStore
+from tokencake.daemon.l2.waits import LookupWaits
 from tokencake.daemon.parts import DaemonParts
 from tokencake.daemon.timers import Timers
+from tokencake.daemon.transport import DEFERRED, Deferred, PendingReply
 from tokencake.protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
@@ -36,6 +39,9 @@ class KvService:
         self.store: HostStore | None = None
         self.l2: L2Bridge | None = None
         self._l2_polling = False
+        self._waits = LookupWaits(timers)
+        self.defer: Callable[[], PendingReply] | None = None
+        """The dispatcher's ``defer``: set by the daemon; without it lookups never wait."""
         self.bytes_offloaded = 0
         self.bytes_uploaded = 0
 
@@ -80,6 +86,7 @@ class KvService:
         )
 
     def close(self) -> None:
+        self._waits.answer_all()
         if self.l2 is not None:
             # Blocks only the arena holds go to L2 first (bounded), then the workers stop.
             self.l2.flush_arena(self._parts.config().l2_flush_on_stop_s)
@@ -96,7 +103,12 @@ class KvService:
         assert self.store is not None  # formatted by the first registration
         return engine, self.store
 
-    def lookup(self, _identity: bytes, req: p.Lookup) -> p.LookupReply:
+    def lookup(self, _identity: bytes, req: p.Lookup) -> p.LookupReply | Deferred:
+        if self.l2 is not None and self._l2_wait(req):
+            return DEFERRED
+        return self._lookup_now(req)
+
+    def _lookup_now(self, req: p.Lookup) -> p.LookupReply:
         engine, store = self._store_for(req.engine_id)
         slots = store.lookup(engine.layout_id, req.salt, req.hashes)
         if self.l2 is not None and len(slots) < len(req.hashes):
@@ -114,8 +126,10 @@ class KvService:
         tag = self._parts.scheduler.peek_tag(app_id, agent_id)
         slots = store.reserve(engine.owner, engine.layout_id, req.salt, hashes, tag)
         self._parts.scheduler.agent_tag(app_id, agent_id)
-        if self.l2 is not None and app_id and slots:
-            self.l2.remember(app_id, agent_id, engine.layout_id, req.salt, hashes[: len(slots)])
+        if self.l2 is not None:
+            if app_id and slots:
+                self.l2.remember(app_id, agent_id, engine.layout_id, req.salt, hashes[: len(slots)])
+            self._l2_report()  # the reserve may have evicted agents' blocks to L2
         started = (self._parts.clock(), app_id, agent_id)
         for slot in slots:
             if slot >= 0:
@@ -234,6 +248,32 @@ class KvService:
         assert self.l2 is not None
         self._l2_watch(self.l2.missed(layout, salt, hashes))
 
+    def _l2_wait(self, req: p.Lookup) -> bool:
+        """Hold the reply while L2 fetches the rest of the chain, up to
+        ``l2_lookup_wait_ms``; True when the reply was deferred."""
+        wait_s = self._parts.config().l2_lookup_wait_ms / 1000.0
+        if wait_s <= 0 or self.defer is None or self._waits.full:
+            return False
+        assert self.l2 is not None
+        engine, store = self._store_for(req.engine_id)
+        layout, salt, hashes = engine.layout_id, req.salt, req.hashes
+        on_host = store.resident_prefix(layout, salt, hashes)
+        if on_host == len(hashes):
+            return False
+        start = (layout, salt, hashes[on_host])
+        self._l2_watch(self.l2.missed(layout, salt, hashes[on_host:]))
+        if not self.l2.in_flight(start):
+            return False  # L2 not asked (down, or its queue full): answer now
+        pending = self.defer()
+        self._waits.add(start, wait_s, lambda: self._answer_late(pending, req))
+        return True
+
+    def _answer_late(self, pending: PendingReply, req: p.Lookup) -> None:
+        try:
+            pending.send(self._lookup_now(req))
+        except ProtocolError as exc:  # the engine left meanwhile
+            pending.fail(exc)
+
     def l2_upload(self, app_id: str, agent_id: str) -> None:
         """An upload needs the agent's KV in the arena: bring back what went to L2."""
         if self.l2 is not None:
@@ -245,10 +285,26 @@ class KvService:
             self._l2_polling = True
             self._timers.schedule(L2_POLL_S, self._l2_poll)
 
+    def _l2_report(self) -> None:
+        """Tell the scheduler where agents' KV went (arena <-> L2) and what fetches cost."""
+        assert self.l2 is not None
+        moves = self.l2.take_moves()
+        if moves is None:
+            return
+        scheduler = self._parts.scheduler
+        for nbytes, seconds, blocks in moves.fetches:
+            scheduler.l2_measured(nbytes, seconds, blocks)
+        if moves.to_l2:
+            self._parts.apply(scheduler.kv_to_l2(moves.to_l2))
+        for app_id, agent_id, blocks in moves.to_host:
+            self._parts.apply(scheduler.kv_from_l2(app_id, agent_id, blocks))
+
     def _l2_poll(self) -> None:
         assert self.l2 is not None
         try:
             self.l2.poll()
+            self._l2_report()
+            self._waits.settle(self.l2.in_flight)
         finally:
             if self.l2.busy:
                 self._timers.schedule(L2_POLL_S, self._l2_poll)

@@ -47,6 +47,7 @@ class SchedulerBridge:
         self._pool_sizes: dict[str, int] = {}
         self._apps: dict[str, AppRecord] = {}
         self._tags: dict[tuple[str, str], int] = {}
+        self._tag_agents: dict[int, tuple[str, str]] = {}
         self._next_tag = 1
 
     # ------------------------------------------------------------------ engines
@@ -173,8 +174,30 @@ class SchedulerBridge:
     def app_end(self, app: AppRecord) -> list[p.DecisionRecord]:
         self._apps.pop(app.app_id, None)
         for agent_id in app.agents:
-            self._tags.pop((app.app_id, agent_id), None)
+            self._tag_agents.pop(self._tags.pop((app.app_id, agent_id), 0), None)
         return self._to_all(ev.AppEnd(self._clock(), app.app_id))
+
+    # ------------------------------------------------------------------ the L2 tier
+
+    def l2_measured(self, nbytes: int, seconds: float, blocks: int) -> None:
+        """One timed L2 fetch (a chain, L2 -> arena). The tier is the daemon's, not an
+        engine's: every engine's cost model learns from it."""
+        if seconds > 0 and nbytes > 0:
+            self._to_all(ev.TransferMeasured(self._clock(), "l2", nbytes, seconds, blocks))
+
+    def kv_to_l2(self, blocks_by_tag: dict[int, int]) -> list[p.DecisionRecord]:
+        """The host store evicted these agents' blocks (by slot tag), written back to L2."""
+        out: list[p.DecisionRecord] = []
+        for tag, blocks in blocks_by_tag.items():
+            key = self._tag_agents.get(tag)
+            if key is not None:
+                event = ev.KvTierMoved(self._clock(), key[0], key[1], blocks, "l2")
+                out.extend(self._to_all(event))
+        return out
+
+    def kv_from_l2(self, app_id: str, agent_id: str, blocks: int) -> list[p.DecisionRecord]:
+        """An upload's prefetch placed ``blocks`` of the agent's KV back in the arena."""
+        return self._to_all(ev.KvTierMoved(self._clock(), app_id, agent_id, blocks, "host"))
 
     def tick(self, now: float) -> list[p.DecisionRecord]:
         out: list[p.DecisionRecord] = []
@@ -189,6 +212,7 @@ class SchedulerBridge:
         tag = self.peek_tag(app_id, agent_id)
         if tag and (app_id, agent_id) not in self._tags:
             self._tags[(app_id, agent_id)] = tag
+            self._tag_agents[tag] = (app_id, agent_id)
             self._next_tag = self._next_tag % 0x7FFFFFFF + 1
         return tag
 

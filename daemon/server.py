@@ -108,6 +108,8 @@ class Daemon:
             event_counts=self.event_counts,
             error_counts=self.error_counts,
         )
+        self.dispatcher.send_later = self.transport.send
+        self.kv.defer = self.dispatcher.defer  # lookups that wait for L2 answer late
 
     def _handler_table(self) -> Mapping[type[p.Request], Handler]:
         """Every request type of the protocol, bound to the part that serves it."""

@@ -51,6 +51,11 @@ def whole_blocks(store: HostStore) -> list[int]:
     return [*t.iter_state(READY), *t.iter_state(READING)]
 
 
+def slot_tag(store: HostStore, slot: int) -> int:
+    """The agent tag a slot was reserved with (0: none); for the L2 tier's write-back."""
+    return int(store._t.m_tag[slot])
+
+
 def usage_by_owner(store: HostStore) -> dict[int, int]:
     """Occupied slots per owner that stored them (writing, ready or being read)."""
     t = store._t

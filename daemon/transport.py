@@ -36,6 +36,40 @@ class DaemonError(RuntimeError):
     """The daemon cannot start (socket in use, no shared memory, bad config)."""
 
 
+class Deferred(msgspec.Struct):
+    """What a handler returns when it took a :class:`PendingReply` and answers later."""
+
+
+DEFERRED = Deferred()
+
+
+class PendingReply:
+    """A reply a handler gives later (``Dispatcher.defer``): ``send`` or ``fail``, once."""
+
+    __slots__ = ("_dispatcher", "_identity", "_op", "_request_id", "done")
+
+    def __init__(self, dispatcher: Dispatcher, identity: bytes, op: str, request_id: int) -> None:
+        self._dispatcher = dispatcher
+        self._identity = identity
+        self._op = op
+        self._request_id = request_id
+        self.done = False
+
+    def send(self, reply: msgspec.Struct) -> None:
+        if not self.done:
+            self.done = True
+            self._dispatcher.send_later(
+                self._identity, p.encode_reply(self._op, self._request_id, reply)
+            )
+
+    def fail(self, exc: ProtocolError) -> None:
+        if not self.done:
+            self.done = True
+            self._dispatcher.count_error(exc.code)
+            frame = p.encode_error(self._op[:64], self._request_id, exc.code, exc.message)
+            self._dispatcher.send_later(self._identity, frame)
+
+
 class Dispatcher:
     """Frames in, frames out: decode, count, call the request type's handler, encode."""
 
@@ -54,6 +88,9 @@ class Dispatcher:
         self._max_frame_bytes = max_frame_bytes
         self.event_counts = event_counts
         self.error_counts = error_counts
+        self.send_later: Callable[[bytes, bytes], object] = lambda _identity, _frame: False
+        """Where deferred replies go (the daemon sets ``Transport.send``)."""
+        self._current: tuple[bytes, str, int] = (b"", "?", 0)
 
     def handle_frames(self, frames: list[bytes]) -> bytes:
         """One ROUTER message (identity, payload) in, the reply frame out."""
@@ -72,7 +109,10 @@ class Dispatcher:
         try:
             request_id, op, body = self._decode(frame)
             self.event_counts[op] = self.event_counts.get(op, 0) + 1
+            self._current = (identity, op, request_id)
             reply = self._handlers[type(body)](identity, body)
+            if reply is DEFERRED:
+                return b""  # the handler holds a PendingReply
             return p.encode_reply(op, request_id, reply)
         except ProtocolError as exc:
             request_id = getattr(exc, "request_id", request_id)
@@ -83,6 +123,12 @@ class Dispatcher:
             logger.exception("internal error handling %s", op)
             self.count_error(ErrorCode.INTERNAL)
             return p.encode_error(op[:64], request_id, ErrorCode.INTERNAL, type(exc).__name__)
+
+    def defer(self) -> PendingReply:
+        """From inside a handler: the reply to the request being handled, to send later;
+        the handler then returns ``DEFERRED``."""
+        identity, op, request_id = self._current
+        return PendingReply(self, identity, op, request_id)
 
     def _decode(self, frame: bytes) -> tuple[int, str, p.Request]:
         limit = self._max_frame_bytes()
@@ -157,13 +203,17 @@ class Transport:
             frames = sock.recv_multipart()
         except zmq.Again:
             return
-        self.send(frames[0], handle(frames))
+        self._answer(frames, handle)
         for _ in range(MAX_BATCH):
             events = sock.get(zmq.EVENTS)
             if not (isinstance(events, int) and events & zmq.POLLIN):
                 break
-            frames = sock.recv_multipart(zmq.NOBLOCK)
-            self.send(frames[0], handle(frames))
+            self._answer(sock.recv_multipart(zmq.NOBLOCK), handle)
+
+    def _answer(self, frames: list[bytes], handle: Callable[[list[bytes]], bytes]) -> None:
+        reply = handle(frames)
+        if reply:  # empty: deferred, the handler answers later (``PendingReply``)
+            self.send(frames[0], reply)
 
     def send(self, identity: bytes, frame: bytes) -> bool:
         if self.sock is None:  # not serving (in-process use by tests and tools)

@@ -490,6 +490,12 @@ CLUSTER_COLUMNS += ("L2 hit", "prefill", "restore ms", "link", "wb dropped")
     help="L2 capacity.",
 )
 @click.option(
+    "--predictive-upload",
+    is_flag=True,
+    help="Bring a call's KV back ahead of it by the policy's rule (L2 fetch, then host copy), "
+    "within the tool call before it; with the trace's tool times, an upper bound.",
+)
+@click.option(
     "--profile",
     default=DEFAULT_PROFILE,
     show_default=True,
@@ -520,6 +526,7 @@ def cluster_cmd(
     l2_gbps: float,
     l2_latency_ms: float,
     l2_tib: float,
+    predictive_upload: bool,
     profile: str,
     seed: int,
     json_path: Path | None,
@@ -543,12 +550,14 @@ def cluster_cmd(
                     l2_bytes_per_s=l2_gbps * 1e9,
                     l2_latency_s=l2_latency_ms / 1e3,
                     routing=routing,
+                    predictive_upload=predictive_upload,
                 )
                 res = simulate(wl, prof, cfg, apps=apps, qps=qps, seed=seed)
                 rows.append({"workload": wl, "qps": qps, **res.to_dict()})
     click.echo(
         f"{hosts} hosts x {host_gib:g} GiB host KV, {lanes} lanes; L2 {l2_gbps:g} GB/s shared, "
         f"{l2_latency_ms:g} ms; {apps} apps at {qps:g}/s; profile {profile}; seed {seed}"
+        + ("; predictive upload" if predictive_upload else "")
     )
     table = [
         [

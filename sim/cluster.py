@@ -18,6 +18,13 @@ each piece of KV is when an agent's next LLM call arrives, not what happens insi
   same tokens is not made (the tokens are prefilled), and a write-back that would queue
   behind more than ``l2_write_backlog_s`` of link time is dropped (the daemon's bounded
   write queue).
+- Predictive upload (``predictive_upload``): a call that follows a tool call has its
+  reusable KV brought back ahead of it, as the daemon's policy plans it: the upload starts
+  ``upload_lead_s`` before the call (``tokencake.daemon.scheduler.costmodel``, the same
+  rule: the L2 fetch of the blocks that left the host, then the host -> GPU copy), but not
+  before the tool call began. The tool durations are the trace's, so this is the policy
+  with an exact predictor: an upper bound of what it hides. Off, KV is restored when the
+  call arrives.
 - Routing: ``affinity`` sends a call to the host that holds the longest cached prefix of its
   prompt (ties and cold starts: the host with the fewest calls in flight); ``random`` picks
   a host uniformly.
@@ -37,6 +44,7 @@ from typing import Literal
 
 import numpy as np
 
+from tokencake.daemon.scheduler.costmodel import TransferCostModel, upload_lead_s
 from tokencake.sim.generators import get_generator, make_trace
 from tokencake.sim.profiles import Profile
 from tokencake.sim.workload import AppSpec, NodeSpec, Segment, topological_order
@@ -55,6 +63,9 @@ class ClusterConfig:
     l2_latency_s: float = 0.002
     l2_write_backlog_s: float = 1.0
     routing: Routing = "affinity"
+    predictive_upload: bool = False
+    block_tokens: int = 16
+    upload_piece_blocks: int = 64
 
     def validate(self) -> None:
         if self.hosts < 1 or self.lanes < 1:
@@ -146,6 +157,8 @@ class _Call:
     app: AppSpec
     node: NodeSpec
     ready_s: float
+    after_tool_s: float = 0.0
+    """How long the tool call before this call ran (0: none): the predictive upload's room."""
 
 
 class ClusterSim:
@@ -165,6 +178,15 @@ class ClusterSim:
             2.0 * profile.model.params / (profile.gpu.peak_flops * profile.mfu)
         )
         self.decode_step_s = profile.step_s(config.lanes, 0.0, 0.0)
+        host_bw = profile.gpu.host_bytes_per_s
+        self.cost = TransferCostModel(
+            config.block_tokens * self.kv_per_token,
+            host_bw,
+            host_bw,
+            profile.copy_overhead_s,
+            config.l2_bytes_per_s,
+            config.l2_latency_s,
+        )
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = 0
         self.latencies: list[float] = []
@@ -204,11 +226,12 @@ class ClusterSim:
                 finish[app.app_id] = max(finish[app.app_id], now)
                 left = pending[app.app_id]
                 del left[node.id]
+                tool_s = node.tool.duration_s if node.tool is not None else 0.0
                 for n in app.nodes:
                     if node.id in n.predecessors:
                         left[n.id] -= 1
                         if left[n.id] == 0:
-                            self._start_node(app, n, now)
+                            self._start_node(app, n, now, tool_s)
                 if not left:
                     self.latencies.append(finish[app.app_id] - app.arrival_s)
             elif kind == "finish":
@@ -235,11 +258,13 @@ class ClusterSim:
             l2_dropped_writes=self.l2_dropped,
         )
 
-    def _start_node(self, app: AppSpec, node: NodeSpec, now: float) -> None:
+    def _start_node(
+        self, app: AppSpec, node: NodeSpec, now: float, after_tool_s: float = 0.0
+    ) -> None:
         if node.kind != "llm":
             self._push(now, "done", (app, node))
             return
-        call = _Call(app, node, now)
+        call = _Call(app, node, now, after_tool_s)
         h = self._route(app.prompts[node.id])
         host = self.hosts[h]
         host.in_flight += 1
@@ -294,9 +319,11 @@ class ClusterSim:
             if fetch + self.c.l2_latency_s >= l2_tok * self.prefill_per_token_s:
                 l2_tok = 0  # prefilling is faster than waiting for the link
         miss_tok = total - host_tok - l2_tok
-        ready = now + (self.p.transfer_s(host_tok * self.kv_per_token) if host_tok else 0.0)
+        begin = now - self._upload_early_s(call, host_tok, l2_tok)
+        ready = begin + (self.p.transfer_s(host_tok * self.kv_per_token) if host_tok else 0.0)
         if l2_tok:
-            ready = max(ready, self._link(now, l2_tok * self.kv_per_token, self.c.l2_latency_s))
+            ready = max(ready, self._link(begin, l2_tok * self.kv_per_token, self.c.l2_latency_s))
+        ready = max(ready, now)
         restore = ready - now
         prefill = miss_tok * self.prefill_per_token_s
         start = max(ready, host.gpu_free_s)
@@ -311,6 +338,16 @@ class ClusterSim:
         self.restore_s += restore
         self.prefill_s += prefill
         self._push(ready + prefill + decode, "finish", (h, call))
+
+    def _upload_early_s(self, call: _Call, host_tok: int, l2_tok: int) -> float:
+        """How long before the call its KV's upload starts (predictive upload), by the
+        daemon's rule, within the tool call that came before it."""
+        if not (self.c.predictive_upload and call.after_tool_s > 0 and host_tok + l2_tok):
+            return 0.0
+        bt = self.c.block_tokens
+        blocks, l2_blocks = -(-(host_tok + l2_tok) // bt), -(-l2_tok // bt)
+        lead = upload_lead_s(self.cost, blocks, l2_blocks, self.c.upload_piece_blocks)
+        return min(lead, call.after_tool_s)
 
     def _finish(self, h: int, call: _Call, now: float) -> None:
         host = self.hosts[h]

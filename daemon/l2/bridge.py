@@ -5,9 +5,9 @@
   at commit as well. Blocks known to be in L2 already (prefetched, or written through) are
   not written again when evicted.
 - Fall-through: a ``lookup`` or ``load_begin`` that finds only a prefix on the host asks L2
-  for the rest of the chain, on a worker thread. The reply is not held back: it reports the
-  host prefix, and the blocks L2 had are placed in the arena as they arrive (reserved and
-  committed by the daemon itself, owner ``L2_OWNER``), for the next lookup of that chain.
+  for the rest of the chain, on a worker thread. The blocks L2 had are placed in the arena
+  as they arrive (reserved and committed by the daemon itself, owner ``L2_OWNER``); a
+  lookup may wait for them within a bound (``waits``), the next lookup finds them.
 - Nothing here waits on the store. Values are checked on the worker (checksum, key binding)
   and again for size here, so only whole blocks of the right layout reach the arena.
 """
@@ -32,7 +32,7 @@ from tokencake.daemon.l2.backends import (
 )
 from tokencake.daemon.l2.codec import block_key, key_prefix
 from tokencake.daemon.l2.tier import L2Metrics, L2Tier
-from tokencake.daemon.store_views import whole_blocks
+from tokencake.daemon.store_views import slot_tag, whole_blocks
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -47,6 +47,7 @@ L2_OWNER: Final = 0
 _MAX_PREFIXES: Final = 4096
 _MAX_AGENTS: Final = 16384
 _MAX_CHAIN: Final = 4096
+_MAX_SAMPLES: Final = 1024
 
 
 @dataclass(slots=True, frozen=True)
@@ -56,6 +57,20 @@ class _Chain:
     layout: int
     salt: str
     hashes: tuple[bytes, ...]
+    agent: tuple[str, str] | None = None
+    """The agent an upload's prefetch is for."""
+
+
+@dataclass(slots=True)
+class TierMoves:
+    """What the scheduler learns from the tier since it last asked (``L2Bridge.take_moves``)."""
+
+    to_l2: dict[int, int]
+    """Blocks written back on eviction, by the agent tag of their slot."""
+    to_host: list[tuple[str, str, int]]
+    """``(app, agent, blocks)`` an upload's prefetch placed back in the arena."""
+    fetches: list[tuple[int, float, int]]
+    """``(bytes, seconds, blocks)`` of each timed fetch that found blocks."""
 
 
 class L2Bridge:
@@ -75,6 +90,7 @@ class L2Bridge:
         self.placed_blocks = 0
         self.written_back = 0
         self.written_through = 0
+        self._moves = TierMoves({}, [], [])
 
     def attach(self, store: HostStore, rows: np.ndarray) -> None:
         """Start serving a formatted store; ``rows`` is the arena's ``(num_slots, slot_bytes)``
@@ -102,10 +118,13 @@ class L2Bridge:
         if store is None or rows is None:
             return
         ident = store.slot_key(slot)
-        if self._clean.pop(slot, None) == ident:
-            return
-        if self._put(slot, ident):
+        if self._clean.pop(slot, None) != ident:
+            if not self._put(slot, ident):
+                return  # dropped (counted): gone from this host, not in L2
             self.written_back += 1
+        tag = slot_tag(store, slot)
+        if tag:  # an agent's block: the scheduler learns that it now lives in L2
+            self._moves.to_l2[tag] = self._moves.to_l2.get(tag, 0) + 1
 
     def committed(self, slots: list[int]) -> None:
         """An engine committed ``slots``; in write-through mode, queue them for L2 now."""
@@ -195,11 +214,18 @@ class L2Bridge:
             return False
         layout, salt, chain = known
         on_host = self._store.resident_prefix(layout, salt, chain)
-        return on_host < len(chain) and self.missed(layout, salt, chain[on_host:])
+        agent = (app_id, agent_id)
+        return on_host < len(chain) and self.missed(layout, salt, chain[on_host:], agent)
 
     # ------------------------------------------------------------------ reads
 
-    def missed(self, layout: int, salt: str, hashes: list[bytes]) -> bool:
+    def missed(
+        self,
+        layout: int,
+        salt: str,
+        hashes: list[bytes],
+        agent: tuple[str, str] | None = None,
+    ) -> bool:
         """The host store lacked ``hashes`` (the rest of a looked-up chain): ask L2 for them.
 
         Returns True when a prefetch was queued. One prefetch per chain start is in flight at
@@ -212,10 +238,23 @@ class L2Bridge:
             return False
         prefix = self._prefix(layout, salt)
         keys = [block_key(prefix, h) for h in hashes]
-        if not self.tier.get(_Chain(layout, salt, tuple(hashes)), keys):
+        if not self.tier.get(_Chain(layout, salt, tuple(hashes), agent), keys):
             return False
         self._inflight.add(start)
         return True
+
+    def in_flight(self, start: tuple[int, str, bytes]) -> bool:
+        """A prefetch from ``(layout, salt, first hash)`` is queued or running."""
+        return start in self._inflight
+
+    def take_moves(self) -> TierMoves | None:
+        """What moved between the arena and L2 since the last call (for the scheduler);
+        None when nothing did."""
+        moves = self._moves
+        if not (moves.to_l2 or moves.to_host or moves.fetches):
+            return None
+        self._moves = TierMoves({}, [], [])
+        return moves
 
     @property
     def busy(self) -> bool:
@@ -230,10 +269,17 @@ class L2Bridge:
             self._inflight.discard((chain.layout, chain.salt, chain.hashes[0]))
             if not job.payloads:
                 continue
+            if len(self._moves.fetches) < _MAX_SAMPLES:
+                nbytes = sum(len(v) for v in job.payloads)
+                self._moves.fetches.append((nbytes, job.seconds, len(job.payloads)))
             try:
-                placed += self._place(chain, job.payloads)
+                fresh = self._place(chain, job.payloads)
             except Exception:  # a bug costs one prefetch, never the event loop
                 logger.exception("placing an L2 prefetch failed")
+                continue
+            placed += fresh
+            if chain.agent is not None and fresh:
+                self._moves.to_host.append((*chain.agent, fresh))
         self.placed_blocks += placed
         return placed
 

@@ -103,6 +103,8 @@ class GetJob:
     keys: list[bytes]
     payloads: list[memoryview] = field(default_factory=list)
     error: str = ""
+    seconds: float = 0.0
+    """The backend call's time (0 when the store was not asked)."""
 
 
 class L2Tier:
@@ -330,7 +332,8 @@ class L2Tier:
                 job.error = str(exc)
                 self._trip(exc)
                 return
-            self.metrics.latency.labels("get").observe(time.perf_counter() - start)
+            job.seconds = time.perf_counter() - start
+            self.metrics.latency.labels("get").observe(job.seconds)
             self._recover()
             for key, value in zip(job.keys, values, strict=True):
                 if value is None:

@@ -50,7 +50,12 @@ class AccountingPolicy(Policy):
         self.predictor = ToolDurationPredictor(cfg.default_tool_s)
         self.mean_predictor = RunningMeanPredictor(cfg.default_tool_s)
         self.cost = TransferCostModel(
-            cfg.bytes_per_block, cfg.d2h_bytes_per_s, cfg.h2d_bytes_per_s, cfg.copy_overhead_s
+            cfg.bytes_per_block,
+            cfg.d2h_bytes_per_s,
+            cfg.h2d_bytes_per_s,
+            cfg.copy_overhead_s,
+            cfg.l2_bytes_per_s,
+            cfg.l2_overhead_s,
         )
         self.apps: dict[str, AppState] = {}
         self.waiting: OrderedDict[tuple[str, str], AgentState] = OrderedDict()
@@ -210,6 +215,7 @@ class AccountingPolicy(Policy):
             if blocks <= 0:
                 return
             agent.host_blocks -= blocks
+            agent.l2_blocks = min(agent.l2_blocks, agent.host_blocks)
             self.host_used -= blocks
             agent.upload_left = min(agent.upload_left, agent.host_blocks + agent.offloading)
         out.append(

@@ -53,6 +53,7 @@ from collections.abc import Sequence
 from tokencake import guard
 from tokencake import protocol as p
 from tokencake.daemon.scheduler.agents import DONE, IDLE, RUNNING, TOOL, WAITING, AgentState
+from tokencake.daemon.scheduler.costmodel import upload_lead_s
 from tokencake.daemon.scheduler.events import LlmCallFinish
 from tokencake.daemon.scheduler.policy import CachedKv, PolicyConfig, WaitingRequest
 from tokencake.daemon.scheduler.predictor import Z_Q10, Z_Q20, Z_Q95
@@ -141,27 +142,51 @@ class TokenCakePolicy(WriteThroughPolicy):
         the upload to land by the low quantile of the return time. True when offloaded."""
         pred = agent.prediction
         assert pred is not None
-        z = Z_Q10 if agent.critical else Z_Q20
-        back_by = agent.tool_start + pred.quantile_s(z)
-        stall_s = back_by - self.now
-        if stall_s <= 0:  # past the planned quantile: what is left, given it ran this long
-            stall_s = pred.remaining_quantile_s(self.now - agent.tool_start, z)
-            back_by = self.now + stall_s
-        planned = self._consider_offload(agent, stall_s, trigger, out, z)
+        z, back_by = self._back_by(agent)
+        planned = self._consider_offload(agent, back_by - self.now, trigger, out, z)
         if planned:
-            cfg = self.config
-            blocks = agent.offloading + agent.host_blocks
-            pieces = -(-blocks // cfg.upload_piece_blocks)
-            t_back = self.cost.seconds("h2d", blocks, pieces)
-            t_back += self._h2d_queue_s(back_by - t_back - self.now)
-            upload_at = max(back_by - t_back, self.now)
-            self._push_timer(upload_at, T_UPLOAD, agent, agent.tool_token)
+            upload_at = self._plan_upload(agent, back_by)
             terms = out[-1].reason.terms  # the Offload just decided: say when it comes back
             terms["upload_at_s"] = upload_at
             terms["upload_slack_s"] = pred.median_s - pred.quantile_s(z)
         elif out and out[-1].reason.rule == "keep:no_pressure":
             self._kept_idle[agent.key] = (agent, agent.tool_token)
         return planned
+
+    def _back_by(self, agent: AgentState) -> tuple[float, float]:
+        """``(z, time)``: the low quantile of the tool call's return that an offloaded
+        agent's KV must be back on the GPU by (past it: what is left, given it ran this
+        long)."""
+        pred = agent.prediction
+        assert pred is not None
+        z = Z_Q10 if agent.critical else Z_Q20
+        back_by = agent.tool_start + pred.quantile_s(z)
+        if back_by <= self.now:
+            back_by = self.now + pred.remaining_quantile_s(self.now - agent.tool_start, z)
+        return z, back_by
+
+    def _plan_upload(self, agent: AgentState, back_by: float) -> float:
+        """Set the predictive upload's timer: ``back_by`` less the time to bring the KV back
+        (from L2 to the arena for the blocks that left it, then to the GPU, behind the
+        uploads already issued). Returns when it starts."""
+        blocks = agent.offloading + agent.host_blocks
+        lead = upload_lead_s(self.cost, blocks, agent.l2_blocks, self.config.upload_piece_blocks)
+        lead += self._h2d_queue_s(back_by - lead - self.now)
+        upload_at = max(back_by - lead, self.now)
+        self._push_timer(upload_at, T_UPLOAD, agent, agent.tool_token)
+        return upload_at
+
+    def _on_kv_in_l2(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
+        """Offloaded KV left the arena for L2 during the tool call: the upload starts
+        earlier by the L2 fetch (the later timer then finds the upload under way)."""
+        if (
+            self.temporal
+            and agent.phase == TOOL
+            and agent.call_offloaded > 0
+            and agent.upload_left == 0
+            and agent.uploading == 0
+        ):
+            self._plan_upload(agent, self._back_by(agent)[1])
 
     def _h2d_queue_s(self, start_in_s: float) -> float:
         """How long an upload starting in ``start_in_s`` would wait behind the uploads
@@ -236,6 +261,7 @@ class TokenCakePolicy(WriteThroughPolicy):
                 terms: dict[str, p.Term] = {
                     "elapsed_s": round(self.now - agent.tool_start, 6),
                     "predicted_median_s": round(pred.median_s, 6) if pred else None,
+                    "l2_blocks": agent.l2_blocks,
                 }
                 blocks = agent.host_blocks + agent.offloading - agent.uploading
                 self._start_upload(agent, blocks, p.PREDICTIVE, "predictive_upload", terms, out)

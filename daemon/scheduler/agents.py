@@ -64,6 +64,7 @@ class AgentState:
         "key",
         "klass",
         "kv_size",
+        "l2_blocks",
         "last_used_s",
         "llm_calls",
         "node",
@@ -103,6 +104,7 @@ class AgentState:
         self.phase_since = now
         self.gpu_blocks = 0
         self.host_blocks = 0
+        self.l2_blocks = 0  # of host_blocks, those that left the arena for the L2 tier
         self.offloading = 0
         self.offload_moves = True
         self.uploading = 0

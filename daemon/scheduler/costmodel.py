@@ -66,11 +66,14 @@ class TransferCostModel:
         d2h_bytes_per_s: float,
         h2d_bytes_per_s: float,
         overhead_s: float,
+        l2_bytes_per_s: float = 1e9,
+        l2_overhead_s: float = 0.001,
     ) -> None:
         self.bytes_per_block = bytes_per_block
         self._fits = {
             "d2h": _Fit(d2h_bytes_per_s, overhead_s),
             "h2d": _Fit(h2d_bytes_per_s, overhead_s),
+            "l2": _Fit(l2_bytes_per_s, l2_overhead_s),  # L2 -> host arena, one chain's fetch
         }
 
     def observe(self, direction: str, nbytes: int, seconds: float) -> None:
@@ -91,3 +94,14 @@ class TransferCostModel:
 
     def overhead(self, direction: str) -> float:
         return self._fits[direction].overhead_s
+
+
+def upload_lead_s(cost: TransferCostModel, blocks: int, l2_blocks: int, piece_blocks: int) -> float:
+    """How long before it is needed an upload of ``blocks`` must start when ``l2_blocks`` of
+    them left the host arena for the L2 tier: one fetch L2 -> arena, then the arena -> GPU
+    copies in pieces. The daemon's policy and the simulator's cluster model share this rule.
+    """
+    if blocks <= 0:
+        return 0.0
+    pieces = -(-blocks // max(1, piece_blocks))
+    return cost.seconds("l2", min(max(l2_blocks, 0), blocks)) + cost.seconds("h2d", blocks, pieces)

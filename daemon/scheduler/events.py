@@ -30,7 +30,10 @@ from typing import Literal
 from tokencake.protocol import AppDag
 
 Direction = Literal["d2h", "h2d"]
+Measured = Literal["d2h", "h2d", "l2"]
+"""What a ``TransferMeasured`` timed: a copy either way, or a fetch L2 -> host arena."""
 Where = Literal["gpu", "host"]
+Tier = Literal["host", "l2"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -147,10 +150,10 @@ class EngineState:
 
 @dataclass(slots=True, frozen=True)
 class TransferMeasured:
-    """One measured copy: feeds the online bandwidth and per-copy overhead estimate."""
+    """One measured copy (or L2 fetch): feeds the online bandwidth and overhead estimate."""
 
     now: float
-    direction: Direction
+    direction: Measured
     nbytes: int
     seconds: float
     blocks: int = 0
@@ -185,6 +188,19 @@ class KvEvicted:
 
 
 @dataclass(slots=True, frozen=True)
+class KvTierMoved:
+    """``blocks`` of the agent's host KV left the host arena for the L2 tier (``to="l2"``:
+    the host store evicted them, written back) or came back from it (``to="host"``). They
+    stay the agent's host KV; an upload of them first fetches them from L2."""
+
+    now: float
+    app_id: str
+    agent_id: str
+    blocks: int
+    to: Tier = "l2"
+
+
+@dataclass(slots=True, frozen=True)
 class Tick:
     """Time passed. Call at least once per engine step (or every few ms in the daemon)."""
 
@@ -204,6 +220,7 @@ Event = (
     | TransferMeasured
     | TransferDone
     | KvEvicted
+    | KvTierMoved
     | Tick
 )
 
@@ -214,11 +231,14 @@ __all__ = [
     "EngineState",
     "Event",
     "KvEvicted",
+    "KvTierMoved",
     "LlmCallAdmitted",
     "LlmCallFinish",
     "LlmCallPreempted",
     "LlmCallStart",
+    "Measured",
     "Tick",
+    "Tier",
     "ToolCallEnd",
     "ToolCallStart",
     "TransferDone",

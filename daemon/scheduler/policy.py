@@ -84,6 +84,11 @@ class PolicyConfig:
     h2d_bytes_per_s: float = 12e9
     copy_overhead_s: float = 0.002
     """Starting per-copy fixed cost; refined online."""
+    l2_bytes_per_s: float = 1e9
+    """Starting L2 -> host arena bandwidth (an agent's KV that left the arena for the L2
+    tier is fetched before its upload); refined online from ``TransferMeasured("l2")``."""
+    l2_overhead_s: float = 0.001
+    """Starting fixed cost of one L2 fetch (a round trip to the store); refined online."""
     host_blocks: int = 100_000
     """Host blocks this engine may use when ``EngineState`` does not report them."""
     min_margin_s: float = 0.02
@@ -125,6 +130,7 @@ class PolicyConfig:
             "bytes_per_block": self.bytes_per_block,
             "d2h_bytes_per_s": self.d2h_bytes_per_s,
             "h2d_bytes_per_s": self.h2d_bytes_per_s,
+            "l2_bytes_per_s": self.l2_bytes_per_s,
             "upload_piece_blocks": self.upload_piece_blocks,
             "upload_pieces_per_tick": self.upload_pieces_per_tick,
             "default_tool_s": self.default_tool_s,

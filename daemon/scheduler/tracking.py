@@ -26,6 +26,7 @@ from tokencake.daemon.scheduler.events import (
     EngineState,
     Event,
     KvEvicted,
+    KvTierMoved,
     LlmCallAdmitted,
     LlmCallFinish,
     LlmCallPreempted,
@@ -72,6 +73,7 @@ class TrackingPolicy(TimedPolicy):
             TransferMeasured: self._ev_transfer_measured,
             TransferDone: self._ev_transfer_done,
             KvEvicted: self._ev_kv_evicted,
+            KvTierMoved: self._ev_kv_tier_moved,
             Tick: self._ev_tick,
         }
 
@@ -348,6 +350,7 @@ class TrackingPolicy(TimedPolicy):
             self._set_gpu(agent, agent.gpu_blocks + blocks)
             if not self.keep_host_copy:
                 agent.host_blocks -= blocks
+                agent.l2_blocks = min(agent.l2_blocks, agent.host_blocks)
                 self.host_used -= blocks
             if agent.phase == DONE:
                 self._drop(agent, "host", agent.host_blocks, "app_end", {}, out)
@@ -381,10 +384,23 @@ class TrackingPolicy(TimedPolicy):
         else:
             freed = min(max(ev.blocks, 0), agent.host_blocks - agent.uploading)
             agent.host_blocks -= freed
+            agent.l2_blocks = min(agent.l2_blocks, agent.host_blocks)
             self.host_used -= freed
             agent.upload_left = min(
                 agent.upload_left, agent.host_blocks + agent.offloading - agent.uploading
             )
+
+    def _ev_kv_tier_moved(self, ev: KvTierMoved, out: list[p.DecisionRecord]) -> None:
+        agent = self._agent(ev.app_id, ev.agent_id, create=False)
+        if agent is None:
+            return
+        moved = max(ev.blocks, 0) if ev.to == "l2" else -max(ev.blocks, 0)
+        agent.l2_blocks = min(max(agent.l2_blocks + moved, 0), agent.host_blocks)
+        if moved > 0:
+            self._on_kv_in_l2(agent, out)
+
+    def _on_kv_in_l2(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
+        """Some of the agent's host KV is now in L2 (policies that plan uploads re-plan)."""
 
     def _ev_tick(self, ev: Tick, out: list[p.DecisionRecord]) -> None:
         self._on_engine_state(out)
