@@ -105,6 +105,12 @@ BAD: list[tuple[str, str, str, list[str]]] = [
     ("tokencake-sim", "cluster", "--l2-gbps", ["cluster", "--l2-gbps", "0"]),
     ("tokencake-sim", "cluster", "--l2-latency-ms", ["cluster", "--l2-latency-ms", "-1"]),
     ("tokencake-sim", "cluster", "--l2-tib", ["cluster", "--l2-tib", "inf"]),
+    (
+        "tokencake-sim",
+        "cluster",
+        "--predictive-upload",
+        ["cluster", "--predictive-upload=yes"],
+    ),
     ("tokencake-sim", "cluster", "--profile", ["cluster", "--profile", "a100"]),
     ("tokencake-sim", "cluster", "--seed", ["cluster", "--seed", "-1"]),
     ("tokencake-sim", "cluster", "--json", ["cluster", "--json", "{tmp}"]),
