@@ -76,13 +76,17 @@ def test_daemon_killed_mid_store_and_mid_load_restarts_clean(tmp_path: Path) -> 
     with pytest.raises(DaemonUnavailable):
         client.call(p.Ping())
 
+    # Any daemon starting on this host removes a dead one's arena; on a shared machine
+    # another test's daemon may get there first, and then d2 has nothing stale to log.
+    left_for_d2 = old_segment.exists()
     d2 = spawn_daemon(tmp_path, endpoint=endpoint, instance=instance)
     try:
         wait_ready(d2)
         # The same client object reconnects by itself.
         _until(lambda: _pings(client), what="client reconnect")
         assert not old_segment.exists(), "stale arena of the dead daemon was not removed"
-        assert "stale" in d2.log()
+        if left_for_d2:
+            assert "stale" in d2.log()
         # The old engine id is gone: the engine gets a typed error and re-registers.
         with pytest.raises(RemoteError) as info:
             client.call(p.Lookup(reg.engine_id, stored))
