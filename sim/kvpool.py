@@ -172,11 +172,6 @@ class GpuPool:
 
     # ------------------------------------------------------------------ allocation
 
-    def can_allocate(self, n: int, evictable: Callable[[], int]) -> bool:
-        if self.unbounded or n <= self.free:
-            return True
-        return n <= self.free + evictable()
-
     def allocate(
         self, n: int, victims: Callable[[], list[AgentKv]]
     ) -> tuple[list[int], dict[AgentKv, int]] | None:
