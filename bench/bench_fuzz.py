@@ -36,8 +36,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 MAX_CASES = 10_000_000
-# The daemon's hard frame cap at its default max_frame_bytes (4 MiB): 4x, at least 16 MiB.
-HARD_CAP_BYTES = max(4 * (4 << 20), 16 << 20)
 PROGRESS_EVERY = 50_000
 
 
@@ -112,12 +110,15 @@ def _phase_real(frames: int, seed: int, tmp: Path) -> tuple[int, int, int, int]:
     from tokencake import protocol as p
     from tokencake.clients.client import TokenCakeClient
     from tokencake.clients.launcher import daemon_flags, launch
+    from tokencake.daemon.config import DaemonConfig
+    from tokencake.daemon.transport import hard_frame_cap
 
     # The same arena size as the shadow's, so slot numbers mean the same on both sides.
     daemon_env = {"TOKENCAKE_ENGINE_TIMEOUT_S": "3600"}
     d = launch(*daemon_flags(arena="1MiB"), "--lease-s", "3600", workdir=tmp, env=daemon_env)
     shadow = InProcessDaemon(tmp)
     recorded = shadow.seed_recorded()
+    hard_cap = hard_frame_cap(DaemonConfig().max_frame_bytes)  # the daemon runs the default
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -139,7 +140,7 @@ def _phase_real(frames: int, seed: int, tmp: Path) -> tuple[int, int, int, int]:
         for _ in range(frames):
             _, frame = gen.frame()
             expected = check_case(shadow, frame, compare_state=False)
-            if len(frame) > HARD_CAP_BYTES:
+            if len(frame) > hard_cap:
                 # Past the hard cap libzmq drops the peer without a reply, by design
                 # (docs/protocol.md): the daemon must stay up and the socket reconnect, which
                 # the next frame's reply shows.

@@ -25,6 +25,13 @@ from tokencake.protocol import ErrorCode, ProtocolError
 
 logger = logging.getLogger(__name__)
 
+
+def hard_frame_cap(max_frame_bytes: int) -> int:
+    """libzmq's ``MAXMSGSIZE``, well above the soft limit: a peer past it is cut off with no
+    reply; a frame between the two gets a typed ``frame_too_large`` reply."""
+    return max(max_frame_bytes * 4, 16 << 20)
+
+
 Handler = Callable[[bytes, Any], msgspec.Struct]
 """``(peer identity, request) -> reply``; the identity is what pushes are addressed to."""
 
@@ -170,9 +177,7 @@ class Transport:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # Hard cap well above the soft limit: a peer past it is cut off by libzmq, one between
-        # the two gets a typed frame_too_large reply.
-        sock.setsockopt(zmq.MAXMSGSIZE, max(cfg.max_frame_bytes * 4, 16 << 20))
+        sock.setsockopt(zmq.MAXMSGSIZE, hard_frame_cap(cfg.max_frame_bytes))
         sock.setsockopt(zmq.SNDHWM, 10000)
         sock.setsockopt(zmq.RCVHWM, 10000)
         try:
