@@ -1,5 +1,5 @@
 """Dependencies point one way: protocol, then daemon, then clients, then connectors, then sim
-and bench (docs/architecture.md, "Layers").
+and bench (CONTRIBUTING.md, "Layers").
 
 Every import in the tree is read with ``ast`` (lazy imports inside functions included) and
 checked against the table below. The shared modules directly under ``tokencake/`` (the
