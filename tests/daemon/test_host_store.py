@@ -619,5 +619,7 @@ TestStoreModel.settings = settings(
     max_examples=200,
     stateful_step_count=40,
     deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

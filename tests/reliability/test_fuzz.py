@@ -38,6 +38,7 @@ def _settings(max_examples: int) -> settings:
     return settings(
         max_examples=max_examples,
         deadline=None,
+        derandomize=True,
         database=None,
         suppress_health_check=[
             HealthCheck.too_slow,
