@@ -3,7 +3,7 @@ durations, and which nodes lie on its critical path."""
 
 from __future__ import annotations
 
-from tokencake.daemon.scheduler.dag import longest_path
+from tokencake.daemon.scheduler.dag import longest_path, topological_order
 from tokencake.protocol import AppDag, DagNode
 from tokencake.sim.profiles import Profile
 from tokencake.sim.workload import AppSpec, NodeSpec
@@ -29,15 +29,10 @@ def app_dag(spec: AppSpec, profile: Profile) -> AppDag:
     return AppDag(nodes=nodes, edges=spec.edges)
 
 
-def critical_path(spec: AppSpec, profile: Profile) -> set[str]:
+def critical_path(app: AppDag) -> set[str]:
     """Nodes on the longest path by expected LLM + tool time (ties: first declared)."""
-    from tokencake.sim.workload import topological_order
-
-    weight = {
-        n.id: (expected_llm_s(n, profile) if n.kind == "llm" else 0.0)
-        + ((n.tool.predicted_s or 0.0) if n.tool is not None else 0.0)
-        for n in spec.nodes
-    }
-    order = [n.id for n in topological_order(spec.nodes)]
-    preds = {n.id: n.predecessors for n in spec.nodes}
-    return set(longest_path(order, preds, weight))
+    weight = {n.id: n.expected_llm_s + n.expected_tool_s for n in app.nodes}
+    preds: dict[str, list[str]] = {n.id: [] for n in app.nodes}
+    for src, dst in app.edges:
+        preds[dst].append(src)
+    return set(longest_path(topological_order(weight, app.edges), preds, weight))

@@ -247,15 +247,16 @@ class Simulator:
         for n in spec.nodes:
             for p in n.predecessors:
                 succ[p].append(n.id)
+        dag = app_dag(spec, self.profile)
         run = AppRun(
             spec=spec,
             pending_preds={n.id: len(n.predecessors) for n in spec.nodes},
             successors=succ,
-            critical=critical_path(spec, self.profile),
+            critical=critical_path(dag),
             nodes_left=len(spec.nodes),
         )
         self.apps_in_flight += 1
-        self._emit(AppRegistered(self.now, spec.app_id, app_dag(spec, self.profile)))
+        self._emit(AppRegistered(self.now, spec.app_id, dag))
         for n in spec.nodes:
             if not n.predecessors:
                 self._ready(run, n)
