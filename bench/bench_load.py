@@ -43,6 +43,7 @@ import zmq
 from tokencake import protocol as p
 from tokencake.clients.client import TokenCakeClient
 from tokencake.clients.launcher import daemon_flags, launch
+from tokencake.daemon.memwatch import proc_status
 from tokencake.layout import KvLayout
 
 LAYOUT = KvLayout("bench-load", 1, 16, 1, 16, "float16", 1024)
@@ -256,18 +257,6 @@ def _start_daemon(tmp: Path, arena: str) -> tuple[subprocess.Popen[bytes], str]:
     return daemon.proc, daemon.endpoint
 
 
-def proc_sample(pid: int) -> tuple[int, int, int]:
-    """(VmRSS KiB, RssAnon KiB, open fds) of a live process."""
-    rss = anon = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-            elif line.startswith("RssAnon:"):
-                anon = int(line.split()[1])
-    return rss, anon, len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def slope_per_min(ts: list[float], ys: list[float]) -> float:
     if len(ts) < 2:
         return 0.0
@@ -365,7 +354,8 @@ def main() -> None:
     def tick() -> None:
         now = time.monotonic()
         if now >= next_sample[0]:
-            samples.append((now - t_begin, *proc_sample(proc.pid)))
+            st = proc_status(proc.pid)
+            samples.append((now - t_begin, st["rss_kib"], st["anon_kib"], st["fds"]))
             next_sample[0] = now + args.sample_s
 
     try:
