@@ -33,8 +33,6 @@ class LookupWaits:
         self._timers = timers
         self._waiting: dict[int, _Wait] = {}
         self._next = 0
-        self.answered_by_l2 = 0
-        self.answered_at_bound = 0
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -49,24 +47,19 @@ class LookupWaits:
         self._next += 1
         ident = self._next
         self._waiting[ident] = _Wait(start, answer)
-        self._timers.schedule(wait_s, lambda: self._finish(ident, at_bound=True))
+        self._timers.schedule(wait_s, lambda: self._finish(ident))
 
     def settle(self, in_flight: Callable[[ChainStart], bool]) -> None:
         """Answer the lookups whose prefetch has finished (after the bridge's ``poll``)."""
         for ident in [i for i, w in self._waiting.items() if not in_flight(w.start)]:
-            self._finish(ident, at_bound=False)
+            self._finish(ident)
 
     def answer_all(self) -> None:
         """Answer every waiting lookup now (the daemon is stopping)."""
         for ident in list(self._waiting):
-            self._finish(ident, at_bound=True)
+            self._finish(ident)
 
-    def _finish(self, ident: int, *, at_bound: bool) -> None:
+    def _finish(self, ident: int) -> None:
         wait = self._waiting.pop(ident, None)
-        if wait is None:
-            return  # answered already
-        if at_bound:
-            self.answered_at_bound += 1
-        else:
-            self.answered_by_l2 += 1
-        wait.answer()
+        if wait is not None:  # else answered already
+            wait.answer()
