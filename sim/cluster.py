@@ -64,7 +64,6 @@ class ClusterConfig:
     l2_write_backlog_s: float = 1.0
     routing: Routing = "affinity"
     predictive_upload: bool = False
-    block_tokens: int = 16
     upload_piece_blocks: int = 64
 
     def validate(self) -> None:
@@ -180,7 +179,7 @@ class ClusterSim:
         self.decode_step_s = profile.step_s(config.lanes, 0.0, 0.0)
         host_bw = profile.gpu.host_bytes_per_s
         self.cost = TransferCostModel(
-            config.block_tokens * self.kv_per_token,
+            profile.block_bytes,
             host_bw,
             host_bw,
             profile.copy_overhead_s,
@@ -344,7 +343,7 @@ class ClusterSim:
         daemon's rule, within the tool call that came before it."""
         if not (self.c.predictive_upload and call.after_tool_s > 0 and host_tok + l2_tok):
             return 0.0
-        bt = self.c.block_tokens
+        bt = self.p.block_tokens
         blocks, l2_blocks = -(-(host_tok + l2_tok) // bt), -(-l2_tok // bt)
         lead = upload_lead_s(self.cost, blocks, l2_blocks, self.c.upload_piece_blocks)
         return min(lead, call.after_tool_s)

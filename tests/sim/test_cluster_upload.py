@@ -30,7 +30,8 @@ def test_the_lead_is_the_policy_rule() -> None:
     app = AppSpec("a", "test", [], 0)
     node = NodeSpec("n", "coder")
     long_tool = _Call(app, node, 0.0, after_tool_s=1e6)
-    host_tok, l2_tok = 16 * 100, 16 * 60
+    bt = PROFILE.block_tokens  # the cluster counts blocks of the profile's size
+    host_tok, l2_tok = bt * 100, bt * 60
     expected = upload_lead_s(sim.cost, 160, 60, 64)
     assert sim._upload_early_s(long_tool, host_tok, l2_tok) == expected
     assert expected > upload_lead_s(sim.cost, 160, 0, 64)  # L2 blocks start it earlier
