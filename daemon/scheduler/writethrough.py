@@ -93,7 +93,7 @@ class WriteThroughPolicy(TrackingPolicy):
             "read_in_s": read_in_s,
             "t_h2d_s": t_back,
             "t_recompute_s": t_recompute,
-            "host_room_after_s": room,
+            "host_room_after_blocks": room,
         }
         if t_back >= t_recompute:
             self._keep(agent, "keep:reload_not_cheaper_than_recompute", terms, out)
