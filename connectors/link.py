@@ -22,6 +22,7 @@ import msgspec
 import zmq
 
 from tokencake import protocol as p
+from tokencake.clients.client import DaemonNotConnected, DaemonUnavailable, TokenCakeClient
 from tokencake.layout import KvLayout
 
 logger = logging.getLogger(__name__)
@@ -142,12 +143,6 @@ class DaemonLink:
     ) -> p.RegisterEngineReply | None:
         """Send one registration; None when it failed (counted, and backed off when the
         daemon is connected but does not answer)."""
-        from tokencake.clients.client import (
-            DaemonNotConnected,
-            DaemonUnavailable,
-            TokenCakeClient,
-        )
-
         timeout_s = max(self.cfg.timeout_ms / 1000.0, REGISTER_TIMEOUT_S)
         try:
             if self.client is None:
@@ -191,7 +186,6 @@ class DaemonLink:
             self.reg = None
             for callback in self.on_down:
                 callback()
-        self.reg = None
         self.next_try = 0.0 if retry_now else time.monotonic() + self.cfg.reconnect_s
 
     def call(self, req: p.Request[R]) -> R | None:
@@ -200,8 +194,6 @@ class DaemonLink:
         if self.reg is None:
             self.last_error = "unavailable"
             return None
-        from tokencake.clients.client import DaemonUnavailable
-
         try:
             reply = self.client.call(req)
         except (DaemonUnavailable, zmq.ZMQError) as exc:
