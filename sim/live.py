@@ -220,7 +220,6 @@ class DaemonPolicy(Policy):
         name = engine_name or f"tokencake-sim-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         reg = self._call(p.RegisterEngine(name, sim_layout(profile), profile.gpu_blocks))
         self.engine_id = reg.engine_id
-        self.host_slots = reg.num_slots
         self._heartbeat_s = min(reg.heartbeat_s, LIVE_HEARTBEAT_S)
         self._last_heartbeat = time.monotonic()
         config = self._call(p.GetConfig()).config
