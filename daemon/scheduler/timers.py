@@ -26,6 +26,11 @@ COMPACT_MIN = 1024
 """Below this many timers the heap is never compacted."""
 
 
+def _stale(agent: AgentState, token: int) -> bool:
+    """A timer can no longer fire: its tool call ended (the token moved on) or its app did."""
+    return token != agent.tool_token or agent.phase == DONE
+
+
 class TimedPolicy(UploadingPolicy):
     """The world model and uploads, plus timers: deadlines, host TTL and pins."""
 
@@ -56,7 +61,7 @@ class TimedPolicy(UploadingPolicy):
         doubled since the last time costs O(1) per timer, amortised, and keeps the heap
         within twice the live timers. Stale is for good: tokens only grow, DONE is final.
         """
-        live = [t for t in self._timers if t[4] == t[3].tool_token and t[3].phase != DONE]
+        live = [t for t in self._timers if not _stale(t[3], t[4])]
         heapq.heapify(live)
         self._timers = live
         self._compact_at = max(COMPACT_MIN, 2 * len(live))
@@ -105,7 +110,7 @@ class TimedPolicy(UploadingPolicy):
         # self._timers each time round: a timer pushed here may compact it into a new list.
         while self._timers and self._timers[0][0] <= now:
             _, _, kind, agent, token = heapq.heappop(self._timers)
-            if token != agent.tool_token or agent.phase == DONE:
+            if _stale(agent, token):
                 continue
             if kind == T_DEADLINE:
                 if agent.phase == TOOL:
