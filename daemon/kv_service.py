@@ -231,8 +231,10 @@ class KvService:
         if math.isfinite(copy_s) and copy_s > 0:
             elapsed = min(copy_s, elapsed) if elapsed > 0 else copy_s
         self._parts.metrics.transfer_seconds.labels(label).observe(elapsed)
-        self._parts.scheduler.transfer_measured(
-            engine.engine_id, direction, nbytes, elapsed, len(slots)
+        self._parts.apply(
+            self._parts.scheduler.transfer_measured(
+                engine.engine_id, direction, nbytes, elapsed, len(slots)
+            )
         )
         for (app_id, agent_id), blocks in per_agent.items():
             self._parts.apply(
@@ -293,7 +295,7 @@ class KvService:
             return
         scheduler = self._parts.scheduler
         for nbytes, seconds, blocks in moves.fetches:
-            scheduler.l2_measured(nbytes, seconds, blocks)
+            self._parts.apply(scheduler.l2_measured(nbytes, seconds, blocks))
         if moves.to_l2:
             self._parts.apply(scheduler.kv_to_l2(moves.to_l2))
         for app_id, agent_id, blocks in moves.to_host:

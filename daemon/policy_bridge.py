@@ -106,10 +106,12 @@ class SchedulerBridge:
 
     def transfer_measured(
         self, engine_id: str, direction: ev.Direction, nbytes: int, seconds: float, blocks: int
-    ) -> None:
-        if seconds > 0 and nbytes > 0:
-            event = ev.TransferMeasured(self._clock(), direction, nbytes, seconds, blocks)
-            self._to_engine(engine_id, event)
+    ) -> list[p.DecisionRecord]:
+        """A timed copy; its decisions are those of timers and uploads that came due."""
+        if seconds <= 0 or nbytes <= 0:
+            return []
+        event = ev.TransferMeasured(self._clock(), direction, nbytes, seconds, blocks)
+        return self._to_engine(engine_id, event)
 
     def transfer_done(
         self, engine_id: str, app_id: str, agent_id: str, direction: ev.Direction, blocks: int
@@ -146,18 +148,18 @@ class SchedulerBridge:
         self, agent: AgentRecord, request_id: str, output_tokens: int, kv_blocks: int
     ) -> list[p.DecisionRecord]:
         now = self._clock()
+        out: list[p.DecisionRecord] = []
         if agent.engine_id in self._policies and not agent.admitted:
             # No llm_call_admitted came: the finish implies the admission, and the engine's
             # pool reports since then counted the request's blocks as taken.
-            self._policies[agent.engine_id].on_event(
-                ev.LlmCallAdmitted(
-                    now, agent.app_id, agent.agent_id, request_id, kv_blocks, reported=True
-                )
+            admitted = ev.LlmCallAdmitted(
+                now, agent.app_id, agent.agent_id, request_id, kv_blocks, reported=True
             )
+            out = self._to_agent(agent, admitted)
         event = ev.LlmCallFinish(
             now, agent.app_id, agent.agent_id, request_id, output_tokens, kv_blocks
         )
-        return self._to_agent(agent, event)
+        return out + self._to_agent(agent, event)
 
     def tool_call_start(
         self, agent: AgentRecord, tool_kind: str, predicted_s: float | None, call_id: str
@@ -179,11 +181,12 @@ class SchedulerBridge:
 
     # ------------------------------------------------------------------ the L2 tier
 
-    def l2_measured(self, nbytes: int, seconds: float, blocks: int) -> None:
+    def l2_measured(self, nbytes: int, seconds: float, blocks: int) -> list[p.DecisionRecord]:
         """One timed L2 fetch (a chain, L2 -> arena). The tier is the daemon's, not an
         engine's: every engine's cost model learns from it."""
-        if seconds > 0 and nbytes > 0:
-            self._to_all(ev.TransferMeasured(self._clock(), "l2", nbytes, seconds, blocks))
+        if seconds <= 0 or nbytes <= 0:
+            return []
+        return self._to_all(ev.TransferMeasured(self._clock(), "l2", nbytes, seconds, blocks))
 
     def kv_to_l2(self, blocks_by_tag: dict[int, int]) -> list[p.DecisionRecord]:
         """The host store evicted these agents' blocks (by slot tag), written back to L2."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import msgspec
@@ -11,6 +11,7 @@ import pytest
 from tokencake import protocol as p
 from tokencake.daemon.arena import Arena
 from tokencake.daemon.config import DaemonConfig
+from tokencake.daemon.scheduler import events as ev
 from tokencake.daemon.scheduler.policy import list_policies
 from tokencake.daemon.server import Daemon
 from tokencake.layout import KvLayout
@@ -143,3 +144,53 @@ def test_cost_model_measures_the_copy_not_the_wait(copy_s: float) -> None:
             assert learned > nbytes / 5.0 * 100  # the 4 ms copy, not the 5 s wait
         else:
             assert learned < nbytes / 5.0 * 2
+
+
+def test_decisions_that_come_due_on_a_measured_copy_are_applied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any event runs the policy's timers that are due, a measured copy's too: what they
+    decide is kept and pushed like the decisions of any other event, not dropped."""
+    clock = Clock()
+    for daemon in make_daemon("tokencake", clock):
+        reg = call(daemon, p.RegisterEngine("e", LAYOUT, num_gpu_blocks=200))
+        assert isinstance(reg, p.RegisterEngineReply)
+        policy = daemon.scheduler._policies[reg.engine_id]
+        due = p.KeepDecision(at_s=clock.now, agent_id="timer", reason=p.DecisionReason("t"))
+        monkeypatch.setattr(policy, "on_event", lambda event, due=due: [due])
+        hashes = [i.to_bytes(8, "little") for i in range(10)]
+        slots = call(daemon, p.Reserve(reg.engine_id, hashes))
+        assert isinstance(slots, p.ReserveReply)
+        clock.now += 0.5
+        call(daemon, p.Commit(reg.engine_id, slots.slots, 0.004))
+        assert due in daemon.decisions.records and due.engine_id == reg.engine_id
+        assert daemon.scheduler.l2_measured(1 << 20, 0.01, 4) == [due]
+
+
+def test_decisions_of_an_admission_implied_by_the_finish_are_applied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A finish with no ``llm_call_admitted`` before it implies the admission; what the policy
+    decides on that admission is kept like any other decision."""
+    clock = Clock()
+    for daemon in make_daemon("tokencake", clock):
+        reg = call(daemon, p.RegisterEngine("e", LAYOUT, num_gpu_blocks=200))
+        assert isinstance(reg, p.RegisterEngineReply)
+        call(daemon, p.RegisterApp("app", DAG))
+        call(daemon, p.LlmCallStart("app", "plan", reg.engine_id, "r", 2000))
+        policy = daemon.scheduler._policies[reg.engine_id]
+        on_event = policy.on_event
+        due = p.KeepDecision(at_s=clock.now, agent_id="plan", reason=p.DecisionReason("t"))
+
+        def admitted_decides(
+            event: ev.Event,
+            on_event: Callable[..., list[p.DecisionRecord]] = on_event,
+            due: p.KeepDecision = due,
+        ) -> list[p.DecisionRecord]:
+            out = on_event(event)
+            return [*out, due] if isinstance(event, ev.LlmCallAdmitted) else out
+
+        monkeypatch.setattr(policy, "on_event", admitted_decides)
+        clock.now += 0.5
+        call(daemon, p.LlmCallFinish("app", "plan", "r", 50, 60))
+        assert due in daemon.decisions.records and due.engine_id == reg.engine_id
