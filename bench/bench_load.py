@@ -43,6 +43,7 @@ import zmq
 from tokencake import protocol as p
 from tokencake.clients.client import TokenCakeClient
 from tokencake.clients.launcher import daemon_flags, launch
+from tokencake.daemon.config import ConfigError, load_config
 from tokencake.daemon.memwatch import proc_status
 from tokencake.layout import KvLayout
 
@@ -245,6 +246,15 @@ def _drive(
 # ---------------------------------------------------------------------- daemon process
 
 
+def arena_size(text: str) -> str:
+    """``--arena-bytes``, checked by the daemon's own config rules before it is started."""
+    try:
+        load_config(environ={}, flags={"arena_bytes": text})
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _start_daemon(tmp: Path, arena: str) -> tuple[subprocess.Popen[bytes], str]:
     daemon = launch(
         *daemon_flags(arena=arena, log_text=False, log_level="WARNING"),
@@ -332,7 +342,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4, help="client processes")
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--window", type=int, default=4, help="requests in flight per client")
-    ap.add_argument("--arena-bytes", default="64MiB")
+    ap.add_argument("--arena-bytes", type=arena_size, default="64MiB")
     ap.add_argument("--soak-seconds", type=float, default=0.0)
     ap.add_argument("--soak-rate", type=float, default=3000.0, help="requests/s in all")
     ap.add_argument("--sample-s", type=float, default=5.0)

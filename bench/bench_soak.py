@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench_load import LAYOUT, _Client, _start_daemon, slope_per_min  # noqa: E402
+from bench_load import LAYOUT, _Client, _start_daemon, arena_size, slope_per_min  # noqa: E402
 
 from tokencake import protocol as p  # noqa: E402
 from tokencake.clients.client import TokenCakeClient  # noqa: E402
@@ -464,7 +464,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--sample-s", type=float, default=60.0)
     ap.add_argument("--warmup-min", type=float, default=10.0, help="left out of the slopes")
     ap.add_argument("--target-kib-min", type=float, default=10.0)
-    ap.add_argument("--arena-bytes", default="64MiB")
+    ap.add_argument("--arena-bytes", type=arena_size, default="64MiB")
     ap.add_argument(
         "--app-idle-s",
         type=float,
