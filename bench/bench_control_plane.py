@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--window", type=int, default=8, help="requests in flight per client")
     args = ap.parse_args()
+    if min(args.round_trips, args.events, args.clients, args.window) < 1:
+        ap.error("--round-trips, --events, --clients and --window must be >= 1")
 
     tmp = Path(tempfile.mkdtemp(prefix="tcbench-"))
     echo_ep = f"ipc://{tmp}/echo.sock"

@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--clock", choices=sorted(bench_store.CLOCKS), default="wall")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     clock = bench_store.CLOCKS[args.clock]
     load_before = os.getloadavg()[0]
     rng = np.random.default_rng(0)

@@ -549,6 +549,12 @@ def main() -> None:
     if args.rss_child:
         rss_child(args.rss_child, args.hash_bytes)
         return
+    counts = ("slot_kib", "layers", "repeats", "slots", "meta_slots", "hash_bytes", "batch")
+    if args.gib <= 0 or any(getattr(args, name) < 1 for name in counts):
+        ap.error(
+            "--gib must be > 0; --slot-kib, --layers, --repeats, --slots, --meta-slots,"
+            " --hash-bytes and --batch must be >= 1"
+        )
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
     if not parts or parts - set(PARTS):
         ap.error(f"--parts: choose from {','.join(PARTS)}")
