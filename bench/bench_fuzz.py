@@ -230,7 +230,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     if not 0 < args.cases <= MAX_CASES or not 0 <= args.real <= MAX_CASES:
-        raise SystemExit(f"--cases and --real must be within 0..{MAX_CASES}")
+        ap.error(f"--cases must be within 1..{MAX_CASES} and --real within 0..{MAX_CASES}")
     import logging
 
     logging.disable(logging.CRITICAL)  # expected internal-path logs would drown the report
