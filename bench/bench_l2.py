@@ -98,6 +98,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--latency-samples", type=int, default=200)
     args = ap.parse_args()
+    counts = (args.block_kib, args.blocks, args.batch, args.chain, args.workers, args.repeats)
+    if min(*counts, args.latency_samples) < 1:
+        ap.error(
+            "--block-kib, --blocks, --batch, --chain, --workers, --repeats and"
+            " --latency-samples must be >= 1"
+        )
     block = args.block_kib << 10
     rng = np.random.default_rng(0)
     # Both sides copy each block out of an arena-like array and back into one, as the

@@ -129,7 +129,12 @@ def main() -> None:
     ap.add_argument("--policies", default="tokencake,tokencake-temporal,vllm,lru-offload,kvflow")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    sizes = [int(x) for x in args.agents.split(",")]
+    try:
+        sizes = [int(x) for x in args.agents.split(",")]
+    except ValueError:
+        ap.error(f"--agents: comma-separated whole numbers, got {args.agents!r}")
+    if args.events < 1 or min(sizes) < 1:
+        ap.error("--events and every --agents size must be >= 1")
     print("events/s and us/event use this process's CPU time (the host is shared); wall in ()")
     print(f"events per run: {args.events}, seed {args.seed}")
     print(
