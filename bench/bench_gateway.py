@@ -543,6 +543,14 @@ def main() -> None:
     if args.plain:
         run_plain(args.plain, args.upstream)
         return
+    counts = (args.runs, args.conversations, args.rounds, args.per_round, args.chunks)
+    if min(*counts, args.tool_calls) < 1 or args.seconds <= 0:
+        ap.error(
+            "--runs, --conversations, --rounds, --per-round, --chunks and --tool-calls must be"
+            " >= 1, --seconds > 0"
+        )
+    if args.baseline_tree and not Path(args.baseline_tree, "tokencake").is_dir():
+        ap.error(f"--baseline-tree: no checkout at {args.baseline_tree} (no tokencake/ there)")
     try:
         import uvloop
 
