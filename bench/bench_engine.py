@@ -575,6 +575,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_setup(json.loads(args.child))))
         return
+    if min(args.code_writer, args.react) < 0 or args.code_writer + args.react < 1:
+        ap.error("--code-writer and --react must be >= 0, with at least one app in all")
+    if args.qps <= 0 or args.decode_s <= 0 or min(args.gpu_blocks, args.max_model_len) < 1:
+        ap.error("--qps and --decode-s must be > 0, --gpu-blocks and --max-model-len >= 1")
     sys.path.insert(0, str(ROOT))
     from bench.common.vllm_apps import SETUPS, ModelShape, build_llama
     from bench.common.vllm_apps import kv_bytes_per_block as kvb

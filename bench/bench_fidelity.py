@@ -348,6 +348,8 @@ def main() -> None:
     ap.add_argument("--model", default="", help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.agents < 1 or args.tool_s <= 0:
+        ap.error("--agents must be >= 1 and --tool-s > 0")
     if args.phase:
         res = real_phase(args.phase, args.model, args.endpoint, args.agents, args.tool_s)
         print(json.dumps(res))

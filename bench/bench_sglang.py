@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if min(args.mib, args.page_tokens, args.repeats) < 1:
+        ap.error("--mib, --page-tokens and --repeats must be >= 1")
     result = run(args.mib, args.page_tokens, args.repeats)
     text = json.dumps(result, indent=2)
     print(text)

@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--model", default="", help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.agents < 1 or args.turns < 1:
+        ap.error("--agents and --turns must be >= 1")
     if args.phase:
         print(json.dumps(run_phase(args.phase, args.model, args.endpoint, args.agents, args.turns)))
         return
