@@ -349,11 +349,13 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=60.0, help="left out of the RSS slope")
     args = ap.parse_args()
     if not 0 < args.events <= MAX_EVENTS:
-        raise SystemExit(f"--events must be within 1..{MAX_EVENTS}")
+        ap.error(f"--events must be within 1..{MAX_EVENTS}")
     if not 0 <= args.soak_seconds <= MAX_SOAK_S:
-        raise SystemExit(f"--soak-seconds must be within 0..{MAX_SOAK_S:.0f}")
+        ap.error(f"--soak-seconds must be within 0..{MAX_SOAK_S:.0f}")
     if not 1 <= args.clients <= 1024 or not 1 <= args.workers <= args.clients:
-        raise SystemExit("--clients must be within 1..1024 and --workers within 1..clients")
+        ap.error("--clients must be within 1..1024 and --workers within 1..clients")
+    if args.window < 1 or args.soak_rate <= 0 or args.sample_s <= 0:
+        ap.error("--window must be >= 1, --soak-rate and --sample-s > 0")
 
     tmp = Path(tempfile.mkdtemp(prefix="tcload-"))
     proc, endpoint = _start_daemon(tmp, args.arena_bytes)
