@@ -4,7 +4,7 @@
 # project's other pure-Python dependencies from a folder of wheels, run every `gpu`-marked
 # test, then bench/bench_gpu.py, and print one summary table. Exits non-zero on any failure.
 #
-#   scripts/gpu-check.sh WHEEL_DIR            # on the GPU machine (about 2-3 minutes)
+#   scripts/gpu-check.sh WHEEL_DIR            # on the GPU machine (not yet run on one: time unknown)
 #   scripts/gpu-check.sh --dry-run [WHEEL_DIR]
 #       no GPU needed: checks the Python and the imports, runs the gpu tests (they skip) and
 #       the bench on the FAKE device (CPU tensors), so the script cannot rot unnoticed; with
