@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from tokencake import protocol as p
-from tokencake.cli import HELP_OPTIONS, FloatRange, Group
+from tokencake.cli import HELP_OPTIONS, NON_NEGATIVE, POSITIVE, FloatRange, Group, option
 from tokencake.sim.generators import BUILTIN, get_generator
 from tokencake.sim.metrics import target_ratios
 from tokencake.sim.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile
@@ -88,15 +88,20 @@ def _workloads(_ctx: click.Context, _param: click.Parameter, s: str) -> list[str
     return names
 
 
-@main.command("run", short_help="Sweep workloads x rates x policies: table and targets.")
-@click.option(
+WORKLOAD = click.option(
     "--workload",
-    "workload",
     default="code-writer",
     show_default=True,
     callback=_workloads,
     help="Built-in name(s), comma-separated, or a workload JSON file (docs/workloads.md).",
 )
+"""``--workload``, shared by ``run`` and ``cluster``."""
+SEED = option("--seed", click.IntRange(min=0), 0, "Seed of the applications and their arrivals.")
+PROFILE = click.Choice(sorted(PROFILES))
+
+
+@main.command("run", short_help="Sweep workloads x rates x policies: table and targets.")
+@WORKLOAD
 @click.option(
     "--qps",
     default="0.05,0.1,0.2,0.5,1",
@@ -119,72 +124,47 @@ def _workloads(_ctx: click.Context, _param: click.Parameter, s: str) -> list[str
     required=True,
     help="Directory for results.json, table.md and PNGs.",
 )
-@click.option(
+@option(
     "--profile",
-    default=DEFAULT_PROFILE,
-    show_default=True,
-    type=click.Choice(sorted(PROFILES)),
-    help="Engine profile: model, GPU and KV pool (tokencake-sim list).",
+    PROFILE,
+    DEFAULT_PROFILE,
+    "Engine profile: model, GPU and KV pool (tokencake-sim list).",
 )
-@click.option(
+@option(
     "--gpu-mem-util",
-    type=FloatRange(0, 1, min_open=True),
-    default=None,
-    help="Override the profile's GPU memory fraction.",
+    FloatRange(0, 1, min_open=True),
+    None,
+    "Override the profile's GPU memory fraction.",
 )
-@click.option(
-    "--seed",
-    default=0,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Seed of the applications and their arrivals.",
-)
-@click.option(
-    "--apps",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Applications per run (default: workload's).",
-)
-@click.option(
+@SEED
+@option("--apps", click.IntRange(min=1), None, "Applications per run (default: workload's).")
+@option(
     "--tool-noise",
-    type=click.Choice(["none", "gaussian", "uniform"]),
-    default="none",
-    show_default=True,
-    help="Noise on the real tool durations (docs/workloads.md).",
+    click.Choice(["none", "gaussian", "uniform"]),
+    "none",
+    "Noise on the real tool durations (docs/workloads.md).",
 )
-@click.option(
-    "--noise-scale",
-    type=FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="Relative scale of the tool-duration noise.",
-)
-@click.option(
+@option("--noise-scale", NON_NEGATIVE, 0.0, "Relative scale of the tool-duration noise.")
+@option(
     "--predict-error",
-    type=FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="Sigma of the log-normal error on predicted tool durations.",
+    NON_NEGATIVE,
+    0.0,
+    "Sigma of the log-normal error on predicted tool durations.",
 )
 @click.option("--no-hints", is_flag=True, help="Send no tool-duration hints to the scheduler.")
-@click.option(
-    "--focus-qps",
-    type=FloatRange(0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="Rate whose runs feed the targets, timeline, CDF and breakdown.",
+@option(
+    "--focus-qps", POSITIVE, 1.0, "Rate whose runs feed the targets, timeline, CDF and breakdown."
 )
 @click.option(
     "--no-plots",
     is_flag=True,
     help="Write results.json and table.md only, no PNG figures (no matplotlib needed).",
 )
-@click.option(
+@option(
     "--engine-eviction",
-    type=click.Choice(["policy", "lru"]),
-    default="policy",
-    show_default=True,
-    help="Who orders evictions in the engine: the policy (eviction_order), or LRU as vLLM "
+    click.Choice(["policy", "lru"]),
+    "policy",
+    "Who orders evictions in the engine: the policy (eviction_order), or LRU as vLLM "
     "does (the connector cannot reorder vLLM's free queue; pins still hold).",
 )
 @click.option(
@@ -201,12 +181,11 @@ def _workloads(_ctx: click.Context, _param: click.Parameter, s: str) -> list[str
     help="Live mode against a tokencaked started for this command on a temporary ipc "
     "socket, and stopped after.",
 )
-@click.option(
+@option(
     "--time-scale",
-    type=FloatRange(0, 1000, min_open=True),
-    default=0.05,
-    show_default=True,
-    help="Live mode: wall seconds per simulated second.",
+    FloatRange(0, 1000, min_open=True),
+    0.05,
+    "Live mode: wall seconds per simulated second.",
 )
 def run_cmd(
     workload: list[str],
@@ -426,95 +405,28 @@ CLUSTER_COLUMNS += ("L2 hit", "prefill", "restore ms", "link", "wb dropped")
 
 
 @main.command("cluster", short_help="N engine hosts sharing one L2: routing x shared L2.")
-@click.option(
-    "--workload",
-    default="code-writer",
-    show_default=True,
-    callback=_workloads,
-    help="Built-in name(s), comma-separated, or a workload JSON file (docs/workloads.md).",
-)
-@click.option(
-    "--apps",
-    type=click.IntRange(1, 1_000_000),
-    default=2000,
-    show_default=True,
-    help="Applications in the trace.",
-)
-@click.option(
-    "--qps",
-    type=FloatRange(min=0, min_open=True),
-    default=0.5,
-    show_default=True,
-    help="Application arrivals per second across the whole cluster.",
-)
-@click.option(
-    "--hosts",
-    type=click.IntRange(1, 4096),
-    default=16,
-    show_default=True,
-    help="Engine hosts sharing the L2.",
-)
-@click.option(
-    "--lanes",
-    type=click.IntRange(1, 4096),
-    default=32,
-    show_default=True,
-    help="Concurrent requests per host (its batch).",
-)
-@click.option(
-    "--host-gib",
-    type=FloatRange(min=0, min_open=True),
-    default=16.0,
-    show_default=True,
-    help="Host KV cache (arena) per host.",
-)
-@click.option(
-    "--l2-gbps",
-    type=FloatRange(min=0, min_open=True),
-    default=25.0,
-    show_default=True,
-    help="Shared L2 link, GB/s, for all hosts together.",
-)
-@click.option(
-    "--l2-latency-ms",
-    type=FloatRange(min=0),
-    default=2.0,
-    show_default=True,
-    help="L2 round-trip latency, ms.",
-)
-@click.option(
-    "--l2-tib",
-    type=FloatRange(min=0, min_open=True),
-    default=4.0,
-    show_default=True,
-    help="L2 capacity.",
-)
+@WORKLOAD
+@option("--apps", click.IntRange(1, 1_000_000), 2000, "Applications in the trace.")
+@option("--qps", POSITIVE, 0.5, "Application arrivals per second across the whole cluster.")
+@option("--hosts", click.IntRange(1, 4096), 16, "Engine hosts sharing the L2.")
+@option("--lanes", click.IntRange(1, 4096), 32, "Concurrent requests per host (its batch).")
+@option("--host-gib", POSITIVE, 16.0, "Host KV cache (arena) per host.")
+@option("--l2-gbps", POSITIVE, 25.0, "Shared L2 link, GB/s, for all hosts together.")
+@option("--l2-latency-ms", NON_NEGATIVE, 2.0, "L2 round-trip latency, ms.")
+@option("--l2-tib", POSITIVE, 4.0, "L2 capacity.")
 @click.option(
     "--predictive-upload",
     is_flag=True,
     help="Bring a call's KV back ahead of it by the policy's rule (L2 fetch, then host copy), "
     "within the tool call before it; with the trace's tool times, an upper bound.",
 )
-@click.option(
-    "--profile",
-    default=DEFAULT_PROFILE,
-    show_default=True,
-    type=click.Choice(sorted(PROFILES)),
-    help="Engine profile of every host (tokencake-sim list).",
-)
-@click.option(
-    "--seed",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Seed of the applications and their arrivals.",
-)
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write the rows as JSON.",
+@option("--profile", PROFILE, DEFAULT_PROFILE, "Engine profile of every host (tokencake-sim list).")
+@SEED
+@option(
+    ("--json", "json_path"),
+    click.Path(dir_okay=False, path_type=Path),
+    None,
+    "Also write the rows as JSON.",
 )
 def cluster_cmd(
     workload: list[str],

@@ -11,9 +11,12 @@ command and points at its ``-h``::
 from __future__ import annotations
 
 import math
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
 
 import click
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 """``context_settings`` that make ``-h`` work as ``--help`` (subcommands inherit it)."""
@@ -83,6 +86,22 @@ class FloatRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return super().convert(number, param, ctx)
+
+
+POSITIVE = FloatRange(min=0, min_open=True)
+"""A finite number > 0 (a rate, a size, a timeout)."""
+NON_NEGATIVE = FloatRange(min=0)
+"""A finite number >= 0."""
+
+
+def option(
+    decl: str | tuple[str, str], kind: click.ParamType, default: Any, help: str, **extra: Any
+) -> Callable[[F], F]:
+    """``click.option`` for a typed value, in one line: its default is shown unless None.
+    ``decl`` is the option's name, or (name, parameter name)."""
+    decls = (decl,) if isinstance(decl, str) else decl
+    shown = extra.pop("show_default", default is not None)
+    return click.option(*decls, type=kind, default=default, show_default=shown, help=help, **extra)
 
 
 def is_endpoint(endpoint: str) -> bool:

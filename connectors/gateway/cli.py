@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import click
 
 from tokencake import __version__
-from tokencake.cli import HELP_OPTIONS, Command, FloatRange
+from tokencake.cli import HELP_OPTIONS, POSITIVE, Command, is_endpoint, option
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,7 @@ def _daemon(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     from tokencake.clients.client import resolve_endpoint
 
     endpoint = resolve_endpoint(value)
-    if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
-        return endpoint
-    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-    if endpoint.startswith("tcp://") and host and port.isdigit() and 0 < int(port) < 65536:
+    if is_endpoint(endpoint):
         return endpoint
     raise click.BadParameter(f"{endpoint!r} is not ipc://PATH or tcp://HOST:PORT")
 
@@ -83,9 +80,7 @@ def _tenant_secret(_ctx: click.Context, _param: click.Parameter, path: Path | No
     help="An OpenAI-compatible server (vllm serve) root URL; repeat for several.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option(
-    "--port", type=click.IntRange(0, 65535), default=8100, show_default=True, help="Port."
-)
+@option("--port", click.IntRange(0, 65535), 8100, "Port.")
 @click.option(
     "--daemon",
     "endpoint",
@@ -94,32 +89,29 @@ def _tenant_secret(_ctx: click.Context, _param: click.Parameter, path: Path | No
     callback=_daemon,
     help="tokencaked endpoint (default: $TOKENCAKE_ENDPOINT, else the daemon's default).",
 )
-@click.option(
+@option(
     "--llm-events",
-    type=click.Choice(["gateway", "engine"]),
-    default="gateway",
-    show_default=True,
-    help="Who reports LLM call start/finish: the gateway, or the engine's TokenCake connector.",
+    click.Choice(["gateway", "engine"]),
+    "gateway",
+    "Who reports LLM call start/finish: the gateway, or the engine's TokenCake connector.",
 )
-@click.option(
+@option(
     "--app-idle-s",
-    type=FloatRange(min=0, min_open=True),
-    default=300.0,
-    show_default=True,
-    help="An app with no request for this long is ended and its structure learnt.",
+    POSITIVE,
+    300.0,
+    "An app with no request for this long is ended and its structure learnt.",
 )
-@click.option(
+@option(
     "--daemon-timeout-s",
-    type=FloatRange(min=0, min_open=True),
-    default=0.25,
-    show_default=True,
-    help="Wait at most this long for the daemon (then pass requests through untagged).",
+    POSITIVE,
+    0.25,
+    "Wait at most this long for the daemon (then pass requests through untagged).",
 )
-@click.option(
+@option(
     "--upstream-timeout-s",
-    type=FloatRange(min=0, min_open=True),
-    default=None,
-    help="Total time limit per upstream request (default: none, as a direct client).",
+    POSITIVE,
+    None,
+    "Total time limit per upstream request (default: none, as a direct client).",
 )
 @click.option(
     "--tenants/--no-tenants",
