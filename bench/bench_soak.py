@@ -16,8 +16,9 @@ requests/s in all:
   ``app_end`` and its reservations no commit, so the daemon must end the app
   (``app_idle_timeout_s``, ``--app-idle-s``) and reclaim the leases itself.
 
-The daemon runs with ``debug_memory_file`` (tracemalloc on; ``--no-tracemalloc`` to run
-without) and reports every ``--sample-s``; the driver samples the daemon's RSS, RssAnon,
+The daemon runs with ``debug_memory_file`` (tracemalloc on; ``--no-tracemalloc`` keeps the
+reports but leaves the traces, whose own memory would count in RSS, out) and reports every
+``--sample-s``, glibc's ``mallinfo2`` included; the driver samples the daemon's RSS, RssAnon,
 open descriptors and sockets from /proc at the same pace. At the end it prints the slopes
 (least squares, after ``--warmup-min``) of RSS, RssAnon, the traced Python heap and
 descriptors, the allocation sites that grew most after the warm-up, and the verdict:
@@ -346,7 +347,7 @@ def _growth_sites(reports: list[dict[str, Any]], warm_s: float) -> list[tuple[st
     """Sites (listed in both reports) whose size grew from the first report after the
     warm-up to the last."""
     warm = next((r for r in reports if r["t"] >= warm_s), None)
-    if warm is None or warm is reports[-1]:
+    if warm is None or warm is reports[-1] or "top_growth" not in warm:
         return []
     before = {s["site"]: s["size"] for s in warm["top_growth"]}
     after = {s["site"]: s["size"] for s in reports[-1]["top_growth"]}
@@ -364,9 +365,13 @@ def _plot(path: Path, samples: list[Sample], reports: list[dict[str, Any]], titl
     t = [s.t_min for s in samples]
     mem.plot(t, [s.rss_kib / 1024 for s in samples], label="RSS")
     mem.plot(t, [s.anon_kib / 1024 for s in samples], label="RssAnon")
-    if reports:
-        rt = [r["t"] / 60.0 for r in reports]
+    rt = [r["t"] / 60.0 for r in reports]
+    if reports and "traced_bytes" in reports[-1]:
         mem.plot(rt, [r["traced_bytes"] / 2**20 for r in reports], label="Python heap (traced)")
+    if reports and "mallinfo2" in reports[-1]:
+        mi = [r["mallinfo2"] for r in reports]
+        mem.plot(rt, [m["uordblks"] / 2**20 for m in mi], label="malloc in use")
+        mem.plot(rt, [m["arena"] / 2**20 for m in mi], label="malloc arena")
     mem.set_ylabel("MiB")
     mem.set_ylim(bottom=0)
     mem.legend(loc="center right")
@@ -396,11 +401,58 @@ def _slopes(
         ),
     }
     rwarm = [r for r in reports if r["t"] >= warm_min * 60.0]
+    rt = [r["t"] for r in rwarm]
+    if len(rwarm) >= 2 and "traced_bytes" in rwarm[-1]:
+        out["heap_kib_min"] = slope_per_min(rt, [r["traced_bytes"] / 1024 for r in rwarm])
+    if len(rwarm) >= 2 and "mallinfo2" in rwarm[-1]:
+        for key in ("uordblks", "arena", "hblkhd"):
+            out[f"malloc_{key}_kib_min"] = slope_per_min(
+                rt, [r["mallinfo2"][key] / 1024 for r in rwarm]
+            )
     if len(rwarm) >= 2:
-        out["heap_kib_min"] = slope_per_min(
-            [r["t"] for r in rwarm], [r["traced_bytes"] / 1024 for r in rwarm]
-        )
+        out["gc_objects_min"] = slope_per_min(rt, [r["gc_objects"] for r in rwarm])
     return out
+
+
+def _report_rows(sl: dict[str, float], reports: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The daemon's own figures: traced heap, glibc's allocator, live objects."""
+    rows: list[tuple[str, Any]] = []
+    if not reports:
+        return rows
+    first, last = reports[0], reports[-1]
+    if "heap_kib_min" in sl:
+        rows.append(("Python heap slope after warm-up (KiB/min)", f"{sl['heap_kib_min']:.2f}"))
+        rows.append(
+            (
+                "Python heap first / last (KiB)",
+                f"{first['traced_bytes'] // 1024} / {last['traced_bytes'] // 1024}",
+            )
+        )
+    if "mallinfo2" in last:
+        mi = last["mallinfo2"]
+        rows.append(
+            (
+                "malloc in use / free / mmapped (KiB)",
+                f"{mi['uordblks'] // 1024} / {mi['fordblks'] // 1024} / {mi['hblkhd'] // 1024}",
+            )
+        )
+        rows.append(
+            (
+                "malloc in use / arena / mmapped slope (KiB/min)",
+                " / ".join(
+                    f"{sl.get(f'malloc_{k}_kib_min', 0.0):.2f}"
+                    for k in ("uordblks", "arena", "hblkhd")
+                ),
+            )
+        )
+    if "gc_objects_min" in sl:
+        rows.append(
+            (
+                "live objects first / last (slope /min)",
+                f"{first['gc_objects']:,} / {last['gc_objects']:,} ({sl['gc_objects_min']:.1f})",
+            )
+        )
+    return rows
 
 
 def _print_report(soak: _Soak, wall: float, reports: list[dict[str, Any]]) -> bool:
@@ -421,23 +473,7 @@ def _print_report(soak: _Soak, wall: float, reports: list[dict[str, Any]]) -> bo
         ("open fds start / end", f"{samples[0].fds} / {samples[-1].fds}"),
         ("socket fds start / end", f"{samples[0].socket_fds} / {samples[-1].socket_fds}"),
     ]
-    if "heap_kib_min" in sl:
-        rows.append(("Python heap slope after warm-up (KiB/min)", f"{sl['heap_kib_min']:.2f}"))
-        first, last = reports[0], reports[-1]
-        rows.append(
-            (
-                "Python heap first / last (KiB)",
-                f"{first['traced_bytes'] // 1024} / {last['traced_bytes'] // 1024}",
-            )
-        )
-        if "mallinfo2" in last:
-            mi = last["mallinfo2"]
-            rows.append(
-                (
-                    "malloc in use / free / mmapped (KiB)",
-                    f"{mi['uordblks'] // 1024} / {mi['fordblks'] // 1024} / {mi['hblkhd'] // 1024}",
-                )
-            )
+    rows += _report_rows(sl, reports)
     for label, value in rows:
         print(f"{label:<46}{value}")
     for site, grown in _growth_sites(reports, args.warmup_min * 60.0):
@@ -491,13 +527,14 @@ def main() -> None:
     report_file = tmp / "memory.jsonl"
     os.environ.pop("TOKENCAKE_ENDPOINT", None)
     os.environ["TOKENCAKE_APP_IDLE_TIMEOUT_S"] = str(args.app_idle_s)
-    if not args.no_tracemalloc:
-        os.environ["TOKENCAKE_DEBUG_MEMORY_FILE"] = str(report_file)
-        os.environ["TOKENCAKE_DEBUG_MEMORY_S"] = str(args.sample_s)
+    os.environ["TOKENCAKE_DEBUG_MEMORY_FILE"] = str(report_file)
+    os.environ["TOKENCAKE_DEBUG_MEMORY_S"] = str(args.sample_s)
+    os.environ["TOKENCAKE_DEBUG_MEMORY_TRACE"] = "off" if args.no_tracemalloc else "on"
     proc, endpoint = _start_daemon(tmp, args.arena_bytes)
     print(
         f"tokencaked soak: {args.minutes:g} min at {args.rate:g} req/s, {args.engines} engines, "
-        f"{args.clients} app clients, tracemalloc {'off' if args.no_tracemalloc else 'on'}",
+        f"{args.clients} app clients, tracemalloc {'off' if args.no_tracemalloc else 'on'}, "
+        f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')}",
         flush=True,
     )
     soak = _Soak(args, endpoint, proc.pid)

@@ -145,6 +145,10 @@ class DaemonConfig:
     l2_flush_on_stop_s: float = 5.0
     """At stop (SIGTERM), blocks held only in the arena are written to L2 for at most this
     long; those left are counted and logged. 0 skips the flush."""
+    l2_fetch_bytes_per_s: float = 1e9
+    """The L2 fetch bandwidth the scheduler assumes until it has timed fetches of its own:
+    an agent whose offloaded KV left the arena for L2 is uploaded earlier by the fetch
+    time this implies (a remote store over a slow link wants a lower figure)."""
     app_idle_timeout_s: float = 3600.0
     """An app none of whose agents sent an event for this long is ended by the daemon (its
     client went away without ``app_end``); 0 keeps such apps forever."""
@@ -154,6 +158,10 @@ class DaemonConfig:
     every ``debug_memory_s``; for soak runs only, tracing costs CPU."""
     debug_memory_s: float = 60.0
     """Seconds between memory reports when ``debug_memory_file`` is set."""
+    debug_memory_trace: bool = True
+    """With ``debug_memory_file``: trace the Python heap (tracemalloc, whose own traces then
+    count in RSS). Off, the reports keep RSS, descriptors, the allocator's statistics and
+    container sizes, and cost next to nothing."""
     gpu_copies: str = "off"
     """Daemon-driven GPU copies (docs/vllm.md, "The GPU data plane"): ``cuda`` starts a copy
     worker per GPU for engines that share their KV (``share_gpu_kv``); ``off`` refuses that
@@ -234,6 +242,8 @@ class DaemonConfig:
             raise ConfigError("l2_lookup_wait_ms must be within 0..10000")
         if not 0 <= self.l2_flush_on_stop_s < 3600:
             raise ConfigError("l2_flush_on_stop_s must be within 0..3600 s")
+        if not 0 < self.l2_fetch_bytes_per_s < math.inf:
+            raise ConfigError("l2_fetch_bytes_per_s must be a positive number of bytes per second")
 
     @property
     def socket_path(self) -> Path | None:

@@ -1,12 +1,14 @@
 """Opt-in memory reports of a running tokencaked, for soak runs (``bench/bench_soak.py``).
 
 Off by default. With ``debug_memory_file`` set (``TOKENCAKE_DEBUG_MEMORY_FILE``), the daemon
-starts :mod:`tracemalloc` (one frame per allocation) and appends one JSON line to that file
-every ``debug_memory_s`` seconds and once at exit: the process's RSS and open descriptors,
-the Python heap tracemalloc sees, glibc's own allocator totals (``mallinfo2``), the sizes of
-the daemon's long-lived containers, and the allocation sites that grew most since the
-first report. Nothing goes over the wire and no KV or names are written, only sizes and
-source lines. Tracing costs CPU and memory; leave it off in production.
+appends one JSON line to that file every ``debug_memory_s`` seconds and once at exit: the
+process's RSS and open descriptors, glibc's own allocator totals (``mallinfo2``), the live
+object count and the sizes of the daemon's long-lived containers. With
+``debug_memory_trace`` (the default) it also starts :mod:`tracemalloc` (one frame per
+allocation) and adds the Python heap it sees and the allocation sites that grew most since
+the first report; turned off, the traces' own memory stays out of the RSS being measured.
+Nothing goes over the wire and no KV or names are written, only sizes and source lines.
+Tracing costs CPU and memory; leave it off in production.
 """
 
 from __future__ import annotations
@@ -100,9 +102,10 @@ def container_sizes(**objects: object) -> dict[str, int]:
 class MemoryWatch:
     """Appends memory reports to ``path``; ``sizes`` names the containers to count."""
 
-    def __init__(self, path: str, sizes: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, path: str, sizes: Callable[[], dict[str, int]], trace: bool = True) -> None:
         self.path = Path(path)
         self._sizes = sizes
+        self._trace = trace
         self._mallinfo2 = _load_mallinfo2()
         self._first: tracemalloc.Snapshot | None = None
         self._t0 = time.monotonic()
@@ -111,7 +114,7 @@ class MemoryWatch:
 
     def start(self, timers: Timers, every_s: float) -> None:
         """Start tracing, report now and then every ``every_s`` on the loop's timers."""
-        if not tracemalloc.is_tracing():
+        if self._trace and not tracemalloc.is_tracing():
             tracemalloc.start(1)
             self._started_tracing = True
         self._running = True
@@ -143,6 +146,21 @@ class MemoryWatch:
             logger.error("memory report not written", extra={"error": str(exc)})
 
     def _report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "t": round(time.monotonic() - self._t0, 3),
+            **proc_status(),
+            "gc_objects": len(gc.get_objects()),
+            "sizes": self._sizes(),
+        }
+        if tracemalloc.is_tracing():
+            out.update(self._traced())
+        if self._mallinfo2 is not None:
+            mi = self._mallinfo2()
+            out["mallinfo2"] = {f[0]: getattr(mi, f[0]) for f in _MallInfo2._fields_}
+        return out
+
+    def _traced(self) -> dict[str, Any]:
+        """The traced heap and the sites that grew most since the first snapshot."""
         snap = tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(False, tracemalloc.__file__)]
         )
@@ -150,13 +168,9 @@ class MemoryWatch:
             self._first = snap
         current, peak = tracemalloc.get_traced_memory()
         top = snap.compare_to(self._first, "lineno")[:TOP_SITES]
-        out: dict[str, Any] = {
-            "t": round(time.monotonic() - self._t0, 3),
-            **proc_status(),
+        return {
             "traced_bytes": current,
             "traced_peak_bytes": peak,
-            "gc_objects": len(gc.get_objects()),
-            "sizes": self._sizes(),
             "top_growth": [
                 {
                     "site": f"{s.traceback[0].filename}:{s.traceback[0].lineno}",
@@ -167,13 +181,3 @@ class MemoryWatch:
                 for s in top
             ],
         }
-        if self._mallinfo2 is not None:
-            mi = self._mallinfo2()
-            out["mallinfo2"] = {
-                "arena": mi.arena,
-                "hblkhd": mi.hblkhd,
-                "uordblks": mi.uordblks,
-                "fordblks": mi.fordblks,
-                "keepcost": mi.keepcost,
-            }
-        return out

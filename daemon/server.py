@@ -210,7 +210,9 @@ class Daemon:
         if self._notifier.watchdog_interval_s:
             self.timers.schedule(self._notifier.watchdog_interval_s, self._watchdog)
         if cfg.debug_memory_file:
-            self._memwatch = MemoryWatch(cfg.debug_memory_file, self._container_sizes)
+            self._memwatch = MemoryWatch(
+                cfg.debug_memory_file, self._container_sizes, trace=cfg.debug_memory_trace
+            )
             self._memwatch.start(self.timers, cfg.debug_memory_s)
         assert self.kv.arena is not None
         logger.info(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tokencake.daemon.config import ConfigError, DaemonConfig
+from tokencake.daemon.config import ConfigError, DaemonConfig, load_config
 from tokencake.daemon.memwatch import MemoryWatch, container_sizes
 from tokencake.daemon.timers import Timers
 
@@ -70,3 +70,26 @@ def test_bad_settings_are_one_line_errors(key: str, value: float) -> None:
     with pytest.raises(ConfigError) as info:
         DaemonConfig(**{key: value})  # type: ignore[arg-type]
     assert key in str(info.value) and "\n" not in str(info.value)
+
+
+def test_reports_without_tracing_keep_the_allocator_figures(tmp_path: Path) -> None:
+    assert not tracemalloc.is_tracing()
+    out = tmp_path / "memory.jsonl"
+    watch = MemoryWatch(str(out), lambda: container_sizes(parts=Parts()), trace=False)
+    watch.start(Timers(Clock()), 60.0)
+    assert not tracemalloc.is_tracing()
+    watch.stop()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 2
+    last = lines[-1]
+    assert "traced_bytes" not in last and "top_growth" not in last
+    assert last["rss_kib"] > 0 and last["gc_objects"] > 0
+    assert last["sizes"] == {"parts.items": 2, "parts.queue": 3}
+    if "mallinfo2" in last:  # glibc >= 2.33
+        assert last["mallinfo2"]["uordblks"] > 0 and "ordblks" in last["mallinfo2"]
+
+
+def test_the_trace_setting_is_read_from_the_environment() -> None:
+    cfg = load_config(environ={"TOKENCAKE_DEBUG_MEMORY_TRACE": "off"})
+    assert cfg.debug_memory_trace is False
+    assert DaemonConfig().debug_memory_trace is True
