@@ -65,7 +65,11 @@ class EngineService:
             )
         )
         self._parts.scheduler.engine_registered(
-            engine_id, req.num_gpu_blocks, req.layout.bytes_per_block, store.num_slots
+            engine_id,
+            req.num_gpu_blocks,
+            req.layout.bytes_per_block,
+            store.num_slots,
+            self._parts.config().l2_fetch_bytes_per_s,
         )
         self._parts.metrics.engines.set(len(self._parts.engines))
         logger.info(
@@ -110,7 +114,7 @@ class EngineService:
                 req.num_waiting,
                 req.num_running,
                 store.num_slots,
-                store.stats().free,
+                self._kv.host_room(),
                 req.waiting_blocks,
             )
         )

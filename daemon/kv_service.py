@@ -85,6 +85,14 @@ class KvService:
             misses=s.misses,
         )
 
+    def host_room(self) -> int:
+        """Slots an offload can take now (the scheduler's ``host_free``): the free ones, and
+        with an L2 tier the ready ones too, since evicting one writes it to L2 and tells the
+        scheduler whose it was. Without L2 an eviction loses the block, so only free count."""
+        assert self.store is not None
+        s = self.store.stats()
+        return s.free + (s.ready if self.l2 is not None else 0)
+
     def close(self) -> None:
         self._waits.answer_all()
         if self.l2 is not None:

@@ -53,9 +53,16 @@ class SchedulerBridge:
     # ------------------------------------------------------------------ engines
 
     def engine_registered(
-        self, engine_id: str, num_gpu_blocks: int, bytes_per_block: int, host_blocks: int = 0
+        self,
+        engine_id: str,
+        num_gpu_blocks: int,
+        bytes_per_block: int,
+        host_blocks: int = 0,
+        l2_bytes_per_s: float = 1e9,
     ) -> None:
-        config = PolicyConfig(bytes_per_block=bytes_per_block, host_blocks=host_blocks)
+        config = PolicyConfig(
+            bytes_per_block=bytes_per_block, host_blocks=host_blocks, l2_bytes_per_s=l2_bytes_per_s
+        )
         self._configs[engine_id] = config
         policy = create_policy(self.policy_name, config)
         self._policies[engine_id] = policy

@@ -11,8 +11,10 @@ Accounting model (what "blocks" mean to the policy):
 * ``gpu_blocks``: the agent's KV on the GPU, used by a running request or cached;
 * ``host_blocks``: complete copies on the host; ``offloading`` / ``uploading``: copies in
   flight; ``upload_left``: blocks of an accepted upload not yet released as pieces;
-* ``host_used`` counts host blocks plus offloads in flight, and never exceeds the host
-  capacity: an offload is only decided when it fits;
+* ``host_used`` counts the arena's share of host blocks (``host_blocks`` less those in
+  the L2 tier, ``l2_blocks``) plus offloads in flight, and never exceeds the host capacity:
+  an offload is only decided when it fits. Blocks that left the arena for L2 free its room;
+  blocks a host copy loses leave the arena first (what stays is what L2 holds);
 * ``gpu_free`` is the engine's last report, minus upload pieces released and blocks
   admitted since, plus the blocks the policy knows were freed since. Like vLLM's free block
   queue, it counts idle cached blocks as free: a finished call's blocks return to it, an
@@ -214,9 +216,7 @@ class AccountingPolicy(Policy):
             blocks = min(blocks, agent.host_blocks - agent.uploading)
             if blocks <= 0:
                 return
-            agent.host_blocks -= blocks
-            agent.l2_blocks = min(agent.l2_blocks, agent.host_blocks)
-            self.host_used -= blocks
+            self._release_host(agent, blocks)
             agent.upload_left = min(agent.upload_left, agent.host_blocks + agent.offloading)
         out.append(
             p.DropDecision(
@@ -228,6 +228,14 @@ class AccountingPolicy(Policy):
                 reason=p.DecisionReason(rule, terms),
             )
         )
+
+    def _release_host(self, agent: AgentState, blocks: int) -> None:
+        """``blocks`` of the agent's host copy are gone (dropped, evicted, or moved to the
+        GPU). The arena's blocks go first; only those free arena room in ``host_used``."""
+        in_arena = agent.host_blocks - agent.l2_blocks
+        agent.host_blocks -= blocks
+        agent.l2_blocks = min(agent.l2_blocks, agent.host_blocks)
+        self.host_used -= min(blocks, in_arena)
 
     def _keep(
         self, agent: AgentState, rule: str, terms: dict[str, p.Term], out: list[p.DecisionRecord]

@@ -349,9 +349,7 @@ class TrackingPolicy(TimedPolicy):
         if ev.ok:
             self._set_gpu(agent, agent.gpu_blocks + blocks)
             if not self.keep_host_copy:
-                agent.host_blocks -= blocks
-                agent.l2_blocks = min(agent.l2_blocks, agent.host_blocks)
-                self.host_used -= blocks
+                self._release_host(agent, blocks)
             if agent.phase == DONE:
                 self._drop(agent, "host", agent.host_blocks, "app_end", {}, out)
             return
@@ -383,9 +381,7 @@ class TrackingPolicy(TimedPolicy):
             self._set_gpu(agent, agent.gpu_blocks - freed)
         else:
             freed = min(max(ev.blocks, 0), agent.host_blocks - agent.uploading)
-            agent.host_blocks -= freed
-            agent.l2_blocks = min(agent.l2_blocks, agent.host_blocks)
-            self.host_used -= freed
+            self._release_host(agent, freed)
             agent.upload_left = min(
                 agent.upload_left, agent.host_blocks + agent.offloading - agent.uploading
             )
@@ -395,7 +391,10 @@ class TrackingPolicy(TimedPolicy):
         if agent is None:
             return
         moved = max(ev.blocks, 0) if ev.to == "l2" else -max(ev.blocks, 0)
-        agent.l2_blocks = min(max(agent.l2_blocks + moved, 0), agent.host_blocks)
+        before = agent.l2_blocks
+        agent.l2_blocks = min(max(before + moved, 0), agent.host_blocks)
+        # Blocks in L2 take no arena room; blocks brought back take it again.
+        self.host_used -= agent.l2_blocks - before
         if moved > 0:
             self._on_kv_in_l2(agent, out)
 

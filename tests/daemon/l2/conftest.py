@@ -1,4 +1,5 @@
-"""Fixtures: real redis-server processes (skipped with a reason where the binary is absent)."""
+"""Fixtures: real redis-server processes (skipped with a reason where the binary is absent),
+and the daemons a test starts (stopped after it)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.daemon.l2.redis_procs import (
     start_node,
 )
 from tests.daemon.l2.redis_procs import start_cluster as _start_cluster
+from tests.procs import Proc
 
 
 @pytest.fixture
@@ -45,3 +47,12 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Red
     yield nodes
     for node in nodes:
         node.stop()
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[Proc]]:
+    """Daemons the test appends here are stopped after it."""
+    started: list[Proc] = []
+    yield started
+    for d in started:
+        d.stop()

@@ -27,6 +27,8 @@ from tokencake.daemon.config import ConfigError, DaemonConfig, load_config
         ({"l2_retry_s": float("nan")}, "l2_retry_s must be within"),
         ({"l2_ttl_s": -1.0}, "l2_ttl_s must be >= 0"),
         ({"l2_disk_bytes": "lots"}, "l2_disk_bytes: not a size"),
+        ({"l2_fetch_bytes_per_s": 0.0}, "l2_fetch_bytes_per_s must be a positive"),
+        ({"l2_fetch_bytes_per_s": float("inf")}, "l2_fetch_bytes_per_s must be a positive"),
     ],
 )
 def test_bad_l2_values(overrides: dict[str, object], message: str) -> None:
@@ -42,9 +44,11 @@ def test_good_l2_config_from_the_environment() -> None:
             "TOKENCAKE_L2_URL": "redis://10.0.0.1:7000,redis://10.0.0.2:7000",
             "TOKENCAKE_L2_MODE": "write-through",
             "TOKENCAKE_L2_QUEUE_BYTES": "64MiB",
+            "TOKENCAKE_L2_FETCH_BYTES_PER_S": "1.25e8",
         }
     )
     assert cfg.l2_backend == "redis-cluster" and cfg.l2_queue_bytes == 64 << 20
+    assert cfg.l2_fetch_bytes_per_s == 1.25e8
     assert DaemonConfig().l2_backend == ""  # off by default
 
 

@@ -9,11 +9,9 @@ valkey-server, and a shared directory for the disk tier.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tests.daemon.l2.redis_procs import RedisNode
 from tests.procs import Proc, start
@@ -79,14 +77,6 @@ def l2_env(backend: str, url: str = "", directory: str = "", mode: str = "write-
     if directory:
         env["TOKENCAKE_L2_DIR"] = directory
     return env
-
-
-@pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def start_pair(tmp_path: Path, hosts: list[Proc], env: dict) -> tuple[Engine, Engine]:
