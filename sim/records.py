@@ -86,27 +86,46 @@ class Transfer:
 
 @dataclass(slots=True)
 class Counters:
+    """What one simulated run counts (``sim/metrics.py`` reports them)."""
+
+    # The event loop.
     steps: int = 0
+    """Engine steps run."""
     heap_events: int = 0
+    """Timed events handled: arrivals, tool ends, finished copies, due uploads."""
     policy_events: int = 0
+    """Agent events delivered to the policy."""
     ticks: int = 0
+    """Periodic policy ticks."""
+    # Prompt tokens (computed, computed again, found) and preemptions.
     prefill_tokens: int = 0
     recompute_tokens: int = 0
+    """Prefill tokens computed again: they had been computed before, and were lost."""
     gpu_hit_tokens: int = 0
+    """Prompt tokens found in GPU blocks at admission (prefix cache)."""
     host_hit_tokens: int = 0
+    """Prompt tokens loaded from the host store at admission."""
     preemptions: int = 0
+    """Running requests the engine preempted (their GPU blocks taken back)."""
+    # Copies between GPU and host, and what left either.
     offload_bytes: int = 0
     upload_bytes: int = 0
     offload_blocks: int = 0
     upload_blocks: int = 0
     host_evicted_blocks: int = 0
+    """Host blocks evicted to make room for an offload."""
     host_dropped_blocks: int = 0
+    """Host blocks freed by the policy's drop decisions."""
     offload_unread_blocks: int = 0
     """Blocks an offload wrote to the host that nothing read (load or upload) before they
     left the host or the run ended: copies that were pure cost."""
     gpu_evicted_blocks: int = 0
+    """GPU blocks evicted from the prefix cache to make room."""
     failed_uploads: int = 0
+    """Uploads that found no free GPU blocks."""
+    # The policy.
     unknown_agent_decisions: int = 0
+    """Decisions about an agent the engine does not know (finished, or never seen)."""
     decisions: dict[str, int] = field(default_factory=dict)
     time_queue_s: float = 0.0
     time_load_s: float = 0.0

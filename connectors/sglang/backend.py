@@ -70,16 +70,26 @@ KV_FORMAT_FLAT = "sglang-flat-v1"
 class BackendStats:
     """Counters a test, a benchmark or an operator reads from ``TokenCakeStorage.stats``."""
 
+    # Loads and saves through the host store.
     lookups: int = 0
+    """Host store lookups of a run of page keys (``exists``, ``batch_exists``...)."""
     hit_pages: int = 0
+    """Pages those lookups found in the host store."""
     loaded_pages: int = 0
+    """Pages copied from the host store into SGLang's host pool."""
     load_failures: int = 0
+    """Pages whose load failed (SGLang recomputes them)."""
     stored_pages: int = 0
+    """Pages saved to the host store (committed)."""
     already_stored_pages: int = 0
+    """Pages a save skipped: the host store held them already."""
     dropped_writes: int = 0
     """Pages SGLang asked to store that were not stored: daemon down or full, copy failed."""
+    # The daemon link.
     daemon_failures: int = 0
+    """Daemon calls (requests, heartbeats) that got no reply."""
     reconnects: int = 0
+    """Times the daemon link came up again after being down."""
     decisions_ignored: int = 0
     """Daemon decisions pushed to this engine. A storage backend cannot move SGLang's GPU
     pages, so they are counted, not applied (see docs/sglang.md)."""

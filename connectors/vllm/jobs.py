@@ -36,18 +36,32 @@ logger = logging.getLogger(f"vllm.{__name__}")
 class ConnectorStats:
     """Counters a test, a benchmark or an operator reads from the scheduler-side connector."""
 
+    # Loads and saves through the host store.
     lookups: int = 0
+    """Requests whose uncomputed prompt blocks were looked up in the host store."""
     hit_tokens: int = 0
+    """Prompt tokens the host store had (their loads scheduled)."""
     loaded_blocks: int = 0
+    """Blocks copied from the host store into GPU blocks."""
     load_failures: int = 0
+    """Loads that failed (vLLM recomputes those blocks)."""
     stored_blocks: int = 0
+    """Blocks saved to the host store (committed)."""
     already_stored_blocks: int = 0
+    """Blocks a save skipped: the host store held them already."""
+    # The daemon's decisions and the agent events.
     gpu_blocks_freed: int = 0
+    """Offloaded GPU blocks moved to the head of vLLM's free queue (evicted first)."""
     decisions_applied: int = 0
+    """Pushed decisions applied to an agent this engine knows."""
     offloads_started: int = 0
+    """Offload decisions that started a save of the agent's resident blocks."""
     uploads_staged: int = 0
+    """Upload decisions staged (a preload, or the next lookup loads the KV)."""
     events_sent: int = 0
+    """Agent events the daemon accepted."""
     reconnects: int = 0
+    """Times the daemon link came up again after being down."""
     preloaded_blocks: int = 0
     """GPU blocks a predictive upload copied in and registered in vLLM's prefix cache."""
     holds_released: int = 0
@@ -208,8 +222,10 @@ class CopyJobs:
         *,
         req_id: str = "",
         free_gpu: bool = False,
+        lend: bool = False,
     ) -> Job | None:
-        """Reserve host slots for the blocks not stored yet and queue their copy.
+        """Reserve host slots for the blocks not stored yet and queue their copy (``lend``:
+        the daemon decided it; on a GPU its copy worker may run it, ``CopyJob.lend``).
 
         Returns the job, or None when nothing needs copying (then ``free_gpu`` is applied
         at once to the blocks already stored).
@@ -245,7 +261,7 @@ class CopyJobs:
             free_gpu=free_gpu,
         )
         self.jobs[job_id] = job
-        self.stores.append(CopyJob(job_id, job.slots, [b for _, b in pairs], req_id))
+        self.stores.append(CopyJob(job_id, job.slots, [b for _, b in pairs], req_id, lend=lend))
         return job
 
     def saving(self, hashes: list[bytes]) -> Job | None:
