@@ -148,31 +148,21 @@ class Profile:
         return replace(self, gpu_mem_util=gpu_mem_util)
 
 
+# Hugging Face config of Qwen/Qwen2.5-14B-Instruct: 48 layers, 40 query heads, 8 KV
+# heads (GQA), head_dim 128, 14.77B parameters.
 QWEN25_14B = ModelSpec(
-    # Hugging Face config of Qwen/Qwen2.5-14B-Instruct: 48 layers, 40 query heads, 8 KV
-    # heads (GQA), head_dim 128, 14.77B parameters.
-    name="Qwen2.5-14B",
-    params=14.77e9,
-    layers=48,
-    q_heads=40,
-    kv_heads=8,
-    head_dim=128,
+    name="Qwen2.5-14B", params=14.77e9, layers=48, q_heads=40, kv_heads=8, head_dim=128
 )
 
+# meta-llama/Llama-3.1-8B-Instruct: 32 layers, 32 query heads, 8 KV heads, head_dim 128,
+# 8.03B parameters.
 LLAMA31_8B = ModelSpec(
-    # meta-llama/Llama-3.1-8B-Instruct: 32 layers, 32 query heads, 8 KV heads, head_dim 128,
-    # 8.03B parameters.
-    name="Llama-3.1-8B",
-    params=8.03e9,
-    layers=32,
-    q_heads=32,
-    kv_heads=8,
-    head_dim=128,
+    name="Llama-3.1-8B", params=8.03e9, layers=32, q_heads=32, kv_heads=8, head_dim=128
 )
 
+# A800 80GB = A100 80GB silicon: 312 TFLOPS dense BF16, 2.039 TB/s HBM2e, 80 GiB.
+# Host link: the authors' fork measured ~25 GB/s effective D2H/H2D.
 A800_80GB = GpuSpec(
-    # A800 80GB = A100 80GB silicon: 312 TFLOPS dense BF16, 2.039 TB/s HBM2e, 80 GiB.
-    # Host link: the authors' fork measured ~25 GB/s effective D2H/H2D.
     name="A800-80GB",
     mem_bytes=80 * GIB,
     peak_flops=312e12,
@@ -180,9 +170,9 @@ A800_80GB = GpuSpec(
     host_bytes_per_s=25e9,
 )
 
+# H100 SXM5: 989 TFLOPS dense BF16, 3.35 TB/s HBM3, 80 GiB; PCIe Gen5 DMA ~50 GB/s
+# (LMCache's measured figure on H100).
 H100_80GB = GpuSpec(
-    # H100 SXM5: 989 TFLOPS dense BF16, 3.35 TB/s HBM3, 80 GiB; PCIe Gen5 DMA ~50 GB/s
-    # (LMCache's measured figure on H100).
     name="H100-80GB",
     mem_bytes=80 * GIB,
     peak_flops=989e12,
@@ -190,32 +180,22 @@ H100_80GB = GpuSpec(
     host_bytes_per_s=50e9,
 )
 
+# bench/common/vllm_models.py: random-weight Llama, hidden 64, 2 layers, 2 query /
+# 2 KV heads, head_dim 32, vocab 512, fp32 (about 0.15M parameters).
 TINY_LLAMA = ModelSpec(
-    # bench/common/vllm_models.py: random-weight Llama, hidden 64, 2 layers, 2 query /
-    # 2 KV heads, head_dim 32, vocab 512, fp32 (about 0.15M parameters).
-    name="tiny-llama",
-    params=0.15e6,
-    layers=2,
-    q_heads=2,
-    kv_heads=2,
-    head_dim=32,
-    dtype_bytes=4,
+    name="tiny-llama", params=0.15e6, layers=2, q_heads=2, kv_heads=2, head_dim=32, dtype_bytes=4
 )
 
+# vLLM-CPU on a 2-core VM: "device" memory is host memory, transfers are memcpy. Rough
+# speeds; only the fidelity check uses this profile, and it compares counts, not times.
 CPU_2CORE = GpuSpec(
-    # vLLM-CPU on a 2-core VM: "device" memory is host memory, transfers are memcpy. Rough
-    # speeds; only the fidelity check uses this profile, and it compares counts, not times.
-    name="cpu-2core",
-    mem_bytes=1 * GIB,
-    peak_flops=20e9,
-    hbm_bytes_per_s=5e9,
-    host_bytes_per_s=2e9,
+    name="cpu-2core", mem_bytes=1 * GIB, peak_flops=20e9, hbm_bytes_per_s=5e9, host_bytes_per_s=2e9
 )
 
+# bench/bench_engine.py's random-weight Llama: 12 layers, hidden 768, 12 query / 4 KV
+# heads of 64, intermediate 2048, vocab 508, fp32: 76.3M parameters. q_heads 0: the
+# fitted step slope below already contains the attention cost.
 LLAMA_79M = ModelSpec(
-    # bench/bench_engine.py's random-weight Llama: 12 layers, hidden 768, 12 query / 4 KV
-    # heads of 64, intermediate 2048, vocab 508, fp32: 76.3M parameters. q_heads 0: the
-    # fitted step slope below already contains the attention cost.
     name="llama-79m-random",
     params=76.3e6,
     layers=12,
