@@ -471,6 +471,13 @@ def cluster_cmd(
         f"{l2_latency_ms:g} ms; {apps} apps at {qps:g}/s; profile {profile}; seed {seed}"
         + ("; predictive upload" if predictive_upload else "")
     )
+    click.echo(_cluster_table(rows))
+    if json_path is not None:
+        json_path.write_text(json.dumps(rows, indent=2))
+
+
+def _cluster_table(rows: list[dict[str, Any]]) -> str:
+    """The ``cluster`` rows as the table it prints (CLUSTER_COLUMNS)."""
     table = [
         [
             r["workload"],
@@ -487,9 +494,7 @@ def cluster_cmd(
         ]
         for r in rows
     ]
-    click.echo(render_table(CLUSTER_COLUMNS, table, right=range(3, len(CLUSTER_COLUMNS))))
-    if json_path is not None:
-        json_path.write_text(json.dumps(rows, indent=2))
+    return render_table(CLUSTER_COLUMNS, table, right=range(3, len(CLUSTER_COLUMNS)))
 
 
 if __name__ == "__main__":  # pragma: no cover
