@@ -26,8 +26,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from tokencake.daemon import store_views
 from tokencake.daemon.eviction import EvictionPolicy, LruPolicy
 from tokencake.daemon.slot_table import (
@@ -44,22 +42,21 @@ from tokencake.daemon.slot_table import (
     SlotTable,
     key_digest,
 )
-from tokencake.daemon.store_views import StoreStats
-from tokencake.protocol import (
-    MAX_HASH_BYTES,
-    MAX_HASHES_PER_REQUEST,
-    MAX_NAME_CHARS,
-    ErrorCode,
-    ProtocolError,
+from tokencake.daemon.store_checks import (
+    StoreError,
+    check_hashes,
+    check_layout,
+    check_owner,
+    check_salt,
+    check_slots,
+    is_int,
 )
+from tokencake.daemon.store_views import StoreStats
+from tokencake.protocol import MAX_HASH_BYTES, MAX_NAME_CHARS, ErrorCode
 
 logger = logging.getLogger(__name__)
 
 assert MAX_HASH_BYTES <= KEY_BYTES
-
-
-class StoreError(ProtocolError):
-    """A refused store operation; ``code`` is one of :class:`tokencake.protocol.ErrorCode`."""
 
 
 @dataclass(slots=True)
@@ -135,7 +132,7 @@ class HostStore:
         """Small layout id for a layout fingerprint; the same fingerprint gets the same id."""
         if not isinstance(fingerprint, str) or not 0 < len(fingerprint) <= MAX_NAME_CHARS:
             raise StoreError(ErrorCode.BAD_REQUEST, "fingerprint must be 1..256 characters")
-        if not _is_int(bytes_per_block) or bytes_per_block <= 0:
+        if not is_int(bytes_per_block) or bytes_per_block <= 0:
             raise StoreError(ErrorCode.BAD_REQUEST, f"bad bytes_per_block {bytes_per_block!r}")
         known = self._layouts.get(fingerprint)
         if known is not None:
@@ -161,16 +158,16 @@ class HostStore:
         return layout
 
     def layout_bytes(self, layout: int) -> int:
-        self._check_layout(layout)
+        check_layout(layout, len(self._layout_bytes))
         return self._layout_bytes[layout]
 
     def layout_fingerprint(self, layout: int) -> str:
-        self._check_layout(layout)
+        check_layout(layout, len(self._layout_bytes))
         return self._layout_names[layout]
 
     def slot_key(self, slot: int) -> tuple[int, str, bytes]:
         """``(layout id, tenant salt, chain hash)`` of an occupied slot."""
-        (s,) = self._check_slots([slot])
+        (s,) = check_slots([slot], self._t.num_slots)
         t = self._t
         if t.m_state[s] == FREE:
             raise StoreError(ErrorCode.BAD_REQUEST, f"slot {s} is free")
@@ -178,16 +175,16 @@ class HostStore:
 
     def tenant_id(self, salt: str) -> int:
         """Intern a tenant salt as a small int."""
-        self._check_salt(salt)
+        check_salt(salt)
         return self._intern(salt)
 
     # ------------------------------------------------------------------ reads
 
     def lookup(self, layout: int, salt: str, hashes: Sequence[bytes]) -> list[int]:
         """Slots of the longest stored prefix of ``hashes``. Pins nothing."""
-        self._check_layout(layout)
-        self._check_salt(salt)
-        self._check_hashes(hashes)
+        check_layout(layout, len(self._layout_bytes))
+        check_salt(salt)
+        check_hashes(hashes)
         tenant = self._tenants.get(salt)
         found = [] if tenant is None else self._ready_prefix(layout, tenant, hashes, False)
         self._touch(found)
@@ -198,18 +195,18 @@ class HostStore:
     def resident_prefix(self, layout: int, salt: str, hashes: Sequence[bytes]) -> int:
         """How many of ``hashes``, from the first, are stored and servable. Unlike
         :meth:`lookup` it changes nothing: no recency, no hit or miss counted."""
-        self._check_layout(layout)
-        self._check_salt(salt)
-        self._check_hashes(hashes)
+        check_layout(layout, len(self._layout_bytes))
+        check_salt(salt)
+        check_hashes(hashes)
         tenant = self._tenants.get(salt)
         return 0 if tenant is None else len(self._ready_prefix(layout, tenant, hashes, False))
 
     def begin_load(self, owner: int, layout: int, salt: str, hashes: Sequence[bytes]) -> list[int]:
         """Pin the longest stored prefix for reading; pinned slots are never evicted."""
-        self._check_owner(owner)
-        self._check_layout(layout)
-        self._check_salt(salt)
-        self._check_hashes(hashes)
+        check_owner(owner)
+        check_layout(layout, len(self._layout_bytes))
+        check_salt(salt)
+        check_hashes(hashes)
         tenant = self._tenants.get(salt)
         found = [] if tenant is None else self._ready_prefix(layout, tenant, hashes, True)
         # Blocks asked for and found (or not): what an engine's load got from the store.
@@ -236,8 +233,8 @@ class HostStore:
 
     def end_load(self, owner: int, slots: Sequence[int]) -> int:
         """Release one read pin of ``owner`` per listed slot."""
-        self._check_owner(owner)
-        checked = self._check_slots(slots)
+        check_owner(owner)
+        checked = check_slots(slots, self._t.num_slots)
         pins = self._pins.get(owner, {})
         for s in checked:
             if s not in pins:
@@ -257,11 +254,11 @@ class HostStore:
         free and evictable slots run out, only a prefix is reserved; when not even the first
         block can be placed, NO_SPACE.
         """
-        self._check_owner(owner)
-        self._check_layout(layout)
-        self._check_salt(salt)
-        self._check_hashes(hashes)
-        if not _is_int(tag) or not INT32_MIN <= tag <= INT32_MAX:
+        check_owner(owner)
+        check_layout(layout, len(self._layout_bytes))
+        check_salt(salt)
+        check_hashes(hashes)
+        if not is_int(tag) or not INT32_MIN <= tag <= INT32_MAX:
             raise StoreError(ErrorCode.BAD_REQUEST, f"tag {tag!r} is not an int32")
         if not hashes:
             return []
@@ -351,9 +348,9 @@ class HostStore:
         if writing:
             self._check_writes(owner, slots)
             return
-        self._check_owner(owner)
+        check_owner(owner)
         pins = self._pins.get(owner, {})
-        for s in self._check_slots(slots):
+        for s in check_slots(slots, self._t.num_slots):
             if s not in pins:
                 raise StoreError(ErrorCode.NOT_OWNER, f"owner {owner} holds no pin on slot {s}")
 
@@ -363,9 +360,9 @@ class HostStore:
         A block whose last holder leaves is unindexed at once and freed when its last reader
         finishes. Blocks still being written and unknown hashes are skipped.
         """
-        self._check_layout(layout)
-        self._check_salt(salt)
-        self._check_hashes(hashes)
+        check_layout(layout, len(self._layout_bytes))
+        check_salt(salt)
+        check_hashes(hashes)
         tenant = self._tenants.get(salt)
         if tenant is None:
             return 0
@@ -391,7 +388,7 @@ class HostStore:
 
     def renew_leases(self, owner: int) -> int:
         """Push every write lease and read pin of ``owner`` to now + lease_s."""
-        self._check_owner(owner)
+        check_owner(owner)
         t = self._t
         deadline = self._clock() + self._lease_s
         renewed = 0
@@ -406,7 +403,7 @@ class HostStore:
 
     def release_owner(self, owner: int) -> int:
         """Free the owner's unfinished writes and release its read pins (crash, unregister)."""
-        self._check_owner(owner)
+        check_owner(owner)
         t = self._t
         writes = [s for s in t.iter_state(WRITING) if t.m_owner[s] == owner]
         for s in writes:
@@ -495,7 +492,7 @@ class HostStore:
         out: list[int] = []
         for v in picked[:count]:
             ok = (
-                _is_int(v)
+                is_int(v)
                 and 0 <= v < t.num_slots
                 and v not in seen
                 and v not in protected
@@ -555,8 +552,8 @@ class HostStore:
         return tenant
 
     def _check_writes(self, owner: int, slots: Sequence[int]) -> list[int]:
-        self._check_owner(owner)
-        checked = self._check_slots(slots)
+        check_owner(owner)
+        checked = check_slots(slots, self._t.num_slots)
         t = self._t
         for s in checked:
             if t.m_state[s] != WRITING or t.m_owner[s] != owner:
@@ -564,40 +561,3 @@ class HostStore:
                     ErrorCode.NOT_OWNER, f"slot {s} is not being written by owner {owner}"
                 )
         return checked
-
-    def _check_owner(self, owner: int) -> None:
-        if not _is_int(owner) or not 0 <= owner <= INT32_MAX:
-            raise StoreError(ErrorCode.BAD_REQUEST, f"bad owner id {owner!r}")
-
-    def _check_layout(self, layout: int) -> None:
-        if not _is_int(layout) or not 0 <= layout < len(self._layout_bytes):
-            raise StoreError(ErrorCode.BAD_REQUEST, f"unknown layout id {layout!r}")
-
-    def _check_salt(self, salt: str) -> None:
-        if not isinstance(salt, str) or len(salt) > MAX_NAME_CHARS:
-            raise StoreError(ErrorCode.BAD_REQUEST, "salt must be a string of <= 256 chars")
-
-    def _check_hashes(self, hashes: Sequence[bytes]) -> None:
-        if len(hashes) > MAX_HASHES_PER_REQUEST:
-            raise StoreError(ErrorCode.BAD_REQUEST, f"more than {MAX_HASHES_PER_REQUEST} hashes")
-        for h in hashes:
-            if not isinstance(h, bytes) or not 0 < len(h) <= MAX_HASH_BYTES:
-                raise StoreError(
-                    ErrorCode.BAD_REQUEST, f"hashes must be 1..{MAX_HASH_BYTES} bytes each"
-                )
-        if len(set(hashes)) != len(hashes):
-            raise StoreError(ErrorCode.BAD_REQUEST, "duplicate hashes in one request")
-
-    def _check_slots(self, slots: Sequence[int]) -> list[int]:
-        n = self._t.num_slots
-        for s in slots:
-            if not _is_int(s) or not 0 <= s < n:
-                raise StoreError(ErrorCode.BAD_REQUEST, f"bad slot id {s!r}")
-        out = [int(s) for s in slots]
-        if len(set(out)) != len(out):
-            raise StoreError(ErrorCode.BAD_REQUEST, "duplicate slot ids in one request")
-        return out
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
