@@ -67,7 +67,7 @@ def seal(key: bytes, payload: bytes | memoryview) -> bytes:
     return _HEADER.pack(MAGIC, VERSION, len(payload), _checksum(tag, payload), tag) + payload
 
 
-def seal_into(key: bytes, value: bytearray) -> None:
+def seal_into(key: bytes, value: bytearray | memoryview) -> None:
     """Write the header into ``value[:HEADER_BYTES]``; the payload is already behind it.
 
     Lets a writer copy a block once, straight into the buffer that is sent."""

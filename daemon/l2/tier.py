@@ -133,10 +133,10 @@ class L2Tier:
         self._cond = threading.Condition(lock)  # workers wait here for work
         self._drained = threading.Condition(lock)  # flush waits here for the queues to empty
         # (key, value buffer: header room + payload) waiting to be sealed and sent.
-        self._puts: deque[tuple[bytes, bytearray]] = deque()
+        self._puts: deque[tuple[bytes, np.ndarray]] = deque()
         # Value buffers come back here after a write: a fresh 256 KiB buffer per block costs
         # page faults (an mmap per allocation) that took longer than the copy itself.
-        self._free: dict[int, list[bytearray]] = {}
+        self._free: dict[int, list[np.ndarray]] = {}
         self._free_bytes = 0
         self._gets: deque[GetJob] = deque()
         self._done: deque[GetJob] = deque()
@@ -171,7 +171,11 @@ class L2Tier:
         if not self.available:
             self.metrics.dropped.labels("unavailable").inc()
             return False
-        nbytes = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
+        if isinstance(payload, np.ndarray):
+            src = payload.reshape(-1).view(np.uint8)
+        else:
+            src = np.frombuffer(payload, np.uint8)
+        nbytes = src.nbytes
         size = HEADER_BYTES + nbytes
         with self._cond:
             while self._pending_bytes + nbytes > self._queue_bytes:
@@ -180,15 +184,17 @@ class L2Tier:
                     self.metrics.dropped.labels("queue_full").inc()
                     return False
                 self._drained.wait(min(left, 0.05))
+            self._pending_bytes += nbytes  # the room is taken now; the block follows
             pool = self._free.get(size)
-            if pool:
-                buf = pool.pop()
+            buf = pool.pop() if pool else None
+            if buf is not None:
                 self._free_bytes -= size
-            else:
-                buf = bytearray(size)
-            memoryview(buf)[HEADER_BYTES:] = payload if isinstance(payload, bytes) else payload.data
+        if buf is None:
+            buf = np.empty(size, np.uint8)  # not zeroed: every byte is written below
+        # Outside the lock, and numpy copies without the GIL: the workers send meanwhile.
+        np.copyto(buf[HEADER_BYTES:], src)
+        with self._cond:
             self._puts.append((key, buf))
-            self._pending_bytes += nbytes
             # Wake a worker when the queue stops being empty or fills another batch, not
             # for every block: each wake-up is a GIL hand-off away from the event loop.
             if len(self._puts) % self._batch == 1 or self._batch == 1:
@@ -259,7 +265,7 @@ class L2Tier:
                 if self._stopping:
                     return
                 job: GetJob | None = None
-                batch: list[tuple[bytes, bytearray]] = []
+                batch: list[tuple[bytes, np.ndarray]] = []
                 if self._gets:
                     job = self._gets.popleft()
                 else:
@@ -285,7 +291,7 @@ class L2Tier:
                     # Room in the queue, or all done: flush and a shutdown's puts wait here.
                     self._drained.notify_all()
 
-    def _recycle(self, batch: list[tuple[bytes, bytearray]]) -> None:
+    def _recycle(self, batch: list[tuple[bytes, np.ndarray]]) -> None:
         """Keep sent buffers for the next writes, up to the queue's size (lock held)."""
         for _, buf in batch:
             if self._free_bytes + len(buf) > self._queue_bytes:
@@ -293,16 +299,17 @@ class L2Tier:
             self._free.setdefault(len(buf), []).append(buf)
             self._free_bytes += len(buf)
 
-    def _run_put(self, batch: list[tuple[bytes, bytearray]]) -> None:
+    def _run_put(self, batch: list[tuple[bytes, np.ndarray]]) -> None:
         nbytes = sum(len(v) - HEADER_BYTES for _, v in batch)
         if not self.available:
             self.metrics.dropped.labels("unavailable").inc(len(batch))
             return
-        for k, v in batch:
-            seal_into(k, v)
+        values = [(k, v.data) for k, v in batch]
+        for k, value in values:
+            seal_into(k, value)
         start = time.perf_counter()
         try:
-            stored = self.backend.put_many([(k, memoryview(v)) for k, v in batch])
+            stored = self.backend.put_many(values)
         except L2Full as exc:
             self.metrics.dropped.labels("full").inc(len(batch))
             self._warn("L2 store full; writes dropped: %s", exc)
