@@ -372,6 +372,10 @@ def _plot(path: Path, samples: list[Sample], reports: list[dict[str, Any]], titl
         mi = [r["mallinfo2"] for r in reports]
         mem.plot(rt, [m["uordblks"] / 2**20 for m in mi], label="malloc in use")
         mem.plot(rt, [m["arena"] / 2**20 for m in mi], label="malloc arena")
+    if reports and reports[-1].get("obmalloc"):
+        ob = [r.get("obmalloc", {}) for r in reports]
+        mem.plot(rt, [o.get("arena_bytes", 0) / 2**20 for o in ob], label="pymalloc arenas")
+        mem.plot(rt, [o.get("allocated_bytes", 0) / 2**20 for o in ob], label="pymalloc in use")
     mem.set_ylabel("MiB")
     mem.set_ylim(bottom=0)
     mem.legend(loc="center right")
@@ -409,6 +413,11 @@ def _slopes(
             out[f"malloc_{key}_kib_min"] = slope_per_min(
                 rt, [r["mallinfo2"][key] / 1024 for r in rwarm]
             )
+    if len(rwarm) >= 2 and rwarm[-1].get("obmalloc"):
+        for key in ("arena_bytes", "allocated_bytes"):
+            out[f"pymalloc_{key}_kib_min"] = slope_per_min(
+                rt, [r["obmalloc"].get(key, 0) / 1024 for r in rwarm]
+            )
     if len(rwarm) >= 2:
         out["gc_objects_min"] = slope_per_min(rt, [r["gc_objects"] for r in rwarm])
     return out
@@ -443,6 +452,22 @@ def _report_rows(sl: dict[str, float], reports: list[dict[str, Any]]) -> list[tu
                     f"{sl.get(f'malloc_{k}_kib_min', 0.0):.2f}"
                     for k in ("uordblks", "arena", "hblkhd")
                 ),
+            )
+        )
+    if last.get("obmalloc"):
+        ob0, ob1 = first.get("obmalloc", {}), last["obmalloc"]
+        rows.append(
+            (
+                "pymalloc arenas first / last / high-water",
+                f"{ob0.get('arenas', 0)} / {ob1.get('arenas', 0)} / "
+                f"{ob1.get('arenas_highwater', 0)}",
+            )
+        )
+        rows.append(
+            (
+                "pymalloc arenas / in use slope (KiB/min)",
+                f"{sl.get('pymalloc_arena_bytes_kib_min', 0.0):.2f} / "
+                f"{sl.get('pymalloc_allocated_bytes_kib_min', 0.0):.2f}",
             )
         )
     if "gc_objects_min" in sl:

@@ -2,11 +2,12 @@
 
 Off by default. With ``debug_memory_file`` set (``TOKENCAKE_DEBUG_MEMORY_FILE``), the daemon
 appends one JSON line to that file every ``debug_memory_s`` seconds and once at exit: the
-process's RSS and open descriptors, glibc's own allocator totals (``mallinfo2``), the live
-object count and the sizes of the daemon's long-lived containers. With
-``debug_memory_trace`` (the default) it also starts :mod:`tracemalloc` (one frame per
-allocation) and adds the Python heap it sees and the allocation sites that grew most since
-the first report; turned off, the traces' own memory stays out of the RSS being measured.
+process's RSS and open descriptors, glibc's own allocator totals (``mallinfo2``), CPython's
+small-object allocator's arenas and blocks (:func:`obmalloc_stats`), the live object count
+and the sizes of the daemon's long-lived containers. With ``debug_memory_trace`` (the
+default) it also starts :mod:`tracemalloc` (one frame per allocation) and adds the Python
+heap it sees and the allocation sites that grew most since the first report; turned off,
+the traces' own memory stays out of the RSS being measured.
 Nothing goes over the wire and no KV or names are written, only sizes and source lines.
 Tracing costs CPU and memory; leave it off in production.
 """
@@ -19,6 +20,9 @@ import gc
 import json
 import logging
 import os
+import re
+import sys
+import tempfile
 import time
 import tracemalloc
 from collections import deque
@@ -64,6 +68,46 @@ def _load_mallinfo2() -> Callable[[], _MallInfo2] | None:
     fn.restype = _MallInfo2
     fn.argtypes = []
     return fn
+
+
+_OBMALLOC_LINES = {
+    "arenas allocated current": "arenas",
+    "arenas highwater mark": "arenas_highwater",
+    "bytes in allocated blocks": "allocated_bytes",
+    "bytes in available blocks": "available_bytes",
+}
+_OBMALLOC_RE = re.compile(r"^# ([a-z ]+?)\s+=\s+([\d,]+)$", re.MULTILINE)
+_ARENA_BYTES_RE = re.compile(r"^(\d+) arenas \* (\d+) bytes/arena", re.MULTILINE)
+
+
+def obmalloc_stats() -> dict[str, int]:
+    """CPython's small-object allocator (pymalloc), which glibc's ``mallinfo2`` does not see:
+    arenas held now and at most, their bytes, and the bytes of blocks in use and free in them.
+
+    ``sys._debugmallocstats`` prints to the C stderr, so fd 2 points at a temporary file for
+    the call (anything another thread writes to stderr meanwhile lands there too: debug
+    reports only). Empty where the interpreter has no pymalloc."""
+    if not hasattr(sys, "_debugmallocstats"):
+        return {}
+    with tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode("ascii", "replace")
+    out = {
+        _OBMALLOC_LINES[name]: int(value.replace(",", ""))
+        for name, value in _OBMALLOC_RE.findall(text)
+        if name in _OBMALLOC_LINES
+    }
+    if m := _ARENA_BYTES_RE.search(text):
+        out["arena_bytes"] = int(m.group(1)) * int(m.group(2))
+    return out
 
 
 def proc_status(pid: int | str = "self") -> dict[str, int]:
@@ -157,6 +201,7 @@ class MemoryWatch:
         if self._mallinfo2 is not None:
             mi = self._mallinfo2()
             out["mallinfo2"] = {f[0]: getattr(mi, f[0]) for f in _MallInfo2._fields_}
+        out["obmalloc"] = obmalloc_stats()
         return out
 
     def _traced(self) -> dict[str, Any]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from tokencake.daemon.config import ConfigError, DaemonConfig, load_config
-from tokencake.daemon.memwatch import MemoryWatch, container_sizes
+from tokencake.daemon.memwatch import MemoryWatch, container_sizes, obmalloc_stats
 from tokencake.daemon.timers import Timers
 
 
@@ -93,3 +94,17 @@ def test_the_trace_setting_is_read_from_the_environment() -> None:
     cfg = load_config(environ={"TOKENCAKE_DEBUG_MEMORY_TRACE": "off"})
     assert cfg.debug_memory_trace is False
     assert DaemonConfig().debug_memory_trace is True
+
+
+def test_pymalloc_statistics_are_read_and_stderr_is_restored(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    stats = obmalloc_stats()
+    assert stats["arenas"] >= 1 and stats["arenas_highwater"] >= stats["arenas"]
+    assert stats["arena_bytes"] >= stats["allocated_bytes"] > 0
+    held = [bytearray(64) for _ in range(100_000)]  # small objects: pymalloc's
+    assert obmalloc_stats()["allocated_bytes"] > stats["allocated_bytes"] + 64 * 100_000
+    del held
+    assert capfd.readouterr().err == ""  # the statistics went to the temporary file
+    os.write(2, b"still stderr\n")
+    assert capfd.readouterr().err == "still stderr\n"
