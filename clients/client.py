@@ -72,6 +72,8 @@ def resolve_endpoint(endpoint: str | None) -> str:
 
 _push_decoder = msgspec.msgpack.Decoder(p.DecisionRecord)
 
+SocketT = TypeVar("SocketT", bound=zmq.Socket[Any])
+
 
 def _configure(
     sock: zmq.Socket[Any], server_public_key: bytes | None, client_key_file: str | None = None
@@ -89,13 +91,28 @@ def _configure(
 
 
 class _Base:
-    def __init__(self, endpoint: str | None, timeout_s: float) -> None:
+    def __init__(
+        self,
+        endpoint: str | None,
+        timeout_s: float,
+        server_public_key: bytes | None,
+        client_key_file: str | None,
+    ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         self.endpoint = resolve_endpoint(endpoint)
         self.timeout_s = timeout_s
         self.pushes: deque[p.DecisionRecord] = deque(maxlen=100_000)
         self._ids = itertools.count(1)
+        self._server_public_key = server_public_key
+        self._client_key_file = client_key_file
+
+    def _dealer(self, ctx: zmq.Context[SocketT]) -> SocketT:
+        """A DEALER socket from ``ctx``, configured (CURVE when keyed) and connecting."""
+        sock = ctx.socket(zmq.DEALER)
+        _configure(sock, self._server_public_key, self._client_key_file)
+        sock.connect(self.endpoint)
+        return sock
 
     def _take_push(self, env: p.ReplyEnvelope) -> bool:
         """Queue a pushed decision; True when ``env`` was a push, not a reply."""
@@ -121,24 +138,15 @@ class TokenCakeClient(_Base):
         client_key_file: str | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
-        super().__init__(endpoint, timeout_s)
-        self._server_public_key = server_public_key
-        self._client_key_file = client_key_file
+        super().__init__(endpoint, timeout_s, server_public_key, client_key_file)
         self._ctx = context or zmq.Context.instance()
-        self._sock: zmq.Socket[Any] | None = None
-        self._connect()
-
-    def _connect(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        _configure(sock, self._server_public_key, self._client_key_file)
-        sock.connect(self.endpoint)
-        self._sock = sock
+        self._sock: zmq.Socket[Any] | None = self._dealer(self._ctx)
 
     def reset(self) -> None:
         """Drop the socket (and any late replies) and connect afresh."""
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._connect()
+        self._sock = self._dealer(self._ctx)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -218,11 +226,9 @@ class AsyncTokenCakeClient(_Base):
         server_public_key: bytes | None = None,
         client_key_file: str | None = None,
     ) -> None:
-        super().__init__(endpoint, timeout_s)
+        super().__init__(endpoint, timeout_s, server_public_key, client_key_file)
         self._ctx = zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        _configure(self._sock, server_public_key, client_key_file)
-        self._sock.connect(self.endpoint)
+        self._sock = self._dealer(self._ctx)
         self._pending: dict[int, asyncio.Future[p.ReplyEnvelope]] = {}
         self._reader: asyncio.Task[None] | None = None
 
