@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Literal
 
 from tokencake import protocol as p
@@ -70,20 +71,8 @@ class KvService:
         assert self.arena is not None
         if self.store is None:
             return p.PoolStats(self.arena.name, self.arena.size, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-        s = self.store.stats()
-        return p.PoolStats(
-            arena_name=self.arena.name,
-            arena_bytes=self.arena.size,
-            slot_bytes=s.slot_bytes,
-            num_slots=s.num_slots,
-            free=s.free,
-            writing=s.writing,
-            ready=s.ready,
-            reading=s.reading,
-            evictions=s.evictions,
-            hits=s.hits,
-            misses=s.misses,
-        )
+        counts = asdict(self.store.stats())
+        return p.PoolStats(arena_name=self.arena.name, arena_bytes=self.arena.size, **counts)
 
     def host_room(self) -> int:
         """Slots an offload can take now (the scheduler's ``host_free``): the free ones, and

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class StoreStats:
+    """The store's part of ``protocol.PoolStats``, under the same names (``kv_service``
+    passes them through as they are)."""
+
     num_slots: int
     slot_bytes: int
     free: int
