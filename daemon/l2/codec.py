@@ -58,7 +58,9 @@ def _key_tag(key: bytes) -> bytes:
 
 
 def _checksum(tag: bytes, payload: bytes | memoryview) -> int:
-    return xxhash.xxh3_64_intdigest(payload, seed=int.from_bytes(tag[:8], "little"))
+    # The hasher object, not the one-shot ``xxh3_64_intdigest``: it hashes without holding
+    # the GIL (same value), so a worker's checksum never holds up the event loop.
+    return xxhash.xxh3_64(payload, seed=int.from_bytes(tag[:8], "little")).intdigest()
 
 
 def seal(key: bytes, payload: bytes | memoryview) -> bytes:
