@@ -39,7 +39,7 @@ from tokencake import protocol as p
 from tokencake.clients import kv_arena
 from tokencake.clients.client import TokenCakeClient
 from tokencake.clients.kv_arena import ArenaMapping
-from tokencake.clients.launcher import daemon_flags, launch
+from tokencake.clients.launcher import daemon_flags, running
 from tokencake.daemon.arena import SLOT_BASE_OFFSET, Arena
 from tokencake.daemon.host_store import HostStore
 from tokencake.layout import KvLayout
@@ -279,18 +279,6 @@ def bench_layers(
 # ---------------------------------------------------------------------- (d) real daemon
 
 
-def _start_daemon(tmp: Path, arena_bytes: int) -> tuple[subprocess.Popen[bytes], str]:
-    daemon = launch(
-        *daemon_flags(arena=arena_bytes, log_text=False, log_level="WARNING"),
-        endpoint=f"ipc://{tmp}/tokencaked.sock",
-        instance=f"benchstore{os.getpid()}",
-        log_path=tmp / "daemon.log",
-        inherit_settings=True,
-        timeout_s=120,  # pre-faulting the arena on a loaded box takes a while
-    )
-    return daemon.proc, daemon.endpoint
-
-
 def bench_daemon(gib: float, slot_kib: int, layers: int, batch: int, repeats: int) -> list[Row]:
     """What the vLLM connector does per request, against a real tokencaked: reserve, copy the
     blocks in, commit; load_begin, copy them out, load_end. Timed whole, RPCs included."""
@@ -301,50 +289,66 @@ def bench_daemon(gib: float, slot_kib: int, layers: int, batch: int, repeats: in
     n = int(gib * (1 << 30)) // slot_bytes
     # fp16, 16-token blocks, head_dim 64: page = 2 * 16 * heads * 64 * 2 bytes
     layout = KvLayout("bench-store", layers, 16, page // 4096, 64, "float16", slot_bytes)
+    flags = daemon_flags(
+        arena=n * slot_bytes + SLOT_BASE_OFFSET, log_text=False, log_level="WARNING"
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-store-") as tmp,
+        # pre-faulting the arena on a loaded box takes a while
+        running(
+            *flags,
+            workdir=Path(tmp),
+            instance=f"benchstore{os.getpid()}",
+            inherit_settings=True,
+            timeout_s=120,
+        ) as daemon,
+        TokenCakeClient(daemon.endpoint, timeout_s=30.0) as c,
+    ):
+        reg = c.call(p.RegisterEngine("bench-store", layout))
+        if reg.slot_offset != SLOT_BASE_OFFSET or reg.num_slots < n or reg.slot_bytes != slot_bytes:
+            raise SystemExit(f"unexpected arena: {reg}")
+        with ArenaMapping.open(reg.arena_name, reg.slot_bytes, min_bytes=reg.arena_bytes) as m:
+            memcpy_s, store, load = _daemon_rounds(c, m, reg.engine_id, n, layers, batch, repeats)
+    return _daemon_rows(n, batch, layers, memcpy_s, store, load)
+
+
+def _daemon_rounds(
+    c: TokenCakeClient, m: ArenaMapping, eid: str, n: int, layers: int, batch: int, repeats: int
+) -> tuple[float, tuple[float, float], tuple[float, float]]:
+    """The best memcpy, and the (total, copies alone) of the best store and load pass, over
+    ``repeats`` rounds that each check the round trip."""
     rng = np.random.default_rng(2)
-    src = rng.integers(0, 256, size=(n, slot_bytes), dtype=np.uint8)
+    src = rng.integers(0, 256, size=(n, m.slot_bytes), dtype=np.uint8)
     ref = np.ones_like(src)
     perm = [int(b) for b in rng.permutation(2 * n)]
     store_ids, load_ids = perm[:n], perm[n:]
     kv = _kv_layers(src, layers, store_ids)
     hashes = [rng.bytes(32) for _ in range(n)]
     spans = [(i, min(n, i + batch)) for i in range(0, n, batch)]
-    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
-        proc, endpoint = _start_daemon(Path(tmp), n * slot_bytes + SLOT_BASE_OFFSET)
-        try:
-            with TokenCakeClient(endpoint, timeout_s=30.0) as c:
-                reg = c.call(p.RegisterEngine("bench-store", layout))
-                if reg.slot_offset != SLOT_BASE_OFFSET or reg.num_slots < n:
-                    raise SystemExit(f"unexpected arena: {reg}")
-                eid = reg.engine_id
-                with ArenaMapping.open(
-                    reg.arena_name, reg.slot_bytes, min_bytes=reg.arena_bytes
-                ) as m:
-                    memcpy_s = float("inf")
-                    # (total, copies alone) of the best repeat of each direction
-                    store = load = (float("inf"), 0.0)
-                    for _ in range(repeats):
-                        memcpy_s = min(memcpy_s, best_of(1, lambda: np.copyto(ref, src)))
-                        store = min(
-                            store, _daemon_pass(c, m, eid, spans, hashes, kv, store_ids, True)
-                        )
-                        load = min(
-                            load, _daemon_pass(c, m, eid, spans, hashes, kv, load_ids, False)
-                        )
-                        if not all(np.array_equal(x[load_ids], x[store_ids]) for x in kv):
-                            raise SystemExit("round trip through the daemon corrupted data")
-                        for x in kv:
-                            x[load_ids] = 0
-                        c.call(p.Drop(eid, hashes))  # the next round stores them again
-                        c.call(p.EngineHeartbeat(eid))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    rpcs = 4 * len(spans)
+    memcpy_s = float("inf")
+    store = load = (float("inf"), 0.0)
+    for _ in range(repeats):
+        memcpy_s = min(memcpy_s, best_of(1, lambda: np.copyto(ref, src)))
+        store = min(store, _daemon_pass(c, m, eid, spans, hashes, kv, store_ids, True))
+        load = min(load, _daemon_pass(c, m, eid, spans, hashes, kv, load_ids, False))
+        if not all(np.array_equal(x[load_ids], x[store_ids]) for x in kv):
+            raise SystemExit("round trip through the daemon corrupted data")
+        for x in kv:
+            x[load_ids] = 0
+        c.call(p.Drop(eid, hashes))  # the next round stores them again
+        c.call(p.EngineHeartbeat(eid))
+    return memcpy_s, store, load
+
+
+def _daemon_rows(
+    n: int,
+    batch: int,
+    layers: int,
+    memcpy_s: float,
+    store: tuple[float, float],
+    load: tuple[float, float],
+) -> list[Row]:
+    rpcs = 4 * -(-n // batch)
     (store_s, copy_in_s), (load_s, copy_out_s) = store, load
     ratio = 2 * memcpy_s / (store_s + load_s)
     return [
