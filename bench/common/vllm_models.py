@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 WORDS = (
     "the",
@@ -82,19 +86,16 @@ def build_tokenizer(path: Path, vocab_size: int = 512) -> int:
         vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]
     )
     tok.train_from_iterator([" ".join(words)] * 2, trainer=trainer)
+    return _save_tokenizer(tok, path, model_max_length=1024)
+
+
+def _save_tokenizer(tok: Tokenizer, path: Path, **config: object) -> int:
+    """Write ``tokenizer.json`` and a ``tokenizer_config.json`` with the special tokens
+    both tokenizers train with, plus ``config``; returns the vocabulary size."""
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "pad_token": "<pad>",
-                "model_max_length": 1024,
-            }
-        )
-    )
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, **config}
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return int(tok.get_vocab_size())
 
 
@@ -183,21 +184,7 @@ def build_json_tokenizer(path: Path, vocab_size: int = 384) -> int:
         show_progress=False,
     )
     tok.train_from_iterator(list(JSON_CORPUS) * 4, trainer=trainer)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "pad_token": "<pad>",
-                "model_max_length": 2048,
-                "chat_template": CHAT_TEMPLATE,
-            }
-        )
-    )
-    return int(tok.get_vocab_size())
+    return _save_tokenizer(tok, path, model_max_length=2048, chat_template=CHAT_TEMPLATE)
 
 
 def build_tiny_json_llama(path: Path, *, layers: int = 2, seed: int = 0) -> Path:
