@@ -88,153 +88,162 @@ def chunks(seq: list[int], n: int) -> list[list[int]]:
     return [seq[i : i + n] for i in range(0, len(seq), n)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--block-kib", type=int, default=256)
-    ap.add_argument("--blocks", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=16, help="blocks per pipelined write")
-    ap.add_argument("--chain", type=int, default=16, help="blocks per prefetch")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--latency-samples", type=int, default=200)
-    args = ap.parse_args()
-    counts = (args.block_kib, args.blocks, args.batch, args.chain, args.workers, args.repeats)
-    if min(*counts, args.latency_samples) < 1:
-        ap.error(
-            "--block-kib, --blocks, --batch, --chain, --workers, --repeats and"
-            " --latency-samples must be >= 1"
-        )
-    block = args.block_kib << 10
-    rng = np.random.default_rng(0)
-    # Both sides copy each block out of an arena-like array and back into one, as the
-    # daemon does (evictions are copied out before the slot is reused; prefetches land in
-    # the arena).
-    arena = rng.integers(0, 256, (64, block), dtype=np.uint8)
-    dest = np.zeros((64, block), dtype=np.uint8)
-    n = args.blocks
-    total = n * block
-    prefix = key_prefix("bench", "fp", "salt")
-    raw_keys = [f"raw:{i}".encode() for i in range(n)]
-    tier_keys = [block_key(prefix, i.to_bytes(32, "big")) for i in range(n)]
+class _Sides:
+    """The raw client and the L2 tier on one redis-server, doing the same work on the same
+    payloads: each copied out of an arena-like array and back into one."""
 
-    with redis_server() as port:
-        url = f"redis://127.0.0.1:{port}"
-        raw = redis.Redis.from_url(url)
-        pool = ThreadPoolExecutor(args.workers)
-
-        def raw_put(idx: list[int]) -> Callable[[], None]:
-            def go() -> None:
-                pipe = raw.pipeline(transaction=False)
-                for i in idx:
-                    pipe.set(raw_keys[i], arena[i % 64].tobytes())
-                pipe.execute()
-
-            return go
-
-        got_bytes = [0]
-        got_lock = threading.Lock()
-
-        def raw_get(idx: list[int]) -> Callable[[], None]:
-            def go() -> None:
-                pipe = raw.pipeline(transaction=False)
-                for i in idx:
-                    pipe.get(raw_keys[i])
-                nbytes = 0
-                for i, v in zip(idx, pipe.execute(), strict=True):
-                    dest[i % 64] = np.frombuffer(v, dtype=np.uint8)
-                    nbytes += len(v)
-                with got_lock:
-                    got_bytes[0] += nbytes
-
-            return go
-
-        tier = L2Tier(
+    def __init__(self, url: str, args: argparse.Namespace) -> None:
+        block = args.block_kib << 10
+        rng = np.random.default_rng(0)
+        # As the daemon does: evictions are copied out before the slot is reused; prefetches
+        # land in the arena.
+        self.arena = rng.integers(0, 256, (64, block), dtype=np.uint8)
+        self.dest = np.zeros((64, block), dtype=np.uint8)
+        self.n, self.chain, self.batch = args.blocks, args.chain, args.batch
+        self.total = self.n * block
+        prefix = key_prefix("bench", "fp", "salt")
+        self.raw_keys = [f"raw:{i}".encode() for i in range(self.n)]
+        self.tier_keys = [block_key(prefix, i.to_bytes(32, "big")) for i in range(self.n)]
+        self.raw = redis.Redis.from_url(url)
+        self.pool = ThreadPoolExecutor(args.workers)
+        self.got_bytes = 0
+        self._got_lock = threading.Lock()
+        self.tier = L2Tier(
             RedisBackend(url, timeout_s=10.0),
-            queue_bytes=total * 2,
+            queue_bytes=self.total * 2,
             workers=args.workers,
             batch=args.batch,
         )
 
-        def tier_put_all() -> float:
-            t0 = time.perf_counter()
-            for i in range(n):
-                tier.put(tier_keys[i], arena[i % 64])
-            assert tier.flush(600)
-            return time.perf_counter() - t0
+    def close(self) -> None:
+        self.tier.close()
+        self.pool.shutdown()
+        self.raw.close()
 
-        def tier_get_all() -> tuple[float, int]:
-            t0 = time.perf_counter()
-            jobs = [tier_keys[i : i + args.chain] for i in range(0, n, args.chain)]
-            for j, keys in enumerate(jobs):
-                assert tier.get(j, keys)
-            done = 0
+    def raw_put(self, idx: list[int]) -> Callable[[], None]:
+        def go() -> None:
+            pipe = self.raw.pipeline(transaction=False)
+            for i in idx:
+                pipe.set(self.raw_keys[i], self.arena[i % 64].tobytes())
+            pipe.execute()
+
+        return go
+
+    def raw_get(self, idx: list[int]) -> Callable[[], None]:
+        def go() -> None:
+            pipe = self.raw.pipeline(transaction=False)
+            for i in idx:
+                pipe.get(self.raw_keys[i])
             nbytes = 0
-            while done < len(jobs):
-                for job in tier.completed(1024):
-                    done += 1
-                    first = job.token * args.chain
-                    for k, payload in enumerate(job.payloads):
-                        dest[(first + k) % 64] = np.frombuffer(payload, dtype=np.uint8)
-                        nbytes += len(payload)
-                time.sleep(POLL_S)
-            return time.perf_counter() - t0, nbytes
+            for i, v in zip(idx, pipe.execute(), strict=True):
+                self.dest[i % 64] = np.frombuffer(v, dtype=np.uint8)
+                nbytes += len(v)
+            with self._got_lock:
+                self.got_bytes += nbytes
 
-        rows: list[tuple[str, float, float]] = []
-        # Raw and tier runs alternate, so both meet the same background load; best of each.
-        put_raw = put_tier = get_raw = get_tier = float("inf")
-        paired: dict[str, list[float]] = {"put": [], "get": []}  # tier/raw, same repeat
-        for rep in range(args.repeats):
-            times: dict[str, float] = {}
-            writes = [raw_put(c) for c in chunks(list(range(n)), args.batch)]
-            reads = [raw_get(c) for c in chunks(list(range(n)), args.chain)]
-            # Which side goes first alternates: a run right after the other side's may find
-            # the server (or the box) in another state.
-            for side in ("raw", "tier") if rep % 2 == 0 else ("tier", "raw"):
-                if side == "raw":
-                    times["put_raw"] = run_jobs(pool, writes)
-                    got_bytes[0] = 0
-                    times["get_raw"] = run_jobs(pool, reads)
-                    assert got_bytes[0] == total
-                else:
-                    times["put_tier"] = tier_put_all()
-                    times["get_tier"], nbytes = tier_get_all()
-                    assert nbytes == total, "the tier served fewer bytes than it stored"
-            put_raw, put_tier = min(put_raw, times["put_raw"]), min(put_tier, times["put_tier"])
-            get_raw, get_tier = min(get_raw, times["get_raw"]), min(get_tier, times["get_tier"])
-            paired["put"].append(times["put_raw"] / times["put_tier"])
-            paired["get"].append(times["get_raw"] / times["get_tier"])
-        rows.append(("put throughput (MB/s)", total / put_raw / 1e6, total / put_tier / 1e6))
-        rows.append(("get throughput (MB/s)", total / get_raw / 1e6, total / get_tier / 1e6))
+        return go
 
-        lat_raw: list[float] = []
-        lat_tier: list[float] = []
-        sample_chains = chunks(list(range(n)), args.chain)
-        for s in range(args.latency_samples):
-            idx = sample_chains[s % len(sample_chains)]
-            for side in ("raw", "tier") if s % 2 == 0 else ("tier", "raw"):
-                t0 = time.perf_counter()
-                if side == "raw":
-                    raw_get(idx)()
-                    lat_raw.append(time.perf_counter() - t0)
-                    continue
-                tier.get(s, [tier_keys[i] for i in idx])
-                while not (done := tier.completed()):
-                    time.sleep(POLL_S)
-                for i, payload in zip(idx, done[0].payloads, strict=True):
-                    dest[i % 64] = np.frombuffer(payload, dtype=np.uint8)
-                lat_tier.append(time.perf_counter() - t0)
-        for name, q in (("p50", 0.5), ("p99", 0.99)):
-            r = statistics.quantiles(lat_raw, n=100)[int(q * 100) - 1]
-            t = statistics.quantiles(lat_tier, n=100)[int(q * 100) - 1]
-            # For latency the ratio is raw / tier, so that higher is better everywhere.
-            rows.append((f"chain get latency {name} (ms, ratio raw/tier)", r * 1e3, t * 1e3))
-        tier.close()
-        pool.shutdown()
-        raw.close()
+    def tier_put_all(self) -> float:
+        t0 = time.perf_counter()
+        for i in range(self.n):
+            self.tier.put(self.tier_keys[i], self.arena[i % 64])
+        assert self.tier.flush(600)
+        return time.perf_counter() - t0
 
+    def tier_get_all(self) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        keys = self.tier_keys
+        jobs = [keys[i : i + self.chain] for i in range(0, self.n, self.chain)]
+        for j, chain in enumerate(jobs):
+            assert self.tier.get(j, chain)
+        done = 0
+        nbytes = 0
+        while done < len(jobs):
+            for job in self.tier.completed(1024):
+                done += 1
+                first = job.token * self.chain
+                for k, payload in enumerate(job.payloads):
+                    self.dest[(first + k) % 64] = np.frombuffer(payload, dtype=np.uint8)
+                    nbytes += len(payload)
+            time.sleep(POLL_S)
+        return time.perf_counter() - t0, nbytes
+
+    def one_round(self, raw_first: bool) -> dict[str, float]:
+        """Raw and tier back to back (which goes first alternates between rounds: a run right
+        after the other side's may find the server, or the box, in another state)."""
+        times: dict[str, float] = {}
+        writes = [self.raw_put(c) for c in chunks(list(range(self.n)), self.batch)]
+        reads = [self.raw_get(c) for c in chunks(list(range(self.n)), self.chain)]
+        for side in ("raw", "tier") if raw_first else ("tier", "raw"):
+            if side == "raw":
+                times["put_raw"] = run_jobs(self.pool, writes)
+                self.got_bytes = 0
+                times["get_raw"] = run_jobs(self.pool, reads)
+                assert self.got_bytes == self.total
+            else:
+                times["put_tier"] = self.tier_put_all()
+                times["get_tier"], nbytes = self.tier_get_all()
+                assert nbytes == self.total, "the tier served fewer bytes than it stored"
+        return times
+
+    def chain_latency(self, token: int, idx: list[int], raw: bool) -> float:
+        """One chain's GET, alone, from call to result."""
+        t0 = time.perf_counter()
+        if raw:
+            self.raw_get(idx)()
+            return time.perf_counter() - t0
+        self.tier.get(token, [self.tier_keys[i] for i in idx])
+        while not (done := self.tier.completed()):
+            time.sleep(POLL_S)
+        for i, payload in zip(idx, done[0].payloads, strict=True):
+            self.dest[i % 64] = np.frombuffer(payload, dtype=np.uint8)
+        return time.perf_counter() - t0
+
+
+Rows = list[tuple[str, float, float]]
+
+
+def _throughput(sides: _Sides, repeats: int) -> tuple[Rows, dict[str, list[float]]]:
+    """Best of ``repeats`` each side, and the tier/raw ratio of each round."""
+    total = sides.total
+    put_raw = put_tier = get_raw = get_tier = float("inf")
+    paired: dict[str, list[float]] = {"put": [], "get": []}  # tier/raw, same repeat
+    for rep in range(repeats):
+        times = sides.one_round(raw_first=rep % 2 == 0)
+        put_raw, put_tier = min(put_raw, times["put_raw"]), min(put_tier, times["put_tier"])
+        get_raw, get_tier = min(get_raw, times["get_raw"]), min(get_tier, times["get_tier"])
+        paired["put"].append(times["put_raw"] / times["put_tier"])
+        paired["get"].append(times["get_raw"] / times["get_tier"])
+    rows = [
+        ("put throughput (MB/s)", total / put_raw / 1e6, total / put_tier / 1e6),
+        ("get throughput (MB/s)", total / get_raw / 1e6, total / get_tier / 1e6),
+    ]
+    return rows, paired
+
+
+def _latency(sides: _Sides, samples: int) -> Rows:
+    lat: dict[bool, list[float]] = {True: [], False: []}  # raw?
+    sample_chains = chunks(list(range(sides.n)), sides.chain)
+    for s in range(samples):
+        idx = sample_chains[s % len(sample_chains)]
+        for raw in (True, False) if s % 2 == 0 else (False, True):
+            lat[raw].append(sides.chain_latency(s, idx, raw))
+    rows = []
+    for name, q in (("p50", 0.5), ("p99", 0.99)):
+        r = statistics.quantiles(lat[True], n=100)[int(q * 100) - 1]
+        t = statistics.quantiles(lat[False], n=100)[int(q * 100) - 1]
+        # For latency the ratio is raw / tier, so that higher is better everywhere.
+        rows.append((f"chain get latency {name} (ms, ratio raw/tier)", r * 1e3, t * 1e3))
+    return rows
+
+
+def _print(
+    args: argparse.Namespace, total: int, rows: Rows, paired: dict[str, list[float]]
+) -> None:
     print(
-        f"L2 bench: {n} blocks of {args.block_kib} KiB ({total / 1e6:.0f} MB), batch {args.batch},"
-        f" chain {args.chain}, {args.workers} workers, best of {args.repeats}; local redis-server"
+        f"L2 bench: {args.blocks} blocks of {args.block_kib} KiB ({total / 1e6:.0f} MB), batch "
+        f"{args.batch}, chain {args.chain}, {args.workers} workers, best of {args.repeats}; "
+        "local redis-server"
     )
     print(f"{'measure':<44} {'raw redis':>10} {'L2 tier':>10} {'ratio':>7}  target")
     for name, r, t in rows:
@@ -251,6 +260,31 @@ def main() -> None:
             f"{op + ' throughput, median paired ratio':<44} {spread:>21} {med:>6.2f}x  "
             f">= {TARGET:.2f}x {ok}"
         )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--block-kib", type=int, default=256)
+    ap.add_argument("--blocks", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=16, help="blocks per pipelined write")
+    ap.add_argument("--chain", type=int, default=16, help="blocks per prefetch")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--latency-samples", type=int, default=200)
+    args = ap.parse_args()
+    counts = (args.block_kib, args.blocks, args.batch, args.chain, args.workers, args.repeats)
+    if min(*counts, args.latency_samples) < 1:
+        ap.error(
+            "--block-kib, --blocks, --batch, --chain, --workers, --repeats and"
+            " --latency-samples must be >= 1"
+        )
+    with redis_server() as port:
+        sides = _Sides(f"redis://127.0.0.1:{port}", args)
+        # Raw and tier runs alternate, so both meet the same background load; best of each.
+        rows, paired = _throughput(sides, args.repeats)
+        rows += _latency(sides, args.latency_samples)
+        sides.close()
+    _print(args, sides.total, rows, paired)
 
 
 if __name__ == "__main__":
