@@ -23,20 +23,26 @@ import random
 import time
 
 from tokencake.daemon.scheduler import (
-    AppRegistered,
     EngineState,
     Event,
-    LlmCallAdmitted,
-    LlmCallFinish,
-    LlmCallStart,
     PolicyConfig,
     Tick,
-    ToolCallEnd,
-    ToolCallStart,
     TransferDone,
     create_policy,
 )
-from tokencake.protocol import AppDag, DagNode
+from tokencake.protocol import (
+    AppDag,
+    DagNode,
+    LlmCallAdmitted,
+    LlmCallFinish,
+    LlmCallStart,
+    RegisterApp,
+    ToolCallEnd,
+    ToolCallStart,
+)
+
+Timed = tuple[float, Event]
+"""An event and the time it happens."""
 
 NODES_PER_APP = 10
 KINDS = ("search", "test", "file_write", "judge")
@@ -54,34 +60,34 @@ def make_dag() -> AppDag:
     return AppDag(nodes=nodes, edges=edges)
 
 
-def script(n_agents: int, n_events: int, seed: int) -> tuple[list[Event], list[Event]]:
+def script(n_agents: int, n_events: int, seed: int) -> tuple[list[Timed], list[Timed]]:
     """(setup events, timed events)."""
     rng = random.Random(seed)
     n_apps = max(1, n_agents // NODES_PER_APP)
     dag = make_dag()
-    setup: list[Event] = [AppRegistered(0.0, f"a{i}", dag) for i in range(n_apps)]
+    setup: list[Timed] = [(0.0, RegisterApp(f"a{i}", dag)) for i in range(n_apps)]
     total = 40 * n_agents
-    setup.append(EngineState(0.0, total, total // 20, num_waiting=10, waiting_blocks=400))
+    setup.append((0.0, EngineState(total, total // 20, num_waiting=10, waiting_blocks=400)))
     n = n_apps * NODES_PER_APP
     phase = [0] * n
     dt = 1.0 / n  # the same event rate per agent (and so the same mix) at every size
     now = 0.0
 
-    def step(k: int, out: list[Event]) -> None:
+    def step(k: int, out: list[Timed]) -> None:
         app, agent = f"a{k // NODES_PER_APP}", f"n{k % NODES_PER_APP}"
         p = phase[k]
         if p == 0:
-            out.append(LlmCallStart(now, app, agent, "r", blocks=rng.randint(8, 64)))
+            out.append((now, LlmCallStart(app, agent, request_id="r", blocks=rng.randint(8, 64))))
         elif p == 1:
-            out.append(LlmCallAdmitted(now, app, agent, "r", blocks=rng.randint(8, 64)))
+            out.append((now, LlmCallAdmitted(app, agent, "r", kv_blocks=rng.randint(8, 64))))
         elif p == 2:
-            out.append(LlmCallFinish(now, app, agent, "r", kv_blocks=rng.randint(16, 96)))
+            out.append((now, LlmCallFinish(app, agent, "r", kv_blocks=rng.randint(16, 96))))
         elif p == 3:
-            out.append(ToolCallStart(now, app, agent, KINDS[k % 4], rng.choice([None, 2.0, 5.0])))
+            out.append((now, ToolCallStart(app, agent, KINDS[k % 4], rng.choice([None, 2.0, 5.0]))))
         elif p == 4:
-            out.append(TransferDone(now, app, agent, "d2h", 96))
+            out.append((now, TransferDone(app, agent, "d2h", 96)))
         else:
-            out.append(ToolCallEnd(now, app, agent))
+            out.append((now, ToolCallEnd(app, agent)))
         phase[k] = (p + 1) % 6
 
     # untimed warm-up: every agent is put in a random phase of its cycle, so the timed mix
@@ -90,12 +96,14 @@ def script(n_agents: int, n_events: int, seed: int) -> tuple[list[Event], list[E
         for _ in range(rng.randrange(6)):
             now += dt / 100
             step(k, setup)
-    events: list[Event] = []
+    events: list[Timed] = []
     while len(events) < n_events:
         now += dt
         if len(events) % 64 == 0:
-            events.append(EngineState(now, total, total // 20, num_waiting=10, waiting_blocks=400))
-            events.append(Tick(now))
+            events.append(
+                (now, EngineState(total, total // 20, num_waiting=10, waiting_blocks=400))
+            )
+            events.append((now, Tick()))
             continue
         step(rng.randrange(n), events)
     return setup, events
@@ -104,8 +112,8 @@ def script(n_agents: int, n_events: int, seed: int) -> tuple[list[Event], list[E
 def run(policy_name: str, n_agents: int, n_events: int, seed: int) -> tuple[float, float, int]:
     setup, events = script(n_agents, n_events, seed)
     policy = create_policy(policy_name, PolicyConfig(host_blocks=20 * n_agents))
-    for ev in setup:
-        policy.on_event(ev)
+    for now, ev in setup:
+        policy.on_event(ev, now)
     on_event = policy.on_event
     decisions = 0
     gc.collect()
@@ -113,8 +121,8 @@ def run(policy_name: str, n_agents: int, n_events: int, seed: int) -> tuple[floa
     try:
         c0 = time.process_time()
         t0 = time.perf_counter()
-        for ev in events:
-            decisions += len(on_event(ev))
+        for now, ev in events:
+            decisions += len(on_event(ev, now))
         wall = time.perf_counter() - t0
         cpu = time.process_time() - c0
     finally:

@@ -50,9 +50,7 @@ class AgentEvents:
         agent.admitted = False
         if req.engine_id:
             agent.engine_id = req.engine_id
-        return self._ack(
-            self._parts.scheduler.llm_call_start(agent, req.request_id, req.prompt_tokens)
-        )
+        return self._ack(self._parts.scheduler.agent_event(agent, req))
 
     def llm_call_admitted(self, _identity: bytes, req: p.LlmCallAdmitted) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
@@ -60,9 +58,7 @@ class AgentEvents:
             return p.EventAck(accepted=False)
         agent.admitted = True
         agent.kv_blocks = req.kv_blocks
-        return self._ack(
-            self._parts.scheduler.llm_call_admitted(agent, req.request_id, req.kv_blocks)
-        )
+        return self._ack(self._parts.scheduler.agent_event(agent, req))
 
     def llm_call_finish(self, _identity: bytes, req: p.LlmCallFinish) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
@@ -70,11 +66,7 @@ class AgentEvents:
             return p.EventAck(accepted=False)
         agent.state, agent.state_since = AgentPhase.IDLE, self._parts.clock()
         agent.kv_blocks = req.kv_blocks
-        return self._ack(
-            self._parts.scheduler.llm_call_finish(
-                agent, req.request_id, req.output_tokens, req.kv_blocks
-            )
-        )
+        return self._ack(self._parts.scheduler.agent_event(agent, req))
 
     def tool_call_start(self, _identity: bytes, req: p.ToolCallStart) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
@@ -84,18 +76,14 @@ class AgentEvents:
         agent.tool_calls += 1
         agent.tool_kind, agent.tool_call_id = req.tool_kind, req.call_id
         agent.tool_predicted_s = req.predicted_s
-        return self._ack(
-            self._parts.scheduler.tool_call_start(
-                agent, req.tool_kind, req.predicted_s, req.call_id
-            )
-        )
+        return self._ack(self._parts.scheduler.agent_event(agent, req))
 
     def tool_call_end(self, _identity: bytes, req: p.ToolCallEnd) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
         if agent.state != AgentPhase.TOOL or (req.call_id and req.call_id != agent.tool_call_id):
             return p.EventAck(accepted=False)
         agent.state, agent.state_since = AgentPhase.IDLE, self._parts.clock()
-        return self._ack(self._parts.scheduler.tool_call_end(agent, req.call_id, req.ok))
+        return self._ack(self._parts.scheduler.agent_event(agent, req))
 
     def expire_idle(self, now: float, idle_s: float) -> None:
         """End the apps that sent no event for ``idle_s`` seconds (0: never).

@@ -3,7 +3,9 @@
 One policy instance schedules one engine's GPU KV pool, so the bridge keeps a policy per
 registered engine, tells every one of them about every application, and routes an agent's
 events to the engine that serves it (the engine named in its last ``llm_call_start``; to all
-engines while it has none). It owns no scheduling logic of its own.
+engines while it has none). An agent event reaches the policies as the wire struct the peer
+sent, with the daemon's clock beside it; the engine's own reports (pool state, copies, the
+L2 tier) become the policy's engine events. It owns no scheduling logic of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tokencake import protocol as p
 from tokencake.daemon.apps import AgentRecord, AppRecord
 from tokencake.daemon.eviction import EvictionPolicy, make_policy
 from tokencake.daemon.scheduler import events as ev
+from tokencake.daemon.scheduler.events import AgentEvent
 from tokencake.daemon.scheduler.policy import Policy, PolicyConfig, create_policy, policy_class
 
 logger = logging.getLogger(__name__)
@@ -76,9 +79,9 @@ class SchedulerBridge:
             # An engine's pool is taken as empty until its next report says otherwise:
             # without this the policy reads "0 free" (a full GPU) and offloads under no
             # pressure (found by bench/bench_fidelity.py).
-            policy.on_event(ev.EngineState(now, num_gpu_blocks, num_gpu_blocks, 0, 0))
+            policy.on_event(ev.EngineState(num_gpu_blocks, num_gpu_blocks, 0, 0), now)
         for app in self._apps.values():
-            policy.on_event(ev.AppRegistered(now, app.app_id, app.dag, app.tenant))
+            policy.on_event(_registered(app), now)
 
     def engine_gone(self, engine_id: str) -> None:
         self._policies.pop(engine_id, None)
@@ -106,9 +109,7 @@ class SchedulerBridge:
     ) -> list[p.DecisionRecord]:
         if free < 0:
             return []  # the engine did not report its pool
-        event = ev.EngineState(
-            self._clock(), total, free, waiting, running, waiting_blocks, host_total, host_free
-        )
+        event = ev.EngineState(total, free, waiting, running, waiting_blocks, host_total, host_free)
         return self._to_engine(engine_id, event)
 
     def transfer_measured(
@@ -117,13 +118,13 @@ class SchedulerBridge:
         """A timed copy; its decisions are those of timers and uploads that came due."""
         if seconds <= 0 or nbytes <= 0:
             return []
-        event = ev.TransferMeasured(self._clock(), direction, nbytes, seconds, blocks)
+        event = ev.TransferMeasured(direction, nbytes, seconds, blocks)
         return self._to_engine(engine_id, event)
 
     def transfer_done(
         self, engine_id: str, app_id: str, agent_id: str, direction: ev.Direction, blocks: int
     ) -> list[p.DecisionRecord]:
-        event = ev.TransferDone(self._clock(), app_id, agent_id, direction, blocks)
+        event = ev.TransferDone(app_id, agent_id, direction, blocks)
         return self._to_engine(engine_id, event)
 
     def eviction_policy(self) -> EvictionPolicy:
@@ -133,58 +134,29 @@ class SchedulerBridge:
 
     def app_registered(self, app: AppRecord) -> list[p.DecisionRecord]:
         self._apps[app.app_id] = app
-        return self._to_all(ev.AppRegistered(self._clock(), app.app_id, app.dag, app.tenant))
+        return self._to_all(_registered(app))
 
-    def llm_call_start(
-        self, agent: AgentRecord, request_id: str, prompt_tokens: int
-    ) -> list[p.DecisionRecord]:
-        event = ev.LlmCallStart(
-            self._clock(), agent.app_id, agent.agent_id, request_id, prompt_tokens
-        )
-        return self._to_agent(agent, event)
-
-    def llm_call_admitted(
-        self, agent: AgentRecord, request_id: str, kv_blocks: int
-    ) -> list[p.DecisionRecord]:
-        event = ev.LlmCallAdmitted(
-            self._clock(), agent.app_id, agent.agent_id, request_id, kv_blocks
-        )
-        return self._to_agent(agent, event)
-
-    def llm_call_finish(
-        self, agent: AgentRecord, request_id: str, output_tokens: int, kv_blocks: int
-    ) -> list[p.DecisionRecord]:
-        now = self._clock()
+    def agent_event(self, agent: AgentRecord, event: AgentEvent) -> list[p.DecisionRecord]:
+        """One of the agent's events, as its peer sent it (the registry took it)."""
         out: list[p.DecisionRecord] = []
-        if agent.engine_id in self._policies and not agent.admitted:
+        if (
+            isinstance(event, p.LlmCallFinish)
+            and agent.engine_id in self._policies
+            and not agent.admitted
+        ):
             # No llm_call_admitted came: the finish implies the admission, and the engine's
             # pool reports since then counted the request's blocks as taken.
-            admitted = ev.LlmCallAdmitted(
-                now, agent.app_id, agent.agent_id, request_id, kv_blocks, reported=True
+            admitted = p.LlmCallAdmitted(
+                event.app_id, event.agent_id, event.request_id, event.kv_blocks, reported=True
             )
             out = self._to_agent(agent, admitted)
-        event = ev.LlmCallFinish(
-            now, agent.app_id, agent.agent_id, request_id, output_tokens, kv_blocks
-        )
         return out + self._to_agent(agent, event)
-
-    def tool_call_start(
-        self, agent: AgentRecord, tool_kind: str, predicted_s: float | None, call_id: str
-    ) -> list[p.DecisionRecord]:
-        event = ev.ToolCallStart(
-            self._clock(), agent.app_id, agent.agent_id, tool_kind, predicted_s, call_id
-        )
-        return self._to_agent(agent, event)
-
-    def tool_call_end(self, agent: AgentRecord, call_id: str, ok: bool) -> list[p.DecisionRecord]:
-        event = ev.ToolCallEnd(self._clock(), agent.app_id, agent.agent_id, call_id, ok)
-        return self._to_agent(agent, event)
 
     def app_end(self, app: AppRecord) -> list[p.DecisionRecord]:
         self._apps.pop(app.app_id, None)
         for agent_id in app.agents:
             self._tag_agents.pop(self._tags.pop((app.app_id, agent_id), 0), None)
-        return self._to_all(ev.AppEnd(self._clock(), app.app_id))
+        return self._to_all(p.AppEnd(app.app_id))
 
     # ------------------------------------------------------------------ the L2 tier
 
@@ -193,7 +165,7 @@ class SchedulerBridge:
         engine's: every engine's cost model learns from it."""
         if seconds <= 0 or nbytes <= 0:
             return []
-        return self._to_all(ev.TransferMeasured(self._clock(), "l2", nbytes, seconds, blocks))
+        return self._to_all(ev.TransferMeasured("l2", nbytes, seconds, blocks))
 
     def kv_to_l2(self, blocks_by_tag: dict[int, int]) -> list[p.DecisionRecord]:
         """The host store evicted these agents' blocks (by slot tag), written back to L2."""
@@ -201,13 +173,13 @@ class SchedulerBridge:
         for tag, blocks in blocks_by_tag.items():
             key = self._tag_agents.get(tag)
             if key is not None:
-                event = ev.KvTierMoved(self._clock(), key[0], key[1], blocks, "l2")
+                event = ev.KvTierMoved(key[0], key[1], blocks, "l2")
                 out.extend(self._to_all(event))
         return out
 
     def kv_from_l2(self, app_id: str, agent_id: str, blocks: int) -> list[p.DecisionRecord]:
         """An upload's prefetch placed ``blocks`` of the agent's KV back in the arena."""
-        return self._to_all(ev.KvTierMoved(self._clock(), app_id, agent_id, blocks, "host"))
+        return self._to_all(ev.KvTierMoved(app_id, agent_id, blocks, "host"))
 
     def tick(self, now: float) -> list[p.DecisionRecord]:
         out: list[p.DecisionRecord] = []
@@ -261,16 +233,19 @@ class SchedulerBridge:
         policy = self._policies.get(agent.engine_id)
         if policy is None:
             return self._to_all(event)
-        return self._records(agent.engine_id, policy.on_event(event))
+        return self._records(agent.engine_id, policy.on_event(event, self._clock()))
 
     def _to_engine(self, engine_id: str, event: ev.Event) -> list[p.DecisionRecord]:
         policy = self._policies.get(engine_id)
-        return [] if policy is None else self._records(engine_id, policy.on_event(event))
+        if policy is None:
+            return []
+        return self._records(engine_id, policy.on_event(event, self._clock()))
 
     def _to_all(self, event: ev.Event) -> list[p.DecisionRecord]:
         out: list[p.DecisionRecord] = []
+        now = self._clock()
         for engine_id, policy in self._policies.items():
-            out.extend(self._records(engine_id, policy.on_event(event)))
+            out.extend(self._records(engine_id, policy.on_event(event, now)))
         return out
 
     def _records(self, engine_id: str, decisions: list[p.DecisionRecord]) -> list[p.DecisionRecord]:
@@ -279,3 +254,8 @@ class SchedulerBridge:
             decision.engine_id = engine_id
             decision.policy = self.policy_name
         return decisions
+
+
+def _registered(app: AppRecord) -> p.RegisterApp:
+    """The app's registration, as a policy created after it must hear it."""
+    return p.RegisterApp(app.app_id, app.dag, app.tenant)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tokencake.daemon.scheduler import LlmCallAdmitted, LlmCallPreempted
+from tokencake.daemon.scheduler import LlmCallPreempted
+from tokencake.protocol import LlmCallAdmitted
 from tokencake.sim import transfers
 from tokencake.sim.kvpool import CACHED, GHOST, LOCKED, AgentKv, GpuPool
 from tokencake.sim.records import Request, Transfer
@@ -147,7 +148,7 @@ def admit_with(
         sim.loading.add(req)
     else:
         sim.running.append(req)
-    sim._emit(LlmCallAdmitted(sim.now, req.view.app_id, req.view.agent_id, req.rid, len(layout)))
+    sim._emit(LlmCallAdmitted(req.view.app_id, req.view.agent_id, req.rid, len(layout)))
     return True
 
 
@@ -239,7 +240,7 @@ def preempt(sim: Simulator, req: Request) -> None:
     sim.running.remove(req)
     sim.waiting.insert(0, req)
     sim.c.preemptions += 1
-    sim._emit(LlmCallPreempted(sim.now, req.view.app_id, req.view.agent_id, req.rid, freed))
+    sim._emit(LlmCallPreempted(req.view.app_id, req.view.agent_id, req.rid, freed))
 
 
 def register_computed(sim: Simulator, req: Request) -> None:

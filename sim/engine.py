@@ -31,24 +31,24 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokencake.daemon.scheduler import (
-    AppEnd,
-    AppRegistered,
     CachedKv,
     EngineState,
     KvEvicted,
-    LlmCallFinish,
-    LlmCallStart,
     Policy,
-    ToolCallEnd,
-    ToolCallStart,
     WaitingRequest,
 )
 from tokencake.daemon.scheduler.events import Event
 from tokencake.protocol import (
+    AppEnd,
     DecisionRecord,
     DropDecision,
+    LlmCallFinish,
+    LlmCallStart,
     OffloadDecision,
     PinDecision,
+    RegisterApp,
+    ToolCallEnd,
+    ToolCallStart,
     UnpinDecision,
     UploadDecision,
 )
@@ -123,7 +123,7 @@ class Simulator:
         self.now = 0.0
         self.heap: list[tuple[float, int, int, Any]] = []
         self._seq = 0
-        self.pending_events: deque[Event] = deque()
+        self.pending_events: deque[tuple[float, Event]] = deque()
         self.plain_apps: set[str] = {a.app_id for a in trace.apps if a.plain}
         self.lru_eviction = lru_eviction
         """Evict least recently used first, as vLLM does, instead of asking the policy's
@@ -164,14 +164,14 @@ class Simulator:
     def _emit(self, ev: Event) -> None:
         if self.plain_apps and getattr(ev, "app_id", None) in self.plain_apps:
             return  # plain traffic carries no agent metadata: the daemon never hears of it
-        self.pending_events.append(ev)
+        self.pending_events.append((self.now, ev))
 
     def _flush(self) -> None:
         """Deliver queued events in order and carry out the decisions they cause."""
         while self.pending_events:
-            ev = self.pending_events.popleft()
+            at, ev = self.pending_events.popleft()
             self.c.policy_events += 1
-            self._apply(self.policy.on_event(ev))
+            self._apply(self.policy.on_event(ev, at))
 
     def _apply(self, decisions: list[DecisionRecord]) -> None:
         for d in decisions:
@@ -237,7 +237,7 @@ class Simulator:
         blocks, evicted = res
         for a, k in evicted.items():
             self.c.gpu_evicted_blocks += k
-            self._emit(KvEvicted(self.now, a.app_id, a.agent_id, k, "gpu"))
+            self._emit(KvEvicted(a.app_id, a.agent_id, k, "gpu"))
         return blocks
 
     # ------------------------------------------------------------------ applications
@@ -256,7 +256,7 @@ class Simulator:
             nodes_left=len(spec.nodes),
         )
         self.apps_in_flight += 1
-        self._emit(AppRegistered(self.now, spec.app_id, dag))
+        self._emit(RegisterApp(spec.app_id, dag))
         for n in spec.nodes:
             if not n.predecessors:
                 self._ready(run, n)
@@ -300,7 +300,9 @@ class Simulator:
         )
         self.by_rid[rid] = req
         self.waiting.append(req)
-        self._emit(LlmCallStart(self.now, spec.app_id, node.id, rid, ptoks, need))
+        self._emit(
+            LlmCallStart(spec.app_id, node.id, request_id=rid, prompt_tokens=ptoks, blocks=need)
+        )
 
     def _node_done(self, run: AppRun, node: NodeSpec) -> None:
         run.nodes_left -= 1
@@ -316,11 +318,11 @@ class Simulator:
             self.results_critical.append(run.critical_llm_s)
             self.results_queue.append(run.queue_s)
             self.results_plain.append(run.spec.plain)
-            self._emit(AppEnd(self.now, run.spec.app_id))
+            self._emit(AppEnd(run.spec.app_id))
 
     def _tool_end(self, req: Request) -> None:
         spec = req.app.spec
-        self._emit(ToolCallEnd(self.now, spec.app_id, req.node.id, req.rid))
+        self._emit(ToolCallEnd(spec.app_id, req.node.id, req.rid))
         self._node_done(req.app, req.node)
 
     # ------------------------------------------------------------------ admission
@@ -407,17 +409,13 @@ class Simulator:
         spec = req.app.spec
         if req.node.id in req.app.critical:
             req.app.critical_llm_s += self.now - req.ready_s
-        self._emit(
-            LlmCallFinish(self.now, spec.app_id, req.node.id, req.rid, req.generated, kv_blocks)
-        )
+        self._emit(LlmCallFinish(spec.app_id, req.node.id, req.rid, req.generated, kv_blocks))
         del self.by_rid[req.rid]
         tool = req.node.tool
         if tool is None:
             self._node_done(req.app, req.node)
             return
-        self._emit(
-            ToolCallStart(self.now, spec.app_id, req.node.id, tool.kind, tool.predicted_s, req.rid)
-        )
+        self._emit(ToolCallStart(spec.app_id, req.node.id, tool.kind, tool.predicted_s, req.rid))
         self._push(self.now + tool.duration_s, TOOL_END, req)
 
     # ------------------------------------------------------------------ main loop
@@ -496,7 +494,6 @@ class Simulator:
         waiting_blocks = sum(r.view.blocks for r in self.waiting)
         self._emit(
             EngineState(
-                self.now,
                 self.nominal_blocks if not self.pool.unbounded else self.pool.total + 1,
                 # vLLM's figure: free blocks plus idle cached ones (a new request may take them)
                 self.free_blocks() if not self.pool.unbounded else self.pool.total + 1,

@@ -72,19 +72,13 @@ from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
 from tokencake.clients.launcher import DaemonProcess, LaunchError, daemon_flags, spawn
 from tokencake.clients.priorities import AgentPriorities
 from tokencake.daemon.scheduler import (
-    AppEnd,
-    AppRegistered,
+    AgentEvent,
     CachedKv,
     EngineState,
-    LlmCallAdmitted,
-    LlmCallFinish,
-    LlmCallStart,
+    Event,
     Policy,
-    ToolCallEnd,
-    ToolCallStart,
     WaitingRequest,
 )
-from tokencake.daemon.scheduler.events import Event
 from tokencake.layout import KvLayout
 from tokencake.segment import SLOT_BASE_OFFSET
 from tokencake.sim.engine import EngineResult, SimulationError, Simulator
@@ -311,10 +305,8 @@ class DaemonPolicy(Policy):
 
     # ------------------------------------------------------------------ Policy
 
-    def on_event(self, event: Event) -> list[p.DecisionRecord]:
-        self._pace(event.now)
-        wire = self.app_prefix + str(getattr(event, "app_id", ""))
-        s = self.scale
+    def on_event(self, event: Event, now: float) -> list[p.DecisionRecord]:
+        self._pace(now)
         if isinstance(event, EngineState):
             self._state = (
                 event.gpu_blocks_free,
@@ -322,46 +314,43 @@ class DaemonPolicy(Policy):
                 event.num_running,
                 event.waiting_blocks,
             )
-            self._report_state(event.now)
-        elif isinstance(event, AppRegistered):
+            self._report_state(now)
+        elif isinstance(event, AgentEvent):
+            self._send(event, now)
+        # LlmCallPreempted, KvEvicted: no op exists (the daemon sees them in the free count).
+        # TransferDone, TransferMeasured: reported through the host-slot ops of
+        # copy_submitted / copy_done.
+        return self._decisions(now)
+
+    def _send(self, event: AgentEvent, now: float) -> None:
+        """The agent event as the simulated app or connector sends it: its app under this
+        run's prefix, the simulated seconds it carries stretched to wall seconds."""
+        wire = self.app_prefix + event.app_id
+        s = self.scale
+        sent: AgentEvent = event
+        if isinstance(event, p.RegisterApp):
             nodes = [
                 msgspec.structs.replace(
                     n, expected_llm_s=n.expected_llm_s * s, expected_tool_s=n.expected_tool_s * s
                 )
                 for n in event.dag.nodes
             ]
-            dag = p.AppDag(nodes=nodes, edges=list(event.dag.edges))
-            self._event(p.RegisterApp(app_id=wire, dag=dag, tenant=event.tenant))
-        elif isinstance(event, LlmCallStart):
-            self._apps[wire] = event.now
+            sent = msgspec.structs.replace(
+                event, dag=p.AppDag(nodes=nodes, edges=list(event.dag.edges))
+            )
+        elif isinstance(event, p.LlmCallStart):
+            self._apps[wire] = now
             self._agents.add((wire, event.agent_id))
             self._arrivals = True
-            self._event(
-                p.LlmCallStart(
-                    wire, event.agent_id, self.engine_id, event.request_id, event.prompt_tokens
-                )
-            )
-        elif isinstance(event, LlmCallAdmitted):
-            self._event(p.LlmCallAdmitted(wire, event.agent_id, event.request_id, event.blocks))
-        elif isinstance(event, LlmCallFinish):
-            self._event(
-                p.LlmCallFinish(
-                    wire, event.agent_id, event.request_id, event.output_tokens, event.kv_blocks
-                )
-            )
-        elif isinstance(event, ToolCallStart):
-            hint = event.predicted_s * s if event.predicted_s is not None else None
-            self._event(p.ToolCallStart(wire, event.agent_id, event.tool_kind, hint, event.call_id))
-        elif isinstance(event, ToolCallEnd):
-            self._event(p.ToolCallEnd(wire, event.agent_id, event.call_id, event.ok))
-        elif isinstance(event, AppEnd):
-            self._event(p.AppEnd(wire))
+            # A connector names its engine, and cannot know the blocks a request needs
+            # before vLLM schedules it: the daemon derives them from the prompt.
+            sent = msgspec.structs.replace(event, engine_id=self.engine_id, blocks=0)
+        elif isinstance(event, p.ToolCallStart) and event.predicted_s is not None:
+            sent = msgspec.structs.replace(event, predicted_s=event.predicted_s * s)
+        self._event(msgspec.structs.replace(sent, app_id=wire))
+        if isinstance(event, p.AppEnd):
             self._apps.pop(wire, None)
             self._agents = {k for k in self._agents if k[0] != wire}
-        # LlmCallPreempted, KvEvicted: no op exists (the daemon sees them in the free count).
-        # TransferDone, TransferMeasured: reported through the host-slot ops of
-        # copy_submitted / copy_done.
-        return self._decisions(event.now)
 
     def tick(self, now: float) -> list[p.DecisionRecord]:
         self._pace(now)

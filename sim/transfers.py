@@ -46,7 +46,7 @@ def transfer_done(sim: Simulator, tr: Transfer) -> None:
         start(sim, nxt)
     n = len(tr.keys)
     sim._emit(
-        TransferMeasured(sim.now, d, tr.nbytes, sim.now - tr.start_s, n)  # type: ignore[arg-type]
+        TransferMeasured(d, tr.nbytes, sim.now - tr.start_s, n)  # type: ignore[arg-type]
     )
     a = tr.agent
     if d == "d2h":
@@ -55,7 +55,7 @@ def transfer_done(sim: Simulator, tr: Transfer) -> None:
         sim.host.commit(tr.keys, a)
         for b in tr.blocks:
             sim.pool.unlock(b, a, tr.free_gpu)
-        sim._emit(TransferDone(sim.now, a.app_id, a.agent_id, "d2h", tr.settles))
+        sim._emit(TransferDone(a.app_id, a.agent_id, "d2h", tr.settles))
         return
     sim.c.upload_bytes += tr.nbytes
     sim.c.upload_blocks += n
@@ -65,7 +65,7 @@ def transfer_done(sim: Simulator, tr: Transfer) -> None:
         sim.pool.register(b, k)
         sim.pool.release(b, a, sim.now)
     if tr.kind == "upload":
-        sim._emit(TransferDone(sim.now, a.app_id, a.agent_id, "h2d", tr.settles))
+        sim._emit(TransferDone(a.app_id, a.agent_id, "h2d", tr.settles))
     for req in tr.waiters:
         req.waiting_on -= 1
         if req.waiting_on == 0 and req in sim.loading:
@@ -100,7 +100,7 @@ def offload(sim: Simulator, agent: AgentKv, n_blocks: int, free_gpu: bool) -> No
     settled = len(on_gpu) - left_out
     short = max(n_blocks, len(on_gpu)) - settled
     if short > 0:
-        sim._emit(TransferDone(sim.now, agent.app_id, agent.agent_id, "d2h", short, ok=False))
+        sim._emit(TransferDone(agent.app_id, agent.agent_id, "d2h", short, ok=False))
     if not on_gpu:
         return
     for b, _ in on_gpu:
@@ -109,7 +109,7 @@ def offload(sim: Simulator, agent: AgentKv, n_blocks: int, free_gpu: bool) -> No
     evicted = sim.host.reserve(keys)
     for owner, k in evicted.items():
         sim.c.host_evicted_blocks += k
-        sim._emit(KvEvicted(sim.now, owner.app_id, owner.agent_id, k, "host"))
+        sim._emit(KvEvicted(owner.app_id, owner.agent_id, k, "host"))
     # Blocks already on the host are released with the copied ones, at the same time.
     tr = Transfer(
         "d2h",
@@ -150,7 +150,7 @@ def upload(sim: Simulator, agent: AgentKv, n_blocks: int, priority: int) -> None
         complete = False
     short = n_blocks - len(want)
     if short > 0:
-        sim._emit(TransferDone(sim.now, agent.app_id, agent.agent_id, "h2d", short, ok=complete))
+        sim._emit(TransferDone(agent.app_id, agent.agent_id, "h2d", short, ok=complete))
     if not want or got is None:
         return
     tr = Transfer("h2d", "upload", agent, got, want, len(want) * sim.profile.block_bytes, priority)

@@ -231,12 +231,17 @@ class RegisterApp(Request[EventAck]):
 
 
 class LlmCallStart(Request[EventAck]):
+    """An agent's LLM request entered the engine's waiting queue."""
+
     op = "llm_call_start"
     app_id: str
     agent_id: str
     engine_id: str = ""
     request_id: str = ""
     prompt_tokens: Count = 0
+    blocks: Count = 0
+    """GPU blocks the request needs to start (its prompt blocks not already cached); 0: the
+    scheduler derives them from ``prompt_tokens`` and the engine's block size."""
 
 
 class LlmCallAdmitted(Request[EventAck]):
@@ -250,6 +255,9 @@ class LlmCallAdmitted(Request[EventAck]):
     agent_id: str
     request_id: str = ""
     kv_blocks: Count = 0
+    reported: bool = False
+    """The engine's pool reports already count these blocks as taken (an admission told
+    late, after heartbeats taken while the call ran), so they are not taken twice."""
 
 
 class LlmCallFinish(Request[EventAck]):
@@ -291,34 +299,13 @@ class LookupReply(msgspec.Struct):
     slots: list[int]
 
 
-class HashesRequest(Request[ReplyT]):
-    """Base of the requests about an engine's chained block hashes (``salt``: the tenant's
-    namespace, as the connector hashes)."""
-
-    engine_id: str
-    hashes: Hashes
-    salt: Name = ""
-
-
-class AgentHashesRequest(HashesRequest[ReplyT]):
-    """A hashes request that may name the agent whose KV it moves, so the scheduler can
-    account for the copy when it completes."""
-
-    app_id: str = ""
-    agent_id: str = ""
-
-
-class SlotsRequest(Request[ReplyT]):
-    """Base of the requests that finish or give back slots the engine holds."""
-
-    engine_id: str
-    slots: list[int]
-
-
-class Lookup(HashesRequest[LookupReply]):
+class Lookup(Request[LookupReply]):
     """Longest ready prefix of ``hashes``. Informational: it pins nothing."""
 
     op = "lookup"
+    engine_id: str
+    hashes: Hashes
+    salt: Name = ""
 
 
 class ReserveReply(msgspec.Struct):
@@ -331,21 +318,28 @@ class ReserveReply(msgspec.Struct):
     slots: list[int]
 
 
-class Reserve(AgentHashesRequest[ReserveReply]):
+class Reserve(Request[ReserveReply]):
     """Slots to store ``hashes`` into. Naming the agent lets the scheduler account for its
     offload when the slots are committed."""
 
     op = "reserve"
+    engine_id: str
+    hashes: Hashes
+    salt: Name = ""
+    app_id: str = ""
+    agent_id: str = ""
 
 
 class CommitReply(msgspec.Struct):
     committed: int
 
 
-class Commit(SlotsRequest[CommitReply]):
+class Commit(Request[CommitReply]):
     """The sender has written these reserved slots completely; make them servable."""
 
     op = "commit"
+    engine_id: str
+    slots: list[int]
     copy_s: float = -1.0
     """Seconds the copy itself took, on the engine's clock; negative: not measured (the
     daemon then takes the time since the reservation, waiting included)."""
@@ -355,32 +349,39 @@ class AbortReply(msgspec.Struct):
     aborted: int
 
 
-class Abort(SlotsRequest[AbortReply]):
+class Abort(Request[AbortReply]):
     """Give back reserved slots that will not be written."""
 
     op = "abort"
+    engine_id: str
+    slots: list[int]
 
 
 class LoadBeginReply(msgspec.Struct):
     slots: list[int]
 
 
-class LoadBegin(AgentHashesRequest[LoadBeginReply]):
+class LoadBegin(Request[LoadBeginReply]):
     """Pin the longest ready prefix of ``hashes`` for reading; it cannot be evicted.
 
     Naming the agent lets the scheduler account for its upload at ``load_end``."""
 
     op = "load_begin"
+    engine_id: str
+    hashes: Hashes
+    salt: Name = ""
+    app_id: str = ""
+    agent_id: str = ""
 
 
 class LoadEndReply(msgspec.Struct):
     released: int
 
 
-class LoadEnd(SlotsRequest[LoadEndReply]):
-    """Release the slots ``load_begin`` pinned: the engine has read them."""
-
+class LoadEnd(Request[LoadEndReply]):
     op = "load_end"
+    engine_id: str
+    slots: list[int]
     copy_s: float = -1.0
     """Seconds the copy into the engine took; negative: not measured (see ``Commit``)."""
 
@@ -389,10 +390,13 @@ class DropReply(msgspec.Struct):
     dropped: int
 
 
-class Drop(HashesRequest[DropReply]):
+class Drop(Request[DropReply]):
     """Forget stored blocks. Blocks being read are freed when their readers finish."""
 
     op = "drop"
+    engine_id: str
+    hashes: Hashes
+    salt: Name = ""
 
 
 # --------------------------------------------------------------------------- GPU data plane

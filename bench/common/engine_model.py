@@ -15,29 +15,30 @@ from dataclasses import dataclass, field
 
 from tokencake import protocol as p
 from tokencake.daemon.scheduler import (
-    AppEnd,
-    AppRegistered,
     CachedKv,
     EngineState,
+    Event,
     KvEvicted,
-    LlmCallAdmitted,
-    LlmCallFinish,
-    LlmCallStart,
     Policy,
     PolicyConfig,
-    ToolCallEnd,
-    ToolCallStart,
     TransferDone,
     WaitingRequest,
     create_policy,
 )
 from tokencake.protocol import (
     AppDag,
+    AppEnd,
     DagNode,
     DecisionRecord,
     DropDecision,
+    LlmCallAdmitted,
+    LlmCallFinish,
+    LlmCallStart,
     OffloadDecision,
     PinDecision,
+    RegisterApp,
+    ToolCallEnd,
+    ToolCallStart,
     UnpinDecision,
     UploadDecision,
 )
@@ -152,14 +153,14 @@ class ToyEngine:
 
     # ------------------------------------------------------------------ events
 
-    def feed(self, event: object) -> None:
+    def feed(self, event: Event) -> None:
         """Report an event and carry out the decisions, in the order they were made.
 
         Carrying out a decision may report events (an eviction to make room for an
         upload); their decisions queue behind the ones already made, as an engine applies
         pushed decisions in order, instead of cutting in (the policy's plan for a batch of
         upload pieces counts on them landing in that order)."""
-        self._carry_out(self.policy.on_event(event))  # type: ignore[arg-type]
+        self._carry_out(self.policy.on_event(event, self.now))
 
     def _carry_out(self, decisions: list[DecisionRecord]) -> None:
         self._queue.extend(decisions)
@@ -255,13 +256,13 @@ class ToyEngine:
                     agent.cached += blocks
                 if not self.keep_host_copy:
                     agent.host -= blocks
-            self.feed(TransferDone(self.now, agent.app_id, agent.agent_id, direction, blocks))  # type: ignore[arg-type]
+            self.feed(TransferDone(agent.app_id, agent.agent_id, direction, blocks))  # type: ignore[arg-type]
         while self.next_app < len(self.apps) and self.apps[self.next_app].arrival_s <= self.now:
             self.start_app(self.apps[self.next_app])
             self.next_app += 1
         for agent in list(self.agents.values()):
             if agent.phase == "tool" and agent.tool_end_s <= self.now:
-                self.feed(ToolCallEnd(self.now, agent.app_id, agent.agent_id))
+                self.feed(ToolCallEnd(agent.app_id, agent.agent_id))
                 self.begin_call(agent)
             elif agent.phase == "running":
                 agent.run_left -= 1
@@ -270,7 +271,6 @@ class ToyEngine:
         waiting_blocks = sum(a.need for a in self.waiting)
         self.feed(
             EngineState(
-                self.now,
                 self.gpu_total,
                 # vLLM's count: empty blocks plus idle cached ones a new request may evict
                 self.gpu_total - self.gpu_used() + self.evictable_blocks(None),
@@ -303,7 +303,7 @@ class ToyEngine:
             ],
             edges=spec.edges,
         )
-        self.feed(AppRegistered(self.now, spec.app_id, dag))
+        self.feed(RegisterApp(spec.app_id, dag))
         agents = []
         for n in spec.nodes:
             key = (spec.app_id, n.node_id)
@@ -325,10 +325,9 @@ class ToyEngine:
         self.waiting.append(agent)
         self.feed(
             LlmCallStart(
-                self.now,
                 agent.app_id,
                 agent.agent_id,
-                f"{agent.agent_id}#{agent.call}",
+                request_id=f"{agent.agent_id}#{agent.call}",
                 blocks=call.prompt_blocks,
             )
         )
@@ -339,12 +338,12 @@ class ToyEngine:
         agent.cached += agent.running_blocks
         agent.running_blocks = 0
         agent.last_used = self.now
-        self.feed(LlmCallFinish(self.now, agent.app_id, agent.agent_id, kv_blocks=agent.cached))
+        self.feed(LlmCallFinish(agent.app_id, agent.agent_id, kv_blocks=agent.cached))
         agent.call += 1
         if call.tool_s is not None and agent.call < len(agent.spec.calls):
             agent.phase = "tool"
             agent.tool_end_s = self.now + call.tool_s
-            self.feed(ToolCallStart(self.now, agent.app_id, agent.agent_id, "tool", call.tool_hint))
+            self.feed(ToolCallStart(agent.app_id, agent.agent_id, "tool", call.tool_hint))
             return
         if agent.call < len(agent.spec.calls):
             self.begin_call(agent)
@@ -359,7 +358,7 @@ class ToyEngine:
             ):
                 self.begin_call(succ)
         if all(a.phase == "done" for a in app_agents):
-            self.feed(AppEnd(self.now, agent.app_id))
+            self.feed(AppEnd(agent.app_id))
             del self.live_apps[agent.app_id]
             self.done_apps += 1
             for a in app_agents:
@@ -394,7 +393,7 @@ class ToyEngine:
             v = self.agents[(victim.app_id, victim.agent_id)]
             take = min(v.cached - v.d2h, need - free)
             v.cached -= take
-            self.feed(KvEvicted(self.now, v.app_id, v.agent_id, take, "gpu"))
+            self.feed(KvEvicted(v.app_id, v.agent_id, take, "gpu"))
             free = self.gpu_total - self.gpu_used()  # decisions may have taken some
         return free
 
@@ -429,9 +428,7 @@ class ToyEngine:
             waited = self.step_no - agent.wait_start_step
             self.stats.max_wait_steps = max(self.stats.max_wait_steps, waited)
             self.stats.admitted += 1
-            self.feed(
-                LlmCallAdmitted(self.now, agent.app_id, agent.agent_id, blocks=agent.running_blocks)
-            )
+            self.feed(LlmCallAdmitted(agent.app_id, agent.agent_id, kv_blocks=agent.running_blocks))
 
 
 def random_apps(

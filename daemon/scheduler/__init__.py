@@ -1,25 +1,21 @@
 """The scheduler brain: pure decision code shared by the daemon and the simulator.
 
-Start with ``policy`` (the interface and registry), ``events`` (what goes in) and the
-decision structs of ``tokencake.protocol`` (what comes out: ``DecisionRecord``).
+Start with ``policy`` (the interface and registry), ``events`` (what goes in: the
+protocol's agent events, and the engine's reports) and the decision structs of
+``tokencake.protocol`` (what comes out: ``DecisionRecord``).
 """
 
 from __future__ import annotations
 
 from tokencake.daemon.scheduler.events import (
-    AppEnd,
-    AppRegistered,
+    AgentEvent,
+    EngineEvent,
     EngineState,
     Event,
     KvEvicted,
     KvTierMoved,
-    LlmCallAdmitted,
-    LlmCallFinish,
     LlmCallPreempted,
-    LlmCallStart,
     Tick,
-    ToolCallEnd,
-    ToolCallStart,
     TransferDone,
     TransferMeasured,
 )
@@ -38,25 +34,20 @@ from tokencake.daemon.scheduler.policy import (
 )
 
 __all__ = [
+    "AgentEvent",
     "AgentView",
-    "AppEnd",
-    "AppRegistered",
     "CachedKv",
+    "EngineEvent",
     "EngineState",
     "Event",
     "KvEvicted",
     "KvTierMoved",
-    "LlmCallAdmitted",
-    "LlmCallFinish",
     "LlmCallPreempted",
-    "LlmCallStart",
     "Policy",
     "PolicyConfig",
     "PolicyError",
     "PolicyInfo",
     "Tick",
-    "ToolCallEnd",
-    "ToolCallStart",
     "TransferDone",
     "TransferMeasured",
     "UnknownPolicyError",

@@ -54,7 +54,6 @@ from tokencake import guard
 from tokencake import protocol as p
 from tokencake.daemon.scheduler.agents import DONE, IDLE, RUNNING, TOOL, WAITING, AgentState
 from tokencake.daemon.scheduler.costmodel import upload_lead_s
-from tokencake.daemon.scheduler.events import LlmCallFinish
 from tokencake.daemon.scheduler.policy import CachedKv, PolicyConfig, WaitingRequest
 from tokencake.daemon.scheduler.predictor import Z_Q10, Z_Q20, Z_Q95
 from tokencake.daemon.scheduler.timers import T_LATE, T_UPLOAD
@@ -119,7 +118,7 @@ class TokenCakePolicy(WriteThroughPolicy):
         self._push_timer(late_at, T_LATE, agent, agent.tool_token)
 
     def _on_llm_finish(
-        self, agent: AgentState, ev: LlmCallFinish, out: list[p.DecisionRecord]
+        self, agent: AgentState, ev: p.LlmCallFinish, out: list[p.DecisionRecord]
     ) -> None:
         if self.temporal:
             self._note_finished(agent)

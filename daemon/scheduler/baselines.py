@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 from tokencake import protocol as p
 from tokencake.daemon.scheduler.agents import DONE, TOOL, WAITING, AgentState
-from tokencake.daemon.scheduler.events import LlmCallFinish
 from tokencake.daemon.scheduler.policy import CachedKv, PolicyConfig, WaitingRequest
 from tokencake.daemon.scheduler.tracking import TrackingPolicy
 
@@ -45,7 +44,7 @@ class LruOffloadPolicy(TrackingPolicy):
         self._host_lru: OrderedDict[tuple[str, str], AgentState] = OrderedDict()
 
     def _on_llm_finish(
-        self, agent: AgentState, ev: LlmCallFinish, out: list[p.DecisionRecord]
+        self, agent: AgentState, ev: p.LlmCallFinish, out: list[p.DecisionRecord]
     ) -> None:
         new = agent.kv_size - agent.host_blocks - agent.offloading
         if new <= 0:
@@ -199,7 +198,7 @@ class KvFlowPolicy(LruOffloadPolicy):
         self._reload(agent, p.PREFETCH, "prefetch:next_to_execute", out)
 
     def _on_llm_finish(
-        self, agent: AgentState, ev: LlmCallFinish, out: list[p.DecisionRecord]
+        self, agent: AgentState, ev: p.LlmCallFinish, out: list[p.DecisionRecord]
     ) -> None:
         super()._on_llm_finish(agent, ev, out)
         app = agent.app

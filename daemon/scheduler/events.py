@@ -1,8 +1,16 @@
-"""Typed events the scheduler brain consumes.
+"""What the scheduler brain consumes: the protocol's agent events, and the engine's reports.
 
-Every event carries ``now`` (seconds on the caller's clock): the scheduler never reads a
-wall clock, so the daemon (monotonic time) and the simulator (virtual time) feed the same
-code and a replayed event sequence gives the same decisions.
+One vocabulary: an agent event the policy sees is the wire struct a client or connector
+sends (``tokencake.protocol``'s ``RegisterApp``, ``LlmCallStart``, ``LlmCallAdmitted``,
+``LlmCallFinish``, ``ToolCallStart``, ``ToolCallEnd``, ``AppEnd``), and the time it happened
+travels beside it: ``policy.on_event(event, now)`` (seconds on the caller's clock). The
+scheduler never reads a wall clock, so the daemon (monotonic time) and the simulator
+(virtual time) feed the same code and a replayed event sequence gives the same decisions.
+The wire fields the policy does not use (``engine_id``) are routing for the daemon.
+
+The structs declared here travel on no wire: they are what an engine (the daemon on its
+behalf, or the simulator's engine) tells the policy about its own pool and copies. Their
+names are not op names of the protocol.
 
 Agents are keyed by ``(app_id, agent_id)``; ``agent_id`` is the DAG node id. Events for an
 agent whose app was never registered are accepted: the policy creates a one-node app for it,
@@ -27,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from tokencake.protocol import AppDag
+from tokencake import protocol as p
 
 Direction = Literal["d2h", "h2d"]
 Measured = Literal["d2h", "h2d", "l2"]
@@ -35,55 +43,22 @@ Measured = Literal["d2h", "h2d", "l2"]
 Where = Literal["gpu", "host"]
 Tier = Literal["host", "l2"]
 
-
-@dataclass(slots=True, frozen=True)
-class AppRegistered:
-    """An application declared its DAG. Re-registering an app id replaces nothing."""
-
-    now: float
-    app_id: str
-    dag: AppDag
-    tenant: str = ""
-
-
-@dataclass(slots=True, frozen=True)
-class LlmCallStart:
-    """An agent's LLM request entered the engine's waiting queue.
-
-    ``blocks`` is the GPU blocks the request needs to start (prompt blocks not already
-    cached); 0 means "derive from ``prompt_tokens`` and the configured block size".
-    """
-
-    now: float
-    app_id: str
-    agent_id: str
-    request_id: str = ""
-    prompt_tokens: int = 0
-    blocks: int = 0
-
-
-@dataclass(slots=True, frozen=True)
-class LlmCallAdmitted:
-    """The engine scheduled the request: it now holds ``blocks`` GPU blocks (running).
-
-    ``reported``: the engine's pool reports already count these blocks as taken (an
-    admission inferred when the call finishes, after reports taken while it ran), so the
-    policy's free count must not take them again.
-    """
-
-    now: float
-    app_id: str
-    agent_id: str
-    request_id: str = ""
-    blocks: int = 0
-    reported: bool = False
+AgentEvent = (
+    p.RegisterApp
+    | p.LlmCallStart
+    | p.LlmCallAdmitted
+    | p.LlmCallFinish
+    | p.ToolCallStart
+    | p.ToolCallEnd
+    | p.AppEnd
+)
+"""The protocol's agent events, as the policy takes them."""
 
 
 @dataclass(slots=True, frozen=True)
 class LlmCallPreempted:
     """The engine preempted the running request and freed ``blocks_freed`` GPU blocks."""
 
-    now: float
     app_id: str
     agent_id: str
     request_id: str = ""
@@ -91,54 +66,14 @@ class LlmCallPreempted:
 
 
 @dataclass(slots=True, frozen=True)
-class LlmCallFinish:
-    """The LLM call ended; ``kv_blocks`` of the agent's KV remain on the GPU (cached)."""
-
-    now: float
-    app_id: str
-    agent_id: str
-    request_id: str = ""
-    output_tokens: int = 0
-    kv_blocks: int = 0
-
-
-@dataclass(slots=True, frozen=True)
-class ToolCallStart:
-    """The agent stalls on a tool. ``predicted_s`` is the caller's hint (None: no hint)."""
-
-    now: float
-    app_id: str
-    agent_id: str
-    tool_kind: str
-    predicted_s: float | None = None
-    call_id: str = ""
-
-
-@dataclass(slots=True, frozen=True)
-class ToolCallEnd:
-    now: float
-    app_id: str
-    agent_id: str
-    call_id: str = ""
-    ok: bool = True
-
-
-@dataclass(slots=True, frozen=True)
-class AppEnd:
-    now: float
-    app_id: str
-
-
-@dataclass(slots=True, frozen=True)
 class EngineState:
-    """The engine's GPU KV pool and queue as of ``now``.
+    """The engine's GPU KV pool and queue at the event's time.
 
     ``waiting_blocks`` is the blocks the waiting queue needs in all (0: unknown, the policy
     uses its own count). Host fields are -1 when the reporter does not know them; the policy
     then uses ``PolicyConfig.host_blocks`` and its own accounting.
     """
 
-    now: float
     gpu_blocks_total: int
     gpu_blocks_free: int
     num_waiting: int = 0
@@ -152,7 +87,6 @@ class EngineState:
 class TransferMeasured:
     """One measured copy (or L2 fetch): feeds the online bandwidth and overhead estimate."""
 
-    now: float
     direction: Measured
     nbytes: int
     seconds: float
@@ -168,7 +102,6 @@ class TransferDone:
     blocks were released.
     """
 
-    now: float
     app_id: str
     agent_id: str
     direction: Direction
@@ -180,7 +113,6 @@ class TransferDone:
 class KvEvicted:
     """The engine (gpu) or the host store (host) freed ``blocks`` of the agent's cached KV."""
 
-    now: float
     app_id: str
     agent_id: str
     blocks: int
@@ -193,7 +125,6 @@ class KvTierMoved:
     the host store evicted them, written back) or came back from it (``to="host"``). They
     stay the agent's host KV; an upload of them first fetches them from L2."""
 
-    now: float
     app_id: str
     agent_id: str
     blocks: int
@@ -204,18 +135,9 @@ class KvTierMoved:
 class Tick:
     """Time passed. Call at least once per engine step (or every few ms in the daemon)."""
 
-    now: float
 
-
-Event = (
-    AppRegistered
-    | LlmCallStart
-    | LlmCallAdmitted
-    | LlmCallPreempted
-    | LlmCallFinish
-    | ToolCallStart
-    | ToolCallEnd
-    | AppEnd
+EngineEvent = (
+    LlmCallPreempted
     | EngineState
     | TransferMeasured
     | TransferDone
@@ -223,24 +145,22 @@ Event = (
     | KvTierMoved
     | Tick
 )
+"""What the engine (or the daemon on its behalf) reports; never on the wire."""
+
+Event = AgentEvent | EngineEvent
 
 __all__ = [
-    "AppEnd",
-    "AppRegistered",
+    "AgentEvent",
     "Direction",
+    "EngineEvent",
     "EngineState",
     "Event",
     "KvEvicted",
     "KvTierMoved",
-    "LlmCallAdmitted",
-    "LlmCallFinish",
     "LlmCallPreempted",
-    "LlmCallStart",
     "Measured",
     "Tick",
     "Tier",
-    "ToolCallEnd",
-    "ToolCallStart",
     "TransferDone",
     "TransferMeasured",
     "Where",

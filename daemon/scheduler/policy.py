@@ -3,22 +3,24 @@
 Two consumers drive the same policy objects: the daemon (``tokencake.daemon.server``) and
 the discrete-event simulator (``tokencake.sim``). One policy instance schedules ONE engine's
 GPU KV pool (and the host blocks granted to it); the daemon creates one per registered
-engine and delivers every ``AppRegistered`` to each of them.
+engine and delivers every ``RegisterApp`` to each of them.
 
 How to drive a policy (both consumers)::
 
     policy = create_policy("tokencake", PolicyConfig(...))
-    decisions = policy.on_event(event)          # for every event in time order
+    decisions = policy.on_event(event, now)     # for every event in time order
     ...
     # each engine step:
-    decisions += policy.on_event(EngineState(now, total, free, n_waiting, n_running))
+    decisions += policy.on_event(EngineState(total, free, n_waiting, n_running), now)
     decisions += policy.tick(now)               # due uploads, deadlines, upload pieces
     order = policy.admission_order(waiting, now)    # try to admit in this order
     if policy.may_allocate(app_id, agent_id, n_blocks, now): ...  # before each allocation
     victims = policy.eviction_order(cached, now)    # free cached KV in this order
 
-``on_event`` and ``tick`` return decisions to carry out (see ``decisions``). The engine
-reports what it did back as events (``TransferDone``, ``KvEvicted``, ``LlmCallAdmitted``...).
+An agent event is the protocol's struct (``tokencake.protocol.LlmCallStart``...); ``now``
+is when it happened (see ``events``). ``on_event`` and ``tick`` return decisions to carry
+out (see ``decisions``). The engine reports what it did back as events (``TransferDone``,
+``KvEvicted``, ``LlmCallAdmitted``...).
 Events must come with non-decreasing ``now``; a policy never reads a clock. Same events in,
 same decisions out.
 
@@ -220,11 +222,12 @@ class Policy(ABC):
         self.config = config if config is not None else PolicyConfig()
 
     @abstractmethod
-    def on_event(self, event: Event) -> list[DecisionRecord]:
-        """Apply one event; return the decisions it causes (possibly none)."""
+    def on_event(self, event: Event, now: float) -> list[DecisionRecord]:
+        """Apply one event that happened at ``now``; return the decisions it causes
+        (possibly none)."""
 
     def tick(self, now: float) -> list[DecisionRecord]:
-        return self.on_event(Tick(now))
+        return self.on_event(Tick(), now)
 
     @abstractmethod
     def admission_order(

@@ -21,19 +21,12 @@ from tokencake import protocol as p
 from tokencake.daemon.scheduler.agents import DONE, IDLE, RUNNING, TOOL, AgentState, AppState
 from tokencake.daemon.scheduler.dag import DagError, analyse
 from tokencake.daemon.scheduler.events import (
-    AppEnd,
-    AppRegistered,
     EngineState,
     Event,
     KvEvicted,
     KvTierMoved,
-    LlmCallAdmitted,
-    LlmCallFinish,
     LlmCallPreempted,
-    LlmCallStart,
     Tick,
-    ToolCallEnd,
-    ToolCallStart,
     TransferDone,
     TransferMeasured,
 )
@@ -51,7 +44,7 @@ from tokencake.protocol import AppDag
 
 logger = logging.getLogger(__name__)
 
-_POOL_EVENTS = frozenset({Tick, EngineState, TransferDone, KvEvicted, LlmCallPreempted, AppEnd})
+_POOL_EVENTS = frozenset({Tick, EngineState, TransferDone, KvEvicted, LlmCallPreempted, p.AppEnd})
 """Events after which queued uploads may find GPU room (others cannot free blocks)."""
 
 
@@ -61,14 +54,14 @@ class TrackingPolicy(TimedPolicy):
     def __init__(self, config: PolicyConfig | None = None) -> None:
         super().__init__(config)
         self._handlers: dict[type, Callable[[Any, list[p.DecisionRecord]], None]] = {
-            AppRegistered: self._ev_app_registered,
-            LlmCallStart: self._ev_llm_start,
-            LlmCallAdmitted: self._ev_llm_admitted,
+            p.RegisterApp: self._ev_app_registered,
+            p.LlmCallStart: self._ev_llm_start,
+            p.LlmCallAdmitted: self._ev_llm_admitted,
             LlmCallPreempted: self._ev_llm_preempted,
-            LlmCallFinish: self._ev_llm_finish,
-            ToolCallStart: self._ev_tool_start,
-            ToolCallEnd: self._ev_tool_end,
-            AppEnd: self._ev_app_end,
+            p.LlmCallFinish: self._ev_llm_finish,
+            p.ToolCallStart: self._ev_tool_start,
+            p.ToolCallEnd: self._ev_tool_end,
+            p.AppEnd: self._ev_app_end,
             EngineState: self._ev_engine_state,
             TransferMeasured: self._ev_transfer_measured,
             TransferDone: self._ev_transfer_done,
@@ -79,8 +72,7 @@ class TrackingPolicy(TimedPolicy):
 
     # ------------------------------------------------------------------ driver
 
-    def on_event(self, event: Event) -> list[p.DecisionRecord]:
-        now = event.now
+    def on_event(self, event: Event, now: float) -> list[p.DecisionRecord]:
         if not math.isfinite(now):
             raise EventOrderError(f"event time must be finite, got {now!r}")
         if now < self.now:
@@ -108,7 +100,7 @@ class TrackingPolicy(TimedPolicy):
         self._reload(agent, p.URGENT, "reload_on_llm_start", out)
 
     def _on_llm_finish(
-        self, agent: AgentState, ev: LlmCallFinish, out: list[p.DecisionRecord]
+        self, agent: AgentState, ev: p.LlmCallFinish, out: list[p.DecisionRecord]
     ) -> None:
         """Called after the agent's KV size was updated."""
 
@@ -124,7 +116,7 @@ class TrackingPolicy(TimedPolicy):
 
     # ------------------------------------------------------------------ event handlers
 
-    def _ev_app_registered(self, ev: AppRegistered, out: list[p.DecisionRecord]) -> None:
+    def _ev_app_registered(self, ev: p.RegisterApp, out: list[p.DecisionRecord]) -> None:
         if ev.app_id in self.apps:
             return
         cfg = self.config
@@ -139,10 +131,10 @@ class TrackingPolicy(TimedPolicy):
                     seen.add(node.id)
                     nodes.append(node)
             info = analyse(AppDag(nodes=nodes), cfg.llm_s_default, cfg.default_tool_s)
-        app = self.apps[ev.app_id] = AppState(ev.app_id, info, ev.now, ev.tenant)
+        app = self.apps[ev.app_id] = AppState(ev.app_id, info, self.now, ev.tenant)
         self._on_app_registered(app, out)
 
-    def _ev_llm_start(self, ev: LlmCallStart, out: list[p.DecisionRecord]) -> None:
+    def _ev_llm_start(self, ev: p.LlmCallStart, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id)
         if agent is None:
             return
@@ -153,7 +145,7 @@ class TrackingPolicy(TimedPolicy):
         )
         self._remove_waiting(agent)
         self._add_waiting(agent, blocks)
-        agent.last_used_s = ev.now
+        agent.last_used_s = self.now
         # Contexts are append-only: this call reads its own KV and its DAG predecessors'
         # (through nodes that never call the model, such as a collector).
         self._reader_outcome(agent, True)
@@ -173,19 +165,19 @@ class TrackingPolicy(TimedPolicy):
                 self._reader_outcome(pred, True)
         self._on_llm_start(agent, out)
 
-    def _ev_llm_admitted(self, ev: LlmCallAdmitted, out: list[p.DecisionRecord]) -> None:
+    def _ev_llm_admitted(self, ev: p.LlmCallAdmitted, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id)
         if agent is None:
             return
         self._remove_waiting(agent)
         self._set_phase(agent, RUNNING)
-        if ev.blocks > 0:
+        if ev.kv_blocks > 0:
             # Every block the request holds leaves the free count, its own cached prefix
             # too: idle cached blocks were counted free.
-            self._set_gpu(agent, ev.blocks)
+            self._set_gpu(agent, ev.kv_blocks)
             if not ev.reported:
-                self.gpu_free -= ev.blocks
-        agent.last_used_s = ev.now
+                self.gpu_free -= ev.kv_blocks
+        agent.last_used_s = self.now
         self._unpin(agent, "running", out)
 
     def _ev_llm_preempted(self, ev: LlmCallPreempted, out: list[p.DecisionRecord]) -> None:
@@ -198,7 +190,7 @@ class TrackingPolicy(TimedPolicy):
         agent.preemptions += 1
         self._add_waiting(agent, max(freed, 1))
 
-    def _ev_llm_finish(self, ev: LlmCallFinish, out: list[p.DecisionRecord]) -> None:
+    def _ev_llm_finish(self, ev: p.LlmCallFinish, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id)
         if agent is None:
             return
@@ -217,10 +209,10 @@ class TrackingPolicy(TimedPolicy):
             if group:
                 agent.app.join_done[group] = agent.app.join_done.get(group, 0) + 1
         agent.llm_calls += 1
-        agent.last_used_s = ev.now
+        agent.last_used_s = self.now
         self._on_llm_finish(agent, ev, out)
 
-    def _ev_tool_start(self, ev: ToolCallStart, out: list[p.DecisionRecord]) -> None:
+    def _ev_tool_start(self, ev: p.ToolCallStart, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id)
         if agent is None:
             return
@@ -229,7 +221,7 @@ class TrackingPolicy(TimedPolicy):
         self._remove_waiting(agent)
         self._set_phase(agent, TOOL)
         agent.tool_token += 1
-        agent.tool_start = ev.now
+        agent.tool_start = self.now
         agent.tool_kind = ev.tool_kind
         agent.call_offloaded = 0
         agent.tool_hint = ev.predicted_s
@@ -239,11 +231,11 @@ class TrackingPolicy(TimedPolicy):
         agent.predicted_s = pred.median_s
         cfg = self.config
         horizon = cfg.deadline_factor * pred.quantile_s(Z_Q95)
-        agent.deadline_s = ev.now + min(max(horizon, cfg.deadline_min_s), cfg.deadline_max_s)
+        agent.deadline_s = self.now + min(max(horizon, cfg.deadline_min_s), cfg.deadline_max_s)
         self._push_timer(agent.deadline_s, T_DEADLINE, agent, agent.tool_token)
         self._on_tool_start(agent, out)
 
-    def _ev_tool_end(self, ev: ToolCallEnd, out: list[p.DecisionRecord]) -> None:
+    def _ev_tool_end(self, ev: p.ToolCallEnd, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id, create=False)
         if agent is None or agent.phase != TOOL:
             return
@@ -264,7 +256,7 @@ class TrackingPolicy(TimedPolicy):
         self._unpin(agent, "tool_returned", out)
         self._on_tool_end(agent, actual, out)
 
-    def _ev_app_end(self, ev: AppEnd, out: list[p.DecisionRecord]) -> None:
+    def _ev_app_end(self, ev: p.AppEnd, out: list[p.DecisionRecord]) -> None:
         app = self.apps.get(ev.app_id)
         if app is None or app.ended:
             return

@@ -157,7 +157,7 @@ def test_decisions_that_come_due_on_a_measured_copy_are_applied(
         assert isinstance(reg, p.RegisterEngineReply)
         policy = daemon.scheduler._policies[reg.engine_id]
         due = p.KeepDecision(at_s=clock.now, agent_id="timer", reason=p.DecisionReason("t"))
-        monkeypatch.setattr(policy, "on_event", lambda event, due=due: [due])
+        monkeypatch.setattr(policy, "on_event", lambda event, now, due=due: [due])
         hashes = [i.to_bytes(8, "little") for i in range(10)]
         slots = call(daemon, p.Reserve(reg.engine_id, hashes))
         assert isinstance(slots, p.ReserveReply)
@@ -184,11 +184,12 @@ def test_decisions_of_an_admission_implied_by_the_finish_are_applied(
 
         def admitted_decides(
             event: ev.Event,
+            now: float,
             on_event: Callable[..., list[p.DecisionRecord]] = on_event,
             due: p.KeepDecision = due,
         ) -> list[p.DecisionRecord]:
-            out = on_event(event)
-            return [*out, due] if isinstance(event, ev.LlmCallAdmitted) else out
+            out = on_event(event, now)
+            return [*out, due] if isinstance(event, p.LlmCallAdmitted) else out
 
         monkeypatch.setattr(policy, "on_event", admitted_decides)
         clock.now += 0.5

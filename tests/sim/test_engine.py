@@ -9,13 +9,18 @@ import pytest
 from tokencake.daemon.scheduler import (
     CachedKv,
     Policy,
-    ToolCallEnd,
-    ToolCallStart,
     WaitingRequest,
     create_policy,
 )
 from tokencake.daemon.scheduler.events import Event
-from tokencake.protocol import DecisionReason, DecisionRecord, OffloadDecision, UploadDecision
+from tokencake.protocol import (
+    DecisionReason,
+    DecisionRecord,
+    OffloadDecision,
+    ToolCallEnd,
+    ToolCallStart,
+    UploadDecision,
+)
 from tokencake.sim.engine import SimulationError, SimulationStalled, Simulator
 from tokencake.sim.generators import get_generator, make_trace
 from tokencake.sim.kvpool import GpuPool, chain_keys
@@ -139,7 +144,7 @@ class _PinEverything(Policy):
 
     name = "pin-everything"
 
-    def on_event(self, event: Event) -> list[DecisionRecord]:
+    def on_event(self, event: Event, now: float) -> list[DecisionRecord]:
         return []
 
     def admission_order(
@@ -179,11 +184,11 @@ class _Recorder(Policy):
         self.offloads = 0
         self.uploads = 0
 
-    def on_event(self, event: Event) -> list[DecisionRecord]:
-        self.times.append(event.now)
+    def on_event(self, event: Event, now: float) -> list[DecisionRecord]:
+        self.times.append(now)
         self.tool_starts += isinstance(event, ToolCallStart)
         self.tool_ends += isinstance(event, ToolCallEnd)
-        out = self.inner.on_event(event)
+        out = self.inner.on_event(event, now)
         self.offloads += sum(isinstance(d, OffloadDecision) for d in out)
         self.uploads += sum(isinstance(d, UploadDecision) for d in out)
         return out

@@ -177,9 +177,9 @@ def test_plain_traffic_is_served_but_never_reaches_the_policy(tmp_path: Path) ->
     seen: set[str] = set()
 
     class Spy(TokenCakePolicy):
-        def on_event(self, event: Event) -> list[DecisionRecord]:
+        def on_event(self, event: Event, now: float) -> list[DecisionRecord]:
             seen.add(getattr(event, "app_id", ""))
-            return super().on_event(event)
+            return super().on_event(event, now)
 
     profile = get_profile("qwen2.5-14b-a800")
     policy = Spy(policy_config(profile))

@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tokencake.daemon.scheduler import (
-    AppEnd,
-    AppRegistered,
     CachedKv,
     EngineState,
-    LlmCallAdmitted,
-    LlmCallFinish,
-    LlmCallStart,
     PolicyConfig,
-    ToolCallEnd,
-    ToolCallStart,
     TransferDone,
     WaitingRequest,
     create_policy,
@@ -25,11 +18,18 @@ from tokencake.protocol import (
     PREDICTIVE,
     URGENT,
     AppDag,
+    AppEnd,
     DagNode,
     DecisionRecord,
+    LlmCallAdmitted,
+    LlmCallFinish,
+    LlmCallStart,
     OffloadDecision,
     PartitionDecision,
     PinDecision,
+    RegisterApp,
+    ToolCallEnd,
+    ToolCallStart,
 )
 
 MB = 1 << 20
@@ -56,11 +56,11 @@ def dag() -> AppDag:
 def to_tool(
     p: TokenCakePolicy, blocks: int, hint: float | None, t: float = 1.0
 ) -> list[DecisionRecord]:
-    p.on_event(AppRegistered(0.0, "app", dag()))
-    p.on_event(LlmCallStart(0.0, "app", "a", "r", blocks=blocks))
-    p.on_event(LlmCallAdmitted(0.1, "app", "a", "r", blocks=blocks))
-    p.on_event(LlmCallFinish(t, "app", "a", "r", kv_blocks=blocks))
-    return p.on_event(ToolCallStart(t, "app", "a", "test", hint))
+    p.on_event(RegisterApp("app", dag()), 0.0)
+    p.on_event(LlmCallStart("app", "a", request_id="r", blocks=blocks), 0.0)
+    p.on_event(LlmCallAdmitted("app", "a", "r", kv_blocks=blocks), 0.1)
+    p.on_event(LlmCallFinish("app", "a", "r", kv_blocks=blocks), t)
+    return p.on_event(ToolCallStart("app", "a", "test", hint), t)
 
 
 def kinds(ds: list[DecisionRecord]) -> list[str]:
@@ -69,7 +69,7 @@ def kinds(ds: list[DecisionRecord]) -> list[str]:
 
 def test_offloads_when_stall_beats_round_trip_under_pressure() -> None:
     p = make()
-    p.on_event(EngineState(0.0, 1000, 50, num_waiting=3, waiting_blocks=200))
+    p.on_event(EngineState(1000, 50, num_waiting=3, waiting_blocks=200), 0.0)
     out = to_tool(p, 100, hint=5.0)
     assert kinds(out) == ["offload"]
     r = out[0].reason
@@ -84,7 +84,7 @@ def test_offloads_when_stall_beats_round_trip_under_pressure() -> None:
 
 def test_keeps_when_margin_too_small_and_says_why() -> None:
     p = make()
-    p.on_event(EngineState(0.0, 1000, 50, num_waiting=3, waiting_blocks=200))
+    p.on_event(EngineState(1000, 50, num_waiting=3, waiting_blocks=200), 0.0)
     out = to_tool(p, 100, hint=0.15)  # round trip ~0.2 s
     assert kinds(out) == ["keep", "pin", "offload", "pin"]
     assert out[0].reason.rule == "keep:margin_below_min"
@@ -107,26 +107,26 @@ def test_keeps_when_margin_too_small_and_says_why() -> None:
 
 def test_keeps_without_pressure_and_with_full_host() -> None:
     p = make()
-    p.on_event(EngineState(0.0, 1000, 900))
+    p.on_event(EngineState(1000, 900), 0.0)
     pin = "pin:kept_through_tool_call"
     assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == ["keep:no_pressure", pin]
     p = make(host_blocks=10)
-    p.on_event(EngineState(0.0, 1000, 50, num_waiting=3, waiting_blocks=200))
+    p.on_event(EngineState(1000, 50, num_waiting=3, waiting_blocks=200), 0.0)
     # no host room for the offload, nor for a copy (it would leave none for offloads)
     full = ["keep:host_full", pin, "keep:host_room_for_offloads"]
     assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == full
     # a call predicted to outlast tool_pin_max_s is not pinned: the eviction order decides
     p = make(tool_pin_max_s=3.0)
-    p.on_event(EngineState(0.0, 1000, 900))
+    p.on_event(EngineState(1000, 900), 0.0)
     assert [d.reason.rule for d in to_tool(p, 100, hint=5.0)] == ["keep:no_pressure"]
 
 
 def test_predictive_upload_lands_before_predicted_return() -> None:
     p = make()
-    p.on_event(EngineState(0.0, 1000, 50, num_waiting=1, waiting_blocks=10))
+    p.on_event(EngineState(1000, 50, num_waiting=1, waiting_blocks=10), 0.0)
     to_tool(p, 100, hint=5.0)
-    p.on_event(TransferDone(1.2, "app", "a", "d2h", 100))
-    p.on_event(EngineState(1.3, 1000, 400, num_waiting=0))
+    p.on_event(TransferDone("app", "a", "d2h", 100), 1.2)
+    p.on_event(EngineState(1000, 400, num_waiting=0), 1.3)
     # a is critical (q10 of a 5 s hint with sigma 0.5 is about 2.6 s): nothing before that
     t = 1.3
     first = None
@@ -146,17 +146,17 @@ def test_predictive_upload_lands_before_predicted_return() -> None:
 
 def test_early_return_uploads_urgently_and_late_return_stays_on_host() -> None:
     p = make()
-    p.on_event(EngineState(0.0, 1000, 50, num_waiting=1, waiting_blocks=10))
+    p.on_event(EngineState(1000, 50, num_waiting=1, waiting_blocks=10), 0.0)
     to_tool(p, 100, hint=20.0)
-    p.on_event(TransferDone(1.2, "app", "a", "d2h", 100))
-    out = p.on_event(ToolCallEnd(1.5, "app", "a"))
+    p.on_event(TransferDone("app", "a", "d2h", 100), 1.2)
+    out = p.on_event(ToolCallEnd("app", "a"), 1.5)
     assert out and all(d.kind == "upload" and getattr(d, "priority", None) == URGENT for d in out)
     assert out[0].reason.rule == "urgent_upload:early_return"
 
     p = make()
-    p.on_event(EngineState(0.0, 1000, 50, num_waiting=5, waiting_blocks=5000))  # no room
+    p.on_event(EngineState(1000, 50, num_waiting=5, waiting_blocks=5000), 0.0)  # no room
     to_tool(p, 100, hint=2.0)
-    p.on_event(TransferDone(1.2, "app", "a", "d2h", 100))
+    p.on_event(TransferDone("app", "a", "d2h", 100), 1.2)
     rules = [d.reason.rule for t in range(2, 12) for d in p.tick(float(t))]
     assert "keep:late_return_stays_on_host" in rules
     assert p.agent_view("app", "a") is not None
@@ -166,14 +166,14 @@ def test_early_return_uploads_urgently_and_late_return_stays_on_host() -> None:
 
 def test_forgotten_tool_call_releases_memory() -> None:
     p = make(deadline_min_s=10, deadline_max_s=10, host_ttl_s=5)
-    p.on_event(EngineState(0.0, 1000, 900))  # no pressure: KV stays on the GPU at start
+    p.on_event(EngineState(1000, 900), 0.0)  # no pressure: KV stays on the GPU at start
     to_tool(p, 100, hint=1.0)
     rules = []
     for t in range(2, 20):
         for d in p.tick(float(t)):
             rules.append(d.reason.rule)
             if d.kind == "offload":
-                p.on_event(TransferDone(float(t), "app", "a", "d2h", d.blocks))
+                p.on_event(TransferDone("app", "a", "d2h", d.blocks), float(t))
     assert "offload:safety_deadline" in rules
     assert "host_ttl_expired" in rules
     view = p.agent_view("app", "a")
@@ -182,10 +182,10 @@ def test_forgotten_tool_call_releases_memory() -> None:
 
 def test_app_end_drops_host_copies() -> None:
     p = make()
-    p.on_event(EngineState(0.0, 1000, 50, num_waiting=1, waiting_blocks=10))
+    p.on_event(EngineState(1000, 50, num_waiting=1, waiting_blocks=10), 0.0)
     to_tool(p, 100, hint=5.0)
-    p.on_event(TransferDone(1.2, "app", "a", "d2h", 100))
-    out = p.on_event(AppEnd(2.0, "app"))
+    p.on_event(TransferDone("app", "a", "d2h", 100), 1.2)
+    out = p.on_event(AppEnd("app"), 2.0)
     assert [(d.kind, d.blocks) for d in out] == [("drop", 100)]
     assert p.host_used == 0 and "app" not in p.apps
 
@@ -199,49 +199,49 @@ def test_events_must_not_go_back_in_time() -> None:
 
 def test_admission_puts_critical_agents_first_and_guard_blocks_inversion() -> None:
     p = make()
-    p.on_event(AppRegistered(0.0, "app", dag()))
-    p.on_event(EngineState(0.0, 100, 30, num_waiting=2))
-    p.on_event(LlmCallStart(0.0, "app", "b", "rb", blocks=20))  # off the critical path
-    p.on_event(LlmCallStart(0.1, "app", "a", "ra", blocks=25))  # critical
+    p.on_event(RegisterApp("app", dag()), 0.0)
+    p.on_event(EngineState(100, 30, num_waiting=2), 0.0)
+    p.on_event(LlmCallStart("app", "b", request_id="rb", blocks=20), 0.0)  # off the critical path
+    p.on_event(LlmCallStart("app", "a", request_id="ra", blocks=25), 0.1)  # critical
     waiting = [WaitingRequest("rb", "app", "b", 20, 0.0), WaitingRequest("ra", "app", "a", 25, 0.1)]
     assert [w.request_id for w in p.admission_order(waiting, 0.2)] == ["ra", "rb"]
     ok, why = p.allocation_verdict("app", "b", 20, 0.2)
     assert not ok and why.rule == "deny:critical_inversion"
     assert p.may_allocate("app", "a", 25, 0.2)
-    p.on_event(LlmCallAdmitted(0.3, "app", "a", "ra", blocks=25))
+    p.on_event(LlmCallAdmitted("app", "a", "ra", kv_blocks=25), 0.3)
     assert p.may_allocate("app", "b", 5, 0.3)  # nothing critical waits any more
     # the ablation without the spatial scheduler is FCFS and never refuses
     t = make("tokencake-temporal")
-    t.on_event(AppRegistered(0.0, "app", dag()))
+    t.on_event(RegisterApp("app", dag()), 0.0)
     assert [w.request_id for w in t.admission_order(waiting, 0.2)] == ["rb", "ra"]
 
 
 def test_older_app_goes_first_and_newer_critical_agents_do_not_block_it() -> None:
     p = make()
-    p.on_event(AppRegistered(0.0, "old", dag()))
-    p.on_event(AppRegistered(1.0, "new", dag()))
-    p.on_event(EngineState(1.0, 100, 30, num_waiting=2))
-    p.on_event(LlmCallStart(1.0, "new", "a", "rn", blocks=25))  # critical, newer app
-    p.on_event(LlmCallStart(1.1, "old", "b", "ro", blocks=20))  # off the path, older app
+    p.on_event(RegisterApp("old", dag()), 0.0)
+    p.on_event(RegisterApp("new", dag()), 1.0)
+    p.on_event(EngineState(100, 30, num_waiting=2), 1.0)
+    p.on_event(LlmCallStart("new", "a", request_id="rn", blocks=25), 1.0)  # critical, newer app
+    p.on_event(LlmCallStart("old", "b", request_id="ro", blocks=20), 1.1)  # off the path, older app
     waiting = [WaitingRequest("rn", "new", "a", 25, 1.0), WaitingRequest("ro", "old", "b", 20, 1.1)]
     assert [w.request_id for w in p.admission_order(waiting, 1.2)] == ["ro", "rn"]
     ok, why = p.allocation_verdict("old", "b", 20, 1.2)
     assert ok and why.rule == "allow:nothing_protected"
     # the newer app's own non-critical agent still yields to its critical one
-    p.on_event(LlmCallStart(1.2, "new", "b", "rb", blocks=20))
+    p.on_event(LlmCallStart("new", "b", request_id="rb", blocks=20), 1.2)
     ok, why = p.allocation_verdict("new", "b", 20, 1.3)
     assert not ok and why.rule == "deny:critical_inversion"
 
 
 def test_kept_kv_is_offloaded_once_waiting_demand_appears() -> None:
     p = make()
-    p.on_event(EngineState(0.0, 1000, 900))
+    p.on_event(EngineState(1000, 900), 0.0)
     rules = [d.reason.rule for d in to_tool(p, 100, hint=10.0)]
     assert rules == ["keep:no_pressure", "pin:kept_through_tool_call"]
     view = p.agent_view("app", "a")
     assert view is not None and view.protect_blocks == 0  # pinned: held, not counted free
     # a request arrives that the pool cannot serve without this KV's memory
-    out = p.on_event(EngineState(3.0, 1000, 150, num_waiting=1, waiting_blocks=200))
+    out = p.on_event(EngineState(1000, 150, num_waiting=1, waiting_blocks=200), 3.0)
     assert [d.kind for d in out if d.kind != "partition"] == ["offload"]  # ends the pin
     offload = [d for d in out if d.kind == "offload"]
     assert len(offload) == 1 and offload[0].blocks == 100
@@ -250,9 +250,9 @@ def test_kept_kv_is_offloaded_once_waiting_demand_appears() -> None:
     stall = offload[0].reason.terms["stall_quantile_s"]
     assert isinstance(stall, float) and stall < 10.0 - 2.0
     assert not [
-        d for d in p.on_event(EngineState(3.1, 1000, 40, 1, 0, 200)) if d.kind != "partition"
+        d for d in p.on_event(EngineState(1000, 40, 1, 0, 200), 3.1) if d.kind != "partition"
     ]
-    p.on_event(TransferDone(3.5, "app", "a", "d2h", 100))
+    p.on_event(TransferDone("app", "a", "d2h", 100), 3.5)
     view = p.agent_view("app", "a")
     assert view is not None and view.protect_blocks == 0  # parked on the host: not protected
     assert p.gpu_free >= 140
@@ -261,7 +261,7 @@ def test_kept_kv_is_offloaded_once_waiting_demand_appears() -> None:
 def test_guard_keeps_a_critical_agents_kv_through_its_tool_call() -> None:
     p = make("tokencake-spatial")  # KV stays on the GPU: the guard alone
     to_tool(p, blocks=12, hint=60.0)  # critical "a" leaves 12 blocks cached, calls a tool
-    p.on_event(EngineState(1.0, 100, 30))
+    p.on_event(EngineState(100, 30), 1.0)
     view = p.agent_view("app", "a")
     assert view is not None and view.state == "tool" and view.protect_blocks == 12
     assert view.app_registered_s == 0.0
@@ -271,7 +271,7 @@ def test_guard_keeps_a_critical_agents_kv_through_its_tool_call() -> None:
     assert p.may_allocate("app", "b", 18, 1.1)
     # a request of an unknown agent of this app ranks behind it
     assert p.may_allocate("app", "zz", 18, 1.1) and not p.may_allocate("app", "zz", 19, 1.1)
-    p.on_event(ToolCallEnd(2.0, "app", "a"))
+    p.on_event(ToolCallEnd("app", "a"), 2.0)
     assert p.agent_view("app", "a").protect_blocks == 0  # type: ignore[union-attr]
     assert p.may_allocate("app", "b", 30, 2.0)
 
@@ -279,7 +279,7 @@ def test_guard_keeps_a_critical_agents_kv_through_its_tool_call() -> None:
 def test_guard_never_holds_back_more_than_the_cap() -> None:
     p = make("tokencake-spatial", max_reserve_fraction=0.1)
     to_tool(p, blocks=40, hint=60.0)
-    p.on_event(EngineState(1.0, 100, 30))
+    p.on_event(EngineState(100, 30), 1.0)
     ok, why = p.allocation_verdict("app", "b", 20, 1.1)  # 30 - 20 >= 10 (the cap)
     assert ok and why.terms["protected_for_critical"] == 10
     assert not p.may_allocate("app", "b", 21, 1.1)
@@ -287,8 +287,8 @@ def test_guard_never_holds_back_more_than_the_cap() -> None:
 
 def test_priority_terms_are_reported() -> None:
     p = make()
-    p.on_event(AppRegistered(0.0, "app", dag()))
-    p.on_event(LlmCallStart(0.0, "app", "b", "rb", blocks=1))
+    p.on_event(RegisterApp("app", dag()), 0.0)
+    p.on_event(LlmCallStart("app", "b", request_id="rb", blocks=1), 0.0)
     agent = p._agent("app", "b", create=False)
     assert agent is not None
     score, terms = p.priority(agent, 10.0)
@@ -299,11 +299,11 @@ def test_priority_terms_are_reported() -> None:
 
 def test_eviction_prefers_kv_whose_next_use_is_far() -> None:
     p = make()
-    p.on_event(EngineState(0.0, 1000, 900))  # no pressure: no offload, KV stays cached
+    p.on_event(EngineState(1000, 900), 0.0)  # no pressure: no offload, KV stays cached
     to_tool(p, 100, hint=30.0)
-    p.on_event(LlmCallStart(1.0, "app", "b", "rb", blocks=10))
-    p.on_event(LlmCallAdmitted(1.0, "app", "b", "rb", blocks=10))
-    p.on_event(LlmCallFinish(2.0, "app", "b", "rb", kv_blocks=10))  # b feeds c soon
+    p.on_event(LlmCallStart("app", "b", request_id="rb", blocks=10), 1.0)
+    p.on_event(LlmCallAdmitted("app", "b", "rb", kv_blocks=10), 1.0)
+    p.on_event(LlmCallFinish("app", "b", "rb", kv_blocks=10), 2.0)  # b feeds c soon
     cands = [CachedKv("app", "b", 10, 2.0), CachedKv("app", "a", 100, 1.0)]
     order = p.eviction_order(cands, 2.5)
     assert [c.agent_id for c in order] == ["a", "b"]
@@ -311,28 +311,28 @@ def test_eviction_prefers_kv_whose_next_use_is_far() -> None:
 
 def test_eviction_follows_the_consumer_and_the_app_order() -> None:
     p = make()
-    p.on_event(EngineState(0.0, 1000, 900))
-    p.on_event(AppRegistered(0.0, "old", dag()))
-    p.on_event(AppRegistered(1.0, "new", dag()))
+    p.on_event(EngineState(1000, 900), 0.0)
+    p.on_event(RegisterApp("old", dag()), 0.0)
+    p.on_event(RegisterApp("new", dag()), 1.0)
     for app in ("old", "new"):
-        p.on_event(LlmCallStart(1.0, app, "b", f"{app}b", blocks=10))
-        p.on_event(LlmCallAdmitted(1.0, app, "b", f"{app}b", blocks=10))
+        p.on_event(LlmCallStart(app, "b", request_id=f"{app}b", blocks=10), 1.0)
+        p.on_event(LlmCallAdmitted(app, "b", f"{app}b", kv_blocks=10), 1.0)
     for app in ("old", "new"):
-        p.on_event(LlmCallFinish(2.0, app, "b", f"{app}b", kv_blocks=10))
+        p.on_event(LlmCallFinish(app, "b", f"{app}b", kv_blocks=10), 2.0)
     cands = [CachedKv("old", "b", 10, 2.0), CachedKv("new", "b", 10, 2.0)]
     assert [c.app_id for c in p.eviction_order(cands, 2.5)] == ["new", "old"]
     # old/b's consumer c ran: nobody reads what is left under b's name, it goes first
-    p.on_event(LlmCallStart(3.0, "old", "c", "oldc", blocks=12))
-    p.on_event(LlmCallAdmitted(3.0, "old", "c", "oldc", blocks=12))
-    p.on_event(LlmCallFinish(4.0, "old", "c", "oldc", kv_blocks=12))
+    p.on_event(LlmCallStart("old", "c", request_id="oldc", blocks=12), 3.0)
+    p.on_event(LlmCallAdmitted("old", "c", "oldc", kv_blocks=12), 3.0)
+    p.on_event(LlmCallFinish("old", "c", "oldc", kv_blocks=12), 4.0)
     assert [c.app_id for c in p.eviction_order(cands, 4.5)] == ["old", "new"]
 
 
 def test_partition_follows_critical_demand() -> None:
     p = make(partition_interval_s=0.5)
-    p.on_event(AppRegistered(0.0, "app", dag()))
-    p.on_event(LlmCallStart(0.0, "app", "a", "ra", blocks=300))
-    out = p.on_event(EngineState(1.0, 1000, 100, num_waiting=1))
+    p.on_event(RegisterApp("app", dag()), 0.0)
+    p.on_event(LlmCallStart("app", "a", request_id="ra", blocks=300), 0.0)
+    out = p.on_event(EngineState(1000, 100, num_waiting=1), 1.0)
     parts = [d for d in out if isinstance(d, PartitionDecision)]
     assert len(parts) == 1
     assert parts[0].reservations == {"coder": 300}

@@ -9,21 +9,25 @@ import random
 import pytest
 
 from tokencake.daemon.scheduler import (
-    AppRegistered,
     EngineState,
     KvTierMoved,
-    LlmCallAdmitted,
-    LlmCallFinish,
-    LlmCallStart,
     PolicyConfig,
-    ToolCallStart,
     TransferDone,
     TransferMeasured,
     create_policy,
 )
 from tokencake.daemon.scheduler.agent_aware import TokenCakePolicy
 from tokencake.daemon.scheduler.costmodel import TransferCostModel, upload_lead_s
-from tokencake.protocol import AppDag, DagNode, UploadDecision
+from tokencake.protocol import (
+    AppDag,
+    DagNode,
+    LlmCallAdmitted,
+    LlmCallFinish,
+    LlmCallStart,
+    RegisterApp,
+    ToolCallStart,
+    UploadDecision,
+)
 
 MB = 1 << 20
 STEP = 0.01
@@ -41,15 +45,15 @@ def make(l2_bytes_per_s: float = 1e8) -> TokenCakePolicy:
 def offloaded(policy: TokenCakePolicy, blocks: int, hint_s: float) -> None:
     """Agent ``a`` in a tool call, its ``blocks`` offloaded to the host by t=1.2."""
     dag = AppDag(nodes=[DagNode(id="a", agent_type="coder", tool_kind="test")], edges=[])
-    policy.on_event(EngineState(0.0, 1000, 50, num_waiting=1, waiting_blocks=10))
-    policy.on_event(AppRegistered(0.0, "app", dag))
-    policy.on_event(LlmCallStart(0.0, "app", "a", "r", blocks=blocks))
-    policy.on_event(LlmCallAdmitted(0.1, "app", "a", "r", blocks=blocks))
-    policy.on_event(LlmCallFinish(1.0, "app", "a", "r", kv_blocks=blocks))
-    out = policy.on_event(ToolCallStart(1.0, "app", "a", "test", hint_s))
+    policy.on_event(EngineState(1000, 50, num_waiting=1, waiting_blocks=10), 0.0)
+    policy.on_event(RegisterApp("app", dag), 0.0)
+    policy.on_event(LlmCallStart("app", "a", request_id="r", blocks=blocks), 0.0)
+    policy.on_event(LlmCallAdmitted("app", "a", "r", kv_blocks=blocks), 0.1)
+    policy.on_event(LlmCallFinish("app", "a", "r", kv_blocks=blocks), 1.0)
+    out = policy.on_event(ToolCallStart("app", "a", "test", hint_s), 1.0)
     assert [d.kind for d in out] == ["offload"]
-    policy.on_event(TransferDone(1.2, "app", "a", "d2h", blocks))
-    policy.on_event(EngineState(1.3, 1000, 400, num_waiting=0))
+    policy.on_event(TransferDone("app", "a", "d2h", blocks), 1.2)
+    policy.on_event(EngineState(1000, 400, num_waiting=0), 1.3)
 
 
 def first_upload(policy: TokenCakePolicy, until: float = 60.0) -> tuple[float, UploadDecision]:
@@ -66,7 +70,7 @@ def test_upload_starts_earlier_by_the_l2_fetch() -> None:
     plain, tiered = make(), make()
     for policy in (plain, tiered):
         offloaded(policy, 100, hint_s=20.0)
-    tiered.on_event(KvTierMoved(1.4, "app", "a", 60, to="l2"))
+    tiered.on_event(KvTierMoved("app", "a", 60, to="l2"), 1.4)
     t_plain, up_plain = first_upload(plain)
     t_tiered, up_tiered = first_upload(tiered)
     l2_s = tiered.cost.seconds("l2", 60)  # 1 ms + 60 MiB at 100 MB/s
@@ -81,8 +85,8 @@ def test_kv_back_from_l2_is_planned_as_host_kv() -> None:
     plain, tiered = make(), make()
     for policy in (plain, tiered):
         offloaded(policy, 100, hint_s=20.0)
-    tiered.on_event(KvTierMoved(1.4, "app", "a", 60, to="l2"))
-    tiered.on_event(KvTierMoved(1.5, "app", "a", 60, to="host"))
+    tiered.on_event(KvTierMoved("app", "a", 60, to="l2"), 1.4)
+    tiered.on_event(KvTierMoved("app", "a", 60, to="host"), 1.5)
     agent = tiered.apps["app"].agents["a"]
     assert agent.l2_blocks == 0
     # The earlier timer set while the blocks were in L2 fires first (an early start costs
@@ -95,11 +99,11 @@ def test_kv_back_from_l2_is_planned_as_host_kv() -> None:
 def test_moves_of_unknown_agents_and_more_blocks_than_held_are_bounded() -> None:
     policy = make()
     offloaded(policy, 100, hint_s=20.0)
-    assert policy.on_event(KvTierMoved(1.4, "app", "nobody", 5)) == []
-    assert policy.on_event(KvTierMoved(1.4, "other-app", "a", 5)) == []
-    policy.on_event(KvTierMoved(1.4, "app", "a", 1000, to="l2"))
+    assert policy.on_event(KvTierMoved("app", "nobody", 5), 1.4) == []
+    assert policy.on_event(KvTierMoved("other-app", "a", 5), 1.4) == []
+    policy.on_event(KvTierMoved("app", "a", 1000, to="l2"), 1.4)
     assert policy.apps["app"].agents["a"].l2_blocks == 100  # at most the host blocks
-    policy.on_event(KvTierMoved(1.5, "app", "a", 1000, to="host"))
+    policy.on_event(KvTierMoved("app", "a", 1000, to="host"), 1.5)
     assert policy.apps["app"].agents["a"].l2_blocks == 0
 
 
@@ -108,7 +112,7 @@ def test_measured_l2_fetches_set_the_lead() -> None:
     policy = make(l2_bytes_per_s=1e10)
     before = policy.cost.seconds("l2", 64)
     for i in range(20):  # a slow store: 16 blocks a fetch at 50 MB/s, 2 ms each
-        policy.on_event(TransferMeasured(2.0 + i, "l2", 16 * MB, 0.002 + 16 * MB / 5e7, 16))
+        policy.on_event(TransferMeasured("l2", 16 * MB, 0.002 + 16 * MB / 5e7, 16), 2.0 + i)
     after = policy.cost.seconds("l2", 64)
     assert after > 10 * before
     assert policy.cost.bandwidth("l2") == pytest.approx(5e7, rel=0.1)

@@ -4,18 +4,25 @@
 from __future__ import annotations
 
 from tests.daemon.scheduler.test_agent_aware import dag, make
-from tokencake.daemon.scheduler import AppRegistered, EngineState, LlmCallStart, WaitingRequest
+from tokencake.daemon.scheduler import (
+    EngineState,
+    WaitingRequest,
+)
 from tokencake.daemon.scheduler.agent_aware import TokenCakePolicy
 from tokencake.guard import PLAIN_HEAD_START_S, plain_rank
+from tokencake.protocol import (
+    LlmCallStart,
+    RegisterApp,
+)
 
 H = PLAIN_HEAD_START_S
 
 
 def _app_waiting(registered: float, start: float) -> TokenCakePolicy:
     p = make("tokencake-spatial")
-    p.on_event(AppRegistered(registered, "app", dag()))
-    p.on_event(LlmCallStart(start, "app", "a", "ra", blocks=12))  # critical "a" waits
-    p.on_event(EngineState(start, 100, 30))
+    p.on_event(RegisterApp("app", dag()), registered)
+    p.on_event(LlmCallStart("app", "a", request_id="ra", blocks=12), start)  # critical "a" waits
+    p.on_event(EngineState(100, 30), start)
     return p
 
 

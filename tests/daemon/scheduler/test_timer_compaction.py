@@ -10,19 +10,22 @@ import msgspec
 import pytest
 
 from tokencake.daemon.scheduler import (
-    AppEnd,
-    AppRegistered,
     EngineState,
-    LlmCallAdmitted,
-    LlmCallFinish,
-    LlmCallStart,
     PolicyConfig,
-    ToolCallEnd,
-    ToolCallStart,
     create_policy,
     timers,
 )
-from tokencake.protocol import AppDag, DagNode
+from tokencake.protocol import (
+    AppDag,
+    AppEnd,
+    DagNode,
+    LlmCallAdmitted,
+    LlmCallFinish,
+    LlmCallStart,
+    RegisterApp,
+    ToolCallEnd,
+    ToolCallStart,
+)
 
 MB = 1 << 20
 THRESHOLD = 64
@@ -39,17 +42,17 @@ def _run(seed: int) -> tuple[list[object], int]:
     t = 0.0
     for i in range(3000):
         app = f"app{i}"
-        out += policy.on_event(EngineState(t, 1000, rng.randint(0, 60)))
-        out += policy.on_event(AppRegistered(t, app, dag))
-        out += policy.on_event(LlmCallStart(t, app, "a", "r", blocks=20))
-        out += policy.on_event(LlmCallAdmitted(t, app, "a", "r", blocks=20))
+        out += policy.on_event(EngineState(1000, rng.randint(0, 60)), t)
+        out += policy.on_event(RegisterApp(app, dag), t)
+        out += policy.on_event(LlmCallStart(app, "a", request_id="r", blocks=20), t)
+        out += policy.on_event(LlmCallAdmitted(app, "a", "r", kv_blocks=20), t)
         t += 0.01
-        out += policy.on_event(LlmCallFinish(t, app, "a", "r", kv_blocks=20))
-        out += policy.on_event(ToolCallStart(t, app, "a", "t", rng.choice([None, 1.0, 3.0])))
+        out += policy.on_event(LlmCallFinish(app, "a", "r", kv_blocks=20), t)
+        out += policy.on_event(ToolCallStart(app, "a", "t", rng.choice([None, 1.0, 3.0])), t)
         t += rng.random() * 0.05
         if rng.random() < 0.8:
-            out += policy.on_event(ToolCallEnd(t, app, "a", "c"))
-        out += policy.on_event(AppEnd(t, app))
+            out += policy.on_event(ToolCallEnd(app, "a", "c"), t)
+        out += policy.on_event(AppEnd(app), t)
         most = max(most, len(policy._timers))  # type: ignore[attr-defined]
     return [msgspec.to_builtins(d) for d in out], most
 

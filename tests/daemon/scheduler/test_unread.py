@@ -6,18 +6,22 @@ from __future__ import annotations
 
 from tests.daemon.scheduler.test_agent_aware import make
 from tokencake.daemon.scheduler import (
-    AppEnd,
-    AppRegistered,
     EngineState,
-    LlmCallAdmitted,
-    LlmCallFinish,
-    LlmCallStart,
-    ToolCallEnd,
-    ToolCallStart,
     TransferDone,
 )
 from tokencake.daemon.scheduler.agent_aware import TokenCakePolicy
-from tokencake.protocol import AppDag, DagNode, DecisionRecord
+from tokencake.protocol import (
+    AppDag,
+    AppEnd,
+    DagNode,
+    DecisionRecord,
+    LlmCallAdmitted,
+    LlmCallFinish,
+    LlmCallStart,
+    RegisterApp,
+    ToolCallEnd,
+    ToolCallStart,
+)
 
 
 def _app(p: TokenCakePolicy, i: int, read_after: bool) -> list[DecisionRecord]:
@@ -27,18 +31,18 @@ def _app(p: TokenCakePolicy, i: int, read_after: bool) -> list[DecisionRecord]:
     app = f"app{i}"
     nodes = [DagNode(id="a", agent_type="leaf", expected_tool_s=5, tool_kind="lint")]
     nodes.append(DagNode(id="b", agent_type="next"))
-    p.on_event(AppRegistered(t, app, AppDag(nodes=nodes, edges=[("a", "b")])))
-    p.on_event(EngineState(t, 1000, 50, num_waiting=3, waiting_blocks=200))
-    p.on_event(LlmCallStart(t, app, "a", "r", blocks=100))
-    p.on_event(LlmCallAdmitted(t + 0.1, app, "a", "r", blocks=100))
-    p.on_event(LlmCallFinish(t + 1, app, "a", "r", kv_blocks=100))
-    out = p.on_event(ToolCallStart(t + 1, app, "a", "lint", 5.0))
+    p.on_event(RegisterApp(app, AppDag(nodes=nodes, edges=[("a", "b")])), t)
+    p.on_event(EngineState(1000, 50, num_waiting=3, waiting_blocks=200), t)
+    p.on_event(LlmCallStart(app, "a", request_id="r", blocks=100), t)
+    p.on_event(LlmCallAdmitted(app, "a", "r", kv_blocks=100), t + 0.1)
+    p.on_event(LlmCallFinish(app, "a", "r", kv_blocks=100), t + 1)
+    out = p.on_event(ToolCallStart(app, "a", "lint", 5.0), t + 1)
     if any(d.kind == "offload" for d in out):
-        p.on_event(TransferDone(t + 1.5, app, "a", "d2h", 100))
-    p.on_event(ToolCallEnd(t + 6, app, "a"))
+        p.on_event(TransferDone(app, "a", "d2h", 100), t + 1.5)
+    p.on_event(ToolCallEnd(app, "a"), t + 6)
     if read_after:
-        p.on_event(LlmCallStart(t + 6, app, "b", "rb", blocks=110))
-    p.on_event(AppEnd(t + 7, app))
+        p.on_event(LlmCallStart(app, "b", request_id="rb", blocks=110), t + 6)
+    p.on_event(AppEnd(app), t + 7)
     return out
 
 
@@ -70,29 +74,29 @@ def test_uploads_already_queued_count_in_the_round_trip() -> None:
     uploads (about 3 s at 1 GB/s) are in flight ahead of the one it would need."""
 
     def tool_start(p: TokenCakePolicy, app: str, t: float) -> list[DecisionRecord]:
-        p.on_event(AppRegistered(t, app, AppDag(nodes=[DagNode(id="a", agent_type="w")])))
-        p.on_event(EngineState(t, 10000, 5000, num_waiting=3, waiting_blocks=200))
-        p.on_event(LlmCallStart(t, app, "a", "r", blocks=100))
-        p.on_event(LlmCallAdmitted(t, app, "a", "r", blocks=100))
-        p.on_event(LlmCallFinish(t + 0.5, app, "a", "r", kv_blocks=100))
-        return p.on_event(ToolCallStart(t + 0.5, app, "a", "run", 2.0))
+        p.on_event(RegisterApp(app, AppDag(nodes=[DagNode(id="a", agent_type="w")])), t)
+        p.on_event(EngineState(10000, 5000, num_waiting=3, waiting_blocks=200), t)
+        p.on_event(LlmCallStart(app, "a", request_id="r", blocks=100), t)
+        p.on_event(LlmCallAdmitted(app, "a", "r", kv_blocks=100), t)
+        p.on_event(LlmCallFinish(app, "a", "r", kv_blocks=100), t + 0.5)
+        return p.on_event(ToolCallStart(app, "a", "run", 2.0), t + 0.5)
 
     idle = make()
     assert [d.kind for d in tool_start(idle, "x", 0.0)] == ["offload"]
     busy = make()
     big = AppDag(nodes=[DagNode(id="a", agent_type="big")])
-    busy.on_event(AppRegistered(0.0, "big", big))
-    busy.on_event(EngineState(0.0, 10000, 9000))
-    busy.on_event(LlmCallStart(0.0, "big", "a", "r", blocks=3000))
-    busy.on_event(LlmCallAdmitted(0.0, "big", "a", "r", blocks=3000))
-    busy.on_event(LlmCallFinish(0.1, "big", "a", "r", kv_blocks=3000))
-    busy.on_event(EngineState(0.1, 10000, 5000, num_waiting=3, waiting_blocks=3000))
-    out = busy.on_event(ToolCallStart(0.1, "big", "a", "long", 600.0))
+    busy.on_event(RegisterApp("big", big), 0.0)
+    busy.on_event(EngineState(10000, 9000), 0.0)
+    busy.on_event(LlmCallStart("big", "a", request_id="r", blocks=3000), 0.0)
+    busy.on_event(LlmCallAdmitted("big", "a", "r", kv_blocks=3000), 0.0)
+    busy.on_event(LlmCallFinish("big", "a", "r", kv_blocks=3000), 0.1)
+    busy.on_event(EngineState(10000, 5000, num_waiting=3, waiting_blocks=3000), 0.1)
+    out = busy.on_event(ToolCallStart("big", "a", "long", 600.0), 0.1)
     assert [d.kind for d in out] == ["offload"]
-    busy.on_event(TransferDone(3.5, "big", "a", "d2h", 3000))
-    busy.on_event(ToolCallEnd(3.6, "big", "a"))  # returns: urgent upload of 3,000 blocks
+    busy.on_event(TransferDone("big", "a", "d2h", 3000), 3.5)
+    busy.on_event(ToolCallEnd("big", "a"), 3.6)  # returns: urgent upload of 3,000 blocks
     for k in range(8):  # each report releases more pieces (upload_pieces_per_tick)
-        busy.on_event(EngineState(3.6 + 0.01 * k, 10000, 9000))
+        busy.on_event(EngineState(10000, 9000), 3.6 + 0.01 * k)
     assert busy.h2d_in_flight == 3000
     out = tool_start(busy, "x", 3.7)
     assert [d.kind for d in out] == ["keep", "pin", "offload", "pin"]  # kept, written through

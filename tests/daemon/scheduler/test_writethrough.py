@@ -12,20 +12,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokencake.daemon.scheduler import (
-    AppRegistered,
     EngineState,
     KvEvicted,
-    LlmCallAdmitted,
-    LlmCallFinish,
-    LlmCallStart,
     PolicyConfig,
-    ToolCallEnd,
-    ToolCallStart,
     TransferDone,
     create_policy,
 )
 from tokencake.daemon.scheduler.agent_aware import TokenCakePolicy
-from tokencake.protocol import URGENT, AppDag, DagNode, DecisionRecord, OffloadDecision, PinDecision
+from tokencake.protocol import (
+    URGENT,
+    AppDag,
+    DagNode,
+    DecisionRecord,
+    LlmCallAdmitted,
+    LlmCallFinish,
+    LlmCallStart,
+    OffloadDecision,
+    PinDecision,
+    RegisterApp,
+    ToolCallEnd,
+    ToolCallStart,
+)
 
 MB = 1 << 20
 SAVE = "save:reader_coming"
@@ -47,10 +54,10 @@ def chain() -> AppDag:
 
 
 def finish_a(p: TokenCakePolicy, blocks: int, t: float = 1.0) -> list[DecisionRecord]:
-    p.on_event(AppRegistered(0.0, "app", chain()))
-    p.on_event(LlmCallStart(0.0, "app", "a", "r", blocks=blocks))
-    p.on_event(LlmCallAdmitted(0.1, "app", "a", "r", blocks=blocks))
-    return p.on_event(LlmCallFinish(t, "app", "a", "r", kv_blocks=blocks))
+    p.on_event(RegisterApp("app", chain()), 0.0)
+    p.on_event(LlmCallStart("app", "a", request_id="r", blocks=blocks), 0.0)
+    p.on_event(LlmCallAdmitted("app", "a", "r", kv_blocks=blocks), 0.1)
+    return p.on_event(LlmCallFinish("app", "a", "r", kv_blocks=blocks), t)
 
 
 def saves(out: list[DecisionRecord]) -> list[OffloadDecision]:
@@ -75,7 +82,7 @@ def test_successor_copy_is_decided_exactly_by_the_rule(
     p = make(host_blocks=host, recompute_s_per_block=recompute_ms / 1e3)
     finish_a(p, blocks)
     free = gpu - int(used_share * gpu)
-    out = p.on_event(EngineState(1.0, gpu, free, waiting_blocks=waiting))
+    out = p.on_event(EngineState(gpu, free, waiting_blocks=waiting), 1.0)
     t_back = p.cost.seconds("h2d", blocks, -(-blocks // p.config.upload_piece_blocks))
     pressure = waiting > 0 or 1.0 - free / gpu >= p.config.offload_usage_floor
     cheaper = t_back < blocks * recompute_ms / 1e3
@@ -85,27 +92,27 @@ def test_successor_copy_is_decided_exactly_by_the_rule(
     if got:
         (save,) = got
         assert not save.free_gpu and save.blocks == blocks
-        p.on_event(TransferDone(1.5, "app", "a", "d2h", blocks))
+        p.on_event(TransferDone("app", "a", "d2h", blocks), 1.5)
         (agent,) = p.iter_agents()
         assert (agent.gpu_blocks, agent.host_blocks, agent.offloading) == (blocks, blocks, 0)
     # decided once: the next report does not copy the same KV again
-    assert not saves(p.on_event(EngineState(2.0, gpu, free, waiting_blocks=waiting)))
+    assert not saves(p.on_event(EngineState(gpu, free, waiting_blocks=waiting), 2.0))
 
 
 def test_no_copy_without_a_reader_or_for_the_spatial_half() -> None:
-    under_pressure = EngineState(1.0, 1000, 100, num_waiting=2, waiting_blocks=300)
+    under_pressure = EngineState(1000, 100, num_waiting=2, waiting_blocks=300)
     leaf = make(recompute_s_per_block=0.01)
-    leaf.on_event(AppRegistered(0.0, "solo", AppDag(nodes=[DagNode(id="a", agent_type="w")])))
-    leaf.on_event(LlmCallStart(0.0, "solo", "a", "r", blocks=200))
-    leaf.on_event(LlmCallAdmitted(0.1, "solo", "a", "r", blocks=200))
-    leaf.on_event(LlmCallFinish(1.0, "solo", "a", "r", kv_blocks=200))
-    assert not saves(leaf.on_event(under_pressure))  # no successor, no tool call: no reader
+    leaf.on_event(RegisterApp("solo", AppDag(nodes=[DagNode(id="a", agent_type="w")])), 0.0)
+    leaf.on_event(LlmCallStart("solo", "a", request_id="r", blocks=200), 0.0)
+    leaf.on_event(LlmCallAdmitted("solo", "a", "r", kv_blocks=200), 0.1)
+    leaf.on_event(LlmCallFinish("solo", "a", "r", kv_blocks=200), 1.0)
+    assert not saves(leaf.on_event(under_pressure, 1.0))  # no successor, no tool call: no reader
     spatial = make("tokencake-spatial", recompute_s_per_block=0.01)
     finish_a(spatial, 200)
-    assert not saves(spatial.on_event(under_pressure))
+    assert not saves(spatial.on_event(under_pressure, 1.0))
     kept = make(recompute_s_per_block=0.01)
     finish_a(kept, 200)
-    assert saves(kept.on_event(under_pressure))
+    assert saves(kept.on_event(under_pressure, 1.0))
 
 
 def test_tool_call_copy_shortens_the_pin_to_the_median() -> None:
@@ -113,9 +120,9 @@ def test_tool_call_copy_shortens_the_pin_to_the_median() -> None:
     median only (the copy ended the pin; the host copy insures the tail). The pinned
     blocks are held once in the policy's free count."""
     p = make(recompute_s_per_block=0.01)
-    p.on_event(EngineState(0.0, 1000, 400, num_waiting=2, waiting_blocks=300))
+    p.on_event(EngineState(1000, 400, num_waiting=2, waiting_blocks=300), 0.0)
     finish_a(p, 200)
-    out = p.on_event(ToolCallStart(1.0, "app", "a", "t", 0.2))
+    out = p.on_event(ToolCallStart("app", "a", "t", 0.2), 1.0)
     assert [d.reason.rule for d in out] == [
         "keep:margin_below_min",
         "pin:kept_through_tool_call",
@@ -129,21 +136,21 @@ def test_tool_call_copy_shortens_the_pin_to_the_median() -> None:
 
 
 def written_through(p: TokenCakePolicy) -> None:
-    p.on_event(EngineState(0.0, 1000, 400, num_waiting=2, waiting_blocks=300))
+    p.on_event(EngineState(1000, 400, num_waiting=2, waiting_blocks=300), 0.0)
     finish_a(p, 200)
-    assert saves(p.on_event(ToolCallStart(1.0, "app", "a", "t", 0.2)))
-    p.on_event(TransferDone(1.1, "app", "a", "d2h", 200))
+    assert saves(p.on_event(ToolCallStart("app", "a", "t", 0.2), 1.0))
+    p.on_event(TransferDone("app", "a", "d2h", 200), 1.1)
 
 
 def test_return_uploads_only_what_is_missing_on_the_gpu() -> None:
     cached = make(recompute_s_per_block=0.01)
     written_through(cached)
-    out = cached.on_event(ToolCallEnd(1.2, "app", "a"))
+    out = cached.on_event(ToolCallEnd("app", "a"), 1.2)
     assert not [d for d in out if d.kind == "upload"]  # still cached: nothing to copy
     evicted = make(recompute_s_per_block=0.01)
     written_through(evicted)
-    evicted.on_event(KvEvicted(1.15, "app", "a", 150))  # the pin ran out; 150 blocks went
-    evicted.on_event(ToolCallEnd(1.2, "app", "a"))
+    evicted.on_event(KvEvicted("app", "a", 150), 1.15)  # the pin ran out; 150 blocks went
+    evicted.on_event(ToolCallEnd("app", "a"), 1.2)
     (agent,) = evicted.iter_agents()
     assert agent.upload_left + agent.uploading == 150
     assert agent.upload_priority == URGENT
@@ -154,18 +161,18 @@ def test_failed_upload_piece_keeps_the_host_copy_once_the_reader_is_here() -> No
     once the agent's request waits, the engine loads the host copy on admission, so the
     upload is cancelled and the copy kept (no drop, no retry)."""
     p = make()
-    p.on_event(EngineState(0.0, 1000, 50, num_waiting=1, waiting_blocks=10))
+    p.on_event(EngineState(1000, 50, num_waiting=1, waiting_blocks=10), 0.0)
     finish_a(p, 100)
-    out = p.on_event(ToolCallStart(1.0, "app", "a", "t", 20.0))
+    out = p.on_event(ToolCallStart("app", "a", "t", 20.0), 1.0)
     assert [d.kind for d in out] == ["offload"]
-    p.on_event(TransferDone(1.2, "app", "a", "d2h", 100))
-    p.on_event(ToolCallEnd(2.0, "app", "a"))  # early return: urgent upload
-    p.on_event(EngineState(2.0, 1000, 1000))
+    p.on_event(TransferDone("app", "a", "d2h", 100), 1.2)
+    p.on_event(ToolCallEnd("app", "a"), 2.0)  # early return: urgent upload
+    p.on_event(EngineState(1000, 1000), 2.0)
     (agent,) = p.iter_agents()
     sent = agent.uploading
     assert sent > 0
-    p.on_event(LlmCallStart(2.1, "app", "a", "r2", blocks=110))  # the reader is here
-    out = p.on_event(TransferDone(2.2, "app", "a", "h2d", sent, ok=False))
+    p.on_event(LlmCallStart("app", "a", request_id="r2", blocks=110), 2.1)  # the reader is here
+    out = p.on_event(TransferDone("app", "a", "h2d", sent, ok=False), 2.2)
     assert not [d for d in out if d.kind in ("drop", "upload")]
     assert (agent.upload_left, agent.uploading, agent.upload_failures) == (0, 0, 0)
     assert agent.host_blocks == 100
@@ -173,16 +180,16 @@ def test_failed_upload_piece_keeps_the_host_copy_once_the_reader_is_here() -> No
 
 def test_failed_upload_piece_is_retried_during_the_tool_call() -> None:
     p = make()
-    p.on_event(EngineState(0.0, 1000, 50, num_waiting=1, waiting_blocks=10))
+    p.on_event(EngineState(1000, 50, num_waiting=1, waiting_blocks=10), 0.0)
     finish_a(p, 100)
-    p.on_event(ToolCallStart(1.0, "app", "a", "t", 20.0))
-    p.on_event(TransferDone(1.2, "app", "a", "d2h", 100))
-    p.on_event(EngineState(1.3, 1000, 1000))
+    p.on_event(ToolCallStart("app", "a", "t", 20.0), 1.0)
+    p.on_event(TransferDone("app", "a", "d2h", 100), 1.2)
+    p.on_event(EngineState(1000, 1000), 1.3)
     (agent,) = p.iter_agents()
     p._start_upload(agent, 64, URGENT, "test_upload", {}, [])
-    p.on_event(EngineState(1.4, 1000, 1000))
+    p.on_event(EngineState(1000, 1000), 1.4)
     sent = agent.uploading
     assert sent > 0
-    out = p.on_event(TransferDone(1.5, "app", "a", "h2d", sent, ok=False))
+    out = p.on_event(TransferDone("app", "a", "h2d", sent, ok=False), 1.5)
     assert agent.upload_failures == 1
     assert [d.reason.rule for d in out if d.kind == "upload"] == ["retry_failed_piece"]
