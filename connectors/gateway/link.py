@@ -1,28 +1,62 @@
-"""The gateway's link to tokencaked: one ``AsyncTokenCakeClient`` on the proxy's event loop.
+"""The gateway's link to tokencaked: agent events pipelined on one socket, never awaited.
 
-Events are queued and sent by one task, in the order the gateway saw them, so the daemon
-sees an app's registration before its events and a tool call's start before its end. The
-proxy never waits on the daemon except, where the engine's connector reports LLM calls, for
-an app's registration before its first tagged request (``Gateway``).
+Events and app registrations are sent in the order the gateway saw them, on one ZMQ DEALER
+socket, and the daemon handles one peer's messages in order: it sees an app's registration
+before its events and a tool call's start before its end without the gateway waiting for a
+single reply. Replies are read as they come, off every request's path, and only counted
+(``sent``, ``rejected``) or acted on:
 
-An app the daemon answers ``unknown_app`` for (it restarted and forgot) is registered again
-and the event resent, once: ``clients/session.py``'s rule for blocking clients, here for
-the asyncio client (a blocking client in a thread would contend with the proxy for the GIL).
-A daemon that does not answer marks the link down for ``retry_s``: meanwhile registrations
-fail at once (requests pass through untagged) and events are counted as missed, not queued.
+- a registration's reply resolves the future ``register`` returned (the proxy waits on it
+  only where the engine's connector reports LLM calls; see ``Gateway._registered``);
+- an event the daemon answers ``unknown_app`` for (it restarted and forgot the app) makes the
+  link register the app again and resend the event, once (``clients/session.py``'s rule for
+  blocking clients);
+- a reply that does not come within ``timeout_s`` counts its event as ``missed`` (a
+  registration: failed) and marks the link down for ``retry_s``; so does a daemon that is not
+  connected within ``timeout_s`` (what is queued meanwhile waits, in order). While down,
+  registrations fail at once (requests pass through untagged) and events are counted as
+  missed, not sent.
+
+Losing an event is harmless to the requests: they are forwarded the same either way; the
+daemon's policy then decides on less. What is queued is sent in one go, one loop turn after
+the request that queued it has been handed to the engine (``_schedule``), so the send never
+delays a request. The socket is a plain (blocking-API) ZMQ socket used with ``NOBLOCK`` on
+the loop, its replies read from a loop reader: an order of magnitude less CPU per message
+than ``zmq.asyncio``'s futures (``docs/benchmarks.md``, Gateway).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import zmq
 
 from tokencake import protocol as p
-from tokencake.clients.client import AsyncTokenCakeClient, DaemonUnavailable
+from tokencake.clients.client import _configure, resolve_endpoint
 
 logger = logging.getLogger(__name__)
+
+REGISTER: Final = "register"
+EVENT: Final = "event"
+END: Final = "end"
+REREGISTER: Final = "reregister"
+CONNECT_POLL_S: Final = 0.005
+"""How often queued messages are retried while no daemon is connected (up to the timeout)."""
+
+
+@dataclass(slots=True)
+class _Item:
+    kind: str
+    app_id: str
+    req: p.Request[Any]
+    fut: asyncio.Future[bool] | None = None
+    retried: bool = False
+    sent_at: float = 0.0
 
 
 class DaemonLink:
@@ -32,149 +66,267 @@ class DaemonLink:
         *,
         timeout_s: float = 0.25,
         retry_s: float = 1.0,
-        max_queue: int = 100_000,
+        max_inflight: int = 100_000,
     ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.retry_s = retry_s
-        self.max_queue = max_queue
+        self.max_inflight = max_inflight
         self.sent = 0
+        """Events and registrations the daemon acknowledged."""
         self.missed = 0
+        """Events not delivered: the daemon down, not answering in time, or the link full."""
         self.rejected = 0
+        """Events and registrations the daemon refused (an error reply)."""
         self._down_until = 0.0
         self._dags: dict[str, p.AppDag] = {}
-        self._q: asyncio.Queue[tuple[Any, ...]] | None = None
-        self._client: AsyncTokenCakeClient | None = None
-        self._task: asyncio.Task[None] | None = None
+        """Apps the daemon acknowledged, for registering again after it restarts."""
+        self._registering: set[str] = set()
+        self._out: list[_Item] = []
+        self._pending: dict[int, _Item] = {}
+        """Sent and not yet answered, in the order sent (the order the daemon answers)."""
+        self._ids = itertools.count(1)
+        self._sock: zmq.Socket[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flushing = False
+        self._blocked_since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def down(self) -> bool:
         return time.monotonic() < self._down_until
 
+    @property
+    def inflight(self) -> int:
+        return len(self._pending) + len(self._out)
+
+    def counts(self) -> dict[str, int]:
+        return {"sent": self.sent, "missed": self.missed, "rejected": self.rejected}
+
     def start(self) -> None:
         """Connect (on the running loop); a malformed endpoint raises here, not later."""
-        self._queue()
+        self._socket()
 
-    def _queue(self) -> asyncio.Queue[tuple[Any, ...]]:
-        if self._q is None:
-            self._q = asyncio.Queue()
-            self._client = AsyncTokenCakeClient(self.endpoint, timeout_s=self.timeout_s)
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        return self._q
+    def _socket(self) -> zmq.Socket[Any]:
+        if self._sock is None:
+            sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+            _configure(sock, None)
+            sock.setsockopt(zmq.SNDHWM, self.max_inflight)
+            sock.setsockopt(zmq.RCVHWM, self.max_inflight)
+            try:
+                sock.connect(resolve_endpoint(self.endpoint))
+            except zmq.ZMQError:
+                sock.close(linger=0)
+                raise
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(sock.fileno(), self._drain)
+            self._sock = sock
+        return self._sock
 
     # ------------------------------------------------------------------ callers
 
     def register(self, app_id: str, dag: p.AppDag) -> asyncio.Future[bool]:
         """Declare an app; the future says whether the daemon now knows it."""
+        self._socket()
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        q = self._queue()
-        if self.down or q.qsize() >= self.max_queue:
+        if self.down or self.inflight >= self.max_inflight:
             fut.set_result(False)
         else:
-            q.put_nowait(("register", app_id, dag, fut))
+            self._registering.add(app_id)
+            self._queue(_Item(REGISTER, app_id, p.RegisterApp(app_id, dag), fut))
         return fut
 
-    def event(self, req: p.Request) -> None:
+    def event(self, req: p.Request[Any]) -> None:
         """Send an agent event of a registered app, in order, not waiting."""
-        q = self._queue()
-        if self.down or q.qsize() >= self.max_queue:
+        self._socket()
+        if self.down or self.inflight >= self.max_inflight:
             self.missed += 1
             return
-        q.put_nowait(("event", req))
+        self._queue(_Item(EVENT, getattr(req, "app_id", ""), req))
 
     def end_app(self, app_id: str) -> None:
-        self._queue().put_nowait(("end", app_id))
+        self._socket()
+        if self._dags.pop(app_id, None) is not None and not self.down:
+            self._queue(_Item(END, app_id, p.AppEnd(app_id)))
 
     async def close(self) -> None:
-        """Send what is queued (bounded by the daemon timeout per item), then stop."""
-        if self._task is not None and self._q is not None:
-            # A stop item, not only a cancel: Python 3.11's wait_for (inside the client) can
-            # swallow a cancellation that races a reply, and the task would wait forever.
-            self._q.put_nowait(("stop",))
-            await asyncio.wait({self._task}, timeout=self.timeout_s * 4 + 1.0)
-            if not self._task.done():
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=1.0)
-        if self._client is not None:
-            await self._client.close()
+        """Send what is queued and wait for its replies (at most ``timeout_s``), then stop."""
+        if self._sock is None:
+            return
+        self._flush()
+        deadline = time.monotonic() + self.timeout_s
+        while (self._pending or self._out) and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+            self._drain()
+        self._lose_queued()
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._loop is not None
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close(linger=0)
+        self._sock = None
+        for item in self._pending.values():
+            self._lost(item)
+        self._pending.clear()
 
-    # ------------------------------------------------------------------ the sender task
+    # ------------------------------------------------------------------ sending
 
-    async def _run(self) -> None:
-        assert self._q is not None and self._client is not None
-        client = self._client
-        while True:
-            if self._q.empty():
-                item = await self._q.get()
-                # Woken by a request's event: one turn of the loop first, so that request goes
-                # out before the daemon hears of it (on Python 3.11 aiohttp writes a request's
-                # body in a task of its own, queued after this wake-up; a send to the daemon
-                # costs the loop about 0.1 ms).
-                await asyncio.sleep(0)
-            else:
-                item = self._q.get_nowait()
-            if item[0] == "stop":
-                return
-            try:
-                if item[0] == "register":
-                    await self._register(client, item[1], item[2], item[3])
-                elif item[0] == "event":
-                    await self._event(client, item[1])
-                else:
-                    await self._end(client, item[1])
-            except Exception:
-                logger.exception("gateway link: %s failed", item[0])
+    def _queue(self, item: _Item) -> None:
+        self._out.append(item)
+        if not self._flushing:
+            self._flushing = True
+            assert self._loop is not None
+            self._loop.call_soon(self._schedule)
+
+    def _schedule(self) -> None:
+        """One more loop turn before sending: a request whose tracking queued events is then
+        on its way to the engine (on Python 3.11 aiohttp writes a request's body in a task of
+        its own, queued after the first turn)."""
+        assert self._loop is not None
+        self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        sock = self._sock
+        if sock is None:
+            return
+        now = time.monotonic()
+        done = 0
+        for item in self._out:
+            known = item.app_id in self._dags or item.app_id in self._registering
+            if item.kind != EVENT or known:  # else never registered: went through untagged
+                request_id = next(self._ids)
+                try:
+                    sock.send(p.encode_request(item.req, request_id), zmq.NOBLOCK)
+                except zmq.Again:
+                    break  # no daemon connected (yet): IMMEDIATE queues nothing for it
+                except zmq.ZMQError as exc:
+                    self._mark_down(exc)
+                    self._lose_queued()
+                    return
+                item.sent_at = now
+                self._pending[request_id] = item
+            done += 1
+        del self._out[:done]
+        if self._out:
+            self._wait_for_connection(now)
+        else:
+            self._blocked_since = 0.0
+        # A send may have taken the socket's edge: read what came meanwhile.
+        if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._drain()
+        self._arm()
+
+    def _wait_for_connection(self, now: float) -> None:
+        """Try again shortly, for at most ``timeout_s``; then the daemon is down."""
+        if not self._blocked_since:
+            self._blocked_since = now
+        if now - self._blocked_since >= self.timeout_s:
+            self._mark_down("not connected")
+            self._lose_queued()
+        elif not self._flushing:
+            self._flushing = True
+            assert self._loop is not None
+            self._loop.call_later(CONNECT_POLL_S, self._flush)
+
+    def _lose_queued(self) -> None:
+        for item in self._out:
+            self._lost(item)
+        self._out.clear()
+        self._blocked_since = 0.0
+
+    def _lost(self, item: _Item) -> None:
+        """An item that will get no reply."""
+        if item.kind == EVENT:
+            self.missed += 1
+        elif item.kind in (REGISTER, REREGISTER):
+            self._registering.discard(item.app_id)
+        if item.fut is not None and not item.fut.done():
+            item.fut.set_result(False)
 
     def _mark_down(self, why: object) -> None:
         if not self.down:
             logger.warning("tokencaked unavailable (%s); passing requests through", why)
         self._down_until = time.monotonic() + self.retry_s
 
-    async def _register(
-        self, client: AsyncTokenCakeClient, app_id: str, dag: p.AppDag, fut: asyncio.Future[bool]
-    ) -> None:
-        ok = False
-        if not self.down:
-            try:
-                await client.call(p.RegisterApp(app_id, dag))
-                self._dags[app_id] = dag
-                self.sent += 1
-                ok = True
-            except DaemonUnavailable as exc:
-                self._mark_down(exc)
-            except p.RemoteError as exc:
-                self.rejected += 1
-                logger.warning("tokencaked refused app %s: %s", app_id, exc)
-        if not fut.done():
-            fut.set_result(ok)
+    # ------------------------------------------------------------------ replies
 
-    async def _event(self, client: AsyncTokenCakeClient, req: p.Request) -> None:
-        app_id: str = getattr(req, "app_id", "")
-        if app_id not in self._dags:
-            return  # never registered: its requests went through untagged
-        if self.down:
-            self.missed += 1
+    def _drain(self) -> None:
+        sock = self._sock
+        if sock is None:
             return
-        try:
+        while True:
             try:
-                await client.call(req)
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                env = p.decode_reply_envelope(frame)
             except p.RemoteError as exc:
-                if exc.code != p.ErrorCode.UNKNOWN_APP:
-                    raise
-                await client.call(p.RegisterApp(app_id, self._dags[app_id]))
-                await client.call(req)
-            self.sent += 1
-        except DaemonUnavailable as exc:
-            self.missed += 1
-            self._mark_down(exc)
-        except p.RemoteError as exc:
+                logger.warning("gateway link: dropping an undecodable reply: %s", exc)
+                continue
+            item = self._pending.pop(env.id, None)
+            if item is not None:  # else a push (id 0) or a reply that came too late
+                self._reply(item, env)
+
+    def _reply(self, item: _Item, env: p.ReplyEnvelope) -> None:
+        code = "" if env.ok else (env.error.code if env.error else p.ErrorCode.INTERNAL)
+        if item.kind in (REGISTER, REREGISTER):
+            self._registering.discard(item.app_id)
+            if not code:
+                assert isinstance(item.req, p.RegisterApp)
+                self._dags[item.app_id] = item.req.dag
+        if item.fut is not None and not item.fut.done():
+            item.fut.set_result(not code)
+        if not code:
+            self.sent += item.kind in (REGISTER, EVENT)
+        elif item.kind == EVENT and code == p.ErrorCode.UNKNOWN_APP:
+            self._resend(item)
+        elif item.kind == END:
+            logger.debug("app_end %s: %s", item.app_id, code)
+        elif item.kind != EVENT:
             self.rejected += 1
-            logger.debug("tokencaked refused %s for %s: %s", req.op, app_id, exc)
+            logger.warning("tokencaked refused app %s: %s", item.app_id, code)
+        else:
+            self.rejected += 1
+            logger.debug("tokencaked refused %s for %s: %s", item.req.op, item.app_id, code)
 
-    async def _end(self, client: AsyncTokenCakeClient, app_id: str) -> None:
-        if self._dags.pop(app_id, None) is None or self.down:
+    def _resend(self, item: _Item) -> None:
+        """The daemon forgot the app (it restarted): register it again, then the event."""
+        dag = self._dags.get(item.app_id)
+        if dag is None:
+            return  # its registration failed: the event's requests went through untagged
+        if item.retried:
+            self.rejected += 1
             return
-        try:
-            await client.call(p.AppEnd(app_id))
-        except (DaemonUnavailable, p.RemoteError) as exc:
-            logger.debug("app_end %s: %s", app_id, exc)
+        if item.app_id not in self._registering:
+            self._registering.add(item.app_id)
+            self._queue(_Item(REREGISTER, item.app_id, p.RegisterApp(item.app_id, dag)))
+        self._queue(_Item(EVENT, item.app_id, item.req, retried=True))
+
+    # ------------------------------------------------------------------ timeouts
+
+    def _arm(self) -> None:
+        if self._pending and self._timer is None:
+            assert self._loop is not None
+            self._timer = self._loop.call_later(self.timeout_s, self._expire)
+
+    def _expire(self) -> None:
+        """Replies overdue by ``timeout_s``: their items are lost and the link is down."""
+        self._timer = None
+        self._drain()  # what has come but not been read
+        deadline = time.monotonic() - self.timeout_s
+        overdue = 0
+        for request_id, item in list(self._pending.items()):
+            if item.sent_at > deadline:
+                break
+            del self._pending[request_id]
+            self._lost(item)
+            overdue += 1
+        if overdue:
+            self._mark_down(f"{overdue} replies overdue by {self.timeout_s} s")
+        if self._pending:
+            assert self._loop is not None
+            first = next(iter(self._pending.values())).sent_at
+            wait = max(first + self.timeout_s - time.monotonic(), 0.001)
+            self._timer = self._loop.call_later(wait, self._expire)

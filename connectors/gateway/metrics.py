@@ -3,7 +3,11 @@ engine's, passed through)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 ERROR_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -61,3 +65,23 @@ class GatewayMetrics:
             "Requests whose client went away before the response ended.",
             registry=r,
         )
+
+    def count_daemon_messages(self, read: Callable[[], dict[str, int]]) -> None:
+        """Export the daemon link's own counts (``read``: outcome -> count) at each scrape."""
+        self.registry.register(_DaemonMessages(read))
+
+
+class _DaemonMessages(Collector):
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "tokencake_gateway_daemon_messages",
+            "Agent events and app registrations for tokencaked, by outcome: sent (acknowledged),"
+            " missed (not delivered: daemon down, no reply in time, link full), rejected.",
+            labels=["outcome"],
+        )
+        for outcome, count in self.read().items():
+            family.add_metric([outcome], count)
+        yield family

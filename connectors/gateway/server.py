@@ -158,6 +158,7 @@ class Gateway:
         self.upstreams = Upstreams(upstreams)
         self.metrics = GatewayMetrics()
         self.link = DaemonLink(daemon_endpoint, timeout_s=daemon_timeout_s)
+        self.metrics.count_daemon_messages(self.link.counts)
         self.tracker = Tracker(
             self.link, self.metrics, llm_events=llm_events, app_idle_s=app_idle_s
         )

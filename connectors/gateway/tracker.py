@@ -532,5 +532,6 @@ class Tracker:
                 "sent": self.link.sent,
                 "missed": self.link.missed,
                 "rejected": self.link.rejected,
+                "inflight": self.link.inflight,
             },
         }
