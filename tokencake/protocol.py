@@ -299,13 +299,34 @@ class LookupReply(msgspec.Struct):
     slots: list[int]
 
 
-class Lookup(Request[LookupReply]):
-    """Longest ready prefix of ``hashes``. Informational: it pins nothing."""
+class HashesRequest(Request[ReplyT]):
+    """Base of the requests about an engine's chained block hashes (``salt``: the tenant's
+    namespace, as the connector hashes)."""
 
-    op = "lookup"
     engine_id: str
     hashes: Hashes
     salt: Name = ""
+
+
+class AgentHashesRequest(HashesRequest[ReplyT]):
+    """A hashes request that may name the agent whose KV it moves, so the scheduler can
+    account for the copy when it completes."""
+
+    app_id: str = ""
+    agent_id: str = ""
+
+
+class SlotsRequest(Request[ReplyT]):
+    """Base of the requests that finish or give back slots the engine holds."""
+
+    engine_id: str
+    slots: list[int]
+
+
+class Lookup(HashesRequest[LookupReply]):
+    """Longest ready prefix of ``hashes``. Informational: it pins nothing."""
+
+    op = "lookup"
 
 
 class ReserveReply(msgspec.Struct):
@@ -318,28 +339,21 @@ class ReserveReply(msgspec.Struct):
     slots: list[int]
 
 
-class Reserve(Request[ReserveReply]):
+class Reserve(AgentHashesRequest[ReserveReply]):
     """Slots to store ``hashes`` into. Naming the agent lets the scheduler account for its
     offload when the slots are committed."""
 
     op = "reserve"
-    engine_id: str
-    hashes: Hashes
-    salt: Name = ""
-    app_id: str = ""
-    agent_id: str = ""
 
 
 class CommitReply(msgspec.Struct):
     committed: int
 
 
-class Commit(Request[CommitReply]):
+class Commit(SlotsRequest[CommitReply]):
     """The sender has written these reserved slots completely; make them servable."""
 
     op = "commit"
-    engine_id: str
-    slots: list[int]
     copy_s: float = -1.0
     """Seconds the copy itself took, on the engine's clock; negative: not measured (the
     daemon then takes the time since the reservation, waiting included)."""
@@ -349,39 +363,32 @@ class AbortReply(msgspec.Struct):
     aborted: int
 
 
-class Abort(Request[AbortReply]):
+class Abort(SlotsRequest[AbortReply]):
     """Give back reserved slots that will not be written."""
 
     op = "abort"
-    engine_id: str
-    slots: list[int]
 
 
 class LoadBeginReply(msgspec.Struct):
     slots: list[int]
 
 
-class LoadBegin(Request[LoadBeginReply]):
+class LoadBegin(AgentHashesRequest[LoadBeginReply]):
     """Pin the longest ready prefix of ``hashes`` for reading; it cannot be evicted.
 
     Naming the agent lets the scheduler account for its upload at ``load_end``."""
 
     op = "load_begin"
-    engine_id: str
-    hashes: Hashes
-    salt: Name = ""
-    app_id: str = ""
-    agent_id: str = ""
 
 
 class LoadEndReply(msgspec.Struct):
     released: int
 
 
-class LoadEnd(Request[LoadEndReply]):
+class LoadEnd(SlotsRequest[LoadEndReply]):
+    """Release the slots ``load_begin`` pinned: the engine has read them."""
+
     op = "load_end"
-    engine_id: str
-    slots: list[int]
     copy_s: float = -1.0
     """Seconds the copy into the engine took; negative: not measured (see ``Commit``)."""
 
@@ -390,13 +397,10 @@ class DropReply(msgspec.Struct):
     dropped: int
 
 
-class Drop(Request[DropReply]):
+class Drop(HashesRequest[DropReply]):
     """Forget stored blocks. Blocks being read are freed when their readers finish."""
 
     op = "drop"
-    engine_id: str
-    hashes: Hashes
-    salt: Name = ""
 
 
 # --------------------------------------------------------------------------- GPU data plane
