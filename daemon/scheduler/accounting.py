@@ -33,6 +33,7 @@ from tokencake import protocol as p
 from tokencake.daemon.scheduler.agents import TOOL, WAITING, AgentState, AppState
 from tokencake.daemon.scheduler.costmodel import TransferCostModel
 from tokencake.daemon.scheduler.dag import analyse
+from tokencake.daemon.scheduler.learned import add_count, learned
 from tokencake.daemon.scheduler.policy import Policy, PolicyConfig
 from tokencake.daemon.scheduler.predictor import RunningMeanPredictor, ToolDurationPredictor
 from tokencake.protocol import AppDag
@@ -102,7 +103,6 @@ class AccountingPolicy(Policy):
             if not create or app.ended:
                 return None
             agent = app.agents[agent_id] = AgentState(app, app.node(agent_id), self.now)
-            self.class_usage.setdefault(agent.klass, 0)
         return agent
 
     def _set_phase(self, agent: AgentState, phase: str) -> None:
@@ -116,13 +116,9 @@ class AccountingPolicy(Policy):
 
     def _set_gpu(self, agent: AgentState, blocks: int) -> None:
         blocks = max(0, blocks)
-        self.class_usage[agent.klass] = self.class_usage.get(agent.klass, 0) + (
-            blocks - agent.gpu_blocks
-        )
+        add_count(self.class_usage, agent.klass, blocks - agent.gpu_blocks)
         if agent.critical:
-            self.class_crit_usage[agent.klass] = self.class_crit_usage.get(agent.klass, 0) + (
-                blocks - agent.gpu_blocks
-            )
+            add_count(self.class_crit_usage, agent.klass, blocks - agent.gpu_blocks)
         agent.gpu_blocks = blocks
 
     def waiting_blocks(self) -> int:
@@ -141,7 +137,7 @@ class AccountingPolicy(Policy):
             return
         agent.await_reader = None
         agent.app.awaiting -= 1
-        rec = self.reader_stats.setdefault(key, [0.0, 0.0])
+        rec = learned(self.reader_stats, key, lambda: [0.0, 0.0])
         rec[0] *= READER_DECAY
         rec[1] *= READER_DECAY
         rec[0 if read else 1] += 1.0

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
+from tokencake.daemon.scheduler.learned import learned
+
 PRIOR_WEIGHT = 2.0
 """A hint counts as this many observations against the measured history."""
 SIGMA_WITH_HINT = 0.5
@@ -161,14 +163,10 @@ class ToolDurationPredictor:
                 st.err_abs += ERROR_DECAY * (abs(err) - st.err_abs)
 
     def _stats_for(self, agent_type: str, tool_kind: str) -> tuple[_Stats, _Stats]:
-        key = (agent_type, tool_kind)
-        st = self._by_key.get(key)
-        if st is None:
-            st = self._by_key[key] = _Stats()
-        kind = self._by_kind.get(tool_kind)
-        if kind is None:
-            kind = self._by_kind[tool_kind] = _Stats()
-        return st, kind
+        return (
+            learned(self._by_key, (agent_type, tool_kind), _Stats),
+            learned(self._by_kind, tool_kind, _Stats),
+        )
 
 
 class RunningMeanPredictor:
@@ -179,7 +177,7 @@ class RunningMeanPredictor:
 
     def __init__(self, default_s: float = 1.0) -> None:
         self.default_s = default_s
-        self._sums: dict[tuple[str, str], tuple[int, float]] = {}
+        self._sums: dict[tuple[str, str], list[float]] = {}  # [calls, seconds]
 
     def predict_s(self, agent_type: str, tool_kind: str, hint_s: float | None) -> float:
         n, total = self._sums.get((agent_type, tool_kind), (0, 0.0))
@@ -196,5 +194,6 @@ class RunningMeanPredictor:
 
     def observe(self, agent_type: str, tool_kind: str, actual_s: float) -> None:
         if math.isfinite(actual_s) and actual_s >= 0:
-            n, total = self._sums.get((agent_type, tool_kind), (0, 0.0))
-            self._sums[(agent_type, tool_kind)] = (n + 1, total + actual_s)
+            sums = learned(self._sums, (agent_type, tool_kind), lambda: [0, 0.0])
+            sums[0] += 1
+            sums[1] += actual_s
