@@ -43,7 +43,6 @@ MiB = 1 << 20
 def run(mib: int, page_tokens: int, repeats: int) -> dict[str, Any]:
     sglang_env.import_sglang()
     from sglang.srt.mem_cache.hicache_storage import STORAGE_BATCH_SIZE
-    from sglang.srt.mem_cache.storage import StorageBackendFactory
 
     assert STORAGE_BATCH_SIZE == BATCH
     layers, heads, head_dim = 32, 8, 128  # an 8B-class model's KV, bf16
@@ -51,8 +50,6 @@ def run(mib: int, page_tokens: int, repeats: int) -> dict[str, Any]:
     page_bytes = page_tokens * token_bytes
     pages = mib * MiB // page_bytes
     tokens = pages * page_tokens
-    total = pages * page_bytes
-
     pool = sglang_env.host_pool(
         "page_first",
         layers=layers,
@@ -64,63 +61,87 @@ def run(mib: int, page_tokens: int, repeats: int) -> dict[str, Any]:
     )
     pool_bytes = pool.kv_buffer.view(torch.uint8).numpy().reshape(-1)
     pool_bytes[:] = np.random.default_rng(0).integers(0, 256, pool_bytes.size, dtype=np.uint8)
-    digest = hashlib.blake2b(pool_bytes.data).hexdigest()
-    baseline_dst = np.ones_like(pool_bytes)
     indices = pool.alloc(tokens)
     assert indices is not None and indices.numel() == tokens
-
+    spans = [
+        (b, indices[b * page_tokens : (b + BATCH) * page_tokens]) for b in range(0, pages, BATCH)
+    ]
+    rounds = _Rounds(pool_bytes, spans, pages)
     with tempfile.TemporaryDirectory() as tmp:
         d = launch(*daemon_flags(arena=f"{mib + 64}MiB"), workdir=Path(tmp))
         try:
-            cfg = sglang_env.storage_config(
-                {
-                    "backend_name": "tokencake",
-                    "module_path": "tokencake.connectors.sglang.backend",
-                    "class_name": "TokenCakeStorage",
-                    "interface_v1": 1,
-                    "endpoint": d.endpoint,
-                    "timeout_ms": 5000,
-                },
-                model_name="bench-8b-class",
-            )
-            backend = StorageBackendFactory.create_backend("dynamic", cfg, None)
-            backend.register_mem_pool_host(pool)
-            memcpy_t: list[float] = []
-            set_t: list[float] = []
-            get_t: list[float] = []
+            backend = _backend(d.endpoint, pool)
             with d.client(timeout_s=30) as client:
                 for rep in range(repeats):
-                    t0 = time.perf_counter()
-                    np.copyto(baseline_dst, pool_bytes)
-                    memcpy_t.append(time.perf_counter() - t0)
-
-                    keys = [hashlib.sha256(f"{rep}:{i}".encode()).hexdigest() for i in range(pages)]
-                    t0 = time.perf_counter()
-                    ok = []
-                    for b in range(0, pages, BATCH):
-                        span = indices[b * page_tokens : (b + BATCH) * page_tokens]
-                        ok += backend.batch_set_v1(keys[b : b + BATCH], span)
-                    set_t.append(time.perf_counter() - t0)
-                    if not all(ok):
-                        raise SystemExit(f"batch_set_v1 stored {sum(ok)} of {pages} pages")
-
-                    pool_bytes[:] = 0
-                    t0 = time.perf_counter()
-                    got = []
-                    for b in range(0, pages, BATCH):
-                        span = indices[b * page_tokens : (b + BATCH) * page_tokens]
-                        got += backend.batch_get_v1(keys[b : b + BATCH], span)
-                    get_t.append(time.perf_counter() - t0)
-                    if not all(got) or hashlib.blake2b(pool_bytes.data).hexdigest() != digest:
-                        raise SystemExit("batch_get_v1 did not bring back the stored bytes")
-
-                    engine_id = backend._link.engine_id
-                    client.call(p.Drop(engine_id, [bytes.fromhex(k) for k in keys]))
+                    rounds.run(backend, client, rep)
             backend.close()
         finally:
             d.stop()
+    return _summary(rounds, pages * page_bytes, pages, page_bytes)
 
+
+def _backend(endpoint: str, pool: Any) -> Any:
+    """TokenCake's backend as SGLang's dynamic factory makes it, on ``pool``."""
+    from sglang.srt.mem_cache.storage import StorageBackendFactory
+
+    cfg = sglang_env.storage_config(
+        {
+            "backend_name": "tokencake",
+            "module_path": "tokencake.connectors.sglang.backend",
+            "class_name": "TokenCakeStorage",
+            "interface_v1": 1,
+            "endpoint": endpoint,
+            "timeout_ms": 5000,
+        },
+        model_name="bench-8b-class",
+    )
+    backend = StorageBackendFactory.create_backend("dynamic", cfg, None)
+    backend.register_mem_pool_host(pool)
+    return backend
+
+
+class _Rounds:
+    """Each repeat: the memcpy baseline, the whole pool stored, zeroed and loaded back (its
+    bytes checked), and the keys dropped; the three times kept."""
+
+    def __init__(self, pool_bytes: np.ndarray, spans: list[tuple[int, Any]], pages: int) -> None:
+        self.pool_bytes = pool_bytes
+        self.digest = hashlib.blake2b(pool_bytes.data).hexdigest()
+        self.baseline_dst = np.ones_like(pool_bytes)
+        self.spans = spans  # (first page, the batch's token indices)
+        self.pages = pages
+        self.memcpy_t: list[float] = []
+        self.set_t: list[float] = []
+        self.get_t: list[float] = []
+
+    def _batched(self, op: Any, keys: list[str]) -> tuple[float, list[bool]]:
+        t0 = time.perf_counter()
+        done: list[bool] = []
+        for b, span in self.spans:
+            done += op(keys[b : b + BATCH], span)
+        return time.perf_counter() - t0, done
+
+    def run(self, backend: Any, client: Any, rep: int) -> None:
+        t0 = time.perf_counter()
+        np.copyto(self.baseline_dst, self.pool_bytes)
+        self.memcpy_t.append(time.perf_counter() - t0)
+        keys = [hashlib.sha256(f"{rep}:{i}".encode()).hexdigest() for i in range(self.pages)]
+        set_s, ok = self._batched(backend.batch_set_v1, keys)
+        self.set_t.append(set_s)
+        if not all(ok):
+            raise SystemExit(f"batch_set_v1 stored {sum(ok)} of {self.pages} pages")
+        self.pool_bytes[:] = 0
+        get_s, got = self._batched(backend.batch_get_v1, keys)
+        self.get_t.append(get_s)
+        if not all(got) or hashlib.blake2b(self.pool_bytes.data).hexdigest() != self.digest:
+            raise SystemExit("batch_get_v1 did not bring back the stored bytes")
+        engine_id = backend._link.engine_id
+        client.call(p.Drop(engine_id, [bytes.fromhex(k) for k in keys]))
+
+
+def _summary(rounds: _Rounds, total: int, pages: int, page_bytes: int) -> dict[str, Any]:
     gb = total / 1e9
+    memcpy_t, set_t, get_t = rounds.memcpy_t, rounds.set_t, rounds.get_t
     memcpy_s, set_s, get_s = min(memcpy_t), min(set_t), min(get_t)
     ratio = 2 * memcpy_s / (set_s + get_s)
     # Each repeat's own ratio: its three timings ran back to back, so load drift between
