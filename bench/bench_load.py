@@ -68,15 +68,18 @@ class ClientStats:
     error_samples: list[str] = field(default_factory=list)
 
 
-def _workload(client: str, engine_id: str, ids: list[int]) -> Step:
+def _workload(client: str, engine_id: str, ids: list[int], fresh_names: bool = False) -> Step:
     """An endless cycle of one agent's life plus a store and a load, as request frames.
 
     Yields ``(frame, needs_reply)``; when ``needs_reply`` the driver sends the frame's reply
-    back in (the next step depends on it: commit needs the reserved slots).
+    back in (the next step depends on it: commit needs the reserved slots). With
+    ``fresh_names`` each app names its agent type and tool kind anew (as frameworks that
+    name them per instance do), so the daemon's tables keyed by them are put to the test.
     """
     reserve_dec = msgspec.msgpack.Decoder(p.ReserveReply)
     load_dec = msgspec.msgpack.Decoder(p.LoadBeginReply)
     dag = p.AppDag(nodes=[p.DagNode("agent", expected_tool_s=2.0)])
+    kind = "search"
     salt = f"tenant-{client}"
     gen = 0
 
@@ -88,10 +91,14 @@ def _workload(client: str, engine_id: str, ids: list[int]) -> Step:
         gen += 1
         app = f"{client}-app{gen}"
         hashes = [f"{client}/{gen}/{i}".encode() for i in range(4)]
+        if fresh_names:
+            kind = f"search-{app}"
+            node = p.DagNode("agent", agent_type=f"type-{app}", expected_tool_s=2.0)
+            dag = p.AppDag(nodes=[node])
         yield frame(p.RegisterApp(app, dag, tenant=salt)), False
         yield frame(p.LlmCallStart(app, "agent", engine_id, f"r{gen}", 256)), False
         yield frame(p.LlmCallFinish(app, "agent", f"r{gen}", 32, 8)), False
-        yield frame(p.ToolCallStart(app, "agent", "search", 2.0, f"c{gen}")), False
+        yield frame(p.ToolCallStart(app, "agent", kind, 2.0, f"c{gen}")), False
         yield frame(p.ToolCallEnd(app, "agent", f"c{gen}")), False
         yield frame(p.Lookup(engine_id, hashes, salt)), False
         env = yield frame(p.Reserve(engine_id, hashes, salt, app, "agent")), True
@@ -111,12 +118,19 @@ def _workload(client: str, engine_id: str, ids: list[int]) -> Step:
 class _Client:
     """One DEALER socket with its own workload and in-flight bookkeeping."""
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, name: str, engine_id: str) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        endpoint: str,
+        name: str,
+        engine_id: str,
+        fresh_names: bool = False,
+    ) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self.ids = [0]
-        self.steps = _workload(name, engine_id, self.ids)
+        self.steps = _workload(name, engine_id, self.ids, fresh_names)
         self.inflight: dict[int, int] = {}
         self.waiting_for: int | None = None  # a request whose reply the next step needs
         self.feed: p.ReplyEnvelope | None = None
