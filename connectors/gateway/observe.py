@@ -160,12 +160,56 @@ class Observer:
             for payload in sse.payloads_matching(data, _RESPONSE_END):
                 self._response_end(payload)
             return self.outcome
-        if not self._read_simple(data):
+        if not (self._read_repeated(data) or self._read_simple(data)):
             for payload in sse.payloads(data):
                 self._event(payload)
         self.outcome.text = "".join(self._text)
         self.outcome.tool_calls = [self._calls[i] for i in sorted(self._calls)]
         return self.outcome
+
+    def _read_repeated(self, data: bytes) -> bool:
+        """Read a stream whose text events repeat one event but for the text (``sse.repeated``);
+        False when it has none, or text between them (the order would need every event's
+        place). The texts are decoded in one call, the events between them one by one."""
+        name = "text" if self.kind == COMPLETIONS else "content"
+        found = sse.repeated(data, name, self._text_only)
+        if found is None:
+            return False
+        try:
+            texts = sse.decode_strings(found.values)
+        except msgspec.DecodeError:
+            return False
+        for payload in sse.payloads(found.between[0]):
+            self._event(payload)
+        before = len(self._text)
+        for piece in filter(None, found.between[1:-1]):
+            for payload in sse.payloads(piece):
+                self._event(payload)
+        if len(self._text) != before:
+            self.outcome, self._text, self._calls = Outcome(), [], {}
+            return False
+        self._text += texts
+        for payload in sse.payloads(found.between[-1]):
+            self._event(payload)
+        return True
+
+    def _text_only(self, payload: bytes, value: bytes) -> bool:
+        """Whether ``payload`` is an event of choice 0 that says nothing but ``value``, its
+        text: no finish reason, usage, tool call or other choice."""
+        try:
+            chunk = _chunk_decoder.decode(payload)
+            (text,) = sse.decode_strings([value])
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        if chunk.usage is not None or len(chunk.choices) != 1:
+            return False
+        choice = chunk.choices[0]
+        if choice.index != 0 or choice.finish_reason is not None:
+            return False
+        if self.kind == COMPLETIONS:
+            return choice.text == text
+        delta = choice.delta
+        return delta is not None and delta.tool_calls is None and delta.content == text
 
     def _read_simple(self, data: bytes) -> bool:
         """Read a stream of one choice of text by scans (``sse``); False when it is not one.

@@ -6,6 +6,11 @@ event as JSON cost the gateway about as much CPU as relaying it (the profile of
 C-level passes (compiled regular expressions with a literal prefix, ``bytes.count``, one JSON
 decode of all the strings found) and leave the per-event decode to the few events that need it.
 
+``repeated`` is the cheapest: one pass. An engine streams text as events that are byte for
+byte the same but for the text (vLLM: same id, created, model, index, null finish reason), so
+one regular expression made of such an event, its text replaced by a JSON string, splits the
+stream into those events' texts and the few events between them.
+
 Why a key scan can be exact on valid JSON: a quote inside a JSON string is always escaped, so
 an unescaped ``"key"`` right after ``{`` or ``,`` (or one space after them) can only be the
 start of an object key, never text inside a string, whatever the text holds. ``string_values``
@@ -18,15 +23,64 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 
 _STRING: Final = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
 """A JSON string literal (possessive: no backtracking on long texts)."""
+_LINE_STRING: Final = rb'"[^"\\\n]*+(?:\\.[^"\\\n]*+)*+"'
+"""A JSON string literal within one line (a valid one never holds a raw newline)."""
+_TEXT: Final = rb'"(?!")' + _LINE_STRING[1:]
+"""A non-empty one."""
 _KEY_CONTEXTS: Final = (b"{", b",", b"{ ", b", ")
 _strings = msgspec.json.Decoder(list[str])
+
+
+@dataclass(slots=True)
+class Repeated:
+    """The events of a stream that repeat one event but for one string value."""
+
+    values: list[bytes]
+    """The string value of every repetition, as JSON, in stream order."""
+    between: list[bytes]
+    """The lines before, between and after the repetitions (``len(values) + 1`` pieces)."""
+
+
+def repeated(data: bytes, name: str, accept: Callable[[bytes, bytes], bool]) -> Repeated | None:
+    """The ``data:`` lines of ``data`` that equal one line but for the string value of its one
+    key ``name``, each followed by a blank line; None when there is no such line.
+
+    The line is the first with a non-empty such value from the middle of the stream on, else
+    from its start, that ``accept(payload, value)`` takes. Exact on valid JSON: the
+    repetitions match the line's bytes around the value literally, the value is one JSON
+    string, and each starts a line, so each has the line's structure and its value sits where
+    the line's does."""
+    key = b'"' + name.encode() + b'"'
+    pattern = key_pattern(name, b"(" + _TEXT + b")")
+    for pos in (len(data) // 2, 0):
+        found = pattern.search(data, pos)
+        if found is None:
+            continue
+        start = data.rfind(b"\n", 0, found.start()) + 1
+        end = data.find(b"\n\n", found.end())
+        if end < 0 or not data.startswith(b"data:", start):
+            continue
+        before, after = data[start : found.start(1)], data[found.end(1) : end + 2]
+        one_line = b"\n" not in before and after.find(b"\n") == len(after) - 2
+        one_key = before.count(key) == 1 and key not in after
+        if one_line and one_key and accept(data[start + 5 : end], found[1]):
+            break
+    else:
+        return None
+    one = re.compile(re.escape(before) + b"(" + _LINE_STRING + b")" + re.escape(after))
+    parts = one.split(data)
+    between = parts[0::2]
+    if any(not piece.endswith(b"\n") for piece in filter(None, between[:-1])):
+        return None  # a repetition that does not start a line: not an event of its own
+    return Repeated(parts[1::2], between)
 
 
 @functools.cache
@@ -52,11 +106,15 @@ def string_values(data: bytes, name: str) -> list[str] | None:
             break
     else:
         return None
-    strings = [s for s in found if s]
     try:
-        return _strings.decode(b"[" + b",".join(strings) + b"]")
+        return decode_strings([s for s in found if s])
     except msgspec.DecodeError:
         return None
+
+
+def decode_strings(literals: list[bytes]) -> list[str]:
+    """JSON string literals, decoded in one call. Raises ``msgspec.DecodeError``."""
+    return _strings.decode(b"[" + b",".join(literals) + b"]")
 
 
 def payloads(data: bytes) -> Iterator[bytes]:

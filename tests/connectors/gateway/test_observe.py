@@ -78,20 +78,26 @@ def streams(draw: st.DrawFn) -> tuple[str, bytes, bool]:
     return kind, (body + f"data: [DONE]{end}").encode(), simple
 
 
-def _read(kind: str, data: bytes, cuts: list[int], exact: bool) -> tuple[Outcome, bool]:
+READERS = ("_read_repeated", "_read_simple")
+
+
+def _read(kind: str, data: bytes, cuts: list[int], reader: str = "") -> tuple[Outcome, bool]:
+    """The outcome read by ``reader`` (one of ``READERS``) if it answers, else event by event
+    (``reader`` empty: event by event); and whether ``reader`` answered."""
     obs = Observer(kind)
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
     for a, b in itertools.pairwise(bounds):
         obs.feed_stream(data[a:b])
-    scanned = [False]
-    simple = obs._read_simple
+    answered = [False]
+    for name in READERS:
+        read = getattr(obs, name)
 
-    def spy(d: bytes) -> bool:
-        scanned[0] = False if exact else simple(d)
-        return scanned[0]
+        def spy(d: bytes, read: Any = read, mine: bool = name == reader) -> bool:
+            answered[0] = mine and read(d)
+            return answered[0]
 
-    obs._read_simple = spy  # type: ignore[method-assign,assignment]
-    return obs.close_stream(), scanned[0]
+        setattr(obs, name, spy)
+    return obs.close_stream(), answered[0]
 
 
 def _fields(o: Outcome) -> tuple[Any, ...]:
@@ -109,23 +115,133 @@ def _fields(o: Outcome) -> tuple[Any, ...]:
 @given(streams(), st.lists(st.integers(0, 10_000), max_size=6))
 def test_scans_read_what_every_event_says(stream: tuple[str, bytes, bool], cuts: list[int]) -> None:
     kind, data, simple = stream
-    exact, _ = _read(kind, data, cuts, exact=True)
-    fast, scanned = _read(kind, data, cuts, exact=False)
+    exact, _ = _read(kind, data, cuts)
+    fast, scanned = _read(kind, data, cuts, "_read_simple")
     assert _fields(fast) == _fields(exact)
     assert simple or not scanned  # the scans answer only for one choice of text
+    fast, _ = _read(kind, data, cuts, "_read_repeated")
+    assert _fields(fast) == _fields(exact)
 
 
 def test_a_plain_stream_is_read_by_scans() -> None:
     events = [_event(CHAT, t, {}) for t in ("He ", 'said "hi', '"content":"x"', "\\")]
     events.append(_event(CHAT, "", {"finish_reason": "stop"}))
     data = "".join(f"data: {json.dumps(e)}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
-    out, scanned = _read(CHAT, data, [7, 50], exact=False)
+    out, scanned = _read(CHAT, data, [7, 50], "_read_simple")
     assert scanned
     assert (out.text, out.finish_reason, out.finished) == (
         'He said "hi"content":"x"\\',
         "stop",
         True,
     )
+
+
+def _others(kind: str, text: str) -> dict[str, Any]:
+    """Lines that may come between text events, by name; ``clean``: those without text."""
+    other = _event(kind, text, {})
+    other["choices"][0]["index"] = 1
+    logprobs = _event(kind, text, {"logprobs": {"content": [{"token": "t", "logprob": -1.0}]}})
+    call = {"index": 0, "id": "t1", "function": {"name": "f", "arguments": text}}
+    return {
+        "comment": ": keep-alive",
+        "empty": {"choices": [{"index": 0, "delta": {}}]},
+        "tool_call": {"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]},
+        "other_choice": other,
+        "logprobs": logprobs,
+        "finish_early": _event(kind, text, {"finish_reason": "length"}),
+        "cut_key": 'data: {"choices":[{"index":0,"delta":{"content"\n:"x"}}]}',
+        "embedded": "",
+    }
+
+
+CLEAN = ("comment", "empty", "tool_call")
+
+
+@st.composite
+def repeating(draw: st.DrawFn) -> tuple[str, bytes, bool]:
+    """A stream as vLLM sends one: a role event, text events alike but for their text, other
+    lines at random places, the finish; and whether it is clean (text events and lines
+    without text only, so the repetitions must be found)."""
+    kind = draw(st.sampled_from([CHAT, COMPLETIONS]))
+    seps = draw(st.sampled_from([(",", ":"), (", ", ": ")]))
+    ascii_only = draw(st.booleans())
+
+    def line(e: Any) -> str:
+        text = (
+            e
+            if isinstance(e, str)
+            else f"data: {json.dumps(e, separators=seps, ensure_ascii=ascii_only)}"
+        )
+        return text + "\n\n"
+
+    texts = draw(st.lists(TEXT, min_size=1, max_size=10))
+    lines = [line(_event(kind, t, {})) for t in texts]
+    inserted = draw(
+        st.lists(
+            st.tuples(st.integers(0, len(texts)), st.sampled_from(list(_others(kind, "")))),
+            max_size=3,
+        )
+    )
+    for pos, name in sorted(inserted, reverse=True):
+        if name == "embedded":  # a text event's bytes inside a comment line: no event
+            lines.insert(pos, ": " + line(_event(kind, draw(TEXT), {})))
+        else:
+            lines.insert(pos, line(_others(kind, draw(TEXT))[name]))
+    if kind == CHAT:
+        lines.insert(
+            0, line({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        )
+    lines.append(line(_event(kind, draw(TEXT), {"finish_reason": "stop"})))
+    if draw(st.booleans()):
+        lines.append(line({"choices": [], "usage": {"completion_tokens": 7}}))
+    clean = all(name in CLEAN for _, name in inserted) and any(texts)
+    return kind, ("".join(lines) + "data: [DONE]\n\n").encode(), clean
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(repeating(), st.lists(st.integers(0, 10_000), max_size=4))
+def test_repeated_events_read_what_every_event_says(
+    stream: tuple[str, bytes, bool], cuts: list[int]
+) -> None:
+    kind, data, clean = stream
+    exact, _ = _read(kind, data, cuts)
+    fast, answered = _read(kind, data, cuts, "_read_repeated")
+    assert _fields(fast) == _fields(exact)
+    assert answered or not clean
+
+
+def test_a_vllm_stream_is_read_by_its_repetitions() -> None:
+    """vLLM's shape: compact JSON, one id, created and model; a tool call's fragments after
+    the text. The text events are found by one split; the tool call is read event by event."""
+    head = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":'
+
+    def ev(delta: dict[str, Any], finish: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return f"data: {head}{json.dumps([choice], separators=(',', ':'))}}}\n\n"
+
+    lines = [ev({"role": "assistant", "content": ""})]
+    lines += [ev({"content": t}) for t in ("Let me ", "run ", "the tests.")]
+    call: dict[str, Any] = {"id": "call-1", "type": "function", "function": {"name": "run_tests"}}
+    call["index"] = 0
+    lines.append(ev({"tool_calls": [{**call, "function": {**call["function"], "arguments": ""}}]}))
+    for piece in ('{"q"', ': "all"}'):
+        lines.append(ev({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+    lines.append(ev({}, "tool_calls"))
+    data = ("".join(lines) + "data: [DONE]\n\n").encode()
+    out, answered = _read(CHAT, data, [100], "_read_repeated")
+    assert answered
+    assert (out.text, out.finish_reason, out.tool_kind) == (
+        "Let me run the tests.",
+        "tool_calls",
+        "run_tests",
+    )
+    assert [(c.id, c.arguments) for c in out.tool_calls] == [("call-1", '{"q": "all"}')]
 
 
 def test_a_key_name_seen_as_a_value_is_not_scanned() -> None:
