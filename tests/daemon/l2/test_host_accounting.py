@@ -90,22 +90,23 @@ def test_host_used_is_the_arena_share_through_any_sequence(seed: int) -> None:
     rng = random.Random(seed)
     policy = make(10_000)
     t = 1.0
-    for agent in AGENTS:
-        tool_call(policy, agent, rng.randint(5, 60), t)
+    for name in AGENTS:
+        tool_call(policy, name, rng.randint(5, 60), t)
         t += 1.0
     for _ in range(60):
         t += 0.05
         agent = policy.apps["app"].agents[rng.choice(AGENTS)]
         roll = rng.random()
+        event: TransferDone | KvTierMoved | KvEvicted
         if roll < 0.2 and agent.offloading:
-            event: object = TransferDone("app", agent.key[1], "d2h", rng.randint(1, 30))
+            event = TransferDone("app", agent.key[1], "d2h", rng.randint(1, 30))
         elif roll < 0.5:
             event = KvTierMoved("app", agent.key[1], rng.randint(0, 40), to="l2")
         elif roll < 0.75:
             event = KvTierMoved("app", agent.key[1], rng.randint(0, 40), to="host")
         else:
             event = KvEvicted("app", agent.key[1], rng.randint(0, 20), where="host")
-        policy.on_event(event, t)  # type: ignore[arg-type]
+        policy.on_event(event, t)
         assert policy.host_used == arena_blocks(policy) >= 0
     policy.on_event(p.AppEnd("app"), t + 1.0)
     assert policy.host_used == arena_blocks(policy)
