@@ -46,7 +46,8 @@ from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.clients.launcher import daemon_flags, running
 from tokencake.daemon.gpu.block_mover import DeviceBlockMover
 from tokencake.daemon.gpu.device import Device
-from tokencake.daemon.gpu.mover import CopyHandle, block_regions
+from tokencake.daemon.gpu.mover import CopyHandle
+from tokencake.daemon.gpu.regions import block_regions
 from tokencake.layout import KvLayout
 from tokencake.segment import ArenaError
 

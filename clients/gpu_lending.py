@@ -172,12 +172,18 @@ class DaemonCopies:
         self._watches: dict[int, WorkerWatch] = {}
 
     def share(
-        self, engine_id: str, tensors: list[p.GpuKvTensor], num_blocks: int
+        self,
+        engine_id: str,
+        tensors: list[p.GpuKvTensor],
+        num_blocks: int,
+        timeout_s: float | None = None,
     ) -> p.ShareGpuKvReply:
+        """Raises ``RemoteError`` (refused: ``gpu_copies`` off, another device kind) or
+        ``DaemonUnavailable``. ``timeout_s``: for this call, else the client's."""
         # Loans made before: a new daemon never heard of them, and the same daemon forgets
         # them when tensors are shared again (killing the worker if they still ran).
         self.ledger.orphan_all()
-        reply = self.client.call(p.ShareGpuKv(engine_id, num_blocks, tensors))
+        reply = self.client.call(p.ShareGpuKv(engine_id, num_blocks, tensors), timeout_s=timeout_s)
         self.engine_id = engine_id
         self.deadline_s = max(self.deadline_s, reply.deadline_s)
         self.worker_pid = reply.worker_pid

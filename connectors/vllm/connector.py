@@ -56,8 +56,27 @@ if TYPE_CHECKING:
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")
 
-# The in-block byte order of the copied pages; part of the registered layout's identity.
-KV_FORMAT = "vllm-blockmajor-v1"
+KV_FORMAT = "vllm-{order}-v2"
+"""The slot format's name, part of the registered layout's identity: ``order`` is the byte
+order of one layer's part of a slot (``regions.slot_order``: ``hnc``, ``nhc``), which vLLM's
+resolved ``KVCacheLayout`` decides. Layouts with the same order are byte-compatible (the
+L/B nesting only changes strides, and each slot holds layer after layer); others are not,
+and never share a name. (v1 named every layout ``blockmajor``.)"""
+
+
+def slot_order(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
+    """The slot byte order vLLM's resolved layout gives, in ``regions.AXES_4D`` letters:
+    the physical order of heads (H), tokens (N) and content (C), heads or tokens left out
+    when there is one only (as ``regions.slot_order`` does from the tensors)."""
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    name = kv_cache_config.kv_cache_layout or vllm_config.cache_config.kv_cache_layout
+    if name is None:
+        raise ValueError("vLLM has not resolved its KV cache layout yet")
+    spec: Any = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+    sizes = {2: getattr(spec, "num_heads", spec.num_kv_heads), 3: spec.num_states, 4: 2}
+    # stride_order: the logical axes [L, B, H, N, C] in physical order, outermost first
+    return "".join("LBHNC"[d] for d in KVCacheLayout[name].stride_order if sizes.get(d, 1) > 1)
 
 
 def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> KvLayout:
@@ -78,8 +97,10 @@ def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Kv
     model = vllm_config.model_config.served_model_name or vllm_config.model_config.model
     if isinstance(model, list):
         model = model[0]
+    kv_format = KV_FORMAT.format(order=slot_order(vllm_config, kv_cache_config).lower())
+    suffix = f"|{kv_format}|{current_platform.device_type}"  # never cut off a long name
     return KvLayout(
-        model_id=f"{model}|{KV_FORMAT}|{current_platform.device_type}"[:256],
+        model_id=str(model)[: 256 - len(suffix)] + suffix,
         num_layers=num_layers,
         block_size=spec.block_size,
         num_kv_heads=spec.num_kv_heads,
@@ -133,7 +154,13 @@ class TokenCakeConnector(KVConnectorBase_V1):
             self.stats = self.connector_scheduler.stats
         else:
             layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
-            self.connector_worker = TokenCakeConnectorWorker(self.layout, layer_names)
+            self.connector_worker = TokenCakeConnectorWorker(
+                self.layout,
+                layer_names,
+                self.cfg,
+                num_blocks=kv_cache_config.num_blocks,
+                order=slot_order(vllm_config, kv_cache_config),
+            )
             self.stats = ConnectorStats()  # the counters are the scheduler side's
 
     def _sched(self) -> TokenCakeConnectorScheduler:

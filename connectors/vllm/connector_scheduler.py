@@ -210,6 +210,7 @@ class TokenCakeConnectorScheduler:
             arena_bytes=reg.arena_bytes if reg else 0,
             slot_bytes=reg.slot_bytes if reg else 0,
             epoch=link.epoch if reg else 0,
+            engine_id=reg.engine_id if reg else "",
             loads=loads,
             stores=stores,
         )

@@ -151,7 +151,7 @@ class AgentHolds:
         # Hold a reference so the blocks cannot be reused while the worker copies them.
         pool.touch([pool.blocks[b] for b in blocks])
         params = AgentParams(app_id=key[0], agent_id=key[1])
-        job = self.copies.reserve(blocks, hashes, params, free_gpu=free_gpu)
+        job = self.copies.reserve(blocks, hashes, params, free_gpu=free_gpu, lend=True)
         if job is None:
             pool.free_blocks(pool.blocks[b] for b in blocks)
             return
@@ -258,7 +258,7 @@ class AgentHolds:
             preload=key,
             first=first,
         )
-        self.copies.loads.append(CopyJob(job_id, slots, blocks))
+        self.copies.loads.append(CopyJob(job_id, slots, blocks, lend=True))
         pending.inflight = job_id
 
     def _preload_done(self, job_id: int, job: Job, ok: bool) -> None:

@@ -20,6 +20,9 @@ class CopyJob:
     blocks: list[int]
     req_id: str = ""
     fail: bool = False  # report the load as failed without copying (its daemon is gone)
+    lend: bool = False
+    """The daemon decided this copy (an offload, a predictive upload): on a GPU its blocks
+    are lent to the daemon's copy worker when it takes them (``lending.py``)."""
 
 
 @dataclass
@@ -28,7 +31,10 @@ class TokenCakeMetadata(KVConnectorMetadata):
     arena_bytes: int = 0
     slot_bytes: int = 0
     epoch: int = 0
-    """The scheduler's registration count: the worker maps the arena again when it changes."""
+    """The scheduler's registration count: the worker maps the arena again when it changes
+    (and shares its GPU KV again)."""
+    engine_id: str = ""
+    """The registration's engine id (the worker's daemon-driven copies name it)."""
     loads: list[CopyJob] = field(default_factory=list)
     stores: list[CopyJob] = field(default_factory=list)
 

@@ -6,11 +6,11 @@
 - ``DeviceBlockMover`` (``daemon/gpu/block_mover.py``) with ``CudaDevice``: CUDA tensors <->
   the page-locked arena on a side stream, completion by event. UNTESTED ON HARDWARE.
 
-A slot holds one engine block of every region, region after region: a block-major layer
-(``(num_blocks, ...)``) is one region, a K/V-first layer (``(2, num_blocks, ...)``) two.
-Bytes are copied as they lie in the engine's tensors, so the slot format is the attention
-backend's; the connector names it in the registered ``KvLayout`` so blocks never cross
-between layouts that order bytes differently.
+A slot holds one engine block of every region, region after region (``regions.py``: how
+vLLM's per-layer views are cut, whatever its ``KVCacheLayout``). Bytes are copied as they lie
+in the engine's tensors, so the slot's byte order is the layout's; the connector names it
+(``regions.slot_order``) in the registered ``KvLayout`` so blocks never cross between
+layouts that order bytes differently.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from typing import Any
 import torch
 
 from tokencake.clients.kv_arena import ArenaMapping, copy_path
-from tokencake.daemon.gpu.mover import BlockMover, CopyError, CopyHandle, block_regions, timed
+from tokencake.daemon.gpu.device import Device
+from tokencake.daemon.gpu.mover import BlockMover, CopyError, CopyHandle, timed
+from tokencake.daemon.gpu.regions import block_regions
 
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -40,6 +42,10 @@ class CpuBlockMover(BlockMover[ArenaMapping]):
         if any(kv.device.type != "cpu" for kv in kv_caches):
             raise CopyError("KV tensors are not CPU tensors")
         self.regions = block_regions(kv_caches, num_blocks)
+        if not all(r.is_contiguous() for r in self.regions):
+            # the arena's copy kernel walks whole rows; a block-outermost layout interleaves
+            # layers, which vLLM-CPU's backend never does
+            raise CopyError("CPU KV regions are not contiguous (a block-outermost layout)")
         self.num_blocks = int(self.regions[0].shape[0])
         self.bytes_per_block = sum(int(r.shape[1]) for r in self.regions)
         # numpy views of the same memory, made once rather than on every copy
@@ -58,12 +64,18 @@ class CpuBlockMover(BlockMover[ArenaMapping]):
         return timed(started)
 
 
-def make_mover(kv_caches: Sequence[torch.Tensor], num_blocks: int | None = None) -> Mover:
-    """The CUDA mover for CUDA KV tensors, else the CPU one. A CUDA tensor without a usable
-    CUDA runtime is an error, never a silent CPU copy of device memory. ``num_blocks`` lets
-    K/V-first layers be told apart (see ``block_regions``)."""
+def make_mover(
+    kv_caches: Sequence[torch.Tensor], num_blocks: int | None = None, device: Device | None = None
+) -> Mover:
+    """The device mover for CUDA KV tensors (or for tensors of ``device``: the FAKE device in
+    tests), else the CPU one. A CUDA tensor without a usable CUDA runtime is an error, never
+    a silent CPU copy of device memory. ``num_blocks`` lets K/V-first layers be told apart
+    (see ``regions.block_regions``)."""
+    from tokencake.daemon.gpu.block_mover import DeviceBlockMover
+
+    if device is not None:
+        return DeviceBlockMover(device, block_regions(kv_caches, num_blocks))
     if kv_caches and kv_caches[0].device.type == "cuda":
-        from tokencake.daemon.gpu.block_mover import DeviceBlockMover
         from tokencake.daemon.gpu.device import CudaDevice
 
         device = CudaDevice(kv_caches[0].device.index or 0)
@@ -95,11 +107,3 @@ def export_kv(mover: Mover) -> list[Any]:
     if not isinstance(mover, DeviceBlockMover):
         raise CopyError("only device KV tensors can be shared with the daemon")
     return [mover.device.export(r) for r in mover.regions]
-
-
-def kv_first_blocks(kv: torch.Tensor, block_size: int) -> int | None:
-    """The block count of a K/V-first layer (``(2, num_blocks, block_size, heads, dim)``,
-    FlashAttention's), or None for any other shape."""
-    if kv.dim() == 5 and kv.shape[0] == 2 and kv.shape[2] == block_size:
-        return int(kv.shape[1])
-    return None

@@ -68,7 +68,7 @@ class _Host:
 class DeviceBlockMover(BlockMover[HostArena]):
     """Copies between per-region ``(num_blocks, bytes)`` uint8 device views and the arena.
 
-    ``regions`` come from ``mover.block_regions``; ``follow_compute`` says whether copies
+    ``regions`` come from ``regions.block_regions``; ``follow_compute`` says whether copies
     wait for this process's compute stream (an engine) or only for the ``after`` event a
     caller passes (the daemon's copy worker, which has no compute stream of its own).
     """

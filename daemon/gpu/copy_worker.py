@@ -37,7 +37,8 @@ import numpy as np
 from tokencake.daemon.gpu import wire
 from tokencake.daemon.gpu.block_mover import DeviceBlockMover
 from tokencake.daemon.gpu.device import Device
-from tokencake.daemon.gpu.mover import CopyError, CopyHandle, block_regions
+from tokencake.daemon.gpu.mover import CopyError, CopyHandle
+from tokencake.daemon.gpu.regions import block_regions
 from tokencake.segment import SLOT_BASE_OFFSET, segment_path, slot_count, verify_segment
 
 logger = logging.getLogger(__name__)

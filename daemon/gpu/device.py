@@ -60,6 +60,10 @@ class Device(ABC):
         """Work issued inside runs on ``stream``."""
 
     @abstractmethod
+    def compute_stream(self) -> Any:
+        """This process's compute stream (the one the engine's forward runs on)."""
+
+    @abstractmethod
     def follow_compute(self, stream: Any) -> None:
         """``stream`` waits for the work issued on this process's compute stream so far."""
 
@@ -189,8 +193,11 @@ class CudaDevice(Device):
     def on(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
         return self.torch.cuda.stream(stream)
 
+    def compute_stream(self) -> Any:
+        return self.torch.cuda.current_stream(self.device)
+
     def follow_compute(self, stream: Any) -> None:
-        stream.wait_stream(self.torch.cuda.current_stream(self.device))
+        stream.wait_stream(self.compute_stream())
 
     def follow_ipc_event(self, stream: Any, handle: bytes) -> None:
         event = self.torch.cuda.Event.from_ipc_handle(self.device, handle)

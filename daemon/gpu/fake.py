@@ -80,6 +80,8 @@ class FakeDevice(Device):
         weakref.finalize(self, _unlink, self._paths)
         self._maps: list[mmap.mmap] = []
         self._recorded: list[FakeEvent] = []
+        self._compute = object()
+        self.on_compute = 0  # events recorded on the compute stream (a lender's "after")
 
     # ------------------------------------------------------------------ memory
 
@@ -151,6 +153,9 @@ class FakeDevice(Device):
     def on(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext(stream)
 
+    def compute_stream(self) -> Any:
+        return self._compute
+
     def follow_compute(self, stream: Any) -> None:
         self.followed_compute += 1
 
@@ -162,6 +167,7 @@ class FakeDevice(Device):
     def record(self, stream: Any, interprocess: bool = False) -> DeviceEvent:
         event = FakeEvent(self.polls, self._fault)
         event.number = next(self._events)
+        self.on_compute += stream is self._compute
         self._fault = ""
         self._recorded = [e for e in self._recorded if e.remaining > 0]
         self._recorded.append(event)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
 
 class CopyError(RuntimeError):
@@ -116,31 +115,3 @@ def check_ids(blocks: Sequence[int], slots: Sequence[int], num_blocks: int, num_
 
 def timed(started: float) -> Completed:
     return Completed(time.perf_counter() - started)
-
-
-def block_regions(kv_caches: Sequence[torch.Tensor], num_blocks: int | None = None) -> list[Any]:
-    """``(num_blocks, bytes)`` uint8 views of the engine's KV, in slot order.
-
-    A block-major layer (``(num_blocks, ...)``, vLLM-CPU) is one region. A K/V-first layer
-    (``(2, num_blocks, ...)``, FlashAttention on CUDA) is two: its K blocks, then its V
-    blocks; a slot then holds layer 0's K page, layer 0's V page, layer 1's K page, and so
-    on. K/V-first is recognised only when ``num_blocks`` is given and is not 2.
-    """
-    import torch
-
-    regions: list[torch.Tensor] = []
-    for kv in kv_caches:
-        if not kv.is_contiguous():
-            raise CopyError("KV tensor is not contiguous; a block-strided layout is expected")
-        kv_first = num_blocks is not None and num_blocks != 2 and kv.dim() >= 3
-        if kv_first and kv.shape[0] == 2 and kv.shape[1] == num_blocks:
-            regions.extend(kv.reshape(2, num_blocks, -1).view(torch.uint8).unbind(0))
-        else:
-            regions.append(kv.reshape(kv.shape[0], -1).view(torch.uint8))
-    if not regions:
-        raise CopyError("no KV tensors")
-    if len({int(r.shape[0]) for r in regions}) != 1:
-        raise CopyError("KV tensors differ in block count")
-    if num_blocks is not None and int(regions[0].shape[0]) != num_blocks:
-        raise CopyError(f"KV tensors hold {regions[0].shape[0]} blocks, expected {num_blocks}")
-    return regions

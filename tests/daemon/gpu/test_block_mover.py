@@ -15,7 +15,8 @@ from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.daemon.arena import Arena
 from tokencake.daemon.gpu.block_mover import DeviceBlockMover, slot_runs
 from tokencake.daemon.gpu.fake import FakeDevice
-from tokencake.daemon.gpu.mover import CopyError, block_regions
+from tokencake.daemon.gpu.mover import CopyError
+from tokencake.daemon.gpu.regions import block_regions
 
 torch = pytest.importorskip("torch")
 

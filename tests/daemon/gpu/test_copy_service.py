@@ -19,7 +19,7 @@ from tests.daemon.gpu.conftest import BLOCKS, LAYERS, PAGE, SLOT, block_bytes, f
 from tokencake import protocol as p
 from tokencake.daemon.arena import Arena
 from tokencake.daemon.gpu.fake import FakeDevice
-from tokencake.daemon.gpu.mover import block_regions
+from tokencake.daemon.gpu.regions import block_regions
 from tokencake.daemon.gpu.service import OVERRUN, RESPAWN_S, GpuCopyService
 from tokencake.daemon.host_store import HostStore
 from tokencake.protocol import ProtocolError
@@ -50,7 +50,7 @@ def _share(svc: GpuCopyService, device: FakeDevice, layers: list[Any]) -> p.Shar
 def _wait(svc: GpuCopyService, ids: list[int], engine: str = ENGINE) -> list[str]:
     """Poll as an engine does, once per step, until no copy is running (bounded)."""
     pending, states = list(ids), dict.fromkeys(ids, "running")
-    for _ in range(2000):
+    for _ in range(12000):  # a minute: a new worker imports torch first, slow when loaded
         reply = svc.status(engine, p.GpuCopyStatus(engine, pending))
         for copy_id, state in zip(pending, reply.states, strict=True):
             states[copy_id] = state
