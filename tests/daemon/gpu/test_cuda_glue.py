@@ -63,3 +63,57 @@ def test_export_then_open_round_trips_every_field_by_name(monkeypatch: pytest.Mo
     monkeypatch.setattr(reductions, "rebuild_cuda_tensor", lambda **kw: seen.update(kw))
     _device(monkeypatch, 3).open(shared)  # the worker's index of the same GPU
     assert seen == {**SENT, "storage_device": 3}
+
+
+class _Cudart:
+    """Records ``cudaHostRegister``/``cudaHostUnregister`` instead of calling CUDA."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+
+    def cudaHostRegister(self, start: int, nbytes: int, flags: int) -> int:
+        self.calls.append(("register", start, nbytes))
+        return 0
+
+    def cudaHostUnregister(self, start: int) -> int:
+        self.calls.append(("unregister", start, 0))
+        return 0
+
+
+def test_pinning_covers_the_slots_pages_and_stays_inside_the_mapping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The arena's slots start 2 KiB into the segment: the range page-locked is the whole
+    pages they lie on, never past the mapping's end (the old ``register_pinned`` registered
+    the mapping's size from 2 KiB in), and the same start is unregistered."""
+    import mmap
+
+    from tokencake.clients.kv_arena import ArenaMapping
+    from tokencake.daemon.arena import Arena
+    from tokencake.segment import SLOT_BASE_OFFSET
+
+    cudart = _Cudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    dev = _device(monkeypatch, 0)
+    monkeypatch.setattr(CudaDevice, "pins", type(CudaDevice.pins)())
+    slot = 3 * mmap.PAGESIZE + 100  # slots that end mid-page
+    arena = Arena.create(SLOT_BASE_OFFSET + 7 * slot, instance="pinspan")
+    mapping = ArenaMapping.open(arena.name, slot)
+    try:
+        slots = mapping.slots_view()
+        base = slots.__array_interface__["data"][0] - SLOT_BASE_OFFSET  # the mapping's start
+        dev.pin_host(slots)
+        dev.pin_host(slots)  # once per mapping per process
+        ((what, start, nbytes),) = cudart.calls
+        assert what == "register" and start == base  # the page the slots start on
+        end = SLOT_BASE_OFFSET + 7 * slot
+        assert nbytes == -(-end // mmap.PAGESIZE) * mmap.PAGESIZE  # the last slot's page, no more
+        assert start + nbytes <= base + -(-mapping.size // mmap.PAGESIZE) * mmap.PAGESIZE
+        dev.unpin_host(slots)
+        assert len(cudart.calls) == 1  # another user still holds it
+        dev.unpin_host(slots)
+        assert cudart.calls[1] == ("unregister", start, 0)
+        del slots
+    finally:
+        mapping.close()
+        arena.close()
