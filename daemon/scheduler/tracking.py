@@ -283,6 +283,7 @@ class TrackingPolicy(TimedPolicy):
         for agent in app.agents.values():
             self._set_gpu(agent, 0)
         self.apps.pop(app.app_id, None)
+        app.agents.clear()  # app and agents refer to each other: freed now, not by the gc
 
     def _ev_engine_state(self, ev: EngineState, out: list[p.DecisionRecord]) -> None:
         self.gpu_total = max(ev.gpu_blocks_total, 0)

@@ -8,6 +8,7 @@ soak's fixed names did not show it. In-process daemon, fake clock, deterministic
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from bench.common.fuzz_harness import InProcessDaemon
 from tokencake import protocol as p
 from tokencake.daemon.scheduler import learned
 from tokencake.daemon.scheduler.accounting import AccountingPolicy
+from tokencake.daemon.scheduler.timers import TimedPolicy
 from tokencake.layout import KvLayout
 
 LAYOUT = KvLayout("bounded", 1, 16, 1, 16, "float16", 1024)
@@ -96,3 +98,32 @@ def test_a_learned_key_updated_again_is_kept_over_older_ones(
     learned.add_count(counts, "x", -3)
     learned.add_count(counts, "y", -1)
     assert counts == {"y": -1}
+
+
+def test_an_ended_app_is_freed_at_once_not_left_to_the_cycle_collector(
+    ipd: InProcessDaemon,
+) -> None:
+    """App and agent states point at each other; once the policy forgets an ended app the
+    cycle is cut, so they go when their last reference does. Left to the collector, the
+    daemon's heap swung by tens of thousands of objects between full collections at soak
+    rates, and each new peak kept pymalloc arenas for good."""
+    engine = ipd.ok(p.RegisterEngine("e0", LAYOUT, 64)).engine_id
+    ipd.ok(p.EngineHeartbeat(engine, 32, 0, 0))
+    (policy,) = ipd.daemon.scheduler._policies.values()
+    assert isinstance(policy, TimedPolicy)
+    gc.collect()
+    gc.disable()
+    try:
+        _one_app(ipd, engine, 0)
+        ipd.clock.advance(4000.0)  # past the timers that still name its agent
+        ipd.ok(p.EngineHeartbeat(engine, 32, 0, 0))
+        assert "app0" not in policy.apps  # ended, nothing in flight: forgotten
+        assert not policy._timers
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        garbage = [type(o).__name__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert "AppState" not in garbage and "AgentState" not in garbage, garbage
