@@ -194,6 +194,7 @@ class MemoryWatch:
             "t": round(time.monotonic() - self._t0, 3),
             **proc_status(),
             "gc_objects": len(gc.get_objects()),
+            "gc_collected": [g["collected"] for g in gc.get_stats()],  # cyclic garbage freed
             "sizes": self._sizes(),
         }
         if tracemalloc.is_tracing():
