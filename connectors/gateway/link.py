@@ -212,9 +212,7 @@ class DaemonLink:
             self._wait_for_connection(now)
         else:
             self._blocked_since = 0.0
-        # A send may have taken the socket's edge: read what came meanwhile.
-        if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            self._drain()
+        self._drain()  # a send may have taken the socket's edge: read what came meanwhile
         self._arm()
 
     def _wait_for_connection(self, now: float) -> None:
@@ -255,11 +253,9 @@ class DaemonLink:
         sock = self._sock
         if sock is None:
             return
-        while True:
-            try:
-                frame = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        # EVENTS, not recv until zmq.Again: raising that cost more than reading a reply.
+        while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            frame = sock.recv(zmq.NOBLOCK)
             try:
                 env = p.decode_reply_envelope(frame)
             except p.RemoteError as exc:
