@@ -295,6 +295,8 @@ class KvService:
             self._parts.apply(scheduler.l2_measured(nbytes, seconds, blocks))
         if moves.to_l2:
             self._parts.apply(scheduler.kv_to_l2(moves.to_l2))
+        if moves.lost:
+            self._parts.apply(scheduler.kv_lost(moves.lost))
         for app_id, agent_id, blocks in moves.to_host:
             self._parts.apply(scheduler.kv_from_l2(app_id, agent_id, blocks))
 

@@ -169,12 +169,21 @@ class SchedulerBridge:
 
     def kv_to_l2(self, blocks_by_tag: dict[int, int]) -> list[p.DecisionRecord]:
         """The host store evicted these agents' blocks (by slot tag), written back to L2."""
+        return self._by_tag(blocks_by_tag, lambda a, g, n: ev.KvTierMoved(a, g, n, "l2"))
+
+    def kv_lost(self, blocks_by_tag: dict[int, int]) -> list[p.DecisionRecord]:
+        """The host store evicted these agents' blocks (by slot tag) and L2 did not take
+        them (the write was dropped): this host no longer has them."""
+        return self._by_tag(blocks_by_tag, lambda a, g, n: ev.KvEvicted(a, g, n, "host"))
+
+    def _by_tag(
+        self, blocks_by_tag: dict[int, int], event: Callable[[str, str, int], ev.Event]
+    ) -> list[p.DecisionRecord]:
         out: list[p.DecisionRecord] = []
         for tag, blocks in blocks_by_tag.items():
             key = self._tag_agents.get(tag)
             if key is not None:
-                event = ev.KvTierMoved(key[0], key[1], blocks, "l2")
-                out.extend(self._to_all(event))
+                out.extend(self._to_all(event(key[0], key[1], blocks)))
         return out
 
     def kv_from_l2(self, app_id: str, agent_id: str, blocks: int) -> list[p.DecisionRecord]:

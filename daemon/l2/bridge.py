@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
@@ -71,6 +71,9 @@ class TierMoves:
     """``(app, agent, blocks)`` an upload's prefetch placed back in the arena."""
     fetches: list[tuple[int, float, int]]
     """``(bytes, seconds, blocks)`` of each timed fetch that found blocks."""
+    lost: dict[int, int] = field(default_factory=dict)
+    """Blocks evicted and not written to L2 (the write was dropped: queue full, store
+    down), by agent tag: gone from this host and not in L2."""
 
 
 class L2Bridge:
@@ -118,11 +121,15 @@ class L2Bridge:
         if store is None or rows is None:
             return
         ident = store.slot_key(slot)
+        tag = slot_tag(store, slot)
         if self._clean.pop(slot, None) != ident:
             if not self._put(slot, ident):
-                return  # dropped (counted): gone from this host, not in L2
+                # Dropped (counted): gone from this host, not in L2; an agent's block is
+                # reported lost, so the scheduler stops counting on it.
+                if tag:
+                    self._moves.lost[tag] = self._moves.lost.get(tag, 0) + 1
+                return
             self.written_back += 1
-        tag = slot_tag(store, slot)
         if tag:  # an agent's block: the scheduler learns that it now lives in L2
             self._moves.to_l2[tag] = self._moves.to_l2.get(tag, 0) + 1
 
@@ -251,7 +258,7 @@ class L2Bridge:
         """What moved between the arena and L2 since the last call (for the scheduler);
         None when nothing did."""
         moves = self._moves
-        if not (moves.to_l2 or moves.to_host or moves.fetches):
+        if not (moves.to_l2 or moves.to_host or moves.fetches or moves.lost):
             return None
         self._moves = TierMoves({}, [], [])
         return moves

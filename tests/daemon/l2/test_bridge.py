@@ -25,11 +25,18 @@ SALT = "s"
 class Host:
     """One daemon's store, arena and bridge; ``directory`` is the L2 shared between hosts."""
 
-    def __init__(self, directory: Path, num_slots: int, *, write_through: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        num_slots: int,
+        *,
+        write_through: bool = False,
+        queue_bytes: int = 1 << 20,
+    ) -> None:
         self.registry = CollectorRegistry()
         tier = L2Tier(
             DiskBackend(str(directory), capacity_bytes=1 << 30),
-            queue_bytes=1 << 20,
+            queue_bytes=queue_bytes,
             workers=1,
             metrics=L2Metrics(self.registry),
         )

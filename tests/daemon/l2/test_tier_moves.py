@@ -1,5 +1,6 @@
 """What the bridge tells the scheduler: whose blocks left the arena for L2 (by slot tag),
-whose came back with an upload's prefetch, and what each fetch took. In-process: a real
+whose were evicted and lost (their write dropped), whose came back with an upload's
+prefetch, and what each fetch took. In-process: a real
 HostStore over a numpy arena and a real disk backend."""
 
 from __future__ import annotations
@@ -46,3 +47,12 @@ def test_an_upload_prefetch_reports_the_agent_and_the_fetch(tmp_path: Path) -> N
     ((nbytes, seconds, blocks),) = moves.fetches
     assert (nbytes, blocks) == (3 * NBYTES, 3) and seconds > 0
     assert moves.to_l2 == {12: 3}  # placing x evicted tag 12's blocks
+
+
+def test_evicted_blocks_whose_write_is_dropped_are_reported_lost(tmp_path: Path) -> None:
+    h = Host(tmp_path / "l2", 4, queue_bytes=0)  # no room in the write queue: every put drops
+    put_tagged(h, chain("a", 3), tag=11, seed=1)
+    put_tagged(h, chain("b", 3), tag=12, seed=2)  # evicts two of tag 11's three
+    moves = h.bridge.take_moves()
+    assert moves is not None and moves.lost == {11: 2} and moves.to_l2 == {}
+    assert h.count("tokencake_l2_dropped_writes_total", reason="queue_full") == 2

@@ -21,7 +21,7 @@ import numpy as np
 
 from tests.daemon.l2.redis_procs import RedisNode
 from tests.daemon.l2.test_two_daemons import SALT, Engine, blocks, chain, l2_env, start_pair
-from tests.procs import Proc
+from tests.procs import Proc, start
 from tokencake import protocol as p
 
 APP = "lead-app"
@@ -53,6 +53,11 @@ def offload(e: Engine, agent: str, hashes: list[bytes], data: np.ndarray) -> Non
     assert len(slots) == len(hashes) and min(slots) >= 0
     e.arena.write_blocks(slots, data)
     assert e.client.call(p.Commit(e.engine_id, slots)).committed == len(slots)
+
+
+def host_blocks(e: Engine, agent: str) -> int:
+    agents = {a.agent_id: a for a in e.client.call(p.ListAgents(APP)).agents}
+    return agents[agent].host_blocks
 
 
 def term(d: p.DecisionRecord, name: str) -> float:
@@ -110,3 +115,22 @@ def test_kv_in_l2_is_uploaded_earlier_and_comes_back(
     finally:
         a.close()
         b.close()
+
+
+def test_kv_evicted_without_room_in_l2_is_forgotten(tmp_path: Path, hosts: list[Proc]) -> None:
+    """Evicted blocks whose write to L2 is dropped (here: no room in the write queue) are
+    gone from the host: the scheduler stops counting them as the agent's host copy."""
+    env = {"TOKENCAKE_L2_BACKEND": "disk", "TOKENCAKE_L2_DIR": str(tmp_path / "l2")}
+    hosts.append(start(tmp_path, arena="1MiB", env=env | {"TOKENCAKE_L2_QUEUE_BYTES": "0"}))
+    a = Engine(hosts[0], "engine-a")
+    try:
+        a.client.call(p.RegisterApp(APP, DAG))
+        slots = a.client.call(p.Pool()).pool.num_slots
+        tool_call(a, "t")
+        offload(a, "t", chain("t", KV), blocks(7, KV))
+        assert host_blocks(a, "t") == KV
+        a.store(chain("fill", slots), blocks(9, slots))  # evicts t's blocks; L2 takes none
+        assert a.client.call(p.Stats()).l2["dropped_writes"] >= KV
+        assert host_blocks(a, "t") == 0
+    finally:
+        a.close()
