@@ -1,8 +1,9 @@
 """Agent events from clients and engines: validated, applied to the app registry, then told
 to the scheduler, whose decisions go out through ``apply``.
 
-An event that does not fit the agent's state (a second ``llm_call_start`` while one runs, a
-``tool_call_end`` for another call) is acknowledged as not accepted and changes nothing.
+An event that does not fit the agent's phase (``tokencake.phases``: a second
+``llm_call_start`` while one runs, a ``tool_call_end`` for another call) is acknowledged as
+not accepted and changes nothing.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import logging
 import math
 
+from tokencake import phases
 from tokencake import protocol as p
-from tokencake.daemon.apps import AgentPhase
+from tokencake.daemon.apps import AgentRecord
 from tokencake.daemon.parts import DaemonParts
 from tokencake.protocol import ErrorCode, ProtocolError
 
@@ -39,40 +41,43 @@ class AgentEvents:
             return self._ack(self._parts.scheduler.app_registered(record))
         return p.EventAck(accepted=True)
 
+    def _move(self, agent: AgentRecord, req: phases.PhaseEvent) -> bool:
+        """Move the agent's phase by ``req``; False (nothing changed) when it does not fit."""
+        if not phases.fits(agent.state, req):
+            return False
+        agent.state, agent.state_since = phases.after(req), self._parts.clock()
+        return True
+
     def llm_call_start(self, _identity: bytes, req: p.LlmCallStart) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
         if req.engine_id and self._parts.engines.get(req.engine_id) is None:
             raise ProtocolError(ErrorCode.UNKNOWN_ENGINE, f"no engine {req.engine_id[:64]!r}")
-        if agent.state == AgentPhase.LLM:
+        if not self._move(agent, req):
             return p.EventAck(accepted=False)
-        agent.state, agent.state_since = AgentPhase.LLM, self._parts.clock()
         agent.llm_calls += 1
-        agent.admitted = False
         if req.engine_id:
             agent.engine_id = req.engine_id
         return self._ack(self._parts.scheduler.agent_event(agent, req))
 
     def llm_call_admitted(self, _identity: bytes, req: p.LlmCallAdmitted) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
-        if agent.state != AgentPhase.LLM or agent.admitted:
+        if not self._move(agent, req):
             return p.EventAck(accepted=False)
-        agent.admitted = True
         agent.kv_blocks = req.kv_blocks
         return self._ack(self._parts.scheduler.agent_event(agent, req))
 
     def llm_call_finish(self, _identity: bytes, req: p.LlmCallFinish) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
-        if agent.state != AgentPhase.LLM:
+        admitted = agent.state == phases.RUNNING
+        if not self._move(agent, req):
             return p.EventAck(accepted=False)
-        agent.state, agent.state_since = AgentPhase.IDLE, self._parts.clock()
         agent.kv_blocks = req.kv_blocks
-        return self._ack(self._parts.scheduler.agent_event(agent, req))
+        return self._ack(self._parts.scheduler.llm_call_finish(agent, req, admitted=admitted))
 
     def tool_call_start(self, _identity: bytes, req: p.ToolCallStart) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
-        if agent.state == AgentPhase.TOOL:
+        if not self._move(agent, req):
             return p.EventAck(accepted=False)
-        agent.state, agent.state_since = AgentPhase.TOOL, self._parts.clock()
         agent.tool_calls += 1
         agent.tool_kind, agent.tool_call_id = req.tool_kind, req.call_id
         agent.tool_predicted_s = req.predicted_s
@@ -80,9 +85,10 @@ class AgentEvents:
 
     def tool_call_end(self, _identity: bytes, req: p.ToolCallEnd) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
-        if agent.state != AgentPhase.TOOL or (req.call_id and req.call_id != agent.tool_call_id):
+        if req.call_id and req.call_id != agent.tool_call_id:
             return p.EventAck(accepted=False)
-        agent.state, agent.state_since = AgentPhase.IDLE, self._parts.clock()
+        if not self._move(agent, req):
+            return p.EventAck(accepted=False)
         return self._ack(self._parts.scheduler.agent_event(agent, req))
 
     def expire_idle(self, now: float, idle_s: float) -> None:

@@ -1,8 +1,9 @@
-"""Applications and their agents as the daemon knows them: the DAG and each node's state.
+"""Applications and their agents as the daemon knows them: the DAG and each node's phase.
 
 The registry validates what peers report (unknown apps and agents are typed errors, DAGs
-must be acyclic) so the scheduler only ever sees consistent events. It holds no scheduling
-logic; priorities and critical paths come from the scheduler.
+must be acyclic) so the scheduler only ever sees consistent events. It owns the agent's
+phase (``tokencake.phases`` moves it; the policies' copies follow the same machine). It holds
+no scheduling logic; priorities and critical paths come from the scheduler.
 """
 
 from __future__ import annotations
@@ -11,18 +12,11 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+from tokencake import phases
 from tokencake.daemon.scheduler.dag import DagError, topological_order
 from tokencake.protocol import MAX_NAME_CHARS, AppDag, ErrorCode, ProtocolError
 
 logger = logging.getLogger(__name__)
-
-
-class AgentPhase:
-    PENDING = "pending"  # registered, no LLM call yet
-    LLM = "llm"  # an LLM call is running
-    IDLE = "idle"  # between an LLM call and the next event
-    TOOL = "tool"  # waiting on a tool call
-    DONE = "done"  # the app ended
 
 
 @dataclass(slots=True)
@@ -31,12 +25,11 @@ class AgentRecord:
     agent_id: str
     agent_type: str
     importance: float
-    state: str = AgentPhase.PENDING
+    state: str = phases.IDLE
+    """The agent's phase (``tokencake.phases``)."""
     state_since: float = 0.0
     engine_id: str = ""
     kv_blocks: int = 0
-    admitted: bool = False
-    """The engine reported the current LLM call's admission (``llm_call_admitted``)."""
     llm_calls: int = 0
     tool_calls: int = 0
     tool_kind: str = ""
@@ -146,7 +139,7 @@ class AppRegistry:
         record = self.app(app_id)
         record.ended = True
         for agent in record.agents.values():
-            agent.state = AgentPhase.DONE
+            agent.state = phases.DONE
             agent.state_since = now
         self._ended.append(app_id)
         while len(self._ended) > self._keep_ended:

@@ -138,18 +138,20 @@ class SchedulerBridge:
 
     def agent_event(self, agent: AgentRecord, event: AgentEvent) -> list[p.DecisionRecord]:
         """One of the agent's events, as its peer sent it (the registry took it)."""
+        return self._to_agent(agent, event)
+
+    def llm_call_finish(
+        self, agent: AgentRecord, event: p.LlmCallFinish, *, admitted: bool
+    ) -> list[p.DecisionRecord]:
+        """The call's end; ``admitted``: an ``llm_call_admitted`` came before it."""
         out: list[p.DecisionRecord] = []
-        if (
-            isinstance(event, p.LlmCallFinish)
-            and agent.engine_id in self._policies
-            and not agent.admitted
-        ):
+        if agent.engine_id in self._policies and not admitted:
             # No llm_call_admitted came: the finish implies the admission, and the engine's
             # pool reports since then counted the request's blocks as taken.
-            admitted = p.LlmCallAdmitted(
+            implied = p.LlmCallAdmitted(
                 event.app_id, event.agent_id, event.request_id, event.kv_blocks, reported=True
             )
-            out = self._to_agent(agent, admitted)
+            out = self._to_agent(agent, implied)
         return out + self._to_agent(agent, event)
 
     def app_end(self, app: AppRecord) -> list[p.DecisionRecord]:

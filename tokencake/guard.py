@@ -28,8 +28,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-WAITING_PHASE = "waiting"
-TOOL_PHASE = "tool"
+from tokencake.phases import TOOL as TOOL_PHASE
+from tokencake.phases import WAITING as WAITING_PHASE
 
 PLAIN_HEAD_START_S = 300.0
 """Plain traffic (a request with no agent metadata) ranks as an application registered

@@ -3,6 +3,9 @@
 One ``AgentState`` per (app, DAG node): its phase, GPU/host blocks, copies in flight, the
 tool call it waits on and that call's prediction. ``AppState`` holds an app's analysed DAG
 and its agents. The policies (``tracking`` and its subclasses) own and mutate them.
+
+The phases are ``tokencake.phases``' (the daemon's registry keeps the same machine; that
+module says why a policy keeps its own copy).
 """
 
 from __future__ import annotations
@@ -12,12 +15,9 @@ import math
 from tokencake import protocol as p
 from tokencake.daemon.scheduler.dag import DagInfo, NodeInfo
 from tokencake.daemon.scheduler.predictor import Prediction
+from tokencake.phases import DONE, IDLE, RUNNING, TOOL, WAITING
 
-IDLE = "idle"
-WAITING = "waiting"
-RUNNING = "running"
-TOOL = "tool"
-DONE = "done"
+__all__ = ["DONE", "IDLE", "RUNNING", "TOOL", "WAITING", "AgentState", "AppState"]
 
 
 class AppState:

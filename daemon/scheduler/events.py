@@ -16,7 +16,8 @@ Agents are keyed by ``(app_id, agent_id)``; ``agent_id`` is the DAG node id. Eve
 agent whose app was never registered are accepted: the policy creates a one-node app for it,
 so a client that skips ``register_app`` still gets temporal scheduling.
 
-Lifecycle of one agent, as the engine/daemon reports it::
+Lifecycle of one agent, as the engine/daemon reports it (``tokencake.phases`` holds the
+phase machine)::
 
     LlmCallStart (request queued, needs ``blocks``)
       -> LlmCallAdmitted (engine gave it GPU blocks)  [-> LlmCallPreempted -> LlmCallAdmitted]
