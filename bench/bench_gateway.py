@@ -514,6 +514,11 @@ def _report(result: dict[str, Any]) -> None:
         f"tool duration error p50 {acc['error_p50_ms']:.2f} ms, p99 {acc['error_p99_ms']:.2f} ms"
         f" (target within 10)"
     )
+    link = result["daemon_link"]
+    print(
+        f"daemon link: {link['sent']} messages acknowledged, {link['missed']} missed"
+        f" (not delivered: no reply in time, or the link down), {link['rejected']} refused"
+    )
 
 
 def main() -> None:
