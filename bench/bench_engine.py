@@ -44,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,21 +82,21 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
     failed = lmcache_start_error(llm) if setup == "lmcache" else ""
     if failed:
         raise RuntimeError(f"LMCache did not start: {failed}")
-    # Warm-up: CPU kernels are built on first use. Token ids no app uses (>= 500).
+    # Warm-up: CPU kernels are built on first use, for each new shape. With an 80-token
+    # prompt alone, the run's first real prefill (579 tokens) took 12.4 s and the next one
+    # (2,482 tokens in 4 requests) 8.2 s. So: a batch of prompts as long as the apps' (up to
+    # 1,024 tokens), then one of a few short ones. Token ids no app uses (>= 500), a
+    # different first token each, so that they share no prefix.
     warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-    prompt: Any = {"prompt_token_ids": [500 + i % 8 for i in range(80)]}
-    llm.generate([prompt], warm, use_tqdm=False)
+    n = min(1024, cfg["max_model_len"] - 8)
+    for sizes in ((n, n // 2, n // 4), (n // 8, n // 8, n // 8, n // 8)):
+        prompts: Any = [
+            {"prompt_token_ids": [500 + (i + j) % 8 for i in range(k)]} for j, k in enumerate(sizes)
+        ]
+        llm.generate(prompts, warm, use_tqdm=False)
     client: Any = llm.llm_engine.engine_core  # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
     sched = client.engine_core.scheduler
     steps: list[tuple[int, int, float]] = []
-    schedule = sched.schedule
-
-    def timed_schedule(*a: Any, **kw: Any) -> Any:
-        out = schedule(*a, **kw)
-        steps.append((int(out.total_num_scheduled_tokens), len(out.num_scheduled_tokens), 0.0))
-        return out
-
-    sched.schedule = timed_schedule
     driver = AppDriver(
         llm,
         trace,
@@ -113,6 +112,7 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
     out["setup"] = setup
     out["wall_s"] = time.monotonic() - t0
     out["outputs"] = driver.outputs_by_call()
+    out["trace"] = driver.call_trace()
     out["steps"] = steps
     conn = sched.connector
     out["connector"] = conn.get_stats() if conn is not None and hasattr(conn, "get_stats") else {}
@@ -298,221 +298,6 @@ def run_all(
     return results
 
 
-# ------------------------------------------------------------------ the simulator's view
-
-SIM_POLICY = {"plain": "vllm", "lmcache": "lru-offload", "continuum": "continuum"}
-SIM_POLICY["tokencake"] = "tokencake"
-"""The simulator policy that models each setup. ``swap`` (offload at every tool call, no
-policy) has none."""
-RANKED = {"tokencake"}
-"""Setups whose engine runs ``TokenCakeScheduler`` (the daemon's admission order, guard and
-preemption victim). The others run vLLM's own FCFS scheduler whatever the daemon decides."""
-
-
-@dataclass(slots=True, frozen=True)
-class StepFit:
-    """An engine's measured step time: steps in which every request moved one token
-    (decoding) take ``decode_s``; the others ``prefill_s + s_per_token x tokens``."""
-
-    decode_s: float
-    prefill_s: float
-    s_per_token: float
-    steps: int
-
-    def __str__(self) -> str:
-        return (
-            f"decode-only steps {self.decode_s * 1e3:.0f} ms, others "
-            f"{self.prefill_s * 1e3:.0f} ms + {self.s_per_token * 1e3:.2f} ms x tokens "
-            f"({self.steps} steps)"
-        )
-
-
-def fit_steps(steps: list[list[float]]) -> StepFit:
-    """The mean of the decode-only steps, and least squares over the others.
-
-    On this CPU engine a decode step of 1-8 requests costs about the same (about 1 s on the
-    loaded machine), while one line through every step put 1.85-2.03 s on each of them.
-    """
-    import numpy as np
-
-    arr = np.asarray([s for s in steps if s[0] > 0 and s[2] > 0], dtype=float)
-    decode = arr[:, 0] == arr[:, 1]
-    rest = arr[~decode]
-    if not decode.any() or len(rest) < 2:
-        raise ValueError(f"too few steps to fit: {int(decode.sum())} decode, {len(rest)} other")
-    design = np.stack([np.ones(len(rest)), rest[:, 0]], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, rest[:, 2], rcond=None)
-    return StepFit(float(arr[decode, 2].mean()), float(a), float(b), len(arr))
-
-
-def measure_copy(block_bytes: int, blocks: int = 64, reps: int = 5) -> float:
-    """Bytes/s of copying ``blocks`` KV blocks between scattered engine blocks and a host
-    buffer, as the connector's CPU copier does (best of ``reps``, both directions)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    engine = np.ones((blocks * 2, block_bytes), dtype=np.uint8)
-    host = np.zeros((blocks, block_bytes), dtype=np.uint8)
-    ids = rng.permutation(blocks * 2)[:blocks]
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        host[:] = engine[ids]
-        engine[ids] = host
-        best = min(best, (time.perf_counter() - t) / 2)
-    return blocks * block_bytes / best
-
-
-def engine_profile(name: str, fit: StepFit, copy_bps: float, gpu_blocks: int, max_len: int) -> Any:
-    """A simulator profile whose step time is the fit and whose host link is the copy."""
-    from bench.common.vllm_apps import ModelShape, count_params
-    from tokencake.sim.profiles import GpuSpec, ModelSpec, Profile
-
-    shape = ModelShape()
-    params = count_params(shape)
-    # q_heads 0: the attention cost is inside the fitted slope, not added on top of it.
-    model = ModelSpec(
-        "llama-79m-random", params, shape.layers, 0, shape.kv_heads, shape.head_dim, 4
-    )
-    # Linear in tokens: compute = 2 x params x tokens / peak = b x tokens; memory bandwidth
-    # so high that the fixed cost is all ``a`` (the step overhead).
-    cpu = GpuSpec(
-        "cpu-fit",
-        mem_bytes=0.0,
-        peak_flops=2 * params / fit.s_per_token,
-        hbm_bytes_per_s=1e18,
-        host_bytes_per_s=copy_bps,
-    )
-    return Profile(
-        name=name,
-        model=model,
-        gpu=cpu,
-        gpu_mem_util=1.0,
-        reserve_bytes=0.0,
-        block_tokens=32,
-        mfu=1.0,
-        mbu=1.0,
-        step_overhead_s=fit.prefill_s,
-        decode_step_s=fit.decode_s,
-        max_batched_tokens=max_len,
-        max_num_seqs=8,
-        copy_overhead_s=0.0,
-        host_kv_bytes=float(4 * gpu_blocks * 32 * model.kv_bytes_per_token),
-        source="bench/bench_engine.py: fitted to the engine's measured steps",
-        fixed_gpu_blocks=gpu_blocks - 1,  # vLLM keeps block 0 as its null block
-    )
-
-
-def run_sim(apps: dict[str, Any], profile: Any, setups: list[str]) -> dict[str, dict[str, Any]]:
-    import numpy as np
-
-    from bench.common.vllm_apps import AppSet, build_trace
-    from tokencake.daemon.scheduler import create_policy
-    from tokencake.sim.engine import Simulator
-    from tokencake.sim.runner import policy_config
-
-    out: dict[str, dict[str, Any]] = {}
-    for setup in setups:
-        if setup not in SIM_POLICY:
-            continue
-        trace = build_trace(AppSet(**apps))
-        policy = create_policy(SIM_POLICY[setup], policy_config(profile))
-        if setup not in RANKED:
-            vllm_scheduled(policy)
-        # vLLM's block pool evicts least recently used whatever the policy (pins hold blocks).
-        sim = Simulator(trace, policy, profile, lru_eviction=True)
-        res = sim.run()
-        out[setup] = {
-            "policy": SIM_POLICY[setup],
-            "mean_latency_s": float(np.mean(res.app_latency_s)),
-            "p95_latency_s": float(np.percentile(res.app_latency_s, 95)),
-            "critical_path_latency_s": float(np.mean(res.critical_llm_s)),
-            "recompute_tokens": sim.c.recompute_tokens,
-        }
-    return out
-
-
-def vllm_scheduled(policy: Any) -> None:
-    """The engine runs vLLM's own scheduler: admission in arrival order (the simulator's
-    waiting list is in that order, preempted requests first, as vLLM's), no allocation
-    guard, the last running request preempted. The policy's decisions (pins, offloads,
-    uploads) still reach the engine through the connector."""
-    setattr(policy, "admission_order", lambda waiting, now: list(waiting))  # noqa: B010
-    setattr(policy, "may_allocate", lambda *args: True)  # noqa: B010
-    policy.ranks_running = False
-
-
-def sim_table(real: dict[str, dict[str, Any]], sim: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        "| setup | simulator policy | engine mean app latency (s) | simulator (s) | sim/engine "
-        "| recomputed tokens, engine / simulator |",
-        "|---|---|---|---|---|---|",
-    ]
-    for setup, s in sim.items():
-        r = real[setup]["mean_latency_s"]
-        d = (s["mean_latency_s"] - r) / r
-        flag = "" if abs(d) <= 0.15 else " (outside 15 %)"
-        rec = f"{real[setup]['recomputed_tokens']:,} / {s['recompute_tokens']:,}"
-        lines.append(
-            f"| {setup} | {s['policy']} | {r:.1f} | {s['mean_latency_s']:.1f} | {d:+.1%}{flag} "
-            f"| {rec} |"
-        )
-    rank_real = sorted(sim, key=lambda k: real[k]["mean_latency_s"])
-    rank_sim = sorted(sim, key=lambda k: sim[k]["mean_latency_s"])
-    same = "same" if rank_real == rank_sim else "DIFFERENT"
-    lines.append(
-        f"\nranking by mean app latency, engine: {' < '.join(rank_real)}; simulator: "
-        f"{' < '.join(rank_sim)} ({same})"
-    )
-    return "\n".join(lines)
-
-
-def simulate(
-    meta: dict[str, Any], results: dict[str, dict[str, Any]], copy_bps: float | None = None
-) -> dict[str, Any]:
-    """Calibrate a profile from plain vLLM's steps and this machine's copy speed, replay the
-    same apps in the simulator, print the comparison."""
-    from bench.common.vllm_apps import ModelShape, kv_bytes_per_block
-
-    ran = [k for k, r in results.items() if "error" not in r]
-    # Every setup's steps: each setup ran at its own moment of the machine's load, and
-    # plain vLLM's alone carry the load of one moment.
-    fit = fit_steps([s for k in ran for s in results[k]["steps"]])
-    copy_what = "recorded"
-    if copy_bps is None:
-        copy_bps = measure_copy(kv_bytes_per_block(ModelShape()))
-        copy_what = "numpy block gather/scatter, best of 5"
-    profile = engine_profile(
-        "llama-79m-cpu-fit", fit, copy_bps, meta["gpu_blocks"], meta["max_model_len"]
-    )
-    sim = run_sim(meta["apps"], profile, ran)
-    print(
-        f"\nsimulator profile: {fit}, every setup's steps; "
-        f"host copy {copy_bps / 1e9:.2f} GB/s ({copy_what})"
-    )
-    print(sim_table(results, sim))
-    # Diagnosis, not the comparison: each setup with a fit of its own steps only, i.e. at
-    # the machine's speed while that setup ran. What is left is not the machine's load.
-    own: dict[str, dict[str, Any]] = {}
-    for k in sim:
-        own_fit = fit_steps(results[k]["steps"])
-        own_profile = engine_profile(
-            f"{k}-own-fit", own_fit, copy_bps, meta["gpu_blocks"], meta["max_model_len"]
-        )
-        own.update(run_sim(meta["apps"], own_profile, [k]))
-        print(f"{k}: its own steps: {own_fit}")
-    print("\neach setup simulated with a fit of its own steps (diagnosis):")
-    print(sim_table(results, own))
-    return {
-        "decode_step_s": fit.decode_s,
-        "step_overhead_s": fit.prefill_s,
-        "s_per_token": fit.s_per_token,
-        "copy_bytes_per_s": copy_bps,
-        "runs": sim,
-        "own_fit_runs": own,
-    }
-
-
 def smoke(args: argparse.Namespace, setups: list[str]) -> None:
     """The CI size: every setup on the tests' tiny model, 2 apps, a 16-block pool (the apps'
     contexts do not all fit). ``--json`` gets every call's output, for the test to compare."""
@@ -570,6 +355,11 @@ def main() -> None:
         default=None,
         help="only the simulator comparison, from a previous run's --json",
     )
+    ap.add_argument(
+        "--trace",
+        default="",
+        help="setups (comma-separated) whose calls to diff with the simulator's, one by one",
+    )
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -587,6 +377,9 @@ def main() -> None:
     bad = [s for s in setups if s not in SETUPS]
     if bad or not setups:
         ap.error(f"unknown setup {bad}; known: {', '.join(SETUPS)}")
+    traced = tuple(s.strip() for s in args.trace.split(",") if s.strip())
+    if any(s not in SETUPS for s in traced):
+        ap.error(f"--trace: unknown setup in {args.trace!r}; known: {', '.join(SETUPS)}")
     if "plain" in setups:
         setups.remove("plain")
     setups.insert(0, "plain")
@@ -600,7 +393,9 @@ def main() -> None:
             recorded = (doc.get("sim") or {}).get("copy_bytes_per_s")
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--sim-from {args.sim_from}: not a bench_engine --json file ({e})")
-        simulate(meta, results, recorded)
+        from bench.common.engine_sim import simulate
+
+        simulate(meta, results, recorded, traced)
         return
     apps = {
         "code_writer": args.code_writer,
@@ -648,7 +443,9 @@ def main() -> None:
         plot(results, args.plot)
     meta = {"apps": apps, "gpu_blocks": args.gpu_blocks, "max_model_len": args.max_model_len}
     meta.update(load_start=started, load_end=ended)
-    sim = simulate(meta, results) if "error" not in results["plain"] else {}
+    from bench.common.engine_sim import simulate
+
+    sim = simulate(meta, results, None, traced) if "error" not in results["plain"] else {}
     if args.json is not None:
         doc = {"meta": meta, "results": results, "sim": sim}
         args.json.write_text(json.dumps(doc, indent=1))

@@ -45,6 +45,8 @@ def admit(sim: Simulator, budget: int, nseqs: int) -> tuple[list[tuple[Request, 
             chunk = min(req.target - req.computed, budget)
             batch.append((req, chunk))
             budget -= chunk
+            if sim.vllm_rules:
+                register_computed(sim, req, req.computed + chunk)
     if admitted:
         sim.waiting = [r for r in sim.waiting if r.rid not in admitted]
     return batch, budget
@@ -138,6 +140,8 @@ def admit_with(
     rec = sum(1 for j in range(prefix, min(len(keys), req.target // bt)) if keys[j] in before)
     req.recompute_left = rec * bt
     sim.c.recompute_tokens += rec * bt
+    if sim.call_trace is not None:
+        sim.call_trace.admitted(req, sim.now, len(hits) + len(attach), len(loads_keys))
     if loads_keys:
         _load(sim, req, loads_blocks, loads_keys)
     wait = sim.now - req.enqueued_s
@@ -240,11 +244,16 @@ def preempt(sim: Simulator, req: Request) -> None:
     sim.running.remove(req)
     sim.waiting.insert(0, req)
     sim.c.preemptions += 1
+    if sim.call_trace is not None:
+        sim.call_trace.preempted(req)
     sim._emit(LlmCallPreempted(req.view.app_id, req.view.agent_id, req.rid, freed))
 
 
-def register_computed(sim: Simulator, req: Request) -> None:
-    full = min(req.computed // sim.bt, len(req.keys), len(req.blocks))
+def register_computed(sim: Simulator, req: Request, upto: int = -1) -> None:
+    """Enter the request's full blocks in the prefix cache: those computed, or with
+    ``upto``, those up to token ``upto`` (scheduled this step, under ``vllm_rules``)."""
+    upto = req.computed if upto < 0 else upto
+    full = min(upto // sim.bt, len(req.keys), len(req.blocks))
     for i in range(req.registered, full):
         k = req.keys[i]
         sim.pool.register(req.blocks[i], k)

@@ -54,6 +54,7 @@ from tokencake.protocol import (
 )
 from tokencake.sim import admission, transfers
 from tokencake.sim.appdag import app_dag, critical_path
+from tokencake.sim.calltrace import CallTrace
 from tokencake.sim.kvpool import AgentKv, GpuPool, SimHostStore, chain_keys
 from tokencake.sim.profiles import Profile
 from tokencake.sim.records import (
@@ -104,6 +105,8 @@ class Simulator:
         stall_s: float = 600.0,
         copies: CopyObserver | None = None,
         lru_eviction: bool = False,
+        call_trace: CallTrace | None = None,
+        vllm_rules: bool = False,
     ) -> None:
         self.trace = trace
         self.policy = policy
@@ -128,6 +131,14 @@ class Simulator:
         self.lru_eviction = lru_eviction
         """Evict least recently used first, as vLLM does, instead of asking the policy's
         ``eviction_order`` (pins are still honoured, as the connector's references are)."""
+        self.call_trace = call_trace
+        """Per-call record of the run (``bench/bench_engine.py --sim-from`` diffs it)."""
+        self.vllm_rules = vllm_rules
+        """Two rules of vLLM v1's scheduler the default model leaves out (the engine replay,
+        ``bench/bench_engine.py --sim-from``, turns them on): a block is a prefix-cache hit
+        from the step that schedules its tokens on (vLLM hashes a block when it allocates
+        it, so a sibling admitted in the same step shares it), and a step that preempted a
+        request admits no waiting one."""
         self.pins: dict[tuple[str, str], float] = {}
         """Live pins the policy decided: agent -> until (simulated time)."""
         self.agents: dict[tuple[str, str], AgentKv] = {}
@@ -300,6 +311,8 @@ class Simulator:
         )
         self.by_rid[rid] = req
         self.waiting.append(req)
+        if self.call_trace is not None:
+            self.call_trace.submitted(req, self.now)
         self._emit(
             LlmCallStart(spec.app_id, node.id, request_id=rid, prompt_tokens=ptoks, blocks=need)
         )
@@ -339,6 +352,7 @@ class Simulator:
             ranked = self.policy.admission_order([r.view for r in self.running], self.now)
             self.running = [by_view[id(v)] for v in ranked]
         i = 0
+        preempted = False
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             chunk = min(req.target - req.computed, budget)
@@ -351,14 +365,19 @@ class Simulator:
                     break
                 victim = self.running[-1]
                 admission.preempt(self, victim)
+                preempted = True
                 if victim is req:
                     preempted_self = True
                     break
             if preempted_self:
                 break
             batch.append((req, chunk))
+            if self.vllm_rules:
+                admission.register_computed(self, req, req.computed + chunk)
             budget -= chunk
             i += 1
+        if preempted and self.vllm_rules:
+            return batch
         more, budget = admission.admit(self, budget, len(self.running) + len(self.loading))
         batch.extend(more)
         return batch
@@ -406,6 +425,8 @@ class Simulator:
         for b in req.blocks:
             self.pool.release(b, agent, self.now)
         req.blocks = []
+        if self.call_trace is not None:
+            self.call_trace.finished(req, self.now)
         spec = req.app.spec
         if req.node.id in req.app.critical:
             req.app.critical_llm_s += self.now - req.ready_s

@@ -289,8 +289,13 @@ class Call:
     critical: bool
     continuation: bool
     """The call follows a tool call (a predecessor ended in one)."""
+    source: str = ""
+    """The earlier call of the app whose KV covers ``reusable`` (the longest common prefix)."""
     first_token_s: float | None = None
     finish_s: float | None = None
+    scheduled_s: float | None = None
+    """When vLLM's scheduler first scheduled the call (after its prefix-cache lookup)."""
+    preemptions: int = 0
     cached: int = 0
     loaded: int = 0
     tokens: list[int] = field(default_factory=list)
@@ -304,8 +309,8 @@ class _AppRun:
     critical: set[str]
     done: set[str] = field(default_factory=set)
     submitted: set[str] = field(default_factory=set)
-    seqs: list[list[int]] = field(default_factory=list)
-    """Every finished call's prompt + output (the KV it left), for ``reusable``."""
+    seqs: dict[str, list[int]] = field(default_factory=dict)
+    """Every finished call's prompt + output (the KV it left), by call, for ``reusable``."""
     finish_s: float | None = None
     critical_llm_s: float = 0.0
 
@@ -345,10 +350,37 @@ class AppDriver:
         self._seq = 0
         self._client: Any = None
         self.step_log = step_log
+        """(scheduled tokens, scheduled requests, step seconds), one per engine step."""
         self.not_accepted = 0
         """App events (register, tool end, app end) the daemon did not accept."""
-        """(scheduled tokens, scheduled requests, step seconds), filled in by the caller's
-        wrapper of ``Scheduler.schedule`` (tokens, requests) and here (the time)."""
+        self.t0 = time.monotonic()
+        self._watch(self.engine.engine_core.engine_core.scheduler)
+
+    def _watch(self, sched: Any) -> None:
+        """Wrap ``Scheduler.schedule`` (in-process engine) to see each step's batch: its
+        size for ``step_log``, and when each call is first scheduled or preempted."""
+        schedule = sched.schedule
+
+        def watched(*a: Any, **kw: Any) -> Any:
+            out = schedule(*a, **kw)
+            self._scheduled(out, time.monotonic())
+            return out
+
+        sched.schedule = watched
+
+    def _scheduled(self, out: Any, now: float) -> None:
+        if self.step_log is not None:
+            self.step_log.append(
+                (int(out.total_num_scheduled_tokens), len(out.num_scheduled_tokens), 0.0)
+            )
+        for new in out.scheduled_new_reqs:  # vLLM's id is ours plus "-" and a suffix
+            call = self.calls.get(new.req_id.rsplit("-", 1)[0])
+            if call is not None and call.scheduled_s is None:
+                call.scheduled_s = now
+        for rid in out.preempted_req_ids or ():
+            call = self.calls.get(rid.rsplit("-", 1)[0])
+            if call is not None:
+                call.preemptions += 1
 
     # events ------------------------------------------------------------------------------
 
@@ -364,7 +396,7 @@ class AppDriver:
         client: Any = self.engine.engine_core  # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
         core = getattr(client, "engine_core", None)
         try:
-            t0 = time.monotonic()
+            t0 = self.t0 = time.monotonic()
             for app in self.trace.apps:
                 self._at(t0 + app.arrival_s, "arrive", app)
             deadline = t0 + timeout_s
@@ -373,11 +405,13 @@ class AppDriver:
                 if now > deadline:
                     raise TimeoutError(f"apps unfinished after {timeout_s:.0f} s")
                 while self._events and self._events[0][0] <= now:
-                    _, _, kind, payload = heapq.heappop(self._events)
+                    # An app arrives, or submits its next call, at the event's own time:
+                    # during a step it waits for the step's end, as it would in a server.
+                    due, _, kind, payload = heapq.heappop(self._events)
                     if kind == "arrive":
-                        self._arrive(payload, now)
+                        self._arrive(payload, due)
                     else:
-                        self._tool_end(payload, now)
+                        self._tool_end(payload, due)
                 if self.engine.has_unfinished_requests():
                     self._step()
                 elif core is not None and core.scheduler.has_requests():
@@ -439,8 +473,9 @@ class AppDriver:
 
         spec = run.spec
         ids = self._prompt(spec, node.id)
-        reusable = max((_common(ids, s) for s in run.seqs), default=0)
-        reusable = min(reusable, len(ids) - 1) // self.block * self.block
+        common = {rid: _common(ids, s) for rid, s in run.seqs.items()}
+        source = max(common, key=lambda rid: common[rid], default="")
+        reusable = min(common.get(source, 0), len(ids) - 1) // self.block * self.block
         params = None
         if self.agent_params:
             tool = node.tool
@@ -460,7 +495,15 @@ class AppDriver:
         )
         cont = any(spec.node(q).tool is not None for q in node.predecessors)
         self.calls[req_id] = Call(
-            spec.app_id, node.id, req_id, len(ids), reusable, now, node.id in run.critical, cont
+            spec.app_id,
+            node.id,
+            req_id,
+            len(ids),
+            reusable,
+            now,
+            node.id in run.critical,
+            cont,
+            source if reusable else "",
         )
         self.engine.add_request(req_id, {"prompt_token_ids": ids}, sp)
 
@@ -470,7 +513,7 @@ class AppDriver:
         t = time.perf_counter()
         outs = self.engine.step()
         now = time.monotonic()
-        if log is not None and len(log) > n:
+        if log is not None and len(log) > n:  # this step's batch, logged by ``_scheduled``
             log[-1] = (log[-1][0], log[-1][1], time.perf_counter() - t)
         for out in outs:
             call = self.calls[out.request_id]
@@ -489,7 +532,7 @@ class AppDriver:
         run = self.apps[call.app]
         self.outputs[(call.app, call.node)] = turn.token_ids
         ids = list(out.prompt_token_ids) + turn.token_ids[:-1]  # the last token's KV is unwritten
-        run.seqs.append(ids)
+        run.seqs[call.req_id] = ids
         if call.critical:
             run.critical_llm_s += now - call.submit_s
         node = run.spec.node(call.node)
@@ -536,6 +579,30 @@ class AppDriver:
             "continuation_ttft_p95_s": float(np.percentile(ttft, 95)) if ttft else math.nan,
             "continuation_ttft_s": ttfts,
             "daemon_events_not_accepted": self.not_accepted,
+        }
+
+    def call_trace(self) -> dict[str, dict[str, Any]]:
+        """Per call, times from the run's start: submitted, first scheduled, first token,
+        finished; prompt tokens, ``reusable`` and its source call, vLLM's cached and loaded
+        tokens, preemptions. ``bench_engine.py --sim-from`` diffs it with the simulator's."""
+
+        def rel(t: float | None) -> float | None:
+            return None if t is None else round(t - self.t0, 4)
+
+        return {
+            k: {
+                "submit_s": rel(c.submit_s),
+                "scheduled_s": rel(c.scheduled_s),
+                "first_token_s": rel(c.first_token_s),
+                "finish_s": rel(c.finish_s),
+                "prompt": c.prompt,
+                "reusable": c.reusable,
+                "source": c.source,
+                "cached": c.cached,
+                "loaded": c.loaded,
+                "preemptions": c.preemptions,
+            }
+            for k, c in self.calls.items()
         }
 
     def outputs_by_call(self) -> dict[str, tuple[list[int], list[float]]]:

@@ -1,0 +1,280 @@
+"""The simulator against the engine (``bench/bench_engine.py``): a simulator profile fitted to an
+engine run's measured steps and copy speed, the same apps replayed in ``tokencake-sim``'s
+engine as each engine setup schedules them, and the comparison, setup by setup and call by
+call.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+SIM_POLICY = {"plain": "vllm", "lmcache": "lru-offload", "continuum": "continuum"}
+SIM_POLICY["tokencake"] = "tokencake"
+"""The simulator policy that models each setup. ``swap`` (offload at every tool call, no
+policy) has none."""
+RANKED = {"tokencake"}
+"""Setups whose engine runs ``TokenCakeScheduler`` (the daemon's admission order, guard and
+preemption victim). The others run vLLM's own FCFS scheduler whatever the daemon decides."""
+
+
+@dataclass(slots=True, frozen=True)
+class StepFit:
+    """An engine's measured step time: steps in which every request moved one token
+    (decoding) take ``decode_s``; the others ``prefill_s + s_per_token x tokens``."""
+
+    decode_s: float
+    prefill_s: float
+    s_per_token: float
+    steps: int
+
+    def __str__(self) -> str:
+        return (
+            f"decode-only steps {self.decode_s * 1e3:.0f} ms, others "
+            f"{self.prefill_s * 1e3:.0f} ms + {self.s_per_token * 1e3:.2f} ms x tokens "
+            f"({self.steps} steps)"
+        )
+
+
+def fit_steps(steps: list[list[float]]) -> StepFit:
+    """The mean of the decode-only steps, and least squares over the others.
+
+    On this CPU engine a decode step of 1-8 requests costs about the same (about 1 s on the
+    loaded machine), while one line through every step put 1.85-2.03 s on each of them.
+    """
+    import numpy as np
+
+    arr = np.asarray([s for s in steps if s[0] > 0 and s[2] > 0], dtype=float)
+    decode = arr[:, 0] == arr[:, 1]
+    rest = arr[~decode]
+    if not decode.any() or len(rest) < 2:
+        raise ValueError(f"too few steps to fit: {int(decode.sum())} decode, {len(rest)} other")
+    design = np.stack([np.ones(len(rest)), rest[:, 0]], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, rest[:, 2], rcond=None)
+    return StepFit(float(arr[decode, 2].mean()), float(a), float(b), len(arr))
+
+
+def measure_copy(block_bytes: int, blocks: int = 64, reps: int = 5) -> float:
+    """Bytes/s of copying ``blocks`` KV blocks between scattered engine blocks and a host
+    buffer, as the connector's CPU copier does (best of ``reps``, both directions)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    engine = np.ones((blocks * 2, block_bytes), dtype=np.uint8)
+    host = np.zeros((blocks, block_bytes), dtype=np.uint8)
+    ids = rng.permutation(blocks * 2)[:blocks]
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        host[:] = engine[ids]
+        engine[ids] = host
+        best = min(best, (time.perf_counter() - t) / 2)
+    return blocks * block_bytes / best
+
+
+def engine_profile(name: str, fit: StepFit, copy_bps: float, gpu_blocks: int, max_len: int) -> Any:
+    """A simulator profile whose step time is the fit and whose host link is the copy."""
+    from bench.common.vllm_apps import ModelShape, count_params
+    from tokencake.sim.profiles import GpuSpec, ModelSpec, Profile
+
+    shape = ModelShape()
+    params = count_params(shape)
+    # q_heads 0: the attention cost is inside the fitted slope, not added on top of it.
+    model = ModelSpec(
+        "llama-79m-random", params, shape.layers, 0, shape.kv_heads, shape.head_dim, 4
+    )
+    # Linear in tokens: compute = 2 x params x tokens / peak = b x tokens; memory bandwidth
+    # so high that the fixed cost is all ``a`` (the step overhead).
+    cpu = GpuSpec(
+        "cpu-fit",
+        mem_bytes=0.0,
+        peak_flops=2 * params / fit.s_per_token,
+        hbm_bytes_per_s=1e18,
+        host_bytes_per_s=copy_bps,
+    )
+    return Profile(
+        name=name,
+        model=model,
+        gpu=cpu,
+        gpu_mem_util=1.0,
+        reserve_bytes=0.0,
+        block_tokens=32,
+        mfu=1.0,
+        mbu=1.0,
+        step_overhead_s=fit.prefill_s,
+        decode_step_s=fit.decode_s,
+        max_batched_tokens=max_len,
+        max_num_seqs=8,
+        copy_overhead_s=0.0,
+        host_kv_bytes=float(4 * gpu_blocks * 32 * model.kv_bytes_per_token),
+        source="bench/bench_engine.py: fitted to the engine's measured steps",
+        fixed_gpu_blocks=gpu_blocks - 1,  # vLLM keeps block 0 as its null block
+    )
+
+
+def run_sim(apps: dict[str, Any], profile: Any, setups: list[str]) -> dict[str, dict[str, Any]]:
+    import numpy as np
+
+    from bench.common.vllm_apps import AppSet, build_trace
+    from tokencake.daemon.scheduler import create_policy
+    from tokencake.sim.calltrace import CallTrace
+    from tokencake.sim.engine import Simulator
+    from tokencake.sim.runner import policy_config
+
+    out: dict[str, dict[str, Any]] = {}
+    for setup in setups:
+        if setup not in SIM_POLICY:
+            continue
+        trace = build_trace(AppSet(**apps))
+        policy = create_policy(SIM_POLICY[setup], policy_config(profile))
+        if setup not in RANKED:
+            vllm_scheduled(policy)
+        # vLLM's block pool evicts least recently used whatever the policy (pins hold blocks).
+        calls = CallTrace(profile.block_tokens)
+        sim = Simulator(
+            trace, policy, profile, lru_eviction=True, call_trace=calls, vllm_rules=True
+        )
+        res = sim.run()
+        per_call = calls.calls()
+        out[setup] = {
+            "policy": SIM_POLICY[setup],
+            "mean_latency_s": float(np.mean(res.app_latency_s)),
+            "p95_latency_s": float(np.percentile(res.app_latency_s, 95)),
+            "critical_path_latency_s": float(np.mean(res.critical_llm_s)),
+            "recompute_tokens": sim.c.recompute_tokens,
+            "recomputed_tokens": lost_prefix(per_call),
+            "preemptions": sim.c.preemptions,
+            "trace": per_call,
+        }
+    return out
+
+
+def vllm_scheduled(policy: Any) -> None:
+    """The engine runs vLLM's own scheduler: admission in arrival order (the simulator's
+    waiting list is in that order, preempted requests first, as vLLM's), no allocation
+    guard, the last running request preempted. The policy's decisions (pins, offloads,
+    uploads) still reach the engine through the connector."""
+    setattr(policy, "admission_order", lambda waiting, now: list(waiting))  # noqa: B010
+    setattr(policy, "may_allocate", lambda *args: True)  # noqa: B010
+    policy.ranks_running = False
+
+
+def sim_table(real: dict[str, dict[str, Any]], sim: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| setup | simulator policy | engine mean app latency (s) | simulator (s) | sim/engine "
+        "| recomputed tokens, engine / simulator |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setup, s in sim.items():
+        r = real[setup]["mean_latency_s"]
+        d = (s["mean_latency_s"] - r) / r
+        flag = "" if abs(d) <= 0.15 else " (outside 15 %)"
+        rec = f"{real[setup]['recomputed_tokens']:,} / {s['recomputed_tokens']:,}"
+        lines.append(
+            f"| {setup} | {s['policy']} | {r:.1f} | {s['mean_latency_s']:.1f} | {d:+.1%}{flag} "
+            f"| {rec} |"
+        )
+    rank_real = sorted(sim, key=lambda k: real[k]["mean_latency_s"])
+    rank_sim = sorted(sim, key=lambda k: sim[k]["mean_latency_s"])
+    same = "same" if rank_real == rank_sim else "DIFFERENT"
+    lines.append(
+        f"\nranking by mean app latency, engine: {' < '.join(rank_real)}; simulator: "
+        f"{' < '.join(rank_sim)} ({same})"
+    )
+    return "\n".join(lines)
+
+
+def lost_prefix(calls: dict[str, dict[str, Any]]) -> int:
+    """Tokens an earlier call of the app had computed and the prefix cache had lost by the
+    call's admission: the engine bench's "recomputed tokens"."""
+    return sum(max(0, c["reusable"] - c["cached"]) for c in calls.values())
+
+
+def trace_diff(real: dict[str, dict[str, Any]], sim: dict[str, dict[str, Any]]) -> str:
+    """Call by call, in the engine's submit order: times (submitted, first scheduled,
+    finished; seconds from the run's start), the prefix an earlier call left (``reusable``,
+    and which call) and what the prefix cache still had of it at admission, engine / sim."""
+
+    def t(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    lines = [
+        "| call | submitted | scheduled | finished | prompt | reusable (from) | cached "
+        "| preempted |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(real, key=lambda k: real[k]["submit_s"] or 0.0):
+        e, m = real[key], sim.get(key)
+        if m is None:
+            lines.append(f"| {key} | not simulated |")
+            continue
+        mark = " **" if e["cached"] != m["cached"] else ""
+        lines.append(
+            f"| {key} | {t(e['submit_s'])} / {t(m['submit_s'])} "
+            f"| {t(e['scheduled_s'])} / {t(m['scheduled_s'])} "
+            f"| {t(e['finish_s'])} / {t(m['finish_s'])} | {e['prompt']} "
+            f"| {e['reusable']} / {m['reusable']} ({e['source'] or '-'}) "
+            f"| {e['cached']} / {m['cached']}{mark} | {e['preemptions']} / {m['preemptions']} |"
+        )
+    lost_e, lost_s = lost_prefix(real), lost_prefix(sim)
+    differ = sum(1 for k in real if k in sim and real[k]["cached"] != sim[k]["cached"])
+    lines.append(
+        f"\n{differ} of {len(real)} calls found a different cached prefix; reusable tokens "
+        f"lost (recomputed), engine / simulator: {lost_e:,} / {lost_s:,}"
+    )
+    return "\n".join(lines)
+
+
+def simulate(
+    meta: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+    copy_bps: float | None = None,
+    trace_setups: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Calibrate a profile from plain vLLM's steps and this machine's copy speed, replay the
+    same apps in the simulator, print the comparison."""
+    from bench.common.vllm_apps import ModelShape, kv_bytes_per_block
+
+    ran = [k for k, r in results.items() if "error" not in r]
+    # Every setup's steps: each setup ran at its own moment of the machine's load, and
+    # plain vLLM's alone carry the load of one moment.
+    fit = fit_steps([s for k in ran for s in results[k]["steps"]])
+    copy_what = "recorded"
+    if copy_bps is None:
+        copy_bps = measure_copy(kv_bytes_per_block(ModelShape()))
+        copy_what = "numpy block gather/scatter, best of 5"
+    profile = engine_profile(
+        "llama-79m-cpu-fit", fit, copy_bps, meta["gpu_blocks"], meta["max_model_len"]
+    )
+    sim = run_sim(meta["apps"], profile, ran)
+    print(
+        f"\nsimulator profile: {fit}, every setup's steps; "
+        f"host copy {copy_bps / 1e9:.2f} GB/s ({copy_what})"
+    )
+    print(sim_table(results, sim))
+    # Diagnosis, not the comparison: each setup with a fit of its own steps only, i.e. at
+    # the machine's speed while that setup ran. What is left is not the machine's load.
+    own: dict[str, dict[str, Any]] = {}
+    for k in sim:
+        own_fit = fit_steps(results[k]["steps"])
+        own_profile = engine_profile(
+            f"{k}-own-fit", own_fit, copy_bps, meta["gpu_blocks"], meta["max_model_len"]
+        )
+        own.update(run_sim(meta["apps"], own_profile, [k]))
+        print(f"{k}: its own steps: {own_fit}")
+    print("\neach setup simulated with a fit of its own steps (diagnosis):")
+    print(sim_table(results, own))
+    for k in trace_setups:
+        if k in sim and "trace" in results[k]:
+            print(f"\n{k}, call by call, engine / simulator (own steps' fit):")
+            print(trace_diff(results[k]["trace"], own[k]["trace"]))
+    return {
+        "decode_step_s": fit.decode_s,
+        "step_overhead_s": fit.prefill_s,
+        "s_per_token": fit.s_per_token,
+        "copy_bytes_per_s": copy_bps,
+        "runs": sim,
+        "own_fit_runs": own,
+    }
