@@ -100,18 +100,23 @@ def _read(kind: str, data: bytes, cuts: list[int], reader: str = "") -> tuple[Ou
     return obs.close_stream(), answered[0]
 
 
+def _fixed(examples: int) -> Any:
+    """Hypothesis settings for a deterministic run: fixed examples, no database, no deadline."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
 def _fields(o: Outcome) -> tuple[Any, ...]:
     calls = [(c.id, c.name, c.arguments) for c in o.tool_calls]
     return o.text, o.finish_reason, o.finished, o.output_tokens, calls
 
 
-@settings(
-    max_examples=200,
-    deadline=None,
-    database=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@_fixed(200)
 @given(streams(), st.lists(st.integers(0, 10_000), max_size=6))
 def test_scans_read_what_every_event_says(stream: tuple[str, bytes, bool], cuts: list[int]) -> None:
     kind, data, simple = stream
@@ -198,13 +203,7 @@ def repeating(draw: st.DrawFn) -> tuple[str, bytes, bool]:
     return kind, ("".join(lines) + "data: [DONE]\n\n").encode(), clean
 
 
-@settings(
-    max_examples=300,
-    deadline=None,
-    database=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@_fixed(200)
 @given(repeating(), st.lists(st.integers(0, 10_000), max_size=4))
 def test_repeated_events_read_what_every_event_says(
     stream: tuple[str, bytes, bool], cuts: list[int]
