@@ -35,7 +35,7 @@ def test_every_command_text_and_json(daemon: DaemonProcess) -> None:
     assert "ctl-app" in out and "a->b" in out
     code, out = run(*ep, "agents", "--json")
     agents = json.loads(out)["agents"]
-    assert {a["agent_id"]: a["state"] for a in agents} == {"a": "llm", "b": "pending"}
+    assert {a["agent_id"]: a["state"] for a in agents} == {"a": "waiting", "b": "idle"}
     code, out = run(*ep, "top", "--iterations", "1", "--interval", "0", "--json")
     assert code == 0
     code, out = run(*ep, "agents", "--app", "nope")

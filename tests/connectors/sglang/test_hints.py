@@ -90,7 +90,7 @@ def test_reporter_drives_the_agent_through_llm_and_tool_calls(daemon: Proc) -> N
         hints = {"workflow_id": "wf-r", "agent_id": "coder", "expected_tool_duration_ms": 4000}
         with reporter.request({"agent_hints": {**hints, "step_id": "s1"}}) as call:
             assert call is not None
-            assert agent_state(daemon, "wf-r/coder", "coder") == "llm"
+            assert agent_state(daemon, "wf-r/coder", "coder") == "waiting"
             call.output_tokens = 12
         assert agent_state(daemon, "wf-r/coder", "coder") == "tool"
         with daemon.client() as peek:
@@ -98,7 +98,7 @@ def test_reporter_drives_the_agent_through_llm_and_tool_calls(daemon: Proc) -> N
         assert tool.tool_kind == "tool" and tool.tool_predicted_s == 4.0
         # The agent's next request means its tool returned.
         with reporter.request({"agent_hints": {"workflow_id": "wf-r", "agent_id": "coder"}}):
-            assert agent_state(daemon, "wf-r/coder", "coder") == "llm"
+            assert agent_state(daemon, "wf-r/coder", "coder") == "waiting"
         assert agent_state(daemon, "wf-r/coder", "coder") == "idle"
         reporter.close()
         with pytest.raises(p.RemoteError, match="no live app"):
@@ -113,7 +113,7 @@ def test_declared_dags_and_the_session_helper(daemon: Proc) -> None:
     with daemon.client() as client:
         # The app declares its DAG with the session helper, unchanged ...
         with AppSession(client, "wf-d", dag) as app, app.agent("planner").llm_call():
-            assert agent_state(daemon, "wf-d", "planner") == "llm"
+            assert agent_state(daemon, "wf-d", "planner") == "waiting"
         # ... or lets the reporter declare it: both agents land in one app.
         reporter = AgentEventReporter(client, dags={"wf-e": dag})
         for agent in ("planner", "coder"):
