@@ -3,12 +3,14 @@
 Run by ``scripts/gpu-check.sh`` on a machine with one NVIDIA GPU; every ratio has its baseline
 measured in the same run on the same GPU:
 
-  (a) the engine's path (``DeviceBlockMover``: vLLM's K/V-first per-layer layout, random block
-      ids into random slots of a real daemon's arena, page-locked) store and load bandwidth,
-      against ``copy_`` between a GPU buffer and a ``pin_memory`` buffer of the same bytes;
-  (b) the CUDA IPC path: the same copies lent to the daemon's copy worker (its own process,
-      the engine's KV opened through IPC handles), timed from ``gpu_copy`` to the status
-      saying done;
+  (a) the engine's path (``DeviceBlockMover``: vLLM 0.32's default CUDA layout, ``LBNHC``:
+      per layer ``[B, H, N, C]`` views stored block, token, head, K+V; random block ids into
+      random slots of a real daemon's arena, page-locked) store and load bandwidth, against
+      ``copy_`` between a GPU buffer and a ``pin_memory`` buffer of the same bytes;
+  (b) the CUDA IPC path as the vLLM connector's worker side runs it (``LentCopies``: an
+      event on the compute stream, then the blocks lent to the daemon's copy worker, its own
+      process with the engine's KV opened through IPC handles), timed from the lend to the
+      loan settled;
   (c) interference: this process plays a compute-bound engine (fp16 matmuls timed with CUDA
       events) while the daemon's worker uploads into its KV; the kernel's slowdown against
       windows without uploads, alternated so drift cancels.
@@ -41,13 +43,14 @@ import torch
 
 from tokencake import protocol as p
 from tokencake.clients.client import TokenCakeClient
-from tokencake.clients.gpu_lending import DaemonCopies, Direction, Settled
+from tokencake.clients.gpu_lending import DaemonCopies
 from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.clients.launcher import daemon_flags, running
-from tokencake.daemon.gpu.block_mover import DeviceBlockMover
-from tokencake.daemon.gpu.device import Device
-from tokencake.daemon.gpu.mover import CopyHandle
-from tokencake.daemon.gpu.regions import block_regions
+from tokencake.connectors.vllm.lending import Lent, LentCopies
+from tokencake.gpu.block_mover import DeviceBlockMover
+from tokencake.gpu.device import Device
+from tokencake.gpu.mover import CopyHandle
+from tokencake.gpu.regions import block_regions
 from tokencake.layout import KvLayout
 from tokencake.segment import ArenaError
 
@@ -57,7 +60,8 @@ SLOWDOWN_TARGET = 0.05
 
 @dataclass(frozen=True)
 class Shape:
-    """vLLM's KV on CUDA (FlashAttention): per layer ``(2, num_blocks, block, heads, dim)``."""
+    """vLLM 0.32's KV on CUDA: per layer ``[B, H, N, C]`` (``C``: K and V of one head and
+    token), stored ``B, N, H, C`` (its default ``KVCacheLayout``, ``LBNHC``)."""
 
     layers: int
     num_blocks: int
@@ -102,7 +106,7 @@ class Results:
 
 def open_device(kind: str) -> Device:
     if kind == "cuda":
-        from tokencake.daemon.gpu.device import CudaDevice
+        from tokencake.gpu.device import CudaDevice
 
         return CudaDevice(0)
     from tokencake.daemon.gpu.fake import FakeDevice
@@ -111,7 +115,8 @@ def open_device(kind: str) -> Device:
 
 
 def alloc_kv(device: Device, shape: Shape) -> list[Any]:
-    dims = (2, shape.num_blocks, shape.block_tokens, shape.heads, shape.head_dim)
+    """Per layer the ``[B, H, N, C]`` view vLLM hands a connector, over ``B, N, H, C`` memory."""
+    dims = (shape.num_blocks, shape.block_tokens, shape.heads, 2 * shape.head_dim)
     torch.manual_seed(0)  # seeds the CUDA generators too
     out = []
     for _ in range(shape.layers):
@@ -120,7 +125,7 @@ def alloc_kv(device: Device, shape: Shape) -> list[Any]:
         else:
             t = device.alloc(dims, torch.float16)  # type: ignore[attr-defined]
             t.copy_(torch.randn(dims).to(torch.float16))
-        out.append(t)
+        out.append(t.permute(0, 2, 1, 3))
     return out
 
 
@@ -164,7 +169,8 @@ def random_pairs(shape: Shape, num_slots: int, seed: int) -> tuple[list[int], li
 
 
 def block_bytes(layers: list[Any], block: int) -> bytes:
-    pages = [layer[kv, block] for layer in layers for kv in (0, 1)]
+    """Block ``block`` of every layer as a slot holds it: each layer's page as stored (N, H, C)."""
+    pages = [layer[block].permute(1, 0, 2) for layer in layers]
     return b"".join(
         bytes(pg.contiguous().view(torch.uint8).cpu().flatten().numpy()) for pg in pages
     )
@@ -173,7 +179,7 @@ def block_bytes(layers: list[Any], block: int) -> bytes:
 def check_slots(
     arena: ArenaMapping, layers: list[Any], blocks: list[int], slots: list[int]
 ) -> None:
-    view, n = arena.slots_view(), 2 * len(layers) * layers[0][0, 0].numel() * 2
+    view, n = arena.slots_view(), len(layers) * layers[0][0].numel() * 2
     for b, s in list(zip(blocks, slots, strict=True))[:8]:
         if bytes(view[s, :n]) != block_bytes(layers, b):
             raise AssertionError(f"slot {s} does not hold block {b}")
@@ -210,27 +216,30 @@ class Engine:
 
     client: TokenCakeClient
     engine_id: str
-    copies: DaemonCopies
+    lending: LentCopies
     arena: ArenaMapping
     seq: int = 0
+
+    @property
+    def copies(self) -> DaemonCopies:
+        return self.lending.daemon
 
     def hashes(self, n: int) -> list[bytes]:
         self.seq += 1
         return [f"{self.seq}:{i}".encode() for i in range(n)]
 
 
-def lend_and_wait(
-    engine: Engine, direction: Direction, blocks: list[int], slots: list[int], after: bytes = b""
-) -> tuple[float, Settled]:
+def lend_and_wait(engine: Engine, upload: bool, blocks: list[int], slots: list[int]) -> float:
+    """Seconds from the lend (the connector's ``LentCopies.start``) to the loan settled."""
     start = time.perf_counter()
-    loan = engine.copies.lend(direction, blocks, slots, after)
-    for _ in range(1_000_000):
-        for settled in engine.copies.poll():
-            if settled.copy_id == loan.copy_id:
-                if not settled.ok:
-                    raise AssertionError(f"{direction} failed: {settled.reason}")
-                return time.perf_counter() - start, settled
-    raise AssertionError(f"{direction} never finished")
+    handle = engine.lending.start(engine.arena, blocks, slots, upload=upload, lend=True)
+    if not isinstance(handle, Lent):
+        raise AssertionError("the copy was not lent to the daemon's worker")
+    for _ in range(10_000_000):
+        engine.lending.poll()
+        if handle.poll():  # raises CopyError if the copy failed
+            return time.perf_counter() - start
+    raise AssertionError("a lent copy never finished")
 
 
 def ipc_path(
@@ -242,16 +251,12 @@ def ipc_path(
     for _ in range(shape.reps + 1):
         hashes = engine.hashes(len(blocks))
         slots = engine.client.call(p.Reserve(engine.engine_id, hashes)).slots
-        # the engine's event stays alive until the worker has waited on it (the loan ends)
-        event = device.record(torch_stream(device), interprocess=True)
-        after = device.ipc_event_handle(event)
-        store_s.append(lend_and_wait(engine, "offload", blocks, slots, after)[0])
-        del event
+        store_s.append(lend_and_wait(engine, False, blocks, slots))
         check_slots(engine.arena, kv, blocks, slots)
         engine.client.call(p.Commit(engine.engine_id, slots))
         pinned = engine.client.call(p.LoadBegin(engine.engine_id, hashes)).slots
         targets = random.Random(len(store_s)).sample(range(shape.num_blocks), len(blocks))
-        load_s.append(lend_and_wait(engine, "upload", targets, pinned)[0])
+        load_s.append(lend_and_wait(engine, True, targets, pinned))
         engine.client.call(p.LoadEnd(engine.engine_id, pinned))
         check_slots(engine.arena, kv, targets, pinned)  # what the worker uploaded
     gb = shape.copy_bytes / 1e9
@@ -260,11 +265,6 @@ def ipc_path(
     res.add("CUDA IPC load (daemon worker), arena -> GPU", gb / load, "GB/s")
     res.add("CUDA IPC store / pinned copy_", base[0] / store, "x", f">= {COPY_TARGET:.2f}")
     res.add("CUDA IPC load / pinned copy_", base[1] / load, "x", f">= {COPY_TARGET:.2f}")
-
-
-def torch_stream(device: Device) -> Any:
-    """The compute stream: what a lending engine records its IPC event on."""
-    return torch.cuda.current_stream() if device.kind == "cuda" else None
 
 
 # --------------------------------------------------------------------------- (c) interference
@@ -371,7 +371,7 @@ def engine_on_daemon(device: Device, kv: list[Any], shape: Shape) -> Iterator[En
     with running(*daemon_flags(arena=arena_bytes), env=env) as daemon:
         client = daemon.client(timeout_s=60.0)
         layout = KvLayout(
-            model_id=f"bench-gpu|vllm-kvfirst|{device.kind}",
+            model_id=f"bench-gpu|vllm-nhc-v2|{device.kind}",
             num_layers=shape.layers,
             block_size=shape.block_tokens,
             num_kv_heads=shape.heads,
@@ -381,13 +381,16 @@ def engine_on_daemon(device: Device, kv: list[Any], shape: Shape) -> Iterator[En
         )
         reg = client.call(p.RegisterEngine("bench-gpu", layout, shape.num_blocks))
         arena = ArenaMapping.open(reg.arena_name, reg.slot_bytes, min_bytes=reg.arena_bytes)
-        copies = DaemonCopies(client)
-        tensors = [device.export(r) for r in block_regions(kv, shape.num_blocks)]
-        copies.share(reg.engine_id, tensors, shape.num_blocks)
+        mover = DeviceBlockMover(device, block_regions(kv, shape.num_blocks))
+        lending = LentCopies(mover, daemon.endpoint, timeout_s=60.0)
+        lending.attach(reg.engine_id, 1)  # shares the KV, as the connector's worker side does
+        if not lending.active:
+            raise AssertionError("the daemon did not take the KV tensors")
         try:
-            yield Engine(client, reg.engine_id, copies, arena)
+            yield Engine(client, reg.engine_id, lending, arena)
         finally:
-            copies.close()
+            lending.close()
+            mover.close()
             client.close()
             with contextlib.suppress(ArenaError):  # views an exception's frames still hold
                 arena.close()
@@ -408,7 +411,7 @@ def run(device_kind: str, shape: Shape) -> Results:
 def print_table(res: Results) -> None:
     s = res.shape
     print(
-        f"GPU data plane ({res.device}): {s.layers} layers, K/V-first, "
+        f"GPU data plane ({res.device}): {s.layers} layers, vLLM LBNHC, "
         f"{s.bytes_per_block / 2**20:.2f} MiB per block, {s.copy_blocks} random blocks "
         f"({s.copy_bytes / 2**20:.1f} MiB) per copy, best of {s.reps}"
     )

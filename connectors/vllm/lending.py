@@ -13,9 +13,11 @@ The rules (``clients/gpu_lending.py``, docs/vllm.md "The block-ownership protoco
   daemon is lost, the copy worker's exit or the deadline) settled the loan: vLLM keeps the
   blocks (the request, the preload or the offload holds them) until then, and no copy of
   this process touches a lent block;
-- the daemon refuses the copy (``gpu_copies`` off, a worker that failed, slots it does not
-  see held), or is down: the job is copied in-process, as on an engine that never lends.
-  A loan the daemon did not answer stays lent (orphaned) and turns lending off until the
+- the daemon cannot run the copy (``gpu_copies`` off, the tensors not shared: a
+  ``bad_request`` refusal), or is known to be down: the job is copied in-process, as on an
+  engine that never lends. A refusal that says the slots are not this engine's
+  (``not_owner``...) fails the job: an in-process copy would write them all the same. A
+  loan the daemon did not answer stays lent (orphaned) and turns lending off until the
   next registration shares the tensors again.
 
 No vLLM import here: ``scripts/gpu-check.sh`` runs this on a GPU machine without vLLM.
@@ -33,9 +35,9 @@ from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
 from tokencake.clients.gpu_lending import DaemonCopies, Direction, Settled
 from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.connectors.vllm.movers import export_kv
-from tokencake.daemon.gpu.block_mover import DeviceBlockMover
-from tokencake.daemon.gpu.mover import CopyError, CopyHandle
-from tokencake.protocol import RemoteError
+from tokencake.gpu.block_mover import DeviceBlockMover
+from tokencake.gpu.mover import CopyError, CopyHandle
+from tokencake.protocol import ErrorCode, RemoteError
 
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -164,6 +166,10 @@ class LentCopies:
             loan = self.daemon.lend(direction, blocks, slots, device.ipc_event_handle(event))
         except RemoteError as exc:
             self.stats.refused += 1
+            if exc.code != ErrorCode.BAD_REQUEST:
+                # not_owner and the like: the slots are not this engine's (any more), and
+                # an in-process copy would write them all the same
+                raise CopyError(f"tokencaked refused the copy: {exc}") from exc
             logger.debug("tokencaked refused a GPU copy (%s); copying in-process", exc)
             return None
         if loan.orphaned_at >= 0:  # no reply: the copy may run; lend no more until shared

@@ -2,7 +2,9 @@
 
 The ``gpu`` tests need a CUDA device and are skipped without one; ``scripts/gpu-check.sh``
 runs them on a GPU machine. None has run on hardware yet (see docs/vllm.md). The same logic
-runs here on the FAKE device in ``tests/daemon/gpu``.
+runs here on the FAKE device in ``tests/daemon/gpu`` and, for the connector's lending,
+``test_gpu_lending.py``. Nothing here imports vLLM (the GPU machine has none): vLLM 0.32's
+per-layer views are rebuilt from its layout rule (``_views``).
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests.conftest import start_daemon  # noqa: E402
 from tokencake import protocol as p  # noqa: E402
+from tokencake.clients.client import TokenCakeClient  # noqa: E402
 from tokencake.clients.kv_arena import ArenaMapping  # noqa: E402
+from tokencake.connectors.vllm.lending import Lent, LentCopies  # noqa: E402
 from tokencake.connectors.vllm.movers import CpuBlockMover, export_kv, make_mover  # noqa: E402
 from tokencake.daemon.arena import Arena  # noqa: E402
-from tokencake.daemon.gpu.block_mover import DeviceBlockMover  # noqa: E402
-from tokencake.daemon.gpu.mover import CopyError  # noqa: E402
 from tokencake.daemon.gpu.service import GpuCopyService  # noqa: E402
 from tokencake.daemon.host_store import HostStore  # noqa: E402
+from tokencake.gpu.block_mover import DeviceBlockMover  # noqa: E402
+from tokencake.gpu.mover import CopyError  # noqa: E402
+from tokencake.gpu.regions import slot_order  # noqa: E402
+from tokencake.layout import KvLayout  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -155,3 +162,100 @@ def _wait(svc: GpuCopyService, copy_id: int) -> str:
             return state
         time.sleep(0.005)
     raise AssertionError("copy still running after 30 s")
+
+
+def _views(raw: Any, layout: str, heads: int = HEADS, tokens: int = BLOCK_TOKENS) -> list[Any]:
+    """vLLM 0.32's per-layer ``[B, H, N, C]`` byte views of ``raw`` under ``layout`` (its
+    ``KVCacheLayout`` name: the logical axes L, B, H, N, C in memory order), unpadded, as
+    ``create_kv_cache_views`` places them."""
+    sizes = {"L": LAYERS, "B": BLOCKS, "H": heads, "N": tokens, "C": 2 * HEAD_DIM * 2}
+    strides, step = {}, 1
+    for axis in reversed(layout):
+        strides[axis], step = step, step * sizes[axis]
+    shape = tuple(sizes[a] for a in "BHNC")
+    stride = tuple(strides[a] for a in "BHNC")
+    return [raw.as_strided(shape, stride, layer * strides["L"]) for layer in range(LAYERS)]
+
+
+def _slot(views: list[Any], block: int, order: str) -> bytes:
+    perm = ["HNC".index(a) for a in order]
+    pages = [v[block].permute(*perm).contiguous().cpu() for v in views]
+    return b"".join(bytes(pg.flatten().numpy()) for pg in pages)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("layout", ["LBNHC", "BLNHC", "LHBNC"])
+def test_cuda_round_trip_in_vllm_layouts(mapping: ArenaMapping, layout: str) -> None:
+    """vLLM 0.32's default CUDA layout (LBNHC), a block-outer one (layers interleaved in a
+    block) and a head-outer one (one region per head)."""
+    raw = torch.randint(0, 255, (LAYERS * BLOCKS * 2 * PAGE,), dtype=torch.uint8, device="cuda")
+    views = _views(raw, layout)
+    order = slot_order(views, BLOCKS)
+    assert order == ("NHC" if layout.endswith("NHC") else "HNC")
+    mover = make_mover(views, BLOCKS)
+    assert isinstance(mover, DeviceBlockMover) and mover.bytes_per_block == LAYERS * 2 * PAGE
+    want = {b: _slot(views, b, order) for b in (3, 40, 41)}
+    mover.store(mapping, [3, 40, 41], [7, 8, 0]).wait()
+    view = mapping.slots_view()
+    assert bytes(view[8, : mover.bytes_per_block]) == want[40]
+    del view
+    mover.load(mapping, [7, 8, 0], [60, 61, 62]).wait()
+    assert [_slot(views, b, order) for b in (60, 61, 62)] == [want[3], want[40], want[41]]
+    mover.close()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_lending_to_the_daemons_copy_worker(tmp_path: Any) -> None:
+    """The connector worker side's lending (``LentCopies``) against a real daemon with
+    ``gpu_copies = cuda``: the KV (vLLM's default layout) is shared through CUDA IPC, an
+    offload and an upload run in the daemon's copy worker after an event on this process's
+    compute stream, and the bytes land both ways."""
+    daemon = start_daemon(tmp_path, env={"TOKENCAKE_GPU_COPIES": "cuda"})
+    client = TokenCakeClient(daemon.endpoint, timeout_s=10.0)
+    raw = torch.randint(0, 255, (LAYERS * BLOCKS * 2 * PAGE,), dtype=torch.uint8, device="cuda")
+    views = _views(raw, "LBNHC")
+    layout = KvLayout(
+        "gpu|vllm-nhc-v2|cuda", LAYERS, BLOCK_TOKENS, HEADS, HEAD_DIM, "float16", LAYERS * 2 * PAGE
+    )
+    mover = make_mover(views, BLOCKS)
+    assert isinstance(mover, DeviceBlockMover)
+    lending = LentCopies(mover, daemon.endpoint, timeout_s=10.0)
+    try:
+        reg = client.call(p.RegisterEngine("gpu-lend", layout, BLOCKS))
+        lending.attach(reg.engine_id, 1)
+        assert lending.active and lending.stats.shares == 1
+        arena = ArenaMapping.open(reg.arena_name, reg.slot_bytes, min_bytes=reg.arena_bytes)
+        hashes = [b"a" * 32, b"b" * 32]
+        slots = client.call(p.Reserve(reg.engine_id, hashes)).slots
+        want = [_slot(views, b, "NHC") for b in (5, 6)]
+        out = lending.start(arena, [5, 6], slots, upload=False, lend=True)
+        assert isinstance(out, Lent)
+        _settle(lending, out)
+        view = arena.slots_view()
+        assert [bytes(view[s, : LAYERS * 2 * PAGE]) for s in slots] == want
+        del view
+        client.call(p.Commit(reg.engine_id, slots))
+        pinned = client.call(p.LoadBegin(reg.engine_id, hashes)).slots
+        back = lending.start(arena, [40, 41], pinned, upload=True, lend=True)
+        _settle(lending, back)
+        torch.cuda.synchronize()
+        assert [_slot(views, b, "NHC") for b in (40, 41)] == want
+        assert (lending.stats.lent, lending.stats.in_process) == (2, 0)
+        client.call(p.LoadEnd(reg.engine_id, pinned))
+        arena.close()
+    finally:
+        lending.close()
+        mover.close()
+        client.close()
+        daemon.stop()
+
+
+def _settle(lending: LentCopies, handle: Any) -> None:
+    for _ in range(6000):
+        lending.poll()
+        if handle.poll():
+            return
+        time.sleep(0.005)
+    raise AssertionError("the lent copy did not finish in 30 s")

@@ -37,6 +37,7 @@ from tokencake.connectors.vllm.connector_scheduler import TokenCakeConnectorSche
 from tokencake.connectors.vllm.connector_worker import TokenCakeConnectorWorker  # noqa: E402
 from tokencake.connectors.vllm.holds import AgentKv  # noqa: E402
 from tokencake.daemon.gpu.fake import FakeDevice  # noqa: E402
+from tokencake.gpu.mover import CopyError  # noqa: E402
 from tokencake.layout import KvLayout  # noqa: E402
 
 LAYOUT = KvLayout("lend|vllm-hnc-v2|fake", LAYERS, BLOCK_TOKENS, 2, 32, "float16", LAYERS * PAGE)
@@ -151,6 +152,13 @@ def test_offload_and_predictive_upload_run_in_the_daemons_copy_worker(
             cached = engine.pool.get_cached_block(BlockHash(h), [0])
             assert cached is not None
             assert block_bytes(engine.layers, cached[0].block_id) == want
+        # a refusal about ownership fails the job: no in-process copy into a slot the daemon
+        # says is not this engine's (a committed one, here)
+        arena = engine.worker.arena
+        assert arena is not None
+        with pytest.raises(CopyError, match="not_owner"):
+            engine.lending.start(arena, [9], engine.stored_slots()[:1], upload=False, lend=True)
+        assert engine.lending.stats.refused == 1 and engine.lending.stats.in_process == 0
     finally:
         engine.close()
         daemon.stop()
