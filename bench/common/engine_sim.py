@@ -257,8 +257,10 @@ def simulate(
     # Diagnosis, not the comparison: each setup with a fit of its own steps only, i.e. at
     # the machine's speed while that setup ran. What is left is not the machine's load.
     own: dict[str, dict[str, Any]] = {}
+    decode: list[float] = []
     for k in sim:
         own_fit = fit_steps(results[k]["steps"])
+        decode.append(own_fit.decode_s)
         own_profile = engine_profile(
             f"{k}-own-fit", own_fit, copy_bps, meta["gpu_blocks"], meta["max_model_len"]
         )
@@ -266,6 +268,13 @@ def simulate(
         print(f"{k}: its own steps: {own_fit}")
     print("\neach setup simulated with a fit of its own steps (diagnosis):")
     print(sim_table(results, own))
+    if len(decode) > 1 and max(decode) > 1.15 * min(decode):
+        print(
+            f"\nThe setups' own decode steps took {min(decode) * 1e3:.0f}-"
+            f"{max(decode) * 1e3:.0f} ms ({max(decode) / min(decode):.1f}x): the machine's "
+            "speed changed between setups, and the first table (one fit for all) carries "
+            "that; the second one does not. Judge the model on a quiet machine."
+        )
     for k in trace_setups:
         if k in sim and "trace" in results[k]:
             print(f"\n{k}, call by call, engine / simulator (own steps' fit):")
