@@ -23,14 +23,14 @@ from tokencake.connectors.vllm.config import ConnectorConfig
 from tokencake.connectors.vllm.lending import LentCopies
 from tokencake.connectors.vllm.metadata import CopyJob, TokenCakeMetadata, TokenCakeWorkerMetadata
 from tokencake.connectors.vllm.movers import Mover, close_arena, make_mover, open_arena
-from tokencake.daemon.gpu.block_mover import DeviceBlockMover
-from tokencake.daemon.gpu.mover import Completed, CopyHandle
-from tokencake.daemon.gpu.regions import slot_order
+from tokencake.gpu.block_mover import DeviceBlockMover
+from tokencake.gpu.mover import Completed, CopyHandle
+from tokencake.gpu.regions import slot_order
 from tokencake.layout import KvLayout
 
 if TYPE_CHECKING:
     from tokencake.clients.kv_arena import ArenaMapping
-    from tokencake.daemon.gpu.device import Device
+    from tokencake.gpu.device import Device
 
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")

@@ -3,7 +3,7 @@
 - ``CpuBlockMover``: vLLM-CPU's per-layer tensors <-> the arena through
   ``ArenaMapping.write_layers``/``read_layers`` (kv_arena's copy kernel). Synchronous: the
   handle it returns is done already and carries the copy's time.
-- ``DeviceBlockMover`` (``daemon/gpu/block_mover.py``) with ``CudaDevice``: CUDA tensors <->
+- ``DeviceBlockMover`` (``tokencake/gpu/block_mover.py``) with ``CudaDevice``: CUDA tensors <->
   the page-locked arena on a side stream, completion by event. UNTESTED ON HARDWARE.
 
 A slot holds one engine block of every region, region after region (``regions.py``: how
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from tokencake.clients.kv_arena import ArenaMapping, copy_path
-from tokencake.daemon.gpu.device import Device
-from tokencake.daemon.gpu.mover import BlockMover, CopyError, CopyHandle, timed
-from tokencake.daemon.gpu.regions import block_regions
+from tokencake.gpu.device import Device
+from tokencake.gpu.mover import BlockMover, CopyError, CopyHandle, timed
+from tokencake.gpu.regions import block_regions
 
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -71,12 +71,12 @@ def make_mover(
     tests), else the CPU one. A CUDA tensor without a usable CUDA runtime is an error, never
     a silent CPU copy of device memory. ``num_blocks`` lets K/V-first layers be told apart
     (see ``regions.block_regions``)."""
-    from tokencake.daemon.gpu.block_mover import DeviceBlockMover
+    from tokencake.gpu.block_mover import DeviceBlockMover
 
     if device is not None:
         return DeviceBlockMover(device, block_regions(kv_caches, num_blocks))
     if kv_caches and kv_caches[0].device.type == "cuda":
-        from tokencake.daemon.gpu.device import CudaDevice
+        from tokencake.gpu.device import CudaDevice
 
         device = CudaDevice(kv_caches[0].device.index or 0)
         return DeviceBlockMover(device, block_regions(kv_caches, num_blocks))
@@ -102,7 +102,7 @@ def close_arena(arena: ArenaMapping, mover: Mover | None = None) -> None:
 
 def export_kv(mover: Mover) -> list[Any]:
     """The IPC descriptions of a CUDA mover's KV regions, for ``share_gpu_kv``."""
-    from tokencake.daemon.gpu.block_mover import DeviceBlockMover
+    from tokencake.gpu.block_mover import DeviceBlockMover
 
     if not isinstance(mover, DeviceBlockMover):
         raise CopyError("only device KV tensors can be shared with the daemon")

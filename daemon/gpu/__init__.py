@@ -1,13 +1,11 @@
-"""The GPU data plane: copies between an engine's KV blocks and the daemon's arena.
+"""The daemon's GPU copy worker: copies it runs between engines' KV blocks and its arena.
 
-- ``mover``: the copy interface (``BlockMover``, ``CopyHandle``) every copy path implements.
-- ``device``: the device operations a copy needs (streams, events, page-locking, CUDA IPC),
-  with CUDA through torch; ``fake`` implements the same operations on CPU tensors for tests.
-- ``block_mover``: ``DeviceBlockMover``, the side-stream copy path, on either device.
 - ``copy_worker`` / ``service`` / ``handlers``: the daemon's copy worker process per GPU (it
   opens engines' KV tensors through CUDA IPC), the daemon-side bookkeeping that drives it
   over ``wire`` frames, and the ops' handlers.
+- ``fake``: the device operations of ``tokencake/gpu/device.py`` on CPU tensors in shared
+  memory files, for the tests and ``scripts/gpu-check.sh --dry-run``.
 
-Engines use ``mover``, ``device`` and ``block_mover`` too; nothing here imports torch at
-module level except the modules that run on a device, so the daemon itself never loads it.
+The copy interface, the device operations and the side-stream copy path the worker uses are
+shared with the engines' connectors and live in ``tokencake/gpu/``.
 """

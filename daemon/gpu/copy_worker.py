@@ -35,10 +35,10 @@ import msgspec
 import numpy as np
 
 from tokencake.daemon.gpu import wire
-from tokencake.daemon.gpu.block_mover import DeviceBlockMover
-from tokencake.daemon.gpu.device import Device
-from tokencake.daemon.gpu.mover import CopyError, CopyHandle
-from tokencake.daemon.gpu.regions import block_regions
+from tokencake.gpu.block_mover import DeviceBlockMover
+from tokencake.gpu.device import Device
+from tokencake.gpu.mover import CopyError, CopyHandle
+from tokencake.gpu.regions import block_regions
 from tokencake.segment import SLOT_BASE_OFFSET, segment_path, slot_count, verify_segment
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def open_device(kind: str, uuid: str) -> Device:
         from tokencake.daemon.gpu.fake import FakeDevice
 
         return FakeDevice(polls=int(os.environ.get(FAKE_POLLS_ENV, "0")))
-    from tokencake.daemon.gpu.device import CudaDevice, cuda_index_of
+    from tokencake.gpu.device import CudaDevice, cuda_index_of
 
     return CudaDevice(cuda_index_of(uuid))
 

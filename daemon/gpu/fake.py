@@ -20,8 +20,8 @@ from typing import Any, Literal
 import numpy as np
 
 from tokencake import protocol as p
-from tokencake.daemon.gpu.device import Device, DeviceEvent, PinRegistry, address
-from tokencake.daemon.gpu.mover import CopyError
+from tokencake.gpu.device import Device, DeviceEvent, PinRegistry, address
+from tokencake.gpu.mover import CopyError
 
 SHM_DIR = "/dev/shm"
 PREFIX = "tokencake-fakegpu-"

@@ -30,9 +30,9 @@ from tokencake.connectors.vllm.connector import engine_layout, slot_order  # noq
 from tokencake.connectors.vllm.connector_worker import TokenCakeConnectorWorker  # noqa: E402
 from tokencake.connectors.vllm.movers import make_mover  # noqa: E402
 from tokencake.daemon.arena import Arena  # noqa: E402
-from tokencake.daemon.gpu import regions  # noqa: E402
 from tokencake.daemon.gpu.fake import FakeDevice  # noqa: E402
-from tokencake.daemon.gpu.mover import CopyError  # noqa: E402
+from tokencake.gpu import regions  # noqa: E402
+from tokencake.gpu.mover import CopyError  # noqa: E402
 
 LAYERS, BLOCKS = 3, 12
 SPEC = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.float16)

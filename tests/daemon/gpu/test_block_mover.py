@@ -13,10 +13,10 @@ import pytest
 from tests.daemon.gpu.conftest import BLOCKS, NUM_SLOTS, SLOT, block_bytes, fake_kv
 from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.daemon.arena import Arena
-from tokencake.daemon.gpu.block_mover import DeviceBlockMover, slot_runs
 from tokencake.daemon.gpu.fake import FakeDevice
-from tokencake.daemon.gpu.mover import CopyError
-from tokencake.daemon.gpu.regions import block_regions
+from tokencake.gpu.block_mover import DeviceBlockMover, slot_runs
+from tokencake.gpu.mover import CopyError
+from tokencake.gpu.regions import block_regions
 
 torch = pytest.importorskip("torch")
 

@@ -19,9 +19,9 @@ from tests.daemon.gpu.conftest import BLOCKS, LAYERS, PAGE, SLOT, block_bytes, f
 from tokencake import protocol as p
 from tokencake.daemon.arena import Arena
 from tokencake.daemon.gpu.fake import FakeDevice
-from tokencake.daemon.gpu.regions import block_regions
 from tokencake.daemon.gpu.service import OVERRUN, RESPAWN_S, GpuCopyService
 from tokencake.daemon.host_store import HostStore
+from tokencake.gpu.regions import block_regions
 from tokencake.protocol import ProtocolError
 
 OWNER = 1

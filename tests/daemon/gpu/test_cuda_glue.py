@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tokencake.daemon.gpu.device import CudaDevice
+from tokencake.gpu.device import CudaDevice
 
 torch = pytest.importorskip("torch")
 reductions = pytest.importorskip("torch.multiprocessing.reductions")

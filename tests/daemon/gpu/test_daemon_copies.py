@@ -19,7 +19,7 @@ from tokencake.clients.client import TokenCakeClient
 from tokencake.clients.gpu_lending import DaemonCopies, Settled
 from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.daemon.gpu.fake import FakeDevice
-from tokencake.daemon.gpu.regions import block_regions
+from tokencake.gpu.regions import block_regions
 from tokencake.layout import KvLayout
 from tokencake.protocol import RemoteError
 

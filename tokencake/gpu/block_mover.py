@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from tokencake.daemon.gpu.device import Device, DeviceEvent
-from tokencake.daemon.gpu.mover import BlockMover, CopyError, CopyHandle, HostArena
+from tokencake.gpu.device import Device, DeviceEvent
+from tokencake.gpu.mover import BlockMover, CopyError, CopyHandle, HostArena
 
 logger = logging.getLogger(__name__)
 

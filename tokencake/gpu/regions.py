@@ -29,7 +29,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from tokencake.daemon.gpu.mover import CopyError
+from tokencake.gpu.mover import CopyError
 
 AXES_4D = "BHNC"
 """vLLM 0.32's logical per-layer axes: blocks, head slots, tokens (states), content bytes."""

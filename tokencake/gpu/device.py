@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from tokencake import protocol as p
-from tokencake.daemon.gpu.mover import CopyError
+from tokencake.gpu.mover import CopyError
 
 # cudaHostRegisterPortable: the pinning is visible to every CUDA context of the process.
 HOST_REGISTER_PORTABLE = 1
