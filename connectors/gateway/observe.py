@@ -176,7 +176,7 @@ class Observer:
         if found is None:
             return False
         try:
-            texts = sse.decode_strings(found.values)
+            text = sse.joined_string(found.values)
         except msgspec.DecodeError:
             return False
         for payload in sse.payloads(found.between[0]):
@@ -188,7 +188,7 @@ class Observer:
         if len(self._text) != before:
             self.outcome, self._text, self._calls = Outcome(), [], {}
             return False
-        self._text += texts
+        self._text.append(text)
         for payload in sse.payloads(found.between[-1]):
             self._event(payload)
         return True

@@ -37,6 +37,7 @@ _TEXT: Final = rb'"(?!")' + _LINE_STRING[1:]
 """A non-empty one."""
 _KEY_CONTEXTS: Final = (b"{", b",", b"{ ", b", ")
 _strings = msgspec.json.Decoder(list[str])
+_string = msgspec.json.Decoder(str)
 
 
 @dataclass(slots=True)
@@ -115,6 +116,15 @@ def string_values(data: bytes, name: str) -> list[str] | None:
 def decode_strings(literals: list[bytes]) -> list[str]:
     """JSON string literals, decoded in one call. Raises ``msgspec.DecodeError``."""
     return _strings.decode(b"[" + b",".join(literals) + b"]")
+
+
+def joined_string(literals: list[bytes]) -> str:
+    """One-line JSON string literals, decoded and joined, in one call: a quote, a newline and
+    a quote can only be where one literal ends and the next begins, so removing them makes
+    one literal of all. Raises ``msgspec.DecodeError``."""
+    if not literals:
+        return ""
+    return _string.decode(b"\n".join(literals).replace(b'"\n"', b""))
 
 
 def payloads(data: bytes) -> Iterator[bytes]:

@@ -248,3 +248,17 @@ def test_a_key_name_seen_as_a_value_is_not_scanned() -> None:
     assert sse.string_values(data, "content") is None
     compact = b'data: {"choices":[{"index":0,"delta":{"content":"a\\"b"}}]}\n\n'
     assert sse.string_values(compact, "content") == ['a"b']
+
+
+def test_string_literals_are_joined_exactly() -> None:
+    cases = [
+        [],
+        ['""', '""'],
+        ['"x\\""'],
+        ['"a\\\\"', '"b"'],
+        ['"\\""', '""', '"\\"y"'],
+        ['"é\\n"'],
+    ]
+    for case in cases:
+        literals = [c.encode() for c in case]
+        assert sse.joined_string(literals) == "".join(json.loads(c) for c in case)
