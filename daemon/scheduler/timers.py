@@ -3,8 +3,9 @@
 ``TimedPolicy`` keeps one heap of (due time, kind, agent, token) entries. A timer is stale
 when the agent's ``tool_token`` moved on (its tool call ended, or a new one began). The
 kinds every policy shares: a tool call's safety deadline (``T_DEADLINE``), the host copy's
-time to live after it (``T_HOST_TTL``) and a pin's expiry (``T_UNPIN``). Policies add their
-own (``T_UPLOAD``, ``T_LATE``) and handle them in ``_on_timer``.
+time to live after it (``T_HOST_TTL``), a pin's expiry (``T_UNPIN``) and an ended app's
+copies still unreported ``host_ttl_s`` after its end (``T_SETTLE``). Policies add their own
+(``T_UPLOAD``, ``T_LATE``) and handle them in ``_on_timer``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ T_LATE = 1
 T_DEADLINE = 2
 T_HOST_TTL = 3
 T_UNPIN = 4
+T_SETTLE = 5
 COMPACT_MIN = 1024
 """Below this many timers the heap is never compacted."""
 
 
-def _stale(agent: AgentState, token: int) -> bool:
-    """A timer can no longer fire: its tool call ended (the token moved on) or its app did."""
+def _stale(kind: int, agent: AgentState, token: int) -> bool:
+    """A timer can no longer fire: its tool call ended (the token moved on) or its app did;
+    a ``T_SETTLE`` timer, once the agent has no copy in flight."""
+    if kind == T_SETTLE:
+        return not (agent.offloading or agent.uploading)
     return token != agent.tool_token or agent.phase == DONE
 
 
@@ -41,6 +46,9 @@ class TimedPolicy(UploadingPolicy):
 
     def _on_timer(self, kind: int, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         """Policy-specific timers (T_UPLOAD, T_LATE)."""
+
+    def _write_off_copies(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
+        """An ended app's copy never reported (``T_SETTLE``): see ``TrackingPolicy``."""
 
     def _on_deadline(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         """The tool call overran its safety deadline: release its GPU KV."""
@@ -61,7 +69,7 @@ class TimedPolicy(UploadingPolicy):
         doubled since the last time costs O(1) per timer, amortised, and keeps the heap
         within twice the live timers. Stale is for good: tokens only grow, DONE is final.
         """
-        live = [t for t in self._timers if not _stale(t[3], t[4])]
+        live = [t for t in self._timers if not _stale(t[2], t[3], t[4])]
         heapq.heapify(live)
         self._timers = live
         self._compact_at = max(COMPACT_MIN, 2 * len(live))
@@ -110,7 +118,7 @@ class TimedPolicy(UploadingPolicy):
         # self._timers each time round: a timer pushed here may compact it into a new list.
         while self._timers and self._timers[0][0] <= now:
             _, _, kind, agent, token = heapq.heappop(self._timers)
-            if _stale(agent, token):
+            if _stale(kind, agent, token):
                 continue
             if kind == T_DEADLINE:
                 if agent.phase == TOOL:
@@ -133,5 +141,7 @@ class TimedPolicy(UploadingPolicy):
             elif kind == T_UNPIN:
                 if agent.pinned_until <= now:
                     self._unpin(agent, "ttl_expired", out)
+            elif kind == T_SETTLE:
+                self._write_off_copies(agent, out)
             else:
                 self._on_timer(kind, agent, out)

@@ -38,7 +38,7 @@ from tokencake.daemon.scheduler.policy import (
     WaitingRequest,
 )
 from tokencake.daemon.scheduler.predictor import Z_Q95
-from tokencake.daemon.scheduler.timers import T_DEADLINE, TimedPolicy
+from tokencake.daemon.scheduler.timers import T_DEADLINE, T_SETTLE, TimedPolicy
 from tokencake.daemon.scheduler.uploads import MAX_UPLOAD_FAILURES
 from tokencake.protocol import AppDag
 
@@ -271,6 +271,9 @@ class TrackingPolicy(TimedPolicy):
             self._drop(agent, "host", agent.host_blocks, "app_end", {}, out)
             if agent.offloading:
                 agent.drop_on_arrival = True
+            if agent.offloading or agent.uploading:
+                settle_at = self.now + self.config.host_ttl_s
+                self._push_timer(settle_at, T_SETTLE, agent, agent.tool_token)
         self._forget_if_settled(app)
 
     def _forget_if_settled(self, app: AppState) -> None:
@@ -284,6 +287,20 @@ class TrackingPolicy(TimedPolicy):
             self._set_gpu(agent, 0)
         self.apps.pop(app.app_id, None)
         app.agents.clear()  # app and agents refer to each other: freed now, not by the gc
+
+    def _write_off_copies(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
+        """The app ended ``host_ttl_s`` ago and a copy the policy decided is still not
+        reported: the engine dropped the decision (an agent it does not track, a lost push)
+        or copied fewer blocks than decided. Counted as failed, so the app is forgotten
+        rather than kept until its engine leaves."""
+        app_id, agent_id = agent.key
+        if agent.offloading:
+            lost = TransferDone(app_id, agent_id, "d2h", agent.offloading, ok=False)
+            self._offload_done(agent, lost, out)
+        if agent.uploading:
+            lost = TransferDone(app_id, agent_id, "h2d", agent.uploading, ok=False)
+            self._upload_done(agent, lost, out)
+        self._forget_if_settled(agent.app)
 
     def _ev_engine_state(self, ev: EngineState, out: list[p.DecisionRecord]) -> None:
         self.gpu_total = max(ev.gpu_blocks_total, 0)

@@ -127,3 +127,26 @@ def test_an_ended_app_is_freed_at_once_not_left_to_the_cycle_collector(
         gc.garbage.clear()
         gc.enable()
     assert "AppState" not in garbage and "AgentState" not in garbage, garbage
+
+
+def test_an_ended_apps_unreported_copies_are_written_off_after_host_ttl(
+    ipd: InProcessDaemon,
+) -> None:
+    """A copy the policy decided and the engine never reports (an agent its connector does
+    not track, a lost push, fewer blocks copied than decided) kept the ended app in the
+    policy until the engine left. After ``host_ttl_s`` it is counted as failed and the app
+    is forgotten."""
+    engine = ipd.ok(p.RegisterEngine("e0", LAYOUT, 64)).engine_id
+    ipd.ok(p.EngineHeartbeat(engine, 2, 4, 8))  # a pool under pressure: tool calls offload
+    (policy,) = ipd.daemon.scheduler._policies.values()
+    assert isinstance(policy, TimedPolicy)
+    for i in range(10):  # new names: nothing learned, so each tool call is offloaded
+        _one_app(ipd, engine, i)  # the engine carries out and reports none of it
+    held = [a for a in policy.apps.values() if any(g.offloading for g in a.agents.values())]
+    assert held  # ended, waiting on copies that will never be reported
+    ipd.clock.advance(policy.config.host_ttl_s - 30.0)
+    ipd.ok(p.EngineHeartbeat(engine, 2, 4, 8))
+    assert all(a.app_id in policy.apps for a in held)  # a copy may still be reported
+    ipd.clock.advance(60.0)
+    ipd.ok(p.EngineHeartbeat(engine, 2, 4, 8))
+    assert not any(a.app_id in policy.apps for a in held)
