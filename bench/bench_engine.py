@@ -224,6 +224,21 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _child_result(setup: str, stdout: str) -> dict[str, Any]:
+    """The child's result: its last line of output that is a JSON object (a library may
+    print after it), or an error naming the last line."""
+    lines = stdout.strip().splitlines()
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                out: dict[str, Any] = json.loads(line)
+                return out
+            except ValueError:
+                break
+    last = lines[-1][:200] if lines else "no output"
+    return {"setup": setup, "error": f"no result from the child; its last line: {last}"}
+
+
 def run_all(
     setups: list[str],
     apps: dict[str, Any],
@@ -282,7 +297,7 @@ def run_all(
             if log is not None:
                 log.write(proc.stderr[-6000:])
         else:
-            results[setup] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[setup] = _child_result(setup, proc.stdout)
         print(f"[{setup}] done, load {_load()}", file=sys.stderr, flush=True)
         if partial is not None:  # a long run keeps what it measured so far
             partial.write_text(json.dumps(results))

@@ -82,6 +82,21 @@ def test_every_setup_runs_the_apps_with_outputs_identical_to_plain(bench: dict[s
         assert bench[setup]["daemon_events_not_accepted"] == 0
 
 
+def test_every_call_is_traced_in_order(bench: dict[str, Any]) -> None:
+    """The per-call trace ``--sim-from --trace`` diffs with the simulator's: vLLM's own ids
+    (ours plus a suffix) were matched, and the times are in order."""
+    for setup in ("plain", "swap", "continuum", "tokencake"):
+        r = bench[setup]
+        trace = r["trace"]
+        assert len(trace) == r["calls"]
+        for c in trace.values():
+            assert c["submit_s"] <= c["scheduled_s"] <= c["first_token_s"] <= c["finish_s"]
+            assert 0 <= c["reusable"] < c["prompt"] and c["preemptions"] >= 0
+            assert bool(c["source"]) == (c["reusable"] > 0)
+        lost = sum(max(0, c["reusable"] - c["cached"]) for c in trace.values())
+        assert lost == r["recomputed_tokens"]
+
+
 def test_lmcache_setup(bench: dict[str, Any]) -> None:
     if not LMCACHE:
         pytest.skip("lmcache is not installed (pip install 'tokencake[lmcache]')")
