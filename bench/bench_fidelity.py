@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,10 +84,40 @@ def _ids(seed: int, n: int) -> list[int]:
 def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float) -> dict[str, Any]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     sys.path.insert(0, str(ROOT))
-    from vllm import LLM, SamplingParams
+    llm = _engine(phase, model, endpoint)
+    engine = llm.llm_engine
+    engine_client: Any = engine.engine_core  # in-process (no multiprocessing)
+    sched = engine_client.engine_core.scheduler
+    conn = sched.connector
+    free_blocks = sched.kv_cache_manager.block_pool.get_num_free_blocks()
+    stats0 = dict(conn.get_stats()) if conn is not None else {}
+    if phase == "daemon":
+        _register_apps(phase, endpoint, agents, tool_s)
+    run = _Replay(engine, phase, tool_s)
+    run.until_done(agents)
+    stats = dict(conn.get_stats()) if conn is not None else {}
+    delta = {k: stats[k] - stats0.get(k, 0) for k in stats}
+    hit, computed, recompute = run.counts()
+    return {
+        "phase": phase,
+        "free_blocks_at_start": free_blocks,
+        "prefix_hit_tokens": hit,
+        "prefill_computed_tokens": computed,
+        "recompute_tokens": recompute,
+        "offloaded_blocks": delta.get("stored_blocks", 0),
+        "uploaded_blocks": delta.get("loaded_blocks", 0),
+        "connector": delta,
+        "decisions": _decisions(endpoint) if conn is not None else [],
+        "timeline": [(round(t, 3), k, r) for t, k, r in run.log],
+        "preemptions": None,
+    }
+
+
+def _engine(phase: str, model: str, endpoint: str) -> Any:
+    """The phase's in-process vLLM engine, warmed up, its prefix cache empty."""
+    from vllm import LLM
 
     from bench.common.vllm_workload import engine_kwargs, generate
-    from tokencake.agent_params import kv_transfer_params
 
     connector = None
     if phase != "plain":
@@ -111,135 +140,134 @@ def real_phase(phase: str, model: str, endpoint: str, agents: int, tool_s: float
     llm = LLM(**kwargs)
     generate(llm, [_ids(1, 100)], [None], 4)  # warm-up: CPU kernels are built on first use
     llm.reset_prefix_cache()
-    engine = llm.llm_engine
-    engine_client: Any = engine.engine_core  # in-process (no multiprocessing)
-    core: Any = engine_client.engine_core
-    sched = core.scheduler
-    conn = sched.connector
-    free_blocks = sched.kv_cache_manager.block_pool.get_num_free_blocks()
-    stats0 = dict(conn.get_stats()) if conn is not None else {}
+    return llm
 
-    prompts: dict[str, list[int]] = {}
-    outputs: dict[str, Any] = {}
-    log: list[tuple[float, str, str]] = []
-    n = 0
 
-    def add(rid: str, ids: list[int], params: dict[str, Any] | None, max_tokens: int) -> None:
+def _register_apps(phase: str, endpoint: str, agents: int, tool_s: float) -> None:
+    """The daemon only schedules agents of apps that declared their DAG (as an agent app
+    does through AppSession); without this every agent event is refused."""
+    from tokencake.clients.client import TokenCakeClient
+
+    dag = p.AppDag(nodes=[p.DagNode("agent", expected_tool_s=tool_s, tool_kind="search")])
+    with TokenCakeClient(endpoint, timeout_s=2.0) as client:
+        for a in range(agents):
+            client.call(p.RegisterApp(f"{phase}-app-{a}", dag))
+
+
+def _decisions(endpoint: str) -> list[str]:
+    """The daemon's offload, keep and upload decisions, one line each."""
+    from tokencake.clients.client import TokenCakeClient
+
+    decisions: list[str] = []
+    with TokenCakeClient(endpoint, timeout_s=2.0) as client:
+        for d in client.call(p.ListDecisions(500)).decisions:
+            if d.kind in ("offload", "keep", "upload"):
+                gpu_free = d.reason.terms.get("gpu_free")
+                decisions.append(
+                    f"{d.app_id}/{d.agent_id} {d.kind} {d.reason.rule} gpu_free={gpu_free}"
+                )
+    return decisions
+
+
+class _Replay:
+    """The workload on the engine, step by step, with wall-clock arrivals and tool ends."""
+
+    def __init__(self, engine: Any, phase: str, tool_s: float) -> None:
+        self.engine = engine
+        self.phase = phase
+        self.tool_s = tool_s
+        self.prompts: dict[str, list[int]] = {}
+        self.outputs: dict[str, Any] = {}
+        self.log: list[tuple[float, str, str]] = []
+        # (due time, request id, prompt, params, max_tokens); continuations added on finish
+        self.due: list[tuple[float, str, list[int], dict[str, Any] | None, int]] = []
+        self.t0 = time.monotonic()
+
+    def add(self, rid: str, ids: list[int], params: dict[str, Any] | None, max_tokens: int) -> None:
+        from vllm import SamplingParams
+
         sp = SamplingParams(
             temperature=0.0,
             max_tokens=max_tokens,
             ignore_eos=True,
             extra_args={"kv_transfer_params": params} if params else None,
         )
-        prompts[rid] = ids
-        engine.add_request(rid, {"prompt_token_ids": ids}, sp)
-        log.append((time.monotonic() - t0, "add", rid))
+        self.prompts[rid] = ids
+        self.engine.add_request(rid, {"prompt_token_ids": ids}, sp)
+        self.log.append((time.monotonic() - self.t0, "add", rid))
 
-    def agent_params(a: int, tool: bool) -> dict[str, Any] | None:
-        if phase == "plain":
+    def agent_params(self, a: int, tool: bool) -> dict[str, Any] | None:
+        from tokencake.agent_params import kv_transfer_params
+
+        if self.phase == "plain":
             return None
         return kv_transfer_params(
-            f"{phase}-app-{a}",
+            f"{self.phase}-app-{a}",
             "agent",
             tool_kind="search" if tool else "",
-            tool_predicted_s=tool_s if tool else None,
+            tool_predicted_s=self.tool_s if tool else None,
         )
 
-    if phase == "daemon":
-        # The daemon only schedules agents of apps that declared their DAG (as an agent app
-        # does through AppSession); without this every agent event is refused.
-        from tokencake.clients.client import TokenCakeClient
-        from tokencake.protocol import AppDag, DagNode
+    def until_done(self, agents: int) -> None:
+        self.t0 = time.monotonic()
+        for a in range(agents):
+            self.add(f"a{a}-a", _ids(1000 + a, PROMPT), self.agent_params(a, True), OUTPUT)
+        expected = agents * 2 + len(FILLER_AT)
+        while len(self.outputs) < expected:
+            now = time.monotonic() - self.t0
+            for item in [d for d in self.due if d[0] <= now]:
+                self.due.remove(item)
+                self.add(item[1], item[2], item[3], item[4])
+            if self.engine.has_unfinished_requests():
+                for out in list(self.engine.step()):
+                    if out.finished:
+                        self._finished(out, now)
+            else:
+                time.sleep(0.002)
+            if now > 60:
+                raise SystemExit(f"{self.phase}: the workload did not finish in 60 s")
 
-        dag = AppDag(nodes=[DagNode("agent", expected_tool_s=tool_s, tool_kind="search")])
-        with TokenCakeClient(endpoint, timeout_s=2.0) as client:
-            for a in range(agents):
-                client.call(p.RegisterApp(f"{phase}-app-{a}", dag))
+    def _finished(self, out: Any, now: float) -> None:
+        rid = out.request_id
+        self.outputs[rid] = out
+        self.log.append((time.monotonic() - self.t0, "done", rid))
+        if not rid.endswith("-a"):
+            return
+        a = int(rid[1:].split("-")[0])
+        cont = self.prompts[rid] + list(out.outputs[0].token_ids) + _ids(2000 + a, RESULT)
+        self.due.append((now + self.tool_s, f"a{a}-b", cont, self.agent_params(a, False), OUTPUT))
+        if rid == "a0-a":
+            # The fillers' times count from the first tool call's start, so that a slow
+            # first step on a loaded machine does not move them out of it.
+            for f, at in enumerate(FILLER_AT):
+                self.due.append((now + at, f"filler-{f}", _ids(3000 + f, FILLER), None, FILLER_OUT))
 
-    # (due time, request id, prompt, params, max_tokens); continuations are added on finish
-    due: list[tuple[float, str, list[int], dict[str, Any] | None, int]] = []
-    t0 = time.monotonic()
-    for a in range(agents):
-        add(f"a{a}-a", _ids(1000 + a, PROMPT), agent_params(a, True), OUTPUT)
-    expected = agents * 2 + len(FILLER_AT)
-    while len(outputs) < expected:
-        now = time.monotonic() - t0
-        for item in [d for d in due if d[0] <= now]:
-            due.remove(item)
-            add(item[1], item[2], item[3], item[4])
-        if engine.has_unfinished_requests():
-            step_outputs: list[Any] = list(engine.step())
-            for out in step_outputs:
-                if not out.finished:
-                    continue
-                rid = out.request_id
-                outputs[rid] = out
-                log.append((time.monotonic() - t0, "done", rid))
-                n += 1
-                if rid.endswith("-a"):
-                    a = int(rid[1:].split("-")[0])
-                    cont = prompts[rid] + list(out.outputs[0].token_ids) + _ids(2000 + a, RESULT)
-                    due.append((now + tool_s, f"a{a}-b", cont, agent_params(a, False), OUTPUT))
-                    if rid == "a0-a":
-                        # The fillers' times count from the first tool call's start, so that a
-                        # slow first step on a loaded machine does not move them out of it.
-                        for f, at in enumerate(FILLER_AT):
-                            filler = _ids(3000 + f, FILLER)
-                            due.append((now + at, f"filler-{f}", filler, None, FILLER_OUT))
-        else:
-            time.sleep(0.002)
-        if now > 60:
-            raise SystemExit(f"{phase}: the workload did not finish in 60 s")
-
-    # Counts. A block's key is its token chain, as vLLM's hashes are.
-    ever: set[tuple[int, ...]] = set()
-    hit = computed = recompute = 0
-    order = [rid for _, kind, rid in log if kind == "add"]
-    first_sched = {rid: i for i, rid in enumerate(order)}
-    for rid in sorted(outputs, key=lambda r: first_sched[r]):
-        ids = prompts[rid]
-        out = outputs[rid]
-        cached = int(out.num_cached_tokens or 0)
-        hit += cached
-        computed += len(ids) - cached
-        for j in range(cached // BLOCK, len(ids) // BLOCK):
-            if tuple(ids[: (j + 1) * BLOCK]) in ever:
-                recompute += BLOCK
-        seq = ids + list(out.outputs[0].token_ids)[:-1]  # the last token's KV is never written
-        for j in range(len(seq) // BLOCK):
-            ever.add(tuple(seq[: (j + 1) * BLOCK]))
-    stats = dict(conn.get_stats()) if conn is not None else {}
-    decisions: list[str] = []
-    if conn is not None:
-        from tokencake.clients.client import TokenCakeClient
-
-        with TokenCakeClient(endpoint, timeout_s=2.0) as client:
-            for d in client.call(p.ListDecisions(500)).decisions:
-                if d.kind in ("offload", "keep", "upload"):
-                    gpu_free = d.reason.terms.get("gpu_free")
-                    decisions.append(
-                        f"{d.app_id}/{d.agent_id} {d.kind} {d.reason.rule} gpu_free={gpu_free}"
-                    )
-    delta = {k: stats[k] - stats0.get(k, 0) for k in stats}
-    return {
-        "phase": phase,
-        "free_blocks_at_start": free_blocks,
-        "prefix_hit_tokens": hit,
-        "prefill_computed_tokens": computed,
-        "recompute_tokens": recompute,
-        "offloaded_blocks": delta.get("stored_blocks", 0),
-        "uploaded_blocks": delta.get("loaded_blocks", 0),
-        "connector": delta,
-        "decisions": decisions,
-        "timeline": [(round(t, 3), k, r) for t, k, r in log],
-        "preemptions": None,
-    }
+    def counts(self) -> tuple[int, int, int]:
+        """Prefix-hit, prefill-computed and recomputed tokens. A block's key is its token
+        chain, as vLLM's hashes are."""
+        ever: set[tuple[int, ...]] = set()
+        hit = computed = recompute = 0
+        order = [rid for _, kind, rid in self.log if kind == "add"]
+        first_sched = {rid: i for i, rid in enumerate(order)}
+        for rid in sorted(self.outputs, key=lambda r: first_sched[r]):
+            ids = self.prompts[rid]
+            out = self.outputs[rid]
+            cached = int(out.num_cached_tokens or 0)
+            hit += cached
+            computed += len(ids) - cached
+            for j in range(cached // BLOCK, len(ids) // BLOCK):
+                if tuple(ids[: (j + 1) * BLOCK]) in ever:
+                    recompute += BLOCK
+            seq = ids + list(out.outputs[0].token_ids)[:-1]  # the last token's KV is never written
+            for j in range(len(seq) // BLOCK):
+                ever.add(tuple(seq[: (j + 1) * BLOCK]))
+        return hit, computed, recompute
 
 
 def run_real(agents: int, tool_s: float) -> dict[str, dict[str, Any]]:
     sys.path.insert(0, str(ROOT))
     from bench.common.vllm_models import build_tiny_llama
-    from bench.common.vllm_workload import DaemonProcess
+    from bench.common.vllm_workload import DaemonProcess, run_phase_process
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="tc-fidelity-") as tmp:
@@ -252,14 +280,8 @@ def run_real(agents: int, tool_s: float) -> dict[str, dict[str, Any]]:
             daemon = DaemonProcess(work / phase, f"fid{phase}{os.getpid()}")
             daemon.start()
             try:
-                cmd = [sys.executable, __file__, "--phase", phase, "--model", str(model)]
-                cmd += ["--endpoint", daemon.endpoint, "--agents", str(agents)]
-                cmd += ["--tool-s", str(tool_s)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if proc.returncode != 0:
-                    sys.stderr.write(proc.stderr[-4000:])
-                    raise SystemExit(f"phase {phase} failed")
-                results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+                extra = ("--agents", str(agents), "--tool-s", str(tool_s))
+                results[phase] = run_phase_process(__file__, phase, model, daemon.endpoint, *extra)
             finally:
                 daemon.stop()
     return results

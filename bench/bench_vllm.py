@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,20 +82,30 @@ def run_phase(phase: str, model: str, endpoint: str, agents: int, turns: int) ->
     from vllm import LLM
 
     from bench.common.vllm_workload import engine_kwargs, generate
-    from tokencake.agent_params import kv_transfer_params
 
     connector = None
     if phase == "tokencake":
         connector = {"endpoint": endpoint, "engine_name": "bench", "tool_offload": "always"}
     llm = LLM(**engine_kwargs(model, kv_bytes=KV_BYTES, connector=connector))
     generate(llm, [_ids(1, 100)], [None], 4)  # warm-up (CPU kernels are built on first use)
-    result: dict[str, Any] = {"phase": phase}
-
-    # 1. overhead: unique prompts, decode-heavy, nothing to move. Both engines run the same
-    # schedule (same steps), so the ratio of run times is the ratio of step times; the time
-    # spent inside the connector's hooks is measured directly as well.
     core: Any = llm.llm_engine.engine_core  # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
     conn = core.engine_core.scheduler.connector
+    best, best_hooks = _overhead(llm, conn)
+    result: dict[str, Any] = {"phase": phase}
+    result["overhead_run_s"] = best
+    result["connector_hooks_s"] = best_hooks
+    result.update(_agents(llm, phase == "tokencake", agents, turns))
+    if conn is not None:
+        result["connector"] = conn.get_stats()
+    return result
+
+
+def _overhead(llm: Any, conn: Any) -> tuple[float, float]:
+    """Unique prompts, decode-heavy, nothing to move: the best run's time, and the time spent
+    inside the connector's hooks in it. Both engines run the same schedule (same steps), so
+    the ratio of run times is the ratio of step times."""
+    from bench.common.vllm_workload import generate
+
     spent = {"s": 0.0}
     if conn is not None:
         from vllm.distributed.kv_transfer import get_kv_transfer_group
@@ -112,25 +121,31 @@ def run_phase(phase: str, model: str, endpoint: str, agents: int, turns: int) ->
         elapsed = time.perf_counter() - t0
         if elapsed < best:
             best, best_hooks = elapsed, spent["s"]
-    result["overhead_run_s"] = best
-    result["connector_hooks_s"] = best_hooks
     if conn is not None:
         conn.cfg.save = "finished"
+    return best, best_hooks
 
-    # 2. agents with tool calls under memory pressure
+
+def _agents(llm: Any, tokencake: bool, agents: int, turns: int) -> dict[str, Any]:
+    """Agents with tool calls under memory pressure: while the tools run, other traffic
+    fills the GPU KV cache."""
+    from bench.common.vllm_workload import generate
+    from tokencake.agent_params import kv_transfer_params
+
     history = {a: _ids(1000 + a, 150) for a in range(agents)}
     computed = prompt_total = loaded = 0
     t0 = time.perf_counter()
     for turn in range(turns):
         ids = [history[a] for a in range(agents)]
+        tool = turn < turns - 1
         params = [
             kv_transfer_params(
                 "bench",
                 f"agent-{a}",
-                tool_kind="search" if turn < turns - 1 else "",
-                tool_predicted_s=5.0 if turn < turns - 1 else None,
+                tool_kind="search" if tool else "",
+                tool_predicted_s=5.0 if tool else None,
             )
-            if phase == "tokencake"
+            if tokencake
             else None
             for a in range(agents)
         ]
@@ -140,18 +155,15 @@ def run_phase(phase: str, model: str, endpoint: str, agents: int, turns: int) ->
             prompt_total += len(ids[a])
             loaded += out.loaded_tokens
             history[a] = ids[a] + out.token_ids + _ids(2000 + 10 * turn + a, 40)
-        if turn < turns - 1:  # the tools run; other traffic fills the GPU KV cache
+        if tool:
             for f in range(2):
                 generate(llm, [_ids(3000 + 10 * turn + f, 900)], [None], 4)
-    result.update(
-        workload_s=time.perf_counter() - t0,
-        agent_prompt_tokens=prompt_total,
-        agent_prefill_computed=computed,
-        loaded_tokens=loaded,
-    )
-    if conn is not None:
-        result["connector"] = conn.get_stats()
-    return result
+    return {
+        "workload_s": time.perf_counter() - t0,
+        "agent_prompt_tokens": prompt_total,
+        "agent_prefill_computed": computed,
+        "loaded_tokens": loaded,
+    }
 
 
 def main() -> None:
@@ -171,7 +183,7 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from bench.common.vllm_models import build_tiny_llama
-    from bench.common.vllm_workload import DaemonProcess
+    from bench.common.vllm_workload import DaemonProcess, run_phase_process
 
     with tempfile.TemporaryDirectory(prefix="tc-bench-") as tmp:
         work = Path(tmp)
@@ -181,14 +193,8 @@ def main() -> None:
         results = {}
         try:
             for phase in ("plain", "tokencake"):
-                cmd = [sys.executable, __file__, "--phase", phase, "--model", str(model)]
-                cmd += ["--endpoint", daemon.endpoint, "--agents", str(args.agents)]
-                cmd += ["--turns", str(args.turns)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if proc.returncode != 0:
-                    sys.stderr.write(proc.stderr[-4000:])
-                    raise SystemExit(f"phase {phase} failed")
-                results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+                extra = ("--agents", str(args.agents), "--turns", str(args.turns))
+                results[phase] = run_phase_process(__file__, phase, model, daemon.endpoint, *extra)
         finally:
             daemon.stop()
     plain, tc = results["plain"], results["tokencake"]

@@ -6,7 +6,9 @@ Prompts are given as token ids, so their block boundaries are known exactly.
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -155,6 +157,22 @@ class DaemonProcess:
         if self._daemon is not None:
             self._daemon.stop()
         self._daemon = None
+
+
+def run_phase_process(
+    script: str, phase: str, model: Path, endpoint: str, *extra: str
+) -> dict[str, Any]:
+    """``script --phase PHASE --model MODEL --endpoint ENDPOINT EXTRA`` in a Python of its own
+    (one vLLM engine per process): the JSON of its last line of output (vLLM may print
+    before it). A failed phase prints the tail of its stderr and exits."""
+    cmd = [sys.executable, script, "--phase", phase, "--model", str(model)]
+    cmd += ["--endpoint", endpoint, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"phase {phase} failed")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def shutdown_engine(llm: Any) -> None:
