@@ -232,6 +232,9 @@ def _load(sim: Simulator, req: Request, blocks: list[int], keys: list[int]) -> N
 
 def preempt(sim: Simulator, req: Request) -> None:
     register_computed(sim, req)
+    # The released blocks stay cached under their keys: the agent's KV now, as after a
+    # finished call (an offload decided on the preemption copies them).
+    req.agent.seq_keys = req.keys[: req.registered]
     freed = len(req.blocks)
     for b in req.blocks:
         sim.pool.release(b, req.agent, sim.now)

@@ -104,6 +104,17 @@ class TrackingPolicy(TimedPolicy):
     ) -> None:
         """Called after the agent's KV size was updated."""
 
+    def _on_llm_preempted(self, agent: AgentState, freed: int, out: list[p.DecisionRecord]) -> None:
+        """Called after a preemption released ``freed`` blocks (the engine's count), now idle
+        and cached."""
+
+    def _on_upload_given_up(
+        self, agent: AgentState, terms: dict[str, p.Term], out: list[p.DecisionRecord]
+    ) -> None:
+        """An upload during a tool call failed ``MAX_UPLOAD_FAILURES`` times and was
+        cancelled. Default: the host copy is dropped."""
+        self._drop(agent, "host", agent.host_blocks, "upload_failed", terms, out)
+
     def _on_tool_start(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
         """The tool call and its prediction are recorded; decide what to do with the KV."""
 
@@ -189,6 +200,7 @@ class TrackingPolicy(TimedPolicy):
         self.gpu_free += freed
         agent.preemptions += 1
         self._add_waiting(agent, max(freed, 1))
+        self._on_llm_preempted(agent, max(ev.blocks_freed, freed), out)
 
     def _ev_llm_finish(self, ev: p.LlmCallFinish, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id)
@@ -375,7 +387,7 @@ class TrackingPolicy(TimedPolicy):
             self._cancel_upload(agent)
         elif agent.upload_failures >= MAX_UPLOAD_FAILURES:
             self._cancel_upload(agent)
-            self._drop(agent, "host", agent.host_blocks, "upload_failed", failures, out)
+            self._on_upload_given_up(agent, failures, out)
         else:
             self._start_upload(
                 agent, blocks, agent.upload_priority, "retry_failed_piece", failures, out

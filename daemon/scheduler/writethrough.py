@@ -74,13 +74,40 @@ class WriteThroughPolicy(TrackingPolicy):
             if gap < NO_READER:
                 self._write_through(agent, gap, "successor_reads", out)
 
+    def _on_llm_preempted(self, agent: AgentState, freed: int, out: list[p.DecisionRecord]) -> None:
+        """A preempted request's blocks are released, cached, and the first a new request
+        evicts; the request itself is their reader, and it waits. Copied out, they cost it
+        a reload instead of a recompute (vLLM's swap preemption, as a copy)."""
+        # All of them: the engine copies only what its host store lacks, and a block
+        # missing there (the policy's count is of copies made, not of what stayed) would
+        # end the request's prefix hit at it.
+        self._write_through(agent, 0.0, "preempted", out, freed)
+
+    def _on_upload_given_up(
+        self, agent: AgentState, terms: dict[str, p.Term], out: list[p.DecisionRecord]
+    ) -> None:
+        """The GPU had no room for the upload pieces (or the host chain has a hole that a
+        GPU copy may fill again): the copy stays on the host, where the returning call's
+        admission loads it (a prefix hit) instead of recomputing it. The tool call's
+        deadline still bounds how long the host holds it."""
+        self._keep(agent, "keep:upload_failed_stays_on_host", terms, out)
+
     def _write_through(
-        self, agent: AgentState, read_in_s: float, trigger: str, out: list[p.DecisionRecord]
+        self,
+        agent: AgentState,
+        read_in_s: float,
+        trigger: str,
+        out: list[p.DecisionRecord],
+        idle_blocks: int | None = None,
     ) -> bool:
-        """Copy the agent's GPU KV not yet on the host if that pays (module doc). True when
-        a copy was decided."""
+        """Copy the agent's GPU KV not yet on the host if that pays (module doc); by default
+        the blocks it holds, or ``idle_blocks`` that a preemption released. True when a copy
+        was decided."""
         self._finished.pop(agent.key, None)
-        new = min(agent.kv_size - agent.host_blocks - agent.offloading, agent.gpu_blocks)
+        if idle_blocks is None:
+            new = min(agent.kv_size - agent.host_blocks - agent.offloading, agent.gpu_blocks)
+        else:
+            new = idle_blocks
         if not self.write_through or new <= 0 or agent.offloading > 0:
             return False
         cfg = self.config

@@ -227,3 +227,17 @@ def test_pool_rejects_double_release() -> None:
     pool.check()
     with pytest.raises(PoolInvariantError):
         pool.release(blocks[0], a, 0.0)
+
+
+def test_preempted_request_reloads_its_copied_kv() -> None:
+    """Family scenario 81 preempts one request (579 blocks) under tokencake. Its released
+    blocks stay cached under its keys (the agent's KV, as after a finished call), so the
+    copy the policy decides on the preemption finds them, and the request's readmission
+    loads them from the host: nothing is recomputed (7,872 tokens were before)."""
+    from tokencake.sim.family import draw_scenario, scenario_qps
+
+    prof = get_profile("qwen2.5-14b-a800")
+    qps = scenario_qps(draw_scenario(81, 10), prof)
+    rec, _ = run_one("family:81", "tokencake", qps, prof, seed=81, n_apps=10)
+    assert rec["preemptions"] >= 1
+    assert rec["recompute_tokens"] == 0 and rec["host_hit_tokens"] > 0

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tokencake.daemon.scheduler import (
     EngineState,
     KvEvicted,
+    LlmCallPreempted,
     PolicyConfig,
     TransferDone,
     create_policy,
@@ -193,3 +194,52 @@ def test_failed_upload_piece_is_retried_during_the_tool_call() -> None:
     out = p.on_event(TransferDone("app", "a", "h2d", sent, ok=False), 1.5)
     assert agent.upload_failures == 1
     assert [d.reason.rule for d in out if d.kind == "upload"] == ["retry_failed_piece"]
+
+
+def test_failed_upload_keeps_the_host_copy_when_retries_run_out() -> None:
+    """The pieces of an upload during the tool call keep finding no GPU room: after
+    ``MAX_UPLOAD_FAILURES`` the upload is cancelled and the host copy kept (the returning
+    call's admission loads it), where the base policy drops it (a recompute instead)."""
+    from tokencake.daemon.scheduler.uploads import MAX_UPLOAD_FAILURES
+
+    p = make()
+    p.on_event(EngineState(1000, 50, num_waiting=1, waiting_blocks=10), 0.0)
+    finish_a(p, 100)
+    p.on_event(ToolCallStart("app", "a", "t", 20.0), 1.0)
+    p.on_event(TransferDone("app", "a", "d2h", 100), 1.2)
+    (agent,) = p.iter_agents()
+    p._start_upload(agent, 64, URGENT, "test_upload", {}, [])
+    rules: list[str] = []
+    for i in range(MAX_UPLOAD_FAILURES):
+        p.on_event(EngineState(1000, 1000), 1.3 + i / 10)
+        sent = agent.uploading
+        assert sent > 0
+        out = p.on_event(TransferDone("app", "a", "h2d", sent, ok=False), 1.35 + i / 10)
+        rules += [d.reason.rule for d in out]
+    assert rules[-1] == "keep:upload_failed_stays_on_host"
+    assert "upload_failed" not in rules
+    assert (agent.upload_left, agent.uploading, agent.host_blocks) == (0, 0, 100)
+
+
+def test_preempted_request_is_copied_out_while_it_waits() -> None:
+    """A preemption releases the request's blocks, cached, and first in line for eviction;
+    the request itself reads them when it is admitted again. They are copied to the host
+    (kept cached: ``free_gpu=False``) when a reload beats a recompute, all of them (the
+    engine copies only what its host store lacks); otherwise nothing is copied."""
+    for recompute_s, copied in ((0.01, True), (1e-6, False)):
+        p = make(recompute_s_per_block=recompute_s)
+        p.on_event(RegisterApp("app", chain()), 0.0)
+        p.on_event(EngineState(1000, 0, num_waiting=1, waiting_blocks=10), 0.0)
+        p.on_event(LlmCallStart("app", "a", request_id="r", blocks=300), 0.0)
+        p.on_event(LlmCallAdmitted("app", "a", "r", kv_blocks=300), 0.1)
+        out = p.on_event(LlmCallPreempted("app", "a", "r", blocks_freed=300), 0.5)
+        got = [d for d in out if isinstance(d, OffloadDecision)]
+        if not copied:
+            assert not got
+            continue
+        (save,) = got
+        assert save.reason.rule == SAVE and save.reason.terms["trigger"] == "preempted"
+        assert not save.free_gpu and save.blocks == 300
+        p.on_event(TransferDone("app", "a", "d2h", 300), 0.7)
+        (agent,) = p.iter_agents()
+        assert (agent.host_blocks, agent.offloading) == (300, 0)
