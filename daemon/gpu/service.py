@@ -274,7 +274,9 @@ class GpuCopyService:
         try:
             wire.write_all(worker.proc.stdin.fileno(), wire.frame(msg))
         except (BlockingIOError, BrokenPipeError, OSError) as exc:
-            self._kill(worker, f"cannot reach the copy worker: {exc}")
+            # It died (a broken pipe) or stopped reading (a full pipe) of itself: the same
+            # pause before a new worker as a death found by ``poll``.
+            self._kill(worker, f"cannot reach the copy worker: {exc}", failed=True)
 
     def _drain(self, worker: _Worker) -> list[wire.FromWorker]:
         assert worker.proc.stdout is not None
