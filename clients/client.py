@@ -75,9 +75,11 @@ _push_decoder = msgspec.msgpack.Decoder(p.DecisionRecord)
 SocketT = TypeVar("SocketT", bound=zmq.Socket[Any])
 
 
-def _configure(
+def configure_socket(
     sock: zmq.Socket[Any], server_public_key: bytes | None, client_key_file: str | None = None
 ) -> None:
+    """The options every daemon client socket takes: no linger, queue only to a live peer,
+    reconnect backoff, and CURVE when the daemon has a public key."""
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
@@ -110,7 +112,7 @@ class _Base:
     def _dealer(self, ctx: zmq.Context[SocketT]) -> SocketT:
         """A DEALER socket from ``ctx``, configured (CURVE when keyed) and connecting."""
         sock = ctx.socket(zmq.DEALER)
-        _configure(sock, self._server_public_key, self._client_key_file)
+        configure_socket(sock, self._server_public_key, self._client_key_file)
         sock.connect(self.endpoint)
         return sock
 

@@ -37,7 +37,7 @@ from typing import Any, Final, cast
 import zmq
 
 from tokencake import protocol as p
-from tokencake.clients.client import _configure, resolve_endpoint
+from tokencake.clients.client import configure_socket, resolve_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class DaemonLink:
     def _socket(self) -> zmq.Socket[Any]:
         if self._sock is None:
             sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
-            _configure(sock, None)
+            configure_socket(sock, None)
             sock.setsockopt(zmq.SNDHWM, self.max_inflight)
             sock.setsockopt(zmq.RCVHWM, self.max_inflight)
             try:
