@@ -6,8 +6,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.procs import Proc, start
+
+# Every property test runs the same examples on every run: derandomized, no example
+# database, no deadline (this machine's speed is not the property). Tests set only how many
+# examples they draw, and any health check of their own.
+settings.register_profile(
+    "tokencake",
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("tokencake")
+
 
 DaemonProcess = Proc
 

@@ -10,7 +10,7 @@ from collections.abc import Collection
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -618,8 +618,4 @@ TestStoreModel = StoreModel.TestCase
 TestStoreModel.settings = settings(
     max_examples=200,
     stateful_step_count=40,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
 )

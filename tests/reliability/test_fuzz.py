@@ -37,10 +37,7 @@ from tokencake.protocol import ErrorCode
 def _settings(max_examples: int) -> settings:
     return settings(
         max_examples=max_examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[
+        suppress_health_check=[  # replaces the profile's list, so too_slow again
             HealthCheck.too_slow,
             HealthCheck.data_too_large,
             HealthCheck.function_scoped_fixture,

@@ -6,7 +6,7 @@ import itertools
 import json
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokencake.connectors.gateway import sse
@@ -101,14 +101,8 @@ def _read(kind: str, data: bytes, cuts: list[int], reader: str = "") -> tuple[Ou
 
 
 def _fixed(examples: int) -> Any:
-    """Hypothesis settings for a deterministic run: fixed examples, no database, no deadline."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
+    """``examples`` fixed examples (tests/conftest.py's profile: derandomized, no database)."""
+    return settings(max_examples=examples)
 
 
 def _fields(o: Outcome) -> tuple[Any, ...]:

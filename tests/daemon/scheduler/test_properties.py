@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bench.common.engine_model import (
@@ -36,16 +36,6 @@ POLICIES = [p.name for p in list_policies()]
 
 def run(name: str, apps: list[AppSpec], gpu: int, host: int) -> ToyEngine:
     return run_policy(name, apps, gpu, host)
-
-
-settings.register_profile(
-    "sched",
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.load_profile("sched")
 
 
 @pytest.mark.parametrize("name", POLICIES)

@@ -65,7 +65,7 @@ def saves(out: list[DecisionRecord]) -> list[OffloadDecision]:
     return [d for d in out if isinstance(d, OffloadDecision) and d.reason.rule == SAVE]
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@settings(max_examples=150)
 @given(
     gpu=st.integers(100, 5000),
     used_share=st.floats(0.0, 1.0),
