@@ -221,6 +221,10 @@ class AppDag(msgspec.Struct, forbid_unknown_fields=True):
 class EventAck(msgspec.Struct):
     accepted: bool = True
     decisions: int = 0
+    held: bool = False
+    """A ``tool_call_end`` that came before its ``tool_call_start`` (they have different
+    senders): the daemon keeps it a while, and applies the start, if it comes then, as a
+    call that has ended (docs/protocol.md, "Agent events")."""
 
 
 class RegisterApp(Request[EventAck]):
@@ -258,6 +262,24 @@ class LlmCallAdmitted(Request[EventAck]):
     reported: bool = False
     """The engine's pool reports already count these blocks as taken (an admission told
     late, after heartbeats taken while the call ran), so they are not taken twice."""
+
+
+class LlmCallPreempted(Request[EventAck]):
+    """The engine preempted the agent's running request: it waits again, and its blocks are
+    back in the engine's free queue (still cached, but the first a new request takes).
+
+    Engines only (vLLM's ``TokenCakeScheduler``), optional.
+    """
+
+    op = "llm_call_preempted"
+    app_id: str
+    agent_id: str
+    request_id: str = ""
+    blocks_freed: Count = 0
+    """The GPU blocks the request held."""
+    blocks_cached: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    """Of those, how many still hold its KV (a prefix) when this is sent, which a copy to the
+    host can save; -1: all of them."""
 
 
 class LlmCallFinish(Request[EventAck]):
@@ -506,6 +528,9 @@ class StatsReply(msgspec.Struct):
     decisions: int
     l2: dict[str, int] = msgspec.field(default_factory=dict)
     """The L2 tier's counters (docs/distributed.md); empty when the daemon runs without one."""
+    early_tool_ends: dict[str, int] = msgspec.field(default_factory=dict)
+    """``tool_call_end`` events that came before their start: ``held``, then ``applied``
+    (their start came) or ``dropped`` (none came in time)."""
 
 
 class Stats(Request[StatsReply]):
