@@ -12,15 +12,18 @@ It talks to the daemon over ZMQ with millisecond timeouts:
 - ``request_finished`` reserves host slots for the request's full blocks not yet stored and
   keeps the blocks (returns True) until the worker has copied them; then they are committed.
 - The agent events of requests that carry agent parameters go to the daemon (LLM call
-  start, admission, finish, the tool call that follows), and its decisions come back as
-  pushes, applied once per step (``holds.AgentHolds``).
+  start, admission, preemption, finish, the tool call that follows), and its decisions come
+  back as pushes, applied once per step (``holds.AgentHolds``).
+- A preemption (``TokenCakeScheduler`` tells ``request_preempted``) is reported at the end of
+  the step that made it, with the blocks that still hold the request's KV then; the daemon's
+  write-through decision, applied at once, copies exactly those (``docs/vllm.md``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from tokencake import protocol as p
@@ -45,6 +48,18 @@ logger = logging.getLogger(f"vllm.{__name__}")
 DECISION_GRACE_S = 1.0
 """After an agent's call finishes, an idle engine keeps stepping this long for the daemon's
 decisions on the tool call that may follow (reported by the app, or a gateway)."""
+
+
+@dataclass(slots=True)
+class Preempted:
+    """A preempted agent request, to report at the end of the step: its computed full
+    blocks (ids and chain hashes, in prefix order), read before vLLM freed them."""
+
+    params: AgentParams
+    req_id: str
+    blocks: list[int]
+    hashes: list[bytes]
+    freed: int
 
 
 class TokenCakeConnectorScheduler:
@@ -73,6 +88,7 @@ class TokenCakeConnectorScheduler:
         self._unreported: dict[str, int] = {}
         """Agent requests whose start the daemon has not heard of (the link was down when
         they arrived), with their prompt tokens."""
+        self._preempted: list[Preempted] = []
         self._pushes_applied = False
         self._next_state_report = 0.0
         self._last_state: tuple[int, int, int, int] | None = None
@@ -124,6 +140,8 @@ class TokenCakeConnectorScheduler:
         if ack is None:
             return False
         self.stats.events_sent += 1
+        if not ack.accepted:
+            self.stats.events_refused += 1
         return bool(ack.accepted)
 
     def _engine_state(self) -> tuple[int, int, int, int]:
@@ -196,6 +214,8 @@ class TokenCakeConnectorScheduler:
             self._report_unreported()
             self.copies.fail_queued()
         self.holds.enforce(now)
+        if self._preempted:
+            self._report_preempted()
         if link.up:
             self._report_state(now)
             self.holds.apply_pushes(now)
@@ -228,6 +248,47 @@ class TokenCakeConnectorScheduler:
             link.next_heartbeat = now + link.reg.heartbeat_s
             self._last_state = state
             link.call(p.EngineHeartbeat(link.engine_id, *state))
+
+    def request_preempted(self, request: Request, block_ids: list[int], computed: int) -> None:
+        """vLLM preempted ``request`` (``TokenCakeScheduler._preempt_request``): it had
+        ``block_ids`` and ``computed`` tokens whose KV is written, read before the free.
+
+        Reported by ``build_connector_meta``, after the step's allocations: the preemption
+        freed the blocks for a running request, which takes what it needs first (vLLM frees
+        the tail first, so the prefix stays cached longest). What is still cached then is
+        what the daemon's write-through (an offload that keeps the GPU copy) can save.
+        """
+        params = self._params.get(request.request_id)
+        if params is None:
+            return
+        hashes = self._chain(request)
+        n_full = min(len(block_ids), computed // self.block_size, len(hashes))
+        self._preempted.append(
+            Preempted(
+                params, request.request_id, block_ids[:n_full], hashes[:n_full], len(block_ids)
+            )
+        )
+
+    def _report_preempted(self) -> None:
+        """Report this step's preemptions. Each request's cached blocks become its agent's
+        KV in this engine, so an offload the daemon decides on the report (applied right
+        after, before any allocation) copies exactly the blocks it counted."""
+        pending, self._preempted = self._preempted, []
+        for pre in pending:
+            if pre.req_id not in self._params:
+                continue  # finished (aborted) since
+            agent = self.holds.agents.setdefault(pre.params.key, AgentKv([], []))
+            cached = self.resident(pre.blocks, pre.hashes)
+            agent.blocks, agent.hashes = cached, pre.hashes[: len(cached)]
+            if not self.link.up:
+                continue
+            self.stats.preemptions_reported += 1
+            app_id, agent_id = pre.params.key
+            self._event(
+                p.LlmCallPreempted(
+                    app_id, agent_id, pre.req_id, blocks_freed=pre.freed, blocks_cached=len(cached)
+                )
+            )
 
     def on_new_request(self, request: Request) -> None:
         params = agent_params(request.kv_transfer_params)

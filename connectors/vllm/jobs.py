@@ -59,7 +59,11 @@ class ConnectorStats:
     uploads_staged: int = 0
     """Upload decisions staged (a preload, or the next lookup loads the KV)."""
     events_sent: int = 0
-    """Agent events the daemon accepted."""
+    """Agent events the daemon answered (accepted or not)."""
+    events_refused: int = 0
+    """Agent events the daemon answered as not accepted (they did not fit the agent's phase)."""
+    preemptions_reported: int = 0
+    """Preemptions of agent requests reported (``TokenCakeScheduler`` sees them)."""
     reconnects: int = 0
     """Times the daemon link came up again after being down."""
     preloaded_blocks: int = 0

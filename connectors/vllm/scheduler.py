@@ -29,6 +29,10 @@ What it applies, each through a documented seam of vLLM 0.32's scheduler:
 - **Preemption victim**: vLLM's FCFS scheduler preempts the last request of
   ``self.running``; before each step ``self.running`` is stably sorted by priority, so the
   victim is the lowest-priority agent's most recent request.
+- **Preemption report**: ``_preempt_request`` (private: checked at import) reads the
+  victim's blocks and computed tokens before vLLM frees them and resets the count, and hands
+  them to the connector, which reports ``llm_call_preempted`` at the end of the step (the
+  daemon's ``preempted`` write-through trigger).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ APP_IDLE_S = 300.0
 # The private scheduler methods the guard and the running sort rely on.
 _HOOKS = ("_handle_blocked_waiting_request", "_holds_kv_blocks")
 _HOOKS_PRESENT = all(hasattr(Scheduler, name) for name in _HOOKS)
+_PREEMPT_HOOK_PRESENT = hasattr(Scheduler, "_preempt_request")
 
 Key = tuple[Any, ...]
 Rank = float | tuple[Any, ...]
@@ -215,6 +220,8 @@ class TokenCakeScheduler(Scheduler):
         if not _HOOKS_PRESENT:
             logger.warning("vLLM's Scheduler lacks %s: the admission guard is off", _HOOKS)
             self._tc_reserve_cap = 0
+        if not _PREEMPT_HOOK_PRESENT:
+            logger.warning("vLLM's Scheduler lacks _preempt_request: preemptions go unreported")
         self._tc_conn.set_queue_probe(self._tc_queue_sizes)
         # Both queues are empty here; vLLM only reaches them through RequestQueue's methods.
         self.waiting = AgentRankedQueue(self.policy, self._tc_rank)
@@ -291,6 +298,19 @@ class TokenCakeScheduler(Scheduler):
                 # FCFS preempts self.running[-1]: keep the lowest priority last.
                 self.running.sort(key=self._tc_rank)
         return super().schedule(throttle_prefills)
+
+    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        conn = self._tc_conn
+        if conn is None:
+            super()._preempt_request(request, *args, **kwargs)
+            return
+        # Read before vLLM frees the blocks and sets num_computed_tokens to 0. This step's
+        # tokens are not counted yet (``_update_after_schedule`` adds them): ``computed``
+        # is KV that earlier steps write before any copy this step queues runs.
+        blocks = list(self.kv_cache_manager.get_block_ids(request.request_id)[0])
+        computed = request.num_computed_tokens
+        super()._preempt_request(request, *args, **kwargs)
+        conn.request_preempted(request, blocks, computed)
 
     def _handle_blocked_waiting_request(self, request: Request) -> bool:
         if not super()._handle_blocked_waiting_request(request):
