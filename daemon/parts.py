@@ -1,6 +1,6 @@
 """What the daemon's services share: settings, clock, metrics, registries and the scheduler.
 
-``Daemon`` builds one ``DaemonParts`` and hands it to each service (engines, KV, agent events,
+``Daemon`` builds one ``DaemonParts`` and hands it to each service (engines, KV, agents,
 introspection), so a service names what it uses once and the wiring lives in one place.
 """
 
@@ -10,11 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokencake import protocol as p
-from tokencake.daemon.apps import AppRegistry
+from tokencake.daemon.agent_service import AppRegistry, SchedulerBridge
 from tokencake.daemon.config import DaemonConfig
 from tokencake.daemon.engines import EngineRegistry
 from tokencake.daemon.metrics import DaemonMetrics
-from tokencake.daemon.policy_bridge import SchedulerBridge
 
 ApplyDecisions = Callable[[list[p.DecisionRecord]], None]
 

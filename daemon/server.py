@@ -2,9 +2,10 @@
 
 ``Daemon`` builds the daemon's parts and runs their loop; each part is a module of its own:
 the wire (``transport``), engines (``engines``, ``engine_service``), the KV ops and the pool
-(``kv_service``), agent events (``agent_events``), where decisions go (``decision_log``),
-read-only views (``introspection``) and the loop's ``timers``. The handler table below binds
-every request type of the protocol to the part that serves it.
+(``kv_service``), the apps and agents with their events and policies (``agent_service``),
+where decisions go (``decision_log``), read-only views (``introspection``) and the loop's
+``timers``. The handler table below binds every request type of the protocol to the part
+that serves it.
 
 The loop blocks in ``recv`` on the ROUTER socket, with a timeout set by its timers; signal
 handlers only set flags that the loop reads between messages. Nothing here copies KV bytes:
@@ -24,8 +25,7 @@ from typing import Any
 import zmq
 
 from tokencake import protocol as p
-from tokencake.daemon.agent_events import AgentEvents
-from tokencake.daemon.apps import AppRegistry
+from tokencake.daemon.agent_service import AgentService, AppRegistry, SchedulerBridge
 from tokencake.daemon.arena import Arena
 from tokencake.daemon.auth import AuthError
 from tokencake.daemon.config import RELOADABLE_KEYS, ConfigError, DaemonConfig, load_config
@@ -40,7 +40,6 @@ from tokencake.daemon.l2 import L2StartError, open_l2
 from tokencake.daemon.memwatch import MemoryWatch, container_sizes
 from tokencake.daemon.metrics import DaemonMetrics
 from tokencake.daemon.parts import DaemonParts
-from tokencake.daemon.policy_bridge import SchedulerBridge
 from tokencake.daemon.sd_notify import SystemdNotifier
 from tokencake.daemon.timers import Timers
 from tokencake.daemon.transport import DaemonError, Dispatcher, Handler, Transport, socket_in_use
@@ -100,7 +99,7 @@ class Daemon:
         )
         self.gpu = GpuCopyHandlers(config=cfg, clock=clock, engines=self.engines, kv=self.kv)
         self.engine_service = EngineService(parts, self.kv, on_leave=self.gpu.engine_gone)
-        self.agent_events = AgentEvents(parts)
+        self.agents = AgentService(parts)
         self.introspection = Introspection(parts, self.kv, self.decisions)
         self.dispatcher = Dispatcher(
             self._handler_table(),
@@ -116,7 +115,7 @@ class Daemon:
         engines, kv, events, info = (
             self.engine_service,
             self.kv,
-            self.agent_events,
+            self.agents,
             self.introspection,
         )
         return {
@@ -333,7 +332,7 @@ class Daemon:
         # Each part reads the clock afresh: the scheduler takes events in time order, and
         # what came before (an engine dropped, an app ended) was told it at a later time.
         self._apply(self.scheduler.tick(self._clock()))
-        self.agent_events.expire_idle(self._clock(), self.config.app_idle_timeout_s)
+        self.agents.expire_idle(self._clock(), self.config.app_idle_timeout_s)
         self.introspection.refresh_gauges()
 
     def _watchdog(self) -> None:

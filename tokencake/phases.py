@@ -14,9 +14,9 @@ that is not waiting, the end of a tool call the agent is not in, do not.
 
 Who keeps a phase, and why these are not copies that can disagree:
 
-* the daemon's registry (``daemon/apps.py``) keeps one per agent, whatever the engines: it
-  is the owner. An event that does not fit is acknowledged as not accepted and goes no
-  further, so every policy behind it only hears events that fit;
+* the daemon's registry (``daemon/agent_service.py``) keeps one per agent, whatever the
+  engines: it is the owner. An event that does not fit is acknowledged as not accepted and
+  goes no further, so every policy behind it only hears events that fit;
 * each policy keeps one per agent in its engine (``daemon/scheduler/agents.py``), moved by
   ``after`` on the same events, so for agent events it is the registry's phase. It also
   moves on what only its engine knows (``LlmCallPreempted`` puts a RUNNING agent back to

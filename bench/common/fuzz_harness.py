@@ -23,7 +23,7 @@ import msgspec.inspect as mi
 
 from tokencake import PROTOCOL_VERSION
 from tokencake import protocol as p
-from tokencake.daemon.apps import AgentRecord
+from tokencake.daemon.agent_service import AgentRecord
 from tokencake.daemon.arena import Arena
 from tokencake.daemon.config import DaemonConfig
 from tokencake.daemon.server import Daemon, EngineRecord
