@@ -3,7 +3,8 @@
 ``tokencake-sim run`` sweeps (workload x qps x policy) on one engine profile, prints a table,
 and writes ``results.json``, ``table.md`` and the PNG figures into ``--out``. With ``--live
 ENDPOINT`` (or ``--live-embedded``) and ``--time-scale S`` each run is replayed against a real
-``tokencaked`` instead (``tokencake.sim.live``): the daemon's one policy decides.
+``tokencaked`` instead (``tokencake.sim.live``, swept by ``live_runner``): the daemon's one
+policy decides.
 """
 
 from __future__ import annotations
@@ -388,7 +389,8 @@ def _sweep_live(
     scale: float,
     **kwargs: Any,
 ) -> tuple[list[dict[str, Any]], list[Series]]:
-    from tokencake.sim.live import DaemonLost, LiveError, embedded_daemon, sweep_live
+    from tokencake.sim.live import DaemonLost, LiveError
+    from tokencake.sim.live_runner import embedded_daemon, sweep_live
 
     try:
         if endpoint is not None:

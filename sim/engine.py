@@ -35,34 +35,26 @@ from tokencake.daemon.scheduler import (
     EngineState,
     KvEvicted,
     Policy,
-    WaitingRequest,
 )
 from tokencake.daemon.scheduler.events import Event
 from tokencake.protocol import (
-    AppEnd,
     DecisionRecord,
     DropDecision,
     LlmCallFinish,
-    LlmCallStart,
     OffloadDecision,
     PinDecision,
-    RegisterApp,
-    ToolCallEnd,
-    ToolCallStart,
     UnpinDecision,
     UploadDecision,
 )
-from tokencake.sim import admission, transfers
-from tokencake.sim.appdag import app_dag, critical_path
+from tokencake.sim import admission, apps, transfers
 from tokencake.sim.calltrace import CallTrace
-from tokencake.sim.kvpool import AgentKv, GpuPool, SimHostStore, chain_keys
+from tokencake.sim.kvpool import AgentKv, GpuPool, SimHostStore
 from tokencake.sim.profiles import Profile
 from tokencake.sim.records import (
     ARRIVAL,
     TOOL_END,
     TRANSFER_DONE,
     UPLOAD_DUE,
-    AppRun,
     CopyObserver,
     Counters,
     EngineResult,
@@ -73,7 +65,7 @@ from tokencake.sim.records import (
     SimulationStalled,
     Transfer,
 )
-from tokencake.sim.workload import AppSpec, NodeSpec, Trace, prompt_tokens
+from tokencake.sim.workload import Trace
 
 __all__ = [
     "CopyObserver",
@@ -89,7 +81,20 @@ logger = logging.getLogger(__name__)
 
 
 class Simulator:
-    """Replays one trace against one policy. Construct, then ``run()`` once."""
+    """Replays one trace against one policy. Construct, then ``run()`` once.
+
+    ``stall_s``: idle time with requests waiting and nothing scheduled, after which the run
+    gives up. ``lru_eviction``: evict least recently used first, as vLLM does, instead of
+    asking the policy's ``eviction_order`` (pins are still honoured, as the connector's
+    references are). ``call_trace``: a per-call record of the run (``bench/bench_engine.py
+    --sim-from`` diffs it). ``vllm_rules``: two rules of vLLM v1's scheduler the default
+    model leaves out (the engine replay, ``bench/bench_engine.py --sim-from``, turns them
+    on): a block is a prefix-cache hit from the step that schedules its tokens on (vLLM
+    hashes a block when it allocates it, so a sibling admitted in the same step shares it),
+    and a step that preempted a request admits no waiting one.
+
+    ``pins``: the live pins the policy decided, agent -> until (simulated time).
+    """
 
     def __init__(
         self,
@@ -121,7 +126,6 @@ class Simulator:
         self.check_invariants = check_invariants
         self.timeline_every_s = timeline_every_s
         self.stall_s = stall_s
-        """Idle time with requests waiting and nothing scheduled, after which we give up."""
         self.copies = copies
         self.now = 0.0
         self.heap: list[tuple[float, int, int, Any]] = []
@@ -129,18 +133,9 @@ class Simulator:
         self.pending_events: deque[tuple[float, Event]] = deque()
         self.plain_apps: set[str] = {a.app_id for a in trace.apps if a.plain}
         self.lru_eviction = lru_eviction
-        """Evict least recently used first, as vLLM does, instead of asking the policy's
-        ``eviction_order`` (pins are still honoured, as the connector's references are)."""
         self.call_trace = call_trace
-        """Per-call record of the run (``bench/bench_engine.py --sim-from`` diffs it)."""
         self.vllm_rules = vllm_rules
-        """Two rules of vLLM v1's scheduler the default model leaves out (the engine replay,
-        ``bench/bench_engine.py --sim-from``, turns them on): a block is a prefix-cache hit
-        from the step that schedules its tokens on (vLLM hashes a block when it allocates
-        it, so a sibling admitted in the same step shares it), and a step that preempted a
-        request admits no waiting one."""
         self.pins: dict[tuple[str, str], float] = {}
-        """Live pins the policy decided: agent -> until (simulated time)."""
         self.agents: dict[tuple[str, str], AgentKv] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -251,93 +246,6 @@ class Simulator:
             self._emit(KvEvicted(a.app_id, a.agent_id, k, "gpu"))
         return blocks
 
-    # ------------------------------------------------------------------ applications
-
-    def _arrive(self, spec: AppSpec) -> None:
-        succ: dict[str, list[str]] = {n.id: [] for n in spec.nodes}
-        for n in spec.nodes:
-            for p in n.predecessors:
-                succ[p].append(n.id)
-        dag = app_dag(spec, self.profile)
-        run = AppRun(
-            spec=spec,
-            pending_preds={n.id: len(n.predecessors) for n in spec.nodes},
-            successors=succ,
-            critical=critical_path(dag),
-            nodes_left=len(spec.nodes),
-        )
-        self.apps_in_flight += 1
-        self._emit(RegisterApp(spec.app_id, dag))
-        for n in spec.nodes:
-            if not n.predecessors:
-                self._ready(run, n)
-
-    def _ready(self, run: AppRun, node: NodeSpec) -> None:
-        if node.kind == "local":
-            self._node_done(run, node)
-            return
-        spec = run.spec
-        ck = (spec.app_id, node.id)
-        cached = self.key_cache.get(ck)
-        if cached is None:
-            prompt = spec.prompts[node.id]
-            seq = (*prompt, spec.outputs[node.id])
-            cached = (chain_keys(seq, self.bt), prompt_tokens(prompt))
-            self.key_cache[ck] = cached
-        keys, ptoks = cached
-        if not self.pool.unbounded:
-            largest = -(-(ptoks + node.output_tokens) // self.bt)
-            if largest > self.pool.total:
-                raise SimulationError(
-                    f"{spec.app_id}/{node.id} needs {largest} blocks; the pool has "
-                    f"{self.pool.total}: it can never run"
-                )
-        self._rid += 1
-        rid = f"r{self._rid}"
-        agent = self._agent(spec.app_id, node.id)
-        need = -(-ptoks // self.bt)
-        view = WaitingRequest(rid, spec.app_id, node.id, need, self.now)
-        req = Request(
-            rid=rid,
-            app=run,
-            node=node,
-            agent=agent,
-            keys=keys,
-            prompt_tokens=ptoks,
-            output_tokens=node.output_tokens,
-            view=view,
-            ready_s=self.now,
-            enqueued_s=self.now,
-        )
-        self.by_rid[rid] = req
-        self.waiting.append(req)
-        if self.call_trace is not None:
-            self.call_trace.submitted(req, self.now)
-        self._emit(
-            LlmCallStart(spec.app_id, node.id, request_id=rid, prompt_tokens=ptoks, blocks=need)
-        )
-
-    def _node_done(self, run: AppRun, node: NodeSpec) -> None:
-        run.nodes_left -= 1
-        last = run.nodes_left == 0
-        for s in run.successors[node.id]:
-            run.pending_preds[s] -= 1
-            if run.pending_preds[s] == 0:
-                self._ready(run, run.spec.node(s))
-        if last:
-            run.finish_s = self.now
-            self.apps_in_flight -= 1
-            self.results_latency.append(self.now - run.spec.arrival_s)
-            self.results_critical.append(run.critical_llm_s)
-            self.results_queue.append(run.queue_s)
-            self.results_plain.append(run.spec.plain)
-            self._emit(AppEnd(run.spec.app_id))
-
-    def _tool_end(self, req: Request) -> None:
-        spec = req.app.spec
-        self._emit(ToolCallEnd(spec.app_id, req.node.id, req.rid))
-        self._node_done(req.app, req.node)
-
     # ------------------------------------------------------------------ admission
 
     # ------------------------------------------------------------------ stepping
@@ -432,21 +340,16 @@ class Simulator:
             req.app.critical_llm_s += self.now - req.ready_s
         self._emit(LlmCallFinish(spec.app_id, req.node.id, req.rid, req.generated, kv_blocks))
         del self.by_rid[req.rid]
-        tool = req.node.tool
-        if tool is None:
-            self._node_done(req.app, req.node)
-            return
-        self._emit(ToolCallStart(spec.app_id, req.node.id, tool.kind, tool.predicted_s, req.rid))
-        self._push(self.now + tool.duration_s, TOOL_END, req)
+        apps.call_finished(self, req)
 
     # ------------------------------------------------------------------ main loop
 
     def _handle(self, kind: int, payload: Any) -> None:
         self.c.heap_events += 1
         if kind == ARRIVAL:
-            self._arrive(payload)
+            apps.arrive(self, payload)
         elif kind == TOOL_END:
-            self._tool_end(payload)
+            apps.tool_end(self, payload)
         elif kind == TRANSFER_DONE:
             transfers.transfer_done(self, payload)
         elif kind == UPLOAD_DUE:
