@@ -15,7 +15,9 @@ One service for agents, as ``kv_service`` is one for blocks, in three parts:
 * the handlers of the agent ops (``AgentService``): an event is validated, applied to the
   registry, then told to the policies, whose decisions go out through ``DaemonParts.apply``.
   An event that does not fit the agent's phase (a second ``llm_call_start`` while one runs,
-  a ``tool_call_end`` for another call) is acknowledged as not accepted and changes nothing.
+  a ``tool_call_end`` for another call) is acknowledged as not accepted and changes nothing,
+  except an idle agent's ``tool_call_end`` whose start another sender has not reported
+  yet: it is held for that start (``tokencake.phases``, "Early ends").
 
 No scheduling logic lives here; priorities, critical paths and decisions are the policies'
 (``daemon/scheduler``).
@@ -66,6 +68,8 @@ class AgentRecord:
     tool_kind: str = ""
     tool_call_id: str = ""
     tool_predicted_s: float | None = None
+    early_ends: tuple[phases.EarlyEnd, ...] = ()
+    """``tool_call_end`` events held for their start (``tokencake.phases``)."""
 
 
 @dataclass(slots=True)
@@ -295,8 +299,11 @@ class SchedulerBridge:
         self._apps[app.app_id] = app
         return self._to_all(_registered(app))
 
-    def agent_event(self, agent: AgentRecord, event: AgentEvent) -> list[p.DecisionRecord]:
-        """One of the agent's events, as its peer sent it (the registry took it)."""
+    def agent_event(
+        self, agent: AgentRecord, event: AgentEvent | p.LlmCallPreempted | ev.ToolCallOver
+    ) -> list[p.DecisionRecord]:
+        """One of the agent's events, as its peer sent it (the registry took it), or a tool
+        call whose end came before its start, as the registry applied it."""
         return self._to_agent(agent, event)
 
     def llm_call_finish(
@@ -461,12 +468,23 @@ class AgentService:
         agent.state, agent.state_since = phases.after(req), self._parts.clock()
         return True
 
+    def _count_early(self, outcome: str, n: int = 1) -> None:
+        if n > 0:
+            counts = self._parts.metrics.early_tool_ends
+            counts[outcome] = counts.get(outcome, 0) + n
+
+    def _drop_early(self, agent: AgentRecord) -> None:
+        """The agent moved on (a new LLM call, its app's end): held ends end nothing now."""
+        self._count_early("dropped", len(agent.early_ends))
+        agent.early_ends = ()
+
     def llm_call_start(self, _identity: bytes, req: p.LlmCallStart) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
         if req.engine_id and self._parts.engines.get(req.engine_id) is None:
             raise ProtocolError(ErrorCode.UNKNOWN_ENGINE, f"no engine {req.engine_id[:64]!r}")
         if not self._move(agent, req):
             return p.EventAck(accepted=False)
+        self._drop_early(agent)
         agent.llm_calls += 1
         if req.engine_id:
             agent.engine_id = req.engine_id
@@ -479,6 +497,13 @@ class AgentService:
         agent.kv_blocks = req.kv_blocks
         return self._ack(self._parts.scheduler.agent_event(agent, req))
 
+    def llm_call_preempted(self, _identity: bytes, req: p.LlmCallPreempted) -> p.EventAck:
+        agent = self._parts.apps.agent(req.app_id, req.agent_id)
+        if not self._move(agent, req):
+            return p.EventAck(accepted=False)
+        agent.kv_blocks = req.blocks_freed if req.blocks_cached < 0 else req.blocks_cached
+        return self._ack(self._parts.scheduler.agent_event(agent, req))
+
     def llm_call_finish(self, _identity: bytes, req: p.LlmCallFinish) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
         admitted = agent.state == phases.RUNNING
@@ -489,15 +514,33 @@ class AgentService:
 
     def tool_call_start(self, _identity: bytes, req: p.ToolCallStart) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
-        if not self._move(agent, req):
+        if not phases.fits(agent.state, req):
             return p.EventAck(accepted=False)
+        now = self._parts.clock()
+        early, agent.early_ends, stale = phases.take(agent.early_ends, req.call_id, now)
+        self._count_early("dropped", stale)
         agent.tool_calls += 1
         agent.tool_kind, agent.tool_call_id = req.tool_kind, req.call_id
         agent.tool_predicted_s = req.predicted_s
-        return self._ack(self._parts.scheduler.agent_event(agent, req))
+        if early is None:
+            self._move(agent, req)
+            return self._ack(self._parts.scheduler.agent_event(agent, req))
+        # Its end came first: the call is over (the agent stays idle, from now).
+        self._count_early("applied")
+        agent.state_since = now
+        over = ev.ToolCallOver(
+            req.app_id, req.agent_id, req.tool_kind, req.predicted_s, early.duration_s
+        )
+        return self._ack(self._parts.scheduler.agent_event(agent, over))
 
     def tool_call_end(self, _identity: bytes, req: p.ToolCallEnd) -> p.EventAck:
         agent = self._parts.apps.agent(req.app_id, req.agent_id)
+        if phases.held_early(agent.state, req, agent.tool_call_id):
+            end = phases.EarlyEnd(req.call_id, self._parts.clock(), agent.state_since)
+            agent.early_ends, pushed_out = phases.hold(agent.early_ends, end)
+            self._count_early("held")
+            self._count_early("dropped", pushed_out)
+            return p.EventAck(accepted=True, held=True)
         if req.call_id and req.call_id != agent.tool_call_id:
             return p.EventAck(accepted=False)
         if not self._move(agent, req):
@@ -516,11 +559,17 @@ class AgentService:
         idle = self._parts.apps.idle(now, idle_s)
         for app_id in idle:
             logger.warning("app idle, ended by the daemon", extra={"app_id": app_id})
-            self._parts.apply(self._parts.scheduler.app_end(self._parts.apps.end(app_id, now)))
+            self._parts.apply(self._parts.scheduler.app_end(self._end(app_id, now)))
         if idle:
             self._parts.metrics.apps.set(len(self._parts.apps))
 
+    def _end(self, app_id: str, now: float) -> AppRecord:
+        record = self._parts.apps.end(app_id, now)
+        for agent in record.agents.values():
+            self._drop_early(agent)
+        return record
+
     def app_end(self, _identity: bytes, req: p.AppEnd) -> p.EventAck:
-        record = self._parts.apps.end(req.app_id, self._parts.clock())
+        record = self._end(req.app_id, self._parts.clock())
         self._parts.metrics.apps.set(len(self._parts.apps))
         return self._ack(self._parts.scheduler.app_end(record))

@@ -49,6 +49,7 @@ class Introspection:
             errors=dict(self._parts.metrics.error_counts),
             decisions=self._decisions.seq,
             l2=kv.l2.stats() if kv.l2 is not None else {},
+            early_tool_ends=dict(self._parts.metrics.early_tool_ends),
         )
 
     def list_engines(self, _identity: bytes, _req: p.ListEngines) -> p.ListEnginesReply:

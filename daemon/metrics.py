@@ -48,6 +48,9 @@ class DaemonMetrics:
         )
         self.event_counts: dict[str, int] = {}
         self.error_counts: dict[str, int] = {}
+        self.early_tool_ends: dict[str, int] = {}
+        """``tool_call_end`` events that came before their start, by outcome (``held``,
+        ``applied``, ``dropped``)."""
         r.register(_CountsCollector(self))
         self.decisions = Counter(
             "tokencake_decisions_total", "Scheduler decisions by kind", ["kind"], registry=r
@@ -85,3 +88,9 @@ class _CountsCollector(Collector):
         for code, n in dict(self._metrics.error_counts).items():
             errors.add_metric([code], n)
         yield errors
+        early = CounterMetricFamily(
+            "tokencake_early_tool_ends", "Tool call ends before their start", labels=["outcome"]
+        )
+        for outcome, n in dict(self._metrics.early_tool_ends).items():
+            early.add_metric([outcome], n)
+        yield early

@@ -126,6 +126,7 @@ class Daemon:
             p.RegisterApp: events.register_app,
             p.LlmCallStart: events.llm_call_start,
             p.LlmCallAdmitted: events.llm_call_admitted,
+            p.LlmCallPreempted: events.llm_call_preempted,
             p.LlmCallFinish: events.llm_call_finish,
             p.ToolCallStart: events.tool_call_start,
             p.ToolCallEnd: events.tool_call_end,

@@ -738,6 +738,7 @@ REQUEST_TYPES: Final[dict[str, type[Request]]] = {
         RegisterApp,
         LlmCallStart,
         LlmCallAdmitted,
+        LlmCallPreempted,
         LlmCallFinish,
         ToolCallStart,
         ToolCallEnd,
@@ -766,6 +767,7 @@ AGENT_EVENT_OPS: Final = frozenset(
     {
         "register_app",
         "llm_call_start",
+        "llm_call_preempted",
         "llm_call_finish",
         "tool_call_start",
         "tool_call_end",

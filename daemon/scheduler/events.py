@@ -9,8 +9,10 @@ scheduler never reads a wall clock, so the daemon (monotonic time) and the simul
 The wire fields the policy does not use (``engine_id``) are routing for the daemon.
 
 The structs declared here travel on no wire: they are what an engine (the daemon on its
-behalf, or the simulator's engine) tells the policy about its own pool and copies. Their
-names are not op names of the protocol.
+behalf, or the simulator's engine) tells the policy about its own pool and copies, and what
+the daemon makes of two senders' events (``ToolCallOver``). Their names are not op names of
+the protocol. ``LlmCallPreempted`` is the protocol's struct (an engine reports it: vLLM's
+``TokenCakeScheduler``, or the simulator's engine), re-exported here with the engine's events.
 
 Agents are keyed by ``(app_id, agent_id)``; ``agent_id`` is the DAG node id. Events for an
 agent whose app was never registered are accepted: the policy creates a one-node app for it,
@@ -56,14 +58,22 @@ AgentEvent = (
 """The protocol's agent events, as the policy takes them."""
 
 
+LlmCallPreempted = p.LlmCallPreempted
+"""The engine preempted the running request and freed ``blocks_freed`` GPU blocks, of which
+``blocks_cached`` (-1: all) still hold its KV."""
+
+
 @dataclass(slots=True, frozen=True)
-class LlmCallPreempted:
-    """The engine preempted the running request and freed ``blocks_freed`` GPU blocks."""
+class ToolCallOver:
+    """A tool call the daemon heard of only after it ended: its ``tool_call_end`` came
+    before its ``tool_call_start`` (two senders, ``tokencake.phases.EarlyEnd``). The agent
+    is not in it; ``duration_s`` is how long it lasted."""
 
     app_id: str
     agent_id: str
-    request_id: str = ""
-    blocks_freed: int = 0
+    tool_kind: str
+    predicted_s: float | None = None
+    duration_s: float = 0.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -138,7 +148,8 @@ class Tick:
 
 
 EngineEvent = (
-    LlmCallPreempted
+    p.LlmCallPreempted
+    | ToolCallOver
     | EngineState
     | TransferMeasured
     | TransferDone
@@ -146,7 +157,7 @@ EngineEvent = (
     | KvTierMoved
     | Tick
 )
-"""What the engine (or the daemon on its behalf) reports; never on the wire."""
+"""What the engine (or the daemon on its behalf) reports: on no wire but the preemption."""
 
 Event = AgentEvent | EngineEvent
 
@@ -162,6 +173,7 @@ __all__ = [
     "Measured",
     "Tick",
     "Tier",
+    "ToolCallOver",
     "TransferDone",
     "TransferMeasured",
     "Where",
