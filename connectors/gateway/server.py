@@ -100,6 +100,15 @@ def _tagged(raw: bytes, body: dict[str, Any], tags: dict[str, Any]) -> bytes:
     return _encode(body)
 
 
+def _closed(observer: Observer) -> Outcome | None:
+    """A relayed stream's outcome; None when reading it failed (a bug of ours: logged)."""
+    try:
+        return observer.close_stream()
+    except Exception:
+        logger.exception("gateway: reading a stream failed")
+        return None
+
+
 class Upstreams:
     """The engines behind the gateway and which models each serves."""
 
@@ -384,15 +393,16 @@ class Gateway:
         try:
             ended = time.monotonic()
             async for chunk in up.content.iter_any():
-                if observer is not None:
-                    observer.feed_stream(chunk)
-                # Read before the bytes go out: the client cannot have them any earlier.
+                # Timed before the bytes go out: the client cannot have them any earlier.
                 ended = time.monotonic()
                 await resp.write(chunk)
+                if observer is not None:
+                    # Read once the chunk is on its way: reading adds nothing to its latency,
+                    # and what arrives meanwhile goes out in one write with the next.
+                    observer.feed_stream(chunk)
             await resp.write_eof()
             if plan is not None and observer is not None and up.status == 200:
-                # Read after the client has it all: observing costs the stream nothing.
-                self._finish(plan, observer.close_stream(), ended)
+                self._finish(plan, _closed(observer), ended)
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             # The client went away: stop reading and close the upstream (the engine aborts).
             # One that had the whole answer (the openai client stops reading at ``[DONE]``
@@ -401,8 +411,8 @@ class Gateway:
                 self.metrics.client_disconnects.inc()
             up.close()
             if plan is not None and observer is not None and up.status == 200:
-                outcome = observer.close_stream()
-                if outcome.finished:
+                outcome = _closed(observer)
+                if outcome is not None and outcome.finished:
                     self._finish(plan, outcome, ended)
             if isinstance(exc, asyncio.CancelledError):
                 raise

@@ -55,10 +55,18 @@ def repeated(data: bytes, name: str, accept: Callable[[bytes, bytes], bool]) -> 
     key ``name``, each followed by a blank line; None when there is no such line.
 
     The line is the first with a non-empty such value from the middle of the stream on, else
-    from its start, that ``accept(payload, value)`` takes. Exact on valid JSON: the
-    repetitions match the line's bytes around the value literally, the value is one JSON
-    string, and each starts a line, so each has the line's structure and its value sits where
-    the line's does."""
+    from its start, that ``accept(payload, value)`` takes (``template``); the stream is then
+    split by it (``split``)."""
+    one = template(data, name, accept)
+    return None if one is None else split(one, data)
+
+
+def template(
+    data: bytes, name: str, accept: Callable[[bytes, bytes], bool]
+) -> re.Pattern[bytes] | None:
+    """A pattern of one ``data:`` line of ``data`` whose string value of its one key ``name``
+    may be any one-line JSON string, the line's blank line included; None when no line has a
+    non-empty such value that ``accept(payload, value)`` takes. See ``repeated``."""
     key = b'"' + name.encode() + b'"'
     pattern = key_pattern(name, b"(" + _TEXT + b")")
     for pos in (len(data) // 2, 0):
@@ -73,14 +81,24 @@ def repeated(data: bytes, name: str, accept: Callable[[bytes, bytes], bool]) -> 
         one_line = b"\n" not in before and after.find(b"\n") == len(after) - 2
         one_key = before.count(key) == 1 and key not in after
         if one_line and one_key and accept(data[start + 5 : end], found[1]):
-            break
-    else:
-        return None
-    one = re.compile(re.escape(before) + b"(" + _LINE_STRING + b")" + re.escape(after))
+            return re.compile(re.escape(before) + b"(" + _LINE_STRING + b")" + re.escape(after))
+    return None
+
+
+def split(one: re.Pattern[bytes], data: bytes) -> Repeated | None:
+    """``data`` split by a ``template``: its repetitions' values and the lines between them;
+    None when a repetition does not start a line (it is then not an event of its own).
+
+    Exact on valid JSON: the repetitions match the template's bytes around the value
+    literally, the value is one JSON string, and each starts a line, so each has the
+    template's structure and its value sits where the template's does. A repetition holds no
+    newline but the blank line that ends it, so ``data`` may be split further at any blank
+    line (``\\n\\n``) and each part split alone: the parts say, in order, what the whole
+    says."""
     parts = one.split(data)
     between = parts[0::2]
     if any(not piece.endswith(b"\n") for piece in filter(None, between[:-1])):
-        return None  # a repetition that does not start a line: not an event of its own
+        return None
     return Repeated(parts[1::2], between)
 
 
@@ -125,6 +143,21 @@ def joined_string(literals: list[bytes]) -> str:
     if not literals:
         return ""
     return _string.decode(b"\n".join(literals).replace(b'"\n"', b""))
+
+
+def only_data_lines(data: bytes) -> bool:
+    """Whether every line of ``data`` (line ends ``\\n``) is a ``data:`` line or empty, by
+    counts: ``data.split(b"\\n")`` has one item more than ``data`` has newlines, and its
+    empty items are the blank lines (``\\n\\n``, exact when no three newlines run), a
+    leading newline and the item after a final newline."""
+    if not data:
+        return True
+    if b"\n\n\n" in data:
+        return False
+    lines = data.count(b"\n") + 1
+    data_lines = data.count(b"\ndata:") + data.startswith(b"data:")
+    empty = data.count(b"\n\n") + data.startswith(b"\n") + data.endswith(b"\n")
+    return data_lines + empty == lines
 
 
 def payloads(data: bytes) -> Iterator[bytes]:

@@ -8,12 +8,14 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 from prometheus_client import generate_latest
 
 from tests import procs
 from tests.connectors.gateway.test_gateway import _agents, daemon, run
 from tokencake import protocol as p
+from tokencake.connectors.gateway import link as link_module
 from tokencake.connectors.gateway.link import DaemonLink
 from tokencake.connectors.gateway.metrics import GatewayMetrics
 
@@ -53,6 +55,44 @@ def test_events_are_pipelined_in_order(daemon: procs.Proc) -> None:
         assert 'tokencake_gateway_daemon_messages_total{outcome="sent"} 203.0' in scraped
         assert 'tokencake_gateway_daemon_messages_total{outcome="missed"} 0.0' in scraped
         assert _agents(daemon.endpoint, "pipelined")["a"].state == "waiting"
+        await link.close()
+
+    run(main())
+
+
+def test_an_llm_call_event_waits_for_company(
+    daemon: procs.Proc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An LLM call's start or finish alone is held (``HOLD_S``); the next message that
+    goes at once takes it along, in order; a held one alone goes when its hold ends."""
+    monkeypatch.setattr(link_module, "HOLD_S", 3600.0)
+
+    async def main() -> None:
+        link = DaemonLink(daemon.endpoint, timeout_s=5.0)
+        link.start()
+        assert await link.register("held", _dag("a"))
+        link.event(p.LlmCallStart("held", "a", request_id="r1"))
+        link.event(p.LlmCallFinish("held", "a", request_id="r1", output_tokens=3))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert (link.inflight, len(link._pending)) == (2, 0)  # held, not sent
+        link.event(p.ToolCallStart("held", "a", "run_tests", call_id="c1"))
+        assert await link.register("probe", _dag("x"))  # answered after the three
+        assert (link.sent, link.inflight) == (5, 0)
+        assert _agents(daemon.endpoint, "held")["a"].state == "tool"
+        monkeypatch.setattr(link_module, "HOLD_S", 0.001)
+        link.event(p.ToolCallEnd("held", "a", call_id="c1"))
+        link.event(p.LlmCallStart("held", "a", request_id="r2"))
+        for _ in range(5000):
+            if link.sent == 7:
+                break
+            await asyncio.sleep(0.002)
+        link.event(p.LlmCallFinish("held", "a", request_id="r2"))  # alone: its hold ends
+        for _ in range(5000):
+            if link.sent == 8:
+                break
+            await asyncio.sleep(0.002)
+        assert (link.sent, link.missed, link.rejected, link.inflight) == (8, 0, 0, 0)
         await link.close()
 
     run(main())
