@@ -91,6 +91,13 @@ class AccountingPolicy(Policy):
         self._seq = 0
         """Tie-breaker of the timer and upload heaps (FIFO among equals)."""
 
+    def __del__(self) -> None:
+        """A dropped policy (its engine left, a policy switch) goes when its last reference
+        does; its live apps and their agents refer to each other, so the cycles are cut
+        here and they go with it, not at the next full collection."""
+        for app in getattr(self, "apps", {}).values():
+            app.agents.clear()
+
     def _agent(self, app_id: str, agent_id: str, create: bool = True) -> AgentState | None:
         app = self.apps.get(app_id)
         if app is None:
