@@ -27,6 +27,7 @@ from tokencake.daemon.scheduler.events import (
     KvTierMoved,
     LlmCallPreempted,
     Tick,
+    ToolCallOver,
     TransferDone,
     TransferMeasured,
 )
@@ -37,7 +38,7 @@ from tokencake.daemon.scheduler.policy import (
     PolicyConfig,
     WaitingRequest,
 )
-from tokencake.daemon.scheduler.predictor import Z_Q95
+from tokencake.daemon.scheduler.predictor import Z_Q95, Prediction
 from tokencake.daemon.scheduler.timers import T_DEADLINE, T_SETTLE, TimedPolicy
 from tokencake.daemon.scheduler.uploads import MAX_UPLOAD_FAILURES
 from tokencake.protocol import AppDag
@@ -65,6 +66,7 @@ class TrackingPolicy(TimedPolicy):
             p.LlmCallFinish: cls._ev_llm_finish,
             p.ToolCallStart: cls._ev_tool_start,
             p.ToolCallEnd: cls._ev_tool_end,
+            ToolCallOver: cls._ev_tool_over,
             p.AppEnd: cls._ev_app_end,
             EngineState: cls._ev_engine_state,
             TransferMeasured: cls._ev_transfer_measured,
@@ -204,7 +206,10 @@ class TrackingPolicy(TimedPolicy):
         self.gpu_free += freed
         agent.preemptions += 1
         self._add_waiting(agent, max(freed, 1))
-        self._on_llm_preempted(agent, max(ev.blocks_freed, freed), out)
+        released = max(ev.blocks_freed, freed)
+        # The engine may report fewer still cached (a running request took the rest).
+        cached = released if ev.blocks_cached < 0 else min(ev.blocks_cached, released)
+        self._on_llm_preempted(agent, cached, out)
 
     def _ev_llm_finish(self, ev: p.LlmCallFinish, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id)
@@ -232,29 +237,46 @@ class TrackingPolicy(TimedPolicy):
         agent = self._agent(ev.app_id, ev.agent_id)
         if agent is None:
             return
-        if agent.phase == TOOL:
-            self._finish_tool(agent, out)
-        self._remove_waiting(agent)
-        self._set_phase(agent, TOOL)
-        agent.tool_token += 1
-        agent.tool_start = self.now
-        agent.tool_kind = ev.tool_kind
-        agent.call_offloaded = 0
-        agent.tool_hint = ev.predicted_s
-        agent.overdue = False
-        pred = self.predictor.predict(agent.klass, ev.tool_kind, ev.predicted_s)
-        agent.prediction = pred
-        agent.predicted_s = pred.median_s
+        pred = self._begin_tool(agent, ev.tool_kind, ev.predicted_s, out)
         cfg = self.config
         horizon = cfg.deadline_factor * pred.quantile_s(Z_Q95)
         agent.deadline_s = self.now + min(max(horizon, cfg.deadline_min_s), cfg.deadline_max_s)
         self._push_timer(agent.deadline_s, T_DEADLINE, agent, agent.tool_token)
         self._on_tool_start(agent, out)
 
+    def _begin_tool(
+        self, agent: AgentState, kind: str, hint: float | None, out: list[p.DecisionRecord]
+    ) -> Prediction:
+        """The agent is in a tool call from now: recorded, with its prediction."""
+        if agent.phase == TOOL:
+            self._finish_tool(agent, out)
+        self._remove_waiting(agent)
+        self._set_phase(agent, TOOL)
+        agent.tool_token += 1
+        agent.tool_start = self.now
+        agent.tool_kind = kind
+        agent.call_offloaded = 0
+        agent.tool_hint = hint
+        agent.overdue = False
+        pred = self.predictor.predict(agent.klass, kind, hint)
+        agent.prediction = pred
+        agent.predicted_s = pred.median_s
+        return pred
+
     def _ev_tool_end(self, ev: p.ToolCallEnd, out: list[p.DecisionRecord]) -> None:
         agent = self._agent(ev.app_id, ev.agent_id, create=False)
         if agent is None or agent.phase != TOOL:
             return
+        self._finish_tool(agent, out)
+
+    def _ev_tool_over(self, ev: ToolCallOver, out: list[p.DecisionRecord]) -> None:
+        """A tool call heard of after its end: it began and ended, and its length is learnt,
+        but nothing is decided for it (an offload or a pin would come after the call)."""
+        agent = self._agent(ev.app_id, ev.agent_id)
+        if agent is None:
+            return
+        self._begin_tool(agent, ev.tool_kind, ev.predicted_s, out)
+        agent.tool_start = self.now - max(ev.duration_s, 0.0)
         self._finish_tool(agent, out)
 
     def _finish_tool(self, agent: AgentState, out: list[p.DecisionRecord]) -> None:
