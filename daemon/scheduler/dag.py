@@ -68,6 +68,29 @@ class DagInfo:
 
 def analyse(dag: AppDag, llm_s_default: float, tool_s_default: float) -> DagInfo:
     """Analyse ``dag``. Raises DagError for cycles and dangling edges."""
+    nodes, index = _nodes(dag, llm_s_default, tool_s_default)
+    order = [index[i] for i in topological_order(index, _edges(nodes))]
+    _forward(nodes, order)
+    _backward(nodes, order)
+    length = max((n.head_s + n.tail_s for n in nodes), default=0.0)
+    join_sizes = _slack_and_joins(nodes, length)
+    ids = [nodes[i].node_id for i in order]
+    preds = {n.node_id: [nodes[j].node_id for j in n.pred] for n in nodes}
+    path = longest_path(ids, preds, {n.node_id: n.duration_s for n in nodes})
+    return DagInfo(
+        nodes=nodes,
+        index=index,
+        critical_length_s=length,
+        critical_path=path,
+        max_fan_out=max((n.fan_out for n in nodes), default=0),
+        join_sizes=join_sizes,
+    )
+
+
+def _nodes(
+    dag: AppDag, llm_s_default: float, tool_s_default: float
+) -> tuple[list[NodeInfo], dict[str, int]]:
+    """One ``NodeInfo`` per node (expected times defaulted), linked by the edges."""
     nodes: list[NodeInfo] = []
     index: dict[str, int] = {}
     for n in dag.nodes:
@@ -96,7 +119,11 @@ def analyse(dag: AppDag, llm_s_default: float, tool_s_default: float) -> DagInfo
             continue
         nodes[a].succ.append(b)
         nodes[b].pred.append(a)
-    order = [index[i] for i in topological_order(index, _edges(nodes))]
+    return nodes, index
+
+
+def _forward(nodes: list[NodeInfo], order: list[int]) -> None:
+    """Sources to sinks: fan-out, fan-in, each node's ``head_s`` and depth."""
     for i in order:
         node = nodes[i]
         node.fan_out = len(node.succ)
@@ -105,6 +132,10 @@ def analyse(dag: AppDag, llm_s_default: float, tool_s_default: float) -> DagInfo
             s = nodes[j]
             s.head_s = max(s.head_s, node.head_s + node.duration_s)
             s.depth = max(s.depth, node.depth + 1)
+
+
+def _backward(nodes: list[NodeInfo], order: list[int]) -> None:
+    """Sinks to sources: each node's ``tail_s`` and remaining depth."""
     for i in reversed(order):
         node = nodes[i]
         best = 0.0
@@ -114,7 +145,10 @@ def analyse(dag: AppDag, llm_s_default: float, tool_s_default: float) -> DagInfo
             rdepth = max(rdepth, nodes[j].remaining_depth + 1)
         node.tail_s = node.duration_s + best
         node.remaining_depth = rdepth
-    length = max((n.head_s + n.tail_s for n in nodes), default=0.0)
+
+
+def _slack_and_joins(nodes: list[NodeInfo], length: float) -> dict[str, int]:
+    """Slack, critical-path membership, ``next_gap_s`` and join groups; the join sizes."""
     tol = CRITICAL_TOLERANCE * length
     join_sizes: dict[str, int] = {}
     for node in nodes:
@@ -128,17 +162,7 @@ def analyse(dag: AppDag, llm_s_default: float, tool_s_default: float) -> DagInfo
         if joins:
             node.join_group = joins[0].node_id
             join_sizes[node.join_group] = joins[0].fan_in
-    ids = [nodes[i].node_id for i in order]
-    preds = {n.node_id: [nodes[j].node_id for j in n.pred] for n in nodes}
-    path = longest_path(ids, preds, {n.node_id: n.duration_s for n in nodes})
-    return DagInfo(
-        nodes=nodes,
-        index=index,
-        critical_length_s=length,
-        critical_path=path,
-        max_fan_out=max((n.fan_out for n in nodes), default=0),
-        join_sizes=join_sizes,
-    )
+    return join_sizes
 
 
 def _edges(nodes: list[NodeInfo]) -> list[tuple[str, str]]:
