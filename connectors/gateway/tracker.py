@@ -58,6 +58,17 @@ def _short(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
+def snippet(text: str) -> str:
+    """The first ``SNIPPET_CHARS`` of ``text`` with its whitespace runs made one space and
+    its ends stripped. Only a head of a long text is normalised: that of a prefix is a prefix
+    of that of the whole (a cut word is a prefix of the word), so it answers once it is as
+    long as the snippet."""
+    head = " ".join(text[: 4 * SNIPPET_CHARS].split())
+    if len(head) < SNIPPET_CHARS and len(text) > 4 * SNIPPET_CHARS:
+        head = " ".join(text.split())
+    return head[:SNIPPET_CHARS]
+
+
 def _fit(name: str) -> str:
     """An id the daemon accepts (at most MAX_NAME_CHARS), hashed when longer."""
     if len(name) <= p.MAX_NAME_CHARS:
@@ -464,9 +475,9 @@ class Tracker:
             return
         if conv.inflight == 0:
             conv.state = IDLE
-        text = " ".join(outcome.text.split())
+        text = snippet(outcome.text)
         if len(text) >= MIN_SNIPPET_CHARS:
-            self._remember(self._outputs, text[:SNIPPET_CHARS], conv.conv_id, MAX_SNIPPETS)
+            self._remember(self._outputs, text, conv.conv_id, MAX_SNIPPETS)
 
     def _touch(self, conv: Conversation, now: float) -> None:
         conv.last_seen = conv.app.last_seen = now

@@ -1,4 +1,5 @@
-"""Reading streamed responses: the bulk scans (``sse``) read what decoding every event reads."""
+"""Reading responses: the bulk scans (``sse``) and the live reader read what decoding every
+event reads; an answer's data-flow snippet."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from tokencake.connectors.gateway import sse
 from tokencake.connectors.gateway.observe import CHAT, COMPLETIONS, Observer, Outcome
+from tokencake.connectors.gateway.tracker import SNIPPET_CHARS, snippet
 
 # Texts that try to look like keys: quotes, backslashes, braces, commas, unicode, newlines.
 TRICKY = st.sampled_from(
@@ -271,3 +273,18 @@ def test_string_literals_are_joined_exactly() -> None:
     for case in cases:
         literals = [c.encode() for c in case]
         assert sse.joined_string(literals) == "".join(json.loads(c) for c in case)
+
+
+@_fixed(300)
+@given(
+    st.lists(
+        st.one_of(st.sampled_from([" ", "  \n\t", "\u2003", "word", "é中"]), st.text(max_size=9)),
+        max_size=400,
+    )
+)
+def test_a_snippet_normalises_only_what_it_needs(pieces: list[str]) -> None:
+    """The data-flow snippet of an answer: normalising a head of a long text gives what
+    normalising the whole gives (texts of every length around the head's, whitespace-heavy)."""
+    text = "".join(pieces)
+    assert snippet(text) == " ".join(text.split())[:SNIPPET_CHARS]
+    assert snippet(" " * 5000 + text) == snippet(text)
