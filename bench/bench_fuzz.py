@@ -30,6 +30,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.common.fuzz_harness import CaseResult
+    from tokencake import protocol as p
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -101,14 +106,67 @@ def _phase_in_process(
     return cases, crashes, checks, dict(outcomes), dict(per_op)
 
 
+class _RealSocket:
+    """A DEALER socket to the tokencaked subprocess: one frame out, its reply in."""
+
+    def __init__(self, endpoint: str) -> None:
+        import zmq
+
+        self.endpoint = endpoint
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._sock = ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+
+    def roundtrip(self, frame: bytes) -> p.ReplyEnvelope | None:
+        """The frame's reply (pushed decisions skipped); None after 10 s without one."""
+        from tokencake import protocol as p
+
+        self._sock.send(frame)
+        while self._sock.poll(10000):
+            env = p.decode_reply_envelope(self._sock.recv())
+            if env.id != 0 or env.op != p.DECISION_PUSH_OP:
+                return env
+        return None
+
+    def past_cap(self, frame: bytes) -> None:
+        """Past the hard cap libzmq drops the peer without a reply, by design
+        (docs/protocol.md): the daemon must stay up and answer a fresh client."""
+        from tokencake import protocol as p
+        from tokencake.clients.client import TokenCakeClient
+
+        self._sock.send(frame)
+        with TokenCakeClient(self.endpoint, timeout_s=10.0) as c:
+            c.call(p.Ping())
+
+    def internal_errors(self) -> int:
+        from tokencake import protocol as p
+        from tokencake.clients.client import TokenCakeClient
+
+        with TokenCakeClient(self.endpoint) as c:
+            return c.call(p.Stats()).errors.get("internal", 0)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _mismatch(env: p.ReplyEnvelope, expected: CaseResult, frame: bytes, shown: int) -> int:
+    """1 when the real daemon's outcome differs from the shadow's or is ``internal``
+    (printed while fewer than 5 were shown), else 0."""
+    code = env.error.code if env.error else ""
+    if (env.ok, code) == (expected.ok, expected.code) and code != "internal":
+        return 0
+    if shown < 5:
+        got = f"{env.op} ok={env.ok} {code} {env.error.message if env.error else ''}"
+        print(f"  MISMATCH shadow ok={expected.ok} {expected.code}; real {got}")
+        print(f"    frame {frame[:300]!r}")
+    return 1
+
+
 def _phase_real(frames: int, seed: int, tmp: Path) -> tuple[int, int, int, int]:
     """Returns (frames sent, replies, frames cut off at the hard cap, mismatches or internal
     errors)."""
-    import zmq
-
     from bench.common.fuzz_harness import FrameGen, InProcessDaemon, check_case
-    from tokencake import protocol as p
-    from tokencake.clients.client import TokenCakeClient
     from tokencake.clients.launcher import daemon_flags, launch
     from tokencake.daemon.config import DaemonConfig
     from tokencake.daemon.transport import hard_frame_cap
@@ -119,55 +177,30 @@ def _phase_real(frames: int, seed: int, tmp: Path) -> tuple[int, int, int, int]:
     shadow = InProcessDaemon(tmp)
     recorded = shadow.seed_recorded()
     hard_cap = hard_frame_cap(DaemonConfig().max_frame_bytes)  # the daemon runs the default
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(d.endpoint)
+    real = _RealSocket(d.endpoint)
     replies = cut = bad = 0
-
-    def roundtrip(frame: bytes) -> p.ReplyEnvelope | None:
-        sock.send(frame)
-        while sock.poll(10000):
-            env = p.decode_reply_envelope(sock.recv())
-            if env.id != 0 or env.op != p.DECISION_PUSH_OP:
-                return env
-        return None
-
     try:
         for frame in recorded:
-            roundtrip(frame)
+            real.roundtrip(frame)
         gen = FrameGen(random.Random(seed + 1), shadow)
         for _ in range(frames):
             _, frame = gen.frame()
             expected = check_case(shadow, frame, compare_state=False)
             if len(frame) > hard_cap:
-                # Past the hard cap libzmq drops the peer without a reply, by design
-                # (docs/protocol.md): the daemon must stay up and the socket reconnect, which
-                # the next frame's reply shows.
-                sock.send(frame)
+                real.past_cap(frame)
                 cut += 1
-                with TokenCakeClient(d.endpoint, timeout_s=10.0) as c:
-                    c.call(p.Ping())
                 continue
-            env = roundtrip(frame)
+            env = real.roundtrip(frame)
             if env is None:
                 bad += 1
                 print(f"  NO REPLY in 10 s to frame {replies + 1} ({len(frame)} bytes; shadow")
                 print(f"    said ok={expected.ok} {expected.code}): {frame[:300]!r}")
                 break
             replies += 1
-            code = env.error.code if env.error else ""
-            if (env.ok, code) != (expected.ok, expected.code) or code == "internal":
-                bad += 1
-                if bad <= 5:
-                    got = f"{env.op} ok={env.ok} {code} {env.error.message if env.error else ''}"
-                    print(f"  MISMATCH shadow ok={expected.ok} {expected.code}; real {got}")
-                    print(f"    frame {frame[:300]!r}")
-        with TokenCakeClient(d.endpoint) as c:
-            internal = c.call(p.Stats()).errors.get("internal", 0)
-        bad += internal
+            bad += _mismatch(env, expected, frame, bad)
+        bad += real.internal_errors()
     finally:
-        sock.close()
+        real.close()
         shadow.close()
         rc = d.stop()
     if rc != 0 or "Traceback" in d.log():
@@ -222,6 +255,27 @@ def _phase_atheris(runs: int) -> tuple[str, int]:
     return f"{summary} {checked}".strip(), proc.returncode
 
 
+def _print_reach(outcomes: dict[str, int], per_op: dict[str, list[int]]) -> list[str]:
+    """The in-process cases by generator, by outcome and by op; returns the ops never
+    reached."""
+    from tokencake import protocol as p
+
+    by_kind: dict[str, int] = collections.Counter()
+    for key, n in outcomes.items():
+        by_kind[key.split(":")[0]] += n
+    print("  by generator: " + ", ".join(f"{k} {v:,}" for k, v in sorted(by_kind.items())))
+    codes: dict[str, int] = collections.Counter()
+    for key, n in outcomes.items():
+        codes[key.split(":")[1]] += n
+    print("  by outcome:   " + ", ".join(f"{k} {v:,}" for k, v in sorted(codes.items())))
+    reached = f"{len(per_op)} of {len(p.REQUEST_TYPES)}"
+    print(f"  ops of the protocol reached (decodable envelope): {reached}")
+    for op in sorted(p.REQUEST_TYPES):
+        ok_n, failed_n = per_op.get(op, [0, 0])
+        print(f"    {op:<22} ok {ok_n:>9,}  rejected, state checked {failed_n:>9,}")
+    return sorted(set(p.REQUEST_TYPES) - set(per_op))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cases", type=int, default=100_000)
@@ -244,22 +298,7 @@ def main() -> None:
     print(f"{'  crashes / broken promises (must be 0)':<44}{crashes:>12,}")
     print(f"{'  failed ops, state-unchanged checks passed':<44}{checks:>12,}")
     print(f"{'  succeeded ops, store invariants checked':<44}{cases - checks - crashes:>12,}")
-    by_kind: dict[str, int] = collections.Counter()
-    for key, n in outcomes.items():
-        by_kind[key.split(":")[0]] += n
-    print("  by generator: " + ", ".join(f"{k} {v:,}" for k, v in sorted(by_kind.items())))
-    codes: dict[str, int] = collections.Counter()
-    for key, n in outcomes.items():
-        codes[key.split(":")[1]] += n
-    print("  by outcome:   " + ", ".join(f"{k} {v:,}" for k, v in sorted(codes.items())))
-    from tokencake import protocol as p
-
-    reached = f"{len(per_op)} of {len(p.REQUEST_TYPES)}"
-    print(f"  ops of the protocol reached (decodable envelope): {reached}")
-    for op in sorted(p.REQUEST_TYPES):
-        ok_n, failed_n = per_op.get(op, [0, 0])
-        print(f"    {op:<22} ok {ok_n:>9,}  rejected, state checked {failed_n:>9,}")
-    missing = sorted(set(p.REQUEST_TYPES) - set(per_op))
+    missing = _print_reach(outcomes, per_op)
     if missing and args.cases >= 10_000:
         print(f"  OPS NEVER REACHED: {', '.join(missing)}")
 

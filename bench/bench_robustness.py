@@ -175,17 +175,32 @@ def _fmt(x: float | int | None, digits: int = 3) -> str:
 
 
 def markdown(summary: dict[str, Any], command: str, wall_s: float) -> str:
-    t = summary["table"]
     lines = [
         f"`{command}`: {summary['scenarios']} scenarios x every policy "
         f"({summary['n_apps']} apps each), {wall_s:.0f} s wall. Ratios add {EPS_S} s to both "
         "sides (two near-zero latencies are a tie, not a 10x loss).",
         "",
+    ]
+    lines += _ratio_table(summary["table"])
+    lines += _targets(summary["table"][TC])
+    lines += _worst_table(summary)
+    lines += breakdown_table(summary)
+    if summary["failures"]:
+        lines += ["", f"Runs that did not finish: {len(summary['failures'])}"]
+        for f in summary["failures"][:10]:
+            lines.append(f"- seed {f['seed']} {f['policy']}: {f['error']}")
+    lines += ["", "![tokencake / vllm and / best peer per scenario](img/robustness/ratios.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _ratio_table(table: dict[str, Any]) -> list[str]:
+    """Each policy's ratios to vllm, the best peer and the oracle, per class and metric."""
+    lines = [
         "| policy | class | metric | / vllm geomean | / vllm worst | / best peer geomean "
         "| / best peer worst | scenarios > 1.02x best peer | / oracle geomean |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for s, rows in t.items():
+    for s, rows in table.items():
         for c in CLASSES:
             for m in METRICS:
                 v = rows[f"{c}/{m}/vllm"]
@@ -198,10 +213,14 @@ def markdown(summary: dict[str, Any], command: str, wall_s: float) -> str:
                     f"{_fmt(b['geomean'])} | {_fmt(b['worst'])} | {b['over_1.02']} of {b['n']} | "
                     f"{_fmt(o['geomean'])} |"
                 )
-    tc = t[TC]
+    return lines
+
+
+def _targets(tc: dict[str, Any]) -> list[str]:
+    """Issue 18's three targets, each with its measured figure and verdict."""
     worst_all = max((tc[f"all/{m}/best_peer"]["worst"] or 0.0) for m in METRICS)
     plain = tc["plain/mean/vllm"]
-    lines += [
+    return [
         "",
         "Targets (issue 18), measured:",
         "",
@@ -213,6 +232,12 @@ def markdown(summary: dict[str, Any], command: str, wall_s: float) -> str:
         f"- geomean tokencake / best peer (mean): {_fmt(tc['all/mean/best_peer']['geomean'])} "
         f"(target <= 0.85: "
         f"{'met' if (tc['all/mean/best_peer']['geomean'] or 9) <= 0.85 else 'not met'})",
+    ]
+
+
+def _worst_table(summary: dict[str, Any]) -> list[str]:
+    """The scenarios where tokencake did worst against the best peer, each with its replay."""
+    lines = [
         "",
         "Worst scenarios (tokencake / best peer, the higher of mean and p95; the best peer "
         "is the one with the lowest mean):",
@@ -230,13 +255,7 @@ def markdown(summary: dict[str, Any], command: str, wall_s: float) -> str:
             f"family:{w['seed']} --qps {w['qps']:.6g} --apps {summary['n_apps']} "
             f"--policies all` |"
         )
-    lines += breakdown_table(summary)
-    if summary["failures"]:
-        lines += ["", f"Runs that did not finish: {len(summary['failures'])}"]
-        for f in summary["failures"][:10]:
-            lines.append(f"- seed {f['seed']} {f['policy']}: {f['error']}")
-    lines += ["", "![tokencake / vllm and / best peer per scenario](img/robustness/ratios.png)"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 BREAKDOWN = (
