@@ -5,16 +5,17 @@ requests/s in all:
 
 - ``--engines`` engine sessions, each a DEALER socket that registers an engine, heartbeats
   every second with a GPU pool under pressure (so the scheduler pushes offload and upload
-  decisions, which the session reads), and every ``--engine-life-s`` seconds goes away and
-  comes back on a new socket under the same name (as a restarted vLLM does), or, every
-  other time, unregisters first;
+  decisions, which the session reads); from ``--engine-life-s`` on, one engine drawn at
+  random every ``--engine-life-s / --engines`` seconds goes away and comes back on a new
+  socket under the same name (as a restarted vLLM does), or, every other time, unregisters
+  first; the daemon drops its policy, and a new one starts;
 - ``--clients`` app clients, each a DEALER socket running agent lives (register_app, LLM
   and tool calls, app_end) with a store and a load each (lookup, reserve, commit,
-  load_begin, load_end, drop) against a live engine; after a random 200..2,000 requests a
-  client waits for its replies, closes its socket and a new client with a new name takes
-  its place. It leaves wherever it is, mid-app, as a crashed agent does: its app gets no
-  ``app_end`` and its reservations no commit, so the daemon must end the app
-  (``app_idle_timeout_s``, ``--app-idle-s``) and reclaim the leases itself. With
+  load_begin, load_end, drop) against a live engine; after a random ``--client-life``
+  requests (200..2,000) a client waits for its replies, closes its socket and a new client
+  with a new name takes its place. It leaves wherever it is, mid-app, as a crashed agent
+  does: its app gets no ``app_end`` and its reservations no commit, so the daemon must end
+  the app (``app_idle_timeout_s``, ``--app-idle-s``) and reclaim the leases itself. With
   ``--fresh-names`` that share of the clients names each app's agent type and tool kind
   anew, so the policy's tables keyed by those names are put to the test.
 
@@ -57,7 +58,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench_load import LAYOUT, _Client, _start_daemon, arena_size, slope_per_min  # noqa: E402
+from bench_load import LAYOUT, _Client, _start_daemon, arena_size  # noqa: E402
+from soak_report import (  # noqa: E402
+    Sample,
+    collector_rows,
+    growth_sites,
+    memory_reports,
+    plot,
+    report_rows,
+    slopes,
+)
 
 from tokencake import protocol as p  # noqa: E402
 from tokencake.clients.client import TokenCakeClient  # noqa: E402
@@ -224,15 +234,6 @@ class _AppClient:
         return True
 
 
-@dataclass
-class Sample:
-    t_min: float
-    rss_kib: int
-    anon_kib: int
-    fds: int
-    socket_fds: int
-
-
 class _Soak:
     """The driver: engines, churning app clients, the rate limit and the samples."""
 
@@ -255,7 +256,7 @@ class _Soak:
         engine = self.rng.choice(self.engines)
         fresh = self.args.fresh_names > 0 and self.rng.random() < self.args.fresh_names
         inner = _Client(self.ctx, self.endpoint, name, engine.engine_id, fresh)
-        return _AppClient(inner, self.rng.randint(200, 2000), engine)
+        return _AppClient(inner, self.rng.randint(*self.args.client_life), engine)
 
     def _retire(self, i: int, client: _AppClient) -> None:
         """Waits for the client's replies (counted lost after the deadline), then closes."""
@@ -343,152 +344,9 @@ class _Soak:
         return sent
 
 
-def _memory_reports(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _growth_sites(reports: list[dict[str, Any]], warm_s: float) -> list[tuple[str, int]]:
-    """Sites (listed in both reports) whose size grew from the first report after the
-    warm-up to the last."""
-    warm = next((r for r in reports if r["t"] >= warm_s), None)
-    if warm is None or warm is reports[-1] or "top_growth" not in warm:
-        return []
-    before = {s["site"]: s["size"] for s in warm["top_growth"]}
-    after = {s["site"]: s["size"] for s in reports[-1]["top_growth"]}
-    grown = [(site, size - before[site]) for site, size in after.items() if site in before]
-    return sorted(grown, key=lambda x: -x[1])[:8]
-
-
-def _plot(path: Path, samples: list[Sample], reports: list[dict[str, Any]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (mem, fds) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
-    t = [s.t_min for s in samples]
-    mem.plot(t, [s.rss_kib / 1024 for s in samples], label="RSS")
-    mem.plot(t, [s.anon_kib / 1024 for s in samples], label="RssAnon")
-    rt = [r["t"] / 60.0 for r in reports]
-    if reports and "traced_bytes" in reports[-1]:
-        mem.plot(rt, [r["traced_bytes"] / 2**20 for r in reports], label="Python heap (traced)")
-    if reports and "mallinfo2" in reports[-1]:
-        mi = [r["mallinfo2"] for r in reports]
-        mem.plot(rt, [m["uordblks"] / 2**20 for m in mi], label="malloc in use")
-        mem.plot(rt, [m["arena"] / 2**20 for m in mi], label="malloc arena")
-    if reports and reports[-1].get("obmalloc"):
-        ob = [r.get("obmalloc", {}) for r in reports]
-        mem.plot(rt, [o.get("arena_bytes", 0) / 2**20 for o in ob], label="pymalloc arenas")
-        mem.plot(rt, [o.get("allocated_bytes", 0) / 2**20 for o in ob], label="pymalloc in use")
-    mem.set_ylabel("MiB")
-    mem.set_ylim(bottom=0)
-    mem.legend(loc="center right")
-    mem.set_title(title)
-    fds.plot(t, [s.fds for s in samples], label="open fds")
-    fds.plot(t, [s.socket_fds for s in samples], label="of which sockets")
-    fds.set_ylabel("count")
-    fds.set_ylim(bottom=0)
-    fds.set_xlabel("minutes")
-    fds.legend(loc="center right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-
-
-def _slopes(
-    samples: list[Sample], reports: list[dict[str, Any]], warm_min: float
-) -> dict[str, float]:
-    warm = [s for s in samples if s.t_min >= warm_min] or samples
-    t = [s.t_min * 60.0 for s in warm]
-    out = {
-        "rss_kib_min": slope_per_min(t, [s.rss_kib for s in warm]),
-        "anon_kib_min": slope_per_min(t, [s.anon_kib for s in warm]),
-        "fds_min": slope_per_min(t, [s.fds for s in warm]),
-        "rss_whole_kib_min": slope_per_min(
-            [s.t_min * 60.0 for s in samples], [s.rss_kib for s in samples]
-        ),
-    }
-    rwarm = [r for r in reports if r["t"] >= warm_min * 60.0]
-    rt = [r["t"] for r in rwarm]
-    if len(rwarm) >= 2 and "traced_bytes" in rwarm[-1]:
-        out["heap_kib_min"] = slope_per_min(rt, [r["traced_bytes"] / 1024 for r in rwarm])
-    if len(rwarm) >= 2 and "mallinfo2" in rwarm[-1]:
-        for key in ("uordblks", "arena", "hblkhd"):
-            out[f"malloc_{key}_kib_min"] = slope_per_min(
-                rt, [r["mallinfo2"][key] / 1024 for r in rwarm]
-            )
-    if len(rwarm) >= 2 and rwarm[-1].get("obmalloc"):
-        for key in ("arena_bytes", "allocated_bytes"):
-            out[f"pymalloc_{key}_kib_min"] = slope_per_min(
-                rt, [r["obmalloc"].get(key, 0) / 1024 for r in rwarm]
-            )
-    if len(rwarm) >= 2:
-        out["gc_objects_min"] = slope_per_min(rt, [r["gc_objects"] for r in rwarm])
-    return out
-
-
-def _report_rows(sl: dict[str, float], reports: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-    """The daemon's own figures: traced heap, glibc's allocator, live objects."""
-    rows: list[tuple[str, Any]] = []
-    if not reports:
-        return rows
-    first, last = reports[0], reports[-1]
-    if "heap_kib_min" in sl:
-        rows.append(("Python heap slope after warm-up (KiB/min)", f"{sl['heap_kib_min']:.2f}"))
-        rows.append(
-            (
-                "Python heap first / last (KiB)",
-                f"{first['traced_bytes'] // 1024} / {last['traced_bytes'] // 1024}",
-            )
-        )
-    if "mallinfo2" in last:
-        mi = last["mallinfo2"]
-        rows.append(
-            (
-                "malloc in use / free / mmapped (KiB)",
-                f"{mi['uordblks'] // 1024} / {mi['fordblks'] // 1024} / {mi['hblkhd'] // 1024}",
-            )
-        )
-        rows.append(
-            (
-                "malloc in use / arena / mmapped slope (KiB/min)",
-                " / ".join(
-                    f"{sl.get(f'malloc_{k}_kib_min', 0.0):.2f}"
-                    for k in ("uordblks", "arena", "hblkhd")
-                ),
-            )
-        )
-    if last.get("obmalloc"):
-        ob0, ob1 = first.get("obmalloc", {}), last["obmalloc"]
-        rows.append(
-            (
-                "pymalloc arenas first / last / high-water",
-                f"{ob0.get('arenas', 0)} / {ob1.get('arenas', 0)} / "
-                f"{ob1.get('arenas_highwater', 0)}",
-            )
-        )
-        rows.append(
-            (
-                "pymalloc arenas / in use slope (KiB/min)",
-                f"{sl.get('pymalloc_arena_bytes_kib_min', 0.0):.2f} / "
-                f"{sl.get('pymalloc_allocated_bytes_kib_min', 0.0):.2f}",
-            )
-        )
-    if "gc_objects_min" in sl:
-        rows.append(
-            (
-                "live objects first / last (slope /min)",
-                f"{first['gc_objects']:,} / {last['gc_objects']:,} ({sl['gc_objects_min']:.1f})",
-            )
-        )
-    return rows
-
-
 def _print_report(soak: _Soak, wall: float, reports: list[dict[str, Any]]) -> bool:
     args, t, samples = soak.args, soak.totals, soak.samples
-    sl = _slopes(samples, reports, args.warmup_min)
+    sl = slopes(samples, reports, args.warmup_min)
     rows: list[tuple[str, Any]] = [
         ("wall (min)", f"{wall / 60:.1f}"),
         ("requests sent / replies", f"{t.sent:,} / {t.replied:,}"),
@@ -504,10 +362,10 @@ def _print_report(soak: _Soak, wall: float, reports: list[dict[str, Any]]) -> bo
         ("open fds start / end", f"{samples[0].fds} / {samples[-1].fds}"),
         ("socket fds start / end", f"{samples[0].socket_fds} / {samples[-1].socket_fds}"),
     ]
-    rows += _report_rows(sl, reports)
+    rows += report_rows(sl, reports) + collector_rows(reports, args.warmup_min * 60.0)
     for label, value in rows:
         print(f"{label:<46}{value}")
-    for site, grown in _growth_sites(reports, args.warmup_min * 60.0):
+    for site, grown in growth_sites(reports, args.warmup_min * 60.0):
         print(f"  grew after warm-up {grown:>+10,} B  {site}")
     if reports:
         print(f"  container sizes at the end: {reports[-1]['sizes']}")
@@ -521,13 +379,35 @@ def _print_report(soak: _Soak, wall: float, reports: list[dict[str, Any]]) -> bo
     return ok and flat
 
 
+def _life(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    try:
+        bounds = (int(lo), int(hi if sep else lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN:MAX") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= MIN <= MAX")
+    return bounds
+
+
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--minutes", type=float, default=60.0)
     ap.add_argument("--rate", type=float, default=600.0, help="requests/s in all")
     ap.add_argument("--engines", type=int, default=4)
     ap.add_argument("--clients", type=int, default=32, help="app clients alive at a time")
-    ap.add_argument("--engine-life-s", type=float, default=300.0)
+    ap.add_argument(
+        "--engine-life-s",
+        type=float,
+        default=300.0,
+        help="an engine restarts every this/--engines seconds (one at random)",
+    )
+    ap.add_argument(
+        "--client-life",
+        type=_life,
+        default="200:2000",
+        help="MIN:MAX requests an app client sends before it leaves (drawn uniformly)",
+    )
     ap.add_argument("--sample-s", type=float, default=60.0)
     ap.add_argument("--warmup-min", type=float, default=10.0, help="left out of the slopes")
     ap.add_argument("--target-kib-min", type=float, default=10.0)
@@ -590,11 +470,11 @@ def main() -> None:
             proc.kill()
             proc.wait()
         soak.ctx.destroy(linger=0)
-    reports = _memory_reports(report_file)
+    reports = memory_reports(report_file)
     ok = _print_report(soak, wall, reports) and alive and proc.returncode == 0
     if args.plot:
         title = f"tokencaked soak, {args.minutes:g} min at {args.rate:g} req/s"
-        _plot(args.plot, soak.samples, reports, title)
+        plot(args.plot, soak.samples, reports, title)
     if args.json:
         args.json.write_text(
             json.dumps(

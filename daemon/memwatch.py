@@ -3,13 +3,13 @@
 Off by default. With ``debug_memory_file`` set (``TOKENCAKE_DEBUG_MEMORY_FILE``), the daemon
 appends one JSON line to that file every ``debug_memory_s`` seconds and once at exit: the
 process's RSS and open descriptors, glibc's own allocator totals (``mallinfo2``), CPython's
-small-object allocator's arenas and blocks (:func:`obmalloc_stats`), the live object count
-and the sizes of the daemon's long-lived containers. With ``debug_memory_trace`` (the
-default) it also starts :mod:`tracemalloc` (one frame per allocation) and adds the Python
-heap it sees and the allocation sites that grew most since the first report; turned off,
-the traces' own memory stays out of the RSS being measured.
-Nothing goes over the wire and no KV or names are written, only sizes and source lines.
-Tracing costs CPU and memory; leave it off in production.
+small-object allocator's arenas and blocks (:func:`obmalloc_stats`), the live object count,
+the cycle collector's runs and what they freed, and the sizes of the daemon's long-lived
+containers. With ``debug_memory_trace`` (the default) it also starts :mod:`tracemalloc`
+(one frame per allocation) and adds the Python heap it sees and the allocation sites that
+grew most since the first report; turned off, the traces' own memory stays out of the RSS
+being measured. Nothing goes over the wire and no KV or names are written, only sizes and
+source lines. Tracing costs CPU and memory; leave it off in production.
 """
 
 from __future__ import annotations
@@ -195,6 +195,7 @@ class MemoryWatch:
             **proc_status(),
             "gc_objects": len(gc.get_objects()),
             "gc_collected": [g["collected"] for g in gc.get_stats()],  # cyclic garbage freed
+            "gc_collections": [g["collections"] for g in gc.get_stats()],
             "sizes": self._sizes(),
         }
         if tracemalloc.is_tracing():

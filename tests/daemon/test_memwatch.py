@@ -85,6 +85,7 @@ def test_reports_without_tracing_keep_the_allocator_figures(tmp_path: Path) -> N
     last = lines[-1]
     assert "traced_bytes" not in last and "top_growth" not in last
     assert last["rss_kib"] > 0 and last["gc_objects"] > 0 and len(last["gc_collected"]) == 3
+    assert len(last["gc_collections"]) == 3
     assert last["sizes"] == {"parts.items": 2, "parts.queue": 3}
     if "mallinfo2" in last:  # glibc >= 2.33
         assert last["mallinfo2"]["uordblks"] > 0 and "ordblks" in last["mallinfo2"]
