@@ -75,10 +75,13 @@ class DaemonLink:
         timeout_s: float = 0.25,
         retry_s: float = 1.0,
         max_inflight: int = 100_000,
+        hold_s: float = HOLD_S,
     ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.retry_s = retry_s
+        self.hold_s = hold_s
+        """How long an LLM call's start or finish may wait for company (``HOLD_S``)."""
         self.max_inflight = max_inflight
         self.sent = 0
         """Events and registrations the daemon acknowledged."""
@@ -183,7 +186,7 @@ class DaemonLink:
 
     def _queue(self, item: _Item, held: bool = False) -> None:
         """Send ``item`` after what is queued: at the next flush, and one soon unless
-        ``held`` (then at most ``HOLD_S`` later)."""
+        ``held`` (then at most ``hold_s`` later)."""
         self._out.append(item)
         if self._flushing:
             return
@@ -192,7 +195,7 @@ class DaemonLink:
             self._flushing = True
             self._loop.call_soon(self._schedule)
         elif self._held is None:
-            self._held = self._loop.call_later(HOLD_S, self._flush_held)
+            self._held = self._loop.call_later(self.hold_s, self._flush_held)
 
     def _flush_held(self) -> None:
         self._held = None

@@ -216,7 +216,7 @@ class Observer:
 
         The text events are split from the others by a template (``sse.template``, taken
         from the first text event) as in ``_read_repeated``, a part at a time (``sse.split``
-        says why that is exact); their values are decoded in one call when the stream ends or
+        says why that is exact); their values are decoded in one call per read, or when
         another event comes. A stream whose lines end in ``\\r\\n`` is read whole at its end.
         """
         unread = self._chunks[self._next :]
@@ -231,6 +231,7 @@ class Observer:
             return
         self._rest = data[cut:]
         self._read_events(data[:cut] if cut < len(data) else data)
+        self._flush_values()  # decoded now, not all at the end
 
     def _read_events(self, data: bytes) -> None:
         if self._one is None:

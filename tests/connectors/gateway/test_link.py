@@ -8,14 +8,12 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import pytest
 import zmq
 from prometheus_client import generate_latest
 
 from tests import procs
 from tests.connectors.gateway.test_gateway import _agents, daemon, run
 from tokencake import protocol as p
-from tokencake.connectors.gateway import link as link_module
 from tokencake.connectors.gateway.link import DaemonLink
 from tokencake.connectors.gateway.metrics import GatewayMetrics
 
@@ -60,15 +58,12 @@ def test_events_are_pipelined_in_order(daemon: procs.Proc) -> None:
     run(main())
 
 
-def test_an_llm_call_event_waits_for_company(
-    daemon: procs.Proc, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An LLM call's start or finish alone is held (``HOLD_S``); the next message that
+def test_an_llm_call_event_waits_for_company(daemon: procs.Proc) -> None:
+    """An LLM call's start or finish alone is held (``hold_s``); the next message that
     goes at once takes it along, in order; a held one alone goes when its hold ends."""
-    monkeypatch.setattr(link_module, "HOLD_S", 3600.0)
 
     async def main() -> None:
-        link = DaemonLink(daemon.endpoint, timeout_s=5.0)
+        link = DaemonLink(daemon.endpoint, timeout_s=5.0, hold_s=3600.0)
         link.start()
         assert await link.register("held", _dag("a"))
         link.event(p.LlmCallStart("held", "a", request_id="r1"))
@@ -80,7 +75,7 @@ def test_an_llm_call_event_waits_for_company(
         assert await link.register("probe", _dag("x"))  # answered after the three
         assert (link.sent, link.inflight) == (5, 0)
         assert _agents(daemon.endpoint, "held")["a"].state == "tool"
-        monkeypatch.setattr(link_module, "HOLD_S", 0.001)
+        link.hold_s = 0.001
         link.event(p.ToolCallEnd("held", "a", call_id="c1"))
         link.event(p.LlmCallStart("held", "a", request_id="r2"))
         for _ in range(5000):
