@@ -37,8 +37,9 @@ class AgentRank:
     critical: bool
     protect_blocks: int
     app_registered: float
-    """When its application registered, on this process's wall clock (``time.time()``,
-    the clock of vLLM's ``Request.arrival_time``)."""
+    """Where its application ranks: when it registered, on this process's wall clock
+    (``time.time()``, the clock of vLLM's ``Request.arrival_time``), less the lead the
+    daemon reported (``AgentInfo.app_lead_s``, the tail guard)."""
 
 
 class AgentPriorities:
@@ -75,8 +76,9 @@ class AgentPriorities:
 
     def order(self, params: AgentParams | None, arrival_time: float) -> tuple[float, str, float]:
         """The daemon's admission key: (application rank, negated score). An agent's app
-        ranks by its registration; a request of no tracked agent by its own arrival, and
-        plain traffic (``params`` None) PLAIN_HEAD_START_S earlier (``guard``)."""
+        ranks by its registration less its lead (the tail guard); a request of no tracked
+        agent by its own arrival, and plain traffic (``params`` None) PLAIN_HEAD_START_S
+        earlier (``guard``)."""
         if not self.ranks:
             return (0.0, "", -NEUTRAL_SCORE)  # nothing known: vLLM's own order, exactly
         if params is None:  # plain traffic: see guard.PLAIN_HEAD_START_S
@@ -134,7 +136,8 @@ class AgentPriorities:
             for a in reply.agents:
                 priority = a.priority if math.isfinite(a.priority) else NEUTRAL_SCORE
                 age = a.app_age_s if math.isfinite(a.app_age_s) else 0.0
-                registered = self._registered(a.app_id, now - max(0.0, age))
+                lead = a.app_lead_s if math.isfinite(a.app_lead_s) else 0.0
+                registered = self._registered(a.app_id, now - max(0.0, age)) - max(0.0, lead)
                 fresh[(a.app_id, a.agent_id)] = AgentRank(
                     priority, a.on_critical_path, max(0, a.protect_blocks), registered
                 )

@@ -195,6 +195,8 @@ class AgentSummary:
     protect_blocks: int = 0
     app_registered_s: float | None = None
     """None when no policy tracks the agent."""
+    app_lead_s: float = 0.0
+    """How far ahead of its registration the agent's application ranks (the tail guard)."""
 
 
 class SchedulerBridge:
@@ -394,6 +396,7 @@ class SchedulerBridge:
                     view.host_blocks,
                     view.protect_blocks,
                     view.app_registered_s,
+                    view.app_lead_s,
                 )
         return AgentSummary()
 

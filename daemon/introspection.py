@@ -100,6 +100,7 @@ class Introspection:
                             if view.app_registered_s is not None
                             else 0.0
                         ),
+                        app_lead_s=view.app_lead_s,
                     )
                 )
         return p.ListAgentsReply(agents=out)

@@ -39,9 +39,30 @@ behind older ones. Agent priority cannot starve it (it waits at most behind apps
 past that age. The daemon's policy and ``TokenCakeScheduler`` use the same figure."""
 
 
+TAIL_LEAD = 0.5
+"""An agent application ranks as one registered this share of its expected critical path
+earlier than it did (``app_rank_s``): the tail guard of the application order."""
+
+
 def plain_rank(arrival_s: float) -> float:
     """The application rank (a registration time) of a plain request arriving then."""
     return arrival_s - PLAIN_HEAD_START_S
+
+
+def app_lead_s(critical_length_s: float) -> float:
+    """How far ahead of its registration an agent application ranks: ``TAIL_LEAD`` times
+    its expected critical path (the DAG's, fixed at registration).
+
+    Serving whole applications in registration order minimises mean latency, but in a
+    burst the newest applications wait for every older one and then run their sequential
+    remainder nearly alone, which sets the p95 (and the makespan). Advancing each app by
+    half its critical length starts a long app that arrived just after short ones first
+    (its chain is what would be left at the end), while an app older than half the longest
+    newcomer's critical length still goes first: bounded, and no app is starved. A rank
+    that follows the remaining path as nodes finish, or the app's waiting time, recovered
+    the p95 of some bursts but lost the mean elsewhere (``docs/scheduling.md``).
+    """
+    return TAIL_LEAD * max(0.0, critical_length_s)
 
 
 def protected_blocks(

@@ -575,6 +575,9 @@ class AgentInfo(msgspec.Struct):
     """GPU blocks the critical-inversion guard keeps free for this agent."""
     app_age_s: float = 0.0
     """Seconds since the agent's application registered: older applications rank ahead."""
+    app_lead_s: float = 0.0
+    """Seconds the application ranks ahead of its registration (the tail guard,
+    ``guard.app_lead_s``): it ranks as if it had registered ``app_age_s + app_lead_s`` ago."""
 
 
 class ListAgentsReply(msgspec.Struct):

@@ -27,19 +27,20 @@ Spatial (``spatial=True``)
     waiting (ln(1 + wait / the node's own expected LLM time)), preemptions (ln(1 + n)) and
     app progress. No term has a tuned weight; each contribution is reported.
     Admission: applications in registration order (program-level FCFS, ``app_rank``),
-    the node priority within an application: interleaving applications under memory
-    contention makes every app's context compete for the pool (evicted, recomputed, and
-    every app finishing near the end). Partition: each class (agent type) gets a
-    reservation that follows its critical agents' demand (blocks held + blocks waited
-    for), smoothed, and capped at ``max_reserve_fraction`` of the pool, reported as
-    ``partition`` decisions for operators. ``may_allocate`` is the critical-inversion
+    each advanced by half its expected critical path (the tail guard,
+    ``guard.app_lead_s``), the node priority within an application: interleaving
+    applications under memory contention makes every app's context compete for the pool
+    (evicted, recomputed, and every app finishing near the end). Partition: each class
+    (agent type) gets a reservation that follows its critical agents' demand (blocks held
+    + blocks waited for), smoothed, and capped at ``max_reserve_fraction`` of the pool,
+    reported as ``partition`` decisions for operators. ``may_allocate`` is the critical-inversion
     guard (``guard``, shared with vLLM's ``TokenCakeScheduler``): a non-critical request
     is admitted only while the blocks protected for critical agents that rank ahead of it
-    (its own app or an older one; waiting, or in a tool call with KV on the GPU or an
+    (its own app or one ranked ahead; waiting, or in a tool call with KV on the GPU or an
     upload due) stay free: no critical inversion, and no memory held idle for a newer
-    app's agent while an older app waits. Critical agents are never refused. Eviction: KV
-    nobody will read first (ended apps, agents whose DAG successors all ran), then newer
-    applications' KV before older ones (the admission order reads older apps' KV first),
+    app's agent while an app ranked ahead waits. Critical agents are never refused. Eviction: KV
+    nobody will read first (ended apps, agents whose DAG successors all ran), then the KV
+    of applications ranked later (the admission order reads the others' KV first),
     then the KV whose next use is furthest away (remaining predicted tool time; its
     successors' start: a waiting successor reads the predecessor's KV, contexts being
     append-only), divided by priority.
@@ -52,7 +53,15 @@ from collections.abc import Sequence
 
 from tokencake import guard
 from tokencake import protocol as p
-from tokencake.daemon.scheduler.agents import DONE, IDLE, RUNNING, TOOL, WAITING, AgentState
+from tokencake.daemon.scheduler.agents import (
+    DONE,
+    IDLE,
+    RUNNING,
+    TOOL,
+    WAITING,
+    AgentState,
+    AppState,
+)
 from tokencake.daemon.scheduler.costmodel import upload_lead_s
 from tokencake.daemon.scheduler.policy import CachedKv, PolicyConfig, WaitingRequest
 from tokencake.daemon.scheduler.predictor import Z_Q10, Z_Q20, Z_Q95
@@ -337,18 +346,25 @@ class TokenCakePolicy(WriteThroughPolicy):
         terms["importance"] = node.importance
         return score, terms
 
-    @staticmethod
-    def app_rank(agent: AgentState) -> tuple[float, str]:
-        """Order of applications: the one registered first goes first (program-level FCFS).
+    def app_lead_s(self, app: AppState) -> float:
+        return guard.app_lead_s(app.info.critical_length_s) if self.spatial else 0.0
+
+    def app_rank(self, agent: AgentState) -> tuple[float, str]:
+        """Order of applications: registration order (program-level FCFS), each app
+        advanced by half its expected critical path (the tail guard, ``guard.app_lead_s``).
 
         Under memory contention, interleaving applications multiplies the working set that
         must be resident at once (every app keeps its context warm), so every app's KV is
         evicted and recomputed and every app finishes near the end. Serving the oldest app's
         ready nodes first bounds the working set to the apps in progress and is what
-        minimises mean app latency among equal-sized jobs; it cannot starve anyone (a newer
-        app never overtakes an older one). Within an application, the node priority decides.
+        minimises mean app latency among equal-sized jobs. The lead lets a long app that
+        arrived just after shorter ones start first, so its sequential remainder is not
+        what is left running alone at the end (the p95); it is bounded (half the app's
+        critical length), so an app never overtakes one older than that and nobody is
+        starved. Within an application, the node priority decides.
         """
-        return agent.app.registered_s, agent.app.app_id
+        app = agent.app
+        return app.registered_s - self.app_lead_s(app), app.app_id
 
     def admission_order(
         self, waiting: Sequence[WaitingRequest], now: float
@@ -418,8 +434,8 @@ class TokenCakePolicy(WriteThroughPolicy):
             if agent is None or nxt >= NEVER:
                 keyed.append((0, 0.0, 0.0, c.last_used_s, c))  # read by nobody: first
                 continue
-            # Admission serves older apps first, so a newer app's KV is read later.
-            reg = agent.app.registered_s
+            # Admission serves apps in rank order, so a later-ranked app's KV is read later.
+            reg = self.app_rank(agent)[0]
             score = self.priority(agent, now)[0]
             keyed.append((1, -reg, -nxt / max(score, 1e-9), c.last_used_s, c))
         keyed.sort(key=lambda k: k[:4])
@@ -448,9 +464,9 @@ class TokenCakePolicy(WriteThroughPolicy):
         agent = self._agent(app_id, agent_id, create=False)
         if agent is not None and agent.critical:
             return True, p.DecisionReason("allow:critical", {})
-        # Only critical agents that rank ahead of this one (an older app, or its own app)
-        # are protected: memory kept for a critical agent of a newer app would idle while
-        # the older app, which the admission order serves first, waits for it. A request
+        # Only critical agents that rank ahead of this one (an app ranked ahead, or its own
+        # app) are protected: memory kept for a critical agent of an app ranked later would
+        # idle while the app the admission order serves first waits for it. A request
         # of an unknown agent of a known app ranks behind every application; a plain
         # request (unknown app) as an app registered PLAIN_HEAD_START_S before now (its
         # arrival is not asked here; vLLM's TokenCakeScheduler uses its clock the same way).

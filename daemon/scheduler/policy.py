@@ -205,7 +205,10 @@ class AgentView:
     protect_blocks: int = 0
     """Blocks the critical-inversion guard keeps free for this agent (``guard``)."""
     app_registered_s: float = 0.0
-    """When the agent's application registered (policy clock): the guard's rank."""
+    """When the agent's application registered (policy clock)."""
+    app_lead_s: float = 0.0
+    """How far ahead of its registration the application ranks (``guard.app_lead_s``):
+    the admission order's and the guard's rank is ``app_registered_s - app_lead_s``."""
 
 
 class Policy(ABC):

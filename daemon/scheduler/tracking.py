@@ -480,6 +480,11 @@ class TrackingPolicy(TimedPolicy):
         """Scheduling priority of an agent (higher first). Base: importance only."""
         return agent.node.importance, {"importance": agent.node.importance}
 
+    def app_lead_s(self, app: AppState) -> float:
+        """How far ahead of its registration ``app`` ranks (``AgentView.app_lead_s``).
+        Base: none (the engine's own order)."""
+        return 0.0
+
     def agent_view(self, app_id: str, agent_id: str) -> AgentView | None:
         agent = self._agent(app_id, agent_id, create=False)
         if agent is None:
@@ -500,6 +505,7 @@ class TrackingPolicy(TimedPolicy):
             state_since_s=agent.phase_since,
             protect_blocks=self.protected_blocks(agent),
             app_registered_s=agent.app.registered_s,
+            app_lead_s=self.app_lead_s(agent.app),
         )
 
     def protected_blocks(self, agent: AgentState) -> int:

@@ -9,12 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 from tokencake import protocol as p
+from tokencake.agent_params import AgentParams
 from tokencake.clients.priorities import AgentPriorities
 
 
-def _agent(app_id: str, agent_id: str, priority: float) -> p.AgentInfo:
+def _agent(
+    app_id: str, agent_id: str, priority: float, age: float = 1.0, lead: float = 0.0
+) -> p.AgentInfo:
     return p.AgentInfo(
-        app_id, agent_id, "t", "llm", 1.0, priority, False, 0, 0, "", None, 0.0, 0, 1.0
+        app_id, agent_id, "t", "llm", 1.0, priority, False, 0, 0, "", None, 0.0, 0, age, lead
     )
 
 
@@ -70,3 +73,18 @@ def test_a_daemon_that_is_gone_clears_every_rank() -> None:
     assert prio.refresh(link, ["a", "b"])
     assert prio.ranks == {}
     assert prio.ended_apps == set()
+
+
+def test_an_apps_lead_moves_it_ahead_as_in_the_daemons_order() -> None:
+    """``app_lead_s`` (the tail guard) is subtracted from the registration: an app 3 s
+    younger but 10 s ahead by its lead ranks first; without the lead, the older one."""
+    params = {a: AgentParams(a, "x") for a in ("old", "new")}
+    link = Link(
+        {"old": [_agent("old", "x", 1.0, age=5.0)], "new": [_agent("new", "x", 1.0, 2.0, 10.0)]}
+    )
+    prio = AgentPriorities()
+    prio.refresh(link, ["old", "new"])
+    assert prio.order(params["new"], 0.0) < prio.order(params["old"], 0.0)
+    link.agents["new"] = [_agent("new", "x", 1.0, age=2.0)]
+    prio.refresh(link, ["old", "new"])
+    assert prio.order(params["old"], 0.0) < prio.order(params["new"], 0.0)

@@ -199,6 +199,7 @@ def test_agent_events_and_introspection(client: TokenCakeClient, engine_id: str)
     assert agents["plan"].state == "tool"
     assert agents["plan"].tool_kind == "search"
     assert agents["plan"].kv_blocks == 18
+    assert agents["plan"].app_lead_s > 0  # the tail guard's lead (tokencake.guard.app_lead_s)
     # An end for another call id is not this call's end.
     assert not client.call(p.ToolCallEnd("app-1", "plan", call_id="c2")).accepted
     assert client.call(p.ToolCallEnd("app-1", "plan", call_id="c1")).accepted
