@@ -55,137 +55,136 @@ def _step_until_done(engine: Any, req_id: str) -> tuple[float, Any]:
                 return time.perf_counter() - t0, out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--context", type=int, default=1500, help="agent context tokens")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
-    ap.add_argument("--blocks", type=int, default=140, help="GPU KV blocks of 32 tokens")
-    ap.add_argument("--json", type=Path, default=None, help="write the raw figures here")
-    args = ap.parse_args(argv)
-    if args.context < 64 or args.reps < 1 or args.blocks * 32 < 2 * (args.context + TAIL):
-        ap.error("--context >= 64, --reps >= 1, --blocks x 32 >= twice a continuation")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    sys.path.insert(0, str(ROOT))
-    from vllm import SamplingParams
+class _Engine:
+    """One in-process vLLM-CPU engine with ``TokenCakeConnector``, and what is run on it."""
 
-    from bench.common.vllm_apps import ModelShape, build_llama, kv_bytes_per_block
-    from bench.common.vllm_workload import DaemonProcess, engine_kwargs, shutdown_engine, to_turn
-    from tokencake import protocol as p
-    from tokencake.agent_params import kv_transfer_params
+    def __init__(self, model: Path, blocks: int, kv_bytes: int, endpoint: str) -> None:
+        from vllm import LLM
 
-    shape = ModelShape()
-    work = Path(tempfile.mkdtemp(prefix="bench-preload-"))
-    model = build_llama(work / "model", shape)
-    daemon = DaemonProcess(work, f"bp{os.getpid()}")
-    daemon.start()
-    from vllm import LLM
+        from bench.common.vllm_workload import engine_kwargs
 
-    kwargs = engine_kwargs(
-        str(model),
-        kv_bytes=args.blocks * kv_bytes_per_block(shape),
-        connector={
-            "endpoint": daemon.endpoint,
-            "engine_name": "bench-preload",
-            "save": "tool",
-            "tool_offload": "never",
-            "timeout_ms": 1000,
-        },
-    )
-    max_len = (args.blocks - 1) * 32  # the pool, less vLLM's null block
-    kwargs["max_model_len"] = max_len
-    kwargs["max_num_batched_tokens"] = 2048
-    llm = LLM(**kwargs)
-    engine = llm.llm_engine
-    engine_client: Any = engine.engine_core  # in-process (no multiprocessing)
-    core = engine_client.engine_core
-    conn = core.scheduler.connector
-    n = 0
+        kwargs = engine_kwargs(
+            str(model),
+            kv_bytes=kv_bytes,
+            connector={
+                "endpoint": endpoint,
+                "engine_name": "bench-preload",
+                "save": "tool",
+                "tool_offload": "never",
+                "timeout_ms": 1000,
+            },
+        )
+        self.max_len = (blocks - 1) * 32  # the pool, less vLLM's null block
+        kwargs["max_model_len"] = self.max_len
+        kwargs["max_num_batched_tokens"] = 2048
+        self.llm: Any = LLM(**kwargs)
+        self.engine = self.llm.llm_engine
+        engine_client: Any = self.engine.engine_core  # in-process (no multiprocessing)
+        self.core = engine_client.engine_core
+        self.side = self.core.scheduler.connector.connector_scheduler
+        self._n = 0
 
-    def run(ids: list[int], params: dict[str, Any] | None) -> tuple[float, Any]:
-        nonlocal n
-        n += 1
-        rid = f"bp-{n}"
+    def run(self, ids: list[int], params: dict[str, Any] | None = None) -> tuple[float, Any]:
+        """One request of one token: (its time to first token, its turn)."""
+        from vllm import SamplingParams
+
+        from bench.common.vllm_workload import to_turn
+
+        self._n += 1
+        rid = f"bp-{self._n}"
         sp = SamplingParams(
             temperature=0.0,
             max_tokens=1,
             logprobs=1,
             extra_args={"kv_transfer_params": params} if params else None,
         )
-        engine.add_request(rid, {"prompt_token_ids": ids}, sp)
-        seconds, out = _step_until_done(engine, rid)
+        self.engine.add_request(rid, {"prompt_token_ids": ids}, sp)
+        seconds, out = _step_until_done(self.engine, rid)
         return seconds, to_turn(out)
 
-    filler_len = max_len - 8  # with its token, the whole pool: evicts every cached prefix
-    rows: list[dict[str, Any]] = []
-    try:
-        run(_ids(1, 64), None)  # warm-up: CPU kernels are built on first use
-        for rep in range(args.reps):
-            agent = f"agent-{rep}"
-            ctx = _ids(100 + rep, args.context)
-            plain = _ids(200 + rep, args.context)
-            hint = kv_transfer_params(
-                "bench-preload", agent, tool_kind="search", tool_predicted_s=5.0
+    def resident(self, hashes: list[Any]) -> int:
+        return len(self.side.resident([], hashes))
+
+    def preload(self, key: tuple[str, str], hashes: list[Any]) -> float:
+        """Apply the daemon's upload decision for the agent, as when pushed during its tool
+        call, and step the idle engine until its KV is back; the seconds that took."""
+        from tokencake import protocol as p
+
+        link = self.core.scheduler.connector.link
+        self.side.agents[key].open_tool = "bench"  # its call is in a tool: as when pushed
+        self.side.holds.apply(
+            p.UploadDecision(
+                at_s=0.0,
+                app_id=key[0],
+                agent_id=key[1],
+                engine_id=link.engine_id if link is not None else "",
+                blocks=len(hashes),
+                policy="bench",
+                reason=p.DecisionReason("predictive_upload"),
+                priority=p.PREDICTIVE,
             )
-            run(ctx, hint)  # written through to the host (a tool call follows)
-            run(plain, None)  # not written: save=tool
-            key = ("bench-preload", agent)
-            hashes = list(conn.connector_scheduler.agents[key].hashes)
-            row: dict[str, Any] = {"rep": rep, "prefix_blocks": len(hashes)}
+        )
+        t0 = time.perf_counter()
+        while self.resident(hashes) < len(hashes):
+            assert self.core.scheduler.has_requests(), "the idle engine stopped stepping"
+            self.core.step()
+            assert time.perf_counter() - t0 < 120, "the predictive upload did not land"
+        return time.perf_counter() - t0
 
-            run(_ids(300 + rep, filler_len), None)
-            evicted = not conn.connector_scheduler.resident([], hashes)
-            assert evicted, "the filler did not evict the prefix"
-            cont = ctx + _ids(400 + rep, TAIL)
-            row["load_s"], t_load = run(cont, None)
-            row["load_loaded_tokens"] = t_load.loaded_tokens
+    def close(self) -> None:
+        from bench.common.vllm_workload import shutdown_engine
 
-            run(_ids(500 + rep, filler_len), None)
-            assert not conn.connector_scheduler.resident([], hashes)
-            # its call is in a tool: as when pushed
-            conn.connector_scheduler.agents[key].open_tool = "bench"
-            conn.connector_scheduler.holds.apply(
-                p.UploadDecision(
-                    at_s=0.0,
-                    app_id=key[0],
-                    agent_id=key[1],
-                    engine_id=conn.link.engine_id if conn.link is not None else "",
-                    blocks=len(hashes),
-                    policy="bench",
-                    reason=p.DecisionReason("predictive_upload"),
-                    priority=p.PREDICTIVE,
-                )
-            )
-            t0 = time.perf_counter()
-            while len(conn.connector_scheduler.resident([], hashes)) < len(hashes):
-                assert core.scheduler.has_requests(), "the idle engine stopped stepping"
-                core.step()
-                assert time.perf_counter() - t0 < 120, "the predictive upload did not land"
-            row["preload_wall_s"] = time.perf_counter() - t0
-            row["preload_s"], t_pre = run(cont, None)
-            row["preload_cached_tokens"] = t_pre.cached_tokens
-            row["preload_loaded_tokens"] = t_pre.loaded_tokens
-
-            run(_ids(600 + rep, filler_len), None)
-            row["recompute_s"], t_rec = run(plain + _ids(700 + rep, TAIL), None)
-            row["recompute_cached_tokens"] = t_rec.cached_tokens
-            # The same continuation answers the same whichever way its prefix came.
-            assert t_pre.token_ids == t_load.token_ids
-            assert abs(t_pre.logprobs[0] - t_load.logprobs[0]) < 1e-3
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    finally:
-        shutdown_engine(llm)
-        del llm
+        shutdown_engine(self.llm)
+        del self.llm
         gc.collect()
-        daemon.stop()
 
+
+def _rep(eng: _Engine, rep: int, context: int) -> dict[str, Any]:
+    """One repetition: the same continuation by load on arrival and by predictive upload,
+    and the plain request's by recompute."""
+    from tokencake.agent_params import kv_transfer_params
+
+    filler_len = eng.max_len - 8  # with its token, the whole pool: evicts every cached prefix
+    agent = f"agent-{rep}"
+    ctx = _ids(100 + rep, context)
+    plain = _ids(200 + rep, context)
+    hint = kv_transfer_params("bench-preload", agent, tool_kind="search", tool_predicted_s=5.0)
+    eng.run(ctx, hint)  # written through to the host (a tool call follows)
+    eng.run(plain)  # not written: save=tool
+    key = ("bench-preload", agent)
+    hashes = list(eng.side.agents[key].hashes)
+    row: dict[str, Any] = {"rep": rep, "prefix_blocks": len(hashes)}
+
+    eng.run(_ids(300 + rep, filler_len))
+    assert not eng.resident(hashes), "the filler did not evict the prefix"
+    cont = ctx + _ids(400 + rep, TAIL)
+    row["load_s"], t_load = eng.run(cont)
+    row["load_loaded_tokens"] = t_load.loaded_tokens
+
+    eng.run(_ids(500 + rep, filler_len))
+    assert not eng.resident(hashes)
+    row["preload_wall_s"] = eng.preload(key, hashes)
+    row["preload_s"], t_pre = eng.run(cont)
+    row["preload_cached_tokens"] = t_pre.cached_tokens
+    row["preload_loaded_tokens"] = t_pre.loaded_tokens
+
+    eng.run(_ids(600 + rep, filler_len))
+    row["recompute_s"], t_rec = eng.run(plain + _ids(700 + rep, TAIL))
+    row["recompute_cached_tokens"] = t_rec.cached_tokens
+    # The same continuation answers the same whichever way its prefix came.
+    assert t_pre.token_ids == t_load.token_ids
+    assert abs(t_pre.logprobs[0] - t_load.logprobs[0]) < 1e-3
+    return row
+
+
+def _report(rows: list[dict[str, Any]], context: int, json_path: Path | None) -> None:
     def med(k: str) -> float:
         return statistics.median(r[k] for r in rows)
 
     rec = med("recompute_s")
     print()
     print(
-        f"continuation TTFT, {args.context}-token prefix, median of {len(rows)}, "
+        f"continuation TTFT, {context}-token prefix, median of {len(rows)}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print("| way | TTFT s | vs recompute |")
@@ -200,8 +199,42 @@ def main(argv: list[str] | None = None) -> int:
         f"the predictive upload itself took {med('preload_wall_s'):.3f} s "
         "(on the idle engine, during the tool call)"
     )
-    if args.json is not None:
-        args.json.write_text(json.dumps({"rows": rows, "load": os.getloadavg()}, indent=1))
+    if json_path is not None:
+        json_path.write_text(json.dumps({"rows": rows, "load": os.getloadavg()}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--context", type=int, default=1500, help="agent context tokens")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
+    ap.add_argument("--blocks", type=int, default=140, help="GPU KV blocks of 32 tokens")
+    ap.add_argument("--json", type=Path, default=None, help="write the raw figures here")
+    args = ap.parse_args(argv)
+    if args.context < 64 or args.reps < 1 or args.blocks * 32 < 2 * (args.context + TAIL):
+        ap.error("--context >= 64, --reps >= 1, --blocks x 32 >= twice a continuation")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    sys.path.insert(0, str(ROOT))
+    from bench.common.vllm_apps import ModelShape, build_llama, kv_bytes_per_block
+    from bench.common.vllm_workload import DaemonProcess
+
+    shape = ModelShape()
+    work = Path(tempfile.mkdtemp(prefix="bench-preload-"))
+    model = build_llama(work / "model", shape)
+    daemon = DaemonProcess(work, f"bp{os.getpid()}")
+    daemon.start()
+    rows: list[dict[str, Any]] = []
+    try:
+        eng = _Engine(model, args.blocks, args.blocks * kv_bytes_per_block(shape), daemon.endpoint)
+        try:
+            eng.run(_ids(1, 64))  # warm-up: CPU kernels are built on first use
+            for rep in range(args.reps):
+                rows.append(_rep(eng, rep, args.context))
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            eng.close()
+    finally:
+        daemon.stop()
+    _report(rows, args.context, args.json)
     return 0
 
 
