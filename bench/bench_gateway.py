@@ -17,7 +17,8 @@ stub with the same client in the same run, interleaved so load affects all alike
 
 1 and 2 are repeated ``--runs`` times; the summary is the median over runs, with the load
 average before and after each. CPU seconds per request and per MB (``/proc/<pid>/stat``) of
-every process are reported beside the wall-clock figures: they do not depend on the load.
+every process, a gateway's daemon per MB that gateway relays included, are reported beside
+the wall-clock figures: they barely depend on the load.
 
     python bench/bench_gateway.py [--runs 3] [--conversations 1000] [--rounds 8] [--seconds 5]
 """
@@ -43,6 +44,8 @@ from aiohttp import web
 MODEL = "stub"
 DAEMON_ARGS = ("--arena-bytes", "16MiB", "--metrics-port", "0", "--log-level", "WARNING")
 TOOLS = [{"type": "function", "function": {"name": "run_tests", "parameters": {}}}]
+DAEMONS = {"daemon": "gateway", "baseline_daemon": "baseline"}
+"""Each daemon and the gateway that reports to it: its CPU per MB that gateway relays."""
 
 
 # ---------------------------------------------------------------------------- stub engine
@@ -275,6 +278,9 @@ async def streaming(
     used = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
     per_mb = {name: used[name] / mb[name] * 1e3 for name in pids if name in mb}
     per_mb["stub"] = used["stub"] / sum(mb.values()) * 1e3
+    for daemon, gateway in DAEMONS.items():
+        if daemon in used:
+            per_mb[daemon] = used[daemon] / mb[gateway] * 1e3
     per_mb.update({f"client_via_{name}": c / mb[name] * 1e3 for name, c in client.items()})
     return {
         "ratio_median": {name: statistics.median(xs) for name, xs in ratios.items()},
@@ -407,6 +413,7 @@ async def _runs(
     each proxy's CPU per request in the latency phase."""
     proxies = [name for name in urls if name != "direct"]
     pids = {name: procs[name].pid for name in ["stub", *proxies]}
+    pids.update({name: procs[name].pid for name in DAEMONS if name in procs})
     runs = []
     for _ in range(args.runs):
         run: dict[str, Any] = {"load_before": os.getloadavg()[0]}
@@ -480,6 +487,11 @@ def _summary(runs: list[dict[str, Any]], proxies: list[str]) -> dict[str, Any]:
             "cpu_ms_per_request": med(lambda r, n=name: r["cpu_ms_per_request"][n]),
             "cpu_ms_per_MB": med(lambda r, n=name: r["streaming"]["cpu_ms_per_MB"][n]),
         }
+    for daemon, gateway in DAEMONS.items():
+        if gateway in proxies and daemon in runs[0]["streaming"]["cpu_ms_per_MB"]:
+            out[gateway]["daemon_cpu_ms_per_MB"] = med(
+                lambda r, d=daemon: r["streaming"]["cpu_ms_per_MB"][d]
+            )
     out["direct_p50_ms"] = med(lambda r: r["latency"]["direct_p50_ms"])
     return out
 
@@ -500,6 +512,11 @@ def _report(result: dict[str, Any]) -> None:
                 f"  {name:18s} adds p50 {m['added_p50_ms']:.3f} ms, p99 {m['added_p99_ms']:.3f} ms;"
                 f" stream ratio {m['stream_ratio']:.3f}; CPU {m['cpu_ms_per_request']:.3f} ms"
                 f" per request, {m['cpu_ms_per_MB']:.1f} ms per MB relayed"
+                + (
+                    f" (its daemon {m['daemon_cpu_ms_per_MB']:.1f})"
+                    if "daemon_cpu_ms_per_MB" in m
+                    else ""
+                )
             )
     print(
         f"sustained {rps['gateway']:.0f} req/s via the gateway (target >= 500), "
