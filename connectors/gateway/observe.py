@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -97,7 +96,7 @@ class Observer:
         the chunks before them, past their last blank line."""
         self._unread = 0
         self._rest = b""
-        self._one: re.Pattern[bytes] | None = None
+        self._one: sse.Template | None = None
         self._values: list[bytes] = []
 
     # ------------------------------------------------------------------ whole bodies
@@ -240,6 +239,10 @@ class Observer:
             if self._one is None:
                 self._read_lines(data)
                 return
+        values = sse.tiled(self._one, data)
+        if values is not None:  # the usual part: nothing but text events
+            self._values += values
+            return
         found = sse.split(self._one, data)
         if found is None:
             self._stop_live()

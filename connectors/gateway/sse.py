@@ -40,6 +40,24 @@ _strings = msgspec.json.Decoder(list[str])
 _string = msgspec.json.Decoder(str)
 
 
+@dataclass(frozen=True, slots=True)
+class Template:
+    """One ``data:`` line of a stream but for the string value of its one key ``name``."""
+
+    before: bytes
+    """The line up to the value (from ``data:``)."""
+    after: bytes
+    """The line after the value, its blank line included."""
+    one: re.Pattern[bytes]
+    """The line, its value any one-line JSON string."""
+    tail: re.Pattern[bytes]
+    """The same from the last ``TAIL_BYTES`` of ``before`` on: it finds the values of a run
+    of such lines in fewer steps (``tiled`` checks the run)."""
+
+
+TAIL_BYTES: Final = 16
+
+
 @dataclass(slots=True)
 class Repeated:
     """The events of a stream that repeat one event but for one string value."""
@@ -61,12 +79,10 @@ def repeated(data: bytes, name: str, accept: Callable[[bytes, bytes], bool]) -> 
     return None if one is None else split(one, data)
 
 
-def template(
-    data: bytes, name: str, accept: Callable[[bytes, bytes], bool]
-) -> re.Pattern[bytes] | None:
-    """A pattern of one ``data:`` line of ``data`` whose string value of its one key ``name``
-    may be any one-line JSON string, the line's blank line included; None when no line has a
-    non-empty such value that ``accept(payload, value)`` takes. See ``repeated``."""
+def template(data: bytes, name: str, accept: Callable[[bytes, bytes], bool]) -> Template | None:
+    """The first line of ``data`` (from its middle on, else from its start) whose string
+    value of its one key ``name`` is not empty and that ``accept(payload, value)`` takes, as
+    a ``Template``; None when there is none. See ``repeated``."""
     key = b'"' + name.encode() + b'"'
     pattern = key_pattern(name, b"(" + _TEXT + b")")
     for pos in (len(data) // 2, 0):
@@ -81,11 +97,24 @@ def template(
         one_line = b"\n" not in before and after.find(b"\n") == len(after) - 2
         one_key = before.count(key) == 1 and key not in after
         if one_line and one_key and accept(data[start + 5 : end], found[1]):
-            return re.compile(re.escape(before) + b"(" + _LINE_STRING + b")" + re.escape(after))
+            value = b"(" + _LINE_STRING + b")" + re.escape(after)
+            one = re.compile(re.escape(before) + value)
+            return Template(before, after, one, re.compile(re.escape(before[-TAIL_BYTES:]) + value))
     return None
 
 
-def split(one: re.Pattern[bytes], data: bytes) -> Repeated | None:
+def tiled(t: Template, data: bytes) -> list[bytes] | None:
+    """The values of ``data`` when it is nothing but ``t``'s lines, in order; else None.
+
+    Exact: the lines rebuilt from the values found are compared with ``data`` byte for byte,
+    and a run of lines splits into lines one way only."""
+    values = t.tail.findall(data)
+    if values and t.before + (t.after + t.before).join(values) + t.after == data:
+        return values
+    return None
+
+
+def split(t: Template, data: bytes) -> Repeated | None:
     """``data`` split by a ``template``: its repetitions' values and the lines between them;
     None when a repetition does not start a line (it is then not an event of its own).
 
@@ -95,7 +124,7 @@ def split(one: re.Pattern[bytes], data: bytes) -> Repeated | None:
     newline but the blank line that ends it, so ``data`` may be split further at any blank
     line (``\\n\\n``) and each part split alone: the parts say, in order, what the whole
     says."""
-    parts = one.split(data)
+    parts = t.one.split(data)
     between = parts[0::2]
     if any(not piece.endswith(b"\n") for piece in filter(None, between[:-1])):
         return None
