@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,8 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
     out["steps"] = steps
     conn = sched.connector
     out["connector"] = conn.get_stats() if conn is not None and hasattr(conn, "get_stats") else {}
+    tc_stats = getattr(sched, "tc_stats", None)  # TokenCakeScheduler's (guard deferrals)
+    out["scheduler"] = asdict(tc_stats) if tc_stats is not None else {}
     return out
 
 
@@ -311,8 +314,6 @@ def run_all(
 def smoke(args: argparse.Namespace, setups: list[str]) -> None:
     """The CI size: every setup on the tests' tiny model, 2 apps, a 16-block pool (the apps'
     contexts do not all fit). ``--json`` gets every call's output, for the test to compare."""
-    from dataclasses import asdict
-
     from bench.common.vllm_apps import SMOKE_APPS
     from bench.common.vllm_models import build_tiny_llama
 

@@ -53,6 +53,10 @@ class ConnectorConfig:
     preload_min_free: float = 0.05
     """A predictive upload leaves at least this share of the pool free, beyond what waiting
     requests need and one block per running request."""
+    lookup_retry_s: float = 0.1
+    """A waiting request that vLLM could not allocate for is looked up again each step; its
+    last answer (a hit, its host slots still pinned, or a miss) stands this long, unless a
+    copy of this engine started or ended since. 0: every retry asks the daemon."""
     idle_tick_s: float = 0.005
     """While vLLM has no requests but the connector awaits the daemon's decisions for its
     agents in tool calls, the engine keeps stepping (vLLM's ``has_pending_push_work``) at
@@ -85,6 +89,8 @@ class ConnectorConfig:
             raise ValueError("preload_chunk_blocks must be in [1, 65536]")
         if not 0 <= self.preload_min_free < 1:
             raise ValueError("preload_min_free must be in [0, 1)")
+        if not 0 <= self.lookup_retry_s <= 60:
+            raise ValueError("lookup_retry_s must be in [0, 60]")
         if not 0 <= self.idle_tick_s <= 1:
             raise ValueError("idle_tick_s must be in [0, 1]")
         if not 0 < self.liveness_s <= 3600:

@@ -89,6 +89,9 @@ class TokenCakeConnectorScheduler:
         """Agent requests whose start the daemon has not heard of (the link was down when
         they arrived), with their prompt tokens."""
         self._preempted: list[Preempted] = []
+        self._missed: dict[str, tuple[int, int, int, float]] = {}
+        """Waiting requests whose last lookup found nothing: (link epoch, first block,
+        blocks asked, when), so that a retry within ``lookup_retry_s`` asks nothing."""
         self._pushes_applied = False
         self._next_state_report = 0.0
         self._last_state: tuple[int, int, int, int] | None = None
@@ -109,6 +112,27 @@ class TokenCakeConnectorScheduler:
     def resident(self, blocks: list[int], hashes: list[bytes]) -> list[int]:
         """The engine blocks that hold ``hashes`` now (``jobs.resident``)."""
         return resident(self.side.pool, blocks, hashes)
+
+    def make_room(self, request: Request) -> int:
+        """``TokenCakeScheduler`` may admit ``request`` now: if the free blocks cannot hold
+        it and pins hold blocks, the pins give way (``AgentHolds.yield_pins``). A pin is a
+        speculative hold; a request that can run is never kept waiting for it. Returns the
+        blocks freed for it (free once the yielded agents' copies end, one step)."""
+        pool = self.side.pool
+        if pool is None or not self.holds.held():
+            return 0
+        # What vLLM's allocation takes from the free queue for the whole request: a block
+        # of its cached prefix that another request uses costs nothing, an idle one (in
+        # the free queue) costs one, as a new block does.
+        mine = resident(pool, [], self._chain(request))
+        in_use = sum(1 for b in mine if pool.blocks[b].ref_cnt > 0)
+        need = -(-request.num_tokens // self.block_size) - in_use
+        short = need - pool.get_num_free_blocks()
+        if short <= 0:
+            return 0
+        params = self._params.get(request.request_id)
+        keep = params.key if params is not None else None
+        return self.holds.yield_pins(short, keep=keep, mine=set(mine))
 
     def set_queue_probe(self, probe: QueueProbe) -> None:
         """``TokenCakeScheduler``'s (waiting, running, blocks the waiting need), reported
@@ -160,22 +184,26 @@ class TokenCakeConnectorScheduler:
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        req_id, link = request.request_id, self.link
-        self.copies.release_hit(req_id)  # a retry after a failed allocation re-pins
+        req_id, link, now = request.request_id, self.link, time.monotonic()
         if link.up and not self._pushes_applied:
             # Before this step's first allocation: a pin or offload decided while the engine
             # sat idle (agents in tool calls) must hold its blocks before a new request can
             # take them.
-            self.holds.apply_pushes(time.monotonic())
+            self.holds.apply_pushes(now)
             self._pushes_applied = True
-        if not link.up or num_computed_tokens % self.block_size:
-            return 0, False
         start = num_computed_tokens // self.block_size
         # vLLM must compute at least the last prompt token itself.
         end = min((request.num_tokens - 1) // self.block_size, len(request.block_hashes))
         hashes = self._chain(request)[start:end]
-        if not hashes:
+        if not link.up or num_computed_tokens % self.block_size or not hashes:
+            self.copies.release_hit(req_id)
             return 0, False
+        if self._answer_stands(req_id, start, len(hashes), now):
+            # A retry (vLLM could not allocate for it last step): the same answer, no call.
+            self.stats.lookups_reused += 1
+            hit = self.copies.hits.get(req_id)
+            return (len(hit.slots) * self.block_size, True) if hit else (0, False)
+        self.copies.release_hit(req_id)
         self.stats.lookups += 1
         params = self._params.get(req_id)
         # Naming the agent lets the daemon account the load as the agent's upload (load_end).
@@ -188,14 +216,36 @@ class TokenCakeConnectorScheduler:
         )
         reply = link.call(req)
         if reply is None or not reply.slots:
+            if reply is not None:
+                self._missed[req_id] = (link.epoch, start, len(hashes), now)
             return 0, False
-        self.copies.hits[req_id] = Hit(link.epoch, start, list(reply.slots))
+        self.copies.hits[req_id] = Hit(link.epoch, start, list(reply.slots), len(hashes), now)
         return len(reply.slots) * self.block_size, True
+
+    def _answer_stands(self, req_id: str, start: int, asked: int, now: float) -> bool:
+        """The request's last lookup still answers this one: the same blocks asked of the
+        same registration, less than ``lookup_retry_s`` ago, and no copy of this engine
+        started or ended since (the host may hold more of the prefix then). A hit's host
+        slots stay pinned meanwhile."""
+        hit = self.copies.hits.get(req_id)
+        if hit is not None:
+            last = (hit.epoch, hit.start_block, hit.asked, hit.at)
+        elif req_id in self._missed:
+            last = self._missed[req_id]
+        else:
+            return False
+        epoch, first, n, at = last
+        return (
+            (epoch, first, n) == (self.link.epoch, start, asked)
+            and now - at < self.cfg.lookup_retry_s
+            and self.copies.progress_at <= at
+        )
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         req_id = request.request_id
+        self._missed.pop(req_id, None)
         params = self._params.get(req_id)
         block_ids = list(blocks.get_block_ids()[0])
         if params is not None and self.link.up:
@@ -333,6 +383,7 @@ class TokenCakeConnectorScheduler:
     ) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self.copies.release_hit(req_id)
+        self._missed.pop(req_id, None)
         params = self._params.pop(req_id, None)
         out = {NAMESPACE: {"loaded_tokens": self._req_loaded.pop(req_id, 0)}}
         prompt_tokens = self._unreported.pop(req_id, None)

@@ -96,7 +96,8 @@ class AgentHolds:
             watch = time.monotonic() + self.side.cfg.hold_max_s
             agent.watch_until = max(agent.watch_until, watch)
         if isinstance(decision, p.OffloadDecision):
-            self._offload(key, agent, free_gpu=decision.free_gpu)
+            if self._offload(key, agent, free_gpu=decision.free_gpu):
+                self.side.stats.offloads_started += 1
         elif isinstance(decision, p.UploadDecision):
             self._stage_upload(key, agent)
         elif isinstance(decision, p.DropDecision):
@@ -126,44 +127,79 @@ class AgentHolds:
         ttl = min(max(ttl_s, 0.0), self.side.cfg.hold_max_s)
         agent.pin_until = time.monotonic() + ttl
 
-    def _offload(self, key: AgentKey, agent: AgentKv, *, free_gpu: bool) -> None:
-        """Copy the agent's resident KV to the host. An offload ends the agent's pin: the
-        copy takes its own references first, so the blocks are never free in between."""
+    def _offload(self, key: AgentKey, agent: AgentKv, *, free_gpu: bool) -> bool:
+        """Copy the agent's resident KV to the host (True: it had some). An offload ends the
+        agent's pin: the copy takes its own references first, so the blocks are never free
+        in between."""
         try:
-            self._start_offload(key, agent, free_gpu=free_gpu)
+            return self._start_offload(key, agent, free_gpu=free_gpu)
         finally:
             self.unpin(agent)
 
-    def _start_offload(self, key: AgentKey, agent: AgentKv, *, free_gpu: bool) -> None:
+    def _start_offload(self, key: AgentKey, agent: AgentKv, *, free_gpu: bool) -> bool:
         pool = self.side.pool
         assert pool is not None
         blocks = resident(pool, agent.blocks, agent.hashes)
         if not blocks:
-            return
+            return False
         hashes = agent.hashes[: len(blocks)]
-        self.side.stats.offloads_started += 1
         inflight = self.copies.saving(hashes)
         if inflight is not None:
             # A save of these blocks is in flight (the request's own, at its finish): it is
             # the offload's copy; free the blocks when it commits.
             inflight.free_gpu = inflight.free_gpu or free_gpu
-            return
+            return True
         # Hold a reference so the blocks cannot be reused while the worker copies them.
         pool.touch([pool.blocks[b] for b in blocks])
         params = AgentParams(app_id=key[0], agent_id=key[1])
         job = self.copies.reserve(blocks, hashes, params, free_gpu=free_gpu, lend=True)
         if job is None:
-            pool.free_blocks(pool.blocks[b] for b in blocks)
-            return
+            pool.free_blocks(pool.blocks[b] for b in reversed(blocks))
+            return True
         job.release_refs = True
+        return True
 
     # ------------------------------------------------------------------ pins
 
     def unpin(self, agent: AgentKv) -> None:
         pool = self.side.pool
         if agent.pinned and pool is not None:
-            pool.free_blocks(pool.blocks[b] for b in agent.pinned)
+            # Tail first, as vLLM frees a request's blocks: the prefix is evicted last.
+            pool.free_blocks(pool.blocks[b] for b in reversed(agent.pinned))
         agent.pinned = []
+
+    def yield_pins(self, short: int, *, keep: AgentKey | None, mine: set[int]) -> int:
+        """A request the scheduler may admit lacks ``short`` free blocks and pins hold some:
+        the pins give way. A pin is a bet that its agent returns before the memory is
+        wanted; a request that is here now wins over it.
+
+        The pins whose agents return last (the latest ``pin_until``) go first, until the
+        blocks they alone held cover ``short``; ``keep`` (the request's own agent) and
+        pins on ``mine`` (the request's cached prefix, which it shares) are not counted.
+        Each yielded agent's KV is copied to the host, unless it is there already, so its
+        return reloads it rather than recomputes it: the copy holds the blocks until the
+        worker has run it (the next engine step), then they are free (cached, tail first).
+        Returns the blocks freed, now or once the copies end."""
+        pool = self.side.pool
+        if pool is None or short <= 0:
+            return 0
+        pinned = [(k, a) for k, a in self.agents.items() if a.pinned and k != keep]
+        pinned.sort(key=lambda item: item[1].pin_until, reverse=True)
+        refs: dict[int, int] = {}
+        freed = 0
+        for key, agent in pinned:
+            if freed >= short:
+                break
+            if all(b in mine for b in agent.pinned):
+                continue
+            for b in agent.pinned:
+                refs[b] = refs.get(b, pool.blocks[b].ref_cnt) - 1
+                if refs[b] == 0 and b not in mine:
+                    freed += 1
+            self._offload(key, agent, free_gpu=False)
+            self.side.stats.pins_yielded += 1
+            logger.debug("pin of %s yields to a waiting request (%d blocks short)", key, short)
+        return freed
 
     def expire(self, now: float) -> None:
         for agent in self.agents.values():

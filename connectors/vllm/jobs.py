@@ -70,6 +70,11 @@ class ConnectorStats:
     """GPU blocks a predictive upload copied in and registered in vLLM's prefix cache."""
     holds_released: int = 0
     """GPU blocks released because the daemon's link went down while they were pinned."""
+    pins_yielded: int = 0
+    """Pins released early for a waiting request that lacked free blocks
+    (``TokenCakeScheduler``; the agent's KV is copied to the host first)."""
+    lookups_reused: int = 0
+    """Lookups of a waiting request not sent again: its earlier answer still stood."""
 
 
 @dataclass(slots=True)
@@ -91,6 +96,10 @@ class Hit:
     epoch: int
     start_block: int
     slots: list[int]
+    asked: int = 0
+    """Blocks the lookup asked for (the request's uncomputed full blocks then)."""
+    at: float = 0.0
+    """When it was looked up (``time.monotonic()``)."""
 
 
 @dataclass(slots=True)
@@ -327,7 +336,7 @@ class CopyJobs:
     def _finish_store(self, job: Job, *, ok: bool) -> None:
         pool = self.side.pool
         if job.release_refs and pool is not None:
-            pool.free_blocks(pool.blocks[b] for b in job.prefix)
+            pool.free_blocks(pool.blocks[b] for b in reversed(job.prefix))
         if ok and job.free_gpu:
             self.to_free.append((job.prefix, job.hashes))
 

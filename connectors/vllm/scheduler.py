@@ -26,6 +26,11 @@ What it applies, each through a documented seam of vLLM 0.32's scheduler:
   pool, against vLLM's exact free block count. Critical agents are never deferred. Hooked
   into ``_handle_blocked_waiting_request``, the scheduler's per request "skip this step"
   test (a private method: checked at import).
+- **Pins give way**: a request the guard admits that the free blocks cannot hold takes
+  the blocks of pins the daemon asked for (``TokenCakeConnectorScheduler.make_room``): the
+  pins whose agents return last are released first, each agent's KV copied to the host
+  first, so a runnable request waits at most the step that copy takes, never a pin's
+  time to live. Hooked into ``_handle_blocked_waiting_request`` too.
 - **Preemption victim**: vLLM's FCFS scheduler preempts the last request of
   ``self.running``; before each step ``self.running`` is stably sorted by priority, so the
   victim is the lowest-priority agent's most recent request.
@@ -315,6 +320,15 @@ class TokenCakeScheduler(Scheduler):
     def _handle_blocked_waiting_request(self, request: Request) -> bool:
         if not super()._handle_blocked_waiting_request(request):
             return False
+        if not self._tc_admit(request):
+            return False
+        conn = self._tc_conn
+        if conn is not None and conn.link_up:
+            conn.make_room(request)  # pins held for the daemon give way to it
+        return True
+
+    def _tc_admit(self, request: Request) -> bool:
+        """The critical-inversion guard: False defers ``request`` this step."""
         conn = self._tc_conn
         if self._tc_reserve_cap <= 0 or conn is None or self._holds_kv_blocks(request):
             return True
