@@ -89,6 +89,9 @@ class TokenCakeConnectorScheduler:
         """Agent requests whose start the daemon has not heard of (the link was down when
         they arrived), with their prompt tokens."""
         self._preempted: list[Preempted] = []
+        self._admitted: set[str] = set()
+        """Agent requests whose admission the daemon heard of (once per admission: vLLM
+        allocates twice for a request that loads from the host, before and after the load)."""
         self._missed: dict[str, tuple[int, int, int, float]] = {}
         """Waiting requests whose last lookup found nothing: (link epoch, first block,
         blocks asked, when), so that a retry within ``lookup_retry_s`` asks nothing."""
@@ -248,8 +251,9 @@ class TokenCakeConnectorScheduler:
         self._missed.pop(req_id, None)
         params = self._params.get(req_id)
         block_ids = list(blocks.get_block_ids()[0])
-        if params is not None and self.link.up:
+        if params is not None and self.link.up and req_id not in self._admitted:
             # Admission: the daemon's policy counts these blocks as taken from now on.
+            self._admitted.add(req_id)
             admitted = p.LlmCallAdmitted(params.app_id, params.agent_id, req_id, len(block_ids))
             self._event(admitted)
         loaded = self.copies.load_hit(req_id, block_ids, num_external_tokens // self.block_size)
@@ -311,6 +315,7 @@ class TokenCakeConnectorScheduler:
         params = self._params.get(request.request_id)
         if params is None:
             return
+        self._admitted.discard(request.request_id)  # its next admission is reported again
         hashes = self._chain(request)
         n_full = min(len(block_ids), computed // self.block_size, len(hashes))
         self._preempted.append(
@@ -384,6 +389,7 @@ class TokenCakeConnectorScheduler:
         req_id = request.request_id
         self.copies.release_hit(req_id)
         self._missed.pop(req_id, None)
+        self._admitted.discard(req_id)
         params = self._params.pop(req_id, None)
         out = {NAMESPACE: {"loaded_tokens": self._req_loaded.pop(req_id, 0)}}
         prompt_tokens = self._unreported.pop(req_id, None)

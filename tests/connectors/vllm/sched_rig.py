@@ -90,6 +90,7 @@ class SchedRig:
         init_none_hash(hash_fn)
         self._hasher = get_request_block_hasher(BLOCK, hash_fn)
         self._stores: list[Any] = []
+        self._loads: list[Any] = []
 
     def add(self, req_id: str, agent: str, tokens: int, max_tokens: int) -> None:
         params = SamplingParams(
@@ -103,7 +104,8 @@ class SchedRig:
 
     def step(self) -> Any:
         """One engine step; the worker copies what the previous step shipped (a request's
-        save reported as vLLM's ``finished_sending``, so vLLM frees its blocks)."""
+        save reported as vLLM's ``finished_sending``, so vLLM frees its blocks; its load as
+        ``finished_recving``, so vLLM schedules it)."""
         sched = self.sched
         out = sched.schedule()
         ids = list(out.num_scheduled_tokens)
@@ -114,10 +116,16 @@ class SchedRig:
         shipped = out.kv_connector_metadata
         assert isinstance(shipped, TokenCakeMetadata)
         stored, self._stores = self._stores, list(shipped.stores)
-        meta = TokenCakeWorkerMetadata(stored=[j.job_id for j in stored]) if stored else None
+        loaded, self._loads = self._loads, list(shipped.loads)
+        meta = None
+        if stored or loaded:  # the worker reports only when a copy ended
+            meta = TokenCakeWorkerMetadata(
+                loaded=[j.job_id for j in loaded], stored=[j.job_id for j in stored]
+            )
         worker = KVConnectorOutput(
             finished_sending={j.req_id for j in stored if j.req_id} or None,
-            kv_connector_worker_meta=meta,  # the worker reports only when a copy ended
+            finished_recving={j.req_id for j in loaded if j.req_id} or None,
+            kv_connector_worker_meta=meta,
         )
         model_out = ModelRunnerOutput(
             req_ids=ids,
