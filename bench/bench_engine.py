@@ -62,13 +62,8 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from vllm import LLM, SamplingParams
 
-    from bench.common.vllm_apps import (
-        AppDriver,
-        AppSet,
-        build_trace,
-        lmcache_start_error,
-        setup_kwargs,
-    )
+    from bench.common.app_driver import AppDriver
+    from bench.common.vllm_apps import AppSet, build_trace, lmcache_start_error, setup_kwargs
 
     setup = cfg["setup"]
     trace = build_trace(AppSet(**cfg["apps"]))
@@ -272,35 +267,11 @@ def run_all(
             "timeout_s": timeout_s,
         }
         python = lmcache_python if setup == "lmcache" else sys.executable
-        env = dict(os.environ)
-        if setup == "lmcache":
-            # LMCache's local CPU backend, chunks of one vLLM block.
-            env.update(
-                LMCACHE_CHUNK_SIZE="32", LMCACHE_LOCAL_CPU="True", LMCACHE_MAX_LOCAL_CPU_SIZE="2"
-            )
         try:
-            proc = subprocess.run(
-                [python, __file__, "--child", json.dumps(cfg)],
-                capture_output=True,
-                text=True,
-                check=False,
-                env=env,
-                timeout=timeout_s + 300,
-            )
-        except subprocess.TimeoutExpired:
-            results[setup] = {"setup": setup, "error": f"no result within {timeout_s + 300:.0f} s"}
-            continue
+            results[setup] = _run_child(cfg, python, timeout_s, log)
         finally:
             if daemon is not None:
                 daemon.stop()
-        if proc.returncode != 0:
-            err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            why = next((ln for ln in reversed(err) if "Error" in ln or "error" in ln), "")
-            results[setup] = {"setup": setup, "error": why or (err[-1] if err else "no output")}
-            if log is not None:
-                log.write(proc.stderr[-6000:])
-        else:
-            results[setup] = _child_result(setup, proc.stdout)
         print(f"[{setup}] done, load {_load()}", file=sys.stderr, flush=True)
         if partial is not None:  # a long run keeps what it measured so far
             partial.write_text(json.dumps(results))
@@ -309,6 +280,36 @@ def run_all(
         if plain is not None and "error" not in plain and "error" not in r:
             r["vs_plain"] = compare(plain, r)
     return results
+
+
+def _run_child(cfg: dict[str, Any], python: str, timeout_s: float, log: Any) -> dict[str, Any]:
+    """One setup in its child process: its result, or the error it ended with (the child's
+    stderr tail goes to ``log``)."""
+    setup = cfg["setup"]
+    env = dict(os.environ)
+    if setup == "lmcache":
+        # LMCache's local CPU backend, chunks of one vLLM block.
+        env.update(
+            LMCACHE_CHUNK_SIZE="32", LMCACHE_LOCAL_CPU="True", LMCACHE_MAX_LOCAL_CPU_SIZE="2"
+        )
+    try:
+        proc = subprocess.run(
+            [python, __file__, "--child", json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+            timeout=timeout_s + 300,
+        )
+    except subprocess.TimeoutExpired:
+        return {"setup": setup, "error": f"no result within {timeout_s + 300:.0f} s"}
+    if proc.returncode == 0:
+        return _child_result(setup, proc.stdout)
+    err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    why = next((ln for ln in reversed(err) if "Error" in ln or "error" in ln), "")
+    if log is not None:
+        log.write(proc.stderr[-6000:])
+    return {"setup": setup, "error": why or (err[-1] if err else "no output")}
 
 
 def smoke(args: argparse.Namespace, setups: list[str]) -> None:
@@ -337,7 +338,7 @@ def smoke(args: argparse.Namespace, setups: list[str]) -> None:
         args.json.write_text(json.dumps({"meta": {"apps": asdict(SMOKE_APPS)}, "results": results}))
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--code-writer", type=int, default=3)
     ap.add_argument("--react", type=int, default=1)
@@ -372,17 +373,19 @@ def main() -> None:
         help="setups (comma-separated) whose calls to diff with the simulator's, one by one",
     )
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        print(json.dumps(run_setup(json.loads(args.child))))
-        return
+    return ap
+
+
+def _setups(
+    ap: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[str], tuple[str, ...]]:
+    """The setups to run, ``plain`` first, and those whose calls are traced; checks the
+    other arguments too (an argparse error, exit 2)."""
     if min(args.code_writer, args.react) < 0 or args.code_writer + args.react < 1:
         ap.error("--code-writer and --react must be >= 0, with at least one app in all")
     if args.qps <= 0 or args.decode_s <= 0 or min(args.gpu_blocks, args.max_model_len) < 1:
         ap.error("--qps and --decode-s must be > 0, --gpu-blocks and --max-model-len >= 1")
-    sys.path.insert(0, str(ROOT))
-    from bench.common.vllm_apps import SETUPS, ModelShape, build_llama
-    from bench.common.vllm_apps import kv_bytes_per_block as kvb
+    from bench.common.vllm_apps import SETUPS
 
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     bad = [s for s in setups if s not in SETUPS]
@@ -394,20 +397,27 @@ def main() -> None:
     if "plain" in setups:
         setups.remove("plain")
     setups.insert(0, "plain")
-    if args.smoke:
-        smoke(args, setups)
-        return
-    if args.sim_from is not None:
-        try:
-            doc = json.loads(args.sim_from.read_text())
-            meta, results = doc["meta"], doc["results"]
-            recorded = (doc.get("sim") or {}).get("copy_bytes_per_s")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            ap.error(f"--sim-from {args.sim_from}: not a bench_engine --json file ({e})")
-        from bench.common.engine_sim import simulate
+    return setups, traced
 
-        simulate(meta, results, recorded, traced)
-        return
+
+def _sim_from(ap: argparse.ArgumentParser, path: Path, traced: tuple[str, ...]) -> None:
+    """``--sim-from``: only the simulator comparison, from a previous run's ``--json``."""
+    try:
+        doc = json.loads(path.read_text())
+        meta, results = doc["meta"], doc["results"]
+        recorded = (doc.get("sim") or {}).get("copy_bytes_per_s")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ap.error(f"--sim-from {path}: not a bench_engine --json file ({e})")
+    from bench.common.engine_sim import simulate
+
+    simulate(meta, results, recorded, traced)
+
+
+def _full(args: argparse.Namespace, setups: list[str], traced: tuple[str, ...]) -> None:
+    """The full run: every setup on the 12-layer model, the table, the simulator's view."""
+    from bench.common.vllm_apps import ModelShape, build_llama
+    from bench.common.vllm_apps import kv_bytes_per_block as kvb
+
     apps = {
         "code_writer": args.code_writer,
         "react": args.react,
@@ -460,6 +470,22 @@ def main() -> None:
     if args.json is not None:
         doc = {"meta": meta, "results": results, "sim": sim}
         args.json.write_text(json.dumps(doc, indent=1))
+
+
+def main() -> None:
+    ap = _parser()
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_setup(json.loads(args.child))))
+        return
+    sys.path.insert(0, str(ROOT))
+    setups, traced = _setups(ap, args)
+    if args.smoke:
+        smoke(args, setups)
+    elif args.sim_from is not None:
+        _sim_from(ap, args.sim_from, traced)
+    else:
+        _full(args, setups, traced)
 
 
 if __name__ == "__main__":
