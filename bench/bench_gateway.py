@@ -260,7 +260,7 @@ async def streaming(
     ratios: dict[str, list[float]] = {name: [] for name in urls if name != "direct"}
     client = dict.fromkeys(urls, 0.0)
     mb = dict.fromkeys(urls, 0.0)
-    before = {name: _cpu_s(pid) for name, pid in pids.items()}
+    before = {name: process_cpu_s(pid) for name, pid in pids.items()}
     async with aiohttp.ClientSession() as http:
         for r in range(rounds):
             took, size = dict.fromkeys(urls, 0.0), dict.fromkeys(urls, 0)
@@ -276,7 +276,7 @@ async def streaming(
                 ratios[name].append(size[name] / took[name] / (size["direct"] / took["direct"]))
             for name in urls:
                 mb[name] += size[name] / 1e6
-    used = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
+    used = {name: process_cpu_s(pid) - before[name] for name, pid in pids.items()}
     per_mb = {name: used[name] / mb[name] * 1e3 for name in pids if name in mb}
     per_mb["stub"] = used["stub"] / sum(mb.values()) * 1e3
     for daemon, gateway in DAEMONS.items():
@@ -290,7 +290,7 @@ async def streaming(
     }
 
 
-def _cpu_s(pid: int) -> float:
+def process_cpu_s(pid: int) -> float:
     """CPU seconds of process ``pid`` so far (Linux /proc): the run time of its threads in
     nanoseconds (``schedstat``), else user plus system time in clock ticks (10 ms: too
     coarse for a phase of a few seconds)."""
@@ -429,10 +429,10 @@ async def _runs(
     runs = []
     for _ in range(args.runs):
         run: dict[str, Any] = {"load_before": os.getloadavg()[0]}
-        before = {name: _cpu_s(pids[name]) for name in proxies}
+        before = {name: process_cpu_s(pids[name]) for name in proxies}
         run["latency"] = await latency(urls, args.conversations)
         run["cpu_ms_per_request"] = {
-            name: (_cpu_s(pids[name]) - before[name]) / (2 * (args.conversations + 50)) * 1e3
+            name: (process_cpu_s(pids[name]) - before[name]) / (2 * (args.conversations + 50)) * 1e3
             for name in proxies
         }
         run["streaming"] = await streaming(urls, pids, args.rounds, args.per_round, args.chunks)
@@ -446,12 +446,12 @@ async def _capacity(
 ) -> dict[str, Any]:
     """Sustained requests/s direct and via the gateway, and the CPU time per request."""
     stub, gw = procs["stub"].pid, procs["gateway"].pid
-    stub_cpu = _cpu_s(stub)
+    stub_cpu = process_cpu_s(stub)
     rps_direct, n_direct = await sustained(urls["direct"], args.seconds)
-    stub_cpu = _cpu_s(stub) - stub_cpu
-    gw_cpu, stub_cpu2 = _cpu_s(gw), _cpu_s(stub)
+    stub_cpu = process_cpu_s(stub) - stub_cpu
+    gw_cpu, stub_cpu2 = process_cpu_s(gw), process_cpu_s(stub)
     rps_gw, n_gw = await sustained(urls["gateway"], args.seconds)
-    gw_cpu, stub_cpu2 = _cpu_s(gw) - gw_cpu, _cpu_s(stub) - stub_cpu2
+    gw_cpu, stub_cpu2 = process_cpu_s(gw) - gw_cpu, process_cpu_s(stub) - stub_cpu2
     return {
         "sustained_rps": {"direct": rps_direct, "gateway": rps_gw},
         # CPU time per request does not depend on what else the machine runs.

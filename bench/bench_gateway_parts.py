@@ -1,13 +1,10 @@
 """The gateway's own per-request costs, each against the way it was done before, in one run.
 
-1. Reading a streamed answer (``Observer``): as it is relayed (``live``: fed in ``--piece``
-   byte chunks, read 16 KiB at a time; ``live_end``: what is left once the stream has ended,
-   the only part that can delay the client's next request) against reading it whole at its
-   end (``repeated``: the repetition split, ``sse.repeated``; ``scans``: the key scans,
-   ``sse.string_values``; ``every_event``: decoding every event); on ``bench_gateway.py``'s
-   stub stream and on a vLLM-shaped one (compact JSON, id, created and model in every event,
-   a role event first). Thread CPU per stream, best of ``--repeat``; the outcomes are checked
-   equal.
+1. Reading a streamed answer once it has ended (``Observer.close_stream``): the repetition
+   split (``sse.repeated``) against the key scans (``sse.string_values``, the reader before
+   it) and against decoding every event; on ``bench_gateway.py``'s stub stream and on a
+   vLLM-shaped one (compact JSON, id, created and model in every event, a role event first).
+   Thread CPU per stream, best of ``--repeat``; the outcomes are checked equal.
 2. Reporting agent events to a real tokencaked: ``DaemonLink`` (pipelined, replies read as
    they come) against ``AsyncTokenCakeClient.call`` awaited in turn (how the link sent each
    event before). Process CPU per event (the ZMQ I/O thread included), interleaved rounds.
@@ -26,9 +23,9 @@ import argparse
 import asyncio
 import functools
 import json
-import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,6 +36,9 @@ from tokencake.clients.client import AsyncTokenCakeClient
 from tokencake.clients.launcher import daemon_flags, running
 from tokencake.connectors.gateway.link import HOLD_S, DaemonLink
 from tokencake.connectors.gateway.observe import CHAT, Observer, Outcome
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gateway
 
 
 class _Scans(Observer):
@@ -81,31 +81,9 @@ PAIR_EVERY_S = 3 * HOLD_S
 
 
 def _read(cls: type[Observer], data: bytes) -> Outcome:
-    """Read whole at the end."""
-    obs = cls(CHAT, live_bytes=None)
+    obs = cls(CHAT)
     obs.feed_stream(data)
     return obs.close_stream()
-
-
-def _pieces(data: bytes, piece: int) -> list[bytes]:
-    return [data[i : i + piece] for i in range(0, len(data), piece)]
-
-
-def _live(pieces: list[bytes]) -> Outcome:
-    obs = Observer(CHAT)
-    for chunk in pieces:
-        obs.feed_stream(chunk)
-    return obs.close_stream()
-
-
-def _live_end(pieces: list[bytes]) -> float:
-    """Thread CPU seconds of the live read's end, once every piece is in."""
-    obs = Observer(CHAT)
-    for chunk in pieces:
-        obs.feed_stream(chunk)
-    t = time.thread_time()
-    obs.close_stream()
-    return time.thread_time() - t
 
 
 def _best_ms(fns: Mapping[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -119,18 +97,16 @@ def _best_ms(fns: Mapping[str, Callable[[], object]], repeat: int) -> dict[str, 
     return {name: s * 1e3 for name, s in best.items()}
 
 
-def reading(chunks: int, repeat: int, piece: int) -> dict[str, dict[str, float]]:
+def reading(chunks: int, repeat: int) -> dict[str, dict[str, float]]:
     out = {}
     for name, data in (("stub", stub_stream(chunks)), ("vllm", vllm_stream(chunks))):
-        pieces = _pieces(data, piece)
-        fns: dict[str, Callable[[], Outcome]] = {"live": functools.partial(_live, pieces)}
-        for r, cls in (("repeated", Observer), ("scans", _Scans), ("every_event", _EveryEvent)):
-            fns[r] = functools.partial(_read, cls, data)
-        outcomes = {r: fn() for r, fn in fns.items()}
+        readers = {"repeated": Observer, "scans": _Scans, "every_event": _EveryEvent}
+        outcomes = {r: _read(cls, data) for r, cls in readers.items()}
         if len({(o.text, o.finish_reason, o.output_tokens) for o in outcomes.values()}) != 1:
             raise SystemExit(f"the readers disagree on the {name} stream")
-        ms = _best_ms(fns, repeat)
-        ms["live_end"] = min(_live_end(pieces) for _ in range(repeat)) * 1e3
+        ms = _best_ms(
+            {r: functools.partial(_read, cls, data) for r, cls in readers.items()}, repeat
+        )
         out[name] = {f"{r}_ms": round(v, 3) for r, v in ms.items()}
         out[name]["scans_over_repeated"] = round(ms["scans"] / ms["repeated"], 2)
     return out
@@ -202,7 +178,7 @@ async def _pairs(
     app = f"pairs-{rnd}-{hold_s}"
     if not await link.register(app, p.AppDag(nodes=[p.DagNode(id="a")])):
         raise SystemExit("the daemon did not take the app")
-    cpu, daemon = _cpu_s(), _proc_cpu_s(daemon_pid)
+    cpu, daemon = _cpu_s(), bench_gateway.process_cpu_s(daemon_pid)
     for i in range(n):
         start, finish = _events(app, i)
         link.event(finish)  # the call before this one ends...
@@ -210,7 +186,7 @@ async def _pairs(
         link.event(start)  # ...and the next request comes
         await asyncio.sleep(PAIR_EVERY_S - gap_s)
     await link.register(f"{app}-probe", p.AppDag(nodes=[p.DagNode(id="x")]))  # after all
-    used = _cpu_s() - cpu + _proc_cpu_s(daemon_pid) - daemon
+    used = _cpu_s() - cpu + bench_gateway.process_cpu_s(daemon_pid) - daemon
     if link.sent != 2 * n + 2 or link.missed:
         raise SystemExit(f"link: {link.sent} sent, {link.missed} missed of {2 * n + 2}")
     await link.close()
@@ -230,26 +206,20 @@ async def holding(endpoint: str, daemon_pid: int, n: int, gap_s: float, rounds: 
     }
 
 
-def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chunks", type=int, default=2000, help="events per stream")
     ap.add_argument("--repeat", type=int, default=50, help="reads per reader; the best counts")
     ap.add_argument("--events", type=int, default=4000, help="events per link round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per link")
-    ap.add_argument("--piece", type=int, default=4096, help="bytes per relayed chunk (live)")
     ap.add_argument("--pairs", type=int, default=300, help="finish/start pairs per round")
     ap.add_argument("--gap-ms", type=float, default=0.5, help="from a finish to the start")
     args = ap.parse_args()
-    if min(args.chunks, args.repeat, args.events, args.rounds, args.piece, args.pairs) < 1:
-        ap.error("--chunks, --repeat, --events, --rounds, --piece and --pairs must be >= 1")
+    if min(args.chunks, args.repeat, args.events, args.rounds, args.pairs) < 1:
+        ap.error("--chunks, --repeat, --events, --rounds and --pairs must be >= 1")
     if not 0 <= args.gap_ms < HOLD_S * 1e3:
         ap.error(f"--gap-ms must be >= 0 and below the hold, {HOLD_S * 1e3} ms")
-    result: dict[str, Any] = {"reading_a_stream": reading(args.chunks, args.repeat, args.piece)}
+    result: dict[str, Any] = {"reading_a_stream": reading(args.chunks, args.repeat)}
     with running(*daemon_flags(arena="16MiB")) as daemon:
         result["reporting"] = asyncio.run(reporting(daemon.endpoint, args.events, args.rounds))
         result["holding"] = asyncio.run(
@@ -258,10 +228,8 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     for name, r in result["reading_a_stream"].items():
         print(
-            f"reading a {args.chunks}-event {name} stream as relayed: {r['live_ms']:.3f} ms,"
-            f" {r['live_end_ms']:.3f} ms of it at the end; whole at the end"
-            f" {r['repeated_ms']:.3f} ms (scans {r['scans_ms']:.3f} ms, every event"
-            f" {r['every_event_ms']:.3f} ms)"
+            f"reading a {args.chunks}-event {name} stream: {r['repeated_ms']:.3f} ms"
+            f" (scans {r['scans_ms']:.3f} ms, every event {r['every_event_ms']:.3f} ms)"
         )
     rep = result["reporting"]
     print(

@@ -13,8 +13,6 @@ events as they stream by. It follows choice 0 (an agent continues one choice), a
 
 from __future__ import annotations
 
-import itertools
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -26,15 +24,9 @@ CHAT: Final = "chat"
 COMPLETIONS: Final = "completions"
 RESPONSES: Final = "responses"
 
-logger = logging.getLogger(__name__)
-
 _decoder = msgspec.json.Decoder()
 MAX_STREAM_BYTES: Final = 64 << 20
 """A longer stream is relayed but not read (its outcome: unknown)."""
-LIVE_READ_BYTES: Final = 16 << 10
-"""A stream is read as it comes this much at a time: reading a chunk at a time would cost
-more than the relay (an engine's events can come one per chunk), reading it all at its end
-delays the next request of the client (``bench/bench_gateway.py``)."""
 
 
 @dataclass(slots=True)
@@ -79,25 +71,13 @@ def _int(value: Any) -> int:
 
 
 class Observer:
-    def __init__(self, kind: str, *, live_bytes: int | None = LIVE_READ_BYTES) -> None:
-        """``live_bytes``: read a stream as it is fed, this many bytes at a time or more
-        (``_read_live``); None: read it whole at its end."""
+    def __init__(self, kind: str) -> None:
         self.kind = kind
         self.outcome = Outcome()
-        self.live = live_bytes is not None and kind != RESPONSES
-        """Whether the stream is being read as it is fed."""
-        self._live_bytes = live_bytes or 0
         self._chunks: list[bytes] = []
         self._size = 0
         self._text: list[str] = []
         self._calls: dict[int, ToolCall] = {}
-        self._next = 0
-        """``_chunks[_next:]``, ``_unread`` bytes, are not read yet; ``_rest``: the end of
-        the chunks before them, past their last blank line."""
-        self._unread = 0
-        self._rest = b""
-        self._one: sse.Template | None = None
-        self._values: list[bytes] = []
 
     # ------------------------------------------------------------------ whole bodies
 
@@ -163,37 +143,16 @@ class Observer:
     # ------------------------------------------------------------------ event streams
 
     def feed_stream(self, chunk: bytes) -> None:
-        """Keep a relayed chunk, and read the events it completes (``_read_live``)."""
+        """Keep a relayed chunk; the events are read by ``close_stream``, off the relay path."""
         self._size += len(chunk)
-        if self._size > MAX_STREAM_BYTES:
-            self._chunks = []
-            self.live = False
-            return
-        self._chunks.append(chunk)
-        self._unread += len(chunk)
-        if not self.live or self._unread < self._live_bytes:
-            return
-        try:
-            self._read_live()
-        except msgspec.DecodeError:
-            self._stop_live()  # an invalid string: the whole read decides what it says
-        except Exception:
-            logger.exception("gateway: reading a stream as it came failed; reading it whole")
-            self._stop_live()
+        if self._size <= MAX_STREAM_BYTES:
+            self._chunks.append(chunk)
 
     def close_stream(self) -> Outcome:
         """The outcome of a stream that has ended."""
         if self._size > MAX_STREAM_BYTES:
             return Outcome()
-        if self.live:
-            try:
-                self._read_live()
-                if self._rest:
-                    self._read_events(self._rest)
-                self._flush_values()
-            except msgspec.DecodeError:
-                self._stop_live()
-        data = b"" if self.live else b"".join(self._chunks)
+        data = b"".join(self._chunks)
         self._chunks = []
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
@@ -201,85 +160,12 @@ class Observer:
             for payload in sse.payloads_matching(data, _RESPONSE_END):
                 self._response_end(payload)
             return self.outcome
-        if data and not (self._read_repeated(data) or self._read_simple(data)):
+        if not (self._read_repeated(data) or self._read_simple(data)):
             for payload in sse.payloads(data):
                 self._event(payload)
         self.outcome.text = "".join(self._text)
         self.outcome.tool_calls = [self._calls[i] for i in sorted(self._calls)]
         return self.outcome
-
-    # ------------------------------------------------------------------ read as it comes
-
-    def _read_live(self) -> None:
-        """Read the events the unread chunks complete: up to their last blank line.
-
-        The text events are split from the others by a template (``sse.template``, taken
-        from the first text event) as in ``_read_repeated``, a part at a time (``sse.split``
-        says why that is exact); their values are decoded in one call per read, or when
-        another event comes. A stream whose lines end in ``\\r\\n`` is read whole at its end.
-        """
-        unread = self._chunks[self._next :]
-        self._next, self._unread = len(self._chunks), 0
-        data = b"".join([self._rest, *unread])
-        if b"\r" in data:
-            self._stop_live()
-            return
-        cut = data.rfind(b"\n\n") + 2
-        if cut < 2:
-            self._rest = data
-            return
-        self._rest = data[cut:]
-        self._read_events(data[:cut] if cut < len(data) else data)
-        self._flush_values()  # decoded now, not all at the end
-
-    def _read_events(self, data: bytes) -> None:
-        if self._one is None:
-            name = "text" if self.kind == COMPLETIONS else "content"
-            self._one = sse.template(data, name, self._text_only)
-            if self._one is None:
-                self._read_lines(data)
-                return
-        values = sse.tiled(self._one, data)
-        if values is not None:  # the usual part: nothing but text events
-            self._values += values
-            return
-        found = sse.split(self._one, data)
-        if found is None:
-            self._stop_live()
-            return
-        stray, done, values = False, 0, found.values
-        # Piece i comes after value i - 1; most pieces are empty (compress skips them in C).
-        for i in itertools.compress(range(len(found.between)), found.between):
-            self._values += values[done:i]
-            done = i
-            stray |= self._read_lines(found.between[i])
-        self._values += values[done:]
-        if stray:
-            self._one = None  # text events the template did not take: take another next time
-
-    def _read_lines(self, data: bytes) -> bool:
-        """Events other than the template's, in order after the values before them; whether
-        any of them had text."""
-        stray = False
-        for payload in sse.payloads(data):
-            if payload:
-                self._flush_values()
-                texts = len(self._text)
-                self._event(payload)
-                stray |= len(self._text) > texts
-        return stray
-
-    def _flush_values(self) -> None:
-        if self._values:
-            self._text.append(sse.joined_string(self._values))
-            self._values = []
-
-    def _stop_live(self) -> None:
-        """Read the stream whole at its end instead."""
-        self.live = False
-        self.outcome, self._text, self._calls, self._values = Outcome(), [], {}, []
-
-    # ------------------------------------------------------------------ read at the end
 
     def _read_repeated(self, data: bytes) -> bool:
         """Read a stream whose text events repeat one event but for the text (``sse.repeated``);

@@ -397,11 +397,11 @@ class Gateway:
                 ended = time.monotonic()
                 await resp.write(chunk)
                 if observer is not None:
-                    # Read once the chunk is on its way: reading adds nothing to its latency,
-                    # and what arrives meanwhile goes out in one write with the next.
                     observer.feed_stream(chunk)
             await resp.write_eof()
             if plan is not None and observer is not None and up.status == 200:
+                # Read after the client has it all: reading it as it came cost more CPU in
+                # all (docs/benchmarks.md, Gateway), on the relay's own core.
                 self._finish(plan, _closed(observer), ended)
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             # The client went away: stop reading and close the upstream (the engine aborts).

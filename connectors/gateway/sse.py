@@ -40,24 +40,6 @@ _strings = msgspec.json.Decoder(list[str])
 _string = msgspec.json.Decoder(str)
 
 
-@dataclass(frozen=True, slots=True)
-class Template:
-    """One ``data:`` line of a stream but for the string value of its one key ``name``."""
-
-    before: bytes
-    """The line up to the value (from ``data:``)."""
-    after: bytes
-    """The line after the value, its blank line included."""
-    one: re.Pattern[bytes]
-    """The line, its value any one-line JSON string."""
-    tail: re.Pattern[bytes]
-    """The same from the last ``TAIL_BYTES`` of ``before`` on: it finds the values of a run
-    of such lines in fewer steps (``tiled`` checks the run)."""
-
-
-TAIL_BYTES: Final = 16
-
-
 @dataclass(slots=True)
 class Repeated:
     """The events of a stream that repeat one event but for one string value."""
@@ -73,16 +55,10 @@ def repeated(data: bytes, name: str, accept: Callable[[bytes, bytes], bool]) -> 
     key ``name``, each followed by a blank line; None when there is no such line.
 
     The line is the first with a non-empty such value from the middle of the stream on, else
-    from its start, that ``accept(payload, value)`` takes (``template``); the stream is then
-    split by it (``split``)."""
-    one = template(data, name, accept)
-    return None if one is None else split(one, data)
-
-
-def template(data: bytes, name: str, accept: Callable[[bytes, bytes], bool]) -> Template | None:
-    """The first line of ``data`` (from its middle on, else from its start) whose string
-    value of its one key ``name`` is not empty and that ``accept(payload, value)`` takes, as
-    a ``Template``; None when there is none. See ``repeated``."""
+    from its start, that ``accept(payload, value)`` takes. Exact on valid JSON: the
+    repetitions match the line's bytes around the value literally, the value is one JSON
+    string, and each starts a line, so each has the line's structure and its value sits where
+    the line's does."""
     key = b'"' + name.encode() + b'"'
     pattern = key_pattern(name, b"(" + _TEXT + b")")
     for pos in (len(data) // 2, 0):
@@ -97,37 +73,14 @@ def template(data: bytes, name: str, accept: Callable[[bytes, bytes], bool]) -> 
         one_line = b"\n" not in before and after.find(b"\n") == len(after) - 2
         one_key = before.count(key) == 1 and key not in after
         if one_line and one_key and accept(data[start + 5 : end], found[1]):
-            value = b"(" + _LINE_STRING + b")" + re.escape(after)
-            one = re.compile(re.escape(before) + value)
-            return Template(before, after, one, re.compile(re.escape(before[-TAIL_BYTES:]) + value))
-    return None
-
-
-def tiled(t: Template, data: bytes) -> list[bytes] | None:
-    """The values of ``data`` when it is nothing but ``t``'s lines, in order; else None.
-
-    Exact: the lines rebuilt from the values found are compared with ``data`` byte for byte,
-    and a run of lines splits into lines one way only."""
-    values = t.tail.findall(data)
-    if values and t.before + (t.after + t.before).join(values) + t.after == data:
-        return values
-    return None
-
-
-def split(t: Template, data: bytes) -> Repeated | None:
-    """``data`` split by a ``template``: its repetitions' values and the lines between them;
-    None when a repetition does not start a line (it is then not an event of its own).
-
-    Exact on valid JSON: the repetitions match the template's bytes around the value
-    literally, the value is one JSON string, and each starts a line, so each has the
-    template's structure and its value sits where the template's does. A repetition holds no
-    newline but the blank line that ends it, so ``data`` may be split further at any blank
-    line (``\\n\\n``) and each part split alone: the parts say, in order, what the whole
-    says."""
-    parts = t.one.split(data)
+            break
+    else:
+        return None
+    one = re.compile(re.escape(before) + b"(" + _LINE_STRING + b")" + re.escape(after))
+    parts = one.split(data)
     between = parts[0::2]
     if any(not piece.endswith(b"\n") for piece in filter(None, between[:-1])):
-        return None
+        return None  # a repetition that does not start a line: not an event of its own
     return Repeated(parts[1::2], between)
 
 
@@ -175,18 +128,12 @@ def joined_string(literals: list[bytes]) -> str:
 
 
 def only_data_lines(data: bytes) -> bool:
-    """Whether every line of ``data`` (line ends ``\\n``) is a ``data:`` line or empty, by
-    counts: ``data.split(b"\\n")`` has one item more than ``data`` has newlines, and its
-    empty items are the blank lines (``\\n\\n``, exact when no three newlines run), a
-    leading newline and the item after a final newline."""
-    if not data:
-        return True
-    if b"\n\n\n" in data:
-        return False
-    lines = data.count(b"\n") + 1
-    data_lines = data.count(b"\ndata:") + data.startswith(b"data:")
-    empty = data.count(b"\n\n") + data.startswith(b"\n") + data.endswith(b"\n")
-    return data_lines + empty == lines
+    """Whether every line of ``data`` (line ends ``\\n``) is a ``data:`` line or empty."""
+    return (not data or data.startswith((b"data:", b"\n"))) and _OTHER_LINE.search(data) is None
+
+
+_OTHER_LINE: Final = re.compile(rb"\n(?!data:|\n|\Z)")
+"""A line that is neither a ``data:`` line nor empty, after the first (one C-level pass)."""
 
 
 def payloads(data: bytes) -> Iterator[bytes]:

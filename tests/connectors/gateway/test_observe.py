@@ -1,5 +1,5 @@
-"""Reading responses: the bulk scans (``sse``) and the live reader read what decoding every
-event reads; an answer's data-flow snippet."""
+"""Reading responses: the bulk scans (``sse``) read what decoding every event reads; an
+answer's data-flow snippet."""
 
 from __future__ import annotations
 
@@ -81,21 +81,13 @@ def streams(draw: st.DrawFn) -> tuple[str, bytes, bool]:
 
 
 READERS = ("_read_repeated", "_read_simple")
-LIVE = "live"
 
 
-def _read(
-    kind: str, data: bytes, cuts: list[int], reader: str = "", live_bytes: int = 1
-) -> tuple[Outcome, bool]:
-    """The outcome read by ``reader`` (one of ``READERS``, or ``LIVE``: as it is fed, at
-    least ``live_bytes`` at a time) if it answers, else event by event (``reader`` empty:
-    event by event); and whether ``reader`` answered."""
-    obs = Observer(kind, live_bytes=live_bytes if reader == LIVE else None)
+def _read(kind: str, data: bytes, cuts: list[int], reader: str = "") -> tuple[Outcome, bool]:
+    """The outcome read by ``reader`` (one of ``READERS``) if it answers, else event by event
+    (``reader`` empty: event by event); and whether ``reader`` answered."""
+    obs = Observer(kind)
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-    if reader == LIVE:
-        for a, b in itertools.pairwise(bounds):
-            obs.feed_stream(data[a:b])
-        return obs.close_stream(), obs.live
     for a, b in itertools.pairwise(bounds):
         obs.feed_stream(data[a:b])
     answered = [False]
@@ -130,8 +122,6 @@ def test_scans_read_what_every_event_says(stream: tuple[str, bytes, bool], cuts:
     assert simple or not scanned  # the scans answer only for one choice of text
     fast, _ = _read(kind, data, cuts, "_read_repeated")
     assert _fields(fast) == _fields(exact)
-    live, _ = _read(kind, data, cuts, LIVE)
-    assert _fields(live) == _fields(exact)
 
 
 def test_a_plain_stream_is_read_by_scans() -> None:
@@ -221,9 +211,6 @@ def test_repeated_events_read_what_every_event_says(
     assert answered or not clean
     scanned, _ = _read(kind, data, cuts, "_read_simple")  # not fooled by a comment line
     assert _fields(scanned) == _fields(exact)
-    for live_bytes in (1, 150):
-        live, _ = _read(kind, data, cuts, LIVE, live_bytes)
-        assert _fields(live) == _fields(exact)
 
 
 def test_a_vllm_stream_is_read_by_its_repetitions() -> None:
