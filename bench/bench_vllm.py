@@ -14,7 +14,9 @@ global), one after the other, on the same tiny random-weight Llama:
    ``--turns`` LLM calls; between turns each agent "runs a tool" while long filler requests
    cycle the small GPU KV cache. Plain vLLM loses the agents' prefixes and recomputes them;
    TokenCake offloads them at the tool call and loads them back. Reported: prefill tokens
-   computed (prompt tokens minus cached ones) and end-to-end time, TokenCake / plain.
+   computed (prompt tokens minus cached ones) and end-to-end time, TokenCake / plain. The
+   TokenCake phase registers the agents' app with the daemon, as an app would, and reports
+   the agent events the daemon refused (``events_refused``, ``errors``: none expected).
 
 The CUDA copy path is measured by ``bench/bench_gpu.py`` (``scripts/gpu-check.sh``).
 """
@@ -28,11 +30,14 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 KV_BYTES = 40 * 32 * 1024  # 40 blocks of 32 tokens (2 layers, 2 KV heads, head_dim 32, fp32)
+APP = "bench"
 
 
 def _ids(seed: int, n: int) -> list[int]:
@@ -94,10 +99,30 @@ def run_phase(phase: str, model: str, endpoint: str, agents: int, turns: int) ->
     result: dict[str, Any] = {"phase": phase}
     result["overhead_run_s"] = best
     result["connector_hooks_s"] = best_hooks
-    result.update(_agents(llm, phase == "tokencake", agents, turns))
+    if phase == "tokencake":
+        with _registered(endpoint, agents):
+            result.update(_agents(llm, True, agents, turns))
+    else:
+        result.update(_agents(llm, False, agents, turns))
     if conn is not None:
         result["connector"] = conn.get_stats()
     return result
+
+
+@contextmanager
+def _registered(endpoint: str, agents: int) -> Iterator[None]:
+    """The agents' app, registered with the daemon for the run and ended after it: the
+    connector's events name it, and the daemon refuses events of an app it does not know."""
+    from tokencake import protocol as p
+    from tokencake.clients.client import TokenCakeClient
+
+    nodes = [p.DagNode(f"agent-{a}", tool_kind="search") for a in range(agents)]
+    with TokenCakeClient(endpoint, timeout_s=10.0) as client:
+        client.call(p.RegisterApp(APP, p.AppDag(nodes=nodes)))
+        try:
+            yield
+        finally:
+            client.call(p.AppEnd(APP))
 
 
 def _overhead(llm: Any, conn: Any) -> tuple[float, float]:
@@ -140,7 +165,7 @@ def _agents(llm: Any, tokencake: bool, agents: int, turns: int) -> dict[str, Any
         tool = turn < turns - 1
         params = [
             kv_transfer_params(
-                "bench",
+                APP,
                 f"agent-{a}",
                 tool_kind="search" if tool else "",
                 tool_predicted_s=5.0 if tool else None,
@@ -204,6 +229,8 @@ def main() -> None:
         "prefill_computed_ratio": tc["agent_prefill_computed"] / plain["agent_prefill_computed"],
         "prefill_tokens_saved": plain["agent_prefill_computed"] - tc["agent_prefill_computed"],
         "workload_time_ratio": tc["workload_s"] / plain["workload_s"],
+        "daemon_events_refused": tc["connector"]["events_refused"],
+        "daemon_errors": {k: n for k, n in tc["connector"].items() if k.startswith("errors.")},
         "plain": plain,
         "tokencake": tc,
     }
