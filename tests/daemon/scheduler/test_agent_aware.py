@@ -233,36 +233,44 @@ def test_older_app_goes_first_and_newer_critical_agents_do_not_block_it() -> Non
     assert not ok and why.rule == "deny:critical_inversion"
 
 
-def test_a_long_app_just_after_a_short_one_goes_first_within_its_lead() -> None:
-    """The tail guard: an app ranks as if registered half its expected critical path
-    earlier, so a long chain that arrives just after a short app starts first; an app older
-    than that lead still goes first, and the ablation without the spatial half has none."""
-    short = AppDag(nodes=[DagNode(id="a", agent_type="x", expected_llm_s=2.0)], edges=[])
-    long = AppDag(
+def chain_dag(tool_s: float) -> AppDag:
+    """Two 2 s LLM steps around a tool call: a critical path of 4 s + ``tool_s``."""
+    return AppDag(
         nodes=[
             DagNode(
-                id="a", agent_type="x", expected_llm_s=2.0, expected_tool_s=16.0, tool_kind="t"
+                id="a", agent_type="x", expected_llm_s=2.0, expected_tool_s=tool_s, tool_kind="t"
             ),
             DagNode(id="b", agent_type="x", expected_llm_s=2.0),
         ],
         edges=[("a", "b")],
-    )  # critical path 20 s: lead 10 s; the short app's: 2 s, lead 1 s
+    )
+
+
+def test_a_long_app_just_after_a_short_one_goes_first_within_its_lead() -> None:
+    """The tail guard: an app ranks as if registered half its expected critical path
+    earlier, at most TAIL_LEAD_MAX_S (10 s), so a long chain that arrives just after a
+    short app starts first; an app older than that lead still goes first, and the ablation
+    without the spatial half has none."""
+    short = AppDag(nodes=[DagNode(id="a", agent_type="x", expected_llm_s=2.0)], edges=[])
     p = make()
-    p.on_event(RegisterApp("short", short), 0.0)
-    p.on_event(RegisterApp("long", long), 5.0)  # ranks at -5, ahead of the short app's -1
-    p.on_event(RegisterApp("late", long), 12.0)  # ranks at 2: behind both
+    p.on_event(RegisterApp("short", short), 0.0)  # critical path 2 s: ranks at -1
+    p.on_event(RegisterApp("long", chain_dag(14.0)), 5.0)  # 18 s: lead 9, ranks at -4
+    p.on_event(RegisterApp("huge", chain_dag(96.0)), 9.5)  # 100 s: lead capped at 10: -0.5
+    p.on_event(RegisterApp("late", chain_dag(14.0)), 12.0)  # ranks at 3: behind them all
     waiting = [
         WaitingRequest(f"r{app}", app, "a", 10, t)
-        for app, t in (("short", 0.0), ("long", 5.0), ("late", 12.0))
+        for app, t in (("short", 0.0), ("long", 5.0), ("huge", 9.5), ("late", 12.0))
     ]
     for w in waiting:
         p.on_event(LlmCallStart(w.app_id, "a", request_id=w.request_id, blocks=10), 12.0)
-    assert [w.app_id for w in p.admission_order(waiting, 12.0)] == ["long", "short", "late"]
+    order = [w.app_id for w in p.admission_order(waiting, 12.0)]
+    assert order == ["long", "short", "huge", "late"]
     view = p.agent_view("long", "a")
-    assert view is not None and view.app_lead_s == pytest.approx(10.0)
+    assert view is not None and view.app_lead_s == pytest.approx(9.0)
     assert view.app_registered_s == 5.0
+    assert p.agent_view("huge", "a").app_lead_s == pytest.approx(10.0)  # type: ignore[union-attr]
     t = make("tokencake-temporal")
-    t.on_event(RegisterApp("long", long), 5.0)
+    t.on_event(RegisterApp("long", chain_dag(14.0)), 5.0)
     t.on_event(LlmCallStart("long", "a", request_id="rl", blocks=10), 5.0)
     assert t.agent_view("long", "a").app_lead_s == 0.0  # type: ignore[union-attr]
 
