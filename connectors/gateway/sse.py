@@ -50,7 +50,12 @@ class Repeated:
     """The lines before, between and after the repetitions (``len(values) + 1`` pieces)."""
 
 
-def repeated(data: bytes, name: str, accept: Callable[[bytes, bytes], bool]) -> Repeated | None:
+def repeated(
+    data: bytes,
+    name: str,
+    accept: Callable[[bytes, bytes], bool],
+    part_bytes: int = 16 << 10,
+) -> Repeated | None:
     """The ``data:`` lines of ``data`` that equal one line but for the string value of its one
     key ``name``, each followed by a blank line; None when there is no such line.
 
@@ -58,7 +63,43 @@ def repeated(data: bytes, name: str, accept: Callable[[bytes, bytes], bool]) -> 
     from its start, that ``accept(payload, value)`` takes. Exact on valid JSON: the
     repetitions match the line's bytes around the value literally, the value is one JSON
     string, and each starts a line, so each has the line's structure and its value sits where
-    the line's does."""
+    the line's does.
+
+    The stream is split at blank lines into parts of about ``part_bytes``, each split alone:
+    a repetition holds no newline but the blank line that ends it, so the parts say in order
+    what the whole says; and a part that size stays in the CPU's caches (a vLLM-shaped
+    stream of 2000 events read whole cost 1.3x as much)."""
+    line = _template(data, name, accept)
+    if line is None:
+        return None
+    before, after = line
+    value = b"(" + _LINE_STRING + b")" + re.escape(after)
+    one = re.compile(re.escape(before) + value)
+    tail = re.compile(re.escape(before[-TAIL_BYTES:]) + value)
+    out = Repeated([], [b""])
+    for part in _parts(data, part_bytes):
+        values = _tiled(before, after, tail, part)
+        if values is not None:  # the usual part: nothing but repetitions
+            between = [b""] * (len(values) + 1)
+        else:
+            pieces = one.split(part)
+            values, between = pieces[1::2], pieces[0::2]
+            if any(not piece.endswith(b"\n") for piece in filter(None, between[:-1])):
+                return None  # a repetition that does not start a line: not an event of its own
+        out.between[-1] += between[0]
+        out.values += values
+        out.between += between[1:]
+    return out
+
+
+TAIL_BYTES: Final = 16
+
+
+def _template(
+    data: bytes, name: str, accept: Callable[[bytes, bytes], bool]
+) -> tuple[bytes, bytes] | None:
+    """The line ``repeated`` takes: its bytes before its value and after it (its blank line
+    included)."""
     key = b'"' + name.encode() + b'"'
     pattern = key_pattern(name, b"(" + _TEXT + b")")
     for pos in (len(data) // 2, 0):
@@ -73,15 +114,32 @@ def repeated(data: bytes, name: str, accept: Callable[[bytes, bytes], bool]) -> 
         one_line = b"\n" not in before and after.find(b"\n") == len(after) - 2
         one_key = before.count(key) == 1 and key not in after
         if one_line and one_key and accept(data[start + 5 : end], found[1]):
-            break
-    else:
-        return None
-    one = re.compile(re.escape(before) + b"(" + _LINE_STRING + b")" + re.escape(after))
-    parts = one.split(data)
-    between = parts[0::2]
-    if any(not piece.endswith(b"\n") for piece in filter(None, between[:-1])):
-        return None  # a repetition that does not start a line: not an event of its own
-    return Repeated(parts[1::2], between)
+            return before, after
+    return None
+
+
+def _parts(data: bytes, size: int) -> Iterator[bytes]:
+    """``data`` in parts of about ``size`` bytes, each ending at a blank line (or its end)."""
+    start = 0
+    while start < len(data):
+        end = data.rfind(b"\n\n", start, start + size) + 2
+        if end < start + 2:  # no blank line in reach: up to the next one
+            end = data.find(b"\n\n", start + size) + 2
+            end = len(data) if end < 2 else end
+        yield data[start:end]
+        start = end
+
+
+def _tiled(before: bytes, after: bytes, tail: re.Pattern[bytes], part: bytes) -> list[bytes] | None:
+    """The values of ``part`` when it is nothing but repetitions of ``before``, a value and
+    ``after``; else None. ``tail`` (the repetition from the last ``TAIL_BYTES`` of
+    ``before`` on) finds them in fewer steps than the whole; exact, since the repetitions
+    rebuilt from the values found are compared with ``part`` byte for byte, and a run of
+    lines splits into lines one way only."""
+    values = tail.findall(part)
+    if values and before + (after + before).join(values) + after == part:
+        return values
+    return None
 
 
 @functools.cache

@@ -213,6 +213,24 @@ def test_repeated_events_read_what_every_event_says(
     assert _fields(scanned) == _fields(exact)
 
 
+@_fixed(150)
+@given(repeating(), st.sampled_from([1, 40, 150, 400]))
+def test_a_stream_split_in_parts_says_what_it_says_whole(
+    stream: tuple[str, bytes, bool], part_bytes: int
+) -> None:
+    """``sse.repeated`` splits a stream in parts at blank lines (most of them nothing but
+    repetitions, read by the quicker check): the same values and lines between them as one
+    split of the whole."""
+    kind, data, _ = stream
+    name = "text" if kind == COMPLETIONS else "content"
+    accept = Observer(kind)._text_only
+    whole = sse.repeated(data, name, accept, part_bytes=len(data) + 1)
+    parts = sse.repeated(data, name, accept, part_bytes=part_bytes)
+    assert (parts is None) == (whole is None)
+    if parts is not None and whole is not None:
+        assert (parts.values, parts.between) == (whole.values, whole.between)
+
+
 def test_a_vllm_stream_is_read_by_its_repetitions() -> None:
     """vLLM's shape: compact JSON, one id, created and model; a tool call's fragments after
     the text. The text events are found by one split; the tool call is read event by event."""
