@@ -97,6 +97,9 @@ class AppDriver:
         """(scheduled tokens, scheduled requests, step seconds), one per engine step."""
         self.not_accepted = 0
         """App events (register, tool end, app end) the daemon did not accept."""
+        self.early_tool_ends: dict[str, int] = {}
+        """The daemon's count of tool call ends read before their start (the connector
+        reports the start): ``held``, then ``applied`` or ``dropped``."""
         self.t0 = time.monotonic()
         self._watch(self.engine.engine_core.engine_core.scheduler)
 
@@ -166,6 +169,8 @@ class AppDriver:
                     time.sleep(0.002)
                 elif self._events:
                     time.sleep(min(0.05, max(0.0, self._events[0][0] - time.monotonic())))
+            if self._client is not None:
+                self.early_tool_ends = self._client.call(p.Stats()).early_tool_ends
         finally:
             if self._client is not None:
                 self._client.close()
@@ -323,6 +328,7 @@ class AppDriver:
             "continuation_ttft_p95_s": float(np.percentile(ttft, 95)) if ttft else math.nan,
             "continuation_ttft_s": ttfts,
             "daemon_events_not_accepted": self.not_accepted,
+            "daemon_early_tool_ends": self.early_tool_ends,
         }
 
     def call_trace(self) -> dict[str, dict[str, Any]]:
