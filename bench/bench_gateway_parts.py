@@ -8,9 +8,6 @@
 2. Reporting agent events to a real tokencaked: ``DaemonLink`` (pipelined, replies read as
    they come) against ``AsyncTokenCakeClient.call`` awaited in turn (how the link sent each
    event before). Process CPU per event (the ZMQ I/O thread included), interleaved rounds.
-3. One LLM call's finish and the next call's start a moment (``--gap-ms``) apart, as a
-   conversation of text answers sends them: held to share one send (``link.HOLD_S``) against
-   each sent at once. CPU per pair of this process and of the daemon, interleaved rounds.
 
 CPU time, not wall-clock: it barely depends on what else the machine runs.
 
@@ -25,20 +22,15 @@ import functools
 import json
 import resource
 import statistics
-import sys
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from tokencake import protocol as p
 from tokencake.clients.client import AsyncTokenCakeClient
 from tokencake.clients.launcher import daemon_flags, running
-from tokencake.connectors.gateway.link import HOLD_S, DaemonLink
+from tokencake.connectors.gateway.link import DaemonLink
 from tokencake.connectors.gateway.observe import CHAT, Observer, Outcome
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_gateway
 
 
 class _Scans(Observer):
@@ -77,16 +69,13 @@ def vllm_stream(chunks: int) -> bytes:
     return ("".join(out) + "data: [DONE]\n\n").encode()
 
 
-PAIR_EVERY_S = 3 * HOLD_S
-
-
 def _read(cls: type[Observer], data: bytes) -> Outcome:
     obs = cls(CHAT)
     obs.feed_stream(data)
     return obs.close_stream()
 
 
-def _best_ms(fns: Mapping[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+def _best_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
     """Each function's least thread CPU over ``repeat`` calls, the calls interleaved."""
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeat):
@@ -168,63 +157,18 @@ async def reporting(endpoint: str, events: int, rounds: int) -> dict[str, float]
     }
 
 
-async def _pairs(
-    endpoint: str, daemon_pid: int, n: int, gap_s: float, hold_s: float, rnd: int
-) -> float:
-    """CPU seconds per pair of events (this process and the daemon), ``gap_s`` apart, the
-    pairs ``PAIR_EVERY_S`` apart (held or not: the same idle time)."""
-    link = DaemonLink(endpoint, timeout_s=5.0, hold_s=hold_s)
-    link.start()
-    app = f"pairs-{rnd}-{hold_s}"
-    if not await link.register(app, p.AppDag(nodes=[p.DagNode(id="a")])):
-        raise SystemExit("the daemon did not take the app")
-    cpu, daemon = _cpu_s(), bench_gateway.process_cpu_s(daemon_pid)
-    for i in range(n):
-        start, finish = _events(app, i)
-        link.event(finish)  # the call before this one ends...
-        await asyncio.sleep(gap_s)
-        link.event(start)  # ...and the next request comes
-        await asyncio.sleep(PAIR_EVERY_S - gap_s)
-    await link.register(f"{app}-probe", p.AppDag(nodes=[p.DagNode(id="x")]))  # after all
-    used = _cpu_s() - cpu + bench_gateway.process_cpu_s(daemon_pid) - daemon
-    if link.sent != 2 * n + 2 or link.missed:
-        raise SystemExit(f"link: {link.sent} sent, {link.missed} missed of {2 * n + 2}")
-    await link.close()
-    return used / n
-
-
-async def holding(endpoint: str, daemon_pid: int, n: int, gap_s: float, rounds: int) -> Any:
-    per: dict[str, list[float]] = {"held": [], "at_once": []}
-    for rnd in range(rounds):
-        for name, hold in (("held", HOLD_S), ("at_once", 0.0)):
-            per[name].append(await _pairs(endpoint, daemon_pid, n, gap_s, hold, rnd))
-    us = {name: statistics.median(xs) * 1e6 for name, xs in per.items()}
-    return {
-        "held_us_per_pair": round(us["held"], 1),
-        "at_once_us_per_pair": round(us["at_once"], 1),
-        "at_once_over_held": round(us["at_once"] / us["held"], 2),
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chunks", type=int, default=2000, help="events per stream")
     ap.add_argument("--repeat", type=int, default=50, help="reads per reader; the best counts")
     ap.add_argument("--events", type=int, default=4000, help="events per link round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per link")
-    ap.add_argument("--pairs", type=int, default=300, help="finish/start pairs per round")
-    ap.add_argument("--gap-ms", type=float, default=0.5, help="from a finish to the start")
     args = ap.parse_args()
-    if min(args.chunks, args.repeat, args.events, args.rounds, args.pairs) < 1:
-        ap.error("--chunks, --repeat, --events, --rounds and --pairs must be >= 1")
-    if not 0 <= args.gap_ms < HOLD_S * 1e3:
-        ap.error(f"--gap-ms must be >= 0 and below the hold, {HOLD_S * 1e3} ms")
+    if min(args.chunks, args.repeat, args.events, args.rounds) < 1:
+        ap.error("--chunks, --repeat, --events and --rounds must be >= 1")
     result: dict[str, Any] = {"reading_a_stream": reading(args.chunks, args.repeat)}
     with running(*daemon_flags(arena="16MiB")) as daemon:
         result["reporting"] = asyncio.run(reporting(daemon.endpoint, args.events, args.rounds))
-        result["holding"] = asyncio.run(
-            holding(daemon.endpoint, daemon.pid, args.pairs, args.gap_ms / 1e3, args.rounds)
-        )
     print(json.dumps(result, indent=2))
     for name, r in result["reading_a_stream"].items():
         print(
@@ -236,12 +180,6 @@ def main() -> None:
         f"reporting to tokencaked: {rep['pipelined_us_per_event']:.1f} us CPU per event"
         f" pipelined, {rep['awaited_us_per_event']:.1f} us awaited in turn"
         f" ({rep['awaited_over_pipelined']:.1f}x)"
-    )
-    hold = result["holding"]
-    print(
-        f"a finish and the next start {args.gap_ms} ms apart: {hold['held_us_per_pair']:.1f} us"
-        f" CPU (gateway and daemon) held to share a send, {hold['at_once_us_per_pair']:.1f} us"
-        f" each sent at once ({hold['at_once_over_held']:.2f}x)"
     )
 
 

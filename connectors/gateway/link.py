@@ -20,10 +20,9 @@ single reply. Replies are read as they come, off every request's path, and only 
 Losing an event is harmless to the requests: they are forwarded the same either way; the
 daemon's policy then decides on less. What is queued is sent in one go, one loop turn after
 the request that queued it has been handed to the engine (``_schedule``), so the send never
-delays a request; an LLM call's start or finish alone waits up to ``HOLD_S`` for company.
-The socket is a plain (blocking-API) ZMQ socket used with ``NOBLOCK`` on the loop, its
-replies read from a loop reader: an order of magnitude less CPU per message than
-``zmq.asyncio``'s futures (``docs/benchmarks.md``, Gateway).
+delays a request. The socket is a plain (blocking-API) ZMQ socket used with ``NOBLOCK`` on
+the loop, its replies read from a loop reader: an order of magnitude less CPU per message
+than ``zmq.asyncio``'s futures (``docs/benchmarks.md``, Gateway).
 """
 
 from __future__ import annotations
@@ -48,13 +47,6 @@ END: Final = "end"
 REREGISTER: Final = "reregister"
 CONNECT_POLL_S: Final = 0.005
 """How often queued messages are retried while no daemon is connected (up to the timeout)."""
-HOLD_S: Final = 0.005
-"""How long an LLM call's start or finish may wait to go with other messages. Each send to
-an idle daemon wakes three threads on each side (ZMQ's I/O threads, the daemon, the reply's
-reader): one send for the finish of a call and the start of the next, a moment later, halves
-the CPU a conversation of text answers costs the daemon and the gateway. A tool call's start
-or end, a registration or an app's end goes at once, with whatever waits before it."""
-HELD: Final = (p.LlmCallStart, p.LlmCallFinish)
 
 
 @dataclass(slots=True)
@@ -75,13 +67,10 @@ class DaemonLink:
         timeout_s: float = 0.25,
         retry_s: float = 1.0,
         max_inflight: int = 100_000,
-        hold_s: float = HOLD_S,
     ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.retry_s = retry_s
-        self.hold_s = hold_s
-        """How long an LLM call's start or finish may wait for company (``HOLD_S``)."""
         self.max_inflight = max_inflight
         self.sent = 0
         """Events and registrations the daemon acknowledged."""
@@ -100,8 +89,6 @@ class DaemonLink:
         self._sock: zmq.Socket[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flushing = False
-        self._held: asyncio.TimerHandle | None = None
-        """Set while only held messages wait: the flush ``HOLD_S`` after the first."""
         self._blocked_since = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -155,7 +142,7 @@ class DaemonLink:
         if self.down or self.inflight >= self.max_inflight:
             self.missed += 1
             return
-        self._queue(_Item(EVENT, getattr(req, "app_id", ""), req), held=isinstance(req, HELD))
+        self._queue(_Item(EVENT, getattr(req, "app_id", ""), req))
 
     def end_app(self, app_id: str) -> None:
         self._socket()
@@ -184,23 +171,12 @@ class DaemonLink:
 
     # ------------------------------------------------------------------ sending
 
-    def _queue(self, item: _Item, held: bool = False) -> None:
-        """Send ``item`` after what is queued: at the next flush, and one soon unless
-        ``held`` (then at most ``hold_s`` later)."""
+    def _queue(self, item: _Item) -> None:
         self._out.append(item)
-        if self._flushing:
-            return
-        assert self._loop is not None
-        if not held:
+        if not self._flushing:
             self._flushing = True
+            assert self._loop is not None
             self._loop.call_soon(self._schedule)
-        elif self._held is None:
-            self._held = self._loop.call_later(self.hold_s, self._flush_held)
-
-    def _flush_held(self) -> None:
-        self._held = None
-        if not self._flushing:  # else a flush is on its way: it sends them
-            self._flush()
 
     def _schedule(self) -> None:
         """One more loop turn before sending: a request whose tracking queued events is then
@@ -211,9 +187,6 @@ class DaemonLink:
 
     def _flush(self) -> None:
         self._flushing = False
-        if self._held is not None:
-            self._held.cancel()
-            self._held = None
         sock = self._sock
         if sock is None:
             return

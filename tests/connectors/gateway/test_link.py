@@ -58,41 +58,6 @@ def test_events_are_pipelined_in_order(daemon: procs.Proc) -> None:
     run(main())
 
 
-def test_an_llm_call_event_waits_for_company(daemon: procs.Proc) -> None:
-    """An LLM call's start or finish alone is held (``hold_s``); the next message that
-    goes at once takes it along, in order; a held one alone goes when its hold ends."""
-
-    async def main() -> None:
-        link = DaemonLink(daemon.endpoint, timeout_s=5.0, hold_s=3600.0)
-        link.start()
-        assert await link.register("held", _dag("a"))
-        link.event(p.LlmCallStart("held", "a", request_id="r1"))
-        link.event(p.LlmCallFinish("held", "a", request_id="r1", output_tokens=3))
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert (link.inflight, len(link._pending)) == (2, 0)  # held, not sent
-        link.event(p.ToolCallStart("held", "a", "run_tests", call_id="c1"))
-        assert await link.register("probe", _dag("x"))  # answered after the three
-        assert (link.sent, link.inflight) == (5, 0)
-        assert _agents(daemon.endpoint, "held")["a"].state == "tool"
-        link.hold_s = 0.001
-        link.event(p.ToolCallEnd("held", "a", call_id="c1"))
-        link.event(p.LlmCallStart("held", "a", request_id="r2"))
-        for _ in range(5000):
-            if link.sent == 7:
-                break
-            await asyncio.sleep(0.002)
-        link.event(p.LlmCallFinish("held", "a", request_id="r2"))  # alone: its hold ends
-        for _ in range(5000):
-            if link.sent == 8:
-                break
-            await asyncio.sleep(0.002)
-        assert (link.sent, link.missed, link.rejected, link.inflight) == (8, 0, 0, 0)
-        await link.close()
-
-    run(main())
-
-
 def test_events_of_an_unregistered_app_are_not_sent(daemon: procs.Proc) -> None:
     """An app the daemon refused (or never heard of) has its events dropped, not resent."""
 
