@@ -393,15 +393,15 @@ class Gateway:
         try:
             ended = time.monotonic()
             async for chunk in up.content.iter_any():
-                # Timed before the bytes go out: the client cannot have them any earlier.
-                ended = time.monotonic()
-                await resp.write(chunk)
                 if observer is not None:
                     observer.feed_stream(chunk)
+                # Read before the bytes go out: the client cannot have them any earlier.
+                ended = time.monotonic()
+                await resp.write(chunk)
             await resp.write_eof()
             if plan is not None and observer is not None and up.status == 200:
                 # Read after the client has it all: reading it as it came cost more CPU in
-                # all (docs/benchmarks.md, Gateway), on the relay's own core.
+                # all (docs/benchmarks.md, Gateway), on the core the relay shares.
                 self._finish(plan, _closed(observer), ended)
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             # The client went away: stop reading and close the upstream (the engine aborts).
