@@ -179,7 +179,9 @@ class AgentHolds:
         Each yielded agent's KV is copied to the host, unless it is there already, so its
         return reloads it rather than recomputes it: the copy holds the blocks until the
         worker has run it (the next engine step), then they are free (cached, tail first).
-        Returns the blocks freed, now or once the copies end."""
+        When all the pins together cannot cover ``short`` (running requests hold the rest),
+        none yields: the request waits for those requests anyway. Returns the blocks freed,
+        now or once the copies end."""
         pool = self.side.pool
         if pool is None or short <= 0:
             return 0
@@ -187,6 +189,7 @@ class AgentHolds:
         pinned.sort(key=lambda item: item[1].pin_until, reverse=True)
         refs: dict[int, int] = {}
         freed = 0
+        plan: list[tuple[AgentKey, AgentKv]] = []
         for key, agent in pinned:
             if freed >= short:
                 break
@@ -196,6 +199,10 @@ class AgentHolds:
                 refs[b] = refs.get(b, pool.blocks[b].ref_cnt) - 1
                 if refs[b] == 0 and b not in mine:
                     freed += 1
+            plan.append((key, agent))
+        if freed < short:
+            return 0  # running requests hold the rest: the request waits for them anyway
+        for key, agent in plan:
             self._offload(key, agent, free_gpu=False)
             self.side.stats.pins_yielded += 1
             logger.debug("pin of %s yields to a waiting request (%d blocks short)", key, short)

@@ -32,7 +32,7 @@ def rig(
     parametrization), its app registered under the test's name."""
     app = request.node.name
     with TokenCakeClient(daemon.endpoint, timeout_s=10.0) as c:
-        dag = p.AppDag(nodes=[p.DagNode(a) for a in ("a", "b")])
+        dag = p.AppDag(nodes=[p.DagNode(a) for a in ("a", "b", "c")])
         assert c.call(p.RegisterApp(app, dag)).accepted
     r = SchedRig(tiny_model, daemon.endpoint, app, **request.param)
     yield r
@@ -74,6 +74,27 @@ def test_a_pin_yields_to_a_request_the_free_blocks_cannot_hold(rig: SchedRig) ->
     # a's KV is on the host: its return loads it rather than recomputes it.
     assert rig.conn.stats.stored_blocks == 3
     assert _on_host(rig, "a") == 3
+
+
+@pytest.mark.parametrize("rig", [{"save": "never"}], indirect=True)
+def test_a_pin_stands_while_running_requests_hold_the_rest(rig: SchedRig) -> None:
+    """a's 3 blocks are pinned and c's running request holds 3-4 more: b's 6-block request
+    lacks 4-5 blocks, more than the pin holds, so the pin stands (yielding it would not let
+    b run). Once c is done, b lacks 1 block: then the pin yields and b runs."""
+    rig.add("a0", "a", 100, 1)
+    for _ in range(2):
+        rig.step()
+    _pin(rig, "a", 30.0)
+    rig.add("c0", "c", 3 * BLOCK - 8, 30)  # 3 blocks, 4 as it decodes
+    assert "c0" in rig.step().num_scheduled_tokens
+    rig.add("b0", "b", 6 * BLOCK - 8, 2)
+    for _ in range(10):
+        assert "b0" not in rig.step().num_scheduled_tokens
+    assert rig.conn.stats.pins_yielded == 0
+    assert rig.conn.holds.held() == 3
+    assert rig.until_scheduled("b0", 40) <= 40
+    assert "c0" not in rig.sched.requests
+    assert rig.conn.stats.pins_yielded == 1
 
 
 @pytest.mark.parametrize("rig", [{"save": "finished", "tool_offload": "never"}], indirect=True)
