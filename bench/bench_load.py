@@ -138,6 +138,132 @@ class _Client:
         self.stats = ClientStats()
 
 
+class _Driver:
+    """One worker's clients: sends under the window, the quota and the rate; takes replies."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        endpoint: str,
+        names: list[str],
+        engine_id: str,
+        per_client: int,
+        window: int,
+        rate: float,
+    ) -> None:
+        self.clients = [_Client(ctx, endpoint, name, engine_id) for name in names]
+        self.poller = zmq.Poller()
+        self.by_sock: dict[Any, _Client] = {}
+        for c in self.clients:
+            self.poller.register(c.sock, zmq.POLLIN)
+            self.by_sock[c.sock] = c
+        self.per_client, self.window, self.rate = per_client, window, rate
+        self.ack_dec = msgspec.msgpack.Decoder(p.EventAck)
+        self.latencies = np.empty(
+            per_client * len(self.clients) if per_client else 1 << 22, dtype=np.float64
+        )
+        self.nlat = 0
+        self.sent_total = 0
+        self.end_at: float | None = None
+        self.last_progress = time.monotonic()
+
+    def quota_left(self, c: _Client) -> bool:
+        if self.end_at is not None:
+            return time.monotonic() < self.end_at
+        return c.stats.sent < self.per_client
+
+    def send_pass(self, turn: int, allowed: int) -> None:
+        """One pass over the clients, starting at ``turn``. Rotating who goes first, and
+        under a rate limit letting each client send at most one request per pass, keeps
+        the first clients from taking the whole budget while the last ones starve past
+        their slot leases."""
+        clients = self.clients
+        for c in clients[turn:] + clients[:turn]:
+            burst = 1 if self.rate > 0 else self.window
+            while (
+                burst > 0
+                and c.next is not None
+                and c.waiting_for is None
+                and len(c.inflight) < self.window
+                and self.sent_total < allowed
+                and self.quota_left(c)
+            ):
+                frame, needs_reply = c.next
+                rid = c.ids[0]
+                c.sock.send(frame)
+                c.inflight[rid] = time.perf_counter_ns()
+                c.stats.sent += 1
+                self.sent_total += 1
+                burst -= 1
+                if needs_reply:
+                    c.waiting_for = rid
+                    c.next = None
+                else:
+                    c.next = c.steps.send(None)
+
+    def receive(self, c: _Client) -> None:
+        """Every reply waiting on the client's socket: timed, checked and counted."""
+        while True:
+            try:
+                raw = c.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            t1 = time.perf_counter_ns()
+            self.last_progress = time.monotonic()
+            env = p.decode_reply_envelope(raw)
+            if env.id == 0:
+                c.stats.pushes += 1
+                continue
+            t0 = c.inflight.pop(env.id, None)
+            if t0 is None:
+                if 0 < env.id <= c.ids[0]:
+                    c.stats.duplicates += 1
+                else:
+                    c.stats.unknown_ids += 1
+                continue
+            c.stats.replied += 1
+            self._latency((t1 - t0) / 1e9)
+            if not env.ok:
+                code = env.error.code if env.error else "?"
+                c.stats.errors[code] = c.stats.errors.get(code, 0) + 1
+                if len(c.stats.error_samples) < 3 and env.error is not None:
+                    c.stats.error_samples.append(f"{env.op}: {env.error.message}")
+            elif env.op in p.AGENT_EVENT_OPS and not self.ack_dec.decode(env.body).accepted:
+                c.stats.not_accepted += 1
+            if env.id == c.waiting_for:
+                c.waiting_for = None
+                c.next = c.steps.send(env)
+
+    def _latency(self, seconds: float) -> None:
+        if self.nlat == len(self.latencies):
+            self.latencies = np.resize(self.latencies, 2 * len(self.latencies))
+        self.latencies[self.nlat] = seconds
+        self.nlat += 1
+
+    def run(self, seconds: float) -> float:
+        """Until every client's quota is sent and answered (or ``seconds`` passed, or no
+        reply came for ``REPLY_DEADLINE_S``); the seconds it ran."""
+        t_start = time.monotonic()
+        self.end_at = t_start + seconds if seconds else None
+        turn = 0
+        while True:
+            now = time.monotonic()
+            allowed = sys.maxsize if self.rate <= 0 else int((now - t_start) * self.rate) + 1
+            turn = (turn + 1) % len(self.clients)
+            self.send_pass(turn, allowed)
+            busy = [c for c in self.clients if c.inflight]
+            if not busy and all(not self.quota_left(c) for c in self.clients):
+                break
+            if time.monotonic() - self.last_progress > REPLY_DEADLINE_S:
+                break  # requests left in flight are counted as lost
+            for sock, _ in self.poller.poll(5 if self.rate > 0 else 100):
+                self.receive(self.by_sock[sock])
+        for c in self.clients:
+            c.stats.lost = len(c.inflight)
+            c.sock.close(linger=0)
+        return time.monotonic() - t_start
+
+
 def _drive(
     endpoint: str,
     worker: int,
@@ -153,105 +279,14 @@ def _drive(
     # Each worker registers one engine; its first client's socket receives the pushes.
     with TokenCakeClient(endpoint, timeout_s=10.0, context=ctx) as setup:
         engine_id = setup.call(p.RegisterEngine(f"load-engine-{worker}", LAYOUT, 4096)).engine_id
-    clients = [_Client(ctx, endpoint, name, engine_id) for name in names]
-    poller = zmq.Poller()
-    by_sock: dict[Any, _Client] = {}
-    for c in clients:
-        poller.register(c.sock, zmq.POLLIN)
-        by_sock[c.sock] = c
-    ack_dec = msgspec.msgpack.Decoder(p.EventAck)
-    latencies = np.empty(per_client * len(clients) if per_client else 1 << 22, dtype=np.float64)
-    nlat = 0
-    t_start = time.monotonic()
-    end_at = t_start + seconds if seconds else None
-    sent_total = 0
-    last_progress = time.monotonic()
-    turn = 0
-
-    def quota_left(c: _Client) -> bool:
-        if end_at is not None:
-            return time.monotonic() < end_at
-        return c.stats.sent < per_client
-
-    while True:
-        now = time.monotonic()
-        allowed = sys.maxsize if rate <= 0 else int((now - t_start) * rate) + 1
-        # Rotate who goes first, and under a rate limit let each client send at most one
-        # request per pass: otherwise the first clients take the whole budget and the last
-        # ones starve past their slot leases.
-        turn = (turn + 1) % len(clients)
-        for c in clients[turn:] + clients[:turn]:
-            burst = 1 if rate > 0 else window
-            while (
-                burst > 0
-                and c.next is not None
-                and c.waiting_for is None
-                and len(c.inflight) < window
-                and sent_total < allowed
-                and quota_left(c)
-            ):
-                frame, needs_reply = c.next
-                rid = c.ids[0]
-                c.sock.send(frame)
-                c.inflight[rid] = time.perf_counter_ns()
-                c.stats.sent += 1
-                sent_total += 1
-                burst -= 1
-                if needs_reply:
-                    c.waiting_for = rid
-                    c.next = None
-                else:
-                    c.next = c.steps.send(None)
-        busy = [c for c in clients if c.inflight]
-        if not busy and all(not quota_left(c) for c in clients):
-            break
-        if time.monotonic() - last_progress > REPLY_DEADLINE_S:
-            break  # requests left in flight are counted as lost below
-        events = poller.poll(5 if rate > 0 else 100)
-        for sock, _ in events:
-            c = by_sock[sock]
-            while True:
-                try:
-                    raw = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                t1 = time.perf_counter_ns()
-                last_progress = time.monotonic()
-                env = p.decode_reply_envelope(raw)
-                if env.id == 0:
-                    c.stats.pushes += 1
-                    continue
-                t0 = c.inflight.pop(env.id, None)
-                if t0 is None:
-                    if 0 < env.id <= c.ids[0]:
-                        c.stats.duplicates += 1
-                    else:
-                        c.stats.unknown_ids += 1
-                    continue
-                c.stats.replied += 1
-                if nlat == len(latencies):
-                    latencies = np.resize(latencies, 2 * len(latencies))
-                latencies[nlat] = (t1 - t0) / 1e9
-                nlat += 1
-                if not env.ok:
-                    code = env.error.code if env.error else "?"
-                    c.stats.errors[code] = c.stats.errors.get(code, 0) + 1
-                    if len(c.stats.error_samples) < 3 and env.error is not None:
-                        c.stats.error_samples.append(f"{env.op}: {env.error.message}")
-                elif env.op in p.AGENT_EVENT_OPS and not ack_dec.decode(env.body).accepted:
-                    c.stats.not_accepted += 1
-                if env.id == c.waiting_for:
-                    c.waiting_for = None
-                    c.next = c.steps.send(env)
-    for c in clients:
-        c.stats.lost = len(c.inflight)
-        c.sock.close(linger=0)
+    driver = _Driver(ctx, endpoint, names, engine_id, per_client, window, rate)
+    wall = driver.run(seconds)
     out.put(
         (
             worker,
-            latencies[:nlat].tobytes(),
-            [msgspec.to_builtins(c.stats) for c in clients],
-            time.monotonic() - t_start,
+            driver.latencies[: driver.nlat].tobytes(),
+            [msgspec.to_builtins(c.stats) for c in driver.clients],
+            wall,
         )
     )
     ctx.term()
@@ -350,7 +385,7 @@ def _summarise(stats: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--workers", type=int, default=4, help="client processes")
@@ -370,57 +405,68 @@ def main() -> None:
         ap.error("--clients must be within 1..1024 and --workers within 1..clients")
     if args.window < 1 or args.soak_rate <= 0 or args.sample_s <= 0:
         ap.error("--window must be >= 1, --soak-rate and --sample-s > 0")
+    return args
 
-    tmp = Path(tempfile.mkdtemp(prefix="tcload-"))
-    proc, endpoint = _start_daemon(tmp, args.arena_bytes)
-    samples: list[tuple[float, int, int, int]] = []
-    t_begin = time.monotonic()
-    next_sample = [t_begin]
 
-    def tick() -> None:
+class _Sampler:
+    """The daemon's RSS, anonymous RSS and open descriptors, every ``every_s`` at most."""
+
+    def __init__(self, pid: int, every_s: float) -> None:
+        self.pid, self.every_s = pid, every_s
+        self.samples: list[tuple[float, int, int, int]] = []
+        self.t_begin = time.monotonic()
+        self.next_at = self.t_begin
+
+    def tick(self) -> None:
         now = time.monotonic()
-        if now >= next_sample[0]:
-            st = proc_status(proc.pid)
-            samples.append((now - t_begin, st["rss_kib"], st["anon_kib"], st["fds"]))
-            next_sample[0] = now + args.sample_s
+        if now >= self.next_at:
+            st = proc_status(self.pid)
+            self.samples.append((now - self.t_begin, st["rss_kib"], st["anon_kib"], st["fds"]))
+            self.next_at = now + self.every_s
 
-    try:
-        tick()
-        with TokenCakeClient(endpoint, timeout_s=10.0) as c:
-            events_before = sum(c.call(p.Stats()).events.values())
-        if args.soak_seconds:
-            lat, stats, wall = _run_workers(
-                endpoint,
-                args.clients,
-                args.workers,
-                0,
-                args.window,
-                args.soak_rate,
-                args.soak_seconds,
-                tick,
-            )
-            time.sleep(1.0)
-            next_sample[0] = 0.0
-            tick()
-        else:
-            per_client = args.events // args.clients
-            lat, stats, wall = _run_workers(
-                endpoint, args.clients, args.workers, per_client, args.window, 0.0, 0.0, tick
-            )
-        with TokenCakeClient(endpoint, timeout_s=10.0) as c:
-            daemon_stats = c.call(p.Stats())
-            daemon_alive = c.call(p.Ping()).uptime_s > 0
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    s = _summarise(stats)
-    # The daemon counts every decoded request; less the closing stats call and the workers'
-    # register_engine calls, what it saw during the run must be exactly what was sent.
+
+@dataclass
+class _Run:
+    lat: np.ndarray
+    stats: list[dict[str, Any]]
+    wall: float
+    daemon_events: int
+    """What the daemon saw during the run: less the closing stats call and the workers'
+    register_engine calls, it must be exactly what was sent."""
+    daemon_alive: bool
+
+
+def _run(args: argparse.Namespace, endpoint: str, sampler: _Sampler) -> _Run:
+    sampler.tick()
+    with TokenCakeClient(endpoint, timeout_s=10.0) as c:
+        events_before = sum(c.call(p.Stats()).events.values())
+    if args.soak_seconds:
+        lat, stats, wall = _run_workers(
+            endpoint,
+            args.clients,
+            args.workers,
+            0,
+            args.window,
+            args.soak_rate,
+            args.soak_seconds,
+            sampler.tick,
+        )
+        time.sleep(1.0)
+        sampler.next_at = 0.0
+        sampler.tick()
+    else:
+        per_client = args.events // args.clients
+        lat, stats, wall = _run_workers(
+            endpoint, args.clients, args.workers, per_client, args.window, 0.0, 0.0, sampler.tick
+        )
+    with TokenCakeClient(endpoint, timeout_s=10.0) as c:
+        daemon_stats = c.call(p.Stats())
+        daemon_alive = c.call(p.Ping()).uptime_s > 0
     daemon_events = sum(daemon_stats.events.values()) - events_before - 1 - args.workers
+    return _Run(lat, stats, wall, daemon_events, daemon_alive)
+
+
+def _print_load(args: argparse.Namespace, s: dict[str, Any], run: _Run) -> None:
     mode = (
         f"soak {args.soak_seconds:.0f} s at {args.soak_rate:.0f} req/s"
         if args.soak_seconds
@@ -432,7 +478,7 @@ def main() -> None:
     )
     print(f"{'requests sent':<40}{s['sent']:>14,}")
     print(f"{'replies received (one per request)':<40}{s['replied']:>14,}")
-    print(f"{'requests seen by the daemon':<40}{daemon_events:>14,}")
+    print(f"{'requests seen by the daemon':<40}{run.daemon_events:>14,}")
     print(f"{'lost (no reply)':<40}{s['lost']:>14,}")
     print(f"{'duplicate replies':<40}{s['duplicates']:>14,}")
     print(f"{'replies for unknown ids':<40}{s['unknown_ids']:>14,}")
@@ -441,33 +487,55 @@ def main() -> None:
     print(f"{'error replies':<40}{sum(s['errors'].values()):>14,}  {s['errors'] or ''}")
     for sample in s["error_samples"]:
         print(f"  e.g. {sample}")
-    print(f"{'wall (s)':<40}{wall:>14.1f}")
-    print(f"{'throughput (req/s)':<40}{s['replied'] / wall:>14,.0f}")
+    print(f"{'wall (s)':<40}{run.wall:>14.1f}")
+    print(f"{'throughput (req/s)':<40}{s['replied'] / run.wall:>14,.0f}")
     for label, q in (("p50", 50), ("p99", 99), ("p99.9", 99.9)):
-        print(f"{'latency ' + label + ' (us)':<40}{np.percentile(lat, q) * 1e6:>14.1f}")
-    print(f"{'latency max (us)':<40}{lat.max() * 1e6:>14.1f}")
+        print(f"{'latency ' + label + ' (us)':<40}{np.percentile(run.lat, q) * 1e6:>14.1f}")
+    print(f"{'latency max (us)':<40}{run.lat.max() * 1e6:>14.1f}")
+
+
+def _print_soak(args: argparse.Namespace, samples: list[tuple[float, int, int, int]]) -> None:
     ts = [x[0] for x in samples]
+    warm = [x for x in samples if x[0] >= args.warmup_s] or samples
+    rss_slope = slope_per_min([x[0] for x in warm], [x[1] for x in warm])
+    anon_slope = slope_per_min([x[0] for x in warm], [x[2] for x in warm])
+    print(f"{'samples':<40}{len(samples):>14}  (every {args.sample_s:.0f} s)")
+    print(f"{'RSS start / end (KiB)':<40}{f'{samples[0][1]} / {samples[-1][1]}':>14}")
+    print(f"{'RssAnon start / end (KiB)':<40}{f'{samples[0][2]} / {samples[-1][2]}':>14}")
+    full_slope = slope_per_min(ts, [x[1] for x in samples])
+    print(f"{'RSS slope, whole run (KiB/min)':<40}{full_slope:>14.2f}")
+    label = f"RSS slope after {args.warmup_s:.0f} s (KiB/min)"
+    print(f"{label:<40}{rss_slope:>14.2f}")
+    print(f"{'RssAnon slope (KiB/min)':<40}{anon_slope:>14.2f}")
+    print(f"{'open fds start / end':<40}{f'{samples[0][3]} / {samples[-1][3]}':>14}")
+    print(f"{'sampled over (s)':<40}{(ts[-1] if ts else 0):>14.0f}")
+
+
+def main() -> None:
+    args = _args()
+    tmp = Path(tempfile.mkdtemp(prefix="tcload-"))
+    proc, endpoint = _start_daemon(tmp, args.arena_bytes)
+    sampler = _Sampler(proc.pid, args.sample_s)
+    try:
+        run = _run(args, endpoint, sampler)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    s = _summarise(run.stats)
+    _print_load(args, s, run)
     if args.soak_seconds:
-        warm = [x for x in samples if x[0] >= args.warmup_s] or samples
-        rss_slope = slope_per_min([x[0] for x in warm], [x[1] for x in warm])
-        anon_slope = slope_per_min([x[0] for x in warm], [x[2] for x in warm])
-        print(f"{'samples':<40}{len(samples):>14}  (every {args.sample_s:.0f} s)")
-        print(f"{'RSS start / end (KiB)':<40}{f'{samples[0][1]} / {samples[-1][1]}':>14}")
-        print(f"{'RssAnon start / end (KiB)':<40}{f'{samples[0][2]} / {samples[-1][2]}':>14}")
-        full_slope = slope_per_min(ts, [x[1] for x in samples])
-        print(f"{'RSS slope, whole run (KiB/min)':<40}{full_slope:>14.2f}")
-        label = f"RSS slope after {args.warmup_s:.0f} s (KiB/min)"
-        print(f"{label:<40}{rss_slope:>14.2f}")
-        print(f"{'RssAnon slope (KiB/min)':<40}{anon_slope:>14.2f}")
-        print(f"{'open fds start / end':<40}{f'{samples[0][3]} / {samples[-1][3]}':>14}")
-        print(f"{'sampled over (s)':<40}{(ts[-1] if ts else 0):>14.0f}")
+        _print_soak(args, sampler.samples)
     ok = (
         s["lost"] == 0
         and s["duplicates"] == 0
         and s["unknown_ids"] == 0
         and s["replied"] == s["sent"]
-        and daemon_events == s["sent"]
-        and daemon_alive
+        and run.daemon_events == s["sent"]
+        and run.daemon_alive
     )
     print("verdict: " + ("every request got exactly one reply" if ok else "FAILED"))
     if not ok:
