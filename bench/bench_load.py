@@ -304,6 +304,16 @@ def arena_size(text: str) -> str:
     return text
 
 
+def _stop_daemon(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the daemon's clean stop), SIGKILL after 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _start_daemon(tmp: Path, arena: str) -> tuple[subprocess.Popen[bytes], str]:
     daemon = launch(
         *daemon_flags(arena=arena, log_text=False, log_level="WARNING"),
@@ -519,12 +529,7 @@ def main() -> None:
     try:
         run = _run(args, endpoint, sampler)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop_daemon(proc)
     s = _summarise(run.stats)
     _print_load(args, s, run)
     if args.soak_seconds:

@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench_load import LAYOUT, _Client, _start_daemon, arena_size  # noqa: E402
+from bench_load import LAYOUT, _Client, _start_daemon, _stop_daemon, arena_size  # noqa: E402
 from soak_report import (  # noqa: E402
     Sample,
     collector_rows,
@@ -463,12 +462,7 @@ def main() -> None:
         with TokenCakeClient(endpoint, timeout_s=10.0) as c:
             alive = c.call(p.Ping()).uptime_s > 0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop_daemon(proc)
         soak.ctx.destroy(linger=0)
     reports = memory_reports(report_file)
     ok = _print_report(soak, wall, reports) and alive and proc.returncode == 0
