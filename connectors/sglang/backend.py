@@ -50,8 +50,8 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 
 from tokencake import protocol as p
+from tokencake.clients.client import DaemonLink
 from tokencake.clients.kv_arena import ArenaMapping, KvArenaError
-from tokencake.connectors.link import DaemonLink
 from tokencake.connectors.sglang.config import BackendConfig
 from tokencake.connectors.sglang.pages import HostPages, page_key
 from tokencake.segment import ArenaError, segment_path
@@ -105,7 +105,7 @@ class _Lease:
 
 
 class _Link(DaemonLink):
-    """The shared daemon link (``connectors/link.py``) with what this backend adds: the
+    """The shared daemon link (``clients/client.py``) with what this backend adds: the
     daemon's arena mapped at each registration, and every request may register again first,
     renews the leases (SGLang has no step hook: the storage calls carry it) and drains the
     pushed decisions. SGLang's storage threads hold ``lock`` around every use."""

@@ -31,7 +31,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from tokencake.connectors.link import DaemonLink
+from tokencake.clients.client import DaemonLink
 from tokencake.connectors.vllm.config import ConnectorConfig
 from tokencake.connectors.vllm.connector_scheduler import (
     DECISION_GRACE_S as DECISION_GRACE_S,

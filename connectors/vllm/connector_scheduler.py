@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokencake import protocol as p
 from tokencake.agent_params import NAMESPACE, AgentParams, agent_params
-from tokencake.connectors.link import DaemonLink
+from tokencake.clients.client import DaemonLink
 from tokencake.connectors.vllm.config import ConnectorConfig
 from tokencake.connectors.vllm.holds import AgentHolds, AgentKv, QueueProbe
 from tokencake.connectors.vllm.jobs import ConnectorStats, CopyJobs, Hit, SchedulerSide, resident

@@ -20,7 +20,7 @@ from vllm.v1.core.kv_cache_utils import BlockHash, get_block_hash
 
 from tokencake import protocol as p
 from tokencake.agent_params import AgentParams
-from tokencake.connectors.link import DaemonLink
+from tokencake.clients.client import DaemonLink
 from tokencake.connectors.vllm.config import ConnectorConfig
 from tokencake.connectors.vllm.metadata import CopyJob, TokenCakeWorkerMetadata
 

@@ -104,7 +104,7 @@ class Rig:
 def rig(tmp_path: Path) -> Iterator[Rig]:
     from vllm.v1.core.block_pool import BlockPool
 
-    from tokencake.connectors.link import DaemonLink
+    from tokencake.clients.client import DaemonLink
     from tokencake.connectors.vllm.config import ConnectorConfig
     from tokencake.connectors.vllm.holds import AgentHolds
     from tokencake.connectors.vllm.jobs import ConnectorStats, CopyJobs, SchedulerSide
