@@ -11,8 +11,8 @@ each with its own state:
   copies blocks between vLLM's KV tensors and the daemon's shared-memory arena and reports
   completions through ``get_finished``.
 
-The two talk only through vLLM's metadata (``metadata.py``): this step's copy jobs go to the
-workers, finished job ids come back.
+The two talk only through vLLM's metadata, declared with the copy jobs (``jobs.py``): this
+step's copy jobs go to the workers, finished job ids come back.
 
 Failure: a daemon that is down or slow costs at most ``timeout_ms`` once; the link is then
 marked down, nothing is loaded or saved, vLLM computes everything itself, and the daemon is
@@ -38,8 +38,11 @@ from tokencake.connectors.vllm.connector_scheduler import (
 )
 from tokencake.connectors.vllm.connector_scheduler import TokenCakeConnectorScheduler
 from tokencake.connectors.vllm.connector_worker import TokenCakeConnectorWorker
-from tokencake.connectors.vllm.jobs import ConnectorStats
-from tokencake.connectors.vllm.metadata import TokenCakeMetadata, TokenCakeWorkerMetadata
+from tokencake.connectors.vllm.jobs import (
+    ConnectorStats,
+    TokenCakeMetadata,
+    TokenCakeWorkerMetadata,
+)
 from tokencake.layout import KvLayout
 
 if TYPE_CHECKING:

@@ -31,8 +31,15 @@ from tokencake.agent_params import NAMESPACE, AgentParams, agent_params
 from tokencake.clients.client import DaemonLink
 from tokencake.connectors.vllm.config import ConnectorConfig
 from tokencake.connectors.vllm.holds import AgentHolds, AgentKv, QueueProbe
-from tokencake.connectors.vllm.jobs import ConnectorStats, CopyJobs, Hit, SchedulerSide, resident
-from tokencake.connectors.vllm.metadata import TokenCakeMetadata, TokenCakeWorkerMetadata
+from tokencake.connectors.vllm.jobs import (
+    ConnectorStats,
+    CopyJobs,
+    Hit,
+    SchedulerSide,
+    TokenCakeMetadata,
+    TokenCakeWorkerMetadata,
+    resident,
+)
 from tokencake.layout import KvLayout
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokencake.connectors.vllm.config import ConnectorConfig
+from tokencake.connectors.vllm.jobs import CopyJob, TokenCakeMetadata, TokenCakeWorkerMetadata
 from tokencake.connectors.vllm.lending import LentCopies
-from tokencake.connectors.vllm.metadata import CopyJob, TokenCakeMetadata, TokenCakeWorkerMetadata
 from tokencake.connectors.vllm.movers import Mover, close_arena, make_mover, open_arena
 from tokencake.gpu.block_mover import DeviceBlockMover
 from tokencake.gpu.mover import Completed, CopyHandle

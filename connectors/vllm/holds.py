@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from tokencake import protocol as p
 from tokencake.agent_params import AgentParams
 from tokencake.connectors.vllm import preload
-from tokencake.connectors.vllm.jobs import CopyJobs, Job, SchedulerSide, resident
-from tokencake.connectors.vllm.metadata import CopyJob
+from tokencake.connectors.vllm.jobs import CopyJob, CopyJobs, Job, SchedulerSide, resident
 
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")

@@ -1,5 +1,9 @@
-"""The scheduler side's copy jobs: host slots reserved or pinned, copies queued for the worker,
-and what the daemon is told when the worker reports them done.
+"""The copy jobs: what the scheduler side ships to the worker each step and what comes back
+(vLLM's metadata: ``CopyJob``, ``TokenCakeMetadata``, ``TokenCakeWorkerMetadata``), and the
+scheduler side's book of them (``CopyJobs``): host slots reserved or pinned, copies queued
+for the worker, and what the daemon is told when the worker reports them done.
+
+The worker side imports only the three messages; the two sides meet nowhere else.
 
 A save is two-phase: ``reserve`` (host slots), the worker's copy, then ``commit`` (or
 ``abort`` when the copy failed); a block is servable only once committed. A load pins its
@@ -16,13 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
 from vllm.v1.core.kv_cache_utils import BlockHash, get_block_hash
 
 from tokencake import protocol as p
 from tokencake.agent_params import AgentParams
 from tokencake.clients.client import DaemonLink
 from tokencake.connectors.vllm.config import ConnectorConfig
-from tokencake.connectors.vllm.metadata import CopyJob, TokenCakeWorkerMetadata
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -30,6 +37,61 @@ if TYPE_CHECKING:
 
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")
+
+
+# What the scheduler side tells the worker each step, and what comes back.
+
+
+@dataclass(slots=True)
+class CopyJob:
+    """Copy ``blocks[i]`` <-> ``slots[i]``. ``req_id`` is set when vLLM waits on the job
+    (an async load, or a save that holds a finished request's blocks)."""
+
+    job_id: int
+    slots: list[int]
+    blocks: list[int]
+    req_id: str = ""
+    fail: bool = False  # report the load as failed without copying (its daemon is gone)
+    lend: bool = False
+    """The daemon decided this copy (an offload, a predictive upload): on a GPU its blocks
+    are lent to the daemon's copy worker when it takes them (``lending.py``)."""
+
+
+@dataclass
+class TokenCakeMetadata(KVConnectorMetadata):
+    arena_name: str = ""
+    arena_bytes: int = 0
+    slot_bytes: int = 0
+    epoch: int = 0
+    """The scheduler's registration count: the worker maps the arena again when it changes
+    (and shares its GPU KV again)."""
+    engine_id: str = ""
+    """The registration's engine id (the worker's daemon-driven copies name it)."""
+    loads: list[CopyJob] = field(default_factory=list)
+    stores: list[CopyJob] = field(default_factory=list)
+
+
+@dataclass
+class TokenCakeWorkerMetadata(KVConnectorWorkerMetadata):
+    """Job ids the worker finished this step (``ok`` or ``failed``), and how long each
+    measured copy took (seconds by job id; copies it could not time are absent)."""
+
+    loaded: list[int] = field(default_factory=list)
+    stored: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    seconds: dict[int, float] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, TokenCakeWorkerMetadata)
+        return TokenCakeWorkerMetadata(
+            loaded=self.loaded + other.loaded,
+            stored=self.stored + other.stored,
+            failed=self.failed + other.failed,
+            seconds={**self.seconds, **other.seconds},
+        )
+
+
+# The scheduler side's book of jobs.
 
 
 @dataclass(slots=True)

@@ -33,7 +33,7 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 from tokencake.agent_params import kv_transfer_params
-from tokencake.connectors.vllm.metadata import TokenCakeMetadata, TokenCakeWorkerMetadata
+from tokencake.connectors.vllm.jobs import TokenCakeMetadata, TokenCakeWorkerMetadata
 from tokencake.connectors.vllm.scheduler import TokenCakeScheduler
 
 BLOCK = 32

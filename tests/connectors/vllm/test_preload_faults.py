@@ -80,7 +80,7 @@ class Rig:
         return pending.inflight, self.copies.jobs[pending.inflight]
 
     def worker(self, job_id: int, ok: bool) -> None:
-        from tokencake.connectors.vllm.metadata import TokenCakeWorkerMetadata
+        from tokencake.connectors.vllm.jobs import TokenCakeWorkerMetadata
 
         meta = TokenCakeWorkerMetadata(loaded=[job_id] if ok else [], failed=[] if ok else [job_id])
         self.copies.finished(meta)
