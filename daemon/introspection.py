@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from tokencake import PROTOCOL_VERSION, __version__
 from tokencake import protocol as p
-from tokencake.daemon.decision_log import DecisionLog
 from tokencake.daemon.kv_service import KvService
 from tokencake.daemon.parts import DaemonParts
+from tokencake.daemon.policy_bridge import DecisionLog
 
 POOL_STATES = ("free", "writing", "ready", "reading")
 

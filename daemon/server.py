@@ -2,10 +2,10 @@
 
 ``Daemon`` builds the daemon's parts and runs their loop; each part is a module of its own:
 the wire (``transport``), engines (``engines``, ``engine_service``), the KV ops and the pool
-(``kv_service``), the apps and agents with their events and policies (``agent_service``),
-where decisions go (``decision_log``), read-only views (``introspection``) and the loop's
-``timers``. The handler table below binds every request type of the protocol to the part
-that serves it.
+(``kv_service``), the apps and agents with their events (``agent_service``), the policies
+they feed and where decisions go (``policy_bridge``), read-only views (``introspection``)
+and the loop's ``timers``. The handler table below binds every request type of the protocol
+to the part that serves it.
 
 The loop blocks in ``recv`` on the ROUTER socket, with a timeout set by its timers; signal
 handlers only set flags that the loop reads between messages. Nothing here copies KV bytes:
@@ -25,11 +25,10 @@ from typing import Any
 import zmq
 
 from tokencake import protocol as p
-from tokencake.daemon.agent_service import AgentService, AppRegistry, SchedulerBridge
+from tokencake.daemon.agent_service import AgentService, AppRegistry
 from tokencake.daemon.arena import Arena
 from tokencake.daemon.auth import AuthError
 from tokencake.daemon.config import RELOADABLE_KEYS, ConfigError, DaemonConfig, load_config
-from tokencake.daemon.decision_log import DecisionLog
 from tokencake.daemon.engine_service import EngineService
 from tokencake.daemon.engines import EngineRecord, EngineRegistry
 from tokencake.daemon.gpu.handlers import GpuCopyHandlers
@@ -40,6 +39,7 @@ from tokencake.daemon.l2 import L2StartError, open_l2
 from tokencake.daemon.memwatch import MemoryWatch, container_sizes
 from tokencake.daemon.metrics import DaemonMetrics
 from tokencake.daemon.parts import DaemonParts
+from tokencake.daemon.policy_bridge import DecisionLog, SchedulerBridge
 from tokencake.daemon.sd_notify import SystemdNotifier
 from tokencake.daemon.timers import Timers
 from tokencake.daemon.transport import DaemonError, Dispatcher, Handler, Transport, socket_in_use
