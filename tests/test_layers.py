@@ -108,3 +108,100 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     assert _layer_of_module("tokencake.protocol") == SHARED
     assert _layer_of_module("daemon.server") == "daemon"
     assert _layer_of_module("numpy") is None
+
+
+# ---------------------------------------------------------------------- within the vLLM connector
+
+VLLM_FREE = ("tokencake.connectors.vllm.lending", "tokencake.connectors.vllm.movers")
+"""The vLLM worker's copy paths: ``scripts/gpu-check.sh`` imports and tests them on a GPU
+machine that has no vLLM, so nothing they load at import time may import it. (This is why
+``movers.py`` is not folded into ``connector_worker.py``, whose messages come from vLLM's
+metadata classes.)"""
+
+WORKER_FROM_JOBS = frozenset({"CopyJob", "TokenCakeMetadata", "TokenCakeWorkerMetadata"})
+"""All the worker side takes from ``jobs.py``: the per-step messages, not the scheduler
+side's book of jobs."""
+
+
+def _module_file(module: str) -> Path | None:
+    """The file a ``tokencake.`` module loads from; None outside the tree."""
+    parts = module.split(".")
+    if parts[0] != "tokencake":
+        return None
+    base = ROOT / parts[1] if len(parts) > 1 and parts[1] in ALLOWED else ROOT / "tokencake"
+    rest = parts[2:] if base.name != "tokencake" else parts[1:]
+    path = base.joinpath(*rest)
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _import_time_modules(path: Path) -> Iterator[str]:
+    """Modules ``path`` imports when it is loaded: not in functions, not for type checkers."""
+    stack: list[ast.stmt] = list(ast.parse(path.read_text(), str(path)).body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.If):
+            if "TYPE_CHECKING" not in ast.unparse(node.test):
+                stack.extend(node.body)
+            stack.extend(node.orelse)
+        elif isinstance(node, ast.Try):
+            stack.extend([*node.body, *node.orelse, *node.finalbody])
+            for handler in node.handlers:
+                stack.extend(handler.body)
+        elif isinstance(node, ast.ClassDef | ast.With):
+            stack.extend(node.body)
+
+
+def loaded_with(module: str) -> set[str]:
+    """Every module importing ``module`` loads, its packages' ``__init__`` included."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if prefix in seen:
+                continue
+            path = _module_file(prefix)
+            if path is None and parts[0] == "tokencake":
+                continue  # a name imported from a module, not a module
+            seen.add(prefix)
+            if path is not None:
+                todo.extend(_import_time_modules(path))
+    return seen
+
+
+@pytest.mark.parametrize("module", VLLM_FREE)
+def test_the_worker_copy_path_loads_without_vllm(module: str) -> None:
+    loaded = loaded_with(module)
+    assert "tokencake.clients.kv_arena" in loaded  # the walk follows the tree's imports
+    assert sorted(m for m in loaded if m.split(".")[0] == "vllm") == []
+
+
+def test_the_worker_side_takes_only_the_messages_from_jobs() -> None:
+    path = ROOT / "connectors/vllm/connector_worker.py"
+    taken = {
+        alias.name
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module == "tokencake.connectors.vllm.jobs"
+        for alias in node.names
+    }
+    assert taken == WORKER_FROM_JOBS
+    sides = {"tokencake.connectors.vllm.connector_scheduler", "tokencake.connectors.vllm.holds"}
+    assert not sides & {m for _, m in _imports(path)}
+
+
+def test_the_import_walk_sees_vllm_through_jobs() -> None:
+    """The walk follows the tree's imports: the worker side does load vLLM (its messages'
+    base classes), so a fold of the copy path into it would fail the test above."""
+    loaded = loaded_with("tokencake.connectors.vllm.connector_worker")
+    assert "tokencake.connectors.vllm.jobs" in loaded
+    assert any(m.split(".")[0] == "vllm" for m in loaded)
