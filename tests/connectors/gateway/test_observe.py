@@ -293,3 +293,25 @@ def test_a_snippet_normalises_only_what_it_needs(pieces: list[str]) -> None:
     text = "".join(pieces)
     assert snippet(text) == " ".join(text.split())[:SNIPPET_CHARS]
     assert snippet(" " * 5000 + text) == snippet(text)
+
+
+def test_an_event_that_differs_only_after_its_text_is_not_taken_for_a_repetition() -> None:
+    """The quick check finds values by the line's head alone (``sse._tiled``): an event that
+    is a repetition up to its text but ends otherwise (a usage, a finish reason) is still
+    read as its own event, its tokens and finish reason kept."""
+    head = 'data: {"id":"c","choices":[{"index":0,"delta":{"content":'
+    lines = [f'{head}"w{i} "}},"finish_reason":null}}]}}\n\n' for i in range(300)]
+    usage = '"usage":{"completion_tokens":4}'
+    lines.insert(150, f'{head}""}},"finish_reason":null}}],{usage}}}\n\n')
+    lines.append(f'{head}"end"}},"finish_reason":"length"}}]}}\n\n')
+    data = ("".join(lines) + "data: [DONE]\n\n").encode()
+    for part_bytes in (64, 1 << 10, 16 << 10):
+        found = sse.repeated(data, "content", Observer(CHAT)._text_only, part_bytes=part_bytes)
+        assert found is not None
+        assert len(found.values) == 300
+        assert sum(b'"usage"' in piece for piece in found.between) == 1
+    out, answered = _read(CHAT, data, [], "_read_repeated")
+    exact, _ = _read(CHAT, data, [])
+    assert answered and _fields(out) == _fields(exact)
+    expected = "".join(f"w{i} " for i in range(300)) + "end"
+    assert (out.text, out.finish_reason, out.output_tokens) == (expected, "length", 4)
