@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,7 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
     """One setup, in this (child) process: build the engine, warm it up, run the apps."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     sys.path.insert(0, str(ROOT))
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     from bench.common.app_driver import AppDriver
     from bench.common.vllm_apps import AppSet, build_trace, lmcache_start_error, setup_kwargs
@@ -78,16 +79,10 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
     failed = lmcache_start_error(llm) if setup == "lmcache" else ""
     if failed:
         raise RuntimeError(f"LMCache did not start: {failed}")
-    # Warm-up: CPU kernels are built on first use. Token ids no app uses (>= 500). (A
-    # run's first real prefill still costs several times a later one of its size: 579
-    # tokens took 6.4 s, the next step's 580 tokens 1.0 s, at load 4-8. Warming up with
-    # prompts of the apps' sizes did not change that; the cause is not known.)
-    warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-    prompt: Any = {"prompt_token_ids": [500 + i % 8 for i in range(80)]}
-    llm.generate([prompt], warm, use_tqdm=False)
+    warmup = warm_up(llm, cfg["max_model_len"])
     client: Any = llm.llm_engine.engine_core  # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
     sched = client.engine_core.scheduler
-    steps: list[tuple[int, int, float]] = []
+    steps: list[tuple[int, int, float, float]] = []
     driver = AppDriver(
         llm,
         trace,
@@ -105,10 +100,49 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
     out["outputs"] = driver.outputs_by_call()
     out["trace"] = driver.call_trace()
     out["steps"] = steps
+    out["warmup"] = warmup
     conn = sched.connector
     out["connector"] = conn.get_stats() if conn is not None and hasattr(conn, "get_stats") else {}
     tc_stats = getattr(sched, "tc_stats", None)  # TokenCakeScheduler's (guard deferrals)
     out["scheduler"] = asdict(tc_stats) if tc_stats is not None else {}
+    return out
+
+
+WARM_TOKENS = (32, 128, 512, 1024)
+"""Prompt lengths of the warm-up (and the longest prompt the engine takes)."""
+
+
+def warm_up(llm: Any, max_model_len: int) -> list[tuple[str, float]]:
+    """Run what the apps will run before the clock starts, the same way in every setup;
+    returns (what, seconds) per warm-up batch.
+
+    The apps ask for logprobs, and vLLM's sampler computes their ranks with a
+    ``torch.compile``d function (``batched_count_greater_than``): its first call with a
+    batch of one compiles it, its first call with a larger batch compiles it again for
+    dynamic shapes. With an empty inductor cache (a fresh machine: ``/tmp/torchinductor_*``)
+    that took 23.8 s inside the first setup's first step, and 2-3 s in each later setup
+    (loading the cache): a warm-up without logprobs left it all to the timed run. So every
+    prompt length the apps reach runs here with the apps' sampling parameters, alone and
+    then batched, and the prefix cache is emptied after. Token ids no app uses (>= 500).
+    """
+    from vllm import SamplingParams
+
+    warm = SamplingParams(temperature=0.0, max_tokens=3, logprobs=1, ignore_eos=True)
+    lengths = sorted({n for n in WARM_TOKENS if n < max_model_len - 8} | {max_model_len - 8})
+    seq = 0
+
+    def prompt(n: int) -> Any:
+        nonlocal seq
+        seq += 1
+        rng = random.Random(seq)  # distinct prompts: no prefix hits among them
+        return {"prompt_token_ids": [rng.randrange(500, 508) for _ in range(n)]}
+
+    out: list[tuple[str, float]] = []
+    for batch in [[n] for n in lengths] + [[32] * 3, lengths[:-1] or lengths]:
+        t = time.perf_counter()
+        llm.generate([prompt(n) for n in batch], warm, use_tqdm=False)
+        out.append(("+".join(map(str, batch)) + " tokens", time.perf_counter() - t))
+    llm.reset_prefix_cache()
     return out
 
 
@@ -312,10 +346,13 @@ def _run_child(cfg: dict[str, Any], python: str, timeout_s: float, log: Any) -> 
     return {"setup": setup, "error": why or (err[-1] if err else "no output")}
 
 
+SMOKE_BLOCKS = 16
+
+
 def smoke(args: argparse.Namespace, setups: list[str]) -> None:
     """The CI size: every setup on the tests' tiny model, 2 apps, a 16-block pool (the apps'
     contexts do not all fit). ``--json`` gets every call's output, for the test to compare."""
-    from bench.common.vllm_apps import SMOKE_APPS
+    from bench.common.vllm_apps import SMOKE_APPS, TINY_SHAPE
     from bench.common.vllm_models import build_tiny_llama
 
     with tempfile.TemporaryDirectory(prefix="tc-bench-engine-") as tmp:
@@ -324,8 +361,8 @@ def smoke(args: argparse.Namespace, setups: list[str]) -> None:
             setups,
             asdict(SMOKE_APPS),
             model=build_tiny_llama(work / "model"),
-            kv_bytes=16 * 32 * 1024,
-            max_model_len=15 * 32,  # what fits the pool less vLLM's null block
+            kv_bytes=SMOKE_BLOCKS * 32 * 1024,
+            max_model_len=(SMOKE_BLOCKS - 1) * 32,  # what fits the pool less vLLM's null block
             lmcache_python=args.lmcache_python,
             decode_s=0.01,
             timeout_s=120.0,
@@ -335,7 +372,13 @@ def smoke(args: argparse.Namespace, setups: list[str]) -> None:
         )
     print(table(results))
     if args.json is not None:
-        args.json.write_text(json.dumps({"meta": {"apps": asdict(SMOKE_APPS)}, "results": results}))
+        meta = {
+            "apps": asdict(SMOKE_APPS),
+            "gpu_blocks": SMOKE_BLOCKS,
+            "max_model_len": (SMOKE_BLOCKS - 1) * 32,
+            "model": asdict(TINY_SHAPE),
+        }
+        args.json.write_text(json.dumps({"meta": meta, "results": results}))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -408,9 +451,17 @@ def _sim_from(ap: argparse.ArgumentParser, path: Path, traced: tuple[str, ...]) 
         recorded = (doc.get("sim") or {}).get("copy_bytes_per_s")
     except (OSError, ValueError, KeyError, TypeError) as e:
         ap.error(f"--sim-from {path}: not a bench_engine --json file ({e})")
+    missing = [k for k in ("apps", "gpu_blocks", "max_model_len") if k not in meta]
+    if missing:  # --smoke files written before the smoke run recorded its engine
+        ap.error(f"--sim-from {path}: the run did not record {', '.join(missing)}; rerun it")
+    if "error" in results.get("plain", {"error": "did not run"}):
+        ap.error(f"--sim-from {path}: plain vLLM did not run, nothing to compare with")
     from bench.common.engine_sim import simulate
 
-    simulate(meta, results, recorded, traced)
+    try:
+        simulate(meta, results, recorded, traced)
+    except ValueError as e:
+        ap.error(f"--sim-from {path}: {e}")
 
 
 def _full(args: argparse.Namespace, setups: list[str], traced: tuple[str, ...]) -> None:
@@ -463,10 +514,16 @@ def _full(args: argparse.Namespace, setups: list[str], traced: tuple[str, ...]) 
     if args.plot is not None:
         plot(results, args.plot)
     meta = {"apps": apps, "gpu_blocks": args.gpu_blocks, "max_model_len": args.max_model_len}
+    meta["model"] = asdict(ModelShape())
     meta.update(load_start=started, load_end=ended)
     from bench.common.engine_sim import simulate
 
-    sim = simulate(meta, results, None, traced) if "error" not in results["plain"] else {}
+    sim: dict[str, Any] = {}
+    try:
+        if "error" not in results["plain"]:
+            sim = simulate(meta, results, None, traced)
+    except ValueError as e:  # too few steps to fit: the run's results still count
+        print(f"\nno simulator comparison: {e}")
     if args.json is not None:
         doc = {"meta": meta, "results": results, "sim": sim}
         args.json.write_text(json.dumps(doc, indent=1))

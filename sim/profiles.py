@@ -11,9 +11,12 @@ Formulas (all documented in docs/benchmarks.md, section Simulator):
 * Step time (roofline): max(FLOPs / (peak x MFU), bytes / (HBM bandwidth x MBU)) plus a
   fixed per-step CPU overhead. FLOPs = 2 x params per token (linear layers) + attention
   4 x layers x q_heads x head_dim per (query, key) pair; bytes = the weights once per step +
-  the KV each token attends to. A profile fitted to a CPU engine may instead give a measured
-  duration for steps that only decode (``decode_step_s``): there a decode step costs about
-  the same whatever the batch, and far less than the fitted line's intercept.
+  the KV each token attends to. A profile may run attention at its own share of peak
+  (``attn_mfu``; a CPU fit's measured cost per pair): then the compute time is the linear
+  layers' at MFU plus attention's at ``attn_mfu``. A profile fitted to a CPU engine may
+  instead give a measured duration for steps that only decode (``decode_step_s``): there a
+  decode step costs about the same whatever the batch, and far less than the fitted line's
+  intercept.
 * Host link: a transfer of ``n`` bytes takes ``copy_overhead_s + n / bandwidth`` and each
   direction serves one transfer at a time (FIFO), so concurrent copies queue (contention).
 """
@@ -90,6 +93,10 @@ class Profile:
     decode_step_s: float | None = None
     """A measured step in which every request moves one token (decoding); None: the
     roofline, as for any other step."""
+    attn_mfu: float | None = None
+    """The share of peak FLOPs attention runs at, where it is not ``mfu``: a profile fitted
+    to a CPU engine, whose attention kernels run at their own measured rate (the fit's
+    cost per (query, key) pair). None: attention FLOPs count with the linear layers'."""
 
     @property
     def block_bytes(self) -> int:
@@ -134,9 +141,14 @@ class Profile:
             decode_only = kv_tokens_read > 0 and attn_pairs == kv_tokens_read
         if decode_only and self.decode_step_s is not None:
             return self.decode_step_s
-        flops = 2.0 * self.model.params * tokens + self.model.attn_flops_per_pair * attn_pairs
         nbytes = self.model.weight_bytes + kv_tokens_read * self.model.kv_bytes_per_token
-        compute = flops / (self.gpu.peak_flops * self.mfu)
+        if self.attn_mfu is None:
+            flops = 2.0 * self.model.params * tokens + self.model.attn_flops_per_pair * attn_pairs
+            compute = flops / (self.gpu.peak_flops * self.mfu)
+        else:
+            linear = 2.0 * self.model.params * tokens / (self.gpu.peak_flops * self.mfu)
+            attn = self.model.attn_flops_per_pair * attn_pairs
+            compute = linear + attn / (self.gpu.peak_flops * self.attn_mfu)
         memory = nbytes / (self.gpu.hbm_bytes_per_s * self.mbu)
         return max(compute, memory) + self.step_overhead_s
 

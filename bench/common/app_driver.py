@@ -65,6 +65,20 @@ def _common(a: list[int], b: list[int]) -> int:
     return int(np.argmax(x)) if x.any() else n
 
 
+def step_pairs(out: Any) -> float:
+    """The (query, key) pairs a vLLM step attends: a request scheduled for ``c`` tokens on
+    ``s`` computed ones attends ``c*s + c*(c+1)/2`` (causal), as ``tokencake.sim``'s engine
+    model counts them (``Simulator._step_time``)."""
+    computed = {new.req_id: new.num_computed_tokens for new in out.scheduled_new_reqs}
+    cached = out.scheduled_cached_reqs
+    computed.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+    pairs = 0.0
+    for rid, c in out.num_scheduled_tokens.items():
+        s = computed.get(rid, 0)
+        pairs += c * s + c * (c + 1) / 2
+    return pairs
+
+
 class AppDriver:
     """Runs a trace's apps on an in-process ``vllm.LLM``, stepping it from this thread."""
 
@@ -78,7 +92,7 @@ class AppDriver:
         endpoint: str = "",
         decode_s: float = 0.05,
         block: int = 32,
-        step_log: list[tuple[int, int, float]] | None = None,
+        step_log: list[tuple[int, int, float, float]] | None = None,
     ) -> None:
         self.engine = llm.llm_engine
         self.trace = trace
@@ -94,7 +108,9 @@ class AppDriver:
         self._seq = 0
         self._client: Any = None
         self.step_log = step_log
-        """(scheduled tokens, scheduled requests, step seconds), one per engine step."""
+        """(scheduled tokens, scheduled requests, step seconds, attention pairs), one per
+        engine step; the pairs are the (query, key) pairs the step attends, as the
+        simulator's engine model counts them (``step_pairs``)."""
         self.not_accepted = 0
         """App events (register, tool end, app end) the daemon did not accept."""
         self.early_tool_ends: dict[str, int] = {}
@@ -118,7 +134,12 @@ class AppDriver:
     def _scheduled(self, out: Any, now: float) -> None:
         if self.step_log is not None:
             self.step_log.append(
-                (int(out.total_num_scheduled_tokens), len(out.num_scheduled_tokens), 0.0)
+                (
+                    int(out.total_num_scheduled_tokens),
+                    len(out.num_scheduled_tokens),
+                    0.0,
+                    step_pairs(out),
+                )
             )
         for new in out.scheduled_new_reqs:  # vLLM's id is ours plus "-" and a suffix
             call = self.calls.get(new.req_id.rsplit("-", 1)[0])
@@ -263,7 +284,7 @@ class AppDriver:
         outs = self.engine.step()
         now = time.monotonic()
         if log is not None and len(log) > n:  # this step's batch, logged by ``_scheduled``
-            log[-1] = (log[-1][0], log[-1][1], time.perf_counter() - t)
+            log[-1] = (log[-1][0], log[-1][1], time.perf_counter() - t, log[-1][3])
         for out in outs:
             call = self.calls[out.request_id]
             if call.first_token_s is None and out.outputs and out.outputs[0].token_ids:

@@ -23,37 +23,115 @@ preemption victim). The others run vLLM's own FCFS scheduler whatever the daemon
 @dataclass(slots=True, frozen=True)
 class StepFit:
     """An engine's measured step time: steps in which every request moved one token
-    (decoding) take ``decode_s``; the others ``prefill_s + s_per_token x tokens``."""
+    (decoding) take ``decode_s``; the others ``prefill_s + s_per_token x tokens +
+    s_per_pair x attention pairs`` (the (query, key) pairs the step attends: a chunk of
+    ``c`` tokens on ``s`` computed ones attends ``c*s + c*(c+1)/2``). Steps the fit left
+    out (``outliers``: which step, tokens, requests, seconds, the fit's seconds) are
+    listed, not hidden."""
 
     decode_s: float
     prefill_s: float
     s_per_token: float
     steps: int
+    s_per_pair: float = 0.0
+    outliers: tuple[tuple[str, int, int, float, float], ...] = ()
 
     def __str__(self) -> str:
-        return (
+        pair = f" + {self.s_per_pair * 1e9:.0f} ns x pairs" if self.s_per_pair else ""
+        out = (
             f"decode-only steps {self.decode_s * 1e3:.0f} ms, others "
-            f"{self.prefill_s * 1e3:.0f} ms + {self.s_per_token * 1e3:.2f} ms x tokens "
-            f"({self.steps} steps)"
+            f"{self.prefill_s * 1e3:.0f} ms + {self.s_per_token * 1e3:.2f} ms x tokens{pair} "
+            f"({self.steps} steps"
         )
+        if self.outliers:
+            out += f"; {len(self.outliers)} left out: " + ", ".join(
+                f"{i} ({t} tokens, {r} requests) {s:.2f} s, fit {f:.2f} s"
+                for i, t, r, s, f in self.outliers[:5]
+            )
+            out += ", ..." if len(self.outliers) > 5 else ""
+        return out + ")"
 
 
-def fit_steps(steps: list[list[float]]) -> StepFit:
-    """The mean of the decode-only steps, and least squares over the others.
+OUTLIER_RATIO = 2.0
+"""A step is left out of the fit when it took more than this many times the fit's time, or
+less than its inverse, and at least ``OUTLIER_MIN_S`` off: a stall of another kind (a
+compile, a page fault storm, the machine's other load), not a point of the cost model."""
+OUTLIER_MIN_S = 0.05
+
+
+def _nonneg_lstsq(x: Any, y: Any) -> Any:
+    """Least squares with coefficients >= 0: a negative one is dropped (0) and the rest
+    refitted, until none is negative (costs do not go negative)."""
+    import numpy as np
+
+    keep = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
+    while keep:
+        sol, *_ = np.linalg.lstsq(x[:, keep], y, rcond=None)
+        if (sol >= 0).all():
+            coef[keep] = sol
+            break
+        keep.pop(int(np.argmin(sol)))
+    return coef
+
+
+def _outliers(took: Any, fit: Any) -> Any:
+    import numpy as np
+
+    ratio = took / np.maximum(fit, 1e-9)
+    off = (ratio > OUTLIER_RATIO) | (ratio < 1 / OUTLIER_RATIO)
+    return off & (np.abs(took - fit) > OUTLIER_MIN_S)
+
+
+def fit_steps(steps: list[list[float]], names: list[str] | None = None) -> StepFit:
+    """The mean of the decode-only steps, and least squares (non-negative) over the others
+    on tokens and, where the run recorded them, attention pairs; steps far off the fit
+    (``OUTLIER_RATIO``; decode steps against their median) are left out and listed.
 
     On this CPU engine a decode step of 1-8 requests costs about the same (about 1 s on the
     loaded machine), while one line through every step put 1.85-2.03 s on each of them.
+    A prefill's cost grows with its context: attention is quadratic in a chunk's length.
+    ``names``: what to call each step in the list of outliers (default ``step N``).
     """
     import numpy as np
 
-    arr = np.asarray([s for s in steps if s[0] > 0 and s[2] > 0], dtype=float)
-    decode = arr[:, 0] == arr[:, 1]
+    rows = [
+        (i, s[0], s[1], s[2], s[3] if len(s) > 3 else 0.0)
+        for i, s in enumerate(steps)
+        if s[0] > 0 and s[2] > 0
+    ]
+    arr = np.asarray(rows, dtype=float).reshape(-1, 5)
+    decode = arr[:, 1] == arr[:, 2]
     rest = arr[~decode]
-    if not decode.any() or len(rest) < 2:
+    if not decode.any() or len(rest) < 3:
         raise ValueError(f"too few steps to fit: {int(decode.sum())} decode, {len(rest)} other")
-    design = np.stack([np.ones(len(rest)), rest[:, 0]], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, rest[:, 2], rcond=None)
-    return StepFit(float(arr[decode, 2].mean()), float(a), float(b), len(arr))
+    dec_t = arr[decode, 3]
+    dec_out = _outliers(dec_t, np.full(len(dec_t), float(np.median(dec_t))))
+    x = np.stack([np.ones(len(rest)), rest[:, 1], rest[:, 4]], axis=1)
+    out = np.zeros(len(rest), dtype=bool)
+    for _ in range(5):  # refit without the outliers until they stay the same
+        coef = _nonneg_lstsq(x[~out], rest[~out, 3])
+        new = _outliers(rest[:, 3], x @ coef)
+        if (new == out).all() or (~new).sum() < 3:
+            break
+        out = new
+    decode_s = float(dec_t[~dec_out].mean())
+    left = [(r, decode_s) for r in arr[decode][dec_out]] + [
+        (r, float(x[j] @ coef)) for j, r in enumerate(rest) if out[j]
+    ]
+    name = names or [f"step {i}" for i in range(len(steps))]
+    listed = tuple(
+        (name[int(r[0])], int(r[1]), int(r[2]), float(r[3]), f)
+        for r, f in sorted(left, key=lambda t: float(t[0][0]))
+    )
+    return StepFit(
+        decode_s,
+        float(coef[0]),
+        float(coef[1]),
+        len(arr) - len(listed),
+        s_per_pair=float(coef[2]),
+        outliers=listed,
+    )
 
 
 def measure_copy(block_bytes: int, blocks: int = 64, reps: int = 5) -> float:
@@ -74,25 +152,29 @@ def measure_copy(block_bytes: int, blocks: int = 64, reps: int = 5) -> float:
     return blocks * block_bytes / best
 
 
-def engine_profile(name: str, fit: StepFit, copy_bps: float, gpu_blocks: int, max_len: int) -> Any:
-    """A simulator profile whose step time is the fit and whose host link is the copy."""
+def engine_profile(
+    name: str, fit: StepFit, copy_bps: float, gpu_blocks: int, max_len: int, shape: Any = None
+) -> Any:
+    """A simulator profile whose step time is the fit and whose host link is the copy;
+    ``shape``: the engine's ``ModelShape`` (default: the bench's 12-layer model)."""
     from bench.common.vllm_apps import ModelShape, count_params
     from tokencake.sim.profiles import GpuSpec, ModelSpec, Profile
 
-    shape = ModelShape()
+    shape = shape or ModelShape()
     params = count_params(shape)
-    # q_heads 0: the attention cost is inside the fitted slope, not added on top of it.
+    # q_heads 0 when the fit has no attention term (a run that did not record pairs): the
+    # attention cost is then inside the fitted slope, not added on top of it.
+    heads = shape.heads if fit.s_per_pair > 0 else 0
     model = ModelSpec(
-        "llama-79m-random", params, shape.layers, 0, shape.kv_heads, shape.head_dim, 4
+        "llama-random", params, shape.layers, heads, shape.kv_heads, shape.head_dim, 4
     )
-    # Linear in tokens: compute = 2 x params x tokens / peak = b x tokens; memory bandwidth
+    # Linear in tokens: compute = 2 x params x tokens / peak = b x tokens; attention at its
+    # own rate, attn_flops_per_pair x pairs / (peak x attn_mfu) = c x pairs; memory bandwidth
     # so high that the fixed cost is all ``a`` (the step overhead).
+    peak = 2 * params / fit.s_per_token if fit.s_per_token > 0 else 1e30
+    attn_mfu = model.attn_flops_per_pair / (peak * fit.s_per_pair) if heads else None
     cpu = GpuSpec(
-        "cpu-fit",
-        mem_bytes=0.0,
-        peak_flops=2 * params / fit.s_per_token,
-        hbm_bytes_per_s=1e18,
-        host_bytes_per_s=copy_bps,
+        "cpu-fit", mem_bytes=0.0, peak_flops=peak, hbm_bytes_per_s=1e18, host_bytes_per_s=copy_bps
     )
     return Profile(
         name=name,
@@ -105,12 +187,13 @@ def engine_profile(name: str, fit: StepFit, copy_bps: float, gpu_blocks: int, ma
         mbu=1.0,
         step_overhead_s=fit.prefill_s,
         decode_step_s=fit.decode_s,
-        max_batched_tokens=max_len,
+        max_batched_tokens=max(1024, max_len),  # as bench/common/vllm_apps.setup_kwargs
         max_num_seqs=8,
         copy_overhead_s=0.0,
         host_kv_bytes=float(4 * gpu_blocks * 32 * model.kv_bytes_per_token),
         source="bench/bench_engine.py: fitted to the engine's measured steps",
         fixed_gpu_blocks=gpu_blocks - 1,  # vLLM keeps block 0 as its null block
+        attn_mfu=attn_mfu,
     )
 
 
@@ -233,26 +316,33 @@ def simulate(
     copy_bps: float | None = None,
     trace_setups: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Calibrate a profile from plain vLLM's steps and this machine's copy speed, replay the
-    same apps in the simulator, print the comparison."""
+    """Calibrate a profile from every setup's steps and this machine's copy speed, replay
+    the same apps in the simulator, print the comparison. Raises ``ValueError`` when the
+    run has too few steps to fit."""
     from bench.common.vllm_apps import ModelShape, kv_bytes_per_block
 
+    shape = ModelShape(**meta["model"]) if "model" in meta else ModelShape()
+    blocks, max_len = meta["gpu_blocks"], meta["max_model_len"]
     ran = [k for k, r in results.items() if "error" not in r]
     # Every setup's steps: each setup ran at its own moment of the machine's load, and
     # plain vLLM's alone carry the load of one moment.
-    fit = fit_steps([s for k in ran for s in results[k]["steps"]])
+    steps = [s for k in ran for s in results[k]["steps"]]
+    names = [f"{k} step {i}" for k in ran for i in range(len(results[k]["steps"]))]
+    fit = fit_steps(steps, names)
     copy_what = "recorded"
     if copy_bps is None:
-        copy_bps = measure_copy(kv_bytes_per_block(ModelShape()))
+        copy_bps = measure_copy(kv_bytes_per_block(shape))
         copy_what = "numpy block gather/scatter, best of 5"
-    profile = engine_profile(
-        "llama-79m-cpu-fit", fit, copy_bps, meta["gpu_blocks"], meta["max_model_len"]
-    )
+    profile = engine_profile("cpu-fit", fit, copy_bps, blocks, max_len, shape)
     sim = run_sim(meta["apps"], profile, ran)
     print(
         f"\nsimulator profile: {fit}, every setup's steps; "
         f"host copy {copy_bps / 1e9:.2f} GB/s ({copy_what})"
     )
+    for k in ran:
+        warm = results[k].get("warmup")
+        if warm:
+            print(f"{k} warm-up: " + ", ".join(f"{w} {t:.2f} s" for w, t in warm))
     print(sim_table(results, sim))
     # Diagnosis, not the comparison: each setup with a fit of its own steps only, i.e. at
     # the machine's speed while that setup ran. What is left is not the machine's load.
@@ -261,9 +351,7 @@ def simulate(
     for k in sim:
         own_fit = fit_steps(results[k]["steps"])
         decode.append(own_fit.decode_s)
-        own_profile = engine_profile(
-            f"{k}-own-fit", own_fit, copy_bps, meta["gpu_blocks"], meta["max_model_len"]
-        )
+        own_profile = engine_profile(f"{k}-own-fit", own_fit, copy_bps, blocks, max_len, shape)
         own.update(run_sim(meta["apps"], own_profile, [k]))
         print(f"{k}: its own steps: {own_fit}")
     print("\neach setup simulated with a fit of its own steps (diagnosis):")
@@ -283,6 +371,8 @@ def simulate(
         "decode_step_s": fit.decode_s,
         "step_overhead_s": fit.prefill_s,
         "s_per_token": fit.s_per_token,
+        "s_per_pair": fit.s_per_pair,
+        "outliers": fit.outliers,
         "copy_bytes_per_s": copy_bps,
         "runs": sim,
         "own_fit_runs": own,

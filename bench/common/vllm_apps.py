@@ -42,6 +42,10 @@ class ModelShape:
     intermediate: int = 2048
 
 
+TINY_SHAPE = ModelShape(layers=2, hidden=64, heads=2, kv_heads=2, head_dim=32, intermediate=128)
+"""``bench/common/vllm_models.build_tiny_llama``'s model: the tests' and ``--smoke``'s."""
+
+
 def build_llama(path: Path, shape: ModelShape = ModelShape(), seed: int = 0) -> Path:
     """A random-weight Llama of ``shape`` (fp32 safetensors) and the test tokenizer."""
     from bench.common.vllm_models import build_tokenizer, save_random_llama
