@@ -38,8 +38,9 @@ PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the source tree; no build needed
 DEPS=(pyzmq msgspec click rich aiohttp prometheus-client pytest pytest-timeout)
 # Every gpu-marked test lives here (tests/daemon/gpu/test_gpu_check.py keeps it so); with
-# them the vLLM connector's lending to the daemon's copy worker (connectors/vllm/lending.py,
-# which imports no vLLM) and the copies in vLLM 0.32's KV cache layouts.
+# them the vLLM connector's worker side, its copy paths and its lending to the daemon's copy
+# worker (connectors/vllm/connector_worker.py, lending.py: they import no vLLM, which
+# tests/test_layers.py checks) and the copies in vLLM 0.32's KV cache layouts.
 GPU_TESTS=(tests/connectors/vllm/test_gpu_copy.py tests/daemon/gpu)
 REPORT="${GPU_CHECK_JSON:-$ROOT/gpu-check.json}"
 if [[ $DRY == 1 ]]; then
@@ -111,7 +112,8 @@ install_deps() {
 imports() {
     "$PY" -c "import zmq, msgspec, click, rich, prometheus_client, pytest, tokencake.daemon.server, \
 tokencake.daemon.gpu.copy_worker, tokencake.clients.gpu_lending, \
-tokencake.connectors.vllm.lending; print('  imports ok (no vLLM needed)')"
+tokencake.connectors.vllm.connector_worker, tokencake.connectors.vllm.lending; \
+print('  imports ok (no vLLM needed)')"
 }
 
 gpu_tests() {

@@ -112,15 +112,14 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- within the vLLM connector
 
-VLLM_FREE = ("tokencake.connectors.vllm.lending", "tokencake.connectors.vllm.movers")
-"""The vLLM worker's copy paths: ``scripts/gpu-check.sh`` imports and tests them on a GPU
-machine that has no vLLM, so nothing they load at import time may import it. (This is why
-``movers.py`` is not folded into ``connector_worker.py``, whose messages come from vLLM's
-metadata classes.)"""
+VLLM_FREE = ("tokencake.connectors.vllm.connector_worker", "tokencake.connectors.vllm.lending")
+"""The vLLM worker side and its copy paths: ``scripts/gpu-check.sh`` imports and tests them on
+a GPU machine that has no vLLM, so nothing they load at import time may import it. vLLM's
+message classes are the facade's and ``jobs.py``'s; the worker side only reads them."""
 
-WORKER_FROM_JOBS = frozenset({"CopyJob", "TokenCakeMetadata", "TokenCakeWorkerMetadata"})
-"""All the worker side takes from ``jobs.py``: the per-step messages, not the scheduler
-side's book of jobs."""
+WORKER_FROM_JOBS = frozenset({"CopyJob", "TokenCakeMetadata"})
+"""All the worker side takes from ``jobs.py`` (for type checking only): the shipped jobs, not
+the scheduler side's book of them."""
 
 
 def _module_file(module: str) -> Path | None:
@@ -197,11 +196,16 @@ def test_the_worker_side_takes_only_the_messages_from_jobs() -> None:
     assert taken == WORKER_FROM_JOBS
     sides = {"tokencake.connectors.vllm.connector_scheduler", "tokencake.connectors.vllm.holds"}
     assert not sides & {m for _, m in _imports(path)}
+    assert "tokencake.connectors.vllm.jobs" not in loaded_with(VLLM_FREE[0])
 
 
-def test_the_import_walk_sees_vllm_through_jobs() -> None:
-    """The walk follows the tree's imports: the worker side does load vLLM (its messages'
-    base classes), so a fold of the copy path into it would fail the test above."""
-    loaded = loaded_with("tokencake.connectors.vllm.connector_worker")
-    assert "tokencake.connectors.vllm.jobs" in loaded
-    assert any(m.split(".")[0] == "vllm" for m in loaded)
+def test_the_import_walk_sees_vllm_through_the_tree() -> None:
+    """The walk follows the tree's imports: the facade loads vLLM through ``jobs.py`` (its
+    messages' base classes), so a worker side that imported ``jobs.py`` at load time would
+    fail the test above."""
+    loaded = loaded_with("tokencake.connectors.vllm.connector")
+    assert {
+        "tokencake.connectors.vllm.jobs",
+        "tokencake.connectors.vllm.connector_worker",
+    } <= loaded
+    assert any(m.split(".")[0] == "vllm" for m in loaded_with("tokencake.connectors.vllm.jobs"))

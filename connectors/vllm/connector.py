@@ -255,7 +255,8 @@ class TokenCakeConnector(KVConnectorBase_V1):
         return self._worker().get_block_ids_with_load_errors()
 
     def build_connector_worker_meta(self) -> TokenCakeWorkerMetadata | None:
-        return self._worker().build_worker_meta()
+        done = self._worker().take_finished()
+        return None if done is None else TokenCakeWorkerMetadata(**done._asdict())
 
     def shutdown(self) -> None:
         if self.connector_scheduler is not None:

@@ -34,13 +34,20 @@ from typing import Any
 from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
 from tokencake.clients.gpu_lending import DaemonCopies, Direction, Settled
 from tokencake.clients.kv_arena import ArenaMapping
-from tokencake.connectors.vllm.movers import export_kv
 from tokencake.gpu.block_mover import DeviceBlockMover
-from tokencake.gpu.mover import CopyError, CopyHandle
+from tokencake.gpu.mover import BlockMover, CopyError, CopyHandle
 from tokencake.protocol import ErrorCode, RemoteError
 
 # Under vLLM's "vllm" logger, so these lines appear in vLLM's output, in its format.
 logger = logging.getLogger(f"vllm.{__name__}")
+
+
+def export_kv(mover: BlockMover[ArenaMapping]) -> list[Any]:
+    """The IPC descriptions of a CUDA mover's KV regions, for ``share_gpu_kv``."""
+    if not isinstance(mover, DeviceBlockMover):
+        raise CopyError("only device KV tensors can be shared with the daemon")
+    return [mover.device.export(r) for r in mover.regions]
+
 
 SHARE_TIMEOUT_S = 0.25
 """The least time a share may take (the daemon may start its copy worker)."""

@@ -292,7 +292,7 @@ def test_bad_ids_are_refused_before_any_byte_moves(arena: Arena, kernel_calls: l
 def test_vllm_block_copier_moves_torch_layers(arena: Arena, kernel_calls: list[int]) -> None:
     """The vLLM worker's CPU copier: torch KV tensors of vLLM-CPU's shape, random ids."""
     torch = pytest.importorskip("torch")
-    from tokencake.connectors.vllm.movers import CpuBlockMover
+    from tokencake.connectors.vllm.connector_worker import CpuBlockMover
 
     torch.manual_seed(0)
     kv = [torch.randn(NB, 2, 4, 64, dtype=torch.bfloat16) for _ in range(3)]

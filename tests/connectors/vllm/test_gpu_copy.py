@@ -22,8 +22,8 @@ from tests.conftest import start_daemon  # noqa: E402
 from tokencake import protocol as p  # noqa: E402
 from tokencake.clients.client import TokenCakeClient  # noqa: E402
 from tokencake.clients.kv_arena import ArenaMapping  # noqa: E402
-from tokencake.connectors.vllm.lending import Lent, LentCopies  # noqa: E402
-from tokencake.connectors.vllm.movers import CpuBlockMover, export_kv, make_mover  # noqa: E402
+from tokencake.connectors.vllm.connector_worker import CpuBlockMover, make_mover  # noqa: E402
+from tokencake.connectors.vllm.lending import Lent, LentCopies, export_kv  # noqa: E402
 from tokencake.daemon.arena import Arena  # noqa: E402
 from tokencake.daemon.gpu.service import GpuCopyService  # noqa: E402
 from tokencake.daemon.host_store import HostStore  # noqa: E402

@@ -36,6 +36,7 @@ from tokencake.connectors.vllm.config import ConnectorConfig  # noqa: E402
 from tokencake.connectors.vllm.connector_scheduler import TokenCakeConnectorScheduler  # noqa: E402
 from tokencake.connectors.vllm.connector_worker import TokenCakeConnectorWorker  # noqa: E402
 from tokencake.connectors.vllm.holds import AgentKv  # noqa: E402
+from tokencake.connectors.vllm.jobs import TokenCakeWorkerMetadata  # noqa: E402
 from tokencake.daemon.gpu.fake import FakeDevice  # noqa: E402
 from tokencake.gpu.mover import CopyError  # noqa: E402
 from tokencake.layout import KvLayout  # noqa: E402
@@ -86,8 +87,9 @@ class Engine:
         self.worker.start_load_kv(meta)
         self.worker.wait_for_save(meta)
         self.worker.get_finished()
-        out = self.worker.build_worker_meta()
-        if out is not None:
+        done = self.worker.take_finished()
+        if done is not None:
+            out = TokenCakeWorkerMetadata(**done._asdict())
             self.sched.update_connector_output(
                 cast(Any, SimpleNamespace(kv_connector_worker_meta=out))
             )

@@ -27,8 +27,10 @@ from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
 
 from tokencake.clients.kv_arena import ArenaMapping  # noqa: E402
 from tokencake.connectors.vllm.connector import engine_layout, slot_order  # noqa: E402
-from tokencake.connectors.vllm.connector_worker import TokenCakeConnectorWorker  # noqa: E402
-from tokencake.connectors.vllm.movers import make_mover  # noqa: E402
+from tokencake.connectors.vllm.connector_worker import (  # noqa: E402
+    TokenCakeConnectorWorker,
+    make_mover,
+)
 from tokencake.daemon.arena import Arena  # noqa: E402
 from tokencake.daemon.gpu.fake import FakeDevice  # noqa: E402
 from tokencake.gpu import regions  # noqa: E402
