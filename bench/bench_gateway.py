@@ -9,25 +9,26 @@ stub with the same client in the same run, interleaved so load affects all alike
 
 1. added latency per request, sequential ReAct conversations (a tool call, then the answer):
    p50 and p99 via the gateway minus direct (targets: <= 1 ms and <= 5 ms);
-2. streaming throughput: bytes/s of long streamed responses via the gateway / direct, per
-   round of interleaved streams; the median of the rounds (target: >= 0.95);
+2. streaming throughput: long streamed responses, each through a proxy timed next to a
+   direct one; the median of the pairs' ratios with its spread and interval, and the ratio
+   the CPU per stream gives if CPU were the only limit (``bench_gateway_stream.py``;
+   target: >= 0.95, read as ``docs/benchmarks.md``, Gateway, says);
 3. sustained requests/s through the gateway with 64 concurrent agents (target: >= 500/s);
 4. inferred tool-call durations against the agent's own clock (gateway minus agent, the
    agent's time from reading a response to sending the next request; target: within 10 ms).
 
-1 and 2 are repeated ``--runs`` times; the summary is the median over runs, with the load
-average before and after each. CPU seconds per request and per MB (the threads' run time in
-``/proc/<pid>/task/*/schedstat``) of every process, a gateway's daemon per MB that gateway
-relays included, are reported beside the wall-clock figures: they barely depend on the load.
+1 and 2 are repeated ``--runs`` times, with the load average before and after each; the
+summary pools the runs (latency: the median over runs; streaming: all pairs). CPU seconds
+per request (the threads' run time in ``/proc/<pid>/task/*/schedstat``) of every proxy are
+reported beside the wall-clock figures: they barely depend on the load.
 
-    python bench/bench_gateway.py [--runs 3] [--conversations 1000] [--rounds 8] [--seconds 5]
+    python bench/bench_gateway.py [--runs 3] [--conversations 1000] [--pairs 60] [--seconds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -42,11 +43,19 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-MODEL = "stub"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gateway_stream import (
+    DAEMONS,
+    MODEL,
+    process_cpu_s,
+    rotations,
+    spread,
+    stream_pairs,
+)
+
 DAEMON_ARGS = ("--arena-bytes", "16MiB", "--metrics-port", "0", "--log-level", "WARNING")
 TOOLS = [{"type": "function", "function": {"name": "run_tests", "parameters": {}}}]
-DAEMONS = {"daemon": "gateway", "baseline_daemon": "baseline"}
-"""Each daemon and the gateway that reports to it: its CPU per MB that gateway relays."""
 
 
 # ---------------------------------------------------------------------------- stub engine
@@ -216,12 +225,6 @@ async def _conversation(
         lat.append(time.perf_counter() - t)
 
 
-def _rotations(names: list[str], i: int) -> list[str]:
-    """``names`` rotated by ``i``: each target goes first, second... equally often."""
-    k = i % len(names)
-    return names[k:] + names[:k]
-
-
 async def latency(urls: dict[str, str], n: int) -> dict[str, float]:
     """p50 and p99 per target; ``added_*``: minus direct's, in ms."""
     lat: dict[str, list[float]] = {name: [] for name in urls}
@@ -230,7 +233,7 @@ async def latency(urls: dict[str, str], n: int) -> dict[str, float]:
             for url in urls.values():
                 await _conversation(http, url, f"warm {i}")
         for i in range(n):
-            for name in _rotations(list(urls), i):
+            for name in rotations(list(urls), i):
                 await _conversation(http, urls[name], f"latency task {i}", lat[name])
     out = {}
     for name, xs in lat.items():
@@ -239,72 +242,6 @@ async def latency(urls: dict[str, str], n: int) -> dict[str, float]:
             if name != "direct":
                 out[f"{name}_added_p{q}_ms"] = out[f"{name}_p{q}_ms"] - out[f"direct_p{q}_ms"]
     return out
-
-
-async def _stream(http: aiohttp.ClientSession, url: str, chunks: int) -> int:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "stream"}], "stream": True}
-    size = 0
-    headers = {"X-Chunks": str(chunks)}
-    async with http.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r:
-        async for data in r.content.iter_any():
-            size += len(data)
-    return size
-
-
-async def streaming(
-    urls: dict[str, str], pids: dict[str, int], rounds: int, per_round: int, chunks: int
-) -> dict[str, Any]:
-    """Per round, ``per_round`` streams per target, interleaved; each target's rate over
-    direct's in that round, and the median of the rounds. CPU ms per MB: of each proxy per
-    MB it relayed, of the stub per MB it sent, of this client per MB read on each path."""
-    ratios: dict[str, list[float]] = {name: [] for name in urls if name != "direct"}
-    client = dict.fromkeys(urls, 0.0)
-    mb = dict.fromkeys(urls, 0.0)
-    before = {name: process_cpu_s(pid) for name, pid in pids.items()}
-    async with aiohttp.ClientSession() as http:
-        for r in range(rounds):
-            took, size = dict.fromkeys(urls, 0.0), dict.fromkeys(urls, 0)
-            for i in range(per_round):
-                for name in _rotations(list(urls), r + i):
-                    mine, t = time.process_time(), time.perf_counter()
-                    size[name] += await _stream(http, urls[name], chunks)
-                    took[name] += time.perf_counter() - t
-                    client[name] += time.process_time() - mine
-            if len(set(size.values())) != 1:
-                raise SystemExit(f"streams differ: {size} bytes")
-            for name in ratios:
-                ratios[name].append(size[name] / took[name] / (size["direct"] / took["direct"]))
-            for name in urls:
-                mb[name] += size[name] / 1e6
-    used = {name: process_cpu_s(pid) - before[name] for name, pid in pids.items()}
-    per_mb = {name: used[name] / mb[name] * 1e3 for name in pids if name in mb}
-    per_mb["stub"] = used["stub"] / sum(mb.values()) * 1e3
-    for daemon, gateway in DAEMONS.items():
-        if daemon in used:
-            per_mb[daemon] = used[daemon] / mb[gateway] * 1e3
-    per_mb.update({f"client_via_{name}": c / mb[name] * 1e3 for name, c in client.items()})
-    return {
-        "ratio_median": {name: statistics.median(xs) for name, xs in ratios.items()},
-        "ratio_rounds": {name: [round(x, 3) for x in xs] for name, xs in ratios.items()},
-        "cpu_ms_per_MB": {name: round(x, 1) for name, x in per_mb.items()},
-    }
-
-
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds of process ``pid`` so far (Linux /proc): the run time of its threads in
-    nanoseconds (``schedstat``), else user plus system time in clock ticks (10 ms: too
-    coarse for a phase of a few seconds)."""
-    total = 0
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(FileNotFoundError):  # a thread that has just ended
-                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        total = 0
-    if total:
-        return total / 1e9
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def sustained(url: str, seconds: float, agents: int = 64) -> tuple[float, int]:
@@ -435,7 +372,7 @@ async def _runs(
             name: (process_cpu_s(pids[name]) - before[name]) / (2 * (args.conversations + 50)) * 1e3
             for name in proxies
         }
-        run["streaming"] = await streaming(urls, pids, args.rounds, args.per_round, args.chunks)
+        run["streaming"] = await stream_pairs(urls, pids, args.pairs, args.chunks)
         run["load_after"] = os.getloadavg()[0]
         runs.append(run)
     return runs
@@ -485,24 +422,29 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _summary(runs: list[dict[str, Any]], proxies: list[str]) -> dict[str, Any]:
-    """Medians over the runs."""
+    """Latency and CPU: medians over the runs; streaming: every run's pairs pooled."""
 
     def med(get: Any) -> float:
         return float(statistics.median(get(run) for run in runs))
 
     out: dict[str, Any] = {"loads": [(r["load_before"], r["load_after"]) for r in runs]}
     for name in proxies:
+        pooled = [x for r in runs for x in r["streaming"][name]["ratios"]]
+        cpu = [r["streaming"]["cpu_ms_per_stream"][name] for r in runs]
         out[name] = {
             "added_p50_ms": med(lambda r, n=name: r["latency"][f"{n}_added_p50_ms"]),
             "added_p99_ms": med(lambda r, n=name: r["latency"][f"{n}_added_p99_ms"]),
-            "stream_ratio": med(lambda r, n=name: r["streaming"]["ratio_median"][n]),
+            "stream": spread(pooled),
+            "stream_run_medians": [r["streaming"][name]["median"] for r in runs],
+            "cpu_ratio": med(lambda r, n=name: r["streaming"][n]["cpu_ratio"]),
             "cpu_ms_per_request": med(lambda r, n=name: r["cpu_ms_per_request"][n]),
-            "cpu_ms_per_MB": med(lambda r, n=name: r["streaming"]["cpu_ms_per_MB"][n]),
+            "cpu_ms_per_stream": {
+                k: statistics.median(c[k] for c in cpu) for k in cpu[0] if k != "daemon_gross"
+            },
         }
-    for daemon, gateway in DAEMONS.items():
-        if gateway in proxies and daemon in runs[0]["streaming"]["cpu_ms_per_MB"]:
-            out[gateway]["daemon_cpu_ms_per_MB"] = med(
-                lambda r, d=daemon: r["streaming"]["cpu_ms_per_MB"][d]
+        if "relay_cpu_vs_plain" in runs[0]["streaming"][name]:
+            out[name]["relay_cpu_vs_plain"] = med(
+                lambda r, n=name: r["streaming"][n]["relay_cpu_vs_plain"]
             )
     out["direct_p50_ms"] = med(lambda r: r["latency"]["direct_p50_ms"])
     return out
@@ -512,24 +454,38 @@ def _report(result: dict[str, Any]) -> None:
     s, rps, acc = result["summary"], result["sustained_rps"], result["tool_duration"]
     gw = s["gateway"]
     loads = ", ".join(f"{a:.1f}->{b:.1f}" for a, b in s["loads"])
-    print(f"medians of {len(s['loads'])} runs (load average before->after: {loads})")
+    print(f"{len(s['loads'])} runs (load average before->after: {loads})")
     print(
         f"added latency p50 {gw['added_p50_ms']:.3f} ms (target <= 1), "
         f"p99 {gw['added_p99_ms']:.3f} ms (target <= 5); direct p50 {s['direct_p50_ms']:.3f} ms"
     )
-    print(f"streaming throughput gateway/direct {gw['stream_ratio']:.3f} (target >= 0.95)")
+    st = gw["stream"]
+    print(
+        f"streaming gateway/direct, median of {st['pairs']} pairs {st['median']:.3f}"
+        f" (95% interval {st['ci95'][0]:.3f}-{st['ci95'][1]:.3f}; target >= 0.95);"
+        f" if CPU were the limit {gw['cpu_ratio']:.3f}"
+    )
     for name, m in s.items():
-        if isinstance(m, dict):
-            print(
-                f"  {name:18s} adds p50 {m['added_p50_ms']:.3f} ms, p99 {m['added_p99_ms']:.3f} ms;"
-                f" stream ratio {m['stream_ratio']:.3f}; CPU {m['cpu_ms_per_request']:.3f} ms"
-                f" per request, {m['cpu_ms_per_MB']:.1f} ms per MB relayed"
-                + (
-                    f" (its daemon {m['daemon_cpu_ms_per_MB']:.1f})"
-                    if "daemon_cpu_ms_per_MB" in m
-                    else ""
-                )
+        if not isinstance(m, dict):
+            continue
+        st, cpu = m["stream"], m["cpu_ms_per_stream"]
+        runs = "/".join(f"{x:.3f}" for x in m["stream_run_medians"])
+        print(
+            f"  {name:18s} adds p50 {m['added_p50_ms']:.3f} ms, p99 {m['added_p99_ms']:.3f} ms;"
+            f" CPU {m['cpu_ms_per_request']:.3f} ms per request"
+        )
+        print(
+            f"  {'':18s} stream {st['median']:.3f} [quartiles {st['q25']:.3f}-{st['q75']:.3f},"
+            f" 95% {st['ci95'][0]:.3f}-{st['ci95'][1]:.3f}, runs {runs},"
+            f" {st['under_0.95']:.0%} of pairs < 0.95]; CPU-limited {m['cpu_ratio']:.3f};"
+            f" CPU per stream {cpu['proxy']:.2f} ms"
+            + (f" + daemon {cpu['daemon']:.2f}" if "daemon" in cpu else "")
+            + (
+                f" (relay capacity {m['relay_cpu_vs_plain']:.3f} of plain)"
+                if "relay_cpu_vs_plain" in m
+                else ""
             )
+        )
     print(
         f"sustained {rps['gateway']:.0f} req/s via the gateway (target >= 500), "
         f"{rps['direct']:.0f} req/s direct"
@@ -557,8 +513,7 @@ def main() -> None:
     ap.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--conversations", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=8, help="streaming rounds per run")
-    ap.add_argument("--per-round", type=int, default=3, help="streams per target per round")
+    ap.add_argument("--pairs", type=int, default=60, help="stream pairs per proxy per run")
     ap.add_argument("--chunks", type=int, default=2000)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--tool-calls", type=int, default=50)
@@ -577,10 +532,10 @@ def main() -> None:
     if args.plain:
         run_plain(args.plain, args.upstream)
         return
-    counts = (args.runs, args.conversations, args.rounds, args.per_round, args.chunks)
+    counts = (args.runs, args.conversations, args.pairs, args.chunks)
     if min(*counts, args.tool_calls) < 1 or args.seconds <= 0:
         ap.error(
-            "--runs, --conversations, --rounds, --per-round, --chunks and --tool-calls must be"
+            "--runs, --conversations, --pairs, --chunks and --tool-calls must be"
             " >= 1, --seconds > 0"
         )
     if args.baseline_tree and not Path(args.baseline_tree, "tokencake").is_dir():
