@@ -82,7 +82,7 @@ def run_setup(cfg: dict[str, Any]) -> dict[str, Any]:
     warmup = warm_up(llm, cfg["max_model_len"])
     client: Any = llm.llm_engine.engine_core  # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
     sched = client.engine_core.scheduler
-    steps: list[tuple[int, int, float, float]] = []
+    steps: list[tuple[int, int, float, float, float]] = []
     driver = AppDriver(
         llm,
         trace,

@@ -129,6 +129,8 @@ def admit_with(
         return None
     got = _allocate_holding(sim, hits, need)
     if got is None:
+        if sim.pin_yield and sim.pins:
+            yield_pins(sim, req, hits, need)
         return False
     layout, loads_blocks, loads_keys = _lay_out(sim, req, prefix, hits, got)
     req.blocks = layout
@@ -154,6 +156,54 @@ def admit_with(
         sim.running.append(req)
     sim._emit(LlmCallAdmitted(req.view.app_id, req.view.agent_id, req.rid, len(layout)))
     return True
+
+
+def yield_pins(sim: Simulator, req: Request, hits: list[int], need: int) -> int:
+    """``TokenCakeScheduler``'s rule (``Simulator(pin_yield=True)``, the engine replay of
+    its setup): a request the policy lets through that the free blocks cannot hold makes
+    the daemon's pins give way. Pins whose agents return last go first, until the idle
+    blocks they alone hold cover the shortfall; the request's own agent's pin and blocks
+    of its own prefix do not count. Each yielded agent's KV is copied to the host, kept on
+    the GPU (held while the copy runs, free cached after), so it reloads rather than
+    recomputes if evicted; when all pins together cannot cover the shortfall, none yields
+    (``connectors/vllm/holds.py``, ``AgentHolds.yield_pins``). Returns the blocks freed
+    once the copies end; the request is admitted on a later step."""
+    pool, now = sim.pool, sim.now
+    own = set(hits)
+    mine = (req.view.app_id, req.view.agent_id)
+    live = sorted(
+        ((until, key) for key, until in sim.pins.items() if until > now and key != mine),
+        reverse=True,
+    )
+    pinned = {key for key, until in sim.pins.items() if until > now}
+    idle_own = 0  # the request's own idle prefix blocks: vLLM takes them off the free queue
+    for b in hits:
+        owner = pool.owner[b]
+        if pool.where[b] == CACHED and (
+            owner is None or (owner.app_id, owner.agent_id) not in pinned
+        ):
+            idle_own += 1
+    short = need + idle_own - (pool.free + pool.n_cached - sim._pinned_cached())
+    freed = 0
+    plan: list[AgentKv] = []
+    for _, key in live:
+        if freed >= short:
+            break
+        agent = sim.agents.get(key)
+        if agent is None:
+            continue
+        mine_only = [b for b in agent.cached if b not in own]
+        if not mine_only:
+            continue
+        freed += len(mine_only)
+        plan.append(agent)
+    if short <= 0 or freed < short:
+        return 0  # running requests hold the rest: the request waits for them anyway
+    for agent in plan:
+        sim.pins.pop((agent.app_id, agent.agent_id), None)
+        sim.pins_yielded += 1
+        transfers.offload(sim, agent, 0, False)
+    return freed
 
 
 def _allocate_holding(sim: Simulator, hits: list[int], need: int) -> list[int] | None:

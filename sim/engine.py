@@ -91,7 +91,10 @@ class Simulator:
     model leaves out (the engine replay, ``bench/bench_engine.py --sim-from``, turns them
     on): a block is a prefix-cache hit from the step that schedules its tokens on (vLLM
     hashes a block when it allocates it, so a sibling admitted in the same step shares it),
-    and a step that preempted a request admits no waiting one.
+    and a step that preempted a request admits no waiting one. ``pin_yield``: pins give way
+    to a request the policy admits and the free blocks cannot hold, as
+    ``TokenCakeScheduler`` has them do (``admission.yield_pins``; counted in
+    ``pins_yielded``).
 
     ``pins``: the live pins the policy decided, agent -> until (simulated time).
     """
@@ -112,6 +115,7 @@ class Simulator:
         lru_eviction: bool = False,
         call_trace: CallTrace | None = None,
         vllm_rules: bool = False,
+        pin_yield: bool = False,
     ) -> None:
         self.trace = trace
         self.policy = policy
@@ -135,6 +139,8 @@ class Simulator:
         self.lru_eviction = lru_eviction
         self.call_trace = call_trace
         self.vllm_rules = vllm_rules
+        self.pin_yield = pin_yield
+        self.pins_yielded = 0
         self.pins: dict[tuple[str, str], float] = {}
         self.agents: dict[tuple[str, str], AgentKv] = {}
         self.waiting: list[Request] = []

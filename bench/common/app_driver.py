@@ -92,7 +92,7 @@ class AppDriver:
         endpoint: str = "",
         decode_s: float = 0.05,
         block: int = 32,
-        step_log: list[tuple[int, int, float, float]] | None = None,
+        step_log: list[tuple[int, int, float, float, float]] | None = None,
     ) -> None:
         self.engine = llm.llm_engine
         self.trace = trace
@@ -108,9 +108,11 @@ class AppDriver:
         self._seq = 0
         self._client: Any = None
         self.step_log = step_log
-        """(scheduled tokens, scheduled requests, step seconds, attention pairs), one per
-        engine step; the pairs are the (query, key) pairs the step attends, as the
-        simulator's engine model counts them (``step_pairs``)."""
+        """(scheduled tokens, scheduled requests, step seconds, attention pairs, start), one
+        per engine step; the pairs are the (query, key) pairs the step attends, as the
+        simulator's engine model counts them (``step_pairs``); the start is seconds from
+        the run's start (the gap to the next step's start is the driver's time between
+        steps, submissions and outputs, when the engine is busy)."""
         self.not_accepted = 0
         """App events (register, tool end, app end) the daemon did not accept."""
         self.early_tool_ends: dict[str, int] = {}
@@ -139,6 +141,7 @@ class AppDriver:
                     len(out.num_scheduled_tokens),
                     0.0,
                     step_pairs(out),
+                    round(now - self.t0, 6),
                 )
             )
         for new in out.scheduled_new_reqs:  # vLLM's id is ours plus "-" and a suffix
@@ -280,11 +283,12 @@ class AppDriver:
     def _step(self) -> None:
         log = self.step_log
         n = len(log) if log is not None else 0
-        t = time.perf_counter()
+        start, t = time.monotonic(), time.perf_counter()
         outs = self.engine.step()
         now = time.monotonic()
         if log is not None and len(log) > n:  # this step's batch, logged by ``_scheduled``
-            log[-1] = (log[-1][0], log[-1][1], time.perf_counter() - t, log[-1][3])
+            took = time.perf_counter() - t
+            log[-1] = (log[-1][0], log[-1][1], took, log[-1][3], round(start - self.t0, 6))
         for out in outs:
             call = self.calls[out.request_id]
             if call.first_token_s is None and out.outputs and out.outputs[0].token_ids:

@@ -6,6 +6,7 @@ call.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -35,13 +36,18 @@ class StepFit:
     steps: int
     s_per_pair: float = 0.0
     outliers: tuple[tuple[str, int, int, float, float], ...] = ()
+    between_s: float = 0.0
+    """The driver's time from one busy step's end to the next one's start (submissions,
+    outputs; the median gap under ``BUSY_GAP_S`` between two steps that did work), which
+    the simulator adds to every step: its steps follow each other with no gap."""
 
     def __str__(self) -> str:
         pair = f" + {self.s_per_pair * 1e9:.0f} ns x pairs" if self.s_per_pair else ""
+        gap = f", {self.between_s * 1e3:.1f} ms between steps" if self.between_s else ""
         out = (
             f"decode-only steps {self.decode_s * 1e3:.0f} ms, others "
-            f"{self.prefill_s * 1e3:.0f} ms + {self.s_per_token * 1e3:.2f} ms x tokens{pair} "
-            f"({self.steps} steps"
+            f"{self.prefill_s * 1e3:.0f} ms + {self.s_per_token * 1e3:.2f} ms x tokens{pair}"
+            f"{gap} ({self.steps} steps"
         )
         if self.outliers:
             out += f"; {len(self.outliers)} left out: " + ", ".join(
@@ -57,6 +63,9 @@ OUTLIER_RATIO = 2.0
 less than its inverse, and at least ``OUTLIER_MIN_S`` off: a stall of another kind (a
 compile, a page fault storm, the machine's other load), not a point of the cost model."""
 OUTLIER_MIN_S = 0.05
+BUSY_GAP_S = 0.05
+"""A gap between two steps that did work longer than this is the engine waiting (for a
+tool call's end), not the driver's time between steps."""
 
 
 def _nonneg_lstsq(x: Any, y: Any) -> Any:
@@ -131,7 +140,23 @@ def fit_steps(steps: list[list[float]], names: list[str] | None = None) -> StepF
         len(arr) - len(listed),
         s_per_pair=float(coef[2]),
         outliers=listed,
+        between_s=_between(steps),
     )
+
+
+def _between(steps: list[list[float]]) -> float:
+    """The median gap from a step's end to the next step's start, over consecutive steps
+    that both did work and are at most ``BUSY_GAP_S`` apart (0 for runs that did not log
+    the steps' starts)."""
+    import numpy as np
+
+    gaps = [
+        b[4] - a[4] - a[2]
+        for a, b in itertools.pairwise(steps)
+        if len(a) > 4 and len(b) > 4 and a[0] > 0 and b[0] > 0 and a[2] > 0 and b[2] > 0
+    ]
+    busy = [g for g in gaps if -1e-3 <= g <= BUSY_GAP_S]
+    return max(0.0, float(np.median(busy))) if busy else 0.0
 
 
 def measure_copy(block_bytes: int, blocks: int = 64, reps: int = 5) -> float:
@@ -185,8 +210,8 @@ def engine_profile(
         block_tokens=32,
         mfu=1.0,
         mbu=1.0,
-        step_overhead_s=fit.prefill_s,
-        decode_step_s=fit.decode_s,
+        step_overhead_s=fit.prefill_s + fit.between_s,
+        decode_step_s=fit.decode_s + fit.between_s,
         max_batched_tokens=max(1024, max_len),  # as bench/common/vllm_apps.setup_kwargs
         max_num_seqs=8,
         copy_overhead_s=0.0,
@@ -216,8 +241,15 @@ def run_sim(apps: dict[str, Any], profile: Any, setups: list[str]) -> dict[str, 
             vllm_scheduled(policy)
         # vLLM's block pool evicts least recently used whatever the policy (pins hold blocks).
         calls = CallTrace(profile.block_tokens)
+        # TokenCakeScheduler's pins give way to a request they keep out; vLLM's do not.
         sim = Simulator(
-            trace, policy, profile, lru_eviction=True, call_trace=calls, vllm_rules=True
+            trace,
+            policy,
+            profile,
+            lru_eviction=True,
+            call_trace=calls,
+            vllm_rules=True,
+            pin_yield=setup in RANKED,
         )
         res = sim.run()
         per_call = calls.calls()
@@ -229,6 +261,7 @@ def run_sim(apps: dict[str, Any], profile: Any, setups: list[str]) -> dict[str, 
             "recompute_tokens": sim.c.recompute_tokens,
             "recomputed_tokens": lost_prefix(per_call),
             "preemptions": sim.c.preemptions,
+            "pins_yielded": sim.pins_yielded,
             "trace": per_call,
         }
     return out

@@ -113,3 +113,22 @@ def test_step_pairs_reads_new_and_running_requests_of_a_vllm_step() -> None:
         num_scheduled_tokens={"a": 100, "b": 1},
     )
     assert step_pairs(out) == 100 * 320 + 100 * 101 / 2 + 700 + 1
+
+
+def test_the_drivers_time_between_busy_steps_is_added_to_every_simulated_step() -> None:
+    """Steps logged with their starts: 3 ms from each step's end to the next one's start
+    while the engine is busy; a 2 s wait for a tool call's end is not driver time."""
+    steps: list[list[float]] = []
+    t = 0.0
+    for i in range(12):
+        tokens, dur = (200, A + B * 200) if i % 3 == 0 else (2, DECODE)
+        steps.append([tokens, 2 if tokens == 2 else 1, dur, 1000.0 * tokens, t])
+        t += dur + (2.0 if i == 5 else 0.003)
+    fit = fit_steps(steps)
+    assert fit.between_s == pytest.approx(0.003, abs=1e-9)
+    assert "3.0 ms between steps" in str(fit)
+    prof = engine_profile("t", fit, 1e9, 64, 2016)
+    assert prof.decode_step_s == pytest.approx(fit.decode_s + 0.003)
+    assert prof.step_overhead_s == pytest.approx(fit.prefill_s + 0.003)
+    # Runs that did not log the starts have no gap term.
+    assert fit_steps([s[:4] for s in steps]).between_s == 0.0

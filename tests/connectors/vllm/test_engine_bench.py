@@ -33,7 +33,7 @@ LMCACHE = importlib.util.find_spec("lmcache") is not None
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def smoke_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     setups = ["plain", "lmcache", "swap", "continuum", "tokencake"]
     if not LMCACHE:
@@ -48,7 +48,12 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results: dict[str, Any] = json.loads(out.read_text())["results"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench(smoke_json: Path) -> dict[str, Any]:
+    results: dict[str, Any] = json.loads(smoke_json.read_text())["results"]
     return results
 
 
@@ -95,6 +100,52 @@ def test_every_call_is_traced_in_order(bench: dict[str, Any]) -> None:
             assert bool(c["source"]) == (c["reusable"] > 0)
         lost = sum(max(0, c["reusable"] - c["cached"]) for c in trace.values())
         assert lost == r["recomputed_tokens"]
+
+
+def test_every_setup_warms_up_and_logs_its_steps_with_attention_pairs(
+    bench: dict[str, Any],
+) -> None:
+    """The warm-up runs every prompt-length bucket with the apps' sampling parameters before
+    the clock starts; each logged step carries the (query, key) pairs it attended, at least
+    one per scheduled token (a token attends itself)."""
+    for setup in ("plain", "swap", "continuum", "tokencake"):
+        r = bench[setup]
+        assert [w for w, _ in r["warmup"]][:2] == ["32 tokens", "128 tokens"]
+        assert all(t > 0 for _, t in r["warmup"])
+        steps = [s for s in r["steps"] if s[0] > 0]
+        assert steps and all(len(s) == 4 and s[3] >= s[0] for s in steps)
+        assert any(s[3] > s[0] for s in steps)  # prefills and decodes on a context
+
+
+def test_sim_from_replays_a_smoke_run(smoke_json: Path) -> None:
+    """``--sim-from`` on the smoke JSON fits the steps and replays the apps in the
+    simulator (it failed with ``KeyError: 'gpu_blocks'`` before the smoke run recorded its
+    engine)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench/bench_engine.py"), "--sim-from", str(smoke_json)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "simulator profile: decode-only steps" in proc.stdout
+    assert "| tokencake | tokencake |" in proc.stdout
+    old = json.loads(smoke_json.read_text())
+    del old["meta"]["gpu_blocks"]
+    stale = smoke_json.with_name("old.json")
+    stale.write_text(json.dumps(old))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench/bench_engine.py"), "--sim-from", str(stale)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "did not record gpu_blocks" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_lmcache_setup(bench: dict[str, Any]) -> None:
