@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 SIM_POLICY = {"plain": "vllm", "lmcache": "lru-offload", "continuum": "continuum"}
@@ -38,7 +38,7 @@ class StepFit:
     outliers: tuple[tuple[str, int, int, float, float], ...] = ()
     between_s: float = 0.0
     """The driver's time from one busy step's end to the next one's start (submissions,
-    outputs; the median gap under ``BUSY_GAP_S`` between two steps that did work), which
+    outputs; the mean gap under ``BUSY_GAP_S`` between two steps that did work), which
     the simulator adds to every step: its steps follow each other with no gap."""
 
     def __str__(self) -> str:
@@ -145,9 +145,10 @@ def fit_steps(steps: list[list[float]], names: list[str] | None = None) -> StepF
 
 
 def _between(steps: list[list[float]]) -> float:
-    """The median gap from a step's end to the next step's start, over consecutive steps
+    """The mean gap from a step's end to the next step's start, over consecutive steps
     that both did work and are at most ``BUSY_GAP_S`` apart (0 for runs that did not log
-    the steps' starts)."""
+    the steps' starts). The mean, not the median: most gaps are some 20 µs, and the few of
+    a few ms (a call submitted, its prompt built) are the time that adds up."""
     import numpy as np
 
     gaps = [
@@ -156,7 +157,7 @@ def _between(steps: list[list[float]]) -> float:
         if len(a) > 4 and len(b) > 4 and a[0] > 0 and b[0] > 0 and a[2] > 0 and b[2] > 0
     ]
     busy = [g for g in gaps if -1e-3 <= g <= BUSY_GAP_S]
-    return max(0.0, float(np.median(busy))) if busy else 0.0
+    return max(0.0, float(np.mean(busy))) if busy else 0.0
 
 
 def measure_copy(block_bytes: int, blocks: int = 64, reps: int = 5) -> float:
@@ -265,6 +266,39 @@ def run_sim(apps: dict[str, Any], profile: Any, setups: list[str]) -> dict[str, 
             "trace": per_call,
         }
     return out
+
+
+SPREAD = (0.97, 0.98, 0.99, 1.01, 1.02, 1.03)
+"""Factors on every step time for ``sim_spread``."""
+
+
+def sim_spread(
+    apps: dict[str, Any],
+    fit: StepFit,
+    copy_bps: float,
+    blocks: int,
+    max_len: int,
+    shape: Any,
+    setups: list[str],
+) -> dict[str, tuple[float, float]]:
+    """Each setup's simulated mean app latency, lowest and highest, with every step time
+    of ``fit`` scaled by each factor of ``SPREAD`` (and by 1): under memory pressure which
+    prefixes LRU evicts turns on the order of events within a step or two, so a few percent
+    on the step times can move a run's recompute, and its latency, by more than that."""
+    out: dict[str, list[float]] = {k: [] for k in setups}
+    for f in (1.0, *SPREAD):
+        scaled = replace(
+            fit,
+            decode_s=fit.decode_s * f,
+            prefill_s=fit.prefill_s * f,
+            s_per_token=fit.s_per_token * f,
+            s_per_pair=fit.s_per_pair * f,
+            between_s=fit.between_s * f,
+        )
+        prof = engine_profile(f"x{f}", scaled, copy_bps, blocks, max_len, shape)
+        for k, r in run_sim(apps, prof, setups).items():
+            out[k].append(r["mean_latency_s"])
+    return {k: (min(v), max(v)) for k, v in out.items()}
 
 
 def vllm_scheduled(policy: Any) -> None:
@@ -377,6 +411,16 @@ def simulate(
         if warm:
             print(f"{k} warm-up: " + ", ".join(f"{w} {t:.2f} s" for w, t in warm))
     print(sim_table(results, sim))
+    spread = sim_spread(meta["apps"], fit, copy_bps, blocks, max_len, shape, list(sim))
+    print(
+        f"\nthe simulator with every step {SPREAD[0] - 1:+.0%} .. {SPREAD[-1] - 1:+.0%} "
+        "(how much its answer moves with the step times alone): "
+        + "; ".join(
+            f"{k} {lo:.1f}-{hi:.1f} s ({lo / eng - 1:+.1%} to {hi / eng - 1:+.1%})"
+            for k, (lo, hi) in spread.items()
+            for eng in [results[k]["mean_latency_s"]]
+        )
+    )
     # Diagnosis, not the comparison: each setup with a fit of its own steps only, i.e. at
     # the machine's speed while that setup ran. What is left is not the machine's load.
     own: dict[str, dict[str, Any]] = {}
@@ -407,6 +451,8 @@ def simulate(
         "s_per_pair": fit.s_per_pair,
         "outliers": fit.outliers,
         "copy_bytes_per_s": copy_bps,
+        "between_s": fit.between_s,
+        "spread": spread,
         "runs": sim,
         "own_fit_runs": own,
     }
