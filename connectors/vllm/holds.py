@@ -264,7 +264,14 @@ class AgentHolds:
             if pending.done or now > pending.deadline:
                 self.preloads.pop(key, None)
                 continue
-            rest = pending.hashes[len(resident(pool, [], pending.hashes)) :]
+            have = len(resident(pool, [], pending.hashes))
+            if have < pending.brought:
+                # Its own blocks were evicted since: the memory is wanted elsewhere. What is
+                # not on the GPU, the agent's request loads on arrival.
+                self.preloads.pop(key, None)
+                self.side.stats.preloads_evicted += 1
+                continue
+            rest = pending.hashes[have:]
             n = preload.budget(
                 pool,
                 waiting_blocks=waiting_blocks,
@@ -302,6 +309,7 @@ class AgentHolds:
         )
         self.copies.loads.append(CopyJob(job_id, slots, blocks, lend=True))
         pending.inflight = job_id
+        pending.brought = first + len(slots)
 
     def _preload_done(self, job_id: int, job: Job, ok: bool) -> None:
         """A chunk's copy ended: register the blocks (or release them unhashed)."""

@@ -130,6 +130,8 @@ class ConnectorStats:
     """Times the daemon link came up again after being down."""
     preloaded_blocks: int = 0
     """GPU blocks a predictive upload copied in and registered in vLLM's prefix cache."""
+    preloads_evicted: int = 0
+    """Predictive uploads ended because blocks they had brought in were evicted since."""
     holds_released: int = 0
     """GPU blocks released because the daemon's link went down while they were pinned."""
     pins_yielded: int = 0

@@ -43,6 +43,11 @@ class Preload:
     """The job id of the chunk being copied (0: none); one chunk at a time."""
     done: bool = False
     """No further chunk: the agent's request arrived, or the host had no more."""
+    brought: int = 0
+    """How far into ``hashes`` the chunks started so far reach. A preload whose resident
+    prefix falls short of it saw its own blocks evicted: the memory is wanted, and it ends
+    rather than copy them again (two preloads in a tight pool could otherwise evict each
+    other's blocks and copy them back until their deadline)."""
 
 
 def budget(

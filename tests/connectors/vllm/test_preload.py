@@ -118,6 +118,59 @@ def test_a_failed_copy_is_released_unhashed_and_reused_first() -> None:
     assert set(preload.take(pool, 2)) == set(blocks)  # at the head of the free queue
 
 
+def test_a_preload_whose_blocks_were_evicted_ends_instead_of_copying_them_again() -> None:
+    """A preload brings an agent's prefix in two blocks at a time. Once blocks it brought
+    are evicted (another allocation wanted the memory), it ends: copying them back would
+    evict someone else's, and two preloads in a tight pool copied each other's blocks out
+    and back until their deadline (8,075 blocks preloaded for 30 uploads in one engine
+    bench run)."""
+    from types import SimpleNamespace
+
+    from tokencake.connectors.vllm import preload
+    from tokencake.connectors.vllm.holds import AgentHolds
+    from tokencake.connectors.vllm.jobs import ConnectorStats
+
+    pool = _pool(16)
+    asked: list[Any] = []
+
+    def call(req: Any) -> Any:
+        asked.append(req)
+        return SimpleNamespace(slots=list(range(100, 100 + len(req.hashes))))
+
+    link = SimpleNamespace(up=True, engine_id="e", epoch=1, on_down=[], call=call)
+    cfg = SimpleNamespace(preload_min_free=0.0, preload_chunk_blocks=2, salt="", hold_max_s=60.0)
+    stats = ConnectorStats()
+    side: Any = SimpleNamespace(link=link, pool=pool, cfg=cfg, stats=stats, block_size=32)
+    jobs = iter(range(1, 100))
+    copies: Any = SimpleNamespace(jobs={}, loads=[], next_job=lambda: next(jobs))
+    holds = AgentHolds(side, copies)
+    key = ("app", "a")
+    now = time.monotonic()
+    holds.preloads[key] = preload.Preload([_h(i) for i in range(4)], now + 60.0)
+
+    def copy_done() -> None:
+        job_id, job = copies.jobs.popitem()
+        holds._preload_done(job_id, job, True)
+
+    holds.advance_preloads(now)  # blocks 0-1
+    copy_done()
+    assert stats.preloaded_blocks == 2 and len(asked) == 1
+    # A request takes every free block (evicting the two), then frees them.
+    taken = pool.get_new_blocks(pool.get_num_free_blocks())
+    pool.free_blocks(taken)
+    holds.advance_preloads(now)
+    assert key not in holds.preloads and stats.preloads_evicted == 1
+    assert len(asked) == 1  # nothing copied again
+    assert not copies.loads[1:]  # only the first chunk's copy was ever queued
+    # Undisturbed, a preload brings the whole prefix chunk by chunk.
+    holds.preloads[key] = preload.Preload([_h(i) for i in range(10, 14)], now + 60.0)
+    for _ in range(3):
+        holds.advance_preloads(now)
+        if copies.jobs:
+            copy_done()
+    assert stats.preloaded_blocks == 6 and key not in holds.preloads
+
+
 # ---------------------------------------------------------------------- engine
 
 
