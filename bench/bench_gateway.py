@@ -20,7 +20,8 @@ stub with the same client in the same run, interleaved so load affects all alike
 1 and 2 are repeated ``--runs`` times, with the load average before and after each; the
 summary pools the runs (latency: the median over runs; streaming: all pairs). CPU seconds
 per request (the threads' run time in ``/proc/<pid>/task/*/schedstat``) of every proxy are
-reported beside the wall-clock figures: they barely depend on the load.
+reported beside the wall-clock figures: they depend on the load less, but on a VM they rise
+for every process together when the host is busy, so compare them within a run.
 
     python bench/bench_gateway.py [--runs 3] [--conversations 1000] [--pairs 60] [--seconds 5]
 """

@@ -21,7 +21,9 @@ just before (its timers tick whether a gateway reports or not). ``cpu_ratio`` is
 throughput if CPU were the only limit, every process of the path on one CPU: direct's CPU
 per stream (stub and client) over the path's (stub, proxy, its daemon, client).
 ``relay_cpu_vs_plain`` is the plain proxy's CPU per stream over this proxy's: its relay
-capacity per core against the cheapest aiohttp proxy.
+capacity per core against the cheapest aiohttp proxy. On a VM, CPU time includes time the
+host did not run the thread: every process's figure rises together when the host is busy,
+so the ratios within a run are what to compare.
 """
 
 from __future__ import annotations
