@@ -20,10 +20,10 @@ around the stream would miss that). A daemon's CPU is counted net of its idle ra
 just before (its timers tick whether a gateway reports or not). ``cpu_ratio`` is the
 throughput if CPU were the only limit, every process of the path on one CPU: direct's CPU
 per stream (stub and client) over the path's (stub, proxy, its daemon, client).
-``relay_cpu_vs_plain`` is the plain proxy's CPU per stream over this proxy's: its relay
-capacity per core against the cheapest aiohttp proxy. On a VM, CPU time includes time the
-host did not run the thread: every process's figure rises together when the host is busy,
-so the ratios within a run are what to compare.
+``relay_cpu_vs_plain`` is the plain proxy's CPU per stream over this proxy's and its
+daemon's: its relay capacity per core against the cheapest aiohttp proxy. On a VM, CPU time
+includes time the host did not run the thread: every process's figure rises together when
+the host is busy, so the ratios within a run are what to compare.
 """
 
 from __future__ import annotations
