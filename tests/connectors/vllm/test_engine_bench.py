@@ -107,14 +107,17 @@ def test_every_setup_warms_up_and_logs_its_steps_with_attention_pairs(
 ) -> None:
     """The warm-up runs every prompt-length bucket with the apps' sampling parameters before
     the clock starts; each logged step carries the (query, key) pairs it attended, at least
-    one per scheduled token (a token attends itself)."""
+    one per scheduled token (a token attends itself), and when it started."""
     for setup in ("plain", "swap", "continuum", "tokencake"):
         r = bench[setup]
         assert [w for w, _ in r["warmup"]][:2] == ["32 tokens", "128 tokens"]
         assert all(t > 0 for _, t in r["warmup"])
         steps = [s for s in r["steps"] if s[0] > 0]
-        assert steps and all(len(s) == 4 and s[3] >= s[0] for s in steps)
+        # (tokens, requests, seconds, pairs, start): pairs at least the tokens, starts in order
+        assert steps and all(len(s) == 5 and s[3] >= s[0] for s in steps)
         assert any(s[3] > s[0] for s in steps)  # prefills and decodes on a context
+        starts = [s[4] for s in r["steps"]]
+        assert starts == sorted(starts) and starts[0] >= 0
 
 
 def test_sim_from_replays_a_smoke_run(smoke_json: Path) -> None:
