@@ -116,16 +116,21 @@ class AccountingPolicy(Policy):
         if agent.phase != phase:
             agent.phase = phase
             agent.phase_since = self.now
-        if agent.critical and phase in (WAITING, TOOL):
+        if not agent.critical:
+            return  # only critical agents are ever guarded
+        if phase in (WAITING, TOOL):
             self.guarded[agent.key] = agent
         else:
             self.guarded.pop(agent.key, None)
 
     def _set_gpu(self, agent: AgentState, blocks: int) -> None:
         blocks = max(0, blocks)
-        add_count(self.class_usage, agent.klass, blocks - agent.gpu_blocks)
+        delta = blocks - agent.gpu_blocks
+        if not delta:
+            return
+        add_count(self.class_usage, agent.klass, delta)
         if agent.critical:
-            add_count(self.class_crit_usage, agent.klass, blocks - agent.gpu_blocks)
+            add_count(self.class_crit_usage, agent.klass, delta)
         agent.gpu_blocks = blocks
 
     def waiting_blocks(self) -> int:
@@ -271,7 +276,9 @@ class AccountingPolicy(Policy):
         self._set_phase(agent, WAITING)
 
     def _remove_waiting(self, agent: AgentState) -> None:
-        if self.waiting.pop(agent.key, None) is None:
+        # Only a WAITING agent is queued: ``_add_waiting`` sets the phase, and every other
+        # phase change removes the agent first (most calls find it not waiting: no lookup).
+        if agent.phase != WAITING or self.waiting.pop(agent.key, None) is None:
             return
         self.own_waiting_blocks -= agent.wait_blocks
         agent.wait_total_s += self.now - agent.wait_since

@@ -102,7 +102,8 @@ class TokenCakePolicy(WriteThroughPolicy):
         pred = agent.prediction
         assert pred is not None
         late_at = agent.tool_start + pred.quantile_s(Z_Q95)
-        if self._likely_unread(agent):
+        unread = self._likely_unread(agent)
+        if unread:
             share, n = self.unread_share(agent.klass, agent.tool_kind)
             terms: dict[str, p.Term] = {"unread_share": round(share, 4), "outcomes": round(n, 3)}
             self._keep(agent, "keep:not_read_after_tool", terms, out)
@@ -121,7 +122,7 @@ class TokenCakePolicy(WriteThroughPolicy):
             }
             if ttl <= self.config.tool_pin_max_s:
                 self._pin(agent, ttl, "pin:kept_through_tool_call", terms, out)
-            if not self._likely_unread(agent):
+            if not unread:
                 # The returning call reads it: a host copy insures it against eviction.
                 self._write_through(agent, pred.median_s, "tool_kept", out)
         self._push_timer(late_at, T_LATE, agent, agent.tool_token)
@@ -244,10 +245,9 @@ class TokenCakePolicy(WriteThroughPolicy):
             "d2h_gbps": self.cost.bandwidth("d2h") / 1e9,
             "h2d_gbps": self.cost.bandwidth("h2d") / 1e9,
             "on_critical_path": agent.critical,
+            **(agent.prediction.terms() if agent.prediction is not None else {}),
+            **self.pressure_terms(),
         }
-        if agent.prediction is not None:
-            terms.update(agent.prediction.terms())
-        terms.update(self.pressure_terms())
         if margin < cfg.min_margin_s:
             rule = "keep:margin_below_min"
         elif not self._pressure():
@@ -287,7 +287,8 @@ class TokenCakePolicy(WriteThroughPolicy):
                 self._consider_offload(agent, elapsed, "overrun", out, 0.0)
 
     def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[p.DecisionRecord]) -> None:
-        self._kept_idle.pop(agent.key, None)
+        if self._kept_idle:
+            self._kept_idle.pop(agent.key, None)
         pending = agent.host_blocks + agent.offloading
         if pending <= 0:
             return

@@ -57,6 +57,7 @@ class AgentState:
         "app",
         "await_reader",
         "call_offloaded",
+        "critical",
         "deadline_s",
         "drop_on_arrival",
         "gpu_blocks",
@@ -100,6 +101,9 @@ class AgentState:
         self.node = node
         self.key = (app.app_id, node.node_id)
         self.klass = node.agent_type
+        self.critical = node.on_critical_path
+        """On the app's critical path: the DAG analysis decides it at registration, and an
+        agent's node never changes (read on every event, so a field, not a property)."""
         self.phase = IDLE
         self.phase_since = now
         self.gpu_blocks = 0
@@ -138,7 +142,3 @@ class AgentState:
         agent's KV (its own next call, or a DAG successor's) or its app ends unread."""
         self.call_offloaded = 0
         """Blocks offloaded during the current (or last) tool call."""
-
-    @property
-    def critical(self) -> bool:
-        return self.node.on_critical_path

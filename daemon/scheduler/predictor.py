@@ -152,11 +152,14 @@ class ToolDurationPredictor:
         if not (math.isfinite(actual_s) and actual_s >= 0):
             return
         x = math.log(max(actual_s, MIN_S))
+        hint_err = None  # ln(actual / hint), the same for both tables
+        if hint_s is not None and math.isfinite(hint_s) and hint_s > 0:
+            hint_err = x - math.log(max(hint_s, MIN_S))
         for st in self._stats_for(agent_type, tool_kind):
             st.add(x)
-            if hint_s is not None and math.isfinite(hint_s) and hint_s > 0:
+            if hint_err is not None:
                 st.hint_bias_n += 1
-                st.hint_bias += (x - math.log(max(hint_s, MIN_S)) - st.hint_bias) / st.hint_bias_n
+                st.hint_bias += (hint_err - st.hint_bias) / st.hint_bias_n
             if predicted is not None:
                 err = x - predicted.mu
                 st.err_mean += ERROR_DECAY * (err - st.err_mean)

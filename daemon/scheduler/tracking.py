@@ -85,13 +85,14 @@ class TrackingPolicy(TimedPolicy):
             raise EventOrderError(f"event at {now} is before the previous one at {self.now}")
         self.now = now
         out: list[p.DecisionRecord] = []
-        handler = self._handlers.get(type(event))
+        kind = type(event)
+        handler = self._handlers.get(kind)
         if handler is None:
-            raise TypeError(f"not a scheduler event: {type(event).__name__}")
+            raise TypeError(f"not a scheduler event: {kind.__name__}")
         handler(self, event, out)
         if self._timers and self._timers[0][0] <= now:
             self._run_timers(out)
-        if self._uploads and (self._upload_queued or type(event) in _POOL_EVENTS):
+        if self._uploads and (self._upload_queued or kind in _POOL_EVENTS):
             self._upload_queued = False
             self._pump_uploads(out)
         return out
