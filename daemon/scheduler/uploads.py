@@ -89,7 +89,6 @@ class UploadingPolicy(AccountingPolicy):
         cfg = self.config
         heap = self._uploads
         issued = 0
-        head = next(iter(self.waiting.values()), None)
         while heap and issued < cfg.upload_pieces_per_tick:
             prio, _, agent, token = heap[0]
             if token != agent.upload_token or agent.upload_left <= 0 or agent.phase == DONE:
@@ -106,7 +105,7 @@ class UploadingPolicy(AccountingPolicy):
                 else:
                     agent.upload_left = 0
                 continue
-            budget = self._upload_budget(agent, prio, piece, head)
+            budget = self._upload_budget(agent, prio, piece)
             if budget < piece:
                 if prio != p.URGENT or budget <= 0:
                     break
@@ -116,9 +115,7 @@ class UploadingPolicy(AccountingPolicy):
             if agent.upload_left <= 0:
                 heapq.heappop(heap)
 
-    def _upload_budget(
-        self, agent: AgentState, prio: int, piece: int, head: AgentState | None
-    ) -> int:
+    def _upload_budget(self, agent: AgentState, prio: int, piece: int) -> int:
         """GPU blocks an upload piece of ``agent`` may take now (``piece`` if the pool
         is unknown)."""
         if self.gpu_total <= 0:
@@ -127,6 +124,7 @@ class UploadingPolicy(AccountingPolicy):
         # (they hold the part of its KV already back, and nothing evicts them for it).
         own = agent.gpu_blocks if agent.phase != RUNNING and agent.pinned_until == -math.inf else 0
         if prio == p.URGENT:
+            head = next(iter(self.waiting.values()), None)  # the queue's first request
             protect = head.wait_blocks if head is not None and head is not agent else 0
             return self.gpu_free - own - protect
         return self.gpu_free - own - self.waiting_blocks()
