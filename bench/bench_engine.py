@@ -460,8 +460,8 @@ def _sim_from(ap: argparse.ArgumentParser, path: Path, traced: tuple[str, ...]) 
 
     try:
         simulate(meta, results, recorded, traced)
-    except ValueError as e:
-        ap.error(f"--sim-from {path}: {e}")
+    except (ValueError, TypeError, KeyError) as e:  # too few steps, or a malformed record
+        ap.error(f"--sim-from {path}: {e!r}")
 
 
 def _full(args: argparse.Namespace, setups: list[str], traced: tuple[str, ...]) -> None:

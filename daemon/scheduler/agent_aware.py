@@ -287,8 +287,7 @@ class TokenCakePolicy(WriteThroughPolicy):
                 self._consider_offload(agent, elapsed, "overrun", out, 0.0)
 
     def _on_tool_end(self, agent: AgentState, actual_s: float, out: list[p.DecisionRecord]) -> None:
-        if self._kept_idle:
-            self._kept_idle.pop(agent.key, None)
+        self._kept_idle.pop(agent.key, None)
         pending = agent.host_blocks + agent.offloading
         if pending <= 0:
             return
