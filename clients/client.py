@@ -1,7 +1,8 @@
-"""Python clients for tokencaked: ``TokenCakeClient`` (blocking), ``AsyncTokenCakeClient``, and
-an engine connector's registered link over the first, ``DaemonLink``.
+"""The client library: ``TokenCakeClient`` (blocking) and ``AsyncTokenCakeClient``; an engine
+connector's registered link over the first, ``DaemonLink``; and an agent app's session,
+``AppSession`` and its ``AgentSession``s, which report the app's events to the scheduler.
 
-Both speak the protocol in ``tokencake.protocol`` over a ZMQ DEALER socket through one
+Both clients speak the protocol in ``tokencake.protocol`` over a ZMQ DEALER socket through one
 method, ``call(request)``, whose result is typed as the request declares its reply::
 
     client.call(p.Lookup(engine_id, hashes)).slots      # a LookupReply
@@ -15,15 +16,6 @@ Failure is fast and typed:
 ZMQ reconnects in the background with exponential backoff (``RECONNECT_IVL`` ..
 ``RECONNECT_IVL_MAX``), so a client outlives daemon restarts. Decisions the daemon pushes to
 a registered engine arrive on the same socket and are queued in ``pushes``.
-
-An engine connector (the vLLM connector's scheduler side, the SGLang storage backend) makes
-every daemon call through a ``DaemonLink``: registered or down, never blocking long. A call
-that fails marks the link down (the ``on_down`` callbacks release what the engine held for
-the daemon) and registration is retried every ``reconnect_s``; see
-``docs/operations.md``, "The sidecar can die". The link itself takes no lock: the vLLM
-scheduler calls it from one thread. Where several threads share it (SGLang calls its
-storage backend from three), they hold ``lock`` around each use, and around anything that
-must see the same registration (``epoch``) twice.
 """
 
 from __future__ import annotations
@@ -36,7 +28,9 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -45,6 +39,7 @@ import zmq
 import zmq.asyncio
 
 from tokencake import protocol as p
+from tokencake.endpoint import default_endpoint
 from tokencake.layout import KvLayout
 
 logger = logging.getLogger(__name__)
@@ -74,13 +69,7 @@ class DaemonNotConnected(DaemonUnavailable):
 
 def resolve_endpoint(endpoint: str | None) -> str:
     """Explicit endpoint, else ``$TOKENCAKE_ENDPOINT``, else the daemon's default socket."""
-    if endpoint:
-        return endpoint
-    if os.environ.get("TOKENCAKE_ENDPOINT"):
-        return os.environ["TOKENCAKE_ENDPOINT"]
-    from tokencake.endpoint import default_endpoint
-
-    return default_endpoint()
+    return endpoint or os.environ.get("TOKENCAKE_ENDPOINT") or default_endpoint()
 
 
 _push_decoder = msgspec.msgpack.Decoder(p.DecisionRecord)
@@ -159,8 +148,7 @@ class TokenCakeClient(_Base):
 
     def reset(self) -> None:
         """Drop the socket (and any late replies) and connect afresh."""
-        if self._sock is not None:
-            self._sock.close(linger=0)
+        self.close()
         self._sock = self._dealer(self._ctx)
 
     def close(self) -> None:
@@ -323,14 +311,19 @@ class LinkSettings(Protocol):
 
 
 class DaemonLink:
-    """An engine's connection to tokencaked: registered or down, never blocking long.
+    """An engine connector's connection to tokencaked (the vLLM connector's scheduler side,
+    the SGLang storage backend make every daemon call through one): registered or down.
 
     Every failed call is counted by cause in ``errors`` (an error code, or ``unavailable``
-    for a daemon that did not answer). Whoever holds engine resources for the daemon
-    registers an ``on_down`` callback: it runs the moment the link goes down. ``accept``,
-    when set, sees each registration before the link comes up and may refuse it (the SGLang
-    backend maps the daemon's arena there). ``layout`` may come later than the link (SGLang
-    learns its page geometry from the host pool); until then the link stays down.
+    for a daemon that did not answer) and marks the link down; registration is retried every
+    ``reconnect_s`` (``docs/operations.md``, "The sidecar can die"). Whoever holds engine
+    resources for the daemon registers an ``on_down`` callback: it runs the moment the link
+    goes down. ``accept``, when set, sees each registration before the link comes up and may
+    refuse it (the SGLang backend maps the daemon's arena there). ``layout`` may come later
+    than the link (SGLang learns its page geometry from the host pool); until then the link
+    stays down. The link takes no lock: the vLLM scheduler calls it from one thread. Where
+    several threads share it (SGLang calls its storage backend from three), they hold
+    ``lock`` around each use, and around anything that must see one registration twice.
     """
 
     def __init__(
@@ -513,3 +506,108 @@ class DaemonLink:
             self.client.close()
             self.client = None
         self.reg = None
+
+
+# An agent app's session: its agents, LLM calls and tool calls, reported in a few lines.
+
+
+@dataclass(slots=True)
+class LlmCallHandle:
+    """Filled in by the caller inside ``llm_call`` and reported when the block exits."""
+
+    output_tokens: int = 0
+    kv_blocks: int = 0
+
+
+class AppSession:
+    """One app's DAG, declared at construction; ``agent`` gives each node's session, whose
+    ``llm_call`` and ``tool_call`` blocks report their start and end (``docs/vllm.md``).
+
+    Events are hints to the scheduler, so a daemon that is down must not break the agent app:
+    ``DaemonUnavailable`` is logged and counted (``missed_events``), never raised, unless the
+    session is ``strict``. A daemon that restarted has forgotten the app: the session
+    declares its DAG again and resends the event. Other error replies (an unknown agent, a
+    bad DAG) are raised: they are bugs in the caller.
+    """
+
+    def __init__(
+        self,
+        client: TokenCakeClient,
+        app_id: str,
+        dag: p.AppDag,
+        *,
+        tenant: str = "",
+        strict: bool = False,
+    ) -> None:
+        self.client = client
+        self.app_id = app_id
+        self.dag = dag
+        self.tenant = tenant
+        self.strict = strict
+        self.missed_events = 0
+        self.reregistrations = 0
+        self._send(p.RegisterApp(app_id, dag, tenant))
+
+    def agent(self, agent_id: str, engine_id: str = "") -> AgentSession:
+        if all(node.id != agent_id for node in self.dag.nodes):
+            raise KeyError(f"agent {agent_id!r} is not a node of app {self.app_id!r}")
+        return AgentSession(self, agent_id, engine_id)
+
+    def end(self) -> None:
+        self._send(p.AppEnd(self.app_id))
+
+    def __enter__(self) -> AppSession:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.end()
+
+    def _send(self, req: p.Request[p.EventAck]) -> bool:
+        try:
+            try:
+                return self.client.call(req).accepted
+            except p.RemoteError as exc:
+                if exc.code != p.ErrorCode.UNKNOWN_APP or isinstance(req, p.RegisterApp):
+                    raise
+                self.client.call(p.RegisterApp(self.app_id, self.dag, self.tenant))
+                self.reregistrations += 1
+                return self.client.call(req).accepted
+        except DaemonUnavailable as exc:
+            self.missed_events += 1
+            if self.strict:
+                raise
+            logger.debug("event not delivered: %s", exc)
+            return False
+
+
+class AgentSession:
+    _call_ids = itertools.count(1)
+
+    def __init__(self, app: AppSession, agent_id: str, engine_id: str = "") -> None:
+        self.app = app
+        self.agent_id = agent_id
+        self.engine_id = engine_id
+
+    @contextmanager
+    def llm_call(self, prompt_tokens: int = 0, request_id: str = "") -> Iterator[LlmCallHandle]:
+        app, agent, handle = self.app, self.agent_id, LlmCallHandle()
+        app._send(p.LlmCallStart(app.app_id, agent, self.engine_id, request_id, prompt_tokens))
+        try:
+            yield handle
+        finally:
+            finish = p.LlmCallFinish(
+                app.app_id, agent, request_id, handle.output_tokens, handle.kv_blocks
+            )
+            app._send(finish)
+
+    @contextmanager
+    def tool_call(self, kind: str, predicted_s: float | None = None) -> Iterator[str]:
+        """Reports the tool's start and end; ``ok`` is False when the block raised."""
+        call_id = f"{self.agent_id}-{next(self._call_ids)}"
+        self.app._send(p.ToolCallStart(self.app.app_id, self.agent_id, kind, predicted_s, call_id))
+        ok = False
+        try:
+            yield call_id
+            ok = True
+        finally:
+            self.app._send(p.ToolCallEnd(self.app.app_id, self.agent_id, call_id, ok))

@@ -33,10 +33,15 @@ import numpy as np
 
 from tokencake import protocol as p
 from tokencake.cli import HELP_OPTIONS, Command, is_endpoint
-from tokencake.clients.client import DaemonUnavailable, TokenCakeClient, resolve_endpoint
+from tokencake.clients.client import (
+    AgentSession,
+    AppSession,
+    DaemonUnavailable,
+    TokenCakeClient,
+    resolve_endpoint,
+)
 from tokencake.clients.kv_arena import ArenaMapping
 from tokencake.clients.launcher import DaemonProcess, LaunchError, daemon_flags, launch
-from tokencake.clients.session import AgentSession, AppSession
 from tokencake.layout import KvLayout
 
 LAYOUT = KvLayout(

@@ -15,7 +15,7 @@ own P/D keys ``do_remote_prefill`` / ``remote_prefill_cached_tokens`` are left a
 
 ``tool`` says the LLM call ends in a tool call: the connector reports ``tool_call_start``
 when the request finishes, and ``tool_call_end`` when the same agent's next request arrives
-(or the app reports both itself through ``tokencake.clients.session``).
+(or the app reports both itself through ``tokencake.clients.client``).
 """
 
 from __future__ import annotations

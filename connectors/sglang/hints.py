@@ -4,7 +4,7 @@ SGLang 0.5.23 hands a storage backend page keys and host indices only: no reques
 session, no hints. So agent events reach the daemon from the app's side of SGLang. This
 module reads an agent's metadata from the request body the app sends to SGLang, in either
 vocabulary, and reports the events with the client library's session helper
-(``tokencake.clients.session``):
+(``tokencake.clients.client``):
 
 - TokenCake's own keys, as the vLLM connector reads them from ``kv_transfer_params``::
 
@@ -41,8 +41,7 @@ from typing import Any, Final
 
 from tokencake import protocol as p
 from tokencake.agent_params import MAX_ID_CHARS, AgentParams, ToolHint, agent_params
-from tokencake.clients.client import TokenCakeClient
-from tokencake.clients.session import AgentSession, AppSession, LlmCallHandle
+from tokencake.clients.client import AgentSession, AppSession, LlmCallHandle, TokenCakeClient
 
 logger = logging.getLogger(__name__)
 

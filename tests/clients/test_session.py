@@ -6,8 +6,7 @@ import pytest
 
 from tests.conftest import DaemonProcess
 from tokencake import protocol as p
-from tokencake.clients.client import DaemonUnavailable, TokenCakeClient
-from tokencake.clients.session import AppSession
+from tokencake.clients.client import AppSession, DaemonUnavailable, TokenCakeClient
 
 DAG = p.AppDag(nodes=[p.DagNode("planner"), p.DagNode("coder")], edges=[("planner", "coder")])
 

@@ -11,7 +11,7 @@ import pytest
 from bench.common import sglang_env
 from tests.procs import Proc
 from tokencake import protocol as p
-from tokencake.clients.session import AppSession
+from tokencake.clients.client import AppSession
 from tokencake.connectors.sglang import AgentEventReporter, agent_call, strip_hints
 
 PAGE = 4

@@ -80,8 +80,7 @@ def test_daemon_policy_offloads_uploads_and_the_continuation_hits(
 ) -> None:
     from tokencake import protocol as p
     from tokencake.agent_params import kv_transfer_params
-    from tokencake.clients.client import TokenCakeClient
-    from tokencake.clients.session import AppSession
+    from tokencake.clients.client import AppSession, TokenCakeClient
 
     conn = engine.llm_engine.engine_core.engine_core.scheduler.connector
     pool = conn.connector_scheduler.pool

@@ -295,8 +295,7 @@ def _hook(
 def test_fault_never_stalls_the_engine(
     engine: Any, daemon: DaemonProcess, baseline: Any, point: str, fault: str
 ) -> None:
-    from tokencake.clients.client import TokenCakeClient
-    from tokencake.clients.session import AppSession
+    from tokencake.clients.client import AppSession, TokenCakeClient
 
     index = POINTS.index(point) * len(FAULTS) + FAULTS.index(fault)
     want = baseline[index]

@@ -96,8 +96,7 @@ def test_documented_launch_serves_agents_through_tokencake(
 
     from tokencake import protocol as p
     from tokencake.agent_params import kv_transfer_params
-    from tokencake.clients.client import TokenCakeClient
-    from tokencake.clients.session import AppSession
+    from tokencake.clients.client import AppSession, TokenCakeClient
 
     url, log = server
     api = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)

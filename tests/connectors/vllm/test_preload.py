@@ -222,8 +222,7 @@ def test_predictive_upload_on_an_idle_engine_gives_the_continuation_a_gpu_hit(
 ) -> None:
     from tokencake import protocol as p
     from tokencake.agent_params import kv_transfer_params
-    from tokencake.clients.client import TokenCakeClient
-    from tokencake.clients.session import AppSession
+    from tokencake.clients.client import AppSession, TokenCakeClient
 
     core = engine.llm_engine.engine_core.engine_core
     conn = core.scheduler.connector
