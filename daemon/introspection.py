@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from tokencake import PROTOCOL_VERSION, __version__
 from tokencake import protocol as p
+from tokencake.daemon.agent_service import DecisionLog
 from tokencake.daemon.kv_service import KvService
 from tokencake.daemon.parts import DaemonParts
-from tokencake.daemon.policy_bridge import DecisionLog
 
 POOL_STATES = ("free", "writing", "ready", "reading")
 
@@ -140,3 +140,15 @@ class Introspection:
         if "@" in cfg.get("l2_url", ""):
             cfg["l2_url"] = "<set, with credentials>"
         return p.ConfigReply(config=cfg)
+
+    def list_decisions(self, _identity: bytes, req: p.ListDecisions) -> p.ListDecisionsReply:
+        """The latest ``req.limit`` decisions kept (of ``req.agent_id`` when set), oldest first."""
+        picked: list[p.DecisionRecord] = []
+        for decision in reversed(self._decisions.records):
+            if req.agent_id and decision.agent_id != req.agent_id:
+                continue
+            picked.append(decision)
+            if len(picked) >= req.limit:
+                break
+        picked.reverse()
+        return p.ListDecisionsReply(decisions=picked)

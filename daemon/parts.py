@@ -10,11 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokencake import protocol as p
-from tokencake.daemon.agent_service import AppRegistry
+from tokencake.daemon.agent_service import AppRegistry, SchedulerBridge
 from tokencake.daemon.config import DaemonConfig
 from tokencake.daemon.engines import EngineRegistry
 from tokencake.daemon.metrics import DaemonMetrics
-from tokencake.daemon.policy_bridge import SchedulerBridge
 
 ApplyDecisions = Callable[[list[p.DecisionRecord]], None]
 

@@ -2,9 +2,9 @@
 
 ``Daemon`` builds the daemon's parts and runs their loop; each part is a module of its own:
 the wire (``transport``), engines (``engines``, ``engine_service``), the KV ops and the pool
-(``kv_service``), the apps and agents with their events (``agent_service``), the policies
-they feed and where decisions go (``policy_bridge``), read-only views (``introspection``)
-and the loop's ``timers``. The handler table below binds every request type of the protocol
+(``kv_service``), the apps and agents with their events, the policies they feed and where
+decisions go (``agent_service``), read-only views (``introspection``) and the loop's
+``timers``. The handler table below binds every request type of the protocol
 to the part that serves it.
 
 The loop blocks in ``recv`` on the ROUTER socket, with a timeout set by its timers; signal
@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 
 from tokencake import protocol as p
-from tokencake.daemon.agent_service import AgentService, AppRegistry
+from tokencake.daemon.agent_service import AgentService, AppRegistry, DecisionLog, SchedulerBridge
 from tokencake.daemon.arena import Arena
 from tokencake.daemon.auth import AuthError
 from tokencake.daemon.config import RELOADABLE_KEYS, ConfigError, DaemonConfig, load_config
@@ -39,7 +39,6 @@ from tokencake.daemon.l2 import L2StartError, open_l2
 from tokencake.daemon.memwatch import MemoryWatch, container_sizes
 from tokencake.daemon.metrics import DaemonMetrics
 from tokencake.daemon.parts import DaemonParts
-from tokencake.daemon.policy_bridge import DecisionLog, SchedulerBridge
 from tokencake.daemon.sd_notify import SystemdNotifier
 from tokencake.daemon.timers import Timers
 from tokencake.daemon.transport import DaemonError, Dispatcher, Handler, Transport, socket_in_use
@@ -93,7 +92,6 @@ class Daemon:
             config.decision_history,
             metrics=self.metrics,
             engines=self.engines,
-            pushed_kinds=self.scheduler.PUSHED_KINDS,
             send=self.transport.send,
             on_upload=self.kv.l2_upload,
         )
@@ -147,7 +145,7 @@ class Daemon:
             p.ListApps: info.list_apps,
             p.Pool: info.pool,
             p.GetConfig: info.get_config,
-            p.ListDecisions: self.decisions.list,
+            p.ListDecisions: info.list_decisions,
         }
 
     def _container_sizes(self) -> dict[str, int]:
