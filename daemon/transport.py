@@ -3,7 +3,9 @@
 A request is one frame after the peer's identity. It is decoded and validated by the
 protocol, then handed to the handler its request type is bound to; the reply (or a typed
 error) goes back to the same identity. Handlers either succeed or raise ``ProtocolError``
-before changing anything, so a bad request leaves the daemon as it was.
+before changing anything, so a bad request leaves the daemon as it was. A one-way request
+(``"ack": false``) is handled the same, and counted the same when it fails; only its
+success reply is not sent.
 """
 
 from __future__ import annotations
@@ -53,21 +55,25 @@ DEFERRED = Deferred()
 class PendingReply:
     """A reply a handler gives later (``Dispatcher.defer``): ``send`` or ``fail``, once."""
 
-    __slots__ = ("_dispatcher", "_identity", "_op", "_request_id", "done")
+    __slots__ = ("_ack", "_dispatcher", "_identity", "_op", "_request_id", "done")
 
-    def __init__(self, dispatcher: Dispatcher, identity: bytes, op: str, request_id: int) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, identity: bytes, op: str, request_id: int, ack: bool = True
+    ) -> None:
         self._dispatcher = dispatcher
         self._identity = identity
         self._op = op
         self._request_id = request_id
+        self._ack = ack
         self.done = False
 
     def send(self, reply: msgspec.Struct) -> None:
         if not self.done:
             self.done = True
-            self._dispatcher.send_later(
-                self._identity, p.encode_reply(self._op, self._request_id, reply)
-            )
+            if self._ack:  # else one-way: success is silent
+                self._dispatcher.send_later(
+                    self._identity, p.encode_reply(self._op, self._request_id, reply)
+                )
 
     def fail(self, exc: ProtocolError) -> None:
         if not self.done:
@@ -97,7 +103,7 @@ class Dispatcher:
         self.error_counts = error_counts
         self.send_later: Callable[[bytes, bytes], object] = lambda _identity, _frame: False
         """Where deferred replies go (the daemon sets ``Transport.send``)."""
-        self._current: tuple[bytes, str, int] = (b"", "?", 0)
+        self._current: tuple[bytes, str, int, bool] = (b"", "?", 0, True)
 
     def handle_frames(self, frames: list[bytes]) -> bytes:
         """One ROUTER message (identity, payload) in, the reply frame out."""
@@ -110,16 +116,17 @@ class Dispatcher:
         return self.handle_frame(frames[0], frames[1])
 
     def handle_frame(self, identity: bytes, frame: bytes) -> bytes:
-        """One request frame in, one reply frame out. Never raises."""
+        """One request frame in, one reply frame out (empty: none to send, for a deferred
+        reply or a one-way request that succeeded). Never raises."""
         op = "?"
         request_id = 0
         try:
-            request_id, op, body = self._decode(frame)
+            request_id, op, body, ack = self._decode(frame)
             self.event_counts[op] = self.event_counts.get(op, 0) + 1
-            self._current = (identity, op, request_id)
+            self._current = (identity, op, request_id, ack)
             reply = self._handlers[type(body)](identity, body)
-            if reply is DEFERRED:
-                return b""  # the handler holds a PendingReply
+            if reply is DEFERRED or not ack:
+                return b""  # the handler holds a PendingReply, or success is silent
             return p.encode_reply(op, request_id, reply)
         except ProtocolError as exc:
             request_id = getattr(exc, "request_id", request_id)
@@ -134,10 +141,10 @@ class Dispatcher:
     def defer(self) -> PendingReply:
         """From inside a handler: the reply to the request being handled, to send later;
         the handler then returns ``DEFERRED``."""
-        identity, op, request_id = self._current
-        return PendingReply(self, identity, op, request_id)
+        identity, op, request_id, ack = self._current
+        return PendingReply(self, identity, op, request_id, ack)
 
-    def _decode(self, frame: bytes) -> tuple[int, str, p.Request]:
+    def _decode(self, frame: bytes) -> tuple[int, str, p.Request, bool]:
         limit = self._max_frame_bytes()
         if len(frame) > limit:
             request_id, op = _peek_ids(frame)
@@ -149,7 +156,7 @@ class Dispatcher:
                 op,
             )
         try:
-            return p.decode_request(frame)
+            return p.decode_request_ack(frame)
         except UnicodeDecodeError as exc:
             # msgspec raises this, not DecodeError, for a str that is not UTF-8.
             request_id, op = _peek_ids(frame)

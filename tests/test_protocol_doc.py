@@ -89,6 +89,22 @@ def test_client_from_the_protocol_page(daemon: DaemonProcess) -> None:
         "accepted"
     ]
     assert c.ok("tool_call_end", app_id="doc-app", agent_id="a")["accepted"]
+
+    # One-way events: no reply on success, the error reply when one fails, in order.
+    def one_way(rid: int, op: str, **body: Any) -> None:
+        c.sock.send(msgpack.packb({"v": 1, "op": op, "id": rid, "ack": False, "body": body}))
+
+    one_way(901, "llm_call_start", app_id="doc-app", agent_id="b", engine_id=eid)
+    one_way(902, "tool_call_end", app_id="doc-app", agent_id="nobody")
+    c.sock.send(msgpack.packb({"v": 1, "op": "ping", "id": 903}))
+    replies: list[dict[str, Any]] = []
+    for _ in range(2):
+        assert c.sock.poll(5000)
+        replies.append(msgpack.unpackb(c.sock.recv()))
+    assert [(m["id"], m["ok"]) for m in replies] == [(902, False), (903, True)]
+    assert replies[0]["error"]["code"] == "unknown_agent"
+    states = {a["agent_id"]: a["state"] for a in c.ok("list_agents", app_id="doc-app")["agents"]}
+    assert states["b"] == "waiting"
     assert c.ok("app_end", app_id="doc-app")["accepted"]
 
     # Introspection and a typed error.

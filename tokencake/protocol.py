@@ -3,6 +3,7 @@
 Every message is one ZMQ frame holding one msgpack map:
 
     request  {"v": 1, "op": "lookup", "id": 7, "body": {...}}
+    one-way  {"v": 1, "op": "tool_call_end", "id": 8, "ack": false, "body": {...}}
     reply    {"v": 1, "op": "lookup", "id": 7, "ok": true,  "body": {...}}
     error    {"v": 1, "op": "lookup", "id": 7, "ok": false,
               "error": {"code": "...", "message": "..."}}
@@ -96,6 +97,10 @@ class Envelope(msgspec.Struct):
     op: str
     id: int
     body: msgspec.Raw = msgspec.Raw(b"\x80")
+    ack: bool = True
+    """False: a one-way request. The daemon replies only when it fails (an error reply
+    with its id); success is silent. A later reply to the same peer says it was handled:
+    the daemon handles a peer's requests in order."""
 
 
 class ErrorBody(msgspec.Struct):
@@ -795,8 +800,13 @@ _body_decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {
 _reply_body_decoders: dict[type[msgspec.Struct], msgspec.msgpack.Decoder[Any]] = {}
 
 
-def encode_request(req: Request, request_id: int) -> bytes:
-    return _encoder.encode({"v": PROTOCOL_VERSION, "op": req.op, "id": request_id, "body": req})
+def encode_request(req: Request, request_id: int, *, ack: bool = True) -> bytes:
+    """``ack=False``: one-way, answered only if it fails (``Envelope.ack``)."""
+    if ack:
+        return _encoder.encode({"v": PROTOCOL_VERSION, "op": req.op, "id": request_id, "body": req})
+    return _encoder.encode(
+        {"v": PROTOCOL_VERSION, "op": req.op, "id": request_id, "ack": False, "body": req}
+    )
 
 
 def decode_request(frame: bytes) -> tuple[int, str, Request]:
@@ -805,6 +815,12 @@ def decode_request(frame: bytes) -> tuple[int, str, Request]:
     The request id and op are returned even on some failures (through the exception's
     ``request_id`` and ``op`` attributes) so the error reply can name them.
     """
+    request_id, op, body, _ack = decode_request_ack(frame)
+    return request_id, op, body
+
+
+def decode_request_ack(frame: bytes) -> tuple[int, str, Request, bool]:
+    """``decode_request``, with the envelope's ``ack`` (False: a one-way request)."""
     try:
         env = _envelope_decoder.decode(frame)
     except msgspec.DecodeError as exc:
@@ -833,7 +849,7 @@ def decode_request(frame: bytes) -> tuple[int, str, Request]:
     except RecursionError:
         error = ProtocolError(ErrorCode.BAD_REQUEST, "nested too deeply")
         raise _with_ids(error, env.id, env.op) from None
-    return env.id, env.op, body
+    return env.id, env.op, body, env.ack
 
 
 def _with_ids(exc: ProtocolError, request_id: int, op: str) -> ProtocolError:

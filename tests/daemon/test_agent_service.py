@@ -195,3 +195,26 @@ def test_decisions_of_an_admission_implied_by_the_finish_are_applied(
         clock.now += 0.5
         call(daemon, p.LlmCallFinish("app", "plan", "r", 50, 60))
         assert due in daemon.decisions.records and due.engine_id == reg.engine_id
+
+
+def test_one_way_events_are_answered_only_when_they_fail() -> None:
+    """``"ack": false``: a success changes the daemon as an acknowledged event would and sends
+    nothing back; a failure still gets its error reply, with the request's id, and is counted
+    like any other; a bad one-way frame is an error reply, not a crash."""
+    clock = Clock()
+    for daemon in make_daemon("tokencake", clock):
+        call(daemon, p.RegisterApp("app", DAG))
+        start = p.encode_request(p.LlmCallStart("app", "plan", request_id="r"), 5, ack=False)
+        assert daemon.handle_frame(b"app", start) == b""
+        assert daemon.event_counts["llm_call_start"] == 1
+        [plan] = [a for a in call(daemon, p.ListAgents("app")).agents if a.agent_id == "plan"]
+        assert plan.state == "waiting"
+        late = p.encode_request(p.ToolCallEnd("app", "nobody", call_id="c"), 6, ack=False)
+        env = p.decode_reply_envelope(daemon.handle_frame(b"app", late))
+        assert (env.id, env.ok, env.error and env.error.code) == (6, False, "unknown_agent")
+        assert daemon.error_counts == {"unknown_agent": 1}
+        bad = msgspec.msgpack.encode({"v": 1, "op": "llm_call_start", "id": 7, "ack": "no"})
+        env = p.decode_reply_envelope(daemon.handle_frame(b"app", bad))
+        assert (env.ok, env.error and env.error.code) == (False, "bad_frame")
+        acked = p.encode_request(p.LlmCallFinish("app", "plan", request_id="r"), 8)
+        assert p.decode_reply_envelope(daemon.handle_frame(b"app", acked)).ok

@@ -137,3 +137,110 @@ def test_a_silent_daemon_costs_missed_events_not_requests(tmp_path: Path) -> Non
             silent.close(linger=0)
 
     run(main())
+
+
+async def _settled(link: DaemonLink, timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if link.inflight == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{link.inflight} messages still in flight")
+
+
+def test_one_way_events_are_confirmed_by_a_ping(daemon: procs.Proc) -> None:
+    """Events go one-way; with no registration after them, the link's own ``ping`` (sent
+    ``timeout_s / 2`` after the first of them) confirms them: all counted sent, none missed.
+    An event the daemon refuses is answered, and counted rejected, not sent."""
+
+    async def main() -> None:
+        link = DaemonLink(daemon.endpoint, timeout_s=2.0)
+        link.start()
+        assert await link.register("oneway", _dag("a"))
+        _tool_round(link, "oneway", "a", 5)
+        link.event(p.ToolCallEnd("oneway", "nobody", call_id="x"))  # unknown_agent
+        link.event(p.LlmCallStart("oneway", "a", request_id="last"))
+        for _ in range(80):  # the ping is due 1 s after the first event
+            if link.rejected:
+                break
+            await asyncio.sleep(0.01)
+        # The error reply confirmed the 20 events before it; the last waits for the ping.
+        assert (link.sent, link.rejected, link.inflight) == (21, 1, 1)
+        await _settled(link)
+        assert (link.sent, link.missed, link.rejected) == (22, 0, 1)
+        assert not link.down
+        assert _agents(daemon.endpoint, "oneway")["a"].state == "waiting"
+        await link.close()
+
+    run(main())
+
+
+def test_the_wire_one_way_for_events_acked_for_the_rest(tmp_path: Path) -> None:
+    """What the link sends: registrations with a reply, events and app ends one-way
+    (``"ack": false``), then a ``ping`` for them, at most one per ``confirm_s`` however many
+    events flow. A daemon that stops answering: the ping's reply does not come, so the ping
+    and the event before it are missed, and the link is down."""
+    endpoint = f"ipc://{tmp_path}/router.sock"
+    ctx: Any = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    seen: list[tuple[str, bool]] = []
+    answering = [True]
+
+    def answer() -> None:
+        while router.poll(0, zmq.POLLIN):
+            peer, frame = router.recv_multipart()
+            request_id, op, req, ack = p.decode_request_ack(frame)
+            seen.append((op, ack))
+            if ack and answering[0]:
+                reply = p.PingReply("t", 1, 0.0) if isinstance(req, p.Ping) else p.EventAck(True)
+                router.send_multipart([peer, p.encode_reply(op, request_id, reply)])
+
+    async def until(done: Any, n: int = 400) -> None:
+        for _ in range(n):
+            answer()
+            if done():
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("not settled")
+
+    async def main() -> None:
+        link = DaemonLink(endpoint, timeout_s=0.2, retry_s=60.0, confirm_s=0.1)
+        try:
+            link.start()
+            assert link._socket().poll(5000, zmq.POLLOUT)
+            reg, other = link.register("w", _dag("a")), link.register("v", _dag("b"))
+            link.event(p.LlmCallStart("w", "a"))
+            await until(other.done)
+            assert await reg and await other
+            link.end_app("v")
+            await until(lambda: link.inflight == 0)
+            assert seen == [
+                ("register_app", True),
+                ("register_app", True),
+                ("llm_call_start", False),
+                ("app_end", False),
+                ("ping", True),
+            ]
+            assert (link.sent, link.missed, link.down) == (3, 0, False)
+            # Events every 10 ms for 0.45 s: pings at least confirm_s apart.
+            seen.clear()
+            t0 = asyncio.get_running_loop().time()
+            for i in range(45):
+                link.event(p.LlmCallStart("w", "a", request_id=str(i)))
+                await until(lambda: True, 1)
+                await asyncio.sleep(0.01)
+            took = asyncio.get_running_loop().time() - t0
+            await until(lambda: link.inflight == 0)
+            pings = seen.count(("ping", True))
+            assert 1 <= pings <= (took + 0.3) / link.confirm_s + 1
+            assert (link.sent, link.missed) == (48, 0)
+            answering[0] = False
+            link.event(p.ToolCallEnd("w", "a"))
+            await until(lambda: link.down and link.inflight == 0)
+            assert (link.sent, link.missed) == (48, 1)
+            assert seen[-2:] == [("tool_call_end", False), ("ping", True)]
+        finally:
+            await link.close()
+            router.close(linger=0)
+
+    run(main())
