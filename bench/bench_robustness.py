@@ -5,7 +5,8 @@ context range, arrival rate from idle to overload) runs with every policy and th
 on the same trace. Per scenario it reports tokencake / vllm, / best peer (the lowest among
 the non-TokenCake policies, vllm included, for that metric) and / oracle, on mean and p95
 latency, overall and per class (plain traffic, agent apps); the worst scenarios with their
-seeds (replay: ``tokencake-sim run --workload family:<seed> --qps <qps> --apps <n>``); the
+seeds (replay: ``tokencake-sim run --workload family:<seed> --qps <qps> --apps <n> --seed
+<seed>``: the bench draws each trace with the scenario's seed); the
 issue's targets as measured; and the same for the ablations.
 
     python bench/bench_robustness.py [--scenarios 200] [--first-seed 0] [--apps 12]
@@ -253,7 +254,7 @@ def _worst_table(summary: dict[str, Any]) -> list[str]:
             f"{w['best_peer']} | {_fmt(r['all/mean/vllm'])} | "
             f"{_fmt(r['plain/mean/vllm'])} | {w['scenario']} | `tokencake-sim run --workload "
             f"family:{w['seed']} --qps {w['qps']:.6g} --apps {summary['n_apps']} "
-            f"--policies all` |"
+            f"--seed {w['seed']} --policies all` |"
         )
     return lines
 

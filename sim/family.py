@@ -20,8 +20,8 @@
 
 ``FamilyWorkload(scenario)`` is a ``WorkloadGenerator`` like the built-ins, so a drawn
 scenario replays anywhere a workload name goes: ``get_generator("family:<seed>")`` (and
-``tokencake-sim run --workload family:<seed> --qps <qps> --apps <n>``, with the scenario's
-``qps`` and ``n_apps``).
+``tokencake-sim run --workload family:<seed> --qps <qps> --apps <n> --seed <seed>``, with the
+scenario's ``qps`` and ``n_apps``, and its seed as the trace's, as the robustness bench runs it).
 """
 
 from __future__ import annotations
