@@ -1,7 +1,7 @@
 """Pure scheduler throughput: events per second and cost per event vs number of agents.
 
 Usage: ``python bench/bench_scheduler.py [--events 100000] [--agents 1000,10000,100000]
-[--policies tokencake,vllm] [--seed 0]``
+[--policies tokencake,vllm] [--seed 0] [--hash]``
 
 Agents live in 10-node apps (a chain with one fork/join) and cycle through
 LLM call start -> admitted -> finish -> tool start -> (copy done) -> tool end, with an engine
@@ -12,15 +12,23 @@ was put in a random phase of its cycle. Simulated time per event is 1/n_agents s
 each agent sees the same event rate and the timers fire at the same rate per event. One
 caveat: 100k timed events give each of 100k agents about one event, so that row leans to
 first-touch work (more decisions per event) than the 1k row (about 100 events per agent).
+
+``--hash`` adds a column: the SHA-256 (first 16 hex digits) of the msgpack of every
+decision, setup and timed, in order. A change meant to leave the decisions alone must leave
+it the same for every policy and size. The timed loop then also keeps the decisions, so
+compare throughput only between runs with the same flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import math
 import random
 import time
+
+from msgspec import msgpack
 
 from tokencake.daemon.scheduler import (
     EngineState,
@@ -33,6 +41,7 @@ from tokencake.daemon.scheduler import (
 from tokencake.protocol import (
     AppDag,
     DagNode,
+    DecisionRecord,
     LlmCallAdmitted,
     LlmCallFinish,
     LlmCallStart,
@@ -109,11 +118,21 @@ def script(n_agents: int, n_events: int, seed: int) -> tuple[list[Timed], list[T
     return setup, events
 
 
-def run(policy_name: str, n_agents: int, n_events: int, seed: int) -> tuple[float, float, int]:
+def run(
+    policy_name: str,
+    n_agents: int,
+    n_events: int,
+    seed: int,
+    kept: list[DecisionRecord] | None = None,
+) -> tuple[float, float, int]:
+    """(CPU seconds, wall seconds, decisions) of the timed events; every decision, setup
+    and timed, is appended to ``kept`` when one is given."""
     setup, events = script(n_agents, n_events, seed)
     policy = create_policy(policy_name, PolicyConfig(host_blocks=20 * n_agents))
     for now, ev in setup:
-        policy.on_event(ev, now)
+        out = policy.on_event(ev, now)
+        if kept is not None:
+            kept += out
     on_event = policy.on_event
     decisions = 0
     gc.collect()
@@ -121,13 +140,28 @@ def run(policy_name: str, n_agents: int, n_events: int, seed: int) -> tuple[floa
     try:
         c0 = time.process_time()
         t0 = time.perf_counter()
-        for now, ev in events:
-            decisions += len(on_event(ev, now))
+        if kept is None:
+            for now, ev in events:
+                decisions += len(on_event(ev, now))
+        else:
+            start = len(kept)
+            for now, ev in events:
+                kept += on_event(ev, now)
+            decisions = len(kept) - start
         wall = time.perf_counter() - t0
         cpu = time.process_time() - c0
     finally:
         gc.enable()
     return cpu, wall, decisions
+
+
+def stream_hash(decisions: list[DecisionRecord]) -> str:
+    """The first 16 hex digits of the SHA-256 of every decision's msgpack, in order."""
+    h = hashlib.sha256()
+    encode = msgpack.Encoder().encode
+    for d in decisions:
+        h.update(encode(d))
+    return h.hexdigest()[:16]
 
 
 def main() -> None:
@@ -136,6 +170,7 @@ def main() -> None:
     ap.add_argument("--agents", default="1000,10000,100000")
     ap.add_argument("--policies", default="tokencake,tokencake-temporal,vllm,lru-offload,kvflow")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hash", action="store_true", help="also print a hash of the decision stream")
     args = ap.parse_args()
     try:
         sizes = [int(x) for x in args.agents.split(",")]
@@ -147,15 +182,17 @@ def main() -> None:
     print(f"events per run: {args.events}, seed {args.seed}")
     print(
         f"{'policy':<20}{'agents':>8}{'events/s':>10}{'(wall)':>10}{'us/event':>10}"
-        f"{'us/log2n':>10}{'decisions':>11}"
+        f"{'us/log2n':>10}{'decisions':>11}" + (f"{'stream':>18}" if args.hash else "")
     )
     for name in args.policies.split(","):
         for n in sizes:
-            cpu, wall, decisions = run(name, n, args.events, args.seed)
+            kept: list[DecisionRecord] | None = [] if args.hash else None
+            cpu, wall, decisions = run(name, n, args.events, args.seed, kept)
             per = cpu / args.events * 1e6
             print(
                 f"{name:<20}{n:>8}{args.events / cpu:>10.0f}{f'({args.events / wall:.0f})':>10}"
                 f"{per:>10.2f}{per / math.log2(n):>10.3f}{decisions:>11}"
+                + (f"{stream_hash(kept):>18}" if kept is not None else "")
             )
 
 
