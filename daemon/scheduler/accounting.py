@@ -27,12 +27,15 @@ Accounting model (what "blocks" mean to the policy):
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
+
+from msgspec import msgpack
 
 from tokencake import protocol as p
 from tokencake.daemon.scheduler.agents import TOOL, WAITING, AgentState, AppState
 from tokencake.daemon.scheduler.costmodel import TransferCostModel
-from tokencake.daemon.scheduler.dag import analyse
+from tokencake.daemon.scheduler.dag import DagInfo, analyse
 from tokencake.daemon.scheduler.learned import add_count, learned
 from tokencake.daemon.scheduler.policy import Policy, PolicyConfig
 from tokencake.daemon.scheduler.predictor import RunningMeanPredictor, ToolDurationPredictor
@@ -90,6 +93,10 @@ class AccountingPolicy(Policy):
         self.host_used_at_report = 0
         self._seq = 0
         """Tie-breaker of the timer and upload heaps (FIFO among equals)."""
+        self._dags: weakref.WeakValueDictionary[tuple[bytes, float, float], DagInfo] = (
+            weakref.WeakValueDictionary()
+        )
+        """The analyses of the DAGs live apps registered, by content (``_analysed``)."""
 
     def __del__(self) -> None:
         """A dropped policy (its engine left, a policy switch) goes when its last reference
@@ -98,18 +105,32 @@ class AccountingPolicy(Policy):
         for app in getattr(self, "apps", {}).values():
             app.agents.clear()
 
+    def _analysed(self, dag: AppDag) -> DagInfo:
+        """``analyse(dag)``, shared by the live apps that registered the same DAG (one
+        workflow run many times): the analysis is read-only, and one copy of the nodes
+        stays in the CPU caches where a copy per app would not (every event reads its
+        agent's node). Raises ``DagError`` as ``analyse`` does."""
+        cfg = self.config
+        key = (msgpack.encode(dag), cfg.llm_s_default, cfg.default_tool_s)
+        info = self._dags.get(key)
+        if info is None:
+            info = self._dags[key] = analyse(dag, cfg.llm_s_default, cfg.default_tool_s)
+        return info
+
     def _agent(self, app_id: str, agent_id: str, create: bool = True) -> AgentState | None:
         app = self.apps.get(app_id)
         if app is None:
             if not create:
                 return None
-            info = analyse(AppDag(nodes=[]), self.config.llm_s_default, self.config.default_tool_s)
-            app = self.apps[app_id] = AppState(app_id, info, self.now)
+            app = self.apps[app_id] = AppState(app_id, self._analysed(AppDag(nodes=[])), self.now)
         agent = app.agents.get(agent_id)
         if agent is None:
             if not create or app.ended:
                 return None
-            agent = app.agents[agent_id] = AgentState(app, app.node(agent_id), self.now)
+            node = app.node(agent_id)
+            # Keyed by the node's own id (the same string): shared with every app of the
+            # same DAG, so the lookups compare against one string, not one per app.
+            agent = app.agents[node.node_id] = AgentState(app, node, self.now)
         return agent
 
     def _set_phase(self, agent: AgentState, phase: str) -> None:

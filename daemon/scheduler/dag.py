@@ -56,8 +56,11 @@ class NodeInfo:
     pred: list[int] = field(default_factory=list)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class DagInfo:
+    """An application DAG's analysis. Read-only once ``analyse`` returns it: the apps that
+    registered the same DAG share one (``AccountingPolicy._analysed``)."""
+
     nodes: list[NodeInfo]
     index: dict[str, int]
     critical_length_s: float

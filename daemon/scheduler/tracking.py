@@ -139,7 +139,7 @@ class TrackingPolicy(TimedPolicy):
             return
         cfg = self.config
         try:
-            info = analyse(ev.dag, cfg.llm_s_default, cfg.default_tool_s)
+            info = self._analysed(ev.dag)
         except DagError as exc:
             logger.warning("app %s: %s; scheduling it without its edges", ev.app_id, exc)
             seen: set[str] = set()

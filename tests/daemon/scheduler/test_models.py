@@ -1,18 +1,21 @@
-"""Predictor, transfer cost model and DAG analysis."""
+"""Predictor, transfer cost model and DAG analysis (and its sharing between apps)."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+import weakref
 from pathlib import Path
 
 import pytest
 
+from tokencake.daemon.scheduler import create_policy
 from tokencake.daemon.scheduler.costmodel import TransferCostModel
 from tokencake.daemon.scheduler.dag import DagError, analyse
 from tokencake.daemon.scheduler.predictor import Z_Q20, ToolDurationPredictor
-from tokencake.protocol import AppDag, DagNode
+from tokencake.daemon.scheduler.tracking import TrackingPolicy
+from tokencake.protocol import AppDag, AppEnd, DagNode, RegisterApp
 
 WORKLOAD = Path("/work/shared/workloads/code_writer_dag.json")
 
@@ -102,6 +105,26 @@ def test_critical_path_and_slack() -> None:
     assert node["short"].join_group == "join" and node["join"].fan_in == 2
     assert node["short"].next_gap_s == pytest.approx(10.0)  # join waits for the long branch
     assert node["s"].remaining_depth == 2 and node["join"].depth == 2
+
+
+def test_apps_with_the_same_dag_share_its_analysis() -> None:
+    """One workflow run many times: its apps share one read-only analysis (the nodes every
+    event reads), a different DAG gets its own, and the shared one goes with its last app."""
+    policy = create_policy("tokencake")
+    other = AppDag(nodes=[DagNode(id="s", expected_llm_s=3)])
+    for app, dag in (("a", _diamond()), ("b", _diamond()), ("c", other)):
+        policy.on_event(RegisterApp(app, dag), 0.0)
+    assert isinstance(policy, TrackingPolicy)
+    apps = policy.apps
+    assert apps["a"].info is apps["b"].info and apps["a"].info is not apps["c"].info
+    assert apps["b"].info.critical_path == ["s", "long", "join"]
+    shared = weakref.ref(apps["a"].info)
+    for app in ("a", "b"):
+        policy.on_event(AppEnd(app), 1.0)
+    assert "a" not in apps and "b" not in apps
+    assert shared() is None  # nothing but the two apps held it
+    policy.on_event(RegisterApp("d", _diamond()), 2.0)
+    assert apps["d"].info.critical_path == ["s", "long", "join"]
 
 
 def test_cycles_and_dangling_edges_are_typed_errors() -> None:
