@@ -179,10 +179,15 @@ class AccountingPolicy(Policy):
             self.offload_unread_blocks += agent.call_offloaded
 
     def host_free(self) -> int:
-        own = self.host_total - self.host_used
+        """Free host blocks: the engine's last report, less the copies booked since. The
+        policy's own book (``host_total - host_used``) is used only before any report: it
+        counts a block once per agent whose copy settled it, so a prefix several agents
+        share (a fan-out's planner context, a node and its successor) is counted several
+        times while the engine stores it once."""
         if self.host_reported_free < 0:
-            return own
-        return min(own, self.host_reported_free - (self.host_used - self.host_used_at_report))
+            return self.host_total - self.host_used
+        since = self.host_used - self.host_used_at_report
+        return min(self.host_total, self.host_reported_free - since)
 
     def pressure_terms(self) -> dict[str, p.Term]:
         total = self.gpu_total

@@ -243,3 +243,29 @@ def test_preempted_request_is_copied_out_while_it_waits() -> None:
         p.on_event(TransferDone("app", "a", "d2h", 300), 0.7)
         (agent,) = p.iter_agents()
         assert (agent.host_blocks, agent.offloading) == (300, 0)
+
+
+def test_host_room_is_the_engines_report_not_the_policys_book() -> None:
+    """The policy books a copy's blocks per agent, so a prefix several agents share (a
+    fan-out's planner context, a node and its successor) is counted once per copy, while the
+    engine stores it once. Once the engine reports its host store, the room for a copy is
+    that report (less what was booked since), not the book: here the second copy fits by
+    the report (1230 free) and would be refused by the book (1050 free, 50 short)."""
+    gpu, host, blocks = 1000, 1250, 200
+    p = make(host_blocks=host, recompute_s_per_block=0.01)
+    pressure = {"num_waiting": 2, "waiting_blocks": 300}
+    finish_a(p, blocks)
+    assert saves(p.on_event(EngineState(gpu, 400, **pressure), 1.0))
+    p.on_event(TransferDone("app", "a", "d2h", blocks), 1.2)
+    assert p.host_free() == host - blocks  # no report yet: the book
+    # the engine stored 20 new blocks (the rest it already held for another agent)
+    report = EngineState(gpu, 400, host_blocks_total=host, host_blocks_free=host - 20, **pressure)
+    p.on_event(report, 1.3)
+    assert p.host_free() == host - 20
+    p.on_event(RegisterApp("app2", chain()), 1.4)
+    p.on_event(LlmCallStart("app2", "a", request_id="r2", blocks=blocks), 1.4)
+    p.on_event(LlmCallAdmitted("app2", "a", "r2", kv_blocks=blocks), 1.5)
+    p.on_event(LlmCallFinish("app2", "a", "r2", kv_blocks=blocks), 2.0)
+    (save,) = saves(p.on_event(report, 2.0))
+    assert save.app_id == "app2" and save.blocks == blocks
+    assert p.host_free() == host - 20 - blocks  # booked since the report
