@@ -99,6 +99,8 @@ class DaemonLink:
         self._dags: dict[str, p.AppDag] = {}
         """Apps the daemon acknowledged, for registering again after it restarts."""
         self._registering: set[str] = set()
+        self._ended_early: set[str] = set()
+        """Apps ended while their registration was unanswered: its reply adds no DAG."""
         self._out: list[_Item] = []
         self._pending: dict[int, _Item] = {}
         """Sent and not yet answered or confirmed, in the order sent (the order the daemon
@@ -170,8 +172,16 @@ class DaemonLink:
         self._queue(_Item(EVENT, getattr(req, "app_id", ""), req))
 
     def end_app(self, app_id: str) -> None:
+        """End an app the daemon knows or is about to: one whose registration is still
+        unanswered is ended too, the end queued behind it (the daemon takes a peer's
+        messages in order), so an app ended that early does not stay live there."""
         self._socket()
-        if self._dags.pop(app_id, None) is not None and not self.down:
+        known = self._dags.pop(app_id, None) is not None
+        if app_id in self._registering:
+            self._registering.discard(app_id)
+            self._ended_early.add(app_id)
+            known = True
+        if known and not self.down:
             self._queue(_Item(END, app_id, p.AppEnd(app_id)))
 
     async def close(self) -> None:
@@ -314,6 +324,7 @@ class DaemonLink:
             self.missed += 1
         elif item.kind in (REGISTER, REREGISTER):
             self._registering.discard(item.app_id)
+            self._ended_early.discard(item.app_id)
         if item.fut is not None and not item.fut.done():
             item.fut.set_result(False)
 
@@ -357,7 +368,9 @@ class DaemonLink:
         code = "" if env.ok else (env.error.code if env.error else p.ErrorCode.INTERNAL)
         if item.kind in (REGISTER, REREGISTER):
             self._registering.discard(item.app_id)
-            if not code:
+            if item.app_id in self._ended_early:
+                self._ended_early.discard(item.app_id)
+            elif not code:
                 assert isinstance(item.req, p.RegisterApp)
                 self._dags[item.app_id] = item.req.dag
         if item.fut is not None and not item.fut.done():

@@ -509,8 +509,8 @@ class Tracker:
             excess -= len(app.conversations)
             self.structures.learn(app.root_type, app.observed)
             for dapp in [app.main, *app.extra]:
-                reg = dapp.reg
-                if reg is not None and reg.done() and not reg.cancelled() and reg.result():
+                reg = dapp.reg  # unanswered yet: the link ends it behind its registration
+                if reg is not None and not (reg.done() and (reg.cancelled() or not reg.result())):
                     self.link.end_app(dapp.app_id)
             for conv_id in app.conversations:
                 conv = self.conversations.pop(conv_id)

@@ -14,6 +14,7 @@ from prometheus_client import generate_latest
 from tests import procs
 from tests.connectors.gateway.test_gateway import _agents, daemon, run
 from tokencake import protocol as p
+from tokencake.clients.client import TokenCakeClient
 from tokencake.connectors.gateway.link import DaemonLink
 from tokencake.connectors.gateway.metrics import GatewayMetrics
 
@@ -53,6 +54,31 @@ def test_events_are_pipelined_in_order(daemon: procs.Proc) -> None:
         assert 'tokencake_gateway_daemon_messages_total{outcome="sent"} 203.0' in scraped
         assert 'tokencake_gateway_daemon_messages_total{outcome="missed"} 0.0' in scraped
         assert _agents(daemon.endpoint, "pipelined")["a"].state == "waiting"
+        await link.close()
+
+    run(main())
+
+
+def test_an_app_ended_before_its_registration_is_answered_is_ended(daemon: procs.Proc) -> None:
+    """The gateway may end an app (its sweep, over capacity) before the daemon has answered
+    its registration: the end goes behind the registration, so the daemon does not keep
+    the app live, and the late reply does not bring the app back into the link's books."""
+
+    async def main() -> None:
+        link = DaemonLink(daemon.endpoint, timeout_s=5.0)
+        link.start()
+        reg = link.register("early-end", _dag("a"))
+        link.end_app("early-end")
+        assert not reg.done()
+        assert await reg
+        assert await link.register("early-end-probe", _dag("x"))  # answered after the end
+        with TokenCakeClient(daemon.endpoint) as c:
+            states = {a.app_id: a.state for a in c.call(p.ListApps()).apps}
+        assert states.get("early-end", "ended") != "live"
+        assert states["early-end-probe"] == "live"
+        link.event(p.LlmCallStart("early-end", "a"))  # an ended app's event: not sent
+        assert await link.register("early-end-probe-2", _dag("x"))
+        assert (link.sent, link.missed, link.rejected) == (3, 0, 0)
         await link.close()
 
     run(main())
