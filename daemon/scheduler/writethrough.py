@@ -18,11 +18,14 @@ simulator's prefix walk). ``WriteThroughPolicy`` copies it out (``Offload`` with
   idle KV off the GPU during a tool call frees memory; a copy only insures it).
 
 A copy ends the agent's pin (engines hand a pin's hold to the copy). During a tool call
-the pin is restored only up to the call's predicted median: the KV still finds the
-returning call on time, and the tail of the call (median to q95), where a pin holds memory
-idle, is insured by the host copy instead. When the agent comes back only the blocks
-missing on the GPU are uploaded (``_reload_missing``): written-through KV still cached
-needs no copy.
+the pin comes back up to the call's predicted median, and on to its old end (the q95) when
+the oldest waiting request cannot fit beside the agent's KV and that tail is shorter than
+the request's LLM call (``_repin_after_copy``). The host copy insures the KV, not its GPU
+room: a call that returns after the median to find its room taken by such a request waits
+for its whole call. A short tail costs the waiting request less than that wait; a long one
+(a bimodal tool's long mode) holds memory idle for longer than the taker would. When the
+agent comes back only the blocks missing on the GPU are uploaded (``_reload_missing``):
+written-through KV still cached needs no copy.
 """
 
 from __future__ import annotations
@@ -133,23 +136,45 @@ class WriteThroughPolicy(TrackingPolicy):
         pinned_until = agent.pinned_until
         terms.update(self.pressure_terms())
         self._offload(agent, new, False, "save:reader_coming", terms, out)
-        self._repin_to_median(agent, pinned_until, out)
+        self._repin_after_copy(agent, pinned_until, out)
         return True
 
-    def _repin_to_median(
+    def _repin_after_copy(
         self, agent: AgentState, pinned_until: float, out: list[p.DecisionRecord]
     ) -> None:
         """The copy ended the pin; during a tool call it comes back up to the predicted
-        median (the host copy insures the tail)."""
+        median, or to its old end when the oldest waiting request cannot fit beside the
+        agent's KV and the tail past the median is shorter than its LLM call (module doc)."""
         pred = agent.prediction
         if agent.phase != TOOL or pred is None or pinned_until <= self.now:
             return
-        until = min(pinned_until, agent.tool_start + pred.median_s)
+        median_end = agent.tool_start + pred.median_s
+        taker_s, taker_blocks = self._taker()
+        tail_s = pinned_until - max(median_end, self.now)
+        apart = agent.gpu_blocks + taker_blocks > self.gpu_total
+        through = apart and 0.0 < tail_s < taker_s
+        until = pinned_until if through else min(pinned_until, median_end)
         if until <= self.now:
             return
-        terms: dict[str, p.Term] = {"median_s": pred.median_s, "was_until_s": pinned_until}
-        self._pin(agent, until - self.now, "pin:until_median_with_host_copy", terms, out)
+        rule = "pin:through_short_tail" if through else "pin:until_median_with_host_copy"
+        terms: dict[str, p.Term] = {
+            "median_s": pred.median_s,
+            "was_until_s": pinned_until,
+            "tail_s": tail_s,
+            "taker_llm_s": taker_s,
+            "taker_blocks": taker_blocks,
+        }
+        self._pin(agent, until - self.now, rule, terms, out)
         self.gpu_free += agent.gpu_blocks  # the copy kept the pin's hold: not held twice
+
+    def _taker(self) -> tuple[float, int]:
+        """The request that would take freed GPU room, the oldest waiting one: its expected
+        LLM call (its DAG node's estimate, else the default) and the blocks it waits for."""
+        oldest = next(iter(self.waiting.values()), None)
+        if oldest is None:
+            return self.config.llm_s_default, 0
+        llm = oldest.node.expected_llm_s
+        return (llm if llm > 0 else self.config.llm_s_default), oldest.wait_blocks
 
     def _reload_missing(
         self, agent: AgentState, priority: int, rule: str, out: list[p.DecisionRecord]

@@ -116,24 +116,53 @@ def test_no_copy_without_a_reader_or_for_the_spatial_half() -> None:
     assert saves(kept.on_event(under_pressure, 1.0))
 
 
-def test_tool_call_copy_shortens_the_pin_to_the_median() -> None:
-    """Kept through a short call under pressure: pinned to q95, copied, pinned again to the
-    median only (the copy ended the pin; the host copy insures the tail). The pinned
-    blocks are held once in the policy's free count."""
-    p = make(recompute_s_per_block=0.01)
+def copy_in_short_call(p: TokenCakePolicy) -> tuple[PinDecision, PinDecision]:
+    """Kept through a 0.2 s call under pressure: pinned to q95, copied, pinned again."""
     p.on_event(EngineState(1000, 400, num_waiting=2, waiting_blocks=300), 0.0)
     finish_a(p, 200)
     out = p.on_event(ToolCallStart("app", "a", "t", 0.2), 1.0)
-    assert [d.reason.rule for d in out] == [
+    assert [d.reason.rule for d in out][:3] == [
         "keep:margin_below_min",
         "pin:kept_through_tool_call",
         SAVE,
-        "pin:until_median_with_host_copy",
     ]
     first, second = out[1], out[3]
     assert isinstance(first, PinDecision) and isinstance(second, PinDecision)
+    assert p.gpu_free == 400 - 200  # the pinned blocks are held once in the free count
+    return first, second
+
+
+def waiting_call(p: TokenCakePolicy, llm_s: float, blocks: int) -> None:
+    """Another app's request waits for ``blocks``; its DAG node expects an ``llm_s`` call."""
+    dag = AppDag(nodes=[DagNode(id="x", agent_type="v", expected_llm_s=llm_s)])
+    p.on_event(RegisterApp("other", dag), 0.0)
+    p.on_event(LlmCallStart("other", "x", request_id="q", blocks=blocks), 0.0)
+
+
+def test_tool_call_copy_keeps_the_pin_when_a_late_return_would_wait_a_whole_call() -> None:
+    """The waiting request (900 blocks) and the agent's KV (200) do not fit together in the
+    1000-block pool, and the tail past the median (~0.3 s) is shorter than the waiting
+    request's 5 s call: the pin comes back to its old end, the q95, since a return after
+    the median would find the room taken for that whole call."""
+    p = make(recompute_s_per_block=0.01)
+    waiting_call(p, 5.0, 900)
+    first, second = copy_in_short_call(p)
+    assert second.reason.rule == "pin:through_short_tail"
+    assert second.ttl_s == pytest.approx(first.ttl_s)
+    assert second.reason.terms["taker_llm_s"] == 5.0
+    assert second.reason.terms["taker_blocks"] == 900
+
+
+@pytest.mark.parametrize(("llm_s", "blocks"), [(5.0, 300), (0.1, 900)])
+def test_tool_call_copy_shortens_the_pin_to_the_median(llm_s: float, blocks: int) -> None:
+    """The waiting request fits beside the agent's KV (300 + 200 blocks: a late return finds
+    room), or its call is shorter than the tail: the pin ends at the median and the host
+    copy insures the rest."""
+    p = make(recompute_s_per_block=0.01)
+    waiting_call(p, llm_s, blocks)
+    first, second = copy_in_short_call(p)
+    assert second.reason.rule == "pin:until_median_with_host_copy"
     assert second.ttl_s == pytest.approx(0.2) and second.ttl_s < first.ttl_s
-    assert p.gpu_free == 400 - 200
 
 
 def written_through(p: TokenCakePolicy) -> None:
