@@ -19,11 +19,13 @@ simulator's prefix walk). ``WriteThroughPolicy`` copies it out (``Offload`` with
 
 A copy ends the agent's pin (engines hand a pin's hold to the copy). During a tool call
 the pin comes back up to the call's predicted median, and on to its old end (the q95) when
-the oldest waiting request cannot fit beside the agent's KV and that tail is shorter than
-the request's LLM call (``_repin_after_copy``). The host copy insures the KV, not its GPU
-room: a call that returns after the median to find its room taken by such a request waits
-for its whole call. A short tail costs the waiting request less than that wait; a long one
-(a bimodal tool's long mode) holds memory idle for longer than the taker would. When the
+the oldest waiting request cannot fit beside the agent's KV and that tail plus the LLM call
+that reads the KV next is shorter than the request's LLM call (``_repin_after_copy``). The
+host copy insures the KV, not its GPU room: a call that returns after the median to find
+its room taken by such a request waits for its whole call. Kept, the room makes the waiting
+request wait for the tail and then for the reader's call (the two do not fit together):
+the shorter job goes first. A long tail (a bimodal tool's long mode) or a long reader (a
+ReAct step, whose next step pins the room again) costs the taker more than it saves. When the
 agent comes back only the blocks missing on the GPU are uploaded (``_reload_missing``):
 written-through KV still cached needs no copy.
 """
@@ -144,15 +146,17 @@ class WriteThroughPolicy(TrackingPolicy):
     ) -> None:
         """The copy ended the pin; during a tool call it comes back up to the predicted
         median, or to its old end when the oldest waiting request cannot fit beside the
-        agent's KV and the tail past the median is shorter than its LLM call (module doc)."""
+        agent's KV and the tail past the median plus the reader's LLM call is shorter than
+        the waiting request's (module doc)."""
         pred = agent.prediction
         if agent.phase != TOOL or pred is None or pinned_until <= self.now:
             return
         median_end = agent.tool_start + pred.median_s
         taker_s, taker_blocks = self._taker()
         tail_s = pinned_until - max(median_end, self.now)
+        reader_s = self._reader_llm_s(agent)
         apart = agent.gpu_blocks + taker_blocks > self.gpu_total
-        through = apart and 0.0 < tail_s < taker_s
+        through = apart and tail_s > 0.0 and tail_s + reader_s < taker_s
         until = pinned_until if through else min(pinned_until, median_end)
         if until <= self.now:
             return
@@ -161,11 +165,21 @@ class WriteThroughPolicy(TrackingPolicy):
             "median_s": pred.median_s,
             "was_until_s": pinned_until,
             "tail_s": tail_s,
+            "reader_llm_s": reader_s,
             "taker_llm_s": taker_s,
             "taker_blocks": taker_blocks,
         }
         self._pin(agent, until - self.now, rule, terms, out)
         self.gpu_free += agent.gpu_blocks  # the copy kept the pin's hold: not held twice
+
+    def _reader_llm_s(self, agent: AgentState) -> float:
+        """The expected LLM call that reads a tool-calling agent's KV when the tool returns:
+        its DAG successors' longest (they start from its context), else its own next call
+        (an agent outside the DAG calls again). A zero estimate counts as the default."""
+        node = agent.node
+        nodes = agent.app.info.nodes
+        ests = [nodes[j].expected_llm_s for j in node.succ] or [node.expected_llm_s]
+        return max(s if s > 0 else self.config.llm_s_default for s in ests)
 
     def _taker(self) -> tuple[float, int]:
         """The request that would take freed GPU room, the oldest waiting one: its expected

@@ -165,6 +165,20 @@ def test_tool_call_copy_shortens_the_pin_to_the_median(llm_s: float, blocks: int
     assert second.ttl_s == pytest.approx(0.2) and second.ttl_s < first.ttl_s
 
 
+def test_tool_call_copy_keeps_the_pin_only_if_tail_and_reader_are_the_shorter_job() -> None:
+    """The same room held, but the waiting request's call (2 s) is not longer than the tail
+    (~0.3 s) plus the call that reads the agent's KV next (``b``'s, the 2 s default): kept,
+    the room would make it wait for both, so the pin ends at the median (the shorter job
+    goes first). Seed 149 of the robustness family: each step of a ReAct chain re-pinned
+    the room against a newer app's first call."""
+    p = make(recompute_s_per_block=0.01)
+    waiting_call(p, 2.0, 900)
+    _first, second = copy_in_short_call(p)
+    assert second.reason.rule == "pin:until_median_with_host_copy"
+    assert second.reason.terms["reader_llm_s"] == 2.0
+    assert second.ttl_s == pytest.approx(0.2)
+
+
 def written_through(p: TokenCakePolicy) -> None:
     p.on_event(EngineState(1000, 400, num_waiting=2, waiting_blocks=300), 0.0)
     finish_a(p, 200)
