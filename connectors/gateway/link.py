@@ -71,7 +71,6 @@ class _Item:
     fut: asyncio.Future[bool] | None = None
     retried: bool = False
     sent_at: float = 0.0
-    ack: bool = True
 
 
 class DaemonLink:
@@ -246,7 +245,6 @@ class DaemonLink:
                     self._lose_queued()
                     return
                 item.sent_at = now
-                item.ack = ack
                 self._pending[request_id] = item
                 if ack:
                     self._acked.append(request_id)

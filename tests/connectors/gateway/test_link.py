@@ -175,23 +175,24 @@ async def _settled(link: DaemonLink, timeout_s: float = 5.0) -> None:
 
 def test_one_way_events_are_confirmed_by_a_ping(daemon: procs.Proc) -> None:
     """Events go one-way; with no registration after them, the link's own ``ping`` (sent
-    ``timeout_s / 2`` after the first of them) confirms them: all counted sent, none missed.
+    ``confirm_s`` after the first of them) confirms them: all counted sent, none missed.
     An event the daemon refuses is answered, and counted rejected, not sent."""
 
     async def main() -> None:
-        link = DaemonLink(daemon.endpoint, timeout_s=2.0)
+        # confirm_s well past the error reply's wait, so the ping cannot come first.
+        link = DaemonLink(daemon.endpoint, timeout_s=2.0, confirm_s=3.0)
         link.start()
         assert await link.register("oneway", _dag("a"))
         _tool_round(link, "oneway", "a", 5)
         link.event(p.ToolCallEnd("oneway", "nobody", call_id="x"))  # unknown_agent
         link.event(p.LlmCallStart("oneway", "a", request_id="last"))
-        for _ in range(80):  # the ping is due 1 s after the first event
+        for _ in range(200):  # the ping is due 3 s after the first event
             if link.rejected:
                 break
             await asyncio.sleep(0.01)
         # The error reply confirmed the 20 events before it; the last waits for the ping.
         assert (link.sent, link.rejected, link.inflight) == (21, 1, 1)
-        await _settled(link)
+        await _settled(link, 10.0)
         assert (link.sent, link.missed, link.rejected) == (22, 0, 1)
         assert not link.down
         assert _agents(daemon.endpoint, "oneway")["a"].state == "waiting"
